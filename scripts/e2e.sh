@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# End-to-end tests: drive the real poe-gateway binary with the official
+# `openai` Python SDK against a fake Poe upstream (tests/e2e).
+#
+#   POE_GATEWAY_BIN  gateway binary (default: target/debug/poe-gateway)
+#   extra arguments are passed on to pytest, e.g. scripts/e2e.sh -k stream -v
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+bash "$ROOT/scripts/setup-python.sh"
+
+bin="${POE_GATEWAY_BIN:-target/debug/poe-gateway}"
+case "$bin" in
+  /*) ;;
+  *) bin="$ROOT/$bin" ;;
+esac
+export POE_GATEWAY_BIN="$bin"
+export PYTHONDONTWRITEBYTECODE=1
+
+set +e
+"$ROOT/.venv/bin/pytest" tests/e2e -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+exit "$rc"

@@ -1,0 +1,510 @@
+//! Policy configuration: a TOML file with `deny_unknown_fields`, overridden by env vars.
+//!
+//! Loading is two steps so that every error can name the file, the key and the reason:
+//! the file is parsed into a plain TOML table, env overrides are written into that table,
+//! and only then is the table deserialised into [`Policy`] through `serde_path_to_error`,
+//! which reports the dotted path of the key that failed.
+
+mod values;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use values::ByteSize;
+
+/// The policy file shipped with the project; also the built-in default when no file is found.
+pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.toml");
+/// Where `serve` looks for a policy file when `POE_GATEWAY_POLICIES` is not set.
+pub const DEFAULT_POLICY_PATH: &str = "policies/default.toml";
+const BUILTIN_NAME: &str = "<built-in policies/default.toml>";
+const ENV_PREFIX: &str = "POE_GATEWAY_";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    pub server: ServerPolicy,
+    pub upstream: UpstreamPolicy,
+    pub auth: AuthPolicy,
+    pub timeouts: Timeouts,
+    pub retry: RetryPolicy,
+    pub limits: LimitsPolicy,
+    pub aliases: BTreeMap<String, AliasTarget>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            server: ServerPolicy::default(),
+            upstream: UpstreamPolicy::default(),
+            auth: AuthPolicy::default(),
+            timeouts: Timeouts::default(),
+            retry: RetryPolicy::default(),
+            limits: LimitsPolicy::default(),
+            aliases: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerPolicy {
+    pub listen: SocketAddr,
+    pub max_body_bytes: ByteSize,
+    #[serde(with = "values::duration")]
+    pub shutdown_grace: Duration,
+    /// Longest time a client may take to send its request body (slow-loris guard).
+    #[serde(with = "values::duration")]
+    pub body_read_timeout: Duration,
+    /// Longest time a client may take to send its request head.
+    #[serde(with = "values::duration")]
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ServerPolicy {
+    fn default() -> Self {
+        ServerPolicy {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: ByteSize(50 * 1024 * 1024),
+            shutdown_grace: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(120),
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamPolicy {
+    pub base_url: String,
+    #[serde(with = "values::duration")]
+    pub models_ttl: Duration,
+}
+
+impl Default for UpstreamPolicy {
+    fn default() -> Self {
+        UpstreamPolicy {
+            base_url: "https://api.poe.com".into(),
+            models_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Any client; upstream calls use the server's `POE_API_KEY`.
+    Open,
+    /// The client's own Poe key is forwarded upstream.
+    Passthrough,
+    /// Gateway-issued keys (needs the key store).
+    Keys,
+}
+
+impl fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuthMode::Open => "open",
+            AuthMode::Passthrough => "passthrough",
+            AuthMode::Keys => "keys",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthPolicy {
+    /// Unset means `open` on a loopback address; elsewhere it must be chosen.
+    pub mode: Option<AuthMode>,
+    pub allow_open_on_network: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    #[serde(with = "values::duration")]
+    pub connect: Duration,
+    #[serde(with = "values::duration")]
+    pub first_byte: Duration,
+    #[serde(with = "values::duration")]
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            first_byte: Duration::from_secs(600),
+            idle: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    #[serde(with = "values::duration")]
+    pub base_backoff: Duration,
+    #[serde(with = "values::duration")]
+    pub max_backoff: Duration,
+    #[serde(with = "values::duration")]
+    pub max_retry_after: Duration,
+    pub budget_ratio: f64,
+    pub budget_min_per_second: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            base_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(8),
+            max_retry_after: Duration::from_secs(30),
+            budget_ratio: 0.2,
+            budget_min_per_second: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsPolicy {
+    pub upstream_rpm: u32,
+    #[serde(with = "values::duration")]
+    pub queue_timeout: Duration,
+    pub max_concurrent_upstream: u32,
+}
+
+impl Default for LimitsPolicy {
+    fn default() -> Self {
+        LimitsPolicy {
+            upstream_rpm: 500,
+            queue_timeout: Duration::from_secs(10),
+            max_concurrent_upstream: 1024,
+        }
+    }
+}
+
+/// An alias points at one bot, or at a fallback chain tried in order.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum AliasTarget {
+    One(String),
+    Chain(Vec<String>),
+}
+
+impl AliasTarget {
+    pub fn bots(&self) -> &[String] {
+        match self {
+            AliasTarget::One(bot) => std::slice::from_ref(bot),
+            AliasTarget::Chain(bots) => bots,
+        }
+    }
+}
+
+/// A configuration error: which file, which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+    /// The env var the bad value came from, when it came from one.
+    pub env: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.file)?;
+        if !self.key.is_empty() {
+            write!(f, "key `{}`: ", self.key)?;
+        }
+        f.write_str(&self.reason)?;
+        if let Some(env) = &self.env {
+            write!(f, " (value set by env {env})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where the policy text came from, for error messages.
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    File(PathBuf),
+    Builtin,
+}
+
+impl PolicySource {
+    pub fn name(&self) -> String {
+        match self {
+            PolicySource::File(p) => p.display().to_string(),
+            PolicySource::Builtin => BUILTIN_NAME.to_string(),
+        }
+    }
+}
+
+/// A loaded, validated policy and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub policy: Policy,
+    pub source: PolicySource,
+}
+
+/// Finds the policy file: an explicit path (flag or `POE_GATEWAY_POLICIES`) must exist;
+/// otherwise `policies/default.toml` if present, else the built-in copy of it.
+pub fn locate(explicit: Option<&Path>) -> Result<(PolicySource, String), ConfigError> {
+    if let Some(path) = explicit {
+        return std::fs::read_to_string(path)
+            .map(|text| (PolicySource::File(path.to_path_buf()), text))
+            .map_err(|e| ConfigError {
+                file: path.display().to_string(),
+                key: String::new(),
+                reason: format!("cannot read policy file: {e}"),
+                env: None,
+            });
+    }
+    let default = Path::new(DEFAULT_POLICY_PATH);
+    match std::fs::read_to_string(default) {
+        Ok(text) => Ok((PolicySource::File(default.to_path_buf()), text)),
+        Err(_) => Ok((PolicySource::Builtin, DEFAULT_POLICY.to_string())),
+    }
+}
+
+/// Loads the policy from `explicit` (or the default locations) with overrides from `env`.
+pub fn load<I>(explicit: Option<&Path>, env: I) -> Result<Loaded, ConfigError>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let (source, text) = locate(explicit)?;
+    let policy = parse(&source.name(), &text, env)?;
+    Ok(Loaded { policy, source })
+}
+
+/// Parses policy text, applies env overrides, deserialises and validates.
+pub fn parse<I>(file: &str, text: &str, env: I) -> Result<Policy, ConfigError>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let err = |key: &str, reason: String, env: Option<String>| ConfigError {
+        file: file.to_string(),
+        key: key.to_string(),
+        reason,
+        env,
+    };
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|s| format!("line {}: ", line_of(text, s.start)))
+            .unwrap_or_default();
+        err("", format!("{at}invalid TOML: {}", e.message()), None)
+    })?;
+
+    // Remember which keys came from env, so an error can point at the variable.
+    let mut from_env: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in env {
+        let Some((section, key)) = env_key(&name) else {
+            continue;
+        };
+        let section_table = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = section_table.as_table_mut() else {
+            return Err(err(
+                &section,
+                "is not a table, so it cannot take an env override".into(),
+                Some(name),
+            ));
+        };
+        section_table.insert(key.clone(), env_value(&value));
+        from_env.insert(format!("{section}.{key}"), name);
+    }
+
+    let policy: Policy = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let key = e.path().to_string();
+        let env = from_env.get(&key).cloned();
+        err(&key, e.into_inner().message().to_string(), env)
+    })?;
+    validate(&policy).map_err(|(key, reason)| {
+        let env = from_env.get(&key).cloned();
+        err(&key, reason, env)
+    })?;
+    Ok(policy)
+}
+
+/// Maps `POE_GATEWAY_<SECTION>__<KEY>` and the documented short names onto policy keys.
+fn env_key(name: &str) -> Option<(String, String)> {
+    match name {
+        "POE_GATEWAY_LISTEN" => return Some(("server".into(), "listen".into())),
+        "POE_BASE_URL" => return Some(("upstream".into(), "base_url".into())),
+        _ => {}
+    }
+    let rest = name.strip_prefix(ENV_PREFIX)?;
+    let (section, key) = rest.split_once("__")?;
+    if section.is_empty() || key.is_empty() {
+        return None;
+    }
+    Some((section.to_ascii_lowercase(), key.to_ascii_lowercase()))
+}
+
+/// An env value is read as a TOML value when it is one (`true`, `3`, `["a","b"]`), else as a string.
+fn env_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// Checks that deserialisation cannot express. Returns (key, reason).
+fn validate(p: &Policy) -> Result<(), (String, String)> {
+    let bad = |k: &str, r: &str| Err((k.to_string(), r.to_string()));
+    let base = p.upstream.base_url.as_str();
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return bad("upstream.base_url", "must start with http:// or https://");
+    }
+    if base
+        .parse::<http::Uri>()
+        .map(|u| u.host().is_none())
+        .unwrap_or(true)
+    {
+        return bad("upstream.base_url", "is not a valid URL with a host");
+    }
+    if p.retry.max_attempts == 0 {
+        return bad("retry.max_attempts", "must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&p.retry.budget_ratio) {
+        return bad("retry.budget_ratio", "must be between 0.0 and 1.0");
+    }
+    if p.retry.base_backoff > p.retry.max_backoff {
+        return bad("retry.base_backoff", "must not exceed retry.max_backoff");
+    }
+    if p.limits.upstream_rpm == 0 {
+        return bad("limits.upstream_rpm", "must be at least 1");
+    }
+    if p.limits.max_concurrent_upstream == 0 {
+        return bad("limits.max_concurrent_upstream", "must be at least 1");
+    }
+    for (name, d) in [
+        ("timeouts.connect", p.timeouts.connect),
+        ("timeouts.first_byte", p.timeouts.first_byte),
+        ("timeouts.idle", p.timeouts.idle),
+    ] {
+        if d.is_zero() {
+            return bad(name, "must be greater than zero");
+        }
+    }
+    if p.server.max_body_bytes.0 == 0 {
+        return bad("server.max_body_bytes", "must be greater than zero");
+    }
+    for (alias, target) in &p.aliases {
+        let key = format!("aliases.{alias}");
+        if target.bots().is_empty() {
+            return Err((key, "a fallback chain needs at least one bot".into()));
+        }
+        if target.bots().iter().any(|b| b.trim().is_empty()) {
+            return Err((key, "bot names must not be empty".into()));
+        }
+    }
+    match (p.auth.mode, p.server.listen.ip().is_loopback()) {
+        (Some(AuthMode::Keys), _) => bad(
+            "auth.mode",
+            "`keys` needs the gateway key store, which this build does not have yet; use `open` or `passthrough`",
+        ),
+        (None | Some(AuthMode::Open), false) if !p.auth.allow_open_on_network => Err((
+            "auth.mode".into(),
+            format!(
+                "open auth on the non-loopback address {} would let anyone spend the Poe key; \
+                 set auth.mode = \"passthrough\", or auth.allow_open_on_network = true",
+                p.server.listen
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl Policy {
+    /// The auth mode in force: unset means `open` (validation has ruled out the unsafe cases).
+    pub fn auth_mode(&self) -> AuthMode {
+        self.auth.mode.unwrap_or(AuthMode::Open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_default_parses() {
+        let p = parse("default.toml", DEFAULT_POLICY, env(&[])).unwrap();
+        assert_eq!(p.timeouts.first_byte, Duration::from_secs(600));
+        for alias in ["claude", "gpt", "gemini", "grok", "image", "video"] {
+            assert!(p.aliases.contains_key(alias), "{alias}");
+        }
+    }
+
+    #[test]
+    fn env_overrides_name_the_variable_on_error() {
+        let p = parse(
+            "f.toml",
+            "",
+            env(&[("POE_GATEWAY_TIMEOUTS__FIRST_BYTE", "2s")]),
+        )
+        .unwrap();
+        assert_eq!(p.timeouts.first_byte, Duration::from_secs(2));
+        let e = parse(
+            "f.toml",
+            "",
+            env(&[("POE_GATEWAY_TIMEOUTS__FIRST_BYTE", "soon")]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "timeouts.first_byte");
+        assert_eq!(e.env.as_deref(), Some("POE_GATEWAY_TIMEOUTS__FIRST_BYTE"));
+        assert!(e.to_string().starts_with("f.toml: key `timeouts.first_byte`: "));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = parse("p.toml", "[retry]\nmax_atempts = 2\n", env(&[])).unwrap_err();
+        assert_eq!(e.key, "retry.max_atempts");
+        assert!(e.reason.contains("max_atempts"), "{e}");
+    }
+
+    #[test]
+    fn open_on_network_is_refused() {
+        let e = parse("p.toml", "[server]\nlisten = \"0.0.0.0:8080\"\n", env(&[])).unwrap_err();
+        assert_eq!(e.key, "auth.mode");
+        let ok = parse(
+            "p.toml",
+            "[server]\nlisten = \"0.0.0.0:8080\"\n[auth]\nmode = \"passthrough\"\n",
+            env(&[]),
+        );
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn syntax_errors_give_a_line() {
+        let e = parse("p.toml", "[server]\nlisten = \n", env(&[])).unwrap_err();
+        assert!(e.reason.starts_with("line 2:"), "{e}");
+    }
+}

@@ -1,0 +1,66 @@
+//! Value types in the policy file that TOML has no native form for: durations and sizes.
+
+use serde::{Deserialize, Deserializer, de};
+
+/// Durations are humantime strings ("250ms", "30s", "10m"), or a whole number of seconds.
+pub mod duration {
+    use super::*;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            de::Error::custom("expected a duration such as \"30s\" or \"250ms\", or a number of seconds")
+        })? {
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+                de::Error::custom(format!(
+                    "invalid duration {t:?} ({e}); use e.g. \"30s\" or \"250ms\""
+                ))
+            }),
+        }
+    }
+}
+
+/// A size in bytes: a number, or a string such as "50MiB" or "512KB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)
+            .map_err(|_| de::Error::custom("expected a size such as \"50MiB\" or a byte count"))?
+        {
+            Raw::Bytes(b) => Ok(ByteSize(b)),
+            Raw::Text(t) => t
+                .trim()
+                .parse::<bytesize::ByteSize>()
+                .map(|b| ByteSize(b.as_u64()))
+                .map_err(|e| de::Error::custom(format!("invalid size {t:?}: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        let s: ByteSize = toml::Value::String("50MiB".into()).try_into().unwrap();
+        assert_eq!(s.0, 50 * 1024 * 1024);
+        let s: ByteSize = toml::Value::Integer(10).try_into().unwrap();
+        assert_eq!(s.0, 10);
+    }
+}

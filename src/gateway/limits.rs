@@ -1,0 +1,137 @@
+//! Upstream protection: a GCRA limiter per upstream key keeps the gateway under Poe's
+//! requests-per-minute limit, and a semaphore caps concurrent upstream requests.
+//!
+//! A request that finds the limiter full waits, up to `limits.queue_timeout`, instead of firing
+//! into Poe's own 429s; past that it gets a 429 with `Retry-After`.
+
+use std::hash::{BuildHasher, RandomState};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
+use governor::{Quota, RateLimiter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::LimitsPolicy;
+use crate::error::GatewayError;
+use crate::upstream::Secret;
+
+/// governor's clock on tokio time, so paused-time tests drive the limiter too.
+#[derive(Clone, Debug)]
+struct TokioClock {
+    start: Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+type Limiter = RateLimiter<u64, HashMapStateStore<u64>, TokioClock, NoOpMiddleware<Duration>>;
+
+pub struct UpstreamLimits {
+    limiter: Limiter,
+    clock: TokioClock,
+    hasher: RandomState,
+    queue_timeout: Duration,
+    concurrency: Arc<Semaphore>,
+    admitted: AtomicU64,
+}
+
+impl UpstreamLimits {
+    pub fn new(policy: &LimitsPolicy) -> Self {
+        let clock = TokioClock {
+            start: Instant::now(),
+        };
+        UpstreamLimits {
+            limiter: RateLimiter::hashmap_with_clock(quota(policy.upstream_rpm), clock.clone()),
+            clock,
+            hasher: RandomState::new(),
+            queue_timeout: policy.queue_timeout,
+            concurrency: Arc::new(Semaphore::new(policy.max_concurrent_upstream as usize)),
+            admitted: AtomicU64::new(0),
+        }
+    }
+
+    /// Waits for a slot to call upstream with `key`. The permit is held for as long as the
+    /// upstream response lives (a stream holds it to its end).
+    pub async fn admit(&self, key: &Secret) -> Result<OwnedSemaphorePermit, GatewayError> {
+        let deadline = Instant::now() + self.queue_timeout;
+        // The key itself is never stored: only a hash with a per-process random seed.
+        let id = self.hasher.hash_one(key.expose());
+        loop {
+            match self.limiter.check_key(&id) {
+                Ok(()) => break,
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    if Instant::now() + wait > deadline {
+                        return Err(GatewayError::RateLimited {
+                            message: format!(
+                                "the gateway is holding requests to Poe under its per-key rate limit; \
+                                 retry in {:.1}s",
+                                wait.as_secs_f64()
+                            ),
+                            retry_after: Some(wait),
+                        });
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        // Forget idle keys now and then, so passthrough keys do not accumulate.
+        if self.admitted.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            self.limiter.retain_recent();
+        }
+        match tokio::time::timeout_at(deadline, self.concurrency.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(GatewayError::Overloaded(
+                "too many concurrent upstream requests (limits.max_concurrent_upstream); retry shortly"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// A quota that never exceeds `rpm` in any 60-second window: a burst of a tenth of the limit,
+/// refilled at the rest. A plain per-minute quota would allow `2 * rpm` across a window edge.
+fn quota(rpm: u32) -> Quota {
+    let burst = (rpm / 10).max(1);
+    let sustained = rpm.saturating_sub(burst).max(1);
+    let period = Duration::from_secs(60) / sustained;
+    Quota::with_period(period)
+        .expect("non-zero period")
+        .allow_burst(NonZeroU32::new(burst).expect("burst >= 1"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn never_more_than_rpm_in_a_minute() {
+        let l = UpstreamLimits::new(&LimitsPolicy {
+            upstream_rpm: 60,
+            queue_timeout: Duration::from_secs(3600),
+            max_concurrent_upstream: 10_000,
+        });
+        let key = Secret::new("k");
+        let start = Instant::now();
+        let mut n = 0;
+        loop {
+            let _p = l.admit(&key).await.unwrap();
+            if Instant::now() - start >= Duration::from_secs(60) {
+                break;
+            }
+            n += 1;
+        }
+        assert!(n <= 60, "{n} admitted in a minute");
+        assert!(n >= 50, "{n} admitted in a minute");
+    }
+}

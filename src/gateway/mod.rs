@@ -1,0 +1,456 @@
+//! The gateway core: the one in-process API that the HTTP layer and the MCP layer both call.
+//!
+//! `Gateway::chat` takes a parsed request and a caller, resolves the alias, waits for the
+//! upstream limiter, calls Poe with retries and fallbacks, and returns a [`Reply`] whose body
+//! is the upstream body behind the [`tap::Tap`]. Nothing here knows about HTTP servers.
+
+pub mod alias;
+pub mod completion;
+pub mod limits;
+pub mod models;
+pub mod request;
+pub mod retry;
+pub mod sse;
+pub mod tap;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::{StatusCode, response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::config::{AuthMode, Policy};
+use crate::error::GatewayError;
+use crate::upstream::{Secret, Upstream, UpstreamError};
+use alias::{Aliases, Route};
+use completion::{Completion, RequestInfo, Stats};
+use limits::UpstreamLimits;
+use models::{Catalogue, Models};
+pub use request::ChatRequest;
+use retry::RetryBudget;
+use tap::{BoxError, Observed, Outcome, Tap};
+
+/// Header naming the bot that answered (after aliasing and fallbacks).
+pub const BOT_HEADER: &str = "x-poe-gateway-bot";
+/// Header counting upstream calls made for the request, retries and fallbacks included.
+pub const ATTEMPTS_HEADER: &str = "x-poe-gateway-attempts";
+/// Largest upstream error body read (to classify it and pass it on).
+const ERROR_BODY_LIMIT: usize = 1024 * 1024;
+
+/// Who is calling, as the front ends established it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub request_id: Arc<str>,
+    /// How the upstream call is paid for.
+    pub credential: Credential,
+    /// A stable, non-secret id for logs and accounting.
+    pub key_id: Option<Arc<str>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// The server's own `POE_API_KEY`.
+    Server,
+    /// The caller's Poe key, forwarded as is (`auth.mode = passthrough`).
+    Poe(Secret),
+}
+
+/// A chat answer: the head to send and a body that streams from upstream.
+pub struct Reply {
+    pub status: StatusCode,
+    /// Upstream headers worth passing on (hop-by-hop ones removed).
+    pub headers: HeaderMap,
+    pub body: ReplyBody,
+    /// The bot that answered (or, for an error, the last one tried).
+    pub bot: String,
+    pub attempts: u32,
+}
+
+pin_project_lite::pin_project! {
+    /// The body of a [`Reply`]: live from upstream through the tap, or already complete
+    /// (an upstream error, read to be classified).
+    #[project = ReplyBodyProj]
+    pub enum ReplyBody {
+        Stream { #[pin] tap: Tap<Incoming> },
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl Body for ReplyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            ReplyBodyProj::Stream { tap } => tap.poll_frame(cx),
+            ReplyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReplyBody::Stream { tap } => tap.is_end_stream(),
+            ReplyBody::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReplyBody::Stream { tap } => tap.size_hint(),
+            ReplyBody::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+/// The core. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    policy: Policy,
+    aliases: Aliases,
+    upstream: Upstream,
+    server_key: Option<Secret>,
+    models: Models,
+    limits: UpstreamLimits,
+    budget: RetryBudget,
+    stats: Arc<Stats>,
+    epoch: Instant,
+}
+
+/// Why one upstream attempt did not produce an answer to stream.
+enum Failure {
+    Status {
+        head: response::Parts,
+        body: Bytes,
+    },
+    Transport(UpstreamError),
+}
+
+impl Failure {
+    fn retryable(&self) -> bool {
+        match self {
+            Failure::Status { head, .. } => retry::retryable_status(head.status.as_u16()),
+            Failure::Transport(_) => true,
+        }
+    }
+
+    /// A bot that is missing or cannot do what was asked: the next bot in a chain may.
+    fn wrong_bot(&self) -> bool {
+        match self {
+            Failure::Status { head, body } => {
+                head.status == StatusCode::NOT_FOUND
+                    || memchr::memmem::find(body, b"unsupported_feature_for_model").is_some()
+            }
+            Failure::Transport(_) => false,
+        }
+    }
+}
+
+impl Gateway {
+    /// Builds the core from a validated policy. `server_key` is `POE_API_KEY`.
+    pub fn new(policy: Policy, server_key: Option<Secret>) -> Result<Gateway, String> {
+        if policy.auth_mode() == AuthMode::Open && server_key.is_none() {
+            return Err(
+                "POE_API_KEY is not set: with auth.mode = open the gateway calls Poe with the \
+                 server's key (get one at https://poe.com/api_key), or use auth.mode = passthrough"
+                    .into(),
+            );
+        }
+        let upstream = Upstream::new(
+            &policy.upstream.base_url,
+            policy.timeouts.connect,
+            policy.timeouts.first_byte,
+        )?;
+        Ok(Gateway {
+            inner: Arc::new(Inner {
+                aliases: Aliases::new(&policy.aliases),
+                models: Models::new(policy.upstream.models_ttl),
+                limits: UpstreamLimits::new(&policy.limits),
+                budget: RetryBudget::new(policy.retry.budget_ratio, policy.retry.budget_min_per_second),
+                stats: Arc::new(Stats::default()),
+                epoch: Instant::now(),
+                upstream,
+                server_key,
+                policy,
+            }),
+        })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    pub fn aliases(&self) -> &Aliases {
+        &self.inner.aliases
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The model catalogue with aliases, from cache or upstream.
+    pub async fn models(&self) -> Result<Arc<Catalogue>, GatewayError> {
+        self.inner
+            .models
+            .get(&self.inner.upstream, &self.inner.aliases)
+            .await
+    }
+
+    /// One chat completion: aliasing, limits, retries, fallbacks, and the tapped reply.
+    ///
+    /// Retries and fallbacks happen only here, before a `Reply` exists, so nothing has reached
+    /// the client yet; once the reply is returned its bytes are never sent twice.
+    pub async fn chat(&self, caller: &Caller, req: ChatRequest) -> Result<Reply, GatewayError> {
+        let inner = &*self.inner;
+        let started = Instant::now();
+        let key = match &caller.credential {
+            Credential::Server => inner.server_key.clone().ok_or_else(|| {
+                GatewayError::Internal("the gateway has no POE_API_KEY configured".into())
+            })?,
+            Credential::Poe(k) => k.clone(),
+        };
+        let route = inner.aliases.resolve(req.model());
+        let direct;
+        let bots: &[String] = match route {
+            Route::Alias { bots, .. } => bots,
+            Route::Direct(model) => {
+                direct = [model.to_string()];
+                &direct
+            }
+        };
+        inner.budget.deposit(Instant::now(), inner.epoch);
+        let retry = &inner.policy.retry;
+        let mut attempts = 0u32;
+        let mut last: Option<(Failure, &str)> = None;
+        // Only a retry after a retryable failure spends the budget; moving past a bot that
+        // does not exist is not what the budget guards against.
+        let mut retrying = false;
+
+        'bots: for (i, bot) in bots.iter().enumerate() {
+            let has_next = i + 1 < bots.len();
+            let body = req.upstream_body(bot);
+            for try_no in 1..=retry.max_attempts {
+                if retrying && !inner.budget.try_withdraw(Instant::now(), inner.epoch) {
+                    tracing::warn!(request_id = %caller.request_id, bot, "retry budget spent; not retrying");
+                    break 'bots;
+                }
+                let permit = inner.limits.admit(&key).await?;
+                attempts += 1;
+                let failure = match inner.upstream.chat(body.clone(), &key, &caller.request_id).await {
+                    Ok(resp) if resp.status().is_success() => {
+                        let info = RequestInfo {
+                            request_id: caller.request_id.clone(),
+                            key_id: caller.key_id.clone(),
+                            model: req.model().to_string(),
+                            alias: route.alias().map(String::from),
+                            bot: bot.clone(),
+                            stream: req.stream(),
+                            status: resp.status().as_u16(),
+                            attempts,
+                            started,
+                        };
+                        return Ok(self.stream_reply(resp, info, permit, attempts));
+                    }
+                    Ok(resp) => {
+                        let (head, body) = resp.into_parts();
+                        match read_error_body(body, inner.policy.timeouts.idle).await {
+                            Ok(body) => Failure::Status { head, body },
+                            Err(e) => Failure::Transport(UpstreamError::Broken(e)),
+                        }
+                    }
+                    Err(e) => Failure::Transport(e),
+                };
+                drop(permit);
+                tracing::debug!(
+                    request_id = %caller.request_id,
+                    bot,
+                    attempt = attempts,
+                    status = failure_status(&failure),
+                    "upstream attempt failed"
+                );
+                retrying = failure.retryable();
+                if failure.wrong_bot() && has_next {
+                    retrying = false;
+                    last = Some((failure, bot));
+                    continue 'bots;
+                }
+                if !failure.retryable() {
+                    last = Some((failure, bot));
+                    break 'bots;
+                }
+                let asked = match &failure {
+                    Failure::Status { head, .. } => retry::requested_wait(&head.headers),
+                    Failure::Transport(_) => None,
+                };
+                last = Some((failure, bot));
+                if try_no == retry.max_attempts {
+                    continue 'bots;
+                }
+                let wait = match asked {
+                    // Longer than we will hold the client: move on, or hand the 429 back now
+                    // with its Retry-After so the client can schedule it.
+                    Some(w) if w > retry.max_retry_after => continue 'bots,
+                    Some(w) => w,
+                    None => retry::backoff(retry, try_no - 1),
+                };
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let (failure, bot) = last.expect("at least one attempt was made");
+        Ok(self.error_reply(caller, &req, route, failure, bot, attempts, started).await)
+    }
+
+    fn stream_reply(
+        &self,
+        resp: http::Response<Incoming>,
+        info: RequestInfo,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        attempts: u32,
+    ) -> Reply {
+        let (head, body) = resp.into_parts();
+        let sse = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        let bot = info.bot.clone();
+        let completion = Completion::new(info, self.inner.stats.clone(), Some(permit));
+        let tap = Tap::new(body, sse, self.inner.policy.timeouts.idle, completion);
+        Reply {
+            status: head.status,
+            headers: passthrough_headers(head.headers),
+            body: ReplyBody::Stream { tap },
+            bot,
+            attempts,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn error_reply(
+        &self,
+        caller: &Caller,
+        req: &ChatRequest,
+        route: Route<'_>,
+        failure: Failure,
+        bot: &str,
+        attempts: u32,
+        started: Instant,
+    ) -> Reply {
+        let (status, headers, body) = match failure {
+            Failure::Status { head, body } => {
+                let body = if head.status == StatusCode::NOT_FOUND {
+                    self.with_suggestion(body, bot).await
+                } else {
+                    body
+                };
+                (head.status, passthrough_headers(head.headers), body)
+            }
+            Failure::Transport(e) => {
+                let err = match e {
+                    UpstreamError::Timeout(_) => GatewayError::UpstreamTimeout(e.to_string()),
+                    _ => GatewayError::UpstreamUnreachable(e.to_string()),
+                };
+                let mut h = HeaderMap::new();
+                h.insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
+                (err.status(), h, err.to_json())
+            }
+        };
+        let info = RequestInfo {
+            request_id: caller.request_id.clone(),
+            key_id: caller.key_id.clone(),
+            model: req.model().to_string(),
+            alias: route.alias().map(String::from),
+            bot: bot.to_string(),
+            stream: req.stream(),
+            status: status.as_u16(),
+            attempts,
+            started,
+        };
+        let observed = Observed {
+            bytes: body.len() as u64,
+            ..Observed::default()
+        };
+        Completion::new(info, self.inner.stats.clone(), None).finish(&observed, Outcome::Completed);
+        Reply {
+            status,
+            headers,
+            body: ReplyBody::Full { data: Some(body) },
+            bot: bot.to_string(),
+            attempts,
+        }
+    }
+
+    /// Poe's 404 for an unknown model, with `did you mean` added when a close name exists.
+    /// The rest of Poe's error object is kept as it was.
+    async fn with_suggestion(&self, body: Bytes, bot: &str) -> Bytes {
+        let Ok(Ok(catalogue)) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), self.models()).await
+        else {
+            return body;
+        };
+        let Some(name) = catalogue.suggest(bot, &self.inner.aliases) else {
+            return body;
+        };
+        let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(&body) else {
+            return body;
+        };
+        let Some(msg) = doc
+            .get_mut("error")
+            .and_then(|e| e.get_mut("message"))
+            .filter(|m| m.is_string())
+        else {
+            return body;
+        };
+        let text = format!("{} (did you mean `{name}`?)", msg.as_str().unwrap_or_default());
+        *msg = serde_json::Value::String(text);
+        serde_json::to_vec(&doc).map(Bytes::from).unwrap_or(body)
+    }
+}
+
+fn failure_status(f: &Failure) -> u16 {
+    match f {
+        Failure::Status { head, .. } => head.status.as_u16(),
+        Failure::Transport(_) => 0,
+    }
+}
+
+/// Reads an upstream error body, bounded in size and time.
+async fn read_error_body(body: Incoming, idle: std::time::Duration) -> Result<Bytes, String> {
+    match tokio::time::timeout(idle, Limited::new(body, ERROR_BODY_LIMIT).collect()).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) => Err(format!("reading upstream error body: {e}")),
+        Err(_) => Err("upstream error body timed out".into()),
+    }
+}
+
+/// Upstream response headers minus hop-by-hop ones (RFC 9110 section 7.6.1).
+fn passthrough_headers(mut headers: HeaderMap) -> HeaderMap {
+    const HOP: [HeaderName; 6] = [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+    ];
+    for h in HOP {
+        headers.remove(h);
+    }
+    headers.remove("keep-alive");
+    // hyper frames the body itself: a JSON body's exact size comes through the tap's size
+    // hint, and a body the gateway edits (a suggestion, an error event) must not keep the old length.
+    headers.remove(header::CONTENT_LENGTH);
+    headers
+}

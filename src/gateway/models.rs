@@ -1,0 +1,172 @@
+//! Poe's model catalogue, fetched upstream and kept for `upstream.models_ttl`, with one entry
+//! added per alias so `client.models.list()` shows the short names too.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+
+use super::alias::Aliases;
+use crate::error::GatewayError;
+use crate::upstream::Upstream;
+
+/// Largest catalogue accepted (Poe's is a few hundred entries, well under this).
+const CATALOGUE_LIMIT: usize = 32 * 1024 * 1024;
+
+/// A merged catalogue: the JSON served on `GET /v1/models`, plus the ids for look-ups.
+#[derive(Debug)]
+pub struct Catalogue {
+    pub body: Bytes,
+    entries: Vec<Value>,
+    /// Upstream bot ids (not aliases), for `did you mean`.
+    pub bot_ids: Vec<String>,
+}
+
+impl Catalogue {
+    /// One entry by id, case-insensitively.
+    pub fn entry(&self, id: &str) -> Option<&Value> {
+        self.entries.iter().find(|e| {
+            e.get("id")
+                .and_then(Value::as_str)
+                .is_some_and(|i| i.eq_ignore_ascii_case(id))
+        })
+    }
+
+    pub fn entries(&self) -> &[Value] {
+        &self.entries
+    }
+
+    /// The closest bot or alias name to `model`, if one is close and not the same name.
+    pub fn suggest<'a>(&'a self, model: &str, aliases: &'a Aliases) -> Option<&'a str> {
+        let wanted = model.to_ascii_lowercase();
+        let names = self
+            .bot_ids
+            .iter()
+            .map(String::as_str)
+            .chain(aliases.iter().map(|(n, _)| n));
+        let mut best: Option<(&str, f64)> = None;
+        for name in names {
+            let lower = name.to_ascii_lowercase();
+            if lower == wanted {
+                return None;
+            }
+            let score = strsim::normalized_damerau_levenshtein(&wanted, &lower);
+            if score >= 0.6 && best.is_none_or(|(_, s)| score > s) {
+                best = Some((name, score));
+            }
+        }
+        best.map(|(n, _)| n)
+    }
+}
+
+pub struct Models {
+    cache: moka::future::Cache<(), Arc<Catalogue>>,
+    /// The last good catalogue, served when a refresh fails.
+    last_good: RwLock<Option<Arc<Catalogue>>>,
+}
+
+impl Models {
+    pub fn new(ttl: Duration) -> Self {
+        Models {
+            cache: moka::future::Cache::builder()
+                .max_capacity(1)
+                .time_to_live(ttl)
+                .build(),
+            last_good: RwLock::new(None),
+        }
+    }
+
+    /// The merged catalogue; concurrent callers on a miss share one upstream fetch.
+    pub async fn get(
+        &self,
+        upstream: &Upstream,
+        aliases: &Aliases,
+    ) -> Result<Arc<Catalogue>, GatewayError> {
+        let fetched = self
+            .cache
+            .try_get_with((), async {
+                let cat = Arc::new(fetch(upstream, aliases).await?);
+                *self.last_good.write().expect("models lock") = Some(cat.clone());
+                Ok::<_, GatewayError>(cat)
+            })
+            .await;
+        match fetched {
+            Ok(cat) => Ok(cat),
+            Err(e) => match self.last_good.read().expect("models lock").clone() {
+                Some(stale) => {
+                    tracing::warn!(error = %e, "model catalogue refresh failed; serving the last good copy");
+                    Ok(stale)
+                }
+                None => Err((*e).clone()),
+            },
+        }
+    }
+}
+
+async fn fetch(upstream: &Upstream, aliases: &Aliases) -> Result<Catalogue, GatewayError> {
+    let (status, body) = upstream
+        .models(CATALOGUE_LIMIT)
+        .await
+        .map_err(|e| GatewayError::UpstreamUnreachable(format!("model catalogue: {e}")))?;
+    if !status.is_success() {
+        return Err(GatewayError::UpstreamUnreachable(format!(
+            "model catalogue: upstream answered {status}"
+        )));
+    }
+    let mut doc: Map<String, Value> = serde_json::from_slice(&body).map_err(|e| {
+        GatewayError::UpstreamUnreachable(format!("model catalogue is not valid JSON: {e}"))
+    })?;
+    let mut entries = match doc.remove("data") {
+        Some(Value::Array(a)) => a,
+        _ => {
+            return Err(GatewayError::UpstreamUnreachable(
+                "model catalogue has no `data` list".into(),
+            ));
+        }
+    };
+    let bot_ids: Vec<String> = entries
+        .iter()
+        .filter_map(|e| e.get("id").and_then(Value::as_str).map(String::from))
+        .collect();
+    for (name, bots) in aliases.iter() {
+        entries.push(alias_entry(name, bots, &entries));
+    }
+    let body = serde_json::to_vec(&json!({"object": "list", "data": entries}))
+        .map_err(|e| GatewayError::Internal(format!("model catalogue: {e}")))?;
+    Ok(Catalogue {
+        body: Bytes::from(body),
+        entries,
+        bot_ids,
+    })
+}
+
+/// An alias looks like the bot it points at (modalities, pricing, context window), with its
+/// own id and a note of what it stands for.
+fn alias_entry(name: &str, bots: &[String], catalogue: &[Value]) -> Value {
+    let target = bots.first().map(String::as_str).unwrap_or_default();
+    let base = catalogue.iter().find(|e| {
+        e.get("id")
+            .and_then(Value::as_str)
+            .is_some_and(|i| i.eq_ignore_ascii_case(target))
+    });
+    let mut entry = match base {
+        Some(Value::Object(o)) => o.clone(),
+        _ => Map::new(),
+    };
+    entry.insert("id".into(), json!(name));
+    entry.insert("object".into(), json!("model"));
+    entry.entry("created").or_insert(json!(0));
+    entry.insert("owned_by".into(), json!("poe-gateway"));
+    entry.insert("root".into(), json!(target));
+    entry.insert(
+        "description".into(),
+        json!(if bots.len() > 1 {
+            format!("poe-gateway alias: tries {} in order", bots.join(", "))
+        } else {
+            format!("poe-gateway alias for {target}")
+        }),
+    );
+    entry.insert("alias_of".into(), json!(bots));
+    Value::Object(entry)
+}

@@ -1,0 +1,274 @@
+//! The chat request as the gateway sees it: the client's bytes, plus the few fields it reads.
+//!
+//! Only the top level is parsed, into raw slices of the body. The upstream body is then the
+//! client's bytes with the `model` value spliced out and the bot's name spliced in, so every
+//! field the gateway does not know (bot parameters, attachments, tools) goes to Poe byte for
+//! byte, and a 50 MiB attachment is copied once rather than parsed into a tree and printed again.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::error::GatewayError;
+
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    body: Bytes,
+    /// Where the `model` value (quotes included) sits in `body`.
+    model_span: Range<usize>,
+    model: String,
+    stream: bool,
+    /// Where `stream_options` sits, when the client sent it.
+    stream_options_span: Option<Range<usize>>,
+    include_usage: bool,
+    temperature: Option<f64>,
+    max_tokens: Option<u64>,
+}
+
+impl ChatRequest {
+    /// Parses and checks a chat completion body. Errors are 400s that name the field.
+    pub fn parse(body: Bytes) -> Result<ChatRequest, GatewayError> {
+        let text = std::str::from_utf8(&body)
+            .map_err(|e| GatewayError::bad_request(format!("request body is not valid UTF-8: {e}")))?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let fields = TopLevel::deserialize(&mut de).map_err(|e| json_error(&e))?;
+        de.end().map_err(|e| json_error(&e))?;
+        let fields = fields.0;
+
+        let span_of = |raw: &RawValue| {
+            let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+            start..start + raw.get().len()
+        };
+        let find = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+
+        let model_raw = find("model").ok_or_else(|| {
+            GatewayError::bad_param("model", "you must provide a `model` parameter")
+        })?;
+        let model: String = serde_json::from_str(model_raw.get())
+            .map_err(|_| GatewayError::bad_param("model", "`model` must be a string"))?;
+        if model.trim().is_empty() {
+            return Err(GatewayError::bad_param("model", "`model` must not be empty"));
+        }
+        let messages = find("messages").ok_or_else(|| {
+            GatewayError::bad_param("messages", "you must provide a `messages` parameter")
+        })?;
+        if !messages.get().starts_with('[') {
+            return Err(GatewayError::bad_param("messages", "`messages` must be an array"));
+        }
+        if messages.get().trim_start_matches('[').trim_start().starts_with(']') {
+            return Err(GatewayError::bad_param("messages", "`messages` must not be empty"));
+        }
+        let stream = match find("stream") {
+            None => false,
+            Some(raw) if raw.get() == "null" => false,
+            Some(raw) => serde_json::from_str::<bool>(raw.get())
+                .map_err(|_| GatewayError::bad_param("stream", "`stream` must be a boolean"))?,
+        };
+        let (stream_options_span, include_usage) = match find("stream_options") {
+            None => (None, false),
+            Some(raw) if raw.get() == "null" => (Some(span_of(raw)), false),
+            Some(raw) => {
+                let opts: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_str(raw.get()).map_err(|_| {
+                        GatewayError::bad_param("stream_options", "`stream_options` must be an object")
+                    })?;
+                let include = opts
+                    .get("include_usage")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
+                (Some(span_of(raw)), include)
+            }
+        };
+        let number = |name: &'static str| -> Result<Option<f64>, GatewayError> {
+            match find(name) {
+                None => Ok(None),
+                Some(raw) if raw.get() == "null" => Ok(None),
+                Some(raw) => serde_json::from_str::<f64>(raw.get())
+                    .map(Some)
+                    .map_err(|_| GatewayError::bad_param(name, format!("`{name}` must be a number"))),
+            }
+        };
+        let temperature = number("temperature")?;
+        let max_tokens = match number("max_completion_tokens")? {
+            Some(n) => Some(n),
+            None => number("max_tokens")?,
+        }
+        .map(|n| n as u64);
+
+        let model_span = span_of(model_raw);
+        Ok(ChatRequest {
+            model_span,
+            model,
+            stream,
+            stream_options_span,
+            include_usage,
+            temperature,
+            max_tokens,
+            body,
+        })
+    }
+
+    /// The model name as the client asked for it.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    pub fn stream(&self) -> bool {
+        self.stream
+    }
+
+    /// Whether the client itself asked for a usage chunk at the end of the stream.
+    pub fn include_usage(&self) -> bool {
+        self.include_usage
+    }
+
+    pub fn temperature(&self) -> Option<f64> {
+        self.temperature
+    }
+
+    pub fn max_tokens(&self) -> Option<u64> {
+        self.max_tokens
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    pub fn has_stream_options(&self) -> bool {
+        self.stream_options_span.is_some()
+    }
+
+    /// The body to send upstream: the client's bytes with `model` set to `bot`.
+    /// When the name is unchanged the client's `Bytes` are reused without a copy.
+    pub fn upstream_body(&self, bot: &str) -> Bytes {
+        if bot == self.model {
+            return self.body.clone();
+        }
+        let quoted = serde_json::to_string(bot).expect("a string serialises");
+        let mut out = BytesMut::with_capacity(self.body.len() + quoted.len());
+        out.put_slice(&self.body[..self.model_span.start]);
+        out.put_slice(quoted.as_bytes());
+        out.put_slice(&self.body[self.model_span.end..]);
+        out.freeze()
+    }
+}
+
+fn json_error(e: &serde_json::Error) -> GatewayError {
+    let what = if e.to_string().contains("recursion limit") {
+        "request body is nested too deeply"
+    } else {
+        "request body is not valid JSON"
+    };
+    GatewayError::bad_request(format!("{what}: {e}"))
+}
+
+/// The top-level object as (key, raw value) pairs borrowed from the body, in order.
+/// Duplicate keys are refused: two `model` fields would let the gateway and Poe disagree
+/// on which bot is being asked.
+struct TopLevel<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopLevel<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(16);
+                while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                    if fields.iter().any(|(seen, _)| *seen == k) {
+                        return Err(de::Error::custom(format!("duplicate key `{k}`")));
+                    }
+                    let v: &'de RawValue = map.next_value()?;
+                    fields.push((k, v));
+                }
+                Ok(TopLevel(fields))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A map key that borrows from the input unless it had escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ChatRequest, GatewayError> {
+        ChatRequest::parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn splices_model_and_keeps_everything_else() {
+        let body = r#"{ "model" : "Claude", "messages":[{"role":"user","content":"hi"}], "thinking_budget": 1024 , "x":{"y":[1,2]}}"#;
+        let r = parse(body).unwrap();
+        assert_eq!(r.model(), "Claude");
+        let up = r.upstream_body("claude-sonnet-4.5");
+        assert_eq!(
+            std::str::from_utf8(&up).unwrap(),
+            body.replace("\"Claude\"", "\"claude-sonnet-4.5\"")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        for (body, want) in [
+            ("{", "not valid JSON"),
+            ("[]", "not valid JSON"),
+            (r#"{"messages":[{}]}"#, "`model`"),
+            (r#"{"model":3,"messages":[{}]}"#, "must be a string"),
+            (r#"{"model":"a"}"#, "`messages`"),
+            (r#"{"model":"a","messages":{}}"#, "must be an array"),
+            (r#"{"model":"a","model":"b","messages":[{}]}"#, "duplicate key"),
+            (r#"{"model":"a","messages":[{}],"stream":"yes"}"#, "boolean"),
+            (r#"{"model":"a","messages":[{}]} trailing"#, "not valid JSON"),
+        ] {
+            let e = parse(body).unwrap_err();
+            assert!(e.to_string().contains(want), "{body}: {e}");
+            assert_eq!(e.status(), 400);
+        }
+    }
+
+    #[test]
+    fn reads_stream_flags() {
+        let r = parse(r#"{"model":"a","messages":[{}],"stream":true,"stream_options":{"include_usage":true}}"#)
+            .unwrap();
+        assert!(r.stream() && r.include_usage() && r.has_stream_options());
+        let r = parse(r#"{"model":"a","messages":[{}],"stream":false}"#).unwrap();
+        assert!(!r.stream() && !r.include_usage());
+    }
+
+    #[test]
+    fn escaped_keys_still_match() {
+        let r = parse(r#"{"mod\u0065l":"a","messages":[{}]}"#).unwrap();
+        assert_eq!(r.model(), "a");
+    }
+}

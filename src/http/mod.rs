@@ -1,0 +1,134 @@
+//! The HTTP front end: accept loop, connection setup, graceful shutdown.
+//!
+//! One port serves HTTP/1.1 and h2c. Routing, auth and error mapping are in [`routes`]; the
+//! work is done by the [`Gateway`] core.
+
+mod routes;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::gateway::Gateway;
+
+/// State shared by every connection.
+pub(crate) struct App {
+    pub gateway: Gateway,
+    /// Set once shutdown starts: `/readyz` fails so load balancers stop sending traffic.
+    pub draining: AtomicBool,
+}
+
+/// A running server: its address, and a way to stop it.
+pub struct ServerHandle {
+    pub local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// Starts a graceful shutdown and waits for it to finish.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Starts a graceful shutdown without waiting.
+    pub fn begin_shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the server has stopped.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains for up to the policy's grace.
+pub fn spawn(listener: TcpListener, gateway: Gateway) -> std::io::Result<ServerHandle> {
+    let local_addr = listener.local_addr()?;
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let signal = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        serve(listener, gateway, signal).await;
+    });
+    Ok(ServerHandle {
+        local_addr,
+        stop,
+        task,
+    })
+}
+
+/// The accept loop. Returns after shutdown has drained (or the grace period ran out).
+pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Future<Output = ()>) {
+    let policy = gateway.policy().clone();
+    let app = Arc::new(App {
+        gateway,
+        draining: AtomicBool::new(false),
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(policy.server.header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    // Connection tasks, so the ones still open when the grace period ends can be closed.
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "set_nodelay failed");
+        }
+        let app = app.clone();
+        let service = service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(routes::handle(app, req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = graceful.watch(conn);
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    app.draining.store(true, Ordering::SeqCst);
+    let grace = policy.server.shutdown_grace;
+    tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: draining in-flight requests");
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(open = connections.len(), "grace period over; closing remaining connections");
+            connections.abort_all();
+        }
+    }
+}

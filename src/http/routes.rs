@@ -1,0 +1,179 @@
+//! Routing, authentication, body reading and response writing: a thin layer over the core.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+
+use super::App;
+use crate::config::AuthMode;
+use crate::error::GatewayError;
+use crate::gateway::{ATTEMPTS_HEADER, BOT_HEADER, Caller, ChatRequest, Credential, ReplyBody};
+use crate::upstream::Secret;
+
+pub type HttpResponse = Response<ReplyBody>;
+
+const REQUEST_ID: &str = "x-request-id";
+
+pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpResponse {
+    let request_id = request_id(req.headers());
+    let mut resp = match route(&app, req, &request_id).await {
+        Ok(resp) => resp,
+        Err(e) => error_response(&e),
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+async fn route(app: &App, req: Request<Incoming>, request_id: &Arc<str>) -> Result<HttpResponse, GatewayError> {
+    let path = req.uri().path();
+    match (req.method(), path) {
+        (&Method::POST, "/v1/chat/completions") => chat(app, req, request_id).await,
+        (&Method::GET, "/v1/models") => {
+            let cat = app.gateway.models().await?;
+            Ok(json(StatusCode::OK, cat.body.clone()))
+        }
+        (&Method::GET, p) if p.starts_with("/v1/models/") => {
+            let id = percent_decode(&p["/v1/models/".len()..]);
+            let cat = app.gateway.models().await?;
+            match cat.entry(&id) {
+                Some(entry) => Ok(json(StatusCode::OK, Bytes::from(entry.to_string()))),
+                None => Err(GatewayError::NotFound(format!("The model `{id}` does not exist"))),
+            }
+        }
+        (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))),
+        (&Method::GET, "/readyz") => {
+            if app.draining.load(Ordering::SeqCst) {
+                Err(GatewayError::ShuttingDown("the gateway is shutting down".into()))
+            } else {
+                Ok(json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ready\"}")))
+            }
+        }
+        (m, p @ ("/v1/chat/completions" | "/v1/models" | "/healthz" | "/readyz")) => {
+            let allow = if p == "/v1/chat/completions" { "POST" } else { "GET" };
+            let mut resp = error_response(&GatewayError::MethodNotAllowed(format!(
+                "{m} is not allowed on {p}; use {allow}"
+            )));
+            resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+            Ok(resp)
+        }
+        (m, p) => Err(GatewayError::NotFound(format!("Unknown request URL: {m} {p}"))),
+    }
+}
+
+async fn chat(app: &App, req: Request<Incoming>, request_id: &Arc<str>) -> Result<HttpResponse, GatewayError> {
+    let caller = authenticate(app, req.headers(), request_id)?;
+    let policy = app.gateway.policy();
+    let body = read_body(req, policy.server.max_body_bytes.0, policy.server.body_read_timeout).await?;
+    let chat = ChatRequest::parse(body)?;
+    let reply = app.gateway.chat(&caller, chat).await?;
+
+    let mut resp = Response::new(reply.body);
+    *resp.status_mut() = reply.status;
+    *resp.headers_mut() = reply.headers;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&reply.bot) {
+        h.insert(BOT_HEADER, v);
+    }
+    h.insert(ATTEMPTS_HEADER, HeaderValue::from(reply.attempts));
+    // No response cache yet: every answer comes from upstream.
+    h.insert("x-cache", HeaderValue::from_static("BYPASS"));
+    Ok(resp)
+}
+
+/// Establishes who pays for the upstream call.
+fn authenticate(app: &App, headers: &HeaderMap, request_id: &Arc<str>) -> Result<Caller, GatewayError> {
+    let credential = match app.gateway.policy().auth_mode() {
+        // The SDKs always send some key; in open mode it is not looked at.
+        AuthMode::Open => Credential::Server,
+        AuthMode::Passthrough => Credential::Poe(bearer(headers).ok_or_else(|| {
+            GatewayError::Unauthorized(
+                "this gateway forwards your own Poe API key: send `Authorization: Bearer <your Poe key>`"
+                    .into(),
+            )
+        })?),
+        AuthMode::Keys => {
+            return Err(GatewayError::Internal("auth.mode = keys is not available in this build".into()));
+        }
+    };
+    Ok(Caller {
+        request_id: request_id.clone(),
+        credential,
+        key_id: None,
+    })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<Secret> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Secret::new(token))
+}
+
+/// Reads the whole request body (it is small next to responses, and a retry must resend it),
+/// refusing more than `limit` bytes and clients slower than `timeout`.
+async fn read_body(req: Request<Incoming>, limit: u64, timeout: std::time::Duration) -> Result<Bytes, GatewayError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::PayloadTooLarge { limit });
+    }
+    let limited = Limited::new(req.into_body(), limit.try_into().unwrap_or(usize::MAX));
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(GatewayError::BadRequest {
+            message: format!(
+                "request body not received within {}s (server.body_read_timeout)",
+                timeout.as_secs()
+            ),
+            param: None,
+        }),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(GatewayError::PayloadTooLarge { limit }),
+        Ok(Err(e)) => Err(GatewayError::bad_request(format!("could not read the request body: {e}"))),
+    }
+}
+
+/// The client's request id when it is a sane token, else a new UUID. Only visible ASCII
+/// without spaces is echoed, so nothing a client sends can split or forge a header.
+fn request_id(headers: &HeaderMap) -> Arc<str> {
+    if let Some(v) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
+            return Arc::from(v);
+        }
+    }
+    Arc::from(uuid::Uuid::new_v4().to_string())
+}
+
+fn json(status: StatusCode, body: Bytes) -> HttpResponse {
+    let mut resp = Response::new(ReplyBody::Full { data: Some(body) });
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+pub(crate) fn error_response(e: &GatewayError) -> HttpResponse {
+    let mut resp = json(e.status(), e.to_json());
+    if let Some(after) = e.retry_after() {
+        // Whole seconds, rounded up, as Retry-After requires.
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    resp
+}
+
+/// Model ids may arrive percent-encoded.
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}

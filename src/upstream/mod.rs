@@ -1,0 +1,181 @@
+//! The upstream client: one pooled hyper-util client for Poe (or a test upstream).
+//!
+//! rustls on ring, HTTP/2 when ALPN offers it, `TCP_NODELAY`, and a connect timeout. It knows
+//! nothing about retries or aliases; it sends one request and reports how that went.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+/// A key that must never be printed: `Debug` shows only that it is there.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    pub fn new(s: impl Into<Arc<str>>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// An `Authorization: Bearer` value marked sensitive, so hyper's h2 HPACK never indexes it.
+    pub fn bearer(&self) -> Option<HeaderValue> {
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", self.0)).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// No connection could be made (refused, DNS, TLS, connect timeout).
+    Connect(String),
+    /// Connected, but no response head within the first-byte timeout.
+    Timeout(Duration),
+    /// The connection failed after the request was sent.
+    Broken(String),
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => write!(f, "cannot connect to upstream: {e}"),
+            UpstreamError::Timeout(d) => write!(
+                f,
+                "upstream sent no response within {}s (timeouts.first_byte)",
+                d.as_secs_f64()
+            ),
+            UpstreamError::Broken(e) => write!(f, "upstream connection failed: {e}"),
+        }
+    }
+}
+
+pub struct Upstream {
+    client: HttpsClient,
+    chat_uri: Uri,
+    models_uri: Uri,
+    first_byte: Duration,
+    user_agent: HeaderValue,
+}
+
+impl Upstream {
+    /// `base` is e.g. `https://api.poe.com`; a trailing `/v1` is accepted too.
+    pub fn new(base: &str, connect: Duration, first_byte: Duration) -> Result<Self, String> {
+        let base = base.trim_end_matches('/');
+        let base = base.strip_suffix("/v1").unwrap_or(base);
+        let uri = |path: &str| {
+            format!("{base}{path}")
+                .parse::<Uri>()
+                .map_err(|e| format!("invalid upstream URL {base:?}: {e}"))
+        };
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| format!("TLS setup failed: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
+        Ok(Upstream {
+            client,
+            chat_uri: uri("/v1/chat/completions")?,
+            models_uri: uri("/v1/models")?,
+            first_byte,
+            user_agent: HeaderValue::from_static(concat!("poe-gateway/", env!("CARGO_PKG_VERSION"))),
+        })
+    }
+
+    /// Sends one chat completion request and waits for the response head.
+    pub async fn chat(
+        &self,
+        body: Bytes,
+        key: &Secret,
+        request_id: &str,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.chat_uri.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream")
+            .header(header::USER_AGENT, self.user_agent.clone())
+            .body(Full::new(body))
+            .map_err(|e| UpstreamError::Broken(e.to_string()))?;
+        if let Some(auth) = key.bearer() {
+            req.headers_mut().insert(header::AUTHORIZATION, auth);
+        }
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            req.headers_mut().insert("x-request-id", id);
+        }
+        self.send(req).await
+    }
+
+    /// Fetches Poe's model catalogue (no auth needed), up to `limit` bytes.
+    pub async fn models(&self, limit: usize) -> Result<(http::StatusCode, Bytes), UpstreamError> {
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(self.models_uri.clone())
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, self.user_agent.clone())
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| UpstreamError::Broken(e.to_string()))?;
+        let resp = self.send(req).await?;
+        let status = resp.status();
+        let body = tokio::time::timeout(self.first_byte, Limited::new(resp.into_body(), limit).collect())
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.first_byte))?
+            .map_err(|e| UpstreamError::Broken(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(self.first_byte, self.client.request(req)).await {
+            Err(_) => Err(UpstreamError::Timeout(self.first_byte)),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(error_chain(&e))),
+            Ok(Err(e)) => Err(UpstreamError::Broken(error_chain(&e))),
+        }
+    }
+}
+
+/// The error with its sources, which carry the useful part ("connection refused").
+/// None of these include request headers, so no key can appear.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}

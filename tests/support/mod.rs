@@ -1,0 +1,488 @@
+//! Test support: a scriptable Poe-shaped upstream on port 0, a gateway started in-process on
+//! port 0 against it, and a small HTTP client that reads responses frame by frame.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, mpsc};
+
+use poe_gateway::config;
+use poe_gateway::http::ServerHandle;
+use poe_gateway::upstream::Secret;
+
+pub const UPSTREAM_KEY: &str = "poe-test-upstream-key-0123456789";
+
+/// One step of a scripted response body.
+#[derive(Clone)]
+pub enum Step {
+    /// Send these bytes as one frame.
+    Send(Bytes),
+    /// Wait (tokio time, so paused tests skip it).
+    Sleep(Duration),
+    /// Wait until the test adds a permit to this gate.
+    Gate(Arc<Semaphore>),
+    /// Break the connection mid-body.
+    Drop,
+}
+
+/// A scripted upstream answer.
+#[derive(Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub steps: Vec<Step>,
+    /// Wait this long before sending the response head.
+    pub head_delay: Option<Duration>,
+    /// Never send a response head.
+    pub hang: bool,
+    /// Close the connection without any response.
+    pub refuse: bool,
+}
+
+impl Reply {
+    pub fn new(status: u16) -> Self {
+        Reply {
+            status,
+            headers: Vec::new(),
+            steps: Vec::new(),
+            head_delay: None,
+            hang: false,
+            refuse: false,
+        }
+    }
+
+    pub fn json(status: u16, body: impl Into<Bytes>) -> Self {
+        Reply::new(status)
+            .header("content-type", "application/json")
+            .send(body)
+    }
+
+    pub fn sse() -> Self {
+        Reply::new(200)
+            .header("content-type", "text/event-stream")
+            .header("cache-control", "no-cache")
+    }
+
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn send(mut self, b: impl Into<Bytes>) -> Self {
+        self.steps.push(Step::Send(b.into()));
+        self
+    }
+
+    pub fn sleep(mut self, d: Duration) -> Self {
+        self.steps.push(Step::Sleep(d));
+        self
+    }
+
+    pub fn gate(mut self, g: &Arc<Semaphore>) -> Self {
+        self.steps.push(Step::Gate(g.clone()));
+        self
+    }
+
+    pub fn drop_connection(mut self) -> Self {
+        self.steps.push(Step::Drop);
+        self
+    }
+
+    pub fn head_delay(mut self, d: Duration) -> Self {
+        self.head_delay = Some(d);
+        self
+    }
+
+    pub fn hang() -> Self {
+        let mut r = Reply::new(200);
+        r.hang = true;
+        r
+    }
+
+    pub fn refuse() -> Self {
+        let mut r = Reply::new(0);
+        r.refuse = true;
+        r
+    }
+
+    /// A normal non-stream completion from `model`.
+    pub fn completion(model: &str, text: &str) -> Self {
+        Reply::json(200, completion_json(model, text))
+    }
+
+    /// A normal stream from `model`: one chunk per piece, a finish chunk, `[DONE]`.
+    pub fn stream(model: &str, pieces: &[&str]) -> Self {
+        let mut r = Reply::sse();
+        for p in pieces {
+            r = r.send(chunk(model, p));
+        }
+        r.send(finish_chunk(model)).send("data: [DONE]\n\n")
+    }
+}
+
+/// What the upstream received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("upstream got JSON")
+    }
+}
+
+#[derive(Default)]
+struct State {
+    script: Mutex<VecDeque<Reply>>,
+    fallback: Mutex<Option<Reply>>,
+    received: Mutex<Vec<Received>>,
+    models: Mutex<Option<Bytes>>,
+    /// Response bodies whose reader went away before the script finished.
+    disconnects: AtomicUsize,
+    disconnected: Notify,
+}
+
+/// A Poe-shaped upstream. Chat requests take scripted replies in order, then the fallback;
+/// `GET /v1/models` answers the catalogue.
+#[derive(Clone)]
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl MockUpstream {
+    pub async fn start() -> MockUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State::default());
+        *state.models.lock().unwrap() = Some(Bytes::from(default_models()));
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(st.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        MockUpstream { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Queues replies for the next chat requests, in order.
+    pub fn push(&self, reply: Reply) -> &Self {
+        self.state.script.lock().unwrap().push_back(reply);
+        self
+    }
+
+    /// The reply for chat requests once the script is used up.
+    pub fn set_fallback(&self, reply: Reply) {
+        *self.state.fallback.lock().unwrap() = Some(reply);
+    }
+
+    pub fn set_models(&self, body: &str) {
+        *self.state.models.lock().unwrap() = Some(Bytes::copy_from_slice(body.as_bytes()));
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    pub fn chat_calls(&self) -> usize {
+        self.received()
+            .iter()
+            .filter(|r| r.path == "/v1/chat/completions")
+            .count()
+    }
+
+    pub fn disconnects(&self) -> usize {
+        self.state.disconnects.load(Ordering::SeqCst)
+    }
+
+    /// Waits until some response body was abandoned by its reader.
+    pub async fn wait_disconnect(&self) {
+        loop {
+            let notified = self.state.disconnected.notified();
+            if self.disconnects() > 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+type MockBody = http_body_util::Either<
+    Full<Bytes>,
+    StreamBody<tokio_stream_shim::Receiver<Result<Frame<Bytes>, std::io::Error>>>,
+>;
+
+async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<MockBody>, std::io::Error> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    st.received.lock().unwrap().push(Received {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        headers: parts.headers.clone(),
+        body,
+    });
+    if parts.uri.path() == "/v1/models" {
+        let models = st.models.lock().unwrap().clone().unwrap_or_default();
+        let mut resp = Response::new(MockBody::Left(Full::new(models)));
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        return Ok(resp);
+    }
+    let reply = {
+        let next = st.script.lock().unwrap().pop_front();
+        next.or_else(|| st.fallback.lock().unwrap().clone())
+    };
+    let Some(reply) = reply else {
+        let mut resp = Response::new(MockBody::Left(Full::new(Bytes::from_static(
+            b"{\"error\":{\"code\":500,\"type\":\"provider_error\",\"message\":\"mock upstream has no script\"}}",
+        ))));
+        *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return Ok(resp);
+    };
+    if reply.refuse {
+        return Err(std::io::Error::other("refused by script"));
+    }
+    if reply.hang {
+        std::future::pending::<()>().await;
+    }
+    if let Some(d) = reply.head_delay {
+        tokio::time::sleep(d).await;
+    }
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+    let steps = reply.steps.clone();
+    let st2 = st.clone();
+    tokio::spawn(async move {
+        for step in steps {
+            let ok = match step {
+                Step::Send(b) => tx.send(Ok(Frame::data(b))).await.is_ok(),
+                Step::Sleep(d) => tokio::select! {
+                    _ = tokio::time::sleep(d) => true,
+                    _ = tx.closed() => false,
+                },
+                Step::Gate(g) => tokio::select! {
+                    p = g.acquire() => { if let Ok(p) = p { p.forget(); } true }
+                    _ = tx.closed() => false,
+                },
+                Step::Drop => {
+                    let _ = tx.send(Err(std::io::Error::other("scripted drop"))).await;
+                    return;
+                }
+            };
+            if !ok {
+                st2.disconnects.fetch_add(1, Ordering::SeqCst);
+                st2.disconnected.notify_waiters();
+                return;
+            }
+        }
+    });
+    let mut resp = Response::new(MockBody::Right(StreamBody::new(tokio_stream_shim::Receiver(rx))));
+    *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap();
+    for (k, v) in &reply.headers {
+        resp.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    Ok(resp)
+}
+
+/// A `Stream` over an mpsc receiver, without pulling in tokio-stream.
+pub mod tokio_stream_shim {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    pub struct Receiver<T>(pub tokio::sync::mpsc::Receiver<T>);
+
+    impl<T> futures_core::Stream for Receiver<T> {
+        type Item = T;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+}
+
+pub fn completion_json(model: &str, text: &str) -> String {
+    serde_json::json!({
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+        "x_unknown_field": {"kept": true}
+    })
+    .to_string()
+}
+
+pub fn chunk(model: &str, piece: &str) -> String {
+    let c = serde_json::json!({
+        "id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]
+    });
+    format!("data: {c}\n\n")
+}
+
+pub fn finish_chunk(model: &str) -> String {
+    let c = serde_json::json!({
+        "id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    });
+    format!("data: {c}\n\n")
+}
+
+pub fn default_models() -> String {
+    serde_json::json!({
+        "object": "list",
+        "data": [
+            {"id": "claude-sonnet-4.5", "object": "model", "created": 1_700_000_000_000u64, "owned_by": "Anthropic",
+             "architecture": {"input_modalities": ["text", "image"], "output_modalities": ["text"], "modality": "text,image->text"},
+             "pricing": {"prompt": "0.000003", "completion": "0.000015", "image": null, "request": null}},
+            {"id": "gpt-5", "object": "model", "created": 1_700_000_000_000u64, "owned_by": "OpenAI"},
+            {"id": "gemini-2.5-pro", "object": "model", "created": 1_700_000_000_000u64, "owned_by": "Google"},
+            {"id": "grok-4", "object": "model", "created": 1_700_000_000_000u64, "owned_by": "xAI"},
+            {"id": "gpt-image-1", "object": "model", "created": 1_700_000_000_000u64, "owned_by": "OpenAI"},
+            {"id": "veo-3", "object": "model", "created": 1_700_000_000_000u64, "owned_by": "Google"}
+        ]
+    })
+    .to_string()
+}
+
+/// A gateway running in-process on port 0.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub handle: Option<ServerHandle>,
+}
+
+impl TestGateway {
+    /// Starts a gateway with `policy` (TOML) and env-style overrides, against `upstream`.
+    pub async fn start(upstream: &MockUpstream, policy: &str, env: &[(&str, &str)]) -> TestGateway {
+        let mut vars: Vec<(String, String)> = vec![
+            ("POE_BASE_URL".into(), upstream.url()),
+            ("POE_GATEWAY_LISTEN".into(), "127.0.0.1:0".into()),
+        ];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let policy = config::parse("test.toml", policy, vars).expect("test policy is valid");
+        let gateway = poe_gateway::Gateway::new(policy, Some(Secret::new(UPSTREAM_KEY))).expect("gateway");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let handle = poe_gateway::http::spawn(listener, gateway).unwrap();
+        TestGateway {
+            addr: handle.local_addr,
+            handle: Some(handle),
+        }
+    }
+
+    /// The shipped default policy (aliases included).
+    pub async fn default(upstream: &MockUpstream) -> TestGateway {
+        TestGateway::start(upstream, config::DEFAULT_POLICY, &[]).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// A plain HTTP/1.1 client on its own connection.
+pub fn client() -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn post(gw: &TestGateway, body: &str, headers: &[(&str, &str)]) -> Response<Incoming> {
+    let mut req = Request::post(gw.url("/v1/chat/completions")).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    client()
+        .request(req.body(Full::new(Bytes::copy_from_slice(body.as_bytes()))).unwrap())
+        .await
+        .expect("gateway answered")
+}
+
+pub async fn get(gw: &TestGateway, path: &str) -> Response<Incoming> {
+    client()
+        .request(Request::get(gw.url(path)).body(Full::new(Bytes::new())).unwrap())
+        .await
+        .expect("gateway answered")
+}
+
+pub async fn body_bytes(resp: Response<Incoming>) -> Bytes {
+    resp.into_body().collect().await.expect("body").to_bytes()
+}
+
+pub async fn body_json(resp: Response<Incoming>) -> serde_json::Value {
+    let b = body_bytes(resp).await;
+    serde_json::from_slice(&b).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&b)))
+}
+
+/// Reads the next data frame, failing the test if none comes within `secs` (a hang guard,
+/// not a timing assertion).
+pub async fn next_data(body: &mut Incoming, secs: u64) -> Option<Bytes> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(secs), body.frame())
+            .await
+            .expect("frame did not arrive: is the gateway buffering?");
+        match frame {
+            None => return None,
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    return Some(d);
+                }
+            }
+            Some(Err(e)) => panic!("body error: {e}"),
+        }
+    }
+}
+
+pub fn chat_body(model: &str, stream: bool) -> String {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream
+    })
+    .to_string()
+}
+
+/// Asserts the OpenAI error shape and returns the error object.
+pub async fn expect_error(resp: Response<Incoming>, status: u16, kind: &str) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    assert!(resp.headers().contains_key("x-request-id"));
+    let v = body_json(resp).await;
+    let e = v.get("error").unwrap_or_else(|| panic!("no error object: {v}")).clone();
+    assert_eq!(e["type"], kind, "{v}");
+    assert!(e["message"].is_string(), "{v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+    e
+}
+
+pub fn _unused(_: Infallible) {}
