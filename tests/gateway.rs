@@ -1,0 +1,357 @@
+//! The streaming gateway core over real sockets: passthrough, streaming without buffering,
+//! byte fidelity, aliasing, catalogue, errors, request ids, disconnects and shutdown.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+
+#[tokio::test]
+async fn non_stream_is_passed_through_with_alias_rewritten() {
+    let up = MockUpstream::start().await;
+    let answer = completion_json("claude-sonnet-4.5", "Hello!");
+    up.push(Reply::json(200, answer.clone()));
+    let gw = TestGateway::default(&up).await;
+
+    let body = r#"{"model":"Claude","messages":[{"role":"user","content":"hi"}],"thinking_budget":1024,"aspect":"3:2","nested":{"keep":[1,"two",null]}}"#;
+    let resp = post(&gw, body, &[("authorization", "Bearer client-key-ignored-in-open-mode")]).await;
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(h["x-poe-gateway-bot"], "claude-sonnet-4.5");
+    assert_eq!(h["x-poe-gateway-attempts"], "1");
+    assert_eq!(h["x-cache"], "BYPASS");
+    assert!(!h["x-request-id"].is_empty());
+    assert_eq!(body_bytes(resp).await, Bytes::from(answer), "client gets upstream bytes unchanged");
+
+    let got = up.received();
+    let chat = got.iter().find(|r| r.path == "/v1/chat/completions").unwrap();
+    // Only the model value changed; every other byte is the client's.
+    assert_eq!(
+        chat.body,
+        Bytes::from(body.replace("\"Claude\"", "\"claude-sonnet-4.5\""))
+    );
+    assert_eq!(
+        chat.headers["authorization"],
+        format!("Bearer {UPSTREAM_KEY}").as_str(),
+        "open mode uses the server key, not the client's"
+    );
+}
+
+#[tokio::test]
+async fn stream_bytes_reach_the_client_unchanged() {
+    let up = MockUpstream::start().await;
+    // CRLF endings, comments, a multi-byte character split across frames, unknown fields.
+    let frames: Vec<&[u8]> = vec![
+        b": keep-alive comment\r\n\r\n",
+        b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"caf\xc3",
+        b"\xa9 \xe2\x98",
+        b"\x95\"},\"finish_reason\":null}],\"poe_extra\":{\"x\":1}}\r\n\r\n",
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        b"data: [DONE]\n\n",
+    ];
+    let mut reply = Reply::sse();
+    for f in &frames {
+        reply = reply.send(Bytes::copy_from_slice(f));
+    }
+    up.push(reply);
+    let gw = TestGateway::default(&up).await;
+
+    let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let got = body_bytes(resp).await;
+    assert_eq!(got, Bytes::from(frames.concat()));
+}
+
+#[tokio::test]
+async fn frames_are_not_buffered() {
+    // The upstream sends one event, then waits for the test. If the gateway held the first
+    // event back until more arrived, the client would never see it and the read would time out.
+    let up = MockUpstream::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "first"))
+            .gate(&gate)
+            .send(chunk("gpt-5", "second"))
+            .send("data: [DONE]\n\n"),
+    );
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+    let mut body = resp.into_body();
+    let first = next_data(&mut body, 10).await.unwrap();
+    assert_eq!(first, Bytes::from(chunk("gpt-5", "first")));
+    gate.add_permits(1);
+    let mut rest = Vec::new();
+    while let Some(d) = next_data(&mut body, 10).await {
+        rest.extend_from_slice(&d);
+    }
+    assert_eq!(rest, [chunk("gpt-5", "second"), "data: [DONE]\n\n".to_string()].concat().as_bytes());
+}
+
+#[tokio::test]
+async fn unknown_models_pass_through_as_written() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("Some-Bot", "ok"));
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("Some-Bot", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-poe-gateway-bot"], "Some-Bot");
+    assert_eq!(up.received()[0].json()["model"], "Some-Bot");
+}
+
+#[tokio::test]
+async fn aliases_are_case_insensitive_and_env_configurable() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("x", "ok"));
+    let gw = TestGateway::start(&up, "[aliases]\nfast = \"GPT-5-mini\"\n", &[("POE_GATEWAY_ALIASES__BIG", "claude-opus-4.1")]).await;
+    for (asked, sent) in [("FAST", "GPT-5-mini"), ("fast", "GPT-5-mini"), ("Big", "claude-opus-4.1")] {
+        let resp = post(&gw, &chat_body(asked, false), &[]).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(up.received().last().unwrap().json()["model"], sent);
+    }
+}
+
+#[tokio::test]
+async fn models_lists_catalogue_and_aliases() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::default(&up).await;
+    let resp = get(&gw, "/v1/models").await;
+    assert_eq!(resp.status(), 200);
+    let v = body_json(resp).await;
+    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    for id in ["claude-sonnet-4.5", "gpt-5", "claude", "gpt", "gemini", "grok", "image", "video", "resilient"] {
+        assert!(ids.contains(&id), "{id} missing from {ids:?}");
+    }
+    let claude = v["data"].as_array().unwrap().iter().find(|m| m["id"] == "claude").unwrap();
+    assert_eq!(claude["root"], "claude-sonnet-4.5");
+    assert_eq!(claude["pricing"]["prompt"], "0.000003", "alias carries its bot's details");
+
+    // Cached: a second listing does not go upstream again.
+    let _ = body_bytes(get(&gw, "/v1/models").await).await;
+    let one = get(&gw, "/v1/models/CLAUDE-SONNET-4.5").await;
+    assert_eq!(body_json(one).await["id"], "claude-sonnet-4.5");
+    assert_eq!(up.received().iter().filter(|r| r.path == "/v1/models").count(), 1);
+    expect_error(get(&gw, "/v1/models/nope").await, 404, "invalid_request_error").await;
+}
+
+#[tokio::test]
+async fn unknown_model_404_gets_a_suggestion() {
+    let up = MockUpstream::start().await;
+    let poe_404 = r#"{"error":{"code":404,"type":"not_found_error","message":"Model claude-sonet-4.5 not found","metadata":{"m":1}}}"#;
+    up.push(Reply::json(404, poe_404));
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("claude-sonet-4.5", false), &[]).await;
+    assert_eq!(resp.status(), 404);
+    let v = body_json(resp).await;
+    assert_eq!(
+        v["error"]["message"],
+        "Model claude-sonet-4.5 not found (did you mean `claude-sonnet-4.5`?)"
+    );
+    assert_eq!(v["error"]["metadata"]["m"], 1, "the rest of Poe's error is kept");
+    assert_eq!(v["error"]["type"], "not_found_error");
+}
+
+#[tokio::test]
+async fn poe_errors_pass_through_unchanged() {
+    let up = MockUpstream::start().await;
+    let poe = r#"{"error":{"code":402,"type":"insufficient_credits","message":"Out of points","metadata":{}}}"#;
+    up.push(Reply::json(402, poe).header("x-ratelimit-remaining-requests", "499"));
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 402);
+    assert_eq!(resp.headers()["x-ratelimit-remaining-requests"], "499");
+    assert_eq!(body_bytes(resp).await, Bytes::from(poe));
+    assert_eq!(up.chat_calls(), 1, "402 is not retried");
+}
+
+#[tokio::test]
+async fn gateway_errors_are_openai_shaped() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&up, "[server]\nmax_body_bytes = 2048\n", &[]).await;
+
+    for (body, param) in [
+        ("{not json", None),
+        (r#"{"messages":[{"role":"user","content":"x"}]}"#, Some("model")),
+        (r#"{"model":"gpt"}"#, Some("messages")),
+        (r#"{"model":7,"messages":[]}"#, Some("model")),
+    ] {
+        let e = expect_error(post(&gw, body, &[]).await, 400, "invalid_request_error").await;
+        if let Some(p) = param {
+            assert_eq!(e["param"], p, "{body}");
+        }
+    }
+    // Too large, declared up front.
+    let big = format!(r#"{{"model":"gpt","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(4096));
+    expect_error(post(&gw, &big, &[]).await, 413, "invalid_request_error").await;
+    // Too large, chunked with no Content-Length.
+    let chunks: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> =
+        (0..8).map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b' '; 1024])))).collect();
+    let body = http_body_util::StreamBody::new(StreamOf(chunks.into_iter()));
+    let req = http::Request::post(gw.url("/v1/chat/completions")).body(body).unwrap();
+    let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http()
+        .request(req)
+        .await
+        .unwrap();
+    expect_error(resp, 413, "invalid_request_error").await;
+
+    expect_error(get(&gw, "/v1/nothing").await, 404, "invalid_request_error").await;
+    let resp = get(&gw, "/v1/chat/completions").await;
+    assert_eq!(resp.headers()["allow"], "POST");
+    expect_error(resp, 405, "invalid_request_error").await;
+    assert_eq!(up.chat_calls(), 0, "bad requests never reach Poe");
+}
+
+/// An iterator as a `Stream`, for chunked request bodies.
+struct StreamOf<I>(I);
+impl<I: Iterator + Unpin> futures_core::Stream for StreamOf<I> {
+    type Item = I::Item;
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<I::Item>> {
+        std::task::Poll::Ready(self.0.next())
+    }
+}
+
+#[tokio::test]
+async fn passthrough_mode_forwards_the_clients_key_and_requires_one() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let gw = TestGateway::start(&up, "[auth]\nmode = \"passthrough\"\n", &[]).await;
+    let e = expect_error(post(&gw, &chat_body("gpt", false), &[]).await, 401, "authentication_error").await;
+    assert!(!e["message"].as_str().unwrap().contains(UPSTREAM_KEY));
+    let resp = post(&gw, &chat_body("gpt", false), &[("authorization", "Bearer users-own-poe-key")]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.received()[0].headers["authorization"], "Bearer users-own-poe-key");
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502() {
+    // A port with nothing listening: bind, note it, close it.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(
+        &up,
+        "[retry]\nmax_attempts = 1\n",
+        &[("POE_BASE_URL", &format!("http://{dead}"))],
+    )
+    .await;
+    let e = expect_error(post(&gw, &chat_body("gpt", false), &[]).await, 502, "upstream_error").await;
+    assert_eq!(e["code"], "upstream_unreachable");
+}
+
+#[tokio::test]
+async fn request_id_is_echoed_or_made() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", false), &[("x-request-id", "trace-abc-123")]).await;
+    assert_eq!(resp.headers()["x-request-id"], "trace-abc-123");
+    assert_eq!(up.received()[0].headers["x-request-id"], "trace-abc-123");
+    // A value with spaces is not echoed; a fresh one is made.
+    let resp = post(&gw, &chat_body("gpt", false), &[("x-request-id", "a b")]).await;
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(id, "a b");
+    assert_eq!(id.len(), 36);
+    // Errors and other routes carry one too.
+    assert!(get(&gw, "/healthz").await.headers().contains_key("x-request-id"));
+    assert!(post(&gw, "{", &[]).await.headers().contains_key("x-request-id"));
+}
+
+#[tokio::test]
+async fn client_disconnect_closes_the_upstream_stream() {
+    let up = MockUpstream::start().await;
+    let never = Arc::new(Semaphore::new(0));
+    up.push(Reply::sse().send(chunk("gpt-5", "hello")).gate(&never).send("data: [DONE]\n\n"));
+    let gw = TestGateway::default(&up).await;
+
+    // A raw socket, so "going away" is an actual close.
+    let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let body = chat_body("gpt", true);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+        body.len(),
+        body
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("hello") {
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(sock);
+    tokio::time::timeout(Duration::from_secs(10), up.wait_disconnect())
+        .await
+        .expect("the upstream stream was not closed after the client left");
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::default(&up).await;
+    assert_eq!(get(&gw, "/healthz").await.status(), 200);
+    assert_eq!(get(&gw, "/readyz").await.status(), 200);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_streams_finish() {
+    let up = MockUpstream::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "one"))
+            .gate(&gate)
+            .send(chunk("gpt-5", "two"))
+            .send("data: [DONE]\n\n"),
+    );
+    let mut gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+    let mut body = resp.into_body();
+    next_data(&mut body, 10).await.unwrap();
+
+    let handle = gw.handle.take().unwrap();
+    handle.begin_shutdown();
+    // New connections are refused once the listener is closed.
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(gw.addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "listener still accepting after shutdown began");
+
+    // The in-flight stream runs to its end.
+    gate.add_permits(1);
+    let mut rest = Vec::new();
+    while let Some(d) = next_data(&mut body, 10).await {
+        rest.extend_from_slice(&d);
+    }
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
+    tokio::time::timeout(Duration::from_secs(10), handle.wait()).await.expect("server stopped");
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("gpt-5", "over h2"));
+    let gw = TestGateway::default(&up).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let req = http::Request::post(gw.url("/v1/chat/completions"))
+        .body(Full::new(Bytes::from(chat_body("gpt", false))))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&b).contains("over h2"));
+}
