@@ -1,0 +1,271 @@
+//! Faults upstream become recoveries or clear errors: retries, Retry-After, fallback chains,
+//! timeouts, mid-stream breaks, the upstream limiter and the retry budget.
+//!
+//! Time is paused wherever a wait matters, so a 30-second Retry-After costs nothing.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::*;
+use tokio::time::Instant;
+
+fn poe_error(status: u16, kind: &str) -> String {
+    format!(r#"{{"error":{{"code":{status},"type":"{kind}","message":"scripted {status}"}}}}"#)
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limited_then_success_honours_retry_after() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::json(429, poe_error(429, "rate_limit_error")).header("retry-after", "7"));
+    up.push(Reply::completion("gpt-5", "after the wait"));
+    let gw = TestGateway::default(&up).await;
+    let started = Instant::now();
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
+    assert!(started.elapsed() >= Duration::from_secs(7), "Retry-After was not waited out");
+    assert!(String::from_utf8_lossy(&body_bytes(resp).await).contains("after the wait"));
+    assert_eq!(up.chat_calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ratelimit_reset_header_is_honoured_too() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::json(429, poe_error(429, "rate_limit_error")).header("x-ratelimit-reset-requests", "4s"));
+    up.push(Reply::completion("gpt-5", "ok"));
+    let gw = TestGateway::default(&up).await;
+    let started = Instant::now();
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert!(started.elapsed() >= Duration::from_secs(4));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_beyond_the_cap_goes_back_to_the_client() {
+    let up = MockUpstream::start().await;
+    let body = poe_error(429, "rate_limit_error");
+    up.push(Reply::json(429, body.clone()).header("retry-after", "120"));
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "120");
+    assert_eq!(body_bytes(resp).await, Bytes::from(body));
+    assert_eq!(up.chat_calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_gateway_then_success_non_stream_and_stream() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::json(502, poe_error(502, "upstream_error")));
+    up.push(Reply::completion("gpt-5", "recovered"));
+    up.push(Reply::json(529, poe_error(529, "overloaded_error")));
+    up.push(Reply::stream("gpt-5", &["re", "covered"]));
+    let gw = TestGateway::default(&up).await;
+
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
+    let _ = body_bytes(resp).await;
+
+    let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
+    let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert_eq!(up.chat_calls(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn persistent_500_makes_exactly_max_attempts_calls() {
+    let up = MockUpstream::start().await;
+    let body = poe_error(500, "provider_error");
+    up.set_fallback(Reply::json(500, body.clone()));
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 500);
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "3");
+    assert_eq!(body_bytes(resp).await, Bytes::from(body), "Poe's error is passed on");
+    assert_eq!(up.chat_calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_errors_are_never_retried() {
+    for (status, kind) in [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (402, "insufficient_credits"),
+        (403, "moderation_error"),
+        (413, "request_too_large"),
+    ] {
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::json(status, poe_error(status, kind)));
+        let gw = TestGateway::default(&up).await;
+        let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+        assert_eq!(resp.status().as_u16(), status);
+        assert_eq!(up.chat_calls(), 1, "{status} was retried");
+    }
+}
+
+const CHAIN: &str = "[aliases]\nresilient = [\"first-bot\", \"second-bot\"]\n[retry]\nmax_attempts = 2\n";
+
+#[tokio::test(start_paused = true)]
+async fn fallback_chain_moves_on_at_once_after_404() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::json(404, poe_error(404, "not_found_error")));
+    up.push(Reply::completion("second-bot", "from the second"));
+    let gw = TestGateway::start(&up, CHAIN, &[]).await;
+    let resp = post(&gw, &chat_body("resilient", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-poe-gateway-bot"], "second-bot");
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
+    assert_eq!(body_json(resp).await["model"], "second-bot");
+    let sent: Vec<String> = up.received().iter().map(|r| r.json()["model"].as_str().unwrap().to_string()).collect();
+    assert_eq!(sent, ["first-bot", "second-bot"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fallback_chain_moves_on_for_unsupported_features() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::json(
+        400,
+        r#"{"error":{"code":"unsupported_feature_for_model","type":"invalid_request_error","message":"tools not supported","param":"tools"}}"#,
+    ));
+    up.push(Reply::completion("second-bot", "ok"));
+    let gw = TestGateway::start(&up, CHAIN, &[]).await;
+    let resp = post(&gw, &chat_body("resilient", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-poe-gateway-bot"], "second-bot");
+    assert_eq!(up.chat_calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fallback_chain_moves_on_after_its_own_retries() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::json(503, poe_error(503, "upstream_error")));
+    up.push(Reply::json(503, poe_error(503, "upstream_error")));
+    up.push(Reply::stream("second-bot", &["fine"]));
+    let gw = TestGateway::start(&up, CHAIN, &[]).await;
+    let resp = post(&gw, &chat_body("resilient", true), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-poe-gateway-bot"], "second-bot");
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "3");
+    let _ = body_bytes(resp).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_whole_chain_failing_returns_the_last_error() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::json(404, poe_error(404, "not_found_error")));
+    up.push(Reply::json(404, poe_error(404, "not_found_error")));
+    let gw = TestGateway::start(&up, CHAIN, &[]).await;
+    let resp = post(&gw, &chat_body("resilient", false), &[]).await;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["x-poe-gateway-bot"], "second-bot");
+    assert_eq!(up.chat_calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn drop_mid_stream_ends_with_an_error_event_not_done() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::sse().send(chunk("gpt-5", "partial")).drop_connection());
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+    assert_eq!(resp.status(), 200);
+    let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+    assert!(text.starts_with(&chunk("gpt-5", "partial")), "{text}");
+    assert!(!text.contains("[DONE]"), "a broken stream must not look finished: {text}");
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let event: serde_json::Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(event["error"]["type"], "upstream_error");
+    assert_eq!(up.chat_calls(), 1, "never retried once bytes reached the client");
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_gap_past_the_limit_ends_with_an_error_event() {
+    let up = MockUpstream::start().await;
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "then silence"))
+            .sleep(Duration::from_secs(3600))
+            .send("data: [DONE]\n\n"),
+    );
+    let gw = TestGateway::start(&up, "[timeouts]\nidle = \"30s\"\n", &[]).await;
+    let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+    let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+    assert!(!text.contains("[DONE]"));
+    assert!(text.contains("timeouts.idle"), "{text}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn hang_before_headers_is_a_504_after_retries() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::hang());
+    let gw = TestGateway::start(&up, "", &[("POE_GATEWAY_TIMEOUTS__FIRST_BYTE", "2s")]).await;
+    let e = expect_error(post(&gw, &chat_body("gpt", false), &[]).await, 504, "timeout_error").await;
+    assert!(e["message"].as_str().unwrap().contains("timeouts.first_byte"));
+    assert_eq!(up.chat_calls(), 3, "a first-byte timeout is retryable");
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_head_within_the_timeout_is_fine() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("gpt-5", "slow but fine").head_delay(Duration::from_secs(100)));
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.chat_calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_connection_before_a_response_is_retried() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::refuse());
+    up.push(Reply::completion("gpt-5", "second try"));
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn limiter_queues_then_refuses() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    // 10 rpm: a burst of 1, then one slot every 60/9 s.
+    let policy = "[limits]\nupstream_rpm = 10\nqueue_timeout = \"10s\"\n";
+    let gw = TestGateway::start(&up, policy, &[]).await;
+
+    let t0 = Instant::now();
+    assert_eq!(post(&gw, &chat_body("gpt", false), &[]).await.status(), 200);
+    // The second waits in the queue for the next slot, then goes through.
+    assert_eq!(post(&gw, &chat_body("gpt", false), &[]).await.status(), 200);
+    assert!(t0.elapsed() >= Duration::from_secs(6), "the second request was not held back");
+    // Two more at once: one fits the queue time, the other would wait past it and is refused.
+    let body = chat_body("gpt", false);
+    let (a, b) = tokio::join!(post(&gw, &body, &[]), post(&gw, &body, &[]));
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 429]);
+    let refused = if a.status() == 429 { a } else { b };
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1);
+    expect_error(refused, 429, "rate_limit_error").await;
+    assert_eq!(up.chat_calls(), 3, "the refused request never reached Poe");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_budget_stops_a_storm() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::json(500, poe_error(500, "provider_error")));
+    let policy = "[retry]\nmax_attempts = 3\nbudget_ratio = 0.2\nbudget_min_per_second = 0\n";
+    let gw = TestGateway::start(&up, policy, &[]).await;
+    for _ in 0..20 {
+        assert_eq!(post(&gw, &chat_body("gpt", false), &[]).await.status(), 500);
+    }
+    let calls = up.chat_calls();
+    // Without a budget: 60 calls. With 20% of 20 requests: at most 4 retries.
+    assert!(calls <= 24, "{calls} upstream calls for 20 requests");
+    assert!(calls > 20, "some retries should still be allowed");
+}
