@@ -20,17 +20,29 @@ async fn non_stream_is_passed_through_with_alias_rewritten() {
     let gw = TestGateway::default(&up).await;
 
     let body = r#"{"model":"Claude","messages":[{"role":"user","content":"hi"}],"thinking_budget":1024,"aspect":"3:2","nested":{"keep":[1,"two",null]}}"#;
-    let resp = post(&gw, body, &[("authorization", "Bearer client-key-ignored-in-open-mode")]).await;
+    let resp = post(
+        &gw,
+        body,
+        &[("authorization", "Bearer client-key-ignored-in-open-mode")],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let h = resp.headers().clone();
     assert_eq!(h["x-poe-gateway-bot"], "claude-sonnet-4.5");
     assert_eq!(h["x-poe-gateway-attempts"], "1");
     assert_eq!(h["x-cache"], "BYPASS");
     assert!(!h["x-request-id"].is_empty());
-    assert_eq!(body_bytes(resp).await, Bytes::from(answer), "client gets upstream bytes unchanged");
+    assert_eq!(
+        body_bytes(resp).await,
+        Bytes::from(answer),
+        "client gets upstream bytes unchanged"
+    );
 
     let got = up.received();
-    let chat = got.iter().find(|r| r.path == "/v1/chat/completions").unwrap();
+    let chat = got
+        .iter()
+        .find(|r| r.path == "/v1/chat/completions")
+        .unwrap();
     // Only the model value changed; every other byte is the client's.
     assert_eq!(
         chat.body,
@@ -92,7 +104,12 @@ async fn frames_are_not_buffered() {
     while let Some(d) = next_data(&mut body, 10).await {
         rest.extend_from_slice(&d);
     }
-    assert_eq!(rest, [chunk("gpt-5", "second"), "data: [DONE]\n\n".to_string()].concat().as_bytes());
+    assert_eq!(
+        rest,
+        [chunk("gpt-5", "second"), "data: [DONE]\n\n".to_string()]
+            .concat()
+            .as_bytes()
+    );
 }
 
 #[tokio::test]
@@ -110,8 +127,17 @@ async fn unknown_models_pass_through_as_written() {
 async fn aliases_are_case_insensitive_and_env_configurable() {
     let up = MockUpstream::start().await;
     up.set_fallback(Reply::completion("x", "ok"));
-    let gw = TestGateway::start(&up, "[aliases]\nfast = \"GPT-5-mini\"\n", &[("POE_GATEWAY_ALIASES__BIG", "claude-opus-4.1")]).await;
-    for (asked, sent) in [("FAST", "GPT-5-mini"), ("fast", "GPT-5-mini"), ("Big", "claude-opus-4.1")] {
+    let gw = TestGateway::start(
+        &up,
+        "[aliases]\nfast = \"GPT-5-mini\"\n",
+        &[("POE_GATEWAY_ALIASES__BIG", "claude-opus-4.1")],
+    )
+    .await;
+    for (asked, sent) in [
+        ("FAST", "GPT-5-mini"),
+        ("fast", "GPT-5-mini"),
+        ("Big", "claude-opus-4.1"),
+    ] {
         let resp = post(&gw, &chat_body(asked, false), &[]).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(up.received().last().unwrap().json()["model"], sent);
@@ -125,20 +151,54 @@ async fn models_lists_catalogue_and_aliases() {
     let resp = get(&gw, "/v1/models").await;
     assert_eq!(resp.status(), 200);
     let v = body_json(resp).await;
-    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    for id in ["claude-sonnet-4.5", "gpt-5", "claude", "gpt", "gemini", "grok", "image", "video", "resilient"] {
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "claude-sonnet-4.5",
+        "gpt-5",
+        "claude",
+        "gpt",
+        "gemini",
+        "grok",
+        "image",
+        "video",
+        "resilient",
+    ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
-    let claude = v["data"].as_array().unwrap().iter().find(|m| m["id"] == "claude").unwrap();
+    let claude = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "claude")
+        .unwrap();
     assert_eq!(claude["root"], "claude-sonnet-4.5");
-    assert_eq!(claude["pricing"]["prompt"], "0.000003", "alias carries its bot's details");
+    assert_eq!(
+        claude["pricing"]["prompt"], "0.000003",
+        "alias carries its bot's details"
+    );
 
     // Cached: a second listing does not go upstream again.
     let _ = body_bytes(get(&gw, "/v1/models").await).await;
     let one = get(&gw, "/v1/models/CLAUDE-SONNET-4.5").await;
     assert_eq!(body_json(one).await["id"], "claude-sonnet-4.5");
-    assert_eq!(up.received().iter().filter(|r| r.path == "/v1/models").count(), 1);
-    expect_error(get(&gw, "/v1/models/nope").await, 404, "invalid_request_error").await;
+    assert_eq!(
+        up.received()
+            .iter()
+            .filter(|r| r.path == "/v1/models")
+            .count(),
+        1
+    );
+    expect_error(
+        get(&gw, "/v1/models/nope").await,
+        404,
+        "invalid_request_error",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -154,7 +214,10 @@ async fn unknown_model_404_gets_a_suggestion() {
         v["error"]["message"],
         "Model claude-sonet-4.5 not found (did you mean `claude-sonnet-4.5`?)"
     );
-    assert_eq!(v["error"]["metadata"]["m"], 1, "the rest of Poe's error is kept");
+    assert_eq!(
+        v["error"]["metadata"]["m"], 1,
+        "the rest of Poe's error is kept"
+    );
     assert_eq!(v["error"]["type"], "not_found_error");
 }
 
@@ -178,7 +241,10 @@ async fn gateway_errors_are_openai_shaped() {
 
     for (body, param) in [
         ("{not json", None),
-        (r#"{"messages":[{"role":"user","content":"x"}]}"#, Some("model")),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}]}"#,
+            Some("model"),
+        ),
         (r#"{"model":"gpt"}"#, Some("messages")),
         (r#"{"model":7,"messages":[]}"#, Some("model")),
     ] {
@@ -188,13 +254,19 @@ async fn gateway_errors_are_openai_shaped() {
         }
     }
     // Too large, declared up front.
-    let big = format!(r#"{{"model":"gpt","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(4096));
+    let big = format!(
+        r#"{{"model":"gpt","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(4096)
+    );
     expect_error(post(&gw, &big, &[]).await, 413, "invalid_request_error").await;
     // Too large, chunked with no Content-Length.
-    let chunks: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> =
-        (0..8).map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b' '; 1024])))).collect();
+    let chunks: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = (0..8)
+        .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b' '; 1024]))))
+        .collect();
     let body = http_body_util::StreamBody::new(StreamOf(chunks.into_iter()));
-    let req = http::Request::post(gw.url("/v1/chat/completions")).body(body).unwrap();
+    let req = http::Request::post(gw.url("/v1/chat/completions"))
+        .body(body)
+        .unwrap();
     let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http()
         .request(req)
@@ -213,7 +285,10 @@ async fn gateway_errors_are_openai_shaped() {
 struct StreamOf<I>(I);
 impl<I: Iterator + Unpin> futures_core::Stream for StreamOf<I> {
     type Item = I::Item;
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<I::Item>> {
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<I::Item>> {
         std::task::Poll::Ready(self.0.next())
     }
 }
@@ -223,17 +298,34 @@ async fn passthrough_mode_forwards_the_clients_key_and_requires_one() {
     let up = MockUpstream::start().await;
     up.set_fallback(Reply::completion("gpt-5", "ok"));
     let gw = TestGateway::start(&up, "[auth]\nmode = \"passthrough\"\n", &[]).await;
-    let e = expect_error(post(&gw, &chat_body("gpt", false), &[]).await, 401, "authentication_error").await;
+    let e = expect_error(
+        post(&gw, &chat_body("gpt", false), &[]).await,
+        401,
+        "authentication_error",
+    )
+    .await;
     assert!(!e["message"].as_str().unwrap().contains(UPSTREAM_KEY));
-    let resp = post(&gw, &chat_body("gpt", false), &[("authorization", "Bearer users-own-poe-key")]).await;
+    let resp = post(
+        &gw,
+        &chat_body("gpt", false),
+        &[("authorization", "Bearer users-own-poe-key")],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(up.received()[0].headers["authorization"], "Bearer users-own-poe-key");
+    assert_eq!(
+        up.received()[0].headers["authorization"],
+        "Bearer users-own-poe-key"
+    );
 }
 
 #[tokio::test]
 async fn unreachable_upstream_is_502() {
     // A port with nothing listening: bind, note it, close it.
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let up = MockUpstream::start().await;
     let gw = TestGateway::start(
         &up,
@@ -241,7 +333,12 @@ async fn unreachable_upstream_is_502() {
         &[("POE_BASE_URL", &format!("http://{dead}"))],
     )
     .await;
-    let e = expect_error(post(&gw, &chat_body("gpt", false), &[]).await, 502, "upstream_error").await;
+    let e = expect_error(
+        post(&gw, &chat_body("gpt", false), &[]).await,
+        502,
+        "upstream_error",
+    )
+    .await;
     assert_eq!(e["code"], "upstream_unreachable");
 }
 
@@ -250,7 +347,12 @@ async fn request_id_is_echoed_or_made() {
     let up = MockUpstream::start().await;
     up.set_fallback(Reply::completion("gpt-5", "ok"));
     let gw = TestGateway::default(&up).await;
-    let resp = post(&gw, &chat_body("gpt", false), &[("x-request-id", "trace-abc-123")]).await;
+    let resp = post(
+        &gw,
+        &chat_body("gpt", false),
+        &[("x-request-id", "trace-abc-123")],
+    )
+    .await;
     assert_eq!(resp.headers()["x-request-id"], "trace-abc-123");
     assert_eq!(up.received()[0].headers["x-request-id"], "trace-abc-123");
     // A value with spaces is not echoed; a fresh one is made.
@@ -259,15 +361,30 @@ async fn request_id_is_echoed_or_made() {
     assert_ne!(id, "a b");
     assert_eq!(id.len(), 36);
     // Errors and other routes carry one too.
-    assert!(get(&gw, "/healthz").await.headers().contains_key("x-request-id"));
-    assert!(post(&gw, "{", &[]).await.headers().contains_key("x-request-id"));
+    assert!(
+        get(&gw, "/healthz")
+            .await
+            .headers()
+            .contains_key("x-request-id")
+    );
+    assert!(
+        post(&gw, "{", &[])
+            .await
+            .headers()
+            .contains_key("x-request-id")
+    );
 }
 
 #[tokio::test]
 async fn client_disconnect_closes_the_upstream_stream() {
     let up = MockUpstream::start().await;
     let never = Arc::new(Semaphore::new(0));
-    up.push(Reply::sse().send(chunk("gpt-5", "hello")).gate(&never).send("data: [DONE]\n\n"));
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "hello"))
+            .gate(&never)
+            .send("data: [DONE]\n\n"),
+    );
     let gw = TestGateway::default(&up).await;
 
     // A raw socket, so "going away" is an actual close.
@@ -282,7 +399,10 @@ async fn client_disconnect_closes_the_upstream_stream() {
     let mut buf = vec![0u8; 4096];
     let mut seen = Vec::new();
     while !String::from_utf8_lossy(&seen).contains("hello") {
-        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0);
         seen.extend_from_slice(&buf[..n]);
     }
@@ -336,7 +456,9 @@ async fn graceful_shutdown_lets_streams_finish() {
         rest.extend_from_slice(&d);
     }
     assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
-    tokio::time::timeout(Duration::from_secs(10), handle.wait()).await.expect("server stopped");
+    tokio::time::timeout(Duration::from_secs(10), handle.wait())
+        .await
+        .expect("server stopped");
 }
 
 #[tokio::test]

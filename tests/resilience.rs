@@ -25,7 +25,10 @@ async fn rate_limited_then_success_honours_retry_after() {
     let resp = post(&gw, &chat_body("gpt", false), &[]).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
-    assert!(started.elapsed() >= Duration::from_secs(7), "Retry-After was not waited out");
+    assert!(
+        started.elapsed() >= Duration::from_secs(7),
+        "Retry-After was not waited out"
+    );
     assert!(String::from_utf8_lossy(&body_bytes(resp).await).contains("after the wait"));
     assert_eq!(up.chat_calls(), 2);
 }
@@ -33,7 +36,10 @@ async fn rate_limited_then_success_honours_retry_after() {
 #[tokio::test(start_paused = true)]
 async fn ratelimit_reset_header_is_honoured_too() {
     let up = MockUpstream::start().await;
-    up.push(Reply::json(429, poe_error(429, "rate_limit_error")).header("x-ratelimit-reset-requests", "4s"));
+    up.push(
+        Reply::json(429, poe_error(429, "rate_limit_error"))
+            .header("x-ratelimit-reset-requests", "4s"),
+    );
     up.push(Reply::completion("gpt-5", "ok"));
     let gw = TestGateway::default(&up).await;
     let started = Instant::now();
@@ -86,7 +92,11 @@ async fn persistent_500_makes_exactly_max_attempts_calls() {
     let resp = post(&gw, &chat_body("gpt", false), &[]).await;
     assert_eq!(resp.status(), 500);
     assert_eq!(resp.headers()["x-poe-gateway-attempts"], "3");
-    assert_eq!(body_bytes(resp).await, Bytes::from(body), "Poe's error is passed on");
+    assert_eq!(
+        body_bytes(resp).await,
+        Bytes::from(body),
+        "Poe's error is passed on"
+    );
     assert_eq!(up.chat_calls(), 3);
 }
 
@@ -108,7 +118,8 @@ async fn client_errors_are_never_retried() {
     }
 }
 
-const CHAIN: &str = "[aliases]\nresilient = [\"first-bot\", \"second-bot\"]\n[retry]\nmax_attempts = 2\n";
+const CHAIN: &str =
+    "[aliases]\nresilient = [\"first-bot\", \"second-bot\"]\n[retry]\nmax_attempts = 2\n";
 
 #[tokio::test(start_paused = true)]
 async fn fallback_chain_moves_on_at_once_after_404() {
@@ -121,7 +132,11 @@ async fn fallback_chain_moves_on_at_once_after_404() {
     assert_eq!(resp.headers()["x-poe-gateway-bot"], "second-bot");
     assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
     assert_eq!(body_json(resp).await["model"], "second-bot");
-    let sent: Vec<String> = up.received().iter().map(|r| r.json()["model"].as_str().unwrap().to_string()).collect();
+    let sent: Vec<String> = up
+        .received()
+        .iter()
+        .map(|r| r.json()["model"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(sent, ["first-bot", "second-bot"]);
 }
 
@@ -169,17 +184,29 @@ async fn a_whole_chain_failing_returns_the_last_error() {
 #[tokio::test(start_paused = true)]
 async fn drop_mid_stream_ends_with_an_error_event_not_done() {
     let up = MockUpstream::start().await;
-    up.push(Reply::sse().send(chunk("gpt-5", "partial")).drop_connection());
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "partial"))
+            .drop_connection(),
+    );
     let gw = TestGateway::default(&up).await;
     let resp = post(&gw, &chat_body("gpt", true), &[]).await;
     assert_eq!(resp.status(), 200);
     let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
     assert!(text.starts_with(&chunk("gpt-5", "partial")), "{text}");
-    assert!(!text.contains("[DONE]"), "a broken stream must not look finished: {text}");
+    assert!(
+        !text.contains("[DONE]"),
+        "a broken stream must not look finished: {text}"
+    );
     let last = text.trim_end().rsplit("\n\n").next().unwrap();
-    let event: serde_json::Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    let event: serde_json::Value =
+        serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(event["error"]["type"], "upstream_error");
-    assert_eq!(up.chat_calls(), 1, "never retried once bytes reached the client");
+    assert_eq!(
+        up.chat_calls(),
+        1,
+        "never retried once bytes reached the client"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -203,8 +230,18 @@ async fn hang_before_headers_is_a_504_after_retries() {
     let up = MockUpstream::start().await;
     up.set_fallback(Reply::hang());
     let gw = TestGateway::start(&up, "", &[("POE_GATEWAY_TIMEOUTS__FIRST_BYTE", "2s")]).await;
-    let e = expect_error(post(&gw, &chat_body("gpt", false), &[]).await, 504, "timeout_error").await;
-    assert!(e["message"].as_str().unwrap().contains("timeouts.first_byte"));
+    let e = expect_error(
+        post(&gw, &chat_body("gpt", false), &[]).await,
+        504,
+        "timeout_error",
+    )
+    .await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("timeouts.first_byte")
+    );
     assert_eq!(up.chat_calls(), 3, "a first-byte timeout is retryable");
 }
 
@@ -241,7 +278,10 @@ async fn limiter_queues_then_refuses() {
     assert_eq!(post(&gw, &chat_body("gpt", false), &[]).await.status(), 200);
     // The second waits in the queue for the next slot, then goes through.
     assert_eq!(post(&gw, &chat_body("gpt", false), &[]).await.status(), 200);
-    assert!(t0.elapsed() >= Duration::from_secs(6), "the second request was not held back");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(6),
+        "the second request was not held back"
+    );
     // Two more at once: one fits the queue time, the other would wait past it and is refused.
     let body = chat_body("gpt", false);
     let (a, b) = tokio::join!(post(&gw, &body, &[]), post(&gw, &body, &[]));
@@ -249,7 +289,11 @@ async fn limiter_queues_then_refuses() {
     statuses.sort();
     assert_eq!(statuses, [200, 429]);
     let refused = if a.status() == 429 { a } else { b };
-    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry_after >= 1);
     expect_error(refused, 429, "rate_limit_error").await;
     assert_eq!(up.chat_calls(), 3, "the refused request never reached Poe");

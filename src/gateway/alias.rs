@@ -69,7 +69,10 @@ mod tests {
     #[test]
     fn case_insensitive_and_chains() {
         let mut m = BTreeMap::new();
-        m.insert("claude".to_string(), AliasTarget::One("claude-sonnet-4.5".into()));
+        m.insert(
+            "claude".to_string(),
+            AliasTarget::One("claude-sonnet-4.5".into()),
+        );
         m.insert(
             "resilient".to_string(),
             AliasTarget::Chain(vec!["a".into(), "b".into()]),

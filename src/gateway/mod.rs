@@ -106,7 +106,9 @@ impl Body for ReplyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ReplyBody::Stream { tap } => tap.size_hint(),
-            ReplyBody::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            ReplyBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }
@@ -131,10 +133,7 @@ struct Inner {
 
 /// Why one upstream attempt did not produce an answer to stream.
 enum Failure {
-    Status {
-        head: response::Parts,
-        body: Bytes,
-    },
+    Status { head: response::Parts, body: Bytes },
     Transport(UpstreamError),
 }
 
@@ -178,7 +177,10 @@ impl Gateway {
                 aliases: Aliases::new(&policy.aliases),
                 models: Models::new(policy.upstream.models_ttl),
                 limits: UpstreamLimits::new(&policy.limits),
-                budget: RetryBudget::new(policy.retry.budget_ratio, policy.retry.budget_min_per_second),
+                budget: RetryBudget::new(
+                    policy.retry.budget_ratio,
+                    policy.retry.budget_min_per_second,
+                ),
                 stats: Arc::new(Stats::default()),
                 epoch: Instant::now(),
                 upstream,
@@ -248,7 +250,11 @@ impl Gateway {
                 }
                 let permit = inner.limits.admit(&key).await?;
                 attempts += 1;
-                let failure = match inner.upstream.chat(body.clone(), &key, &caller.request_id).await {
+                let failure = match inner
+                    .upstream
+                    .chat(body.clone(), &key, &caller.request_id)
+                    .await
+                {
                     Ok(resp) if resp.status().is_success() => {
                         let info = RequestInfo {
                             request_id: caller.request_id.clone(),
@@ -309,7 +315,9 @@ impl Gateway {
             }
         }
         let (failure, bot) = last.expect("at least one attempt was made");
-        Ok(self.error_reply(caller, &req, route, failure, bot, attempts, started).await)
+        Ok(self
+            .error_reply(caller, &req, route, failure, bot, attempts, started)
+            .await)
     }
 
     fn stream_reply(
@@ -363,7 +371,10 @@ impl Gateway {
                     _ => GatewayError::UpstreamUnreachable(e.to_string()),
                 };
                 let mut h = HeaderMap::new();
-                h.insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
+                h.insert(
+                    header::CONTENT_TYPE,
+                    "application/json".parse().expect("static"),
+                );
                 (err.status(), h, err.to_json())
             }
         };
@@ -413,7 +424,10 @@ impl Gateway {
         else {
             return body;
         };
-        let text = format!("{} (did you mean `{name}`?)", msg.as_str().unwrap_or_default());
+        let text = format!(
+            "{} (did you mean `{name}`?)",
+            msg.as_str().unwrap_or_default()
+        );
         *msg = serde_json::Value::String(text);
         serde_json::to_vec(&doc).map(Bytes::from).unwrap_or(body)
     }

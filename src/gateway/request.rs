@@ -33,8 +33,9 @@ pub struct ChatRequest {
 impl ChatRequest {
     /// Parses and checks a chat completion body. Errors are 400s that name the field.
     pub fn parse(body: Bytes) -> Result<ChatRequest, GatewayError> {
-        let text = std::str::from_utf8(&body)
-            .map_err(|e| GatewayError::bad_request(format!("request body is not valid UTF-8: {e}")))?;
+        let text = std::str::from_utf8(&body).map_err(|e| {
+            GatewayError::bad_request(format!("request body is not valid UTF-8: {e}"))
+        })?;
         let mut de = serde_json::Deserializer::from_str(text);
         let fields = TopLevel::deserialize(&mut de).map_err(|e| json_error(&e))?;
         de.end().map_err(|e| json_error(&e))?;
@@ -52,16 +53,30 @@ impl ChatRequest {
         let model: String = serde_json::from_str(model_raw.get())
             .map_err(|_| GatewayError::bad_param("model", "`model` must be a string"))?;
         if model.trim().is_empty() {
-            return Err(GatewayError::bad_param("model", "`model` must not be empty"));
+            return Err(GatewayError::bad_param(
+                "model",
+                "`model` must not be empty",
+            ));
         }
         let messages = find("messages").ok_or_else(|| {
             GatewayError::bad_param("messages", "you must provide a `messages` parameter")
         })?;
         if !messages.get().starts_with('[') {
-            return Err(GatewayError::bad_param("messages", "`messages` must be an array"));
+            return Err(GatewayError::bad_param(
+                "messages",
+                "`messages` must be an array",
+            ));
         }
-        if messages.get().trim_start_matches('[').trim_start().starts_with(']') {
-            return Err(GatewayError::bad_param("messages", "`messages` must not be empty"));
+        if messages
+            .get()
+            .trim_start_matches('[')
+            .trim_start()
+            .starts_with(']')
+        {
+            return Err(GatewayError::bad_param(
+                "messages",
+                "`messages` must not be empty",
+            ));
         }
         let stream = match find("stream") {
             None => false,
@@ -75,7 +90,10 @@ impl ChatRequest {
             Some(raw) => {
                 let opts: serde_json::Map<String, serde_json::Value> =
                     serde_json::from_str(raw.get()).map_err(|_| {
-                        GatewayError::bad_param("stream_options", "`stream_options` must be an object")
+                        GatewayError::bad_param(
+                            "stream_options",
+                            "`stream_options` must be an object",
+                        )
                     })?;
                 let include = opts
                     .get("include_usage")
@@ -90,7 +108,9 @@ impl ChatRequest {
                 Some(raw) if raw.get() == "null" => Ok(None),
                 Some(raw) => serde_json::from_str::<f64>(raw.get())
                     .map(Some)
-                    .map_err(|_| GatewayError::bad_param(name, format!("`{name}` must be a number"))),
+                    .map_err(|_| {
+                        GatewayError::bad_param(name, format!("`{name}` must be a number"))
+                    }),
             }
         };
         let temperature = number("temperature")?;
@@ -247,9 +267,15 @@ mod tests {
             (r#"{"model":3,"messages":[{}]}"#, "must be a string"),
             (r#"{"model":"a"}"#, "`messages`"),
             (r#"{"model":"a","messages":{}}"#, "must be an array"),
-            (r#"{"model":"a","model":"b","messages":[{}]}"#, "duplicate key"),
+            (
+                r#"{"model":"a","model":"b","messages":[{}]}"#,
+                "duplicate key",
+            ),
             (r#"{"model":"a","messages":[{}],"stream":"yes"}"#, "boolean"),
-            (r#"{"model":"a","messages":[{}]} trailing"#, "not valid JSON"),
+            (
+                r#"{"model":"a","messages":[{}]} trailing"#,
+                "not valid JSON",
+            ),
         ] {
             let e = parse(body).unwrap_err();
             assert!(e.to_string().contains(want), "{body}: {e}");

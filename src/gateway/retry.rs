@@ -28,7 +28,12 @@ pub fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
 /// How long the upstream asked us to wait: `Retry-After` (seconds or an HTTP date), else
 /// Poe's `x-ratelimit-reset-requests` (seconds, or a duration such as `1s` or `6m0s`).
 pub fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
     if let Some(v) = text("retry-after") {
         if let Ok(secs) = v.parse::<f64>() {
             if secs.is_finite() && secs >= 0.0 {
@@ -36,7 +41,10 @@ pub fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
             }
         }
         if let Ok(at) = httpdate::parse_http_date(v) {
-            return Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
+            return Some(
+                at.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+            );
         }
     }
     let v = text("x-ratelimit-reset-requests")?;
@@ -84,9 +92,9 @@ impl RetryBudget {
         let second = now.duration_since(epoch).as_secs();
         let mut w = self.window.lock().expect("retry budget lock");
         Self::expire(&mut w, second);
-        let (requests, retries) = w
-            .iter()
-            .fold((0u64, 0u64), |(q, r), b| (q + b.requests as u64, r + b.retries as u64));
+        let (requests, retries) = w.iter().fold((0u64, 0u64), |(q, r), b| {
+            (q + b.requests as u64, r + b.retries as u64)
+        });
         let allowed = (requests as f64 * self.ratio) + (self.min_per_second as u64 * WINDOW) as f64;
         if (retries as f64) < allowed {
             Self::bucket(&mut w, second).retries += 1;

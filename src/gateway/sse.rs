@@ -135,8 +135,10 @@ mod tests {
         let mut s = SseScanner::default();
         let mut out = Vec::new();
         for f in frames {
-            s.feed(f, &mut |d: &[u8]| out.push(String::from_utf8_lossy(d).into_owned()))
-                .unwrap();
+            s.feed(f, &mut |d: &[u8]| {
+                out.push(String::from_utf8_lossy(d).into_owned())
+            })
+            .unwrap();
         }
         out
     }
@@ -147,7 +149,11 @@ mod tests {
         let whole = events(&[stream]);
         assert_eq!(whole, vec!["{\"a\":\"\u{e9}\"}", "one\ntwo", "[DONE]"]);
         for cut in 0..stream.len() {
-            assert_eq!(events(&[&stream[..cut], &stream[cut..]]), whole, "cut at {cut}");
+            assert_eq!(
+                events(&[&stream[..cut], &stream[cut..]]),
+                whole,
+                "cut at {cut}"
+            );
         }
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(events(&bytes), whole);

@@ -75,7 +75,10 @@ const JSON_KEEP_LIMIT: usize = 8 * 1024 * 1024;
 enum Mode {
     Sse(SseScanner),
     /// Frames of a JSON body (refcounted handles, not copies), read once at the end.
-    Json { frames: Vec<Bytes>, kept: usize },
+    Json {
+        frames: Vec<Bytes>,
+        kept: usize,
+    },
 }
 
 enum State {
@@ -201,7 +204,11 @@ where
             }
         };
         let event = break_event(this.mode, &broke);
-        finish(this.completion, this.observed, Outcome::Incomplete(broke.clone()));
+        finish(
+            this.completion,
+            this.observed,
+            Outcome::Incomplete(broke.clone()),
+        );
         *this.state = State::Done;
         match event {
             Some(e) => Poll::Ready(Some(Ok(Frame::data(e)))),
@@ -351,7 +358,10 @@ mod tests {
     #[test]
     fn json_usage_found_without_full_parse() {
         let body = br#"{"id":"x","choices":[{"message":{"content":"the \"usage\": field"}}],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
-        let mut frames = vec![Bytes::from_static(&body[..40]), Bytes::from_static(&body[40..])];
+        let mut frames = vec![
+            Bytes::from_static(&body[..40]),
+            Bytes::from_static(&body[40..]),
+        ];
         let mut obs = Observed::default();
         read_json_usage(&mut frames, &mut obs);
         assert_eq!(
@@ -367,7 +377,10 @@ mod tests {
     #[test]
     fn sse_usage_and_finish_reason() {
         let mut obs = Observed::default();
-        on_event(&mut obs, br#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#);
+        on_event(
+            &mut obs,
+            br#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#,
+        );
         on_event(
             &mut obs,
             br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,

@@ -110,7 +110,9 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
             let app = app.clone();
             async move { Ok::<_, Infallible>(routes::handle(app, req).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let conn = graceful.watch(conn);
         while connections.try_join_next().is_some() {}
         connections.spawn(async move {
@@ -123,7 +125,10 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
     drop(listener);
     app.draining.store(true, Ordering::SeqCst);
     let grace = policy.server.shutdown_grace;
-    tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: draining in-flight requests");
+    tracing::info!(
+        grace_secs = grace.as_secs_f64(),
+        "shutting down: draining in-flight requests"
+    );
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(grace) => {

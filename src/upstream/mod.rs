@@ -110,7 +110,10 @@ impl Upstream {
             chat_uri: uri("/v1/chat/completions")?,
             models_uri: uri("/v1/models")?,
             first_byte,
-            user_agent: HeaderValue::from_static(concat!("poe-gateway/", env!("CARGO_PKG_VERSION"))),
+            user_agent: HeaderValue::from_static(concat!(
+                "poe-gateway/",
+                env!("CARGO_PKG_VERSION")
+            )),
         })
     }
 
@@ -149,11 +152,14 @@ impl Upstream {
             .map_err(|e| UpstreamError::Broken(e.to_string()))?;
         let resp = self.send(req).await?;
         let status = resp.status();
-        let body = tokio::time::timeout(self.first_byte, Limited::new(resp.into_body(), limit).collect())
-            .await
-            .map_err(|_| UpstreamError::Timeout(self.first_byte))?
-            .map_err(|e| UpstreamError::Broken(e.to_string()))?
-            .to_bytes();
+        let body = tokio::time::timeout(
+            self.first_byte,
+            Limited::new(resp.into_body(), limit).collect(),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout(self.first_byte))?
+        .map_err(|e| UpstreamError::Broken(e.to_string()))?
+        .to_bytes();
         Ok((status, body))
     }
 
