@@ -6,6 +6,7 @@
 
 pub mod alias;
 pub mod completion;
+pub mod json;
 pub mod limits;
 pub mod models;
 pub mod request;
@@ -267,7 +268,7 @@ impl Gateway {
                             attempts,
                             started,
                         };
-                        return Ok(self.stream_reply(resp, info, permit, attempts));
+                        return Ok(self.stream_reply(resp, info, permit, attempts, req.injects_usage()));
                     }
                     Ok(resp) => {
                         let (head, body) = resp.into_parts();
@@ -326,6 +327,7 @@ impl Gateway {
         info: RequestInfo,
         permit: tokio::sync::OwnedSemaphorePermit,
         attempts: u32,
+        strip_usage: bool,
     ) -> Reply {
         let (head, body) = resp.into_parts();
         let sse = head
@@ -335,7 +337,13 @@ impl Gateway {
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
         let bot = info.bot.clone();
         let completion = Completion::new(info, self.inner.stats.clone(), Some(permit));
-        let tap = Tap::new(body, sse, self.inner.policy.timeouts.idle, completion);
+        let tap = Tap::new(
+            body,
+            sse,
+            sse && strip_usage,
+            self.inner.policy.timeouts.idle,
+            completion,
+        );
         Reply {
             status: head.status,
             headers: passthrough_headers(head.headers),

@@ -5,14 +5,13 @@
 //! field the gateway does not know (bot parameters, attachments, tools) goes to Poe byte for
 //! byte, and a 50 MiB attachment is copied once rather than parsed into a tree and printed again.
 
-use std::borrow::Cow;
-use std::fmt;
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
+
+use super::json::TopLevel;
 
 use crate::error::GatewayError;
 
@@ -163,17 +162,52 @@ impl ChatRequest {
         self.stream_options_span.is_some()
     }
 
-    /// The body to send upstream: the client's bytes with `model` set to `bot`.
-    /// When the name is unchanged the client's `Bytes` are reused without a copy.
+    /// True when the client streams without asking for usage: the gateway then asks Poe for
+    /// it (to account the request) and the tap removes it again before the client sees it.
+    pub fn injects_usage(&self) -> bool {
+        self.stream && !self.include_usage
+    }
+
+    /// The body to send upstream: the client's bytes with `model` set to `bot`, and
+    /// `stream_options.include_usage = true` when [`injects_usage`](Self::injects_usage).
+    /// When nothing changes the client's `Bytes` are reused without a copy.
     pub fn upstream_body(&self, bot: &str) -> Bytes {
-        if bot == self.model {
+        let inject = self.injects_usage();
+        if bot == self.model && !inject {
             return self.body.clone();
         }
-        let quoted = serde_json::to_string(bot).expect("a string serialises");
-        let mut out = BytesMut::with_capacity(self.body.len() + quoted.len());
-        out.put_slice(&self.body[..self.model_span.start]);
-        out.put_slice(quoted.as_bytes());
-        out.put_slice(&self.body[self.model_span.end..]);
+        let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::with_capacity(2);
+        if bot != self.model {
+            let quoted = serde_json::to_vec(bot).expect("a string serialises");
+            edits.push((self.model_span.clone(), quoted));
+        }
+        if inject {
+            match &self.stream_options_span {
+                None => {
+                    // Right after the opening brace; `model` and `messages` follow, so a
+                    // trailing comma is always valid.
+                    let at = self.body.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
+                    edits.push((at..at, b"\"stream_options\":{\"include_usage\":true},".to_vec()));
+                }
+                Some(span) => {
+                    let mut opts: serde_json::Map<String, serde_json::Value> =
+                        serde_json::from_slice(&self.body[span.clone()]).unwrap_or_default();
+                    opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+                    let text = serde_json::to_vec(&opts).expect("a map serialises");
+                    edits.push((span.clone(), text));
+                }
+            }
+        }
+        edits.sort_by_key(|(r, _)| r.start);
+        let extra: usize = edits.iter().map(|(_, t)| t.len()).sum();
+        let mut out = BytesMut::with_capacity(self.body.len() + extra);
+        let mut at = 0;
+        for (range, text) in edits {
+            out.put_slice(&self.body[at..range.start]);
+            out.put_slice(&text);
+            at = range.end;
+        }
+        out.put_slice(&self.body[at..]);
         out.freeze()
     }
 }
@@ -185,57 +219,6 @@ fn json_error(e: &serde_json::Error) -> GatewayError {
         "request body is not valid JSON"
     };
     GatewayError::bad_request(format!("{what}: {e}"))
-}
-
-/// The top-level object as (key, raw value) pairs borrowed from the body, in order.
-/// Duplicate keys are refused: two `model` fields would let the gateway and Poe disagree
-/// on which bot is being asked.
-struct TopLevel<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
-
-impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = TopLevel<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut fields: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(16);
-                while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
-                    if fields.iter().any(|(seen, _)| *seen == k) {
-                        return Err(de::Error::custom(format!("duplicate key `{k}`")));
-                    }
-                    let v: &'de RawValue = map.next_value()?;
-                    fields.push((k, v));
-                }
-                Ok(TopLevel(fields))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-/// A map key that borrows from the input unless it had escapes.
-struct Key<'a>(Cow<'a, str>);
-
-impl<'de> serde::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string key")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Owned(v.to_string())))
-            }
-        }
-        d.deserialize_str(V)
-    }
 }
 
 #[cfg(test)]
@@ -281,6 +264,21 @@ mod tests {
             assert!(e.to_string().contains(want), "{body}: {e}");
             assert_eq!(e.status(), 400);
         }
+    }
+
+    #[test]
+    fn injects_include_usage_only_for_streams_without_it() {
+        let r = parse(r#" {"model":"a","messages":[{}],"stream":true}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.upstream_body("b")).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "b");
+        let r = parse(r#"{"stream_options":{"x":1},"model":"a","messages":[{}],"stream":true}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.upstream_body("a")).unwrap();
+        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
+        let body = r#"{"model":"a","messages":[{}],"stream":true,"stream_options":{"include_usage":true}}"#;
+        assert_eq!(parse(body).unwrap().upstream_body("a"), body.as_bytes());
+        let body = r#"{"model":"a","messages":[{}]}"#;
+        assert_eq!(parse(body).unwrap().upstream_body("a"), body.as_bytes());
     }
 
     #[test]

@@ -51,9 +51,26 @@ impl SseScanner {
     /// Feeds one frame; `on_event` gets the data of each event completed by it.
     pub fn feed(
         &mut self,
-        mut chunk: &[u8],
+        chunk: &[u8],
         on_event: &mut impl FnMut(&[u8]),
     ) -> Result<(), LineTooLong> {
+        self.feed_bounds(chunk, &mut |data: Option<&[u8]>, _end: usize| {
+            if let Some(d) = data {
+                on_event(d)
+            }
+        })
+    }
+
+    /// Like [`feed`](Self::feed), but reports every event boundary (blank line), with the
+    /// event's data if it had any and the offset in `chunk` just past the boundary. This is
+    /// what lets the tap cut a frame into whole events when it must drop one.
+    pub fn feed_bounds(
+        &mut self,
+        chunk: &[u8],
+        on_bound: &mut impl FnMut(Option<&[u8]>, usize),
+    ) -> Result<(), LineTooLong> {
+        let total = chunk.len();
+        let mut chunk = chunk;
         while !chunk.is_empty() {
             if self.skip_lf {
                 self.skip_lf = false;
@@ -69,20 +86,8 @@ impl SseScanner {
                 self.line.extend_from_slice(chunk);
                 return Ok(());
             };
-            if self.line.is_empty() {
-                self.line_done(&chunk[..i], on_event);
-            } else {
-                if self.line.len() + i > self.max_line {
-                    return Err(LineTooLong);
-                }
-                let mut line = std::mem::take(&mut self.line);
-                line.extend_from_slice(&chunk[..i]);
-                self.line_done(&line, on_event);
-                line.clear();
-                self.line = line;
-            }
             let rest = &chunk[i + 1..];
-            chunk = if chunk[i] == b'\r' {
+            let next = if chunk[i] == b'\r' {
                 match rest.first() {
                     Some(b'\n') => &rest[1..],
                     Some(_) => rest,
@@ -94,15 +99,32 @@ impl SseScanner {
             } else {
                 rest
             };
+            let end = total - next.len();
+            if self.line.is_empty() {
+                self.line_done(&chunk[..i], end, on_bound);
+            } else {
+                if self.line.len() + i > self.max_line {
+                    return Err(LineTooLong);
+                }
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&chunk[..i]);
+                self.line_done(&line, end, on_bound);
+                line.clear();
+                self.line = line;
+            }
+            chunk = next;
         }
         Ok(())
     }
 
-    fn line_done(&mut self, line: &[u8], on_event: &mut impl FnMut(&[u8])) {
+    fn line_done(
+        &mut self,
+        line: &[u8],
+        end: usize,
+        on_bound: &mut impl FnMut(Option<&[u8]>, usize),
+    ) {
         if line.is_empty() {
-            if self.has_data {
-                on_event(&self.data);
-            }
+            on_bound(self.has_data.then_some(&self.data[..]), end);
             self.data.clear();
             self.has_data = false;
             return;
@@ -157,6 +179,20 @@ mod tests {
         }
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(events(&bytes), whole);
+    }
+
+    #[test]
+    fn bounds_cut_a_frame_into_whole_events() {
+        let frame = b": c\n\ndata: a\r\n\r\ndata: b\n\ndata: par";
+        let mut s = SseScanner::default();
+        let mut cuts = Vec::new();
+        s.feed_bounds(frame, &mut |d: Option<&[u8]>, end| cuts.push((d.map(|d| d.to_vec()), end)))
+            .unwrap();
+        assert_eq!(
+            cuts,
+            vec![(None, 5), (Some(b"a".to_vec()), 16), (Some(b"b".to_vec()), 25)]
+        );
+        assert!(s.in_progress());
     }
 
     #[test]

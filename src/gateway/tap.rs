@@ -1,17 +1,25 @@
-//! The response tap: a `http_body::Body` that forwards upstream frames unchanged and reads
-//! them on the side.
+//! The response tap: a `http_body::Body` that forwards upstream frames and reads them on the side.
 //!
-//! Frames go to the client the moment they arrive; nothing is buffered. On the side the tap
-//! scans SSE events (or remembers a JSON body's frames, which are cheap `Bytes` handles) to
-//! learn the usage, whether the stream finished with `[DONE]`, and when the first byte came.
-//! It also owns the idle timer between frames, and turns an upstream break after the first
-//! byte into one final OpenAI-shaped error event, never a faked `[DONE]`.
+//! Frames go to the client the moment they arrive. On the side the tap scans SSE events (or
+//! remembers a JSON body's frames, which are cheap `Bytes` handles) to learn the usage, whether
+//! the stream finished with `[DONE]`, how much text streamed, and when the first byte came.
 //!
-//! When the body ends, breaks, or is dropped because the client went away, the tap hands what
-//! it saw to the request's [`Completion`], exactly once.
+//! One rewrite is made on purpose: when the gateway asked Poe for usage that the client did not
+//! ask for ([`ChatRequest::injects_usage`](super::ChatRequest::injects_usage)), the usage-only
+//! chunk is dropped and a `usage` field riding on a content chunk is cut out, so the client sees
+//! the stream it asked for. In that mode frames are forwarded as whole events: a frame that ends
+//! mid-event keeps its tail until the event completes (a partial event is of no use to an SSE
+//! client anyway). A frame with nothing to change is forwarded as the same `Bytes`, uncopied.
+//!
+//! The tap also owns the idle timer between frames, and turns an upstream break after the
+//! first byte into one final OpenAI-shaped error event, never a faked `[DONE]`. When the body
+//! ends, breaks, or is dropped because the client went away, it hands what it saw to the
+//! request's [`Completion`], exactly once.
 
+use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -21,6 +29,7 @@ use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
 use super::completion::Completion;
+use super::json::{TopLevel, span_in};
 use super::sse::SseScanner;
 use crate::error::GatewayError;
 
@@ -61,30 +70,32 @@ impl Outcome {
 /// What the tap learnt from a response body.
 #[derive(Debug, Default, Clone)]
 pub struct Observed {
+    /// Bytes received from upstream.
     pub bytes: u64,
     pub events: u64,
     pub saw_done: bool,
     pub usage: Option<Usage>,
     pub first_byte: Option<Instant>,
     pub finish_reasons: Vec<String>,
+    /// Bytes of `content` text streamed, for a token estimate when no usage arrives.
+    pub text_bytes: u64,
 }
 
 /// Largest non-stream body the tap keeps handles to for reading `usage` at the end.
 const JSON_KEEP_LIMIT: usize = 8 * 1024 * 1024;
 
 enum Mode {
-    Sse(SseScanner),
-    /// Frames of a JSON body (refcounted handles, not copies), read once at the end.
-    Json {
-        frames: Vec<Bytes>,
-        kept: usize,
+    Sse {
+        scanner: SseScanner,
+        /// Set when the client did not ask for usage: the bytes of an event not yet complete.
+        strip: Option<BytesMut>,
     },
+    /// Frames of a JSON body (refcounted handles, not copies), read once at the end.
+    Json { frames: Vec<Bytes>, kept: usize },
 }
 
 enum State {
     Streaming,
-    /// An error event to send, then the end.
-    Closing(Bytes),
     Done,
 }
 
@@ -112,13 +123,23 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> Tap<B> {
-    pub fn new(inner: B, sse: bool, idle: Duration, completion: Completion) -> Self {
+    /// `sse`: the body is an event stream. `strip_usage`: remove the usage the gateway injected.
+    pub fn new(
+        inner: B,
+        sse: bool,
+        strip_usage: bool,
+        idle: Duration,
+        completion: Completion,
+    ) -> Self {
         Tap {
             inner,
             idle_timer: tokio::time::sleep(idle),
             idle,
             mode: if sse {
-                Mode::Sse(SseScanner::default())
+                Mode::Sse {
+                    scanner: SseScanner::default(),
+                    strip: strip_usage.then(BytesMut::new),
+                }
             } else {
                 Mode::Json {
                     frames: Vec::new(),
@@ -145,76 +166,69 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        match std::mem::replace(this.state, State::Done) {
-            State::Done => return Poll::Ready(None),
-            State::Closing(event) => return Poll::Ready(Some(Ok(Frame::data(event)))),
-            State::Streaming => *this.state = State::Streaming,
-        }
-        let polled = this.inner.as_mut().poll_frame(cx);
-        let broke = match polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
+        loop {
+            if let State::Done = this.state {
+                return Poll::Ready(None);
+            }
+            let broke = match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let data = match frame.into_data() {
+                        Ok(d) => d,
+                        Err(other) => return Poll::Ready(Some(Ok(other))), // trailers
+                    };
                     if this.observed.first_byte.is_none() {
                         this.observed.first_byte = Some(Instant::now());
                     }
                     this.observed.bytes += data.len() as u64;
-                    if let Err(reason) = scan(this.mode, this.observed, data) {
-                        // The frame still goes out; the stream ends after it.
-                        let event = break_event(this.mode, &reason);
-                        finish(this.completion, this.observed, Outcome::Incomplete(reason));
-                        *this.state = event.map(State::Closing).unwrap_or(State::Done);
-                        return Poll::Ready(Some(Ok(frame)));
-                    }
-                }
-                if this.inner.is_end_stream() {
-                    // A body of known length is not polled again after its last byte (hyper
-                    // stops at the length), so its end is recognised here, not at `None`.
-                    let outcome = end_outcome(this.mode, this.observed);
-                    let event = match &outcome {
-                        Outcome::Incomplete(reason) => break_event(this.mode, reason),
-                        _ => None,
+                    let out = match scan(this.mode, this.observed, data) {
+                        Ok(out) => out,
+                        Err(reason) => {
+                            let last = end_frame(this.mode, Some(&reason));
+                            finish(this.completion, this.observed, Outcome::Incomplete(reason));
+                            *this.state = State::Done;
+                            return Poll::Ready(last.map(|l| Ok(Frame::data(l))));
+                        }
                     };
-                    finish(this.completion, this.observed, outcome);
-                    *this.state = event.map(State::Closing).unwrap_or(State::Done);
-                    return Poll::Ready(Some(Ok(frame)));
+                    if this.inner.is_end_stream() {
+                        // A body of known length is not polled again after its last byte (hyper
+                        // stops at the length), so its end is recognised here, not at `None`.
+                        let last = self::end(this.mode, this.observed, this.completion);
+                        *this.state = State::Done;
+                        let out = join(out, last);
+                        return Poll::Ready(out.map(|o| Ok(Frame::data(o))));
+                    }
+                    let deadline = Instant::now() + *this.idle;
+                    this.idle_timer.as_mut().reset(deadline);
+                    if out.is_empty() {
+                        continue; // the whole frame was held back or dropped
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
-                let deadline = Instant::now() + *this.idle;
-                this.idle_timer.as_mut().reset(deadline);
-                return Poll::Ready(Some(Ok(frame)));
-            }
-            Poll::Ready(None) => {
-                let outcome = end_outcome(this.mode, this.observed);
-                if let Outcome::Incomplete(reason) = &outcome {
-                    let event = break_event(this.mode, reason);
-                    finish(this.completion, this.observed, outcome);
+                Poll::Ready(None) => {
+                    let last = self::end(this.mode, this.observed, this.completion);
                     *this.state = State::Done;
-                    return Poll::Ready(event.map(|e| Ok(Frame::data(e))));
+                    return Poll::Ready(last.map(|l| Ok(Frame::data(l))));
                 }
-                finish(this.completion, this.observed, outcome);
-                *this.state = State::Done;
-                return Poll::Ready(None);
-            }
-            Poll::Ready(Some(Err(e))) => format!("upstream connection broke mid-response: {e}"),
-            Poll::Pending => {
-                ready!(this.idle_timer.as_mut().poll(cx));
-                format!(
-                    "upstream sent nothing for {}s (timeouts.idle)",
-                    this.idle.as_secs_f64()
-                )
-            }
-        };
-        let event = break_event(this.mode, &broke);
-        finish(
-            this.completion,
-            this.observed,
-            Outcome::Incomplete(broke.clone()),
-        );
-        *this.state = State::Done;
-        match event {
-            Some(e) => Poll::Ready(Some(Ok(Frame::data(e)))),
-            // A JSON body cannot carry an error after its start: fail the body, so the
-            // client sees a truncated response rather than a short one that parses.
-            None => Poll::Ready(Some(Err(broke.into()))),
+                Poll::Ready(Some(Err(e))) => format!("upstream connection broke mid-response: {e}"),
+                Poll::Pending => {
+                    if this.idle_timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    format!(
+                        "upstream sent nothing for {}s (timeouts.idle)",
+                        this.idle.as_secs_f64()
+                    )
+                }
+            };
+            let last = end_frame(this.mode, Some(&broke));
+            finish(this.completion, this.observed, Outcome::Incomplete(broke.clone()));
+            *this.state = State::Done;
+            return match last {
+                Some(e) => Poll::Ready(Some(Ok(Frame::data(e)))),
+                // A JSON body cannot carry an error after its start: fail the body, so the
+                // client sees a truncated response rather than a short one that parses.
+                None => Poll::Ready(Some(Err(broke.into()))),
+            };
         }
     }
 
@@ -223,14 +237,10 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
-            State::Streaming => {
-                // Only a JSON body keeps its exact length: an SSE body may gain an error event.
-                match self.mode {
-                    Mode::Json { .. } => self.inner.size_hint(),
-                    Mode::Sse(_) => SizeHint::default(),
-                }
-            }
+        match (&self.state, &self.mode) {
+            // Only a JSON body keeps its exact length: an SSE body may lose usage or gain an
+            // error event.
+            (State::Streaming, Mode::Json { .. }) => self.inner.size_hint(),
             _ => SizeHint::default(),
         }
     }
@@ -242,20 +252,161 @@ fn finish(completion: &mut Option<Completion>, observed: &Observed, outcome: Out
     }
 }
 
-/// Reads one frame on the side. An error ends the stream (a line over the cap).
-fn scan(mode: &mut Mode, observed: &mut Observed, data: &Bytes) -> Result<(), String> {
+/// The body ended cleanly from upstream's side: settle the outcome and return what is left
+/// to send (held bytes, and an error event if the stream ended without `[DONE]`).
+fn end(mode: &mut Mode, observed: &mut Observed, completion: &mut Option<Completion>) -> Option<Bytes> {
+    let outcome = match mode {
+        Mode::Sse { .. } if observed.saw_done => Outcome::Completed,
+        Mode::Sse { .. } => Outcome::Incomplete("upstream ended the stream without [DONE]".into()),
+        Mode::Json { frames, .. } => {
+            read_json_usage(frames, observed);
+            Outcome::Completed
+        }
+    };
+    let last = match &outcome {
+        Outcome::Incomplete(reason) => end_frame(mode, Some(reason)),
+        _ => end_frame(mode, None),
+    };
+    finish(completion, observed, outcome);
+    last
+}
+
+/// Reads one frame on the side and returns the bytes to forward. An error ends the stream.
+fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, String> {
+    const TOO_LONG: &str = "upstream sent an SSE line longer than the gateway accepts";
     match mode {
-        Mode::Sse(scanner) => scanner
-            .feed(data, &mut |event: &[u8]| on_event(observed, event))
-            .map_err(|_| "upstream sent an SSE line longer than the gateway accepts".to_string()),
+        Mode::Sse {
+            scanner,
+            strip: None,
+        } => {
+            scanner
+                .feed(&data, &mut |event: &[u8]| on_event(observed, event))
+                .map_err(|_| TOO_LONG.to_string())?;
+            Ok(data)
+        }
+        Mode::Sse {
+            scanner,
+            strip: Some(held),
+        } => {
+            // First pass: cut the frame into whole events and decide each one, copying nothing.
+            let mut pieces: Vec<Piece> = Vec::new();
+            let mut changed = false;
+            let mut from = 0;
+            scanner
+                .feed_bounds(&data, &mut |event: Option<&[u8]>, end: usize| {
+                    let piece = match event.map(|d| {
+                        on_event(observed, d);
+                        usage_edit(d)
+                    }) {
+                        Some(UsageEdit::Drop) => Piece::Drop,
+                        Some(UsageEdit::Rewrite(json)) => {
+                            let mut ev = Vec::with_capacity(json.len() + 8);
+                            ev.extend_from_slice(b"data: ");
+                            ev.extend_from_slice(&json);
+                            ev.extend_from_slice(b"\n\n");
+                            Piece::Replace(Bytes::from(ev))
+                        }
+                        _ => Piece::Keep(from..end),
+                    };
+                    changed |= !matches!(piece, Piece::Keep(_));
+                    pieces.push(piece);
+                    from = end;
+                })
+                .map_err(|_| TOO_LONG.to_string())?;
+            let tail = from..data.len();
+            if !changed && held.is_empty() && tail.is_empty() {
+                return Ok(data); // whole events, nothing to change: the same bytes
+            }
+            // Second pass: the held bytes belong to the first event completed here.
+            let mut out = BytesMut::with_capacity(held.len() + data.len());
+            for (i, piece) in pieces.into_iter().enumerate() {
+                match piece {
+                    Piece::Keep(range) => {
+                        if i == 0 {
+                            out.extend_from_slice(held);
+                        }
+                        out.extend_from_slice(&data[range]);
+                    }
+                    Piece::Replace(event) => out.extend_from_slice(&event),
+                    Piece::Drop => {}
+                }
+                if i == 0 {
+                    held.clear();
+                }
+            }
+            held.extend_from_slice(&data[tail]);
+            Ok(out.freeze())
+        }
         Mode::Json { frames, kept } => {
             if *kept + data.len() <= JSON_KEEP_LIMIT {
                 *kept += data.len();
                 frames.push(data.clone());
             }
-            Ok(())
+            Ok(data)
         }
     }
+}
+
+/// One whole event of a frame in strip mode.
+enum Piece {
+    Keep(Range<usize>),
+    Replace(Bytes),
+    Drop,
+}
+
+enum UsageEdit {
+    Keep,
+    /// The usage-only chunk (`choices: []`).
+    Drop,
+    /// A content chunk with `usage` cut out.
+    Rewrite(Vec<u8>),
+}
+
+/// What to do with one event when the client did not ask for usage.
+fn usage_edit(data: &[u8]) -> UsageEdit {
+    if memmem::find(data, b"\"usage\"").is_none() {
+        return UsageEdit::Keep;
+    }
+    let Ok(text) = std::str::from_utf8(data) else {
+        return UsageEdit::Keep;
+    };
+    let Ok(fields) = TopLevel::parse(text) else {
+        return UsageEdit::Keep;
+    };
+    let Some(usage) = fields.get("usage") else {
+        return UsageEdit::Keep;
+    };
+    let no_choices = fields.get("choices").is_none_or(|c| {
+        let c = c.get().trim();
+        c == "null" || c.trim_start_matches('[').trim_start().starts_with(']')
+    });
+    if no_choices && usage.get() != "null" {
+        return UsageEdit::Drop;
+    }
+    // Cut `"usage": value` and one neighbouring comma out of the text.
+    let value = span_in(text, usage);
+    let bytes = text.as_bytes();
+    let Some(key_start) = memmem::rfind(&bytes[..value.start], b"\"usage\"") else {
+        return UsageEdit::Keep;
+    };
+    let before = bytes[..key_start].trim_ascii_end();
+    let cut = if before.ends_with(b",") {
+        before.len() - 1..value.end
+    } else {
+        let after = &bytes[value.end..];
+        let skip = after.len() - after.trim_ascii_start().len();
+        match after.get(skip) {
+            Some(b',') => {
+                let rest = &after[skip + 1..];
+                key_start..value.end + skip + 1 + (rest.len() - rest.trim_ascii_start().len())
+            }
+            _ => key_start..value.end,
+        }
+    };
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..cut.start]);
+    out.extend_from_slice(&bytes[cut.end..]);
+    UsageEdit::Rewrite(out)
 }
 
 fn on_event(observed: &mut Observed, data: &[u8]) {
@@ -264,6 +415,7 @@ fn on_event(observed: &mut Observed, data: &[u8]) {
         observed.saw_done = true;
         return;
     }
+    observed.text_bytes += content_len(data) as u64;
     // Only chunks that mention usage or a finish reason are parsed; content chunks are not.
     let has_usage = memmem::find(data, b"\"usage\"").is_some();
     let has_finish = memmem::find(data, b"\"finish_reason\":\"").is_some()
@@ -276,7 +428,7 @@ fn on_event(observed: &mut Observed, data: &[u8]) {
         #[serde(default)]
         usage: Option<Usage>,
         #[serde(default)]
-        choices: Vec<Choice>,
+        choices: Option<Vec<Choice>>,
     }
     #[derive(Deserialize)]
     struct Choice {
@@ -287,21 +439,44 @@ fn on_event(observed: &mut Observed, data: &[u8]) {
         if chunk.usage.is_some() {
             observed.usage = chunk.usage;
         }
-        for reason in chunk.choices.into_iter().filter_map(|c| c.finish_reason) {
+        for reason in chunk
+            .choices
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|c| c.finish_reason)
+        {
             observed.finish_reasons.push(reason);
         }
     }
 }
 
-fn end_outcome(mode: &mut Mode, observed: &mut Observed) -> Outcome {
-    match mode {
-        Mode::Sse(_) if observed.saw_done => Outcome::Completed,
-        Mode::Sse(_) => Outcome::Incomplete("upstream ended the stream without [DONE]".into()),
-        Mode::Json { frames, .. } => {
-            read_json_usage(frames, observed);
-            Outcome::Completed
+/// Bytes of `"content":"..."` string values in a chunk, escapes counted as written.
+fn content_len(data: &[u8]) -> usize {
+    let mut total = 0;
+    let mut at = 0;
+    let finder = memmem::Finder::new(b"\"content\":");
+    while let Some(i) = finder.find(&data[at..]) {
+        let mut j = at + i + 10;
+        while data.get(j).is_some_and(u8::is_ascii_whitespace) {
+            j += 1;
         }
+        if data.get(j) != Some(&b'"') {
+            at = j;
+            continue;
+        }
+        j += 1;
+        let start = j;
+        while j < data.len() {
+            match data[j] {
+                b'\\' => j += 2,
+                b'"' => break,
+                _ => j += 1,
+            }
+        }
+        total += j.min(data.len()) - start;
+        at = j.min(data.len());
     }
+    total
 }
 
 /// Finds the top-level `usage` of a chat.completion body without parsing the whole body:
@@ -323,8 +498,7 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
             end = at;
             continue;
         }
-        let rest = &body[at + 7..];
-        let rest = rest.trim_ascii_start();
+        let rest = body[at + 7..].trim_ascii_start();
         if let Some(value) = rest.strip_prefix(b":") {
             let mut it = serde_json::Deserializer::from_slice(value).into_iter::<Usage>();
             if let Some(Ok(u)) = it.next() {
@@ -333,22 +507,50 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
         }
         break;
     }
+    // A rough figure for the estimate if no usage was found.
+    observed.text_bytes = content_len(&body) as u64;
 }
 
-/// The final event for a broken SSE stream; `None` for a JSON body.
-fn break_event(mode: &Mode, reason: &str) -> Option<Bytes> {
-    let Mode::Sse(scanner) = mode else {
+/// The last bytes of a body: in strip mode, a held partial event (sent as is when the
+/// stream ends normally, dropped before an error); then the error event, if `error` is set.
+/// `None` when there is nothing to send, and always for a JSON body.
+fn end_frame(mode: &mut Mode, error: Option<&str>) -> Option<Bytes> {
+    let Mode::Sse { scanner, strip } = mode else {
         return None;
     };
-    let event = GatewayError::UpstreamUnreachable(reason.to_string()).to_sse_event();
-    if !scanner.in_progress() {
-        return Some(event);
+    let mut out = BytesMut::new();
+    let partial_sent = match strip {
+        Some(held) => {
+            if error.is_none() {
+                out.extend_from_slice(held);
+            }
+            held.clear();
+            false
+        }
+        None => scanner.in_progress(),
+    };
+    if let Some(reason) = error {
+        if partial_sent {
+            // Close the half-sent line and event first, so the error is an event of its own.
+            out.extend_from_slice(b"\n\n");
+        }
+        out.extend_from_slice(&GatewayError::UpstreamUnreachable(reason.to_string()).to_sse_event());
     }
-    // Close the half-received line and event first, so the error is an event of its own.
-    let mut out = BytesMut::with_capacity(event.len() + 2);
-    out.extend_from_slice(b"\n\n");
-    out.extend_from_slice(&event);
-    Some(out.freeze())
+    (!out.is_empty()).then(|| out.freeze())
+}
+
+fn join(a: Bytes, b: Option<Bytes>) -> Option<Bytes> {
+    match (a.is_empty(), b) {
+        (true, None) => None,
+        (false, None) => Some(a),
+        (true, Some(b)) => Some(b),
+        (false, Some(b)) => {
+            let mut out = BytesMut::with_capacity(a.len() + b.len());
+            out.extend_from_slice(&a);
+            out.extend_from_slice(&b);
+            Some(out.freeze())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -379,7 +581,7 @@ mod tests {
         let mut obs = Observed::default();
         on_event(
             &mut obs,
-            br#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#,
+            br#"{"choices":[{"delta":{"content":"hello"},"finish_reason":"stop"}]}"#,
         );
         on_event(
             &mut obs,
@@ -389,5 +591,38 @@ mod tests {
         assert!(obs.saw_done);
         assert_eq!(obs.finish_reasons, vec!["stop"]);
         assert_eq!(obs.usage.unwrap().total_tokens, 3);
+        assert_eq!(obs.text_bytes, 5);
+    }
+
+    #[test]
+    fn usage_edits() {
+        assert!(matches!(
+            usage_edit(br#"{"choices":[],"usage":{"prompt_tokens":1}}"#),
+            UsageEdit::Drop
+        ));
+        let cases: [(&[u8], &str); 3] = [
+            (
+                br#"{"id":"a","choices":[{"delta":{}}],"usage":{"total_tokens":3}}"#,
+                r#"{"id":"a","choices":[{"delta":{}}]}"#,
+            ),
+            (
+                br#"{"usage": null , "id":"a","choices":[{"delta":{}}]}"#,
+                r#"{"id":"a","choices":[{"delta":{}}]}"#,
+            ),
+            (
+                br#"{"id":"a","usage":null,"choices":[]}"#,
+                r#"{"id":"a","choices":[]}"#,
+            ),
+        ];
+        for (input, want) in cases {
+            match usage_edit(input) {
+                UsageEdit::Rewrite(out) => assert_eq!(String::from_utf8(out).unwrap(), want),
+                _ => panic!("not rewritten: {}", String::from_utf8_lossy(input)),
+            }
+        }
+        assert!(matches!(
+            usage_edit(br#"{"choices":[{"delta":{"content":"\"usage\""}}]}"#),
+            UsageEdit::Keep
+        ));
     }
 }

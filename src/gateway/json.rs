@@ -1,0 +1,81 @@
+//! Top-level JSON objects read as raw slices of their input: the request splice and the
+//! stream tap's usage edit both need to know where a field's bytes are, not what they mean.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// The top-level object as (key, raw value) pairs borrowed from the body, in order.
+/// Duplicate keys are refused: two `model` fields would let the gateway and Poe disagree
+/// on which bot is being asked.
+pub struct TopLevel<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopLevel<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(16);
+                while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                    if fields.iter().any(|(seen, _)| *seen == k) {
+                        return Err(de::Error::custom(format!("duplicate key `{k}`")));
+                    }
+                    let v: &'de RawValue = map.next_value()?;
+                    fields.push((k, v));
+                }
+                Ok(TopLevel(fields))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A map key that borrows from the input unless it had escapes.
+pub struct Key<'a>(pub Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+
+impl<'a> TopLevel<'a> {
+    /// Parses `text` as one JSON object, nothing after it.
+    pub fn parse(text: &'a str) -> Result<TopLevel<'a>, serde_json::Error> {
+        use serde::Deserialize;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let fields = TopLevel::deserialize(&mut de)?;
+        de.end()?;
+        Ok(fields)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+}
+
+/// Where `raw` (borrowed from `text`) sits in `text`.
+pub fn span_in(text: &str, raw: &RawValue) -> std::ops::Range<usize> {
+    let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+    start..start + raw.get().len()
+}
