@@ -11,8 +11,10 @@ VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
 
 # Pinned versions. Bump deliberately (see `pip index versions openai`).
+# mcp: the official MCP client, for the MCP end-to-end tests (tests/e2e/test_mcp.py).
 PINS=(
   "openai==3.54.0"
+  "mcp==2.3.0"
   "pytest==9.2.0"
 )
 

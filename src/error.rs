@@ -24,6 +24,12 @@ pub enum GatewayError {
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    #[error("{0}")]
+    Forbidden(String),
+    /// A gateway key's budget is spent: 429 `insufficient_quota`, which the OpenAI SDKs raise
+    /// as `RateLimitError`, the same as OpenAI's own quota errors.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("{message}")]
     RateLimited {
         message: String,
@@ -77,7 +83,10 @@ impl GatewayError {
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::RateLimited { .. } | GatewayError::QuotaExceeded(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             GatewayError::Overloaded(_) | GatewayError::ShuttingDown(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -96,6 +105,8 @@ impl GatewayError {
             | GatewayError::NotFound(_)
             | GatewayError::MethodNotAllowed(_) => "invalid_request_error",
             GatewayError::Unauthorized(_) => "authentication_error",
+            GatewayError::Forbidden(_) => "permission_error",
+            GatewayError::QuotaExceeded(_) => "insufficient_quota",
             GatewayError::RateLimited { .. } => "rate_limit_error",
             GatewayError::Overloaded(_) | GatewayError::ShuttingDown(_) => "overloaded_error",
             GatewayError::UpstreamUnreachable(_) => "upstream_error",
@@ -109,6 +120,8 @@ impl GatewayError {
             GatewayError::BadRequest { .. } => "invalid_request",
             GatewayError::PayloadTooLarge { .. } => "request_too_large",
             GatewayError::Unauthorized(_) => "invalid_api_key",
+            GatewayError::Forbidden(_) => "model_not_allowed",
+            GatewayError::QuotaExceeded(_) => "insufficient_quota",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::MethodNotAllowed(_) => "method_not_allowed",
             GatewayError::RateLimited { .. } => "rate_limit_exceeded",

@@ -7,6 +7,9 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod http;
+pub mod ledger;
+pub mod metrics;
+pub mod mcp;
 pub mod telemetry;
 pub mod upstream;
 

@@ -1,30 +1,102 @@
 //! The `poe-gateway` command line.
 
+use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use poe_gateway::config::{self, AuthMode};
-use poe_gateway::upstream::Secret;
+use poe_gateway::gateway::keys::{self, NewKey};
+use poe_gateway::ledger::report::{self, parse_when};
+use poe_gateway::ledger::{self, GroupBy, Period, ReportQuery, Store, now_ms};
+use poe_gateway::upstream::{Secret, Upstream};
 use poe_gateway::{Gateway, http, telemetry};
 
 #[derive(Parser)]
-#[command(name = "poe-gateway", version, about = "An OpenAI-compatible gateway in front of Poe's API")]
+#[command(
+    name = "poe-gateway",
+    version,
+    about = "An OpenAI-compatible gateway in front of Poe's API"
+)]
 struct Cli {
     /// Policy file (TOML). Default: policies/default.toml if present, else the built-in default.
     #[arg(long, global = true, env = "POE_GATEWAY_POLICIES")]
     policies: Option<PathBuf>,
+    /// The usage ledger and key store: sqlite://PATH or postgres://...
+    #[arg(long, global = true, env = "POE_GATEWAY_DATABASE_URL", default_value = ledger::DEFAULT_DATABASE_URL)]
+    database_url: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the HTTP gateway (OpenAI-compatible API under /v1).
+    /// Run the HTTP gateway (OpenAI-compatible API under /v1, MCP at /mcp).
     Serve,
     /// Validate the configuration (policy file and env overrides) and exit.
     Check,
+    /// Serve the MCP tools over stdio (what Claude Desktop, Claude Code and Cursor launch).
+    /// Calls are paid with POE_API_KEY; logs go to stderr.
+    Mcp,
+    /// Gateway keys for `auth.mode = "keys"`.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Usage and cost from the ledger.
+    Usage(UsageArgs),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key. The key is printed once, alone on the last line of stdout.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Budget in USD per period; requests are refused once it is spent.
+        #[arg(long)]
+        budget_usd: Option<f64>,
+        #[arg(long, value_enum, default_value = "month")]
+        period: Period,
+        /// Requests per minute.
+        #[arg(long)]
+        rpm: Option<u32>,
+        /// Models (aliases or bots) the key may use, comma-separated. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+    },
+    /// List keys (never the keys themselves).
+    List {
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Revoke a key by id or name.
+    Revoke { key: String },
+}
+
+#[derive(clap::Args)]
+struct UsageArgs {
+    #[command(subcommand)]
+    command: Option<UsageCommand>,
+    /// Start: an age (7d, 24h), YYYY-MM-DD, RFC 3339 or unix seconds.
+    #[arg(long, default_value = "30d")]
+    since: String,
+    /// End (exclusive), same forms. Default: now.
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long, value_enum)]
+    by: Option<GroupBy>,
+    /// Only this key id.
+    #[arg(long)]
+    key: Option<String>,
+    /// table, json or csv.
+    #[arg(long, default_value = "table")]
+    format: String,
+}
+
+#[derive(Subcommand)]
+enum UsageCommand {
+    /// Poe's compute-point balance for POE_API_KEY.
+    Balance,
 }
 
 fn main() -> ExitCode {
@@ -36,19 +108,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let server_key = std::env::var("POE_API_KEY")
-        .ok()
-        .map(|k| k.trim().to_string())
-        .filter(|k| !k.is_empty())
-        .map(Secret::new);
+    let secret = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .map(Secret::new)
+    };
+    let server_key = secret("POE_API_KEY");
+    let admin_key = secret("POE_GATEWAY_ADMIN_KEY");
 
     match cli.command {
         Command::Check => {
             let p = &loaded.policy;
-            if p.auth_mode() == AuthMode::Open && server_key.is_none() {
+            if p.auth_mode() != AuthMode::Passthrough && server_key.is_none() {
                 eprintln!(
-                    "poe-gateway: {}: auth.mode is open but POE_API_KEY is not set; `serve` would refuse to start",
-                    loaded.source.name()
+                    "poe-gateway: {}: auth.mode is {} but POE_API_KEY is not set; `serve` would refuse to start",
+                    loaded.source.name(),
+                    p.auth_mode()
                 );
                 return ExitCode::from(2);
             }
@@ -64,21 +141,65 @@ fn main() -> ExitCode {
         }
         Command::Serve => {
             telemetry::init_logging();
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("poe-gateway: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(serve(loaded, server_key))
+            run(serve(loaded, server_key, admin_key, cli.database_url))
+        }
+        Command::Mcp => {
+            telemetry::init_logging();
+            run(mcp_stdio(loaded, server_key, cli.database_url))
+        }
+        Command::Keys(cmd) => run(keys_command(cmd, cli.database_url)),
+        Command::Usage(args) => run(usage_command(args, loaded, server_key, cli.database_url)),
+    }
+}
+
+fn run(fut: impl Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => {
+            eprintln!("poe-gateway: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
         }
     }
 }
 
-async fn serve(loaded: config::Loaded, server_key: Option<Secret>) -> ExitCode {
+/// `poe-gateway mcp`: stdout carries the protocol, so everything else goes to stderr.
+async fn mcp_stdio(loaded: config::Loaded, server_key: Option<Secret>, database_url: String) -> ExitCode {
+    if server_key.is_none() {
+        eprintln!(
+            "poe-gateway mcp: POE_API_KEY is not set: the MCP tools call Poe with it \
+             (get one at https://poe.com/api_key)"
+        );
+        return ExitCode::from(2);
+    }
+    let gateway = match Gateway::open(loaded.policy, server_key, None, &database_url).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("poe-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = poe_gateway::mcp::serve_stdio(gateway.clone()).await;
+    gateway.flush().await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("poe-gateway mcp: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(
+    loaded: config::Loaded,
+    server_key: Option<Secret>,
+    admin_key: Option<Secret>,
+    database_url: String,
+) -> ExitCode {
     let listen = loaded.policy.server.listen;
-    let gateway = match Gateway::new(loaded.policy, server_key) {
+    let gateway = match Gateway::open(loaded.policy, server_key, admin_key, &database_url).await {
         Ok(g) => g,
         Err(e) => {
             eprintln!("poe-gateway: {e}");
@@ -96,22 +217,187 @@ async fn serve(loaded: config::Loaded, server_key: Option<Secret>) -> ExitCode {
     // The first stdout line is the address, for scripts that start us on port 0.
     println!("poe-gateway listening on http://{addr}");
     let _ = std::io::stdout().flush();
-    tracing::info!(%addr, policies = %loaded.source.name(), "poe-gateway started");
+    tracing::info!(%addr, policies = %loaded.source.name(), ledger = gateway.ledger().store().backend(), "poe-gateway started");
     http::serve(listener, gateway, shutdown_signal()).await;
     ExitCode::SUCCESS
+}
+
+async fn open_store(database_url: &str) -> Result<Store, ExitCode> {
+    Store::open(database_url).await.map_err(|e| {
+        eprintln!("poe-gateway: ledger: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn keys_command(cmd: KeysCommand, database_url: String) -> ExitCode {
+    let store = match open_store(&database_url).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match cmd {
+        KeysCommand::Create {
+            name,
+            budget_usd,
+            period,
+            rpm,
+            models,
+        } => {
+            let new = NewKey {
+                name,
+                budget_usd,
+                period: Some(period),
+                rpm,
+                models,
+            };
+            match keys::create_key(&store, new).await {
+                Ok((rec, key)) => {
+                    let budget = rec
+                        .budget_usd
+                        .map(|b| format!("${b:.2} per {}", rec.period.as_str()))
+                        .unwrap_or_else(|| "no budget".into());
+                    let rpm = rec.rpm.map(|r| format!("{r} rpm")).unwrap_or_else(|| "no rpm limit".into());
+                    let models = rec.models.as_ref().map(|m| m.join(",")).unwrap_or_else(|| "all models".into());
+                    println!("created {} ({}): {budget}, {rpm}, {models}", rec.id, rec.name);
+                    println!("{key}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("poe-gateway: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        KeysCommand::List { format } => match store.list_keys().await {
+            Ok(keys) if format == "json" => {
+                println!("{}", serde_json::to_string_pretty(&keys).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Ok(keys) => {
+                println!(
+                    "{:<22} {:<20} {:<8} {:>12} {:<6} {:>6}  models",
+                    "id", "name", "status", "budget_usd", "period", "rpm"
+                );
+                for k in keys {
+                    println!(
+                        "{:<22} {:<20} {:<8} {:>12} {:<6} {:>6}  {}",
+                        k.id,
+                        k.name,
+                        if k.revoked_ms.is_some() { "revoked" } else { "active" },
+                        k.budget_usd.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into()),
+                        k.period.as_str(),
+                        k.rpm.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                        k.models.map(|m| m.join(",")).unwrap_or_else(|| "all".into()),
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("poe-gateway: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        KeysCommand::Revoke { key } => match store.revoke_key(&key, now_ms()).await {
+            Ok(revoked) if revoked.is_empty() => {
+                eprintln!("poe-gateway: no active key with id or name `{key}`");
+                ExitCode::FAILURE
+            }
+            Ok(revoked) => {
+                for k in revoked {
+                    println!("revoked {} ({})", k.id, k.name);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("poe-gateway: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn usage_command(
+    args: UsageArgs,
+    loaded: config::Loaded,
+    server_key: Option<Secret>,
+    database_url: String,
+) -> ExitCode {
+    if let Some(UsageCommand::Balance) = args.command {
+        let Some(key) = server_key else {
+            eprintln!("poe-gateway: POE_API_KEY is not set");
+            return ExitCode::from(2);
+        };
+        let p = &loaded.policy;
+        let upstream = match Upstream::new(&p.upstream.base_url, p.timeouts.connect, p.timeouts.connect) {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("poe-gateway: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match upstream.balance(&key).await {
+            Ok(points) => {
+                println!("{points} points");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("poe-gateway: reading the point balance failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if !matches!(args.format.as_str(), "table" | "json" | "csv") {
+        eprintln!("poe-gateway: --format must be table, json or csv");
+        return ExitCode::from(2);
+    }
+    let now = now_ms();
+    let since_ms = match parse_when(&args.since, now) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("poe-gateway: --since: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let until_ms = match args.until.as_deref().map(|u| parse_when(u, now)).transpose() {
+        Ok(t) => t.unwrap_or(now + 1),
+        Err(e) => {
+            eprintln!("poe-gateway: --until: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = match open_store(&database_url).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let q = ReportQuery {
+        since_ms,
+        until_ms,
+        key_id: args.key,
+        group_by: args.by,
+    };
+    match store.report(&q).await {
+        Ok(r) => {
+            print!("{}", report::render(&r, &args.format));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("poe-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

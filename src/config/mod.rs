@@ -34,6 +34,9 @@ pub struct Policy {
     pub retry: RetryPolicy,
     pub limits: LimitsPolicy,
     pub aliases: BTreeMap<String, AliasTarget>,
+    pub mcp: McpPolicy,
+    /// Prices for bots Poe's catalogue does not price (or to override it), USD per token.
+    pub pricing: BTreeMap<String, crate::gateway::models::Price>,
 }
 
 impl Default for Policy {
@@ -46,6 +49,8 @@ impl Default for Policy {
             retry: RetryPolicy::default(),
             limits: LimitsPolicy::default(),
             aliases: BTreeMap::new(),
+            pricing: BTreeMap::new(),
+            mcp: McpPolicy::default(),
         }
     }
 }
@@ -101,7 +106,7 @@ pub enum AuthMode {
     Open,
     /// The client's own Poe key is forwarded upstream.
     Passthrough,
-    /// Gateway-issued keys (needs the key store).
+    /// Gateway-issued keys (`poe-gateway keys create`); upstream uses `POE_API_KEY`.
     Keys,
 }
 
@@ -186,6 +191,48 @@ impl Default for LimitsPolicy {
             upstream_rpm: 500,
             queue_timeout: Duration::from_secs(10),
             max_concurrent_upstream: 1024,
+        }
+    }
+}
+
+/// The MCP tool server (`poe-gateway mcp` over stdio, `/mcp` on the serve port).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct McpPolicy {
+    /// `Host` names `/mcp` accepts besides the loopback ones (`localhost`, `127.0.0.1`, `::1`):
+    /// the gateway's public name, optionally with a port (`gw.example.com`, `gw.example.com:443`).
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins allowed to call `/mcp` (`https://app.example.com:443`, `http://localhost:*`).
+    /// A request carrying any other `Origin` is refused; a request without one passes.
+    pub allowed_origins: Vec<String>,
+    /// Directories `attachment_path` may read from when the tool is called over HTTP.
+    /// Empty (the default) refuses local paths over HTTP; stdio may read any file the user can.
+    pub attachment_roots: Vec<PathBuf>,
+    /// Largest attachment (a file or base64 data, decoded size) the tools accept.
+    /// `attachment_url` is passed to Poe unread, so no limit applies to it.
+    pub max_attachment_bytes: ByteSize,
+    /// A session is forgotten after this long without use.
+    #[serde(with = "values::duration")]
+    pub session_ttl: Duration,
+    /// Sessions kept at once (all callers together); the least useful go first.
+    pub max_sessions: u64,
+    /// Messages kept per session besides the system message; the oldest turns are trimmed.
+    pub max_session_messages: usize,
+    /// Bytes of history kept per session (attachments included); the oldest turns are trimmed.
+    pub max_session_bytes: ByteSize,
+}
+
+impl Default for McpPolicy {
+    fn default() -> Self {
+        McpPolicy {
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            attachment_roots: Vec::new(),
+            max_attachment_bytes: ByteSize(20 * 1024 * 1024),
+            session_ttl: Duration::from_secs(60 * 60),
+            max_sessions: 1000,
+            max_session_messages: 100,
+            max_session_bytes: ByteSize(8 * 1024 * 1024),
         }
     }
 }
@@ -325,11 +372,12 @@ where
         from_env.insert(format!("{section}.{key}"), name);
     }
 
-    let policy: Policy = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-        let key = e.path().to_string();
-        let env = from_env.get(&key).cloned();
-        err(&key, e.into_inner().message().to_string(), env)
-    })?;
+    let policy: Policy =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let env = from_env.get(&key).cloned();
+            err(&key, e.into_inner().message().to_string(), env)
+        })?;
     validate(&policy).map_err(|(key, reason)| {
         let env = from_env.get(&key).cloned();
         err(&key, reason, env)
@@ -356,7 +404,9 @@ fn env_key(name: &str) -> Option<(String, String)> {
 fn env_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
@@ -410,6 +460,21 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
     if p.server.max_body_bytes.0 == 0 {
         return bad("server.max_body_bytes", "must be greater than zero");
     }
+    validate_mcp(&p.mcp)?;
+    for (bot, price) in &p.pricing {
+        for (field, v) in [
+            ("prompt", price.prompt),
+            ("completion", price.completion),
+            ("request", price.request),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err((
+                    format!("pricing.{bot}.{field}"),
+                    "must be a non-negative number (USD per token, or per request)".into(),
+                ));
+            }
+        }
+    }
     for (alias, target) in &p.aliases {
         let key = format!("aliases.{alias}");
         if target.bots().is_empty() {
@@ -420,10 +485,6 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
         }
     }
     match (p.auth.mode, p.server.listen.ip().is_loopback()) {
-        (Some(AuthMode::Keys), _) => bad(
-            "auth.mode",
-            "`keys` needs the gateway key store, which this build does not have yet; use `open` or `passthrough`",
-        ),
         (None | Some(AuthMode::Open), false) if !p.auth.allow_open_on_network => Err((
             "auth.mode".into(),
             format!(
@@ -434,6 +495,67 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
         )),
         _ => Ok(()),
     }
+}
+
+fn validate_mcp(m: &McpPolicy) -> Result<(), (String, String)> {
+    let bad = |k: &str, r: String| Err((format!("mcp.{k}"), r));
+    if m.max_attachment_bytes.0 == 0 {
+        return bad("max_attachment_bytes", "must be greater than zero".into());
+    }
+    if m.session_ttl.is_zero() {
+        return bad("session_ttl", "must be greater than zero".into());
+    }
+    if m.max_sessions == 0 {
+        return bad("max_sessions", "must be at least 1".into());
+    }
+    if m.max_session_messages < 2 {
+        return bad(
+            "max_session_messages",
+            "must be at least 2 (one user and one assistant message)".into(),
+        );
+    }
+    if m.max_session_bytes.0 == 0 {
+        return bad("max_session_bytes", "must be greater than zero".into());
+    }
+    for host in &m.allowed_hosts {
+        let h = host.trim();
+        if h.is_empty()
+            || h.contains("://")
+            || h.contains('/')
+            || h.parse::<http::uri::Authority>().is_err()
+        {
+            return bad(
+                "allowed_hosts",
+                format!(
+                    "{host:?} is not a host name (optionally with :port); write `gw.example.com`, not a URL"
+                ),
+            );
+        }
+    }
+    for origin in &m.allowed_origins {
+        let o = origin.trim();
+        let ok = o == "null"
+            || o.split_once("://").is_some_and(|(scheme, rest)| {
+                !scheme.is_empty() && !rest.is_empty() && !rest.contains('/')
+            });
+        if !ok {
+            return bad(
+                "allowed_origins",
+                format!(
+                    "{origin:?} is not an origin; write `scheme://host[:port]`, e.g. `https://app.example.com:443`"
+                ),
+            );
+        }
+    }
+    for root in &m.attachment_roots {
+        if !root.is_absolute() {
+            return bad(
+                "attachment_roots",
+                format!("{} is not an absolute path", root.display()),
+            );
+        }
+    }
+    Ok(())
 }
 
 impl Policy {
@@ -480,7 +602,10 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.key, "timeouts.first_byte");
         assert_eq!(e.env.as_deref(), Some("POE_GATEWAY_TIMEOUTS__FIRST_BYTE"));
-        assert!(e.to_string().starts_with("f.toml: key `timeouts.first_byte`: "));
+        assert!(
+            e.to_string()
+                .starts_with("f.toml: key `timeouts.first_byte`: ")
+        );
     }
 
     #[test]
@@ -500,6 +625,50 @@ mod tests {
             env(&[]),
         );
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn mcp_section_defaults_and_checks() {
+        let p = parse("p.toml", "", env(&[])).unwrap();
+        assert!(p.mcp.attachment_roots.is_empty());
+        assert_eq!(p.mcp.session_ttl, Duration::from_secs(3600));
+        let p = parse(
+            "p.toml",
+            "[mcp]\nattachment_roots = [\"/srv/files\"]\nmax_attachment_bytes = \"1MiB\"\nallowed_hosts = [\"gw.example.com\"]\n",
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(p.mcp.max_attachment_bytes.0, 1024 * 1024);
+        assert_eq!(p.mcp.attachment_roots, vec![PathBuf::from("/srv/files")]);
+        for (text, key) in [
+            (
+                "[mcp]\nattachment_roots = [\"files\"]\n",
+                "mcp.attachment_roots",
+            ),
+            (
+                "[mcp]\nallowed_hosts = [\"https://gw.example.com\"]\n",
+                "mcp.allowed_hosts",
+            ),
+            (
+                "[mcp]\nallowed_origins = [\"gw.example.com\"]\n",
+                "mcp.allowed_origins",
+            ),
+            (
+                "[mcp]\nmax_session_messages = 1\n",
+                "mcp.max_session_messages",
+            ),
+            ("[mcp]\nsession_tll = \"1m\"\n", "mcp.session_tll"),
+        ] {
+            let e = parse("p.toml", text, env(&[])).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+        let p = parse(
+            "p.toml",
+            "",
+            env(&[("POE_GATEWAY_MCP__ATTACHMENT_ROOTS", "[\"/data\"]")]),
+        )
+        .unwrap();
+        assert_eq!(p.mcp.attachment_roots, vec![PathBuf::from("/data")]);
     }
 
     #[test]

@@ -15,7 +15,9 @@ pub mod duration {
             Text(String),
         }
         match Raw::deserialize(d).map_err(|_| {
-            de::Error::custom("expected a duration such as \"30s\" or \"250ms\", or a number of seconds")
+            de::Error::custom(
+                "expected a duration such as \"30s\" or \"250ms\", or a number of seconds",
+            )
         })? {
             Raw::Secs(s) => Ok(Duration::from_secs(s)),
             Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {

@@ -1,18 +1,19 @@
-//! What happens when a request's response ends: the access-log line and the in-flight count.
-//! Later layers (ledger, metrics, cache fill) hang off the same hook.
+//! What happens when a request's response ends: metrics, the ledger row, the access-log line.
+//! It runs exactly once per request, from the tap (or at once for an answer already complete).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::tap::{Observed, Outcome};
+use crate::ledger::{Ledger, UsageRow, now_ms};
+use crate::metrics::Metrics;
 
-/// Counters shared by every request; lock-free so the hot path never waits on them.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub in_flight: AtomicI64,
+/// Where completions report to.
+pub struct Accounting {
+    pub metrics: Arc<Metrics>,
+    pub ledger: Ledger,
 }
 
 /// Facts about a request known before its body ends.
@@ -27,34 +28,54 @@ pub struct RequestInfo {
     pub status: u16,
     pub attempts: u32,
     pub started: Instant,
+    pub cache_hit: bool,
 }
 
-/// Runs exactly once per request, when its response body ends in any way.
 pub struct Completion {
     info: RequestInfo,
-    stats: Arc<Stats>,
+    acct: Arc<Accounting>,
     /// The upstream concurrency slot, held until the body ends.
     _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Completion {
-    pub fn new(info: RequestInfo, stats: Arc<Stats>, permit: Option<OwnedSemaphorePermit>) -> Self {
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    pub fn new(info: RequestInfo, acct: Arc<Accounting>, permit: Option<OwnedSemaphorePermit>) -> Self {
+        acct.metrics.in_flight.inc();
+        if info.stream {
+            acct.metrics.streams_in_flight.inc();
+        }
         Completion {
             info,
-            stats,
+            acct,
             _permit: permit,
         }
     }
 
     pub fn finish(self, observed: &Observed, outcome: Outcome) {
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let i = &self.info;
-        let elapsed = i.started.elapsed();
-        let ttfb_ms = observed
-            .first_byte
-            .map(|t| t.duration_since(i.started).as_secs_f64() * 1000.0);
-        let usage = observed.usage.unwrap_or_default();
+        let m = &self.acct.metrics;
+        m.in_flight.dec();
+        if self.info.stream {
+            m.streams_in_flight.dec();
+        }
+        let row = usage_row(&self.info, observed, &outcome);
+        let stream = if self.info.stream { "true" } else { "false" };
+        m.requests
+            .with_label_values(&[
+                row.bot.as_str(),
+                &row.status.to_string(),
+                row.key_id.as_deref().unwrap_or(""),
+            ])
+            .inc();
+        if let Some(t) = row.prompt_tokens {
+            m.prompt_tokens.with_label_values(&[row.bot.as_str()]).inc_by(t.max(0) as u64);
+        }
+        if let Some(t) = row.completion_tokens {
+            m.completion_tokens.with_label_values(&[row.bot.as_str()]).inc_by(t.max(0) as u64);
+        }
+        m.duration.with_label_values(&[stream]).observe(row.latency_ms / 1000.0);
+        if let Some(ttfb) = row.ttfb_ms {
+            m.ttfb.with_label_values(&[stream]).observe(ttfb / 1000.0);
+        }
         let reason = match &outcome {
             Outcome::Incomplete(r) => r.as_str(),
             _ => "",
@@ -62,22 +83,64 @@ impl Completion {
         // One access line per request. Never bodies, never keys: only the key's id.
         tracing::info!(
             target: "poe_gateway::access",
-            request_id = %i.request_id,
-            key_id = i.key_id.as_deref().unwrap_or(""),
-            model = %i.model,
-            alias = i.alias.as_deref().unwrap_or(""),
-            bot = %i.bot,
-            stream = i.stream,
-            status = i.status,
-            attempts = i.attempts,
-            outcome = outcome.as_str(),
+            request_id = %row.request_id,
+            key_id = row.key_id.as_deref().unwrap_or(""),
+            model = %row.model,
+            alias = row.alias.as_deref().unwrap_or(""),
+            bot = %row.bot,
+            stream = row.stream,
+            status = row.status,
+            attempts = row.attempts,
+            outcome = %row.outcome,
             reason,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            ttfb_ms,
-            prompt_tokens = usage.prompt_tokens,
-            completion_tokens = usage.completion_tokens,
+            cache_hit = row.cache_hit,
+            latency_ms = row.latency_ms,
+            ttfb_ms = row.ttfb_ms,
+            prompt_tokens = row.prompt_tokens,
+            completion_tokens = row.completion_tokens,
+            tokens_estimated = row.tokens_estimated,
             bytes = observed.bytes,
             "request finished"
         );
+        self.acct.ledger.record(row);
+    }
+}
+
+/// The ledger row for a finished request. Without Poe's usage, a stream that broke or was
+/// cancelled gets an estimate: streamed text bytes / 4, flagged as estimated.
+fn usage_row(i: &RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
+    let (prompt, completion, total, estimated) = match (o.usage, outcome) {
+        (Some(u), _) => (
+            Some(u.prompt_tokens as i64),
+            Some(u.completion_tokens as i64),
+            Some(u.total_tokens as i64),
+            false,
+        ),
+        (None, Outcome::Incomplete(_) | Outcome::Cancelled) if o.text_bytes > 0 => {
+            let est = o.text_bytes.div_ceil(4) as i64;
+            (None, Some(est), Some(est), true)
+        }
+        (None, _) => (None, None, None, false),
+    };
+    UsageRow {
+        ts_ms: now_ms(),
+        request_id: i.request_id.to_string(),
+        key_id: i.key_id.as_deref().map(String::from),
+        alias: i.alias.clone(),
+        model: i.model.clone(),
+        bot: i.bot.clone(),
+        stream: i.stream,
+        status: i.status,
+        outcome: outcome.as_str().to_string(),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: total,
+        tokens_estimated: estimated,
+        cost_usd: None,
+        cache_hit: i.cache_hit,
+        saved_usd: None,
+        attempts: i.attempts as i32,
+        latency_ms: i.started.elapsed().as_secs_f64() * 1000.0,
+        ttfb_ms: o.first_byte.map(|t| t.duration_since(i.started).as_secs_f64() * 1000.0),
     }
 }

@@ -21,10 +21,24 @@ use crate::config::LimitsPolicy;
 use crate::error::GatewayError;
 use crate::upstream::Secret;
 
-/// governor's clock on tokio time, so paused-time tests drive the limiter too.
+/// governor's clock on tokio time, so paused-time tests drive the limiters too.
 #[derive(Clone, Debug)]
-struct TokioClock {
+pub struct TokioClock {
     start: Instant,
+}
+
+impl TokioClock {
+    pub fn new() -> Self {
+        TokioClock {
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock::new()
+    }
 }
 
 impl Clock for TokioClock {

@@ -4,9 +4,11 @@
 //! upstream limiter, calls Poe with retries and fallbacks, and returns a [`Reply`] whose body
 //! is the upstream body behind the [`tap::Tap`]. Nothing here knows about HTTP servers.
 
+pub mod accounting;
 pub mod alias;
 pub mod completion;
 pub mod json;
+pub mod keys;
 pub mod limits;
 pub mod models;
 pub mod request;
@@ -28,10 +30,14 @@ use tokio::time::Instant;
 
 use crate::config::{AuthMode, Policy};
 use crate::error::GatewayError;
+use crate::ledger::{KeyRecord, Ledger, Store, UsageRow, now_ms};
+use crate::metrics::Metrics;
 use crate::upstream::{Secret, Upstream, UpstreamError};
+use accounting::Accountant;
 use alias::{Aliases, Route};
-use completion::{Completion, RequestInfo, Stats};
-use limits::UpstreamLimits;
+use completion::{Accounting, Completion, RequestInfo};
+use keys::KeyRing;
+use limits::{TokioClock, UpstreamLimits};
 use models::{Catalogue, Models};
 pub use request::ChatRequest;
 use retry::RetryBudget;
@@ -52,6 +58,20 @@ pub struct Caller {
     pub credential: Credential,
     /// A stable, non-secret id for logs and accounting.
     pub key_id: Option<Arc<str>>,
+    /// The gateway key's record (`auth.mode = keys`): its limits apply.
+    pub key: Option<Arc<KeyRecord>>,
+}
+
+impl Caller {
+    /// A caller paid for by the server's key, with no gateway key.
+    pub fn server(request_id: Arc<str>) -> Caller {
+        Caller {
+            request_id,
+            credential: Credential::Server,
+            key_id: None,
+            key: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -122,13 +142,15 @@ pub struct Gateway {
 
 struct Inner {
     policy: Policy,
-    aliases: Aliases,
-    upstream: Upstream,
+    aliases: Arc<Aliases>,
+    upstream: Arc<Upstream>,
     server_key: Option<Secret>,
-    models: Models,
+    admin_key: Option<Secret>,
+    models: Arc<Models>,
     limits: UpstreamLimits,
     budget: RetryBudget,
-    stats: Arc<Stats>,
+    keys: Arc<KeyRing>,
+    acct: Arc<Accounting>,
     epoch: Instant,
 }
 
@@ -159,33 +181,82 @@ impl Failure {
 }
 
 impl Gateway {
-    /// Builds the core from a validated policy. `server_key` is `POE_API_KEY`.
+    /// A core with an in-memory ledger: for embedding and tests. `server_key` is `POE_API_KEY`.
+    /// Must be called inside a tokio runtime (the ledger writer is a task).
     pub fn new(policy: Policy, server_key: Option<Secret>) -> Result<Gateway, String> {
-        if policy.auth_mode() == AuthMode::Open && server_key.is_none() {
-            return Err(
-                "POE_API_KEY is not set: with auth.mode = open the gateway calls Poe with the \
-                 server's key (get one at https://poe.com/api_key), or use auth.mode = passthrough"
-                    .into(),
-            );
+        let store = Store::memory().map_err(|e| e.to_string())?;
+        Gateway::with_store(policy, server_key, None, store)
+    }
+
+    /// The core as `serve` runs it: the ledger at `database_url` (migrated on open), and the
+    /// point-balance gauge refreshed in the background when there is a server key.
+    pub async fn open(
+        policy: Policy,
+        server_key: Option<Secret>,
+        admin_key: Option<Secret>,
+        database_url: &str,
+    ) -> Result<Gateway, String> {
+        let store = Store::open(database_url)
+            .await
+            .map_err(|e| format!("ledger: {e}"))?;
+        let gw = Gateway::with_store(policy, server_key, admin_key, store)?;
+        gw.spawn_balance_refresh();
+        Ok(gw)
+    }
+
+    /// Builds the core over an opened store.
+    pub fn with_store(
+        policy: Policy,
+        server_key: Option<Secret>,
+        admin_key: Option<Secret>,
+        store: Store,
+    ) -> Result<Gateway, String> {
+        if policy.auth_mode() != AuthMode::Passthrough && server_key.is_none() {
+            return Err(format!(
+                "POE_API_KEY is not set: with auth.mode = {} the gateway calls Poe with the \
+                 server's key (get one at https://poe.com/api_key), or use auth.mode = passthrough",
+                policy.auth_mode()
+            ));
         }
-        let upstream = Upstream::new(
+        let upstream = Arc::new(Upstream::new(
             &policy.upstream.base_url,
             policy.timeouts.connect,
             policy.timeouts.first_byte,
-        )?;
+        )?);
+        let clock = TokioClock::new();
+        let aliases = Arc::new(Aliases::new(&policy.aliases));
+        let models = Arc::new(Models::new(policy.upstream.models_ttl));
+        let metrics = Arc::new(Metrics::new());
+        let keys = Arc::new(KeyRing::new(store.clone(), clock));
+        let accountant = Accountant {
+            models: models.clone(),
+            upstream: upstream.clone(),
+            aliases: aliases.clone(),
+            overrides: policy
+                .pricing
+                .iter()
+                .map(|(bot, price)| (bot.to_ascii_lowercase(), *price))
+                .collect(),
+            keys: Some(keys.clone()),
+            metrics: metrics.clone(),
+            last_fetch: std::sync::Mutex::new(None),
+        };
+        let ledger = Ledger::start(store, Some(Arc::new(accountant)));
         Ok(Gateway {
             inner: Arc::new(Inner {
-                aliases: Aliases::new(&policy.aliases),
-                models: Models::new(policy.upstream.models_ttl),
                 limits: UpstreamLimits::new(&policy.limits),
                 budget: RetryBudget::new(
                     policy.retry.budget_ratio,
                     policy.retry.budget_min_per_second,
                 ),
-                stats: Arc::new(Stats::default()),
+                acct: Arc::new(Accounting { metrics, ledger }),
                 epoch: Instant::now(),
+                aliases,
+                models,
+                keys,
                 upstream,
                 server_key,
+                admin_key,
                 policy,
             }),
         })
@@ -199,8 +270,94 @@ impl Gateway {
         &self.inner.aliases
     }
 
-    pub fn stats(&self) -> &Stats {
-        &self.inner.stats
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.acct.ledger
+    }
+
+    pub fn keys(&self) -> &KeyRing {
+        &self.inner.keys
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.acct.metrics
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.inner.upstream
+    }
+
+    /// The admin key (`POE_GATEWAY_ADMIN_KEY`), if the admin API is enabled.
+    pub fn admin_key(&self) -> Option<&Secret> {
+        self.inner.admin_key.as_ref()
+    }
+
+    /// Prometheus text, with the ledger's own counters brought up to date first.
+    pub fn render_metrics(&self) -> Vec<u8> {
+        let m = &self.inner.acct.metrics;
+        let st = self.inner.acct.ledger.stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        m.ledger_queue_depth.set(st.depth() as i64);
+        m.ledger_dropped.inc_by(load(&st.dropped).saturating_sub(m.ledger_dropped.get()));
+        m.ledger_written.inc_by(load(&st.written).saturating_sub(m.ledger_written.get()));
+        m.ledger_write_errors.inc_by(load(&st.write_errors).saturating_sub(m.ledger_write_errors.get()));
+        m.render()
+    }
+
+    /// Reads Poe's point balance for the server key into the gauge now and every 5 minutes.
+    fn spawn_balance_refresh(&self) {
+        let Some(key) = self.inner.server_key.clone() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                match inner.upstream.balance(&key).await {
+                    Ok(points) => inner.acct.metrics.point_balance.set(points as f64),
+                    Err(e) => tracing::debug!(error = %e, "point balance not read"),
+                }
+                drop(inner);
+                tokio::time::sleep(std::time::Duration::from_secs(300)).await;
+            }
+        });
+    }
+
+    /// Waits until every usage row so far is written (graceful shutdown, tests).
+    pub async fn flush(&self) {
+        self.inner.acct.ledger.flush().await;
+    }
+
+    /// Accounts a chat request the gateway refused before calling Poe.
+    pub fn record_rejection(
+        &self,
+        caller: &Caller,
+        model: &str,
+        stream: bool,
+        err: &GatewayError,
+        started: Instant,
+    ) {
+        let row = UsageRow {
+            ts_ms: now_ms(),
+            request_id: caller.request_id.to_string(),
+            key_id: caller.key_id.as_deref().map(String::from),
+            model: model.to_string(),
+            bot: model.to_string(),
+            stream,
+            status: err.status().as_u16(),
+            outcome: "rejected".into(),
+            attempts: 0,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            ..UsageRow::default()
+        };
+        let m = &self.inner.acct.metrics;
+        m.requests
+            .with_label_values(&[
+                row.bot.as_str(),
+                &row.status.to_string(),
+                row.key_id.as_deref().unwrap_or(""),
+            ])
+            .inc();
+        self.inner.acct.ledger.record(row);
     }
 
     /// The model catalogue with aliases, from cache or upstream.
@@ -233,6 +390,18 @@ impl Gateway {
                 &direct
             }
         };
+        if let Some(rec) = &caller.key {
+            let checked = async {
+                inner.keys.check_model(rec, req.model(), bots)?;
+                inner.keys.check_rpm(rec)?;
+                inner.keys.check_budget(rec).await
+            }
+            .await;
+            if let Err(e) = checked {
+                self.record_rejection(caller, req.model(), req.stream(), &e, started);
+                return Err(e);
+            }
+        }
         inner.budget.deposit(Instant::now(), inner.epoch);
         let retry = &inner.policy.retry;
         let mut attempts = 0u32;
@@ -249,7 +418,13 @@ impl Gateway {
                     tracing::warn!(request_id = %caller.request_id, bot, "retry budget spent; not retrying");
                     break 'bots;
                 }
-                let permit = inner.limits.admit(&key).await?;
+                let permit = match inner.limits.admit(&key).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.record_rejection(caller, req.model(), req.stream(), &e, started);
+                        return Err(e);
+                    }
+                };
                 attempts += 1;
                 let failure = match inner
                     .upstream
@@ -267,7 +442,9 @@ impl Gateway {
                             status: resp.status().as_u16(),
                             attempts,
                             started,
+                            cache_hit: false,
                         };
+                        inner.acct.metrics.upstream_attempts.with_label_values(&["ok"]).inc();
                         return Ok(self.stream_reply(resp, info, permit, attempts, req.injects_usage()));
                     }
                     Ok(resp) => {
@@ -280,6 +457,13 @@ impl Gateway {
                     Err(e) => Failure::Transport(e),
                 };
                 drop(permit);
+                let result = match &failure {
+                    Failure::Status { head, .. } => format!("http_{}", head.status.as_u16()),
+                    Failure::Transport(UpstreamError::Connect(_)) => "connect".into(),
+                    Failure::Transport(UpstreamError::Timeout(_)) => "timeout".into(),
+                    Failure::Transport(UpstreamError::Broken(_)) => "broken".into(),
+                };
+                inner.acct.metrics.upstream_attempts.with_label_values(&[&result]).inc();
                 tracing::debug!(
                     request_id = %caller.request_id,
                     bot,
@@ -336,7 +520,7 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
         let bot = info.bot.clone();
-        let completion = Completion::new(info, self.inner.stats.clone(), Some(permit));
+        let completion = Completion::new(info, self.inner.acct.clone(), Some(permit));
         let tap = Tap::new(
             body,
             sse,
@@ -396,12 +580,13 @@ impl Gateway {
             status: status.as_u16(),
             attempts,
             started,
+            cache_hit: false,
         };
         let observed = Observed {
             bytes: body.len() as u64,
             ..Observed::default()
         };
-        Completion::new(info, self.inner.stats.clone(), None).finish(&observed, Outcome::Completed);
+        Completion::new(info, self.inner.acct.clone(), None).finish(&observed, Outcome::Completed);
         Reply {
             status,
             headers,

@@ -37,6 +37,27 @@ impl Catalogue {
         &self.entries
     }
 
+    /// Poe's price for a bot (USD per token / per request), when the catalogue has one.
+    pub fn price(&self, bot: &str) -> Option<Price> {
+        let pricing = self.entry(bot)?.get("pricing")?;
+        let num = |k: &str| -> Option<f64> {
+            match pricing.get(k)? {
+                Value::String(s) => s.trim().parse().ok(),
+                Value::Number(n) => n.as_f64(),
+                _ => None,
+            }
+        };
+        let (prompt, completion, request) = (num("prompt"), num("completion"), num("request"));
+        if prompt.is_none() && completion.is_none() && request.is_none() {
+            return None;
+        }
+        Some(Price {
+            prompt: prompt.unwrap_or(0.0),
+            completion: completion.unwrap_or(0.0),
+            request: request.unwrap_or(0.0),
+        })
+    }
+
     /// The closest bot or alias name to `model`, if one is close and not the same name.
     pub fn suggest<'a>(&'a self, model: &str, aliases: &'a Aliases) -> Option<&'a str> {
         let wanted = model.to_ascii_lowercase();
@@ -60,6 +81,21 @@ impl Catalogue {
     }
 }
 
+/// USD per prompt token, per completion token, and per request.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Price {
+    pub prompt: f64,
+    pub completion: f64,
+    pub request: f64,
+}
+
+impl Price {
+    pub fn cost(&self, prompt_tokens: i64, completion_tokens: i64) -> f64 {
+        self.prompt * prompt_tokens.max(0) as f64 + self.completion * completion_tokens.max(0) as f64 + self.request
+    }
+}
+
 pub struct Models {
     cache: moka::future::Cache<(), Arc<Catalogue>>,
     /// The last good catalogue, served when a refresh fails.
@@ -75,6 +111,11 @@ impl Models {
                 .build(),
             last_good: RwLock::new(None),
         }
+    }
+
+    /// The last catalogue fetched, without waiting for anything.
+    pub fn snapshot(&self) -> Option<Arc<Catalogue>> {
+        self.last_good.read().expect("models lock").clone()
     }
 
     /// The merged catalogue; concurrent callers on a miss share one upstream fetch.

@@ -103,8 +103,8 @@ pin_project_lite::pin_project! {
     pub struct Tap<B> {
         #[pin]
         inner: B,
-        #[pin]
-        idle_timer: Sleep,
+        // Boxed so the tap (and a reply body) is `Unpin` and easy to consume in-process.
+        idle_timer: Pin<Box<Sleep>>,
         idle: Duration,
         mode: Mode,
         state: State,
@@ -133,7 +133,7 @@ impl<B> Tap<B> {
     ) -> Self {
         Tap {
             inner,
-            idle_timer: tokio::time::sleep(idle),
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
             idle,
             mode: if sse {
                 Mode::Sse {

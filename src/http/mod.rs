@@ -3,6 +3,7 @@
 //! One port serves HTTP/1.1 and h2c. Routing, auth and error mapping are in [`routes`]; the
 //! work is done by the [`Gateway`] core.
 
+mod admin;
 mod routes;
 
 use std::convert::Infallible;
@@ -136,4 +137,6 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
             connections.abort_all();
         }
     }
+    // Every finished request's usage row is on disk before the process exits.
+    app.gateway.flush().await;
 }

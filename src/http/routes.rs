@@ -15,7 +15,9 @@ use crate::error::GatewayError;
 use crate::gateway::{ATTEMPTS_HEADER, BOT_HEADER, Caller, ChatRequest, Credential, ReplyBody};
 use crate::upstream::Secret;
 
-pub type HttpResponse = Response<ReplyBody>;
+/// A response body: the core's reply, or rmcp's for `/mcp`.
+pub type HttpBody = http_body_util::Either<ReplyBody, crate::mcp::http::McpBody>;
+pub type HttpResponse = Response<HttpBody>;
 
 const REQUEST_ID: &str = "x-request-id";
 
@@ -31,10 +33,32 @@ pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpRespons
     resp
 }
 
-async fn route(app: &App, req: Request<Incoming>, request_id: &Arc<str>) -> Result<HttpResponse, GatewayError> {
+async fn route(
+    app: &App,
+    req: Request<Incoming>,
+    request_id: &Arc<str>,
+) -> Result<HttpResponse, GatewayError> {
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::POST, "/v1/chat/completions") => chat(app, req, request_id).await,
+        (_, "/mcp") => {
+            let caller = authenticate(app, req.headers(), request_id).await?;
+            let resp = crate::mcp::http::handle(&app.gateway, caller, req).await;
+            Ok(resp.map(HttpBody::Right))
+        }
+        (&Method::GET, "/v1/usage") => {
+            let caller = authenticate(app, req.headers(), request_id).await?;
+            super::admin::own_usage(app, &req, &caller).await
+        }
+        (_, p) if p == "/admin" || p.starts_with("/admin/") => super::admin::handle(app, req).await,
+        (&Method::GET, "/metrics") => {
+            let mut resp = json(StatusCode::OK, Bytes::from(app.gateway.render_metrics()));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(resp)
+        }
         (&Method::GET, "/v1/models") => {
             let cat = app.gateway.models().await?;
             Ok(json(StatusCode::OK, cat.body.clone()))
@@ -44,37 +68,75 @@ async fn route(app: &App, req: Request<Incoming>, request_id: &Arc<str>) -> Resu
             let cat = app.gateway.models().await?;
             match cat.entry(&id) {
                 Some(entry) => Ok(json(StatusCode::OK, Bytes::from(entry.to_string()))),
-                None => Err(GatewayError::NotFound(format!("The model `{id}` does not exist"))),
+                None => Err(GatewayError::NotFound(format!(
+                    "The model `{id}` does not exist"
+                ))),
             }
         }
-        (&Method::GET, "/healthz") => Ok(json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))),
+        (&Method::GET, "/healthz") => Ok(json(
+            StatusCode::OK,
+            Bytes::from_static(b"{\"status\":\"ok\"}"),
+        )),
         (&Method::GET, "/readyz") => {
             if app.draining.load(Ordering::SeqCst) {
-                Err(GatewayError::ShuttingDown("the gateway is shutting down".into()))
+                Err(GatewayError::ShuttingDown(
+                    "the gateway is shutting down".into(),
+                ))
             } else {
-                Ok(json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ready\"}")))
+                Ok(json(
+                    StatusCode::OK,
+                    Bytes::from_static(b"{\"status\":\"ready\"}"),
+                ))
             }
         }
         (m, p @ ("/v1/chat/completions" | "/v1/models" | "/healthz" | "/readyz")) => {
-            let allow = if p == "/v1/chat/completions" { "POST" } else { "GET" };
+            let allow = if p == "/v1/chat/completions" {
+                "POST"
+            } else {
+                "GET"
+            };
             let mut resp = error_response(&GatewayError::MethodNotAllowed(format!(
                 "{m} is not allowed on {p}; use {allow}"
             )));
-            resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
             Ok(resp)
         }
-        (m, p) => Err(GatewayError::NotFound(format!("Unknown request URL: {m} {p}"))),
+        (m, p) => Err(GatewayError::NotFound(format!(
+            "Unknown request URL: {m} {p}"
+        ))),
     }
 }
 
-async fn chat(app: &App, req: Request<Incoming>, request_id: &Arc<str>) -> Result<HttpResponse, GatewayError> {
-    let caller = authenticate(app, req.headers(), request_id)?;
+async fn chat(
+    app: &App,
+    req: Request<Incoming>,
+    request_id: &Arc<str>,
+) -> Result<HttpResponse, GatewayError> {
+    let caller = authenticate(app, req.headers(), request_id).await?;
+    let started = tokio::time::Instant::now();
     let policy = app.gateway.policy();
-    let body = read_body(req, policy.server.max_body_bytes.0, policy.server.body_read_timeout).await?;
-    let chat = ChatRequest::parse(body)?;
+    let parsed = match read_body(
+        req,
+        policy.server.max_body_bytes.0,
+        policy.server.body_read_timeout,
+    )
+    .await
+    {
+        Ok(body) => ChatRequest::parse(body),
+        Err(e) => Err(e),
+    };
+    let chat = match parsed {
+        Ok(chat) => chat,
+        Err(e) => {
+            app.gateway
+                .record_rejection(&caller, "(invalid request)", false, &e, started);
+            return Err(e);
+        }
+    };
     let reply = app.gateway.chat(&caller, chat).await?;
 
-    let mut resp = Response::new(reply.body);
+    let mut resp = Response::new(HttpBody::Left(reply.body));
     *resp.status_mut() = reply.status;
     *resp.headers_mut() = reply.headers;
     let h = resp.headers_mut();
@@ -88,25 +150,40 @@ async fn chat(app: &App, req: Request<Incoming>, request_id: &Arc<str>) -> Resul
 }
 
 /// Establishes who pays for the upstream call.
-fn authenticate(app: &App, headers: &HeaderMap, request_id: &Arc<str>) -> Result<Caller, GatewayError> {
-    let credential = match app.gateway.policy().auth_mode() {
+/// Establishes who is calling and who pays for the upstream call.
+pub(crate) async fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    request_id: &Arc<str>,
+) -> Result<Caller, GatewayError> {
+    let mut caller = Caller::server(request_id.clone());
+    match app.gateway.policy().auth_mode() {
         // The SDKs always send some key; in open mode it is not looked at.
-        AuthMode::Open => Credential::Server,
-        AuthMode::Passthrough => Credential::Poe(bearer(headers).ok_or_else(|| {
-            GatewayError::Unauthorized(
-                "this gateway forwards your own Poe API key: send `Authorization: Bearer <your Poe key>`"
-                    .into(),
-            )
-        })?),
-        AuthMode::Keys => {
-            return Err(GatewayError::Internal("auth.mode = keys is not available in this build".into()));
+        AuthMode::Open => {}
+        AuthMode::Passthrough => {
+            let key = bearer(headers).ok_or_else(|| {
+                GatewayError::Unauthorized(
+                    "this gateway forwards your own Poe API key: send `Authorization: Bearer <your Poe key>`"
+                        .into(),
+                )
+            })?;
+            // A stable id for the caller's own usage report; the key itself is never stored.
+            let id = crate::gateway::keys::hash_key(key.expose());
+            caller.key_id = Some(Arc::from(format!("pt_{}", &id[..16])));
+            caller.credential = Credential::Poe(key);
         }
-    };
-    Ok(Caller {
-        request_id: request_id.clone(),
-        credential,
-        key_id: None,
-    })
+        AuthMode::Keys => {
+            let key = bearer(headers).ok_or_else(|| {
+                GatewayError::Unauthorized(
+                    "send your gateway key as `Authorization: Bearer pgw_...`".into(),
+                )
+            })?;
+            let rec = app.gateway.keys().authenticate(key.expose()).await?;
+            caller.key_id = Some(Arc::from(rec.id.as_str()));
+            caller.key = Some(rec);
+        }
+    }
+    Ok(caller)
 }
 
 fn bearer(headers: &HeaderMap) -> Option<Secret> {
@@ -118,7 +195,11 @@ fn bearer(headers: &HeaderMap) -> Option<Secret> {
 
 /// Reads the whole request body (it is small next to responses, and a retry must resend it),
 /// refusing more than `limit` bytes and clients slower than `timeout`.
-async fn read_body(req: Request<Incoming>, limit: u64, timeout: std::time::Duration) -> Result<Bytes, GatewayError> {
+async fn read_body(
+    req: Request<Incoming>,
+    limit: u64,
+    timeout: std::time::Duration,
+) -> Result<Bytes, GatewayError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -137,8 +218,12 @@ async fn read_body(req: Request<Incoming>, limit: u64, timeout: std::time::Durat
             param: None,
         }),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(GatewayError::PayloadTooLarge { limit }),
-        Ok(Err(e)) => Err(GatewayError::bad_request(format!("could not read the request body: {e}"))),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(GatewayError::PayloadTooLarge { limit })
+        }
+        Ok(Err(e)) => Err(GatewayError::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
     }
 }
 
@@ -153,11 +238,13 @@ fn request_id(headers: &HeaderMap) -> Arc<str> {
     Arc::from(uuid::Uuid::new_v4().to_string())
 }
 
-fn json(status: StatusCode, body: Bytes) -> HttpResponse {
-    let mut resp = Response::new(ReplyBody::Full { data: Some(body) });
+pub(crate) fn json(status: StatusCode, body: Bytes) -> HttpResponse {
+    let mut resp = Response::new(HttpBody::Left(ReplyBody::Full { data: Some(body) }));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -166,7 +253,8 @@ pub(crate) fn error_response(e: &GatewayError) -> HttpResponse {
     if let Some(after) = e.retry_after() {
         // Whole seconds, rounded up, as Retry-After requires.
         let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
     resp
 }

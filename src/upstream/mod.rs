@@ -73,6 +73,7 @@ pub struct Upstream {
     client: HttpsClient,
     chat_uri: Uri,
     models_uri: Uri,
+    balance_uri: Uri,
     first_byte: Duration,
     user_agent: HeaderValue,
 }
@@ -109,6 +110,7 @@ impl Upstream {
             client,
             chat_uri: uri("/v1/chat/completions")?,
             models_uri: uri("/v1/models")?,
+            balance_uri: uri("/usage/current_balance")?,
             first_byte,
             user_agent: HeaderValue::from_static(concat!(
                 "poe-gateway/",
@@ -161,6 +163,37 @@ impl Upstream {
         .map_err(|e| UpstreamError::Broken(e.to_string()))?
         .to_bytes();
         Ok((status, body))
+    }
+
+    /// Poe's compute-point balance for `key` (`GET /usage/current_balance`).
+    pub async fn balance(&self, key: &Secret) -> Result<i64, String> {
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(self.balance_uri.clone())
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, self.user_agent.clone())
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        if let Some(auth) = key.bearer() {
+            req.headers_mut().insert(header::AUTHORIZATION, auth);
+        }
+        let resp = self.send(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = tokio::time::timeout(self.first_byte, Limited::new(resp.into_body(), 64 * 1024).collect())
+            .await
+            .map_err(|_| "timed out reading the balance".to_string())?
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("Poe answered {status}: {}", String::from_utf8_lossy(&body)));
+        }
+        #[derive(serde::Deserialize)]
+        struct Balance {
+            current_point_balance: i64,
+        }
+        serde_json::from_slice::<Balance>(&body)
+            .map(|b| b.current_point_balance)
+            .map_err(|e| format!("unexpected balance answer: {e}"))
     }
 
     async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {

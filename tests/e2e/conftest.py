@@ -8,6 +8,8 @@ request's ``model``:
 * ``missing-bot``  -> 404 Poe-shaped ``not_found_error``
 * ``flaky-429``    -> first request 429 (``Retry-After: 1``), then normal
 * ``auth-fail``    -> 401 Poe-shaped ``authentication_error``
+* ``gpt-image-1``  -> a completion in Poe's media markdown
+  (``![image.png](<IMAGE_URL>)`` followed by the bare URL)
 * anything else    -> a normal completion echoing the model name
   (SSE with hand-written chunked encoding when ``"stream": true``)
 
@@ -44,6 +46,7 @@ POLICIES_TOML = """\
 [aliases]
 claude = "claude-sonnet-4.5"
 resilient = ["missing-bot", "gpt-5"]
+image = "gpt-image-1"
 
 [retry]
 base_backoff = "10ms"
@@ -53,11 +56,15 @@ UPSTREAM_MODELS = [
     {"id": "claude-sonnet-4.5", "object": "model", "created": 1700000000000, "owned_by": "Anthropic"},
     {"id": "gpt-5", "object": "model", "created": 1700000000001, "owned_by": "OpenAI"},
     {"id": "gemini-2.5-pro", "object": "model", "created": 1700000000002, "owned_by": "Google"},
+    {"id": "gpt-image-1", "object": "model", "created": 1700000000003, "owned_by": "OpenAI"},
 ]
 
 STREAM_PIECES = ["Hello", ", ", "world"]
 FULL_TEXT = "".join(STREAM_PIECES)
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+# What Poe's image bots answer: markdown, then the bare URL.
+IMAGE_URL = "https://pfst.cf2.poecdn.net/base/image/abc?w=1024&h=1024"
+IMAGE_MARKDOWN = f"![image.png]({IMAGE_URL})\n\n{IMAGE_URL}"
 
 # Loopback traffic must never go through a proxy (httpx2 and urllib honour
 # the *_PROXY variables).
@@ -197,12 +204,14 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
                     _poe_error(429, "rate_limit_error", "Rate limit exceeded, retry later"),
                     {"Retry-After": "1"},
                 )
+            elif model == "gpt-image-1":
+                self._complete(model, IMAGE_MARKDOWN)
             elif body.get("stream"):
                 self._stream(model, body)
             else:
                 self._complete(model)
 
-        def _complete(self, model: str) -> None:
+        def _complete(self, model: str, text: str = FULL_TEXT) -> None:
             self._send_json(
                 200,
                 {
@@ -213,7 +222,7 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": FULL_TEXT},
+                            "message": {"role": "assistant", "content": text},
                             "finish_reason": "stop",
                         }
                     ],

@@ -214,6 +214,14 @@ impl MockUpstream {
         self.state.received.lock().unwrap().clone()
     }
 
+    /// Only the chat completion requests, in order.
+    pub fn chats(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.path == "/v1/chat/completions")
+            .collect()
+    }
+
     pub fn chat_calls(&self) -> usize {
         self.received()
             .iter()
@@ -242,9 +250,16 @@ type MockBody = http_body_util::Either<
     StreamBody<tokio_stream_shim::Receiver<Result<Frame<Bytes>, std::io::Error>>>,
 >;
 
-async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<MockBody>, std::io::Error> {
+async fn handle(
+    st: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, std::io::Error> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     st.received.lock().unwrap().push(Received {
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
@@ -256,6 +271,21 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<MockB
         let mut resp = Response::new(MockBody::Left(Full::new(models)));
         resp.headers_mut()
             .insert("content-type", "application/json".parse().unwrap());
+        return Ok(resp);
+    }
+    if parts.uri.path() == "/usage/current_balance" {
+        let mut resp = Response::new(MockBody::Left(Full::new(Bytes::from_static(
+            b"{\"current_point_balance\":123456}",
+        ))));
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        return Ok(resp);
+    }
+    if parts.uri.path() != "/v1/chat/completions" {
+        let mut resp = Response::new(MockBody::Left(Full::new(Bytes::from_static(
+            b"{\"error\":{\"code\":404,\"type\":\"not_found_error\",\"message\":\"no such endpoint\"}}",
+        ))));
+        *resp.status_mut() = StatusCode::NOT_FOUND;
         return Ok(resp);
     }
     let reply = {
@@ -305,7 +335,9 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<MockB
             }
         }
     });
-    let mut resp = Response::new(MockBody::Right(StreamBody::new(tokio_stream_shim::Receiver(rx))));
+    let mut resp = Response::new(MockBody::Right(StreamBody::new(
+        tokio_stream_shim::Receiver(rx),
+    )));
     *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap();
     for (k, v) in &reply.headers {
         resp.headers_mut().append(
@@ -394,7 +426,8 @@ impl TestGateway {
         ];
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let policy = config::parse("test.toml", policy, vars).expect("test policy is valid");
-        let gateway = poe_gateway::Gateway::new(policy, Some(Secret::new(UPSTREAM_KEY))).expect("gateway");
+        let gateway =
+            poe_gateway::Gateway::new(policy, Some(Secret::new(UPSTREAM_KEY))).expect("gateway");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let handle = poe_gateway::http::spawn(listener, gateway).unwrap();
         TestGateway {
@@ -414,24 +447,35 @@ impl TestGateway {
 }
 
 /// A plain HTTP/1.1 client on its own connection.
-pub fn client() -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+pub fn client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+> {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
 }
 
 pub async fn post(gw: &TestGateway, body: &str, headers: &[(&str, &str)]) -> Response<Incoming> {
-    let mut req = Request::post(gw.url("/v1/chat/completions")).header("content-type", "application/json");
+    let mut req =
+        Request::post(gw.url("/v1/chat/completions")).header("content-type", "application/json");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     client()
-        .request(req.body(Full::new(Bytes::copy_from_slice(body.as_bytes()))).unwrap())
+        .request(
+            req.body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+                .unwrap(),
+        )
         .await
         .expect("gateway answered")
 }
 
 pub async fn get(gw: &TestGateway, path: &str) -> Response<Incoming> {
     client()
-        .request(Request::get(gw.url(path)).body(Full::new(Bytes::new())).unwrap())
+        .request(
+            Request::get(gw.url(path))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
         .await
         .expect("gateway answered")
 }
@@ -442,7 +486,8 @@ pub async fn body_bytes(resp: Response<Incoming>) -> Bytes {
 
 pub async fn body_json(resp: Response<Incoming>) -> serde_json::Value {
     let b = body_bytes(resp).await;
-    serde_json::from_slice(&b).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&b)))
+    serde_json::from_slice(&b)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&b)))
 }
 
 /// Reads the next data frame, failing the test if none comes within `secs` (a hang guard,
@@ -478,7 +523,10 @@ pub async fn expect_error(resp: Response<Incoming>, status: u16, kind: &str) -> 
     assert_eq!(resp.status().as_u16(), status, "status");
     assert!(resp.headers().contains_key("x-request-id"));
     let v = body_json(resp).await;
-    let e = v.get("error").unwrap_or_else(|| panic!("no error object: {v}")).clone();
+    let e = v
+        .get("error")
+        .unwrap_or_else(|| panic!("no error object: {v}"))
+        .clone();
     assert_eq!(e["type"], kind, "{v}");
     assert!(e["message"].is_string(), "{v}");
     assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
@@ -486,3 +534,95 @@ pub async fn expect_error(resp: Response<Incoming>, status: u16, kind: &str) -> 
 }
 
 pub fn _unused(_: Infallible) {}
+
+/// Databases to run ledger tests against: a fresh SQLite file always, and a fresh Postgres
+/// database when `POE_GATEWAY_TEST_POSTGRES_URL` names a server (scripts/test.sh starts one).
+/// In CI a missing server is an error, not a skip.
+pub async fn databases() -> Vec<String> {
+    let dir = std::env::temp_dir().join(format!(
+        "poe-gateway-test-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let mut out = vec![format!("sqlite://{}/ledger.db", dir.display())];
+    match std::env::var("POE_GATEWAY_TEST_POSTGRES_URL") {
+        Ok(base) => out.push(fresh_postgres(&base).await),
+        Err(_) if std::env::var("CI").is_ok() => {
+            panic!("CI must run the Postgres ledger tests: set POE_GATEWAY_TEST_POSTGRES_URL")
+        }
+        Err(_) => {
+            eprintln!("POE_GATEWAY_TEST_POSTGRES_URL not set: ledger tests run on SQLite only")
+        }
+    }
+    out
+}
+
+async fn fresh_postgres(base: &str) -> String {
+    let (client, conn) = tokio_postgres::connect(base, tokio_postgres::NoTls)
+        .await
+        .expect("test postgres reachable");
+    tokio::spawn(conn);
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
+
+impl TestGateway {
+    /// A gateway with its ledger at `database_url` (as `serve` runs it), and an admin key.
+    pub async fn with_ledger(
+        upstream: &MockUpstream,
+        policy: &str,
+        env: &[(&str, &str)],
+        database_url: &str,
+    ) -> (TestGateway, poe_gateway::Gateway) {
+        let mut vars: Vec<(String, String)> = vec![
+            ("POE_BASE_URL".into(), upstream.url()),
+            ("POE_GATEWAY_LISTEN".into(), "127.0.0.1:0".into()),
+        ];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let policy = config::parse("test.toml", policy, vars).expect("test policy is valid");
+        let gateway = poe_gateway::Gateway::open(
+            policy,
+            Some(Secret::new(UPSTREAM_KEY)),
+            Some(Secret::new(ADMIN_KEY)),
+            database_url,
+        )
+        .await
+        .expect("gateway");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let handle = poe_gateway::http::spawn(listener, gateway.clone()).unwrap();
+        (
+            TestGateway {
+                addr: handle.local_addr,
+                handle: Some(handle),
+            },
+            gateway,
+        )
+    }
+}
+
+pub const ADMIN_KEY: &str = "admin-test-key-9876543210";
+
+/// A request with any method, path, headers and body.
+pub async fn request(
+    gw: &TestGateway,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Response<Incoming> {
+    let mut req = Request::builder().method(method).uri(gw.url(path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    client()
+        .request(
+            req.body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+                .unwrap(),
+        )
+        .await
+        .expect("gateway answered")
+}

@@ -1,0 +1,382 @@
+#!/usr/bin/env bash
+# poe-gateway load comparison and memory benchmarks (issue 8). Results: benches/README.md.
+#
+#   bash benches/run.sh              # load comparison (direct / nginx / gateway, JSON and SSE) + memory
+#   bash benches/run.sh compare      # only the load comparison
+#   bash benches/run.sh memory       # only idle RSS and 10,000 held streams
+#   bash benches/run.sh soak [DUR]   # soak at moderate load, RSS sampled; DUR like 600, 120s or 2m (default 10m)
+#   bash benches/run.sh profile      # callgrind instruction counts of the gateway's request path
+#
+# Knobs (env): ROUNDS (3), DURATION seconds per run (4), WARMUP (1), CONNS (32),
+#   HOLD_STREAMS (10000), SOAK_RATE req/s per target (300), SOAK_CONNS (8), KEEP_TMP=1.
+# Every server binds 127.0.0.1 only; every load loop is bounded in time and count.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+MODE=${1:-all}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-4}
+WARMUP=${WARMUP:-1}
+CONNS=${CONNS:-32}
+HOLD_STREAMS=${HOLD_STREAMS:-10000}
+SOAK_RATE=${SOAK_RATE:-300}
+SOAK_CONNS=${SOAK_CONNS:-8}
+
+log() { printf '== %s\n' "$*" >&2; }
+die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
+
+case "$MODE" in
+  all|compare|memory|soak|profile) ;;
+  *) die "unknown mode '$MODE' (all, compare, memory, soak [DUR], profile)" ;;
+esac
+
+duration_secs() { # 600 | 120s | 2m | 1h
+  local d=$1
+  case "$d" in
+    *h) echo $(( ${d%h} * 3600 )) ;;
+    *m) echo $(( ${d%m} * 60 )) ;;
+    *s) echo "${d%s}" ;;
+    *) echo "$d" ;;
+  esac
+}
+SOAK_SECS=$(duration_secs "${2:-${SOAK_SECS:-600}}")
+
+# --- tools --------------------------------------------------------------------------------------
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y --no-install-recommends "$@" >/dev/null 2>&1 \
+    || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends "$@" >/dev/null; }
+}
+NGINX=$(command -v nginx || true)
+[ -z "$NGINX" ] && [ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx
+if [ -z "$NGINX" ]; then
+  log "installing nginx from Debian"
+  apt_install nginx-light || apt_install nginx || die "cannot install nginx"
+  NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+fi
+command -v curl >/dev/null || apt_install curl
+if [ "$MODE" = profile ] && ! command -v valgrind >/dev/null; then apt_install valgrind; fi
+
+# 10,000 held streams need about 10,000 descriptors in the load tool and in the slow upstream,
+# and two per stream in the gateway.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+log "building (release): poe-gateway and benches/load.rs"
+BUILD_OUT=$(cargo build --release --bin poe-gateway --bench load --message-format=json-render-diagnostics) \
+  || die "cargo build failed"
+GW_BIN=$(grep -o '"executable":"[^"]*/poe-gateway"' <<<"$BUILD_OUT" | tail -1 | cut -d'"' -f4)
+LOAD_BIN=$(grep -o '"executable":"[^"]*/load-[0-9a-f]*"' <<<"$BUILD_OUT" | tail -1 | cut -d'"' -f4)
+[ -x "$GW_BIN" ] && [ -x "$LOAD_BIN" ] || die "build artifacts not found"
+
+TMP=$(mktemp -d /tmp/poe-gateway-bench.XXXXXX)
+chmod 755 "$TMP"
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ "${KEEP_TMP:-0}" = 1 ]; then log "kept $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- machine ------------------------------------------------------------------------------------
+log "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+log "machine: nproc $(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+log "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ' (+ uncommitted changes)'); $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'); open files $(ulimit -n)"
+
+read -r P_UP_JSON P_UP_SSE P_PX_JSON P_PX_SSE P_PX_DRIP <<<"$("$LOAD_BIN" ports 5)"
+
+# --- bodies ---------------------------------------------------------------------------------------
+MSG='"messages":[{"role":"user","content":"Say hello in one short sentence."}]'
+printf '{"model":"gpt-5",%s}' "$MSG" >"$TMP/req-json.json"
+printf '{"model":"gpt-5",%s,"stream":true}' "$MSG" >"$TMP/req-sse.json"
+printf '{"model":"drip",%s,"stream":true}' "$MSG" >"$TMP/req-drip.json"
+printf '{"model":"hold",%s,"stream":true}' "$MSG" >"$TMP/req-hold.json"
+
+# The fast upstream's answers, Poe-shaped. nginx strings take \n escapes.
+ID='"id":"chatcmpl-bench0001","created":1767225600,"model":"gpt-5"'
+JSON_REPLY="{$ID,\"object\":\"chat.completion\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"Hello! This is a fixed answer from the benchmark upstream.\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":14,\"completion_tokens\":12,\"total_tokens\":26}}"
+chunk() { printf 'data: {%s,"object":"chat.completion.chunk","choices":[{"index":0,"delta":%s,"finish_reason":%s}]}\\n\\n' "$ID" "$1" "$2"; }
+SSE_REPLY=$(
+  chunk '{"role":"assistant","content":""}' null
+  for w in 'Hello!' ' This' ' is' ' a' ' fixed' ' answer' ' from' ' the benchmark upstream.'; do
+    chunk "{\"content\":\"$w\"}" null
+  done
+  chunk '{}' '"stop"'
+  printf 'data: {%s,"object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":14,"completion_tokens":12,"total_tokens":26}}\\n\\n' "$ID"
+  printf 'data: [DONE]\\n\\n'
+)
+nginx_escape() { sed "s/'/\\\\'/g" <<<"$1"; }
+
+# --- servers ------------------------------------------------------------------------------------
+nginx_common() { # $1 prefix dir
+  cat <<EOF
+worker_processes 2;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 16384; multi_accept on; }
+http {
+  access_log off;
+  client_body_temp_path $1/client_body;
+  proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fastcgi;
+  uwsgi_temp_path $1/uwsgi;
+  scgi_temp_path $1/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  server_tokens off;
+EOF
+}
+
+start_nginx() { # $1 name; the config is $TMP/$1/nginx.conf. Runs in the foreground (daemon off)
+  local dir=$TMP/$1
+  "$NGINX" -t -q -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" || die "nginx config $1 is invalid"
+  "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" </dev/null >"$dir/stdout.log" 2>&1 &
+  PIDS+=($!)
+}
+
+wait_port() { # $1 port
+  local i
+  for i in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  die "nothing listens on 127.0.0.1:$1"
+}
+
+start_upstream_nginx() {
+  mkdir -p "$TMP/nginx-upstream"
+  chmod 755 "$TMP/nginx-upstream"
+  {
+    nginx_common "$TMP/nginx-upstream"
+    cat <<EOF
+  server {
+    listen 127.0.0.1:$P_UP_JSON backlog=4096;
+    location = /v1/chat/completions { default_type application/json; return 200 '$(nginx_escape "$JSON_REPLY")'; }
+    location / { return 404; }
+  }
+  server {
+    listen 127.0.0.1:$P_UP_SSE backlog=4096;
+    location = /v1/chat/completions {
+      default_type text/event-stream;
+      add_header Cache-Control no-cache;
+      return 200 '$(nginx_escape "$SSE_REPLY")';
+    }
+    location / { return 404; }
+  }
+}
+EOF
+  } >"$TMP/nginx-upstream/nginx.conf"
+  start_nginx nginx-upstream
+  wait_port "$P_UP_JSON"
+  wait_port "$P_UP_SSE"
+}
+
+start_proxy_nginx() { # $1 slow upstream port
+  mkdir -p "$TMP/nginx-proxy"
+  chmod 755 "$TMP/nginx-proxy"
+  {
+    nginx_common "$TMP/nginx-proxy"
+    local name port
+    for name in json sse drip; do
+      case $name in json) port=$P_UP_JSON ;; sse) port=$P_UP_SSE ;; drip) port=$1 ;; esac
+      cat <<EOF
+  upstream up_$name { server 127.0.0.1:$port; keepalive 64; keepalive_requests 100000000; keepalive_timeout 300s; }
+EOF
+    done
+    for name in json sse drip; do
+      case $name in json) port=$P_PX_JSON ;; sse) port=$P_PX_SSE ;; drip) port=$P_PX_DRIP ;; esac
+      cat <<EOF
+  server {
+    listen 127.0.0.1:$port backlog=4096;
+    location / {
+      proxy_pass http://up_$name;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+EOF
+    done
+    echo "}"
+  } >"$TMP/nginx-proxy/nginx.conf"
+  start_nginx nginx-proxy
+  wait_port "$P_PX_JSON"
+  wait_port "$P_PX_SSE"
+  wait_port "$P_PX_DRIP"
+}
+
+SLOW_URL=
+start_slow_upstream() {
+  "$LOAD_BIN" slow-upstream --listen 127.0.0.1:0 --hold-secs 240 --max-secs 7200 </dev/null >"$TMP/slow.out" 2>"$TMP/slow.err" &
+  PIDS+=($!)
+  local i
+  for i in $(seq 1 100); do
+    SLOW_URL=$(sed -n 's/^slow-upstream listening on //p' "$TMP/slow.out" 2>/dev/null | head -1)
+    [ -n "$SLOW_URL" ] && return 0
+    sleep 0.05
+  done
+  die "slow upstream did not start: $(cat "$TMP/slow.err")"
+}
+
+declare -A GW_PID GW_URL
+start_gateway() { # $1 name, $2 upstream base URL, $3 RUST_LOG, then extra VAR=value
+  local name=$1 base=$2 level=$3
+  shift 3
+  env POE_API_KEY=bench-not-a-key POE_BASE_URL="$base" POE_GATEWAY_LISTEN=127.0.0.1:0 \
+    POE_GATEWAY_LIMITS__UPSTREAM_RPM=100000000 RUST_LOG="$level" "$@" \
+    "$GW_BIN" serve </dev/null >"$TMP/$name.out" 2>"$TMP/$name.err" &
+  local pid=$!
+  PIDS+=("$pid")
+  local i url=
+  for i in $(seq 1 200); do
+    url=$(sed -n 's/^poe-gateway listening on //p' "$TMP/$name.out" 2>/dev/null | head -1)
+    [ -n "$url" ] && break
+    kill -0 "$pid" 2>/dev/null || die "gateway $name exited: $(cat "$TMP/$name.err")"
+    sleep 0.05
+  done
+  [ -n "$url" ] || die "gateway $name did not start"
+  GW_PID[$name]=$pid
+  GW_URL[$name]=$url
+}
+
+stop_gateway() { kill "${GW_PID[$1]}" 2>/dev/null || true; wait "${GW_PID[$1]}" 2>/dev/null || true; }
+
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+CHAT=/v1/chat/completions
+
+# --- modes --------------------------------------------------------------------------------------
+run_compare() {
+  log "load comparison: $ROUNDS rounds x (${WARMUP}s warm-up + ${DURATION}s) per run, 1 and $CONNS connections"
+  start_gateway gw-json "http://127.0.0.1:$P_UP_JSON" warn
+  start_gateway gw-sse "http://127.0.0.1:$P_UP_SSE" warn
+  start_gateway gw-json-info "http://127.0.0.1:$P_UP_JSON" info
+  start_gateway gw-sse-info "http://127.0.0.1:$P_UP_SSE" info
+  start_gateway gw-drip "$SLOW_URL" warn
+  # Fresh gateways, before any request.
+  log "idle RSS of a fresh gateway: $(rss_kb "${GW_PID[gw-json]}") kB"
+  "$LOAD_BIN" compare \
+    --rounds "$ROUNDS" --duration "$DURATION" --warmup "$WARMUP" --conns "$CONNS" \
+    --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" --body-drip "$TMP/req-drip.json" \
+    --target "json:direct=http://127.0.0.1:$P_UP_JSON$CHAT" \
+    --target "json:nginx=http://127.0.0.1:$P_PX_JSON$CHAT" \
+    --target "json:gateway=${GW_URL[gw-json]}$CHAT" \
+    --target "json:gateway-info=${GW_URL[gw-json-info]}$CHAT" \
+    --target "sse:direct=http://127.0.0.1:$P_UP_SSE$CHAT" \
+    --target "sse:nginx=http://127.0.0.1:$P_PX_SSE$CHAT" \
+    --target "sse:gateway=${GW_URL[gw-sse]}$CHAT" \
+    --target "sse:gateway-info=${GW_URL[gw-sse-info]}$CHAT" \
+    --target "drip:direct=$SLOW_URL$CHAT" \
+    --target "drip:nginx=http://127.0.0.1:$P_PX_DRIP$CHAT" \
+    --target "drip:gateway=${GW_URL[gw-drip]}$CHAT" \
+    --markdown-out "$TMP/compare.md"
+  log "gateway RSS after the comparison: JSON $(rss_kb "${GW_PID[gw-json]}") kB, SSE $(rss_kb "${GW_PID[gw-sse]}") kB"
+  log "access log written at RUST_LOG=info: $(wc -l <"$TMP/gw-json-info.err") + $(wc -l <"$TMP/gw-sse-info.err") lines, $(( ($(stat -c %s "$TMP/gw-json-info.err") + $(stat -c %s "$TMP/gw-sse-info.err")) / 1024 )) KiB"
+  local w
+  for w in gw-json gw-sse gw-drip; do
+    if [ -s "$TMP/$w.err" ]; then log "$w wrote to stderr at RUST_LOG=warn:"; head -5 "$TMP/$w.err" >&2; fi
+  done
+  for w in gw-json gw-sse gw-json-info gw-sse-info gw-drip; do stop_gateway "$w"; done
+}
+
+run_memory() {
+  local base=(POE_GATEWAY_LIMITS__MAX_CONCURRENT_UPSTREAM=20000)
+  log "memory: idle RSS"
+  start_gateway gw-mem1 "$SLOW_URL" warn "${base[@]}"
+  sleep 2
+  local idle fds
+  idle=$(rss_kb "${GW_PID[gw-mem1]}")
+  fds=$(ls "/proc/${GW_PID[gw-mem1]}/fd" | wc -l)
+  curl -sS -N --max-time 10 -H 'content-type: application/json' --data-binary "@$TMP/req-drip.json" \
+    "${GW_URL[gw-mem1]}$CHAT" -o /dev/null || die "warm-up request failed"
+  sleep 1
+  echo "IDLE-RSS fresh=${idle}kB after_one_stream=$(rss_kb "${GW_PID[gw-mem1]}")kB open_files=$fds (target < 30 MB)"
+
+  log "memory: $HOLD_STREAMS held SSE streams over HTTP/1.1 (limits.max_concurrent_upstream raised to 20000; the default is 1024)"
+  "$LOAD_BIN" hold --url "${GW_URL[gw-mem1]}$CHAT" --body "$TMP/req-hold.json" --pid "${GW_PID[gw-mem1]}" \
+    --streams "$HOLD_STREAMS" --fit-fd-limit --checkpoint $((HOLD_STREAMS / 2)) --settle 5 || HOLD_FAIL=1
+  stop_gateway gw-mem1
+
+  log "memory: $HOLD_STREAMS held SSE streams over h2c (100 per connection), fresh gateway"
+  start_gateway gw-mem2 "$SLOW_URL" warn "${base[@]}"
+  sleep 1
+  "$LOAD_BIN" hold --url "${GW_URL[gw-mem2]}$CHAT" --body "$TMP/req-hold.json" --pid "${GW_PID[gw-mem2]}" \
+    --streams "$HOLD_STREAMS" --h2 --per-conn 100 --checkpoint $((HOLD_STREAMS / 2)) --settle 5 || HOLD_FAIL=1
+  stop_gateway gw-mem2
+  [ -z "${HOLD_FAIL:-}" ] || die "not every stream was held (see above)"
+}
+
+run_soak() {
+  log "soak: ${SOAK_SECS}s at ${SOAK_RATE} req/s per target (JSON, SSE, SSE hung up after the first event)"
+  start_gateway gw-json "http://127.0.0.1:$P_UP_JSON" warn
+  start_gateway gw-sse "http://127.0.0.1:$P_UP_SSE" warn
+  start_gateway gw-drip "$SLOW_URL" warn
+  "$LOAD_BIN" soak --duration "$SOAK_SECS" --rate "$SOAK_RATE" --conns "$SOAK_CONNS" --sample-secs 5 \
+    --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" --body-drip "$TMP/req-drip.json" \
+    --target "json:gateway=${GW_URL[gw-json]}$CHAT" \
+    --target "sse:gateway=${GW_URL[gw-sse]}$CHAT" \
+    --target "drip-cancel:gateway=${GW_URL[gw-drip]}$CHAT" \
+    --pid "json=${GW_PID[gw-json]}" --pid "sse=${GW_PID[gw-sse]}" --pid "sse-cancel=${GW_PID[gw-drip]}"
+}
+
+run_profile() {
+  command -v valgrind >/dev/null || die "valgrind is needed"
+  local kind
+  for kind in json sse; do
+    local port=$P_UP_JSON
+    [ $kind = sse ] && port=$P_UP_SSE
+    log "profile ($kind): gateway under callgrind, 2,000 serial requests"
+    env POE_API_KEY=bench-not-a-key POE_BASE_URL="http://127.0.0.1:$port" POE_GATEWAY_LISTEN=127.0.0.1:0 \
+      POE_GATEWAY_LIMITS__UPSTREAM_RPM=100000000 RUST_LOG=warn \
+      valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind.$kind" --dump-instr=no \
+      "$GW_BIN" serve >"$TMP/prof-$kind.out" 2>"$TMP/prof-$kind.err" &
+    local pid=$! url= i
+    PIDS+=("$pid")
+    for i in $(seq 1 600); do
+      url=$(sed -n 's/^poe-gateway listening on //p' "$TMP/prof-$kind.out" 2>/dev/null | head -1)
+      [ -n "$url" ] && break
+      sleep 0.1
+    done
+    [ -n "$url" ] || die "gateway under valgrind did not start"
+    # Warm up, then zero the counters so start-up is not counted.
+    "$LOAD_BIN" compare --rounds 1 --duration 5 --warmup 0 --serial-only --max-requests 200 \
+      --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" \
+      --target "$kind:gateway=$url$CHAT" >/dev/null 2>&1 || true
+    callgrind_control -z "$pid" >/dev/null 2>&1 || true
+    "$LOAD_BIN" compare --rounds 1 --duration 60 --warmup 0 --serial-only --max-requests 1000 \
+      --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" \
+      --target "$kind:gateway=$url$CHAT" 2>&1 | grep -E '^\| (JSON|SSE) ' | head -1 >&2 || true
+    kill -INT "$pid"
+    wait "$pid" 2>/dev/null || true
+    # Counted: exactly 1,000 serial requests, so instructions per request = total / 1,000.
+    echo "---- callgrind ($kind): top functions, inclusive ----"
+    callgrind_annotate --inclusive=yes "$TMP/callgrind.$kind" 2>/dev/null | head -60
+    echo "---- callgrind ($kind): top functions, self ----"
+    callgrind_annotate "$TMP/callgrind.$kind" 2>/dev/null | head -45
+    [ "${KEEP_TMP:-0}" = 1 ] && log "profile kept at $TMP/callgrind.$kind"
+  done
+}
+
+# --- run ----------------------------------------------------------------------------------------
+start_upstream_nginx
+start_slow_upstream
+start_proxy_nginx "${SLOW_URL##*:}"
+log "upstream nginx: JSON :$P_UP_JSON, SSE :$P_UP_SSE; proxy nginx: JSON :$P_PX_JSON, SSE :$P_PX_SSE, drip :$P_PX_DRIP; slow upstream $SLOW_URL"
+# Smoke: every upstream answers as expected before anything is measured.
+curl -sS --max-time 5 -H 'content-type: application/json' --data-binary "@$TMP/req-json.json" \
+  "http://127.0.0.1:$P_PX_JSON$CHAT" | grep -q '"chat.completion"' || die "nginx JSON path broken"
+curl -sS --max-time 5 -H 'content-type: application/json' --data-binary "@$TMP/req-sse.json" \
+  "http://127.0.0.1:$P_PX_SSE$CHAT" | grep -q 'data: \[DONE\]' || die "nginx SSE path broken"
+
+case "$MODE" in
+  all) run_compare; run_memory ;;
+  compare) run_compare ;;
+  memory) run_memory ;;
+  soak) run_soak ;;
+  profile) run_profile ;;
+esac
+log "done"

@@ -1,0 +1,97 @@
+//! Pricing and budget charging, done by the ledger writer on each batch, off the request path:
+//! the price needs Poe's catalogue, which a request must never wait for.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::alias::Aliases;
+use super::keys::KeyRing;
+use super::models::{Models, Price};
+use crate::ledger::{BatchHook, UsageRow};
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+/// How often a missing catalogue is fetched again for pricing when Poe is unreachable.
+const CATALOGUE_RETRY: Duration = Duration::from_secs(60);
+
+pub struct Accountant {
+    pub(crate) models: Arc<Models>,
+    pub(crate) upstream: Arc<Upstream>,
+    pub(crate) aliases: Arc<Aliases>,
+    /// `[pricing]` overrides, by lower-cased bot name: they win over Poe's catalogue.
+    pub(crate) overrides: HashMap<String, Price>,
+    pub(crate) keys: Option<Arc<KeyRing>>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) last_fetch: Mutex<Option<Instant>>,
+}
+
+impl Accountant {
+    /// The price of a bot: the policy's override, else Poe's catalogue; `None` if unknown.
+    pub fn price(&self, bot: &str) -> Option<Price> {
+        if let Some(p) = self.overrides.get(&bot.to_ascii_lowercase()) {
+            return Some(*p);
+        }
+        self.models.snapshot()?.price(bot)
+    }
+
+    async fn ensure_catalogue(&self) {
+        if self.models.snapshot().is_some() {
+            return;
+        }
+        {
+            let mut last = self.last_fetch.lock().expect("fetch lock");
+            if last.is_some_and(|t| t.elapsed() < CATALOGUE_RETRY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let fetch = self.models.get(&self.upstream, &self.aliases);
+        match tokio::time::timeout(Duration::from_secs(10), fetch).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "model catalogue unavailable; pricing from [pricing] only"),
+            Err(_) => tracing::warn!("model catalogue fetch timed out; pricing from [pricing] only"),
+        }
+    }
+
+    fn price_row(&self, row: &mut UsageRow) {
+        // Failed calls cost nothing; a cache hit costs nothing but saves its price.
+        if row.status >= 400 || row.outcome == "rejected" {
+            row.cost_usd = Some(0.0);
+            return;
+        }
+        let priced = self.price(&row.bot).map(|p| {
+            p.cost(
+                row.prompt_tokens.unwrap_or(0),
+                row.completion_tokens.unwrap_or(0),
+            )
+        });
+        if row.cache_hit {
+            row.cost_usd = Some(0.0);
+            row.saved_usd = priced;
+        } else {
+            row.cost_usd = priced;
+        }
+    }
+}
+
+impl BatchHook for Accountant {
+    fn before_write<'a>(&'a self, rows: &'a mut [UsageRow]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            self.ensure_catalogue().await;
+            for row in rows.iter_mut() {
+                self.price_row(row);
+                if let Some(cost) = row.cost_usd.filter(|c| *c > 0.0) {
+                    self.metrics.cost_usd.with_label_values(&[row.bot.as_str()]).inc_by(cost);
+                    if let (Some(keys), Some(key_id)) = (&self.keys, &row.key_id) {
+                        keys.charge(key_id, cost, row.ts_ms);
+                    }
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,265 @@
+//! Gateway-issued keys (`auth.mode = "keys"`): look-up, per-key RPM, budgets and model lists.
+//!
+//! Keys are stored as SHA-256 hashes only. A presented key is hashed and found by its hash, so
+//! the secret itself is never compared (the hash comparison is constant-time as well). Records
+//! are cached for a few seconds: a revocation through the admin API takes effect at once on
+//! this replica, and one made elsewhere (the CLI, another replica) within `CACHE_TTL`.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::limits::TokioClock;
+use crate::error::GatewayError;
+use crate::ledger::{KeyRecord, Period, Store, now_ms};
+
+const CACHE_TTL: Duration = Duration::from_secs(5);
+/// Prefix of every gateway key, so secret scanners and people can tell what one is.
+pub const KEY_PREFIX: &str = "pgw_";
+
+type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+
+pub struct KeyRing {
+    store: Store,
+    cache: moka::future::Cache<String, Option<Arc<KeyRecord>>>,
+    /// Per-key RPM limiters, made on first use with the key's own quota.
+    limiters: Mutex<HashMap<String, (u32, Arc<KeyLimiter>)>>,
+    /// Spend in the current budget period, per key id.
+    spend: Mutex<HashMap<String, Spend>>,
+    clock: TokioClock,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Spend {
+    period_start: i64,
+    usd: f64,
+}
+
+/// What `keys create` asks for.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    pub name: String,
+    #[serde(default)]
+    pub budget_usd: Option<f64>,
+    #[serde(default)]
+    pub period: Option<Period>,
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+}
+
+/// SHA-256 of a key, hex.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// A new random key: the prefix and 256 bits from the OS generator, as hex.
+pub fn generate_key() -> String {
+    let a = uuid::Uuid::new_v4();
+    let b = uuid::Uuid::new_v4();
+    format!("{KEY_PREFIX}{}{}", a.simple(), b.simple())
+}
+
+/// Creates and stores a key; returns the record and the key (shown once, never stored).
+pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String), GatewayError> {
+    let name = new.name.trim().to_string();
+    if name.is_empty() || name.len() > 200 {
+        return Err(GatewayError::bad_param("name", "`name` must be 1 to 200 characters"));
+    }
+    if new.budget_usd.is_some_and(|b| !b.is_finite() || b < 0.0) {
+        return Err(GatewayError::bad_param("budget_usd", "`budget_usd` must be a non-negative number"));
+    }
+    if new.rpm == Some(0) {
+        return Err(GatewayError::bad_param("rpm", "`rpm` must be at least 1"));
+    }
+    let models = new.models.map(|m| {
+        m.iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+    });
+    let key = generate_key();
+    let rec = KeyRecord {
+        id: format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
+        name,
+        hash: hash_key(&key),
+        created_ms: now_ms(),
+        revoked_ms: None,
+        budget_usd: new.budget_usd,
+        period: new.period.unwrap_or(Period::Month),
+        rpm: new.rpm,
+        models: models.filter(|m| !m.is_empty()),
+    };
+    store
+        .create_key(&rec)
+        .await
+        .map_err(|e| GatewayError::Internal(format!("storing the key failed: {e}")))?;
+    Ok((rec, key))
+}
+
+impl KeyRing {
+    pub fn new(store: Store, clock: TokioClock) -> KeyRing {
+        KeyRing {
+            store,
+            cache: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(CACHE_TTL)
+                .build(),
+            limiters: Mutex::new(HashMap::new()),
+            spend: Mutex::new(HashMap::new()),
+            clock,
+        }
+    }
+
+    /// The active key record for a presented key, or a 401.
+    pub async fn authenticate(&self, presented: &str) -> Result<Arc<KeyRecord>, GatewayError> {
+        let invalid = || GatewayError::Unauthorized("invalid gateway key".into());
+        if !presented.starts_with(KEY_PREFIX) {
+            return Err(invalid());
+        }
+        let hash = hash_key(presented);
+        let store = self.store.clone();
+        let h = hash.clone();
+        let found = self
+            .cache
+            .try_get_with(hash.clone(), async move {
+                store.key_by_hash(&h).await.map(|r| r.map(Arc::new))
+            })
+            .await
+            .map_err(|e| GatewayError::Internal(format!("key look-up failed: {e}")))?;
+        let rec = found.ok_or_else(invalid)?;
+        if !bool::from(rec.hash.as_bytes().ct_eq(hash.as_bytes())) {
+            return Err(invalid());
+        }
+        if rec.revoked_ms.is_some() {
+            return Err(GatewayError::Unauthorized("this gateway key has been revoked".into()));
+        }
+        Ok(rec)
+    }
+
+    /// Forgets a cached record (after a revocation through this process).
+    pub async fn invalidate(&self, hash: &str) {
+        self.cache.invalidate(hash).await;
+    }
+
+    /// Per-key requests per minute; a 429 with the wait when the key is over.
+    pub fn check_rpm(&self, rec: &KeyRecord) -> Result<(), GatewayError> {
+        let Some(rpm) = rec.rpm else {
+            return Ok(());
+        };
+        let limiter = {
+            let mut map = self.limiters.lock().expect("key limiter lock");
+            let entry = map.entry(rec.id.clone()).or_insert_with(|| (rpm, limiter(rpm, &self.clock)));
+            if entry.0 != rpm {
+                *entry = (rpm, limiter(rpm, &self.clock));
+            }
+            entry.1.clone()
+        };
+        limiter.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
+            GatewayError::RateLimited {
+                message: format!("rate limit of {rpm} requests per minute reached for this key"),
+                retry_after: Some(wait.max(Duration::from_millis(1))),
+            }
+        })
+    }
+
+    /// May this key use `model` (as asked, or the bot it resolves to)?
+    pub fn check_model(&self, rec: &KeyRecord, asked: &str, bots: &[String]) -> Result<(), GatewayError> {
+        let Some(allowed) = &rec.models else {
+            return Ok(());
+        };
+        let ok = allowed
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(asked) || bots.iter().any(|b| b.eq_ignore_ascii_case(m)));
+        if ok {
+            Ok(())
+        } else {
+            Err(GatewayError::Forbidden(format!(
+                "this key may not use model `{asked}`; allowed: {}",
+                allowed.join(", ")
+            )))
+        }
+    }
+
+    /// Refuses the call when the key's budget for the current period is spent. Checked before
+    /// the call and charged after it, so a key overshoots by at most the requests in flight.
+    pub async fn check_budget(&self, rec: &KeyRecord) -> Result<(), GatewayError> {
+        let Some(budget) = rec.budget_usd else {
+            return Ok(());
+        };
+        let start = rec.period.start_ms(now_ms());
+        let known = {
+            let map = self.spend.lock().expect("spend lock");
+            map.get(&rec.id).filter(|s| s.period_start == start).map(|s| s.usd)
+        };
+        let spent = match known {
+            Some(usd) => usd,
+            None => {
+                // First use in this period (or since start): the ledger has the history.
+                let from_db = self
+                    .store
+                    .spent_since(&rec.id, start)
+                    .await
+                    .map_err(|e| GatewayError::Internal(format!("budget look-up failed: {e}")))?;
+                let mut map = self.spend.lock().expect("spend lock");
+                let entry = map.entry(rec.id.clone()).or_insert(Spend {
+                    period_start: start,
+                    usd: from_db,
+                });
+                if entry.period_start != start {
+                    *entry = Spend {
+                        period_start: start,
+                        usd: from_db,
+                    };
+                }
+                entry.usd
+            }
+        };
+        if spent >= budget {
+            return Err(GatewayError::QuotaExceeded(format!(
+                "this key has used its budget of ${budget:.2} for the current {} (spent ${spent:.4})",
+                rec.period.as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Adds a finished request's cost to its key's running spend.
+    pub fn charge(&self, key_id: &str, usd: f64, ts_ms: i64) {
+        let mut map = self.spend.lock().expect("spend lock");
+        if let Some(s) = map.get_mut(key_id) {
+            if ts_ms >= s.period_start {
+                s.usd += usd;
+            }
+        }
+    }
+}
+
+fn limiter(rpm: u32, clock: &TokioClock) -> Arc<KeyLimiter> {
+    let quota = Quota::per_minute(NonZeroU32::new(rpm.max(1)).expect("rpm >= 1"));
+    Arc::new(RateLimiter::direct_with_clock(quota, clock.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_long_random_and_prefixed() {
+        let a = generate_key();
+        assert!(a.starts_with(KEY_PREFIX));
+        assert_eq!(a.len(), KEY_PREFIX.len() + 64);
+        assert_ne!(a, generate_key());
+        assert_eq!(hash_key(&a).len(), 64);
+    }
+}

@@ -1,0 +1,303 @@
+//! The usage ledger: one row per request, written off the request path.
+//!
+//! A request's completion hands its row to [`Ledger::record`], which only puts it on a bounded
+//! queue (never waiting; a full queue is counted and logged). A writer task drains the queue
+//! in batches of up to `BATCH_MAX` rows or `BATCH_WINDOW` of time, prices them, and writes each
+//! batch in one transaction. A row is on disk well inside a second of its request finishing,
+//! and SQLite runs in WAL mode, so a `kill -9` loses at most the last fraction of a second.
+//!
+//! The same [`Store`] holds gateway keys, and answers the usage reports.
+
+mod postgres;
+pub mod report;
+mod sqlite;
+mod store;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+pub use report::{GroupBy, Report, ReportQuery, Totals};
+pub use store::Store;
+
+/// Default database: SQLite next to the working directory, created on first use.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://./data/poe-gateway.db";
+const QUEUE_CAPACITY: usize = 65_536;
+const BATCH_MAX: usize = 1_000;
+const BATCH_WINDOW: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("database URL {0:?} is not supported: use sqlite://PATH, sqlite::memory: or postgres://...")]
+    BadUrl(String),
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One request, as accounted.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct UsageRow {
+    /// Unix time in milliseconds when the request finished.
+    pub ts_ms: i64,
+    pub request_id: String,
+    pub key_id: Option<String>,
+    pub alias: Option<String>,
+    /// The model the client asked for.
+    pub model: String,
+    /// The bot that answered (or was last tried).
+    pub bot: String,
+    pub stream: bool,
+    pub status: u16,
+    /// `completed`, `incomplete`, `cancelled` or `rejected`.
+    pub outcome: String,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub total_tokens: Option<i64>,
+    /// The completion tokens are an estimate (streamed text / 4), not Poe's count.
+    pub tokens_estimated: bool,
+    /// USD; `None` when the bot has no known price.
+    pub cost_usd: Option<f64>,
+    pub cache_hit: bool,
+    /// For a cache hit: what the request would have cost.
+    pub saved_usd: Option<f64>,
+    pub attempts: i32,
+    pub latency_ms: f64,
+    pub ttfb_ms: Option<f64>,
+}
+
+/// A gateway key as stored: the key itself is never kept, only its SHA-256.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub name: String,
+    #[serde(skip)]
+    pub hash: String,
+    pub created_ms: i64,
+    pub revoked_ms: Option<i64>,
+    pub budget_usd: Option<f64>,
+    pub period: Period,
+    pub rpm: Option<u32>,
+    /// Models (aliases or bots) the key may use; `None` means all.
+    pub models: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Day,
+    Month,
+    Total,
+}
+
+impl Period {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Month => "month",
+            Period::Total => "total",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Period> {
+        match s {
+            "day" => Some(Period::Day),
+            "month" => Some(Period::Month),
+            "total" => Some(Period::Total),
+            _ => None,
+        }
+    }
+
+    /// Start of the current period (UTC), in unix milliseconds.
+    pub fn start_ms(&self, now_ms: i64) -> i64 {
+        let Ok(now) = time::OffsetDateTime::from_unix_timestamp(now_ms.div_euclid(1000)) else {
+            return 0;
+        };
+        let date = match self {
+            Period::Total => return 0,
+            Period::Day => now.date(),
+            Period::Month => now.date().replace_day(1).unwrap_or(now.date()),
+        };
+        date.midnight().assume_utc().unix_timestamp() * 1000
+    }
+}
+
+/// Called by the writer on each batch before it is written: prices the rows (cost needs the
+/// model catalogue, which the request path must not wait for) and charges budgets.
+pub trait BatchHook: Send + Sync + 'static {
+    fn before_write<'a>(&'a self, rows: &'a mut [UsageRow]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+}
+
+/// Counters about the ledger itself.
+#[derive(Debug, Default)]
+pub struct LedgerStats {
+    pub queued: AtomicU64,
+    pub written: AtomicU64,
+    pub dropped: AtomicU64,
+    pub write_errors: AtomicU64,
+}
+
+impl LedgerStats {
+    pub fn depth(&self) -> u64 {
+        let q = self.queued.load(Ordering::Relaxed);
+        let done = self.written.load(Ordering::Relaxed) + self.write_errors.load(Ordering::Relaxed);
+        q.saturating_sub(done)
+    }
+}
+
+enum Msg {
+    Row(Box<UsageRow>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The ledger handle: cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::Sender<Msg>,
+    store: Store,
+    stats: Arc<LedgerStats>,
+}
+
+impl Ledger {
+    /// Opens the store (running migrations) and starts the writer.
+    pub async fn open(url: &str, hook: Option<Arc<dyn BatchHook>>) -> Result<Ledger, LedgerError> {
+        let store = Store::open(url).await?;
+        Ok(Ledger::start(store, hook))
+    }
+
+    /// Starts a writer over an open store.
+    pub fn start(store: Store, hook: Option<Arc<dyn BatchHook>>) -> Ledger {
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let stats = Arc::new(LedgerStats::default());
+        tokio::spawn(writer(store.clone(), rx, stats.clone(), hook));
+        Ledger { tx, store, stats }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn stats(&self) -> &Arc<LedgerStats> {
+        &self.stats
+    }
+
+    /// Queues a row without waiting. A full queue drops the row, counts it, and says so.
+    pub fn record(&self, row: UsageRow) {
+        match self.tx.try_send(Msg::Row(Box::new(row))) {
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                // Logged on the first drop and then every thousandth, not once per row.
+                if n == 1 || n % 1000 == 0 {
+                    let why = match e {
+                        mpsc::error::TrySendError::Full(_) => "queue full",
+                        mpsc::error::TrySendError::Closed(_) => "writer stopped",
+                    };
+                    tracing::error!(dropped_total = n, why, "ledger row dropped");
+                }
+            }
+        }
+    }
+
+    /// Waits until every row queued before this call is written.
+    pub async fn flush(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Msg::Flush(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+async fn writer(
+    store: Store,
+    mut rx: mpsc::Receiver<Msg>,
+    stats: Arc<LedgerStats>,
+    hook: Option<Arc<dyn BatchHook>>,
+) {
+    let mut batch: Vec<UsageRow> = Vec::with_capacity(BATCH_MAX);
+    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    loop {
+        match rx.recv().await {
+            None => return,
+            Some(Msg::Flush(ack)) => acks.push(ack),
+            Some(Msg::Row(row)) => {
+                batch.push(*row);
+                let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+                while batch.len() < BATCH_MAX {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(Msg::Row(row))) => batch.push(*row),
+                        Ok(Some(Msg::Flush(ack))) => {
+                            acks.push(ack);
+                            break;
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            if let Some(h) = &hook {
+                h.before_write(&mut batch).await;
+            }
+            write_batch(&store, &batch, &stats).await;
+            batch.clear();
+        }
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+}
+
+/// Writes one batch, retrying a failing database a few times before counting the rows lost.
+async fn write_batch(store: &Store, batch: &[UsageRow], stats: &LedgerStats) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=5 {
+        match store.insert_usage(batch).await {
+            Ok(()) => {
+                stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                return;
+            }
+            Err(e) if attempt < 5 => {
+                tracing::warn!(error = %e, rows = batch.len(), attempt, "ledger write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                stats.write_errors.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                tracing::error!(error = %e, rows = batch.len(), "ledger write failed; rows lost");
+            }
+        }
+    }
+}
+
+/// Unix time now in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn period_starts() {
+        // 2026-11-22T16:50:00Z
+        let now = 1_795_366_200_000;
+        assert_eq!(Period::Total.start_ms(now), 0);
+        assert_eq!(Period::Day.start_ms(now), 1_795_305_600_000);
+        assert_eq!(Period::Month.start_ms(now), 1_793_491_200_000);
+    }
+}

@@ -1,0 +1,231 @@
+//! Postgres storage, for several replicas sharing one ledger. One pipelined client; it is
+//! replaced when the connection drops, so a database restart heals without a gateway restart.
+
+use std::sync::{Arc, RwLock};
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row};
+
+use super::report::{Group, ReportQuery, Totals};
+use super::store::{self, Dialect, KEY_COLUMNS, USAGE_COLUMNS, redact_url};
+use super::{KeyRecord, LedgerError, Period, UsageRow};
+
+/// Serialises migrations across replicas starting at once.
+const MIGRATION_LOCK: i64 = 0x706f_6567_7477; // "poegtw"
+
+#[derive(Clone)]
+pub struct Postgres {
+    url: Arc<str>,
+    client: Arc<RwLock<Arc<Client>>>,
+    reconnect: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Postgres {
+    pub async fn open(url: &str) -> Result<Postgres, LedgerError> {
+        let client = connect(url).await?;
+        migrate(&client).await?;
+        Ok(Postgres {
+            url: url.into(),
+            client: Arc::new(RwLock::new(Arc::new(client))),
+            reconnect: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    async fn client(&self) -> Result<Arc<Client>, LedgerError> {
+        let current = self.client.read().expect("pg client lock").clone();
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        let _one_at_a_time = self.reconnect.lock().await;
+        let current = self.client.read().expect("pg client lock").clone();
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        let fresh = Arc::new(connect(&self.url).await?);
+        *self.client.write().expect("pg client lock") = fresh.clone();
+        Ok(fresh)
+    }
+
+    pub async fn insert_usage(&self, rows: &[UsageRow]) -> Result<(), LedgerError> {
+        let client = self.client().await?;
+        // One multi-row INSERT per batch: atomic, and one round trip.
+        let statuses: Vec<i32> = rows.iter().map(|r| r.status as i32).collect();
+        let mut values = Vec::with_capacity(rows.len());
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * store::USAGE_COLUMN_COUNT);
+        for (i, r) in rows.iter().enumerate() {
+            let base = i * store::USAGE_COLUMN_COUNT;
+            let ph: Vec<String> = (1..=store::USAGE_COLUMN_COUNT).map(|j| Dialect::Postgres.ph(base + j)).collect();
+            values.push(format!("({})", ph.join(", ")));
+            params.extend_from_slice(&[
+                &r.ts_ms,
+                &r.request_id,
+                &r.key_id,
+                &r.alias,
+                &r.model,
+                &r.bot,
+                &r.stream,
+                &statuses[i],
+                &r.outcome,
+                &r.prompt_tokens,
+                &r.completion_tokens,
+                &r.total_tokens,
+                &r.tokens_estimated,
+                &r.cost_usd,
+                &r.cache_hit,
+                &r.saved_usd,
+                &r.attempts,
+                &r.latency_ms,
+                &r.ttfb_ms,
+            ]);
+        }
+        let sql = format!("INSERT INTO usage ({USAGE_COLUMNS}) VALUES {}", values.join(", "));
+        client.execute(&sql, &params).await?;
+        Ok(())
+    }
+
+    pub async fn report_rows(&self, q: &ReportQuery) -> Result<Vec<Group>, LedgerError> {
+        let client = self.client().await?;
+        let sql = super::report::sql(Dialect::Postgres, q);
+        let rows = match &q.key_id {
+            Some(k) => client.query(&sql, &[&q.since_ms, &q.until_ms, k]).await?,
+            None => client.query(&sql, &[&q.since_ms, &q.until_ms]).await?,
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(Group {
+                    group: r.try_get(0)?,
+                    totals: Totals {
+                        requests: r.try_get(1)?,
+                        prompt_tokens: r.try_get(2)?,
+                        completion_tokens: r.try_get(3)?,
+                        total_tokens: r.try_get(4)?,
+                        cost_usd: r.try_get(5)?,
+                        cache_hits: r.try_get(6)?,
+                        saved_usd: r.try_get(7)?,
+                        errors: r.try_get(8)?,
+                        unpriced: r.try_get(9)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    pub async fn spent_since(&self, key_id: &str, since_ms: i64) -> Result<f64, LedgerError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT COALESCE(SUM(cost_usd), 0)::DOUBLE PRECISION FROM usage WHERE key_id = $1 AND ts_ms >= $2",
+                &[&key_id, &since_ms],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    pub async fn create_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
+        let client = self.client().await?;
+        let rpm = rec.rpm.map(|r| r as i32);
+        client
+            .execute(
+                &format!("INSERT INTO gateway_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+                &[
+                    &rec.id,
+                    &rec.name,
+                    &rec.hash,
+                    &rec.created_ms,
+                    &rec.revoked_ms,
+                    &rec.budget_usd,
+                    &rec.period.as_str(),
+                    &rpm,
+                    &store::models_to_text(&rec.models),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(&format!("SELECT {KEY_COLUMNS} FROM gateway_keys ORDER BY created_ms, id"), &[])
+            .await?;
+        rows.iter().map(key_row).collect()
+    }
+
+    pub async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, LedgerError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(&format!("SELECT {KEY_COLUMNS} FROM gateway_keys WHERE hash = $1"), &[&hash])
+            .await?;
+        row.as_ref().map(key_row).transpose()
+    }
+
+    pub async fn revoke_key(&self, which: &str, now_ms: i64) -> Result<Vec<KeyRecord>, LedgerError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "UPDATE gateway_keys SET revoked_ms = $2 WHERE (id = $1 OR name = $1) AND revoked_ms IS NULL \
+                     RETURNING {KEY_COLUMNS}"
+                ),
+                &[&which, &now_ms],
+            )
+            .await?;
+        rows.iter().map(key_row).collect()
+    }
+}
+
+fn key_row(r: &Row) -> Result<KeyRecord, LedgerError> {
+    let period: String = r.try_get(6)?;
+    let rpm: Option<i32> = r.try_get(7)?;
+    Ok(KeyRecord {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        hash: r.try_get(2)?,
+        created_ms: r.try_get(3)?,
+        revoked_ms: r.try_get(4)?,
+        budget_usd: r.try_get(5)?,
+        period: Period::parse(&period).unwrap_or(Period::Total),
+        rpm: rpm.map(|r| r.max(0) as u32),
+        models: store::models_from_text(r.try_get(8)?),
+    })
+}
+
+async fn connect(url: &str) -> Result<Client, LedgerError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| LedgerError::Other(format!("cannot connect to {}: {e}", redact_url(url))))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+async fn migrate(client: &Client) -> Result<(), LedgerError> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+    let result = async {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS poe_gateway_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+            )
+            .await?;
+        for (version, sql) in store::migrations(Dialect::Postgres) {
+            let done = client
+                .query_opt("SELECT version FROM poe_gateway_migrations WHERE version = $1", &[&version])
+                .await?;
+            if done.is_some() {
+                continue;
+            }
+            let batch = format!(
+                "BEGIN; {sql}; INSERT INTO poe_gateway_migrations (version, applied_ms) VALUES ({version}, {}); COMMIT;",
+                super::now_ms()
+            );
+            client.batch_execute(&batch).await?;
+        }
+        Ok::<_, LedgerError>(())
+    }
+    .await;
+    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
+    result
+}

@@ -1,0 +1,257 @@
+//! Usage reports: totals over a time range, optionally grouped by model, day or key.
+
+use serde::Serialize;
+
+use super::store::Dialect;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    Model,
+    Day,
+    Key,
+}
+
+impl GroupBy {
+    pub fn parse(s: &str) -> Option<GroupBy> {
+        match s {
+            "model" | "bot" => Some(GroupBy::Model),
+            "day" => Some(GroupBy::Day),
+            "key" => Some(GroupBy::Key),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReportQuery {
+    pub since_ms: i64,
+    pub until_ms: i64,
+    /// Only this key's rows (`None`: everyone's).
+    pub key_id: Option<String>,
+    pub group_by: Option<GroupBy>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Totals {
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub cost_usd: f64,
+    pub cache_hits: i64,
+    pub saved_usd: f64,
+    pub errors: i64,
+    /// Rows whose bot has no known price: their cost is unknown, not 0.
+    pub unpriced: i64,
+}
+
+impl Totals {
+    fn add(&mut self, o: &Totals) {
+        self.requests += o.requests;
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.total_tokens += o.total_tokens;
+        self.cost_usd += o.cost_usd;
+        self.cache_hits += o.cache_hits;
+        self.saved_usd += o.saved_usd;
+        self.errors += o.errors;
+        self.unpriced += o.unpriced;
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Group {
+    /// The model, day (`YYYY-MM-DD`, UTC) or key id.
+    pub group: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    pub object: &'static str,
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub group_by: Option<GroupBy>,
+    pub totals: Totals,
+    pub groups: Vec<Group>,
+}
+
+pub(crate) fn assemble(q: &ReportQuery, groups: Vec<Group>) -> Report {
+    let mut totals = Totals::default();
+    for g in &groups {
+        totals.add(&g.totals);
+    }
+    Report {
+        object: "usage.report",
+        since_ms: q.since_ms,
+        until_ms: q.until_ms,
+        group_by: q.group_by,
+        totals,
+        groups: if q.group_by.is_some() { groups } else { Vec::new() },
+    }
+}
+
+/// The report query: `[since, until)`, optional key filter, grouped. Columns, in order:
+/// group, requests, prompt, completion, total, cost, cache hits, saved, errors, unpriced.
+pub(crate) fn sql(d: Dialect, q: &ReportQuery) -> String {
+    let int = |e: &str| match d {
+        Dialect::Sqlite => format!("COALESCE({e}, 0)"),
+        Dialect::Postgres => format!("COALESCE({e}, 0)::BIGINT"),
+    };
+    let real = |e: &str| match d {
+        Dialect::Sqlite => format!("COALESCE({e}, 0.0)"),
+        Dialect::Postgres => format!("COALESCE({e}, 0)::DOUBLE PRECISION"),
+    };
+    let group = match (q.group_by, d) {
+        (None, _) => "''".to_string(),
+        (Some(GroupBy::Model), _) => "bot".to_string(),
+        (Some(GroupBy::Key), _) => "COALESCE(key_id, '')".to_string(),
+        (Some(GroupBy::Day), Dialect::Sqlite) => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')".to_string(),
+        (Some(GroupBy::Day), Dialect::Postgres) => {
+            "to_char(to_timestamp(ts_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')".to_string()
+        }
+    };
+    let key_filter = if q.key_id.is_some() {
+        format!(" AND key_id = {}", d.ph(3))
+    } else {
+        String::new()
+    };
+    format!(
+        "SELECT {group} AS g, {requests}, {prompt}, {completion}, {total}, {cost}, {hits}, {saved}, {errors}, {unpriced} \
+         FROM usage WHERE ts_ms >= {p1} AND ts_ms < {p2}{key_filter} GROUP BY 1 ORDER BY 1",
+        requests = int("COUNT(*)"),
+        prompt = int("SUM(prompt_tokens)"),
+        completion = int("SUM(completion_tokens)"),
+        total = int("SUM(total_tokens)"),
+        cost = real("SUM(cost_usd)"),
+        hits = int("SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END)"),
+        saved = real("SUM(saved_usd)"),
+        errors = int("SUM(CASE WHEN status >= 400 OR outcome <> 'completed' THEN 1 ELSE 0 END)"),
+        unpriced = int("SUM(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END)"),
+        p1 = d.ph(1),
+        p2 = d.ph(2),
+    )
+}
+
+/// Renders a report as a table, JSON or CSV for the command line.
+pub fn render(report: &Report, format: &str) -> String {
+    match format {
+        "json" => serde_json::to_string_pretty(report).unwrap_or_default(),
+        "csv" => {
+            let mut out = String::from(
+                "group,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd,cache_hits,saved_usd,errors,unpriced\n",
+            );
+            for g in rows(report) {
+                let t = &g.totals;
+                out.push_str(&format!(
+                    "{},{},{},{},{},{:.6},{},{:.6},{},{}\n",
+                    csv_field(&g.group),
+                    t.requests,
+                    t.prompt_tokens,
+                    t.completion_tokens,
+                    t.total_tokens,
+                    t.cost_usd,
+                    t.cache_hits,
+                    t.saved_usd,
+                    t.errors,
+                    t.unpriced
+                ));
+            }
+            out
+        }
+        _ => {
+            let mut out = format!(
+                "{:<28} {:>9} {:>12} {:>12} {:>12} {:>8} {:>11} {:>7} {:>9}\n",
+                "group", "requests", "prompt", "completion", "cost_usd", "hits", "saved_usd", "errors", "unpriced"
+            );
+            for g in rows(report) {
+                let t = &g.totals;
+                out.push_str(&format!(
+                    "{:<28} {:>9} {:>12} {:>12} {:>12.6} {:>8} {:>11.6} {:>7} {:>9}\n",
+                    truncate(&g.group, 28),
+                    t.requests,
+                    t.prompt_tokens,
+                    t.completion_tokens,
+                    t.cost_usd,
+                    t.cache_hits,
+                    t.saved_usd,
+                    t.errors,
+                    t.unpriced
+                ));
+            }
+            if report.totals.unpriced > 0 {
+                out.push_str(&format!(
+                    "note: {} request(s) used bots without a known price; their cost is not included\n",
+                    report.totals.unpriced
+                ));
+            }
+            out
+        }
+    }
+}
+
+/// The groups, then a total line.
+fn rows(report: &Report) -> Vec<Group> {
+    let mut rows = report.groups.clone();
+    rows.push(Group {
+        group: "TOTAL".into(),
+        totals: report.totals.clone(),
+    });
+    rows
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).chain(['…']).collect()
+    }
+}
+
+/// Parses a report bound: unix seconds, `YYYY-MM-DD` (UTC midnight), RFC 3339, or an age such
+/// as `7d` or `36h` meaning that long before `now_ms`. Returns unix milliseconds.
+pub fn parse_when(s: &str, now_ms: i64) -> Result<i64, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<i64>() {
+        return Ok(secs.saturating_mul(1000));
+    }
+    if let Ok(age) = humantime::parse_duration(s) {
+        return Ok(now_ms - age.as_millis() as i64);
+    }
+    let rfc3339 = time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(s, &rfc3339) {
+        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    }
+    let day = time::macros::format_description!("[year]-[month]-[day]");
+    if let Ok(d) = time::Date::parse(s, &day) {
+        return Ok(d.midnight().assume_utc().unix_timestamp() * 1000);
+    }
+    Err(format!(
+        "cannot read {s:?} as a time: use unix seconds, YYYY-MM-DD, RFC 3339, or an age like 7d"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn when_forms() {
+        let now = 1_795_366_200_000;
+        assert_eq!(parse_when("7d", now).unwrap(), now - 7 * 86_400_000);
+        assert_eq!(parse_when("2026-11-01", now).unwrap(), 1_793_491_200_000);
+        assert_eq!(parse_when("2026-11-22T16:50:00Z", now).unwrap(), now);
+        assert_eq!(parse_when("1795366200", now).unwrap(), now);
+        assert!(parse_when("yesterday-ish", now).is_err());
+    }
+}

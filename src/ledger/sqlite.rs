@@ -1,0 +1,277 @@
+//! SQLite storage: WAL mode, one writer connection and one reader, used from blocking threads.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::report::{Group, ReportQuery, Totals};
+use super::store::{self, Dialect, KEY_COLUMNS, USAGE_COLUMNS};
+use super::{KeyRecord, LedgerError, Period, UsageRow};
+
+#[derive(Clone)]
+pub struct Sqlite {
+    write: Arc<Mutex<Connection>>,
+    /// Reports read here so a long query never holds up the writer (WAL lets both run).
+    read: Arc<Mutex<Connection>>,
+}
+
+impl Sqlite {
+    pub async fn open(path: &str) -> Result<Sqlite, LedgerError> {
+        let path = path.to_string();
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = Path::new(&path).parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        LedgerError::Other(format!("cannot create {}: {e}", dir.display()))
+                    })?;
+                }
+            }
+            let write = Connection::open(&path)?;
+            configure(&write)?;
+            migrate(&write)?;
+            let read = Connection::open(&path)?;
+            configure(&read)?;
+            Ok(Sqlite {
+                write: Arc::new(Mutex::new(write)),
+                read: Arc::new(Mutex::new(read)),
+            })
+        })
+        .await
+        .map_err(|e| LedgerError::Other(e.to_string()))?
+    }
+
+    /// An in-memory database (one connection: a second would be a different database).
+    pub fn memory() -> Result<Sqlite, LedgerError> {
+        let conn = Connection::open_in_memory()?;
+        migrate(&conn)?;
+        let conn = Arc::new(Mutex::new(conn));
+        Ok(Sqlite {
+            write: conn.clone(),
+            read: conn,
+        })
+    }
+
+    async fn with<T, F>(conn: &Arc<Mutex<Connection>>, f: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let conn = conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn.lock().map_err(|_| LedgerError::Other("sqlite lock poisoned".into()))?;
+            f(&mut c)
+        })
+        .await
+        .map_err(|e| LedgerError::Other(e.to_string()))?
+    }
+
+    pub async fn insert_usage(&self, rows: &[UsageRow]) -> Result<(), LedgerError> {
+        let rows = rows.to_vec();
+        Self::with(&self.write, move |c| {
+            let tx = c.transaction()?;
+            {
+                let placeholders: Vec<String> =
+                    (1..=store::USAGE_COLUMN_COUNT).map(|i| Dialect::Sqlite.ph(i)).collect();
+                let sql = format!(
+                    "INSERT INTO usage ({USAGE_COLUMNS}) VALUES ({})",
+                    placeholders.join(", ")
+                );
+                let mut stmt = tx.prepare_cached(&sql)?;
+                for r in &rows {
+                    stmt.execute(params![
+                        r.ts_ms,
+                        r.request_id,
+                        r.key_id,
+                        r.alias,
+                        r.model,
+                        r.bot,
+                        r.stream,
+                        r.status,
+                        r.outcome,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.total_tokens,
+                        r.tokens_estimated,
+                        r.cost_usd,
+                        r.cache_hit,
+                        r.saved_usd,
+                        r.attempts,
+                        r.latency_ms,
+                        r.ttfb_ms,
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn report_rows(&self, q: &ReportQuery) -> Result<Vec<Group>, LedgerError> {
+        let q = q.clone();
+        Self::with(&self.read, move |c| {
+            let sql = super::report::sql(Dialect::Sqlite, &q);
+            let mut stmt = c.prepare_cached(&sql)?;
+            let map = |r: &rusqlite::Row<'_>| {
+                Ok(Group {
+                    group: r.get(0)?,
+                    totals: Totals {
+                        requests: r.get(1)?,
+                        prompt_tokens: r.get(2)?,
+                        completion_tokens: r.get(3)?,
+                        total_tokens: r.get(4)?,
+                        cost_usd: r.get(5)?,
+                        cache_hits: r.get(6)?,
+                        saved_usd: r.get(7)?,
+                        errors: r.get(8)?,
+                        unpriced: r.get(9)?,
+                    },
+                })
+            };
+            let rows = match &q.key_id {
+                Some(k) => stmt.query_map(params![q.since_ms, q.until_ms, k], map)?,
+                None => stmt.query_map(params![q.since_ms, q.until_ms], map)?,
+            };
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn spent_since(&self, key_id: &str, since_ms: i64) -> Result<f64, LedgerError> {
+        let key_id = key_id.to_string();
+        Self::with(&self.read, move |c| {
+            Ok(c.query_row(
+                "SELECT COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE key_id = ?1 AND ts_ms >= ?2",
+                params![key_id, since_ms],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
+    pub async fn create_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
+        let rec = rec.clone();
+        Self::with(&self.write, move |c| {
+            c.execute(
+                &format!("INSERT INTO gateway_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                params![
+                    rec.id,
+                    rec.name,
+                    rec.hash,
+                    rec.created_ms,
+                    rec.revoked_ms,
+                    rec.budget_usd,
+                    rec.period.as_str(),
+                    rec.rpm,
+                    store::models_to_text(&rec.models),
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
+        Self::with(&self.read, |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {KEY_COLUMNS} FROM gateway_keys ORDER BY created_ms, id"
+            ))?;
+            let rows = stmt.query_map([], key_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, LedgerError> {
+        let hash = hash.to_string();
+        // The writer connection: a key created a moment ago must be found at once.
+        Self::with(&self.write, move |c| {
+            Ok(c.query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM gateway_keys WHERE hash = ?1"),
+                params![hash],
+                key_row,
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    pub async fn revoke_key(&self, which: &str, now_ms: i64) -> Result<Vec<KeyRecord>, LedgerError> {
+        let which = which.to_string();
+        Self::with(&self.write, move |c| {
+            let tx = c.transaction()?;
+            let found = {
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT {KEY_COLUMNS} FROM gateway_keys WHERE (id = ?1 OR name = ?1) AND revoked_ms IS NULL"
+                ))?;
+                stmt.query_map(params![which], key_row)?
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            tx.execute(
+                "UPDATE gateway_keys SET revoked_ms = ?2 WHERE (id = ?1 OR name = ?1) AND revoked_ms IS NULL",
+                params![which, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(found
+                .into_iter()
+                .map(|mut k| {
+                    k.revoked_ms = Some(now_ms);
+                    k
+                })
+                .collect())
+        })
+        .await
+    }
+}
+
+fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
+    let period: String = r.get(6)?;
+    Ok(KeyRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        hash: r.get(2)?,
+        created_ms: r.get(3)?,
+        revoked_ms: r.get(4)?,
+        budget_usd: r.get(5)?,
+        period: Period::parse(&period).unwrap_or(Period::Total),
+        rpm: r.get(7)?,
+        models: store::models_from_text(r.get(8)?),
+    })
+}
+
+fn configure(c: &Connection) -> Result<(), LedgerError> {
+    // WAL: readers never block the writer, and a committed batch survives the process dying.
+    // synchronous=NORMAL in WAL mode is durable against a process crash (kill -9); only a
+    // power loss can take the last transactions.
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    c.pragma_update(None, "synchronous", "NORMAL")?;
+    c.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(())
+}
+
+fn migrate(c: &Connection) -> Result<(), LedgerError> {
+    c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS poe_gateway_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL)",
+    )?;
+    for (version, sql) in store::migrations(Dialect::Sqlite) {
+        let done: Option<i64> = c
+            .query_row(
+                "SELECT version FROM poe_gateway_migrations WHERE version = ?1",
+                params![version],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if done.is_some() {
+            continue;
+        }
+        let tx = c.unchecked_transaction()?;
+        tx.execute_batch(&sql)?;
+        tx.execute(
+            "INSERT INTO poe_gateway_migrations (version, applied_ms) VALUES (?1, ?2)",
+            params![version, super::now_ms()],
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
+}

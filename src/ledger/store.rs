@@ -1,0 +1,191 @@
+//! The storage behind the ledger: SQLite (embedded default) or Postgres (shared by replicas),
+//! one interface. SQL differs only where the dialects do: types, placeholders, day buckets.
+
+use super::report::{self, Report, ReportQuery};
+use super::{KeyRecord, LedgerError, UsageRow, postgres::Postgres, sqlite::Sqlite};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// The `i`th (1-based) bind placeholder.
+    pub(crate) fn ph(self, i: usize) -> String {
+        match self {
+            Dialect::Sqlite => format!("?{i}"),
+            Dialect::Postgres => format!("${i}"),
+        }
+    }
+}
+
+/// Versioned migrations, applied in order at start; each runs once.
+pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
+    let (id, int, big, boolean, real) = match d {
+        Dialect::Sqlite => ("INTEGER PRIMARY KEY", "INTEGER", "INTEGER", "INTEGER", "REAL"),
+        Dialect::Postgres => ("BIGSERIAL PRIMARY KEY", "INTEGER", "BIGINT", "BOOLEAN", "DOUBLE PRECISION"),
+    };
+    vec![
+        (
+            1,
+            format!(
+                "CREATE TABLE usage (
+                    id {id},
+                    ts_ms {big} NOT NULL,
+                    request_id TEXT NOT NULL,
+                    key_id TEXT,
+                    alias TEXT,
+                    model TEXT NOT NULL,
+                    bot TEXT NOT NULL,
+                    stream {boolean} NOT NULL,
+                    status {int} NOT NULL,
+                    outcome TEXT NOT NULL,
+                    prompt_tokens {big},
+                    completion_tokens {big},
+                    total_tokens {big},
+                    tokens_estimated {boolean} NOT NULL,
+                    cost_usd {real},
+                    cache_hit {boolean} NOT NULL,
+                    saved_usd {real},
+                    attempts {int} NOT NULL,
+                    latency_ms {real} NOT NULL,
+                    ttfb_ms {real}
+                );
+                CREATE INDEX usage_ts ON usage (ts_ms);
+                CREATE INDEX usage_key_ts ON usage (key_id, ts_ms);
+                CREATE TABLE gateway_keys (
+                    id TEXT PRIMARY KEY,
+                    name TEXT NOT NULL,
+                    hash TEXT NOT NULL UNIQUE,
+                    created_ms {big} NOT NULL,
+                    revoked_ms {big},
+                    budget_usd {real},
+                    period TEXT NOT NULL,
+                    rpm {int},
+                    models TEXT
+                );"
+            ),
+        ),
+    ]
+}
+
+pub(crate) const USAGE_COLUMNS: &str = "ts_ms, request_id, key_id, alias, model, bot, stream, status, outcome, \
+     prompt_tokens, completion_tokens, total_tokens, tokens_estimated, cost_usd, cache_hit, saved_usd, \
+     attempts, latency_ms, ttfb_ms";
+pub(crate) const USAGE_COLUMN_COUNT: usize = 19;
+pub(crate) const KEY_COLUMNS: &str = "id, name, hash, created_ms, revoked_ms, budget_usd, period, rpm, models";
+
+/// The ledger's storage. Cheap to clone.
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(Sqlite),
+    Postgres(Postgres),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Sqlite($s) => $e,
+            Store::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens `sqlite://PATH`, `sqlite::memory:` or `postgres://...`, and runs migrations.
+    pub async fn open(url: &str) -> Result<Store, LedgerError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Store::Postgres(Postgres::open(url).await?));
+        }
+        if url == "sqlite::memory:" {
+            return Ok(Store::Sqlite(Sqlite::memory()?));
+        }
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            return Ok(Store::Sqlite(Sqlite::open(path).await?));
+        }
+        Err(LedgerError::BadUrl(redact_url(url)))
+    }
+
+    /// An in-memory SQLite store (tests, embedding).
+    pub fn memory() -> Result<Store, LedgerError> {
+        Ok(Store::Sqlite(Sqlite::memory()?))
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn insert_usage(&self, rows: &[UsageRow]) -> Result<(), LedgerError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        dispatch!(self, s => s.insert_usage(rows).await)
+    }
+
+    pub async fn report(&self, q: &ReportQuery) -> Result<Report, LedgerError> {
+        let groups = dispatch!(self, s => s.report_rows(q).await)?;
+        Ok(report::assemble(q, groups))
+    }
+
+    /// USD spent by `key_id` since `since_ms` (unpriced rows count as 0).
+    pub async fn spent_since(&self, key_id: &str, since_ms: i64) -> Result<f64, LedgerError> {
+        dispatch!(self, s => s.spent_since(key_id, since_ms).await)
+    }
+
+    pub async fn create_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
+        dispatch!(self, s => s.create_key(rec).await)
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
+        dispatch!(self, s => s.list_keys().await)
+    }
+
+    pub async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, LedgerError> {
+        dispatch!(self, s => s.key_by_hash(hash).await)
+    }
+
+    /// Revokes the active keys whose id or name is `which`; returns them.
+    pub async fn revoke_key(&self, which: &str, now_ms: i64) -> Result<Vec<KeyRecord>, LedgerError> {
+        dispatch!(self, s => s.revoke_key(which, now_ms).await)
+    }
+}
+
+/// A database URL for messages: the password, if any, is replaced.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+pub(crate) fn models_to_text(models: &Option<Vec<String>>) -> Option<String> {
+    models.as_ref().map(|m| m.join(","))
+}
+
+pub(crate) fn models_from_text(text: Option<String>) -> Option<Vec<String>> {
+    text.map(|t| t.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/poe"),
+            "postgres://app:***@db:5432/poe"
+        );
+        assert_eq!(redact_url("sqlite://./x.db"), "sqlite://./x.db");
+    }
+}

@@ -1,0 +1,956 @@
+//! The MCP tools. Names and arguments are what users of the old Python server know.
+//!
+//! Failures a caller can act on (bad arguments, an unknown session, a missing file, Poe's own
+//! errors) are tool results with `isError: true` and a message saying what went wrong, so the
+//! agent sees them; protocol errors are left to rmcp (unknown tool, malformed request).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::schema_for_output;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{
+    CallToolResult, ContentBlock, Implementation, Resource, ServerCapabilities, ServerConfig,
+};
+use rmcp::schemars::{self, JsonSchema};
+use rmcp::service::RequestContext;
+use rmcp::{RoleServer, ServerHandler, tool, tool_handler, tool_router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::attachments::{self, Spec};
+use super::reply::{self, Answer, Progress, Usage};
+use super::sessions::Scope;
+use super::{Access, McpCore, media};
+use crate::gateway::Caller;
+
+/// The alias `generate_image` uses when no model is given.
+pub const IMAGE_ALIAS: &str = "image";
+/// The alias `generate_video` uses when no model is given.
+pub const VIDEO_ALIAS: &str = "video";
+/// Top-level request fields the tools set themselves; `params` may not override them.
+const RESERVED: &[&str] = &["model", "messages", "stream", "stream_options", "n"];
+
+const INSTRUCTIONS: &str = "Ask Poe's bots (Claude, GPT, Gemini, Grok, image and video models and many more) \
+through the poe-gateway. `ask_poe` answers a prompt and returns a `session_id`: pass it back to continue the \
+conversation. `ask_with_attachment` sends a file, an image or a URL along. `ask_poe_with_tools` lets the bot \
+request function calls, which you run yourself. `generate_image` and `generate_video` return media URLs. \
+`list_models` shows the bots and the gateway's short aliases.";
+
+/// How a server instance learns who is calling.
+#[derive(Clone)]
+pub(crate) enum Mode {
+    /// One local client; this caller pays for every call.
+    Local(Caller),
+    /// `/mcp`: each call's caller is in its HTTP request (set by the HTTP layer after auth).
+    Http,
+}
+
+/// The MCP server: one per connection (stdio) or per MCP session (HTTP), all sharing one
+/// [`McpCore`].
+#[derive(Clone)]
+pub struct PoeTools {
+    core: McpCore,
+    mode: Mode,
+}
+
+// ----- arguments -----
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AskPoeArgs {
+    /// The Poe bot or gateway alias to ask, e.g. `claude`, `gpt`, `Claude-Sonnet-4.5`, `GPT-5`,
+    /// `Gemini-2.5-Pro` (case-insensitive). `list_models` shows them all.
+    pub bot: String,
+    /// The message to send.
+    pub prompt: String,
+    /// Continue this conversation: the `session_id` from an earlier answer. Omit it to start a
+    /// new session (its id comes back with the answer).
+    pub session_id: Option<String>,
+    /// A system prompt. It sets (or replaces) the session's system message.
+    pub system: Option<String>,
+    /// Sampling temperature, 0 to 2.
+    pub temperature: Option<f64>,
+    /// Longest answer, in tokens.
+    pub max_tokens: Option<u32>,
+    /// Thinking budget in tokens, for bots that think before answering (Claude: 0 to 31999).
+    pub thinking_budget: Option<u32>,
+    /// Reasoning effort, for bots that support it: `minimal`, `low`, `medium` or `high`.
+    pub reasoning_effort: Option<String>,
+    /// Other bot parameters, sent as top-level request fields, e.g. `{"web_search": true}`.
+    /// `list_models` shows a bot's parameters where Poe publishes them.
+    pub params: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AskWithAttachmentArgs {
+    /// The Poe bot or gateway alias to ask (it must accept the attachment's kind of input).
+    pub bot: String,
+    /// The message to send with the attachment.
+    pub prompt: String,
+    /// A local file to attach. Over stdio any file you can read; over HTTP only files inside
+    /// the gateway's configured attachment directories.
+    pub attachment_path: Option<String>,
+    /// An http(s) URL Poe fetches itself (the gateway never downloads it).
+    pub attachment_url: Option<String>,
+    /// The file's content as base64 (or a `data:` URL). Give `mime_type` or `filename` when
+    /// the content is not a common image, PDF, audio or video format.
+    pub attachment_base64: Option<String>,
+    /// The attachment's MIME type, e.g. `image/png`, `application/pdf`. Detected from the
+    /// content when possible.
+    pub mime_type: Option<String>,
+    /// The file name shown to the bot. Defaults to the path's or URL's file name.
+    pub filename: Option<String>,
+    /// Continue this conversation (the `session_id` from an earlier answer); omit to start a new one.
+    pub session_id: Option<String>,
+    /// A system prompt. It sets (or replaces) the session's system message.
+    pub system: Option<String>,
+    /// Other bot parameters, sent as top-level request fields.
+    pub params: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AskWithToolsArgs {
+    /// The Poe bot or gateway alias to ask; it must support tool calling (`list_models` with
+    /// capability `tools`).
+    pub bot: String,
+    /// The message to send.
+    pub prompt: String,
+    /// OpenAI function definitions: `{"type": "function", "function": {"name", "description",
+    /// "parameters": <JSON schema>}}`, or just `{"name", "description", "parameters"}`.
+    pub tools: Vec<Value>,
+    /// `"auto"`, `"none"`, `"required"`, or `{"type": "function", "function": {"name": ...}}`.
+    pub tool_choice: Option<Value>,
+    /// Whether the bot may request several calls at once.
+    pub parallel_tool_calls: Option<bool>,
+    /// Continue this conversation (the `session_id` from an earlier answer); omit to start a new one.
+    pub session_id: Option<String>,
+    /// A system prompt. It sets (or replaces) the session's system message.
+    pub system: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateImageArgs {
+    /// What to draw.
+    pub prompt: String,
+    /// The image bot or alias. Default: the gateway's `image` alias.
+    pub model: Option<String>,
+    /// Aspect ratio, for bots that take one (GPT-Image-1: `1:1`, `3:2`, `2:3`).
+    pub aspect: Option<String>,
+    /// Quality, for bots that take one (e.g. `low`, `medium`, `high`).
+    pub quality: Option<String>,
+    /// Other bot parameters, sent as top-level request fields (e.g. `negative_prompt`).
+    pub params: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateVideoArgs {
+    /// What the video shows.
+    pub prompt: String,
+    /// The video bot or alias. Default: the gateway's `video` alias.
+    pub model: Option<String>,
+    /// Aspect ratio, for bots that take one (e.g. `16:9`, `9:16`).
+    pub aspect_ratio: Option<String>,
+    /// Length, as the bot expects it: seconds (e.g. `8`) or a string (e.g. `"8s"`).
+    pub duration: Option<Value>,
+    /// Other bot parameters, sent as top-level request fields (e.g. `resolution`, `negative_prompt`).
+    pub params: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    /// Answers with text.
+    Text,
+    /// Makes images.
+    Image,
+    /// Makes video.
+    Video,
+    /// Makes audio.
+    Audio,
+    /// Reads images.
+    Vision,
+    /// Calls functions (`ask_poe_with_tools`).
+    Tools,
+    /// Searches the web.
+    WebSearch,
+    /// Thinks before answering.
+    Reasoning,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListModelsArgs {
+    /// Keep models whose id, name or description contains this (case-insensitive).
+    pub filter: Option<String>,
+    /// Keep models with this capability.
+    pub capability: Option<Capability>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClearSessionArgs {
+    /// The session to forget.
+    pub session_id: String,
+}
+
+// ----- results -----
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct AskResult {
+    /// The bot's answer.
+    pub text: String,
+    /// Pass this back as `session_id` to continue the conversation.
+    pub session_id: String,
+    /// The bot that answered (after aliases and fallbacks).
+    pub bot: String,
+    /// Token counts, when Poe reported them.
+    pub usage: Option<Usage>,
+    /// Why the answer ended (`stop`, `length`, `tool_calls`...).
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct ToolsResult {
+    /// Any text the bot answered alongside (or instead of) tool calls.
+    pub text: String,
+    /// The calls the bot requests, in OpenAI's shape: `{"id", "type": "function", "function":
+    /// {"name", "arguments": "<JSON string>"}}`. Run them yourself; the gateway never does.
+    pub tool_calls: Vec<Value>,
+    pub finish_reason: Option<String>,
+    /// Pass this back as `session_id` to continue the conversation.
+    pub session_id: String,
+    pub bot: String,
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct MediaResult {
+    /// The media URLs found in the bot's answer, in order.
+    pub urls: Vec<String>,
+    /// The bot's whole answer (markdown).
+    pub text: String,
+    pub bot: String,
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct ModelInfo {
+    pub id: String,
+    /// Poe's display name.
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub owned_by: Option<String>,
+    /// For a gateway alias: the bots it tries, in order.
+    pub alias_of: Option<Vec<String>>,
+    pub input_modalities: Vec<String>,
+    pub output_modalities: Vec<String>,
+    /// Poe's `supported_features` (e.g. `tools`, `web_search`).
+    pub features: Vec<String>,
+    /// USD per token (strings, as Poe publishes them), when known.
+    pub pricing: Option<Value>,
+    pub context_length: Option<u64>,
+    /// Bot-specific parameters (pass them in `params`), when Poe publishes them.
+    pub parameters: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct ModelsResult {
+    pub models: Vec<ModelInfo>,
+    /// The gateway's aliases: short name to the bots it tries.
+    pub aliases: BTreeMap<String, Vec<String>>,
+    pub count: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct ClearResult {
+    pub session_id: String,
+    pub cleared: bool,
+}
+
+// ----- tools -----
+
+#[tool_router]
+impl PoeTools {
+    #[tool(
+        description = "Ask a Poe bot a question and get its answer. Starts a new conversation, or continues \
+                       one when you pass the `session_id` an earlier call returned. Long answers stream, with \
+                       progress notifications when you send a progress token.",
+        output_schema = schema_for_output::<AskResult>(),
+        annotations(title = "Ask a Poe bot", read_only_hint = true, open_world_hint = true)
+    )]
+    async fn ask_poe(
+        &self,
+        Parameters(args): Parameters<AskPoeArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, rmcp::ErrorData> {
+        let ct = ctx.ct.clone().cancelled_owned();
+        Ok(finish(ct, self.ask_poe_impl(args, &ctx)).await)
+    }
+
+    #[tool(
+        description = "Ask a Poe bot about a file: an image, PDF, audio or video (or another document). Give \
+                       exactly one of attachment_path (a local file), attachment_url (Poe fetches it) or \
+                       attachment_base64 (+ mime_type). Images go to the bot as images, the rest as files.",
+        output_schema = schema_for_output::<AskResult>(),
+        annotations(title = "Ask a Poe bot about a file", read_only_hint = true, open_world_hint = true)
+    )]
+    async fn ask_with_attachment(
+        &self,
+        Parameters(args): Parameters<AskWithAttachmentArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, rmcp::ErrorData> {
+        let ct = ctx.ct.clone().cancelled_owned();
+        Ok(finish(ct, self.ask_with_attachment_impl(args, &ctx)).await)
+    }
+
+    #[tool(
+        description = "Ask a Poe bot that can call functions: pass OpenAI function definitions in `tools`, and \
+                       get back the `tool_calls` the bot wants made. The gateway never runs anything: you run \
+                       the calls and send the results in a follow-up prompt with the same session_id.",
+        output_schema = schema_for_output::<ToolsResult>(),
+        annotations(title = "Ask a Poe bot with function calling", read_only_hint = true, open_world_hint = true)
+    )]
+    async fn ask_poe_with_tools(
+        &self,
+        Parameters(args): Parameters<AskWithToolsArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, rmcp::ErrorData> {
+        let ct = ctx.ct.clone().cancelled_owned();
+        Ok(finish(ct, self.ask_with_tools_impl(args, &ctx)).await)
+    }
+
+    #[tool(
+        description = "Generate an image with a Poe image bot (default: the gateway's `image` alias, e.g. \
+                       GPT-Image-1). Returns the image URLs, as text and as resource links.",
+        output_schema = schema_for_output::<MediaResult>(),
+        annotations(title = "Generate an image", read_only_hint = true, open_world_hint = true)
+    )]
+    async fn generate_image(
+        &self,
+        Parameters(args): Parameters<GenerateImageArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, rmcp::ErrorData> {
+        let ct = ctx.ct.clone().cancelled_owned();
+        let mut extra = Map::new();
+        put(&mut extra, "aspect", args.aspect.map(Value::from));
+        put(&mut extra, "quality", args.quality.map(Value::from));
+        let model = args.model.unwrap_or_else(|| IMAGE_ALIAS.into());
+        Ok(finish(
+            ct,
+            self.media_impl(model, args.prompt, extra, args.params, &ctx),
+        )
+        .await)
+    }
+
+    #[tool(
+        description = "Generate a video with a Poe video bot (default: the gateway's `video` alias, e.g. Veo-3). \
+                       Returns the video URLs, as text and as resource links. Video bots can take minutes.",
+        output_schema = schema_for_output::<MediaResult>(),
+        annotations(title = "Generate a video", read_only_hint = true, open_world_hint = true)
+    )]
+    async fn generate_video(
+        &self,
+        Parameters(args): Parameters<GenerateVideoArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, rmcp::ErrorData> {
+        let ct = ctx.ct.clone().cancelled_owned();
+        let mut extra = Map::new();
+        put(
+            &mut extra,
+            "aspect_ratio",
+            args.aspect_ratio.map(Value::from),
+        );
+        put(&mut extra, "duration", args.duration);
+        let model = args.model.unwrap_or_else(|| VIDEO_ALIAS.into());
+        Ok(finish(
+            ct,
+            self.media_impl(model, args.prompt, extra, args.params, &ctx),
+        )
+        .await)
+    }
+
+    #[tool(
+        description = "List the Poe bots and the gateway's aliases, with their modalities, features and prices \
+                       where known. Narrow it with `filter` (text) and `capability`.",
+        output_schema = schema_for_output::<ModelsResult>(),
+        annotations(title = "List Poe models", read_only_hint = true, open_world_hint = true)
+    )]
+    async fn list_models(
+        &self,
+        Parameters(args): Parameters<ListModelsArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, rmcp::ErrorData> {
+        let ct = ctx.ct.clone().cancelled_owned();
+        Ok(finish(ct, self.list_models_impl(args)).await)
+    }
+
+    #[tool(
+        description = "The same as list_models (the name the older Poe MCP server used).",
+        output_schema = schema_for_output::<ModelsResult>(),
+        annotations(title = "List Poe models", read_only_hint = true, open_world_hint = true)
+    )]
+    async fn list_available_models(
+        &self,
+        Parameters(args): Parameters<ListModelsArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, rmcp::ErrorData> {
+        let ct = ctx.ct.clone().cancelled_owned();
+        Ok(finish(ct, self.list_models_impl(args)).await)
+    }
+
+    #[tool(
+        description = "Forget a conversation session and its history.",
+        output_schema = schema_for_output::<ClearResult>(),
+        annotations(title = "Clear a session", read_only_hint = false, destructive_hint = true, idempotent_hint = true, open_world_hint = false)
+    )]
+    async fn clear_session(
+        &self,
+        Parameters(args): Parameters<ClearSessionArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, rmcp::ErrorData> {
+        let ct = ctx.ct.clone().cancelled_owned();
+        Ok(finish(ct, self.clear_session_impl(args, &ctx)).await)
+    }
+}
+
+#[tool_handler(router = self.core.inner.router)]
+impl ServerHandler for PoeTools {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new(
+                "poe-gateway",
+                env!("CARGO_PKG_VERSION"),
+            ))
+            .with_instructions(INSTRUCTIONS)
+    }
+}
+
+/// Runs a tool's work until it ends or the client cancels the call (`cancelled` resolves).
+/// Cancelling drops the work, and with it any upstream reply body, which stops the upstream call.
+async fn finish(
+    cancelled: impl Future<Output = ()>,
+    work: impl Future<Output = Result<CallToolResult, String>>,
+) -> CallToolResult {
+    tokio::select! {
+        biased;
+        _ = cancelled => tool_error("cancelled by the client".into()),
+        r = work => r.unwrap_or_else(tool_error),
+    }
+}
+
+fn tool_error(message: String) -> CallToolResult {
+    CallToolResult::error(vec![ContentBlock::text(message)])
+}
+
+/// A success with `value` as structured content (and as JSON text), plus `extra` blocks.
+fn structured<T: Serialize>(value: &T, extra: Vec<ContentBlock>) -> Result<CallToolResult, String> {
+    let value =
+        serde_json::to_value(value).map_err(|e| format!("cannot encode the result: {e}"))?;
+    let mut result = CallToolResult::structured(value);
+    result.content.extend(extra);
+    Ok(result)
+}
+
+fn put(map: &mut Map<String, Value>, key: &str, value: Option<Value>) {
+    if let Some(v) = value {
+        map.insert(key.to_string(), v);
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<String, String> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(format!("`{what}` must not be empty"));
+    }
+    if name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(format!("`{what}` is not a bot name"));
+    }
+    Ok(name.to_string())
+}
+
+/// Merges `params` into `body` (tool-set fields win), refusing the fields the tool owns.
+fn merge_params(
+    body: &mut Map<String, Value>,
+    params: Option<Map<String, Value>>,
+) -> Result<(), String> {
+    for (k, v) in params.unwrap_or_default() {
+        if RESERVED.contains(&k.as_str()) {
+            return Err(format!("`params` may not set `{k}`: the tool sets it"));
+        }
+        body.entry(k).or_insert(v);
+    }
+    Ok(())
+}
+
+/// One conversational call: history, request, answer, history again.
+struct Turn {
+    bot: String,
+    system: Option<String>,
+    session_id: Option<String>,
+    /// The new user message.
+    user: Value,
+    /// Top-level request fields besides model, messages and stream.
+    fields: Map<String, Value>,
+    stream: bool,
+}
+
+impl PoeTools {
+    pub(crate) fn new(core: McpCore, mode: Mode) -> PoeTools {
+        PoeTools { core, mode }
+    }
+
+    /// The tool router, built once per [`McpCore`].
+    pub(crate) fn router() -> ToolRouter<PoeTools> {
+        Self::tool_router()
+    }
+
+    fn access(&self) -> Access {
+        match self.mode {
+            Mode::Local(_) => Access::Local,
+            Mode::Http => Access::Remote,
+        }
+    }
+
+    /// Who pays for this call. Over HTTP it is whoever the HTTP layer authenticated for this
+    /// request; there is no fallback to the server's key.
+    fn caller(&self, ctx: &RequestContext<RoleServer>) -> Result<Caller, String> {
+        match &self.mode {
+            Mode::Local(base) => Ok(Caller {
+                request_id: Arc::from(uuid::Uuid::new_v4().to_string()),
+                ..base.clone()
+            }),
+            Mode::Http => ctx
+                .extensions
+                .get::<http::request::Parts>()
+                .and_then(|parts| parts.extensions.get::<Caller>())
+                .cloned()
+                .ok_or_else(|| "this MCP request carries no authenticated caller".to_string()),
+        }
+    }
+
+    async fn converse(
+        &self,
+        turn: Turn,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<(Answer, String), String> {
+        let caller = self.caller(ctx)?;
+        let sessions = self.core.sessions();
+        let session = sessions
+            .open(Scope::of(&caller), turn.session_id.as_deref())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut body = turn.fields;
+        body.insert("model".into(), Value::String(turn.bot));
+        body.insert(
+            "messages".into(),
+            Value::Array(
+                session
+                    .history()
+                    .messages(turn.system.as_deref(), turn.user.clone()),
+            ),
+        );
+        body.insert("stream".into(), Value::Bool(turn.stream));
+        let mut progress = None;
+        if turn.stream {
+            body.insert("stream_options".into(), json!({"include_usage": true}));
+            progress = ctx
+                .meta
+                .get_progress_token()
+                .map(|token| Progress::new(ctx.peer.clone(), token));
+        }
+        let answer =
+            reply::ask(self.core.gateway(), &caller, &Value::Object(body), progress).await?;
+        let session_id = session.id.to_string();
+        let assistant = json!({"role": "assistant", "content": remembered_text(&answer)});
+        sessions
+            .commit(session, turn.system, turn.user, assistant)
+            .await;
+        Ok((answer, session_id))
+    }
+
+    async fn ask_poe_impl(
+        &self,
+        args: AskPoeArgs,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, String> {
+        let bot = check_name("bot", &args.bot)?;
+        if args.prompt.trim().is_empty() {
+            return Err("`prompt` must not be empty".into());
+        }
+        let mut fields = Map::new();
+        if let Some(t) = args.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err("`temperature` must be between 0 and 2".into());
+            }
+            fields.insert("temperature".into(), json!(t));
+        }
+        put(&mut fields, "max_tokens", args.max_tokens.map(Value::from));
+        put(
+            &mut fields,
+            "thinking_budget",
+            args.thinking_budget.map(Value::from),
+        );
+        put(
+            &mut fields,
+            "reasoning_effort",
+            args.reasoning_effort.map(Value::from),
+        );
+        merge_params(&mut fields, args.params)?;
+        let turn = Turn {
+            bot,
+            system: args.system,
+            session_id: args.session_id,
+            user: json!({"role": "user", "content": args.prompt}),
+            fields,
+            stream: true,
+        };
+        let (answer, session_id) = self.converse(turn, ctx).await?;
+        structured(&ask_result(answer, session_id), vec![])
+    }
+
+    async fn ask_with_attachment_impl(
+        &self,
+        args: AskWithAttachmentArgs,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, String> {
+        let bot = check_name("bot", &args.bot)?;
+        let spec = Spec {
+            path: args.attachment_path.as_deref(),
+            url: args.attachment_url.as_deref(),
+            base64: args.attachment_base64.as_deref(),
+            mime_type: args.mime_type.as_deref(),
+            filename: args.filename.as_deref(),
+        };
+        let attachment =
+            attachments::load(spec, &self.core.inner.attachments, self.access()).await?;
+        let mut parts = Vec::with_capacity(2);
+        if !args.prompt.trim().is_empty() {
+            parts.push(json!({"type": "text", "text": args.prompt}));
+        }
+        parts.push(attachment.content_part());
+        let mut fields = Map::new();
+        merge_params(&mut fields, args.params)?;
+        let turn = Turn {
+            bot,
+            system: args.system,
+            session_id: args.session_id,
+            user: json!({"role": "user", "content": parts}),
+            fields,
+            stream: true,
+        };
+        let (answer, session_id) = self.converse(turn, ctx).await?;
+        structured(&ask_result(answer, session_id), vec![])
+    }
+
+    async fn ask_with_tools_impl(
+        &self,
+        args: AskWithToolsArgs,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, String> {
+        let bot = check_name("bot", &args.bot)?;
+        if args.prompt.trim().is_empty() {
+            return Err("`prompt` must not be empty".into());
+        }
+        let tools = normalize_tools(args.tools)?;
+        let mut fields = Map::new();
+        fields.insert("tools".into(), Value::Array(tools));
+        put(&mut fields, "tool_choice", args.tool_choice);
+        put(
+            &mut fields,
+            "parallel_tool_calls",
+            args.parallel_tool_calls.map(Value::from),
+        );
+        let turn = Turn {
+            bot,
+            system: args.system,
+            session_id: args.session_id,
+            user: json!({"role": "user", "content": args.prompt}),
+            fields,
+            // Non-stream: tool calls arrive whole, not as deltas to assemble.
+            stream: false,
+        };
+        let (answer, session_id) = self.converse(turn, ctx).await?;
+        let result = ToolsResult {
+            text: answer.text,
+            tool_calls: answer.tool_calls,
+            finish_reason: answer.finish_reason,
+            session_id,
+            bot: answer.bot,
+            usage: answer.usage,
+        };
+        structured(&result, vec![])
+    }
+
+    async fn media_impl(
+        &self,
+        model: String,
+        prompt: String,
+        mut fields: Map<String, Value>,
+        params: Option<Map<String, Value>>,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, String> {
+        let model = check_name("model", &model)?;
+        if prompt.trim().is_empty() {
+            return Err("`prompt` must not be empty".into());
+        }
+        merge_params(&mut fields, params)?;
+        let caller = self.caller(ctx)?;
+        fields.insert("model".into(), Value::String(model));
+        fields.insert(
+            "messages".into(),
+            json!([{"role": "user", "content": prompt}]),
+        );
+        fields.insert("stream".into(), Value::Bool(false));
+        let answer = reply::ask(self.core.gateway(), &caller, &Value::Object(fields), None).await?;
+        let found = media::extract(&answer.text);
+        if found.is_empty() {
+            let text: String = answer.text.chars().take(1000).collect();
+            return Err(format!(
+                "`{}` answered without a media URL: {text}",
+                answer.bot
+            ));
+        }
+        let links = found
+            .iter()
+            .map(|m| {
+                let mut r = Resource::new(m.url.clone(), m.name.clone());
+                if let Some(mime) = &m.mime_type {
+                    r = r.with_mime_type(mime.clone());
+                }
+                ContentBlock::resource_link(r)
+            })
+            .collect();
+        let result = MediaResult {
+            urls: found.into_iter().map(|m| m.url).collect(),
+            text: answer.text,
+            bot: answer.bot,
+            usage: answer.usage,
+        };
+        structured(&result, links)
+    }
+
+    async fn list_models_impl(&self, args: ListModelsArgs) -> Result<CallToolResult, String> {
+        let gateway = self.core.gateway();
+        let catalogue = gateway
+            .models()
+            .await
+            .map_err(|e| format!("cannot read Poe's model list: {e}"))?;
+        let filter = args
+            .filter
+            .map(|f| f.trim().to_lowercase())
+            .filter(|f| !f.is_empty());
+        let models: Vec<ModelInfo> = catalogue
+            .entries()
+            .iter()
+            .filter_map(model_info)
+            .filter(|m| filter.as_deref().is_none_or(|f| matches_text(m, f)))
+            .filter(|m| args.capability.is_none_or(|c| has_capability(m, c)))
+            .collect();
+        let aliases = gateway
+            .aliases()
+            .iter()
+            .map(|(name, bots)| (name.to_string(), bots.to_vec()))
+            .collect();
+        let result = ModelsResult {
+            count: models.len(),
+            models,
+            aliases,
+        };
+        structured(&result, vec![])
+    }
+
+    async fn clear_session_impl(
+        &self,
+        args: ClearSessionArgs,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, String> {
+        let caller = self.caller(ctx)?;
+        let cleared = self
+            .core
+            .sessions()
+            .clear(Scope::of(&caller), &args.session_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !cleared {
+            return Err(
+                super::sessions::SessionError::Unknown(args.session_id.trim().to_string())
+                    .to_string(),
+            );
+        }
+        structured(
+            &ClearResult {
+                session_id: args.session_id.trim().to_string(),
+                cleared,
+            },
+            vec![],
+        )
+    }
+}
+
+fn ask_result(answer: Answer, session_id: String) -> AskResult {
+    AskResult {
+        text: answer.text,
+        session_id,
+        bot: answer.bot,
+        usage: answer.usage,
+        finish_reason: answer.finish_reason,
+    }
+}
+
+/// The assistant message kept in the session. Tool calls are kept as a note in the text: an
+/// assistant message with `tool_calls` would need the matching `tool` results next, which the
+/// agent sends as a plain prompt instead.
+fn remembered_text(answer: &Answer) -> String {
+    if answer.tool_calls.is_empty() {
+        return answer.text.clone();
+    }
+    let calls: Vec<String> = answer
+        .tool_calls
+        .iter()
+        .map(|c| {
+            let name = c
+                .pointer("/function/name")
+                .and_then(Value::as_str)
+                .unwrap_or("?");
+            let args = c
+                .pointer("/function/arguments")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let id = c.get("id").and_then(Value::as_str).unwrap_or("");
+            format!("{name}({args}) [id {id}]")
+        })
+        .collect();
+    let note = format!("[requested tool calls: {}]", calls.join("; "));
+    if answer.text.is_empty() {
+        note
+    } else {
+        format!("{}\n\n{note}", answer.text)
+    }
+}
+
+/// Accepts OpenAI tool definitions, or bare function definitions (wrapped).
+fn normalize_tools(tools: Vec<Value>) -> Result<Vec<Value>, String> {
+    if tools.is_empty() {
+        return Err("`tools` must hold at least one function definition".into());
+    }
+    tools
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let Value::Object(obj) = t else {
+                return Err(format!("tools[{i}] must be an object"));
+            };
+            let name_ok = |f: &Map<String, Value>| f.get("name").and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+            if let Some(Value::Object(f)) = obj.get("function") {
+                if !name_ok(f) {
+                    return Err(format!("tools[{i}].function needs a `name`"));
+                }
+                let mut obj = obj;
+                obj.entry("type").or_insert(json!("function"));
+                return Ok(Value::Object(obj));
+            }
+            if name_ok(&obj) {
+                return Ok(json!({"type": "function", "function": obj}));
+            }
+            Err(format!(
+                "tools[{i}] is not a function definition: expected {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
+            ))
+        })
+        .collect()
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn model_info(e: &Value) -> Option<ModelInfo> {
+    let id = e.get("id")?.as_str()?.to_string();
+    let text = |p: &str| e.pointer(p).and_then(Value::as_str).map(String::from);
+    let description = text("/description").map(|d| {
+        if d.chars().count() > 300 {
+            format!("{}…", d.chars().take(300).collect::<String>())
+        } else {
+            d
+        }
+    });
+    let pricing = e
+        .get("pricing")
+        .filter(|p| {
+            p.as_object()
+                .is_some_and(|o| o.values().any(|v| !v.is_null()))
+        })
+        .cloned();
+    let parameters = e.get("parameters").and_then(Value::as_array).map(|ps| {
+        ps.iter()
+            .filter_map(|p| p.get("name").and_then(Value::as_str).map(String::from))
+            .collect()
+    });
+    let alias_of = e.get("alias_of").map(|a| strings(Some(a)));
+    let mut features = strings(e.get("supported_features"));
+    if e.get("reasoning").is_some_and(|r| !r.is_null())
+        && !features.iter().any(|f| f == "reasoning")
+    {
+        features.push("reasoning".into());
+    }
+    Some(ModelInfo {
+        id,
+        name: text("/metadata/display_name"),
+        description,
+        owned_by: text("/owned_by"),
+        alias_of,
+        input_modalities: strings(e.pointer("/architecture/input_modalities")),
+        output_modalities: strings(e.pointer("/architecture/output_modalities")),
+        features,
+        pricing,
+        context_length: e
+            .pointer("/context_window/context_length")
+            .and_then(Value::as_u64),
+        parameters,
+    })
+}
+
+fn matches_text(m: &ModelInfo, f: &str) -> bool {
+    [Some(&m.id), m.name.as_ref(), m.description.as_ref()]
+        .into_iter()
+        .flatten()
+        .any(|s| s.to_lowercase().contains(f))
+        || m.alias_of
+            .iter()
+            .flatten()
+            .any(|b| b.to_lowercase().contains(f))
+}
+
+fn has_capability(m: &ModelInfo, c: Capability) -> bool {
+    let out = |x: &str| {
+        m.output_modalities
+            .iter()
+            .any(|o| o.eq_ignore_ascii_case(x))
+    };
+    let feature = |x: &str| m.features.iter().any(|o| o.eq_ignore_ascii_case(x));
+    match c {
+        Capability::Text => out("text"),
+        Capability::Image => out("image"),
+        Capability::Video => out("video"),
+        Capability::Audio => out("audio"),
+        Capability::Vision => m
+            .input_modalities
+            .iter()
+            .any(|i| i.eq_ignore_ascii_case("image")),
+        Capability::Tools => feature("tools"),
+        Capability::WebSearch => feature("web_search"),
+        Capability::Reasoning => feature("reasoning"),
+    }
+}

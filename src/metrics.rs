@@ -1,0 +1,100 @@
+//! Prometheus metrics, names prefixed `poe_gateway_`. One registry per gateway, so tests that
+//! run several gateways in one process do not mix their numbers.
+
+use prometheus::{
+    CounterVec, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub prompt_tokens: IntCounterVec,
+    pub completion_tokens: IntCounterVec,
+    pub cost_usd: CounterVec,
+    pub duration: HistogramVec,
+    pub ttfb: HistogramVec,
+    pub in_flight: IntGauge,
+    pub streams_in_flight: IntGauge,
+    pub upstream_attempts: IntCounterVec,
+    pub ledger_queue_depth: IntGauge,
+    pub ledger_dropped: IntCounter,
+    pub ledger_written: IntCounter,
+    pub ledger_write_errors: IntCounter,
+    pub point_balance: Gauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definition");
+                registry.register(Box::new(m.clone())).expect("metric registers once");
+                m
+            }};
+        }
+        let opts = |name: &str, help: &str| Opts::new(format!("poe_gateway_{name}"), help);
+        let hist = |name: &str, help: &str| {
+            HistogramOpts::new(format!("poe_gateway_{name}"), help).buckets(LATENCY_BUCKETS.to_vec())
+        };
+        Metrics {
+            requests: reg!(IntCounterVec::new(
+                opts("requests_total", "Chat completion requests by bot, status and key id."),
+                &["bot", "status", "key"]
+            )),
+            prompt_tokens: reg!(IntCounterVec::new(opts("prompt_tokens_total", "Prompt tokens by bot."), &["bot"])),
+            completion_tokens: reg!(IntCounterVec::new(
+                opts("completion_tokens_total", "Completion tokens by bot."),
+                &["bot"]
+            )),
+            cost_usd: reg!(CounterVec::new(opts("cost_usd_total", "Cost in USD by bot (priced rows only)."), &["bot"])),
+            duration: reg!(HistogramVec::new(
+                hist("request_duration_seconds", "Request duration, to the end of the response body."),
+                &["stream"]
+            )),
+            ttfb: reg!(HistogramVec::new(
+                hist("time_to_first_byte_seconds", "Time from request to the first response byte from Poe."),
+                &["stream"]
+            )),
+            in_flight: reg!(IntGauge::with_opts(opts("requests_in_flight", "Chat requests whose response is still open."))),
+            streams_in_flight: reg!(IntGauge::with_opts(opts("streams_in_flight", "Open streamed responses."))),
+            upstream_attempts: reg!(IntCounterVec::new(
+                opts("upstream_attempts_total", "Calls to Poe, by result (ok, http_<status>, connect, timeout, broken)."),
+                &["result"]
+            )),
+            ledger_queue_depth: reg!(IntGauge::with_opts(opts("ledger_queue_depth", "Usage rows waiting to be written."))),
+            ledger_dropped: reg!(IntCounter::with_opts(opts(
+                "ledger_dropped_total",
+                "Usage rows dropped because the ledger queue was full."
+            ))),
+            ledger_written: reg!(IntCounter::with_opts(opts("ledger_written_total", "Usage rows written."))),
+            ledger_write_errors: reg!(IntCounter::with_opts(opts(
+                "ledger_write_errors_total",
+                "Usage rows lost to database errors."
+            ))),
+            point_balance: reg!(Gauge::with_opts(opts(
+                "point_balance",
+                "Poe compute-point balance of the server key (last read)."
+            ))),
+            registry,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

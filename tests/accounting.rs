@@ -1,0 +1,339 @@
+//! Usage accounting over real sockets, on SQLite and on Postgres: tokens from streams and
+//! JSON, the injected usage chunk stripped, broken and cancelled streams, cost, gateway keys
+//! with RPM, budgets and model lists, the admin API, reports and metrics.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use poe_gateway::ledger::ReportQuery;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ALIASES: &str = "[aliases]\nclaude = \"claude-sonnet-4.5\"\ngpt = \"gpt-5\"\n";
+const KEYS: &str = "[auth]\nmode = \"keys\"\n[aliases]\nclaude = \"claude-sonnet-4.5\"\ngpt = \"gpt-5\"\n";
+
+fn usage_chunk(p: u64, c: u64) -> String {
+    format!(
+        "data: {{\"id\":\"chatcmpl-test\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c},\"total_tokens\":{}}}}}\n\n",
+        p + c
+    )
+}
+
+/// Waits for queued rows to reach the ledger, then returns the totals.
+async fn report(gw: &poe_gateway::Gateway, key: Option<&str>) -> poe_gateway::ledger::Report {
+    gw.flush().await;
+    gw.ledger()
+        .store()
+        .report(&ReportQuery {
+            since_ms: 0,
+            until_ms: i64::MAX,
+            key_id: key.map(String::from),
+            group_by: None,
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn stream_without_include_usage_is_accounted_and_the_client_sees_its_own_stream() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        // What Poe sends when asked for usage: the usage-only chunk before [DONE].
+        let content = [chunk("gpt-5", "Hel"), chunk("gpt-5", "lo"), finish_chunk("gpt-5")];
+        let mut reply = Reply::sse();
+        for c in &content {
+            reply = reply.send(c.clone());
+        }
+        up.push(reply.send(usage_chunk(11, 2)).send("data: [DONE]\n\n"));
+        let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+
+        let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+        let got = body_bytes(resp).await;
+        let expected = [content.concat(), "data: [DONE]\n\n".to_string()].concat();
+        assert_eq!(got, Bytes::from(expected), "{db}: the client must not see the injected usage");
+        let sent = up.chats()[0].json();
+        assert_eq!(sent["stream_options"]["include_usage"], true, "{db}");
+
+        let r = report(&core, None).await;
+        assert_eq!(r.totals.requests, 1, "{db}");
+        assert_eq!(r.totals.prompt_tokens, 11, "{db}");
+        assert_eq!(r.totals.completion_tokens, 2, "{db}");
+    }
+}
+
+#[tokio::test]
+async fn stream_with_include_usage_passes_through_untouched() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        let body = [chunk("gpt-5", "Hi"), finish_chunk("gpt-5"), usage_chunk(5, 1), "data: [DONE]\n\n".into()].concat();
+        up.push(Reply::sse().send(body.clone()));
+        let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+        let req = r#"{"model":"gpt","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":true}}"#;
+        let got = body_bytes(post(&gw, req, &[]).await).await;
+        assert_eq!(got, Bytes::from(body), "{db}");
+        assert_eq!(up.chats()[0].body, Bytes::from(req.replace("\"gpt\"", "\"gpt-5\"")));
+        assert_eq!(report(&core, None).await.totals.prompt_tokens, 5, "{db}");
+    }
+}
+
+#[tokio::test]
+async fn usage_on_a_content_chunk_keeps_the_content() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        let last = r#"data: {"id":"c","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":9,"total_tokens":13}}"#;
+        up.push(Reply::sse().send(chunk("gpt-5", "Hi")).send(format!("{last}\n\n")).send("data: [DONE]\n\n"));
+        let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+        let got = String::from_utf8(body_bytes(post(&gw, &chat_body("gpt", true), &[]).await).await.to_vec()).unwrap();
+        let want = format!(
+            "{}data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"!\"}},\"finish_reason\":\"stop\"}}]}}\n\ndata: [DONE]\n\n",
+            chunk("gpt-5", "Hi")
+        );
+        assert_eq!(got, want, "{db}");
+        assert_eq!(report(&core, None).await.totals.completion_tokens, 9, "{db}");
+    }
+}
+
+#[tokio::test]
+async fn non_stream_usage_and_cost_from_the_catalogue() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.push(Reply::completion("claude-sonnet-4.5", "hello"));
+        up.push(Reply::completion("mystery-bot", "hello"));
+        let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+        assert_eq!(post(&gw, &chat_body("claude", false), &[]).await.status(), 200);
+        let _ = body_bytes(post(&gw, &chat_body("mystery-bot", false), &[]).await).await;
+        let r = report(&core, None).await;
+        assert_eq!(r.totals.requests, 2, "{db}");
+        assert_eq!(r.totals.prompt_tokens, 14, "{db}");
+        // 7 prompt tokens at $3/M and 3 completion tokens at $15/M; mystery-bot has no price.
+        let want = 7.0 * 0.000003 + 3.0 * 0.000015;
+        assert!((r.totals.cost_usd - want).abs() < 1e-12, "{db}: {}", r.totals.cost_usd);
+        assert_eq!(r.totals.unpriced, 1, "{db}: an unknown price is null, not 0");
+    }
+}
+
+#[tokio::test]
+async fn pricing_overrides_win() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.push(Reply::completion("mystery-bot", "hello"));
+        let policy = "[aliases]\n[pricing.mystery-bot]\nprompt = 0.001\ncompletion = 0.002\nrequest = 0.5\n";
+        let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+        let _ = body_bytes(post(&gw, &chat_body("mystery-bot", false), &[]).await).await;
+        let r = report(&core, None).await;
+        assert!((r.totals.cost_usd - (7.0 * 0.001 + 3.0 * 0.002 + 0.5)).abs() < 1e-9, "{db}");
+        assert_eq!(r.totals.unpriced, 0);
+    }
+}
+
+#[tokio::test]
+async fn broken_and_cancelled_streams_are_recorded_with_estimates() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.push(Reply::sse().send(chunk("gpt-5", "twelve chars")).drop_connection());
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        up.push(Reply::sse().send(chunk("gpt-5", "eight ch")).gate(&gate).send("data: [DONE]\n\n"));
+        let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+
+        let _ = body_bytes(post(&gw, &chat_body("gpt", true), &[]).await).await;
+
+        // Cancelled: read the first event on a raw socket, then hang up.
+        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let body = chat_body("gpt", true);
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("eight ch") {
+            let n = sock.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            seen.extend_from_slice(&buf[..n]);
+        }
+        drop(sock);
+        tokio::time::timeout(Duration::from_secs(10), up.wait_disconnect()).await.unwrap();
+
+        // Both rows: outcome and estimated completion tokens (text bytes / 4, rounded up).
+        core.flush().await;
+        let store = core.ledger().store();
+        let all = store
+            .report(&ReportQuery { since_ms: 0, until_ms: i64::MAX, key_id: None, group_by: None })
+            .await
+            .unwrap();
+        assert_eq!(all.totals.requests, 2, "{db}");
+        assert_eq!(all.totals.errors, 2, "{db}: incomplete and cancelled count as errors");
+        assert_eq!(all.totals.completion_tokens, 3 + 2, "{db}: ceil(12/4) + ceil(8/4)");
+    }
+}
+
+async fn create_key(gw: &TestGateway, body: &str) -> (String, String) {
+    let resp = request(gw, "POST", "/admin/keys", &[("authorization", &format!("Bearer {ADMIN_KEY}"))], body).await;
+    assert_eq!(resp.status(), 201);
+    let v = body_json(resp).await;
+    (v["id"].as_str().unwrap().to_string(), v["key"].as_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn gateway_keys_authenticate_and_revoke() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::completion("gpt-5", "ok"));
+        let (gw, core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+        expect_error(post(&gw, &chat_body("gpt", false), &[]).await, 401, "authentication_error").await;
+        expect_error(
+            post(&gw, &chat_body("gpt", false), &[("authorization", "Bearer pgw_not-a-real-key")]).await,
+            401,
+            "authentication_error",
+        )
+        .await;
+
+        let (id, key) = create_key(&gw, r#"{"name":"alice"}"#).await;
+        let auth = format!("Bearer {key}");
+        let resp = post(&gw, &chat_body("gpt", false), &[("authorization", &auth)]).await;
+        assert_eq!(resp.status(), 200, "{db}");
+        assert_eq!(
+            up.chats().last().unwrap().headers["authorization"],
+            format!("Bearer {UPSTREAM_KEY}").as_str(),
+            "upstream is paid by the server key, never the gateway key"
+        );
+        let _ = body_bytes(resp).await;
+
+        // The caller's own usage.
+        let v = body_json(request(&gw, "GET", "/v1/usage?group_by=model", &[("authorization", &auth)], "").await).await;
+        assert_eq!(v["totals"]["requests"], 1, "{db}: {v}");
+        assert_eq!(v["groups"][0]["group"], "gpt-5");
+
+        let resp = request(&gw, "DELETE", &format!("/admin/keys/{id}"), &[("authorization", &format!("Bearer {ADMIN_KEY}"))], "").await;
+        assert_eq!(resp.status(), 200);
+        let e = expect_error(post(&gw, &chat_body("gpt", false), &[("authorization", &auth)]).await, 401, "authentication_error").await;
+        assert!(e["message"].as_str().unwrap().contains("revoked"));
+        assert_eq!(report(&core, Some(&id)).await.totals.requests, 1, "{db}");
+    }
+}
+
+#[tokio::test]
+async fn key_rpm_model_list_and_budget() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::completion("claude-sonnet-4.5", "ok"));
+        let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+
+        let (_, key) = create_key(&gw, r#"{"name":"bob","rpm":2,"models":["claude"]}"#).await;
+        let auth = format!("Bearer {key}");
+        let e = expect_error(post(&gw, &chat_body("gpt", false), &[("authorization", &auth)]).await, 403, "permission_error").await;
+        assert_eq!(e["code"], "model_not_allowed");
+        for _ in 0..2 {
+            let r = post(&gw, &chat_body("claude", false), &[("authorization", &auth)]).await;
+            assert_eq!(r.status(), 200);
+            let _ = body_bytes(r).await;
+        }
+        let r = post(&gw, &chat_body("claude", false), &[("authorization", &auth)]).await;
+        assert!(r.headers().contains_key("retry-after"));
+        let e = expect_error(r, 429, "rate_limit_error").await;
+        assert_eq!(e["code"], "rate_limit_exceeded");
+
+        // A budget of 0.0001 USD: one claude call (7*3e-6 + 3*15e-6 = 6.6e-5) fits, the next
+        // still fits (checked before, charged after), the third is refused.
+        let (_, key) = create_key(&gw, r#"{"name":"carol","budget_usd":0.0001,"period":"day"}"#).await;
+        let auth = format!("Bearer {key}");
+        for _ in 0..2 {
+            let r = post(&gw, &chat_body("claude", false), &[("authorization", &auth)]).await;
+            assert_eq!(r.status(), 200, "{db}");
+            let _ = body_bytes(r).await;
+        }
+        let mut refused = None;
+        for _ in 0..50 {
+            // Charging happens when the ledger writes the row; give it a moment.
+            let r = post(&gw, &chat_body("claude", false), &[("authorization", &auth)]).await;
+            if r.status() == 429 {
+                refused = Some(r);
+                break;
+            }
+            let _ = body_bytes(r).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let e = expect_error(refused.expect("budget never enforced"), 429, "insufficient_quota").await;
+        assert_eq!(e["code"], "insufficient_quota");
+    }
+}
+
+#[tokio::test]
+async fn admin_api_needs_the_admin_key() {
+    let up = MockUpstream::start().await;
+    let db = databases().await.remove(0);
+    let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+    expect_error(request(&gw, "GET", "/admin/keys", &[], "").await, 401, "authentication_error").await;
+    expect_error(request(&gw, "GET", "/admin/keys", &[("authorization", "Bearer wrong")], "").await, 401, "authentication_error").await;
+    let (_, key) = create_key(&gw, r#"{"name":"dave"}"#).await;
+    // A gateway key is not an admin key.
+    expect_error(
+        request(&gw, "GET", "/admin/keys", &[("authorization", &format!("Bearer {key}"))], "").await,
+        401,
+        "authentication_error",
+    )
+    .await;
+    let v = body_json(request(&gw, "GET", "/admin/keys", &[("authorization", &format!("Bearer {ADMIN_KEY}"))], "").await).await;
+    assert_eq!(v["data"][0]["name"], "dave");
+    assert!(v["data"][0].get("hash").is_none() && v["data"][0].get("key").is_none(), "{v}");
+    expect_error(
+        request(&gw, "POST", "/admin/keys", &[("authorization", &format!("Bearer {ADMIN_KEY}"))], r#"{"name":""}"#).await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    expect_error(
+        request(&gw, "GET", "/admin/usage?since=whenever", &[("authorization", &format!("Bearer {ADMIN_KEY}"))], "").await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn admin_usage_sees_everyone_and_metrics_are_exported() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("claude-sonnet-4.5", "ok"));
+    let db = databases().await.remove(0);
+    let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+    for name in ["erin", "frank"] {
+        let (_, key) = create_key(&gw, &format!(r#"{{"name":"{name}"}}"#)).await;
+        let _ = body_bytes(post(&gw, &chat_body("claude", false), &[("authorization", &format!("Bearer {key}"))]).await).await;
+    }
+    let v = body_json(
+        request(&gw, "GET", "/admin/usage?group_by=key&since=1d", &[("authorization", &format!("Bearer {ADMIN_KEY}"))], "").await,
+    )
+    .await;
+    assert_eq!(v["totals"]["requests"], 2, "{v}");
+    assert_eq!(v["groups"].as_array().unwrap().len(), 2, "{v}");
+
+    let text = String::from_utf8(body_bytes(get(&gw, "/metrics").await).await.to_vec()).unwrap();
+    for series in [
+        "poe_gateway_requests_total{bot=\"claude-sonnet-4.5\"",
+        "poe_gateway_prompt_tokens_total{bot=\"claude-sonnet-4.5\"} 14",
+        "poe_gateway_cost_usd_total",
+        "poe_gateway_request_duration_seconds_bucket",
+        "poe_gateway_time_to_first_byte_seconds_bucket",
+        "poe_gateway_ledger_written_total 2",
+        "poe_gateway_upstream_attempts_total{result=\"ok\"} 2",
+        "poe_gateway_streams_in_flight 0",
+    ] {
+        assert!(text.contains(series), "missing {series} in\n{text}");
+    }
+    assert!(!text.contains(UPSTREAM_KEY) && !text.contains(ADMIN_KEY));
+}
+
+#[tokio::test]
+async fn rejected_requests_are_accounted() {
+    let up = MockUpstream::start().await;
+    let db = databases().await.remove(0);
+    let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+    let _ = body_bytes(post(&gw, "{nope", &[]).await).await;
+    let r = report(&core, None).await;
+    assert_eq!(r.totals.requests, 1);
+    assert_eq!(r.totals.errors, 1);
+}

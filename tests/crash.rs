@@ -1,0 +1,71 @@
+//! Crash safety of the ledger: the real binary is killed with SIGKILL while serving, and every
+//! request that finished more than a second before is in the ledger afterwards.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use poe_gateway::ledger::{ReportQuery, Store};
+use support::*;
+
+#[tokio::test]
+async fn kill_9_loses_nothing_older_than_a_second() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::completion("gpt-5", "ok"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("POE_API_KEY", UPSTREAM_KEY)
+            .env("POE_BASE_URL", up.url())
+            .env("POE_GATEWAY_LISTEN", "127.0.0.1:0")
+            .env("POE_GATEWAY_DATABASE_URL", &db)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gateway binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).unwrap();
+            line
+        })
+        .await
+        .unwrap();
+        let addr = line.trim().rsplit("http://").next().unwrap().to_string();
+        let gw = TestGateway {
+            addr: addr.parse().unwrap(),
+            handle: None,
+        };
+
+        const N: usize = 25;
+        for _ in 0..N {
+            let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+            assert_eq!(resp.status(), 200);
+            let _ = body_bytes(resp).await;
+        }
+        // Finished more than a second ago...
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // ...then the process dies without any chance to flush.
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+
+        let store = Store::open(&db).await.unwrap();
+        let r = store
+            .report(&ReportQuery {
+                since_ms: 0,
+                until_ms: i64::MAX,
+                key_id: None,
+                group_by: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.totals.requests, N as i64, "{db}");
+        assert_eq!(r.totals.prompt_tokens, 7 * N as i64, "{db}");
+    }
+}

@@ -1,0 +1,982 @@
+//! The MCP adapter, driven by rmcp's own client: in-process over a duplex pipe (as stdio), and
+//! over real streamable HTTP against a gateway on port 0. The upstream is the scriptable mock.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientRequest, ProgressNotificationParam, Request,
+    ServerResult,
+};
+use rmcp::service::{NotificationContext, PeerRequestOptions, RunningService};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{ClientHandler, RoleClient, ServiceExt};
+use serde_json::{Value, json};
+use support::{MockUpstream, Reply, TestGateway, UPSTREAM_KEY};
+use tokio::sync::{Semaphore, mpsc};
+
+use poe_gateway::Gateway;
+use poe_gateway::config;
+use poe_gateway::mcp::{McpCore, stdio_caller};
+use poe_gateway::upstream::Secret;
+
+const PNG: &[u8] =
+    b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
+const IMAGE_URL: &str = "https://pfst.cf2.poecdn.net/base/image/abc?w=1024&h=1024";
+
+/// A client that records progress notifications.
+struct TestClient {
+    progress: mpsc::UnboundedSender<ProgressNotificationParam>,
+}
+
+impl ClientHandler for TestClient {
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _ctx: NotificationContext<RoleClient>,
+    ) {
+        let _ = self.progress.send(params);
+    }
+}
+
+type Client = RunningService<RoleClient, TestClient>;
+
+fn client_handler() -> (
+    TestClient,
+    mpsc::UnboundedReceiver<ProgressNotificationParam>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (TestClient { progress: tx }, rx)
+}
+
+/// A gateway core (no HTTP server) on the shipped policy plus env-style overrides.
+fn gateway(upstream: &MockUpstream, env: &[(&str, &str)]) -> Gateway {
+    let mut vars = vec![("POE_BASE_URL".to_string(), upstream.url())];
+    vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let policy = config::parse("test.toml", config::DEFAULT_POLICY, vars).expect("test policy");
+    Gateway::new(policy, Some(Secret::new(UPSTREAM_KEY))).expect("gateway")
+}
+
+/// An MCP client talking to a local (stdio-like) server over an in-process pipe.
+async fn local(gateway: Gateway) -> (Client, mpsc::UnboundedReceiver<ProgressNotificationParam>) {
+    let server = McpCore::new(gateway).local_server(stdio_caller());
+    let (server_io, client_io) = tokio::io::duplex(1 << 20);
+    tokio::spawn(async move {
+        if let Ok(running) = server.serve(server_io).await {
+            let _ = running.waiting().await;
+        }
+    });
+    let (handler, rx) = client_handler();
+    (handler.serve(client_io).await.expect("client connects"), rx)
+}
+
+/// An MCP client over streamable HTTP to `/mcp`, sending `key` as its bearer token.
+async fn remote(gw: &TestGateway, key: Option<&str>) -> Client {
+    let mut config = StreamableHttpClientTransportConfig::with_uri(gw.url("/mcp"));
+    if let Some(k) = key {
+        config = config.auth_header(k);
+    }
+    let transport = StreamableHttpClientTransport::from_config(config);
+    let (handler, _rx) = client_handler();
+    handler
+        .serve(transport)
+        .await
+        .expect("HTTP client connects")
+}
+
+async fn call(client: &Client, tool: &str, args: Value) -> CallToolResult {
+    let args = args.as_object().expect("arguments are an object").clone();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        client.call_tool(CallToolRequestParams::new(tool.to_string()).with_arguments(args)),
+    )
+    .await
+    .expect("tool call finished")
+    .expect("tool call answered")
+}
+
+fn text_of(r: &CallToolResult) -> String {
+    r.content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn ok(r: &CallToolResult) -> Value {
+    assert_ne!(r.is_error, Some(true), "tool failed: {}", text_of(r));
+    r.structured_content.clone().expect("structured content")
+}
+
+fn err(r: &CallToolResult) -> String {
+    assert_eq!(r.is_error, Some(true), "expected a tool error, got {r:?}");
+    text_of(r)
+}
+
+fn chat_requests(upstream: &MockUpstream) -> Vec<Value> {
+    upstream
+        .received()
+        .iter()
+        .filter(|r| r.path == "/v1/chat/completions")
+        .map(|r| r.json())
+        .collect()
+}
+
+fn poe_error(status: u16, kind: &str, message: &str) -> Reply {
+    Reply::json(
+        status,
+        json!({"error": {"code": status, "type": kind, "message": message, "metadata": {}}})
+            .to_string(),
+    )
+}
+
+#[tokio::test]
+async fn lists_every_tool_with_schemas() {
+    let upstream = MockUpstream::start().await;
+    let (client, _) = local(gateway(&upstream, &[])).await;
+    let tools = client.list_all_tools().await.unwrap();
+    let mut names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "ask_poe",
+            "ask_poe_with_tools",
+            "ask_with_attachment",
+            "clear_session",
+            "generate_image",
+            "generate_video",
+            "list_available_models",
+            "list_models"
+        ]
+    );
+    for t in &tools {
+        assert!(
+            t.description.as_deref().is_some_and(|d| d.len() > 20),
+            "{}",
+            t.name
+        );
+        assert!(t.output_schema.is_some(), "{}", t.name);
+        assert_eq!(
+            t.input_schema.get("type"),
+            Some(&json!("object")),
+            "{}",
+            t.name
+        );
+    }
+    let ask = tools.iter().find(|t| t.name == "ask_poe").unwrap();
+    let props = ask.input_schema["properties"].as_object().unwrap();
+    for arg in [
+        "bot",
+        "prompt",
+        "session_id",
+        "system",
+        "temperature",
+        "max_tokens",
+        "thinking_budget",
+        "reasoning_effort",
+        "params",
+    ] {
+        assert!(props.contains_key(arg), "ask_poe lacks {arg}");
+    }
+    assert_eq!(ask.input_schema["required"], json!(["bot", "prompt"]));
+}
+
+#[tokio::test]
+async fn ask_poe_two_turn_session() {
+    let upstream = MockUpstream::start().await;
+    upstream.push(Reply::stream("claude-sonnet-4.5", &["Hello", ", ", "Ada"]));
+    upstream.push(Reply::stream("claude-sonnet-4.5", &["You said ", "hi"]));
+    let (client, _) = local(gateway(&upstream, &[])).await;
+
+    let first = ok(&call(
+        &client,
+        "ask_poe",
+        json!({"bot": "claude", "prompt": "Hi, I am Ada", "system": "Be brief.", "thinking_budget": 1024,
+               "params": {"web_search": true}}),
+    )
+    .await);
+    assert_eq!(first["text"], "Hello, Ada");
+    assert_eq!(first["bot"], "claude-sonnet-4.5");
+    assert_eq!(first["finish_reason"], "stop");
+    let session = first["session_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        uuid::Uuid::parse_str(&session).unwrap().get_version_num(),
+        4
+    );
+
+    let second = ok(&call(
+        &client,
+        "ask_poe",
+        json!({"bot": "claude", "prompt": "What did I say?", "session_id": session}),
+    )
+    .await);
+    assert_eq!(second["text"], "You said hi");
+    assert_eq!(second["session_id"], session.as_str());
+
+    let reqs = chat_requests(&upstream);
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[0]["model"], "claude-sonnet-4.5");
+    assert_eq!(reqs[0]["stream"], true);
+    assert_eq!(reqs[0]["thinking_budget"], 1024);
+    assert_eq!(reqs[0]["web_search"], true);
+    assert_eq!(
+        reqs[1]["messages"],
+        json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi, I am Ada"},
+            {"role": "assistant", "content": "Hello, Ada"},
+            {"role": "user", "content": "What did I say?"}
+        ])
+    );
+    // The server's key paid, through the core.
+    let auth = upstream.received()[0].headers["authorization"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(auth, format!("Bearer {UPSTREAM_KEY}"));
+}
+
+#[tokio::test]
+async fn long_answers_send_progress() {
+    let upstream = MockUpstream::start().await;
+    let mut reply = Reply::sse();
+    for piece in ["one ", "two ", "three"] {
+        reply = reply
+            .send(support::chunk("gpt-5", piece))
+            .sleep(Duration::from_millis(250));
+    }
+    upstream.push(
+        reply
+            .send(support::finish_chunk("gpt-5"))
+            .send("data: [DONE]\n\n"),
+    );
+    let (client, mut progress) = local(gateway(&upstream, &[])).await;
+
+    let handle = client
+        .send_cancellable_request(
+            ClientRequest::CallToolRequest(Request::new(
+                CallToolRequestParams::new("ask_poe").with_arguments(
+                    json!({"bot": "gpt-5", "prompt": "count"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                ),
+            )),
+            PeerRequestOptions::no_options(),
+        )
+        .await
+        .unwrap();
+    let token = handle.progress_token.clone();
+    let resp = handle.await_response().await.unwrap();
+    let ServerResult::CallToolResult(result) = resp else {
+        panic!("unexpected response {resp:?}");
+    };
+    assert_eq!(ok(&result)["text"], "one two three");
+
+    let mut seen = Vec::new();
+    while let Ok(p) = progress.try_recv() {
+        assert_eq!(p.progress_token, token);
+        seen.push(p);
+    }
+    assert!(seen.len() >= 2, "progress notifications: {seen:?}");
+    let streamed: String = seen.iter().filter_map(|p| p.message.clone()).collect();
+    assert_eq!(streamed, "one two three");
+    assert!(seen.windows(2).all(|w| w[0].progress < w[1].progress));
+}
+
+#[tokio::test]
+async fn cancelling_a_call_stops_the_upstream_call() {
+    let upstream = MockUpstream::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    upstream.push(
+        Reply::sse()
+            .send(support::chunk("gpt-5", "thinking..."))
+            .gate(&gate)
+            .send("data: [DONE]\n\n"),
+    );
+    let (client, _) = local(gateway(&upstream, &[])).await;
+
+    let handle = client
+        .send_cancellable_request(
+            ClientRequest::CallToolRequest(Request::new(
+                CallToolRequestParams::new("ask_poe").with_arguments(
+                    json!({"bot": "gpt-5", "prompt": "go"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                ),
+            )),
+            PeerRequestOptions::no_options(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if upstream.chat_calls() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(upstream.chat_calls(), 1);
+    handle.cancel(Some("user gave up".into())).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), upstream.wait_disconnect())
+        .await
+        .expect("the upstream response was abandoned after the cancel");
+}
+
+#[tokio::test]
+async fn upstream_errors_are_tool_errors_with_poes_message() {
+    let upstream = MockUpstream::start().await;
+    upstream.push(poe_error(
+        402,
+        "insufficient_credits",
+        "You have run out of points",
+    ));
+    upstream.push(poe_error(
+        404,
+        "not_found_error",
+        "Model missing-bot not found",
+    ));
+    let (client, _) = local(gateway(&upstream, &[])).await;
+
+    let e = err(&call(&client, "ask_poe", json!({"bot": "gpt-5", "prompt": "hi"})).await);
+    assert!(
+        e.contains("HTTP 402") && e.contains("You have run out of points"),
+        "{e}"
+    );
+    let e = err(&call(
+        &client,
+        "ask_poe",
+        json!({"bot": "missing-bot", "prompt": "hi"}),
+    )
+    .await);
+    assert!(
+        e.contains("HTTP 404") && e.contains("Model missing-bot not found"),
+        "{e}"
+    );
+    assert!(!e.contains(UPSTREAM_KEY));
+
+    // A stream that breaks mid-answer is an error too, not a short answer.
+    upstream.push(
+        Reply::sse()
+            .send(support::chunk("gpt-5", "half an ans"))
+            .drop_connection(),
+    );
+    let e = err(&call(&client, "ask_poe", json!({"bot": "gpt-5", "prompt": "hi"})).await);
+    assert!(e.contains("upstream"), "{e}");
+}
+
+#[tokio::test]
+async fn bad_arguments_are_tool_errors() {
+    let upstream = MockUpstream::start().await;
+    let (client, _) = local(gateway(&upstream, &[])).await;
+    for (tool, args, want) in [
+        ("ask_poe", json!({"bot": "gpt-5"}), "missing field `prompt`"),
+        (
+            "ask_poe",
+            json!({"bot": "gpt-5", "prompt": "hi", "bogus": 1}),
+            "unknown field `bogus`",
+        ),
+        (
+            "ask_poe",
+            json!({"bot": " ", "prompt": "hi"}),
+            "`bot` must not be empty",
+        ),
+        (
+            "ask_poe",
+            json!({"bot": "gpt-5", "prompt": "hi", "temperature": 7}),
+            "between 0 and 2",
+        ),
+        (
+            "ask_poe",
+            json!({"bot": "gpt-5", "prompt": "hi", "params": {"model": "x"}}),
+            "may not set `model`",
+        ),
+        (
+            "ask_poe",
+            json!({"bot": "gpt-5", "prompt": ""}),
+            "`prompt` must not be empty",
+        ),
+        (
+            "ask_poe_with_tools",
+            json!({"bot": "gpt-5", "prompt": "hi", "tools": []}),
+            "at least one",
+        ),
+        (
+            "ask_poe_with_tools",
+            json!({"bot": "gpt-5", "prompt": "hi", "tools": [{"x": 1}]}),
+            "tools[0]",
+        ),
+        (
+            "ask_with_attachment",
+            json!({"bot": "gpt-5", "prompt": "hi"}),
+            "exactly one of",
+        ),
+        (
+            "list_models",
+            json!({"capability": "telepathy"}),
+            "unknown variant",
+        ),
+        ("clear_session", json!({}), "missing field `session_id`"),
+        (
+            "generate_image",
+            json!({"prompt": "  "}),
+            "`prompt` must not be empty",
+        ),
+    ] {
+        let e = err(&call(&client, tool, args.clone()).await);
+        assert!(e.contains(want), "{tool} {args}: {e}");
+    }
+    assert_eq!(upstream.chat_calls(), 0, "no bad call reached upstream");
+}
+
+#[tokio::test]
+async fn unknown_sessions_are_tool_errors() {
+    let upstream = MockUpstream::start().await;
+    let (client, _) = local(gateway(&upstream, &[])).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let e = err(&call(
+        &client,
+        "ask_poe",
+        json!({"bot": "gpt-5", "prompt": "hi", "session_id": id}),
+    )
+    .await);
+    assert!(e.contains("unknown session_id"), "{e}");
+    let e = err(&call(
+        &client,
+        "ask_poe",
+        json!({"bot": "gpt-5", "prompt": "hi", "session_id": "my-chat"}),
+    )
+    .await);
+    assert!(e.contains("is not a session id"), "{e}");
+    let e = err(&call(&client, "clear_session", json!({"session_id": id})).await);
+    assert!(e.contains("unknown session_id"), "{e}");
+    assert_eq!(upstream.chat_calls(), 0);
+}
+
+#[tokio::test]
+async fn clear_session_forgets_the_history() {
+    let upstream = MockUpstream::start().await;
+    upstream.set_fallback(Reply::stream("gpt-5", &["ok"]));
+    let (client, _) = local(gateway(&upstream, &[])).await;
+    let first = ok(&call(
+        &client,
+        "ask_poe",
+        json!({"bot": "gpt", "prompt": "remember 42"}),
+    )
+    .await);
+    let id = first["session_id"].as_str().unwrap();
+    let cleared = ok(&call(&client, "clear_session", json!({"session_id": id})).await);
+    assert_eq!(cleared, json!({"session_id": id, "cleared": true}));
+    let e = err(&call(
+        &client,
+        "ask_poe",
+        json!({"bot": "gpt", "prompt": "what number?", "session_id": id}),
+    )
+    .await);
+    assert!(e.contains("unknown session_id"), "{e}");
+    // A fresh session starts clean.
+    let fresh = ok(&call(&client, "ask_poe", json!({"bot": "gpt", "prompt": "hello"})).await);
+    assert_ne!(fresh["session_id"], first["session_id"]);
+    assert_eq!(
+        chat_requests(&upstream)[1]["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn attachments_from_a_path_base64_and_url() {
+    let upstream = MockUpstream::start().await;
+    upstream.set_fallback(Reply::stream("claude-sonnet-4.5", &["A tiny image."]));
+    let dir = std::env::temp_dir().join(format!("poe-gw-mcp-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join("pixel.png");
+    std::fs::write(&png, PNG).unwrap();
+    let (client, _) = local(gateway(
+        &upstream,
+        &[("POE_GATEWAY_MCP__MAX_ATTACHMENT_BYTES", "1KiB")],
+    ))
+    .await;
+
+    // A local file over stdio: an image_url part with a data URL.
+    let r = ok(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "What is this?", "attachment_path": png.to_str().unwrap()}),
+    )
+    .await);
+    assert_eq!(r["text"], "A tiny image.");
+    let content = &chat_requests(&upstream)[0]["messages"][0]["content"];
+    assert_eq!(content[0], json!({"type": "text", "text": "What is this?"}));
+    assert_eq!(content[1]["type"], "image_url");
+    let b64 = base64_encode(PNG);
+    assert_eq!(
+        content[1]["image_url"]["url"],
+        format!("data:image/png;base64,{b64}")
+    );
+
+    // Base64 PDF, continuing the session: a file part, and the image turn is still in history.
+    let pdf = base64_encode(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n");
+    let r2 = ok(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "And this?", "attachment_base64": pdf, "mime_type": "application/pdf",
+               "filename": "doc.pdf", "session_id": r["session_id"]}),
+    )
+    .await);
+    assert_eq!(r2["session_id"], r["session_id"]);
+    let msgs = chat_requests(&upstream)[1]["messages"].clone();
+    assert_eq!(msgs.as_array().unwrap().len(), 3);
+    assert_eq!(msgs[0]["content"][1]["type"], "image_url");
+    assert_eq!(
+        msgs[2]["content"][1],
+        json!({"type": "file", "file": {"filename": "doc.pdf", "file_data": format!("data:application/pdf;base64,{pdf}")}})
+    );
+
+    // A URL goes to Poe as is; the gateway never fetches it (it points at the mock, which
+    // would have recorded a GET).
+    let url = format!("{}/files/photo.jpg", upstream.url());
+    ok(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "Describe", "attachment_url": url}),
+    )
+    .await);
+    let last = chat_requests(&upstream).pop().unwrap();
+    assert_eq!(
+        last["messages"][0]["content"][1],
+        json!({"type": "image_url", "image_url": {"url": url}})
+    );
+    assert!(
+        upstream
+            .received()
+            .iter()
+            .all(|r| r.path != "/files/photo.jpg")
+    );
+
+    // Missing and oversized files are tool errors.
+    let missing = dir.join("nope.png");
+    let e = err(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "?", "attachment_path": missing.to_str().unwrap()}),
+    )
+    .await);
+    assert!(
+        e.contains("cannot read attachment_path") && e.contains("no such file"),
+        "{e}"
+    );
+    let big = dir.join("big.bin");
+    std::fs::write(&big, vec![7u8; 4096]).unwrap();
+    let e = err(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "?", "attachment_path": big.to_str().unwrap()}),
+    )
+    .await);
+    assert!(
+        e.contains("4096 bytes") && e.contains("max_attachment_bytes"),
+        "{e}"
+    );
+    let e = err(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "?", "attachment_base64": base64_encode(&[1u8; 4096])}),
+    )
+    .await);
+    assert!(e.contains("max_attachment_bytes"), "{e}");
+    assert_eq!(upstream.chat_calls(), 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn ask_poe_with_tools_returns_the_calls() {
+    let upstream = MockUpstream::start().await;
+    let calls = json!([{"id": "call_1", "type": "function",
+                        "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]);
+    let completion = json!({
+        "id": "chatcmpl-t", "object": "chat.completion", "created": 1, "model": "gpt-5",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": calls},
+                     "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29}
+    });
+    upstream.push(Reply::json(200, completion.to_string()));
+    upstream.push(Reply::completion("gpt-5", "It is sunny in Paris."));
+    let (client, _) = local(gateway(&upstream, &[])).await;
+
+    let tools = json!([{"name": "get_weather", "description": "Weather for a city",
+                        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
+    let r = ok(&call(
+        &client,
+        "ask_poe_with_tools",
+        json!({"bot": "gpt", "prompt": "Weather in Paris?", "tools": tools, "tool_choice": "auto", "parallel_tool_calls": false}),
+    )
+    .await);
+    assert_eq!(r["tool_calls"], calls);
+    assert_eq!(r["finish_reason"], "tool_calls");
+    assert_eq!(r["usage"]["total_tokens"], 29);
+    let req = &chat_requests(&upstream)[0];
+    assert_eq!(req["stream"], false);
+    assert_eq!(req["tool_choice"], "auto");
+    assert_eq!(req["parallel_tool_calls"], false);
+    assert_eq!(req["tools"][0]["type"], "function");
+    assert_eq!(req["tools"][0]["function"]["name"], "get_weather");
+
+    // The agent runs the call itself and reports back in the same session.
+    let r2 = ok(&call(
+        &client,
+        "ask_poe_with_tools",
+        json!({"bot": "gpt", "prompt": "get_weather returned: sunny", "tools": tools, "session_id": r["session_id"]}),
+    )
+    .await);
+    assert_eq!(r2["text"], "It is sunny in Paris.");
+    assert_eq!(r2["tool_calls"], json!([]));
+    let msgs = &chat_requests(&upstream)[1]["messages"];
+    assert_eq!(msgs[1]["role"], "assistant");
+    assert!(
+        msgs[1]["content"]
+            .as_str()
+            .unwrap()
+            .contains("get_weather({\"city\":\"Paris\"})"),
+        "{msgs}"
+    );
+}
+
+#[tokio::test]
+async fn generate_image_and_video_return_media_urls() {
+    let upstream = MockUpstream::start().await;
+    upstream.push(Reply::completion(
+        "gpt-image-1",
+        &format!("![image.png]({IMAGE_URL})\n\n{IMAGE_URL}"),
+    ));
+    let video = "https://pfst.cf2.poecdn.net/base/video/xyz";
+    upstream.push(Reply::completion(
+        "veo-3",
+        &format!("![video.mp4]({video})\n{video}"),
+    ));
+    upstream.push(Reply::completion(
+        "gpt-image-1",
+        "Sorry, I can't draw that.",
+    ));
+    let (client, _) = local(gateway(&upstream, &[])).await;
+
+    let r = call(
+        &client,
+        "generate_image",
+        json!({"prompt": "a red fox", "aspect": "3:2", "quality": "high"}),
+    )
+    .await;
+    let s = ok(&r);
+    assert_eq!(s["urls"], json!([IMAGE_URL]));
+    assert_eq!(s["bot"], "gpt-image-1");
+    let link = r
+        .content
+        .iter()
+        .find_map(|c| c.as_resource_link())
+        .expect("a resource link");
+    assert_eq!(link.uri, IMAGE_URL);
+    assert_eq!(link.name, "image.png");
+    assert_eq!(link.mime_type.as_deref(), Some("image/png"));
+    assert!(text_of(&r).contains(IMAGE_URL));
+    let req = &chat_requests(&upstream)[0];
+    assert_eq!(req["model"], "gpt-image-1");
+    assert_eq!(req["stream"], false);
+    assert_eq!(req["aspect"], "3:2");
+    assert_eq!(req["quality"], "high");
+
+    let r = call(
+        &client,
+        "generate_video",
+        json!({"prompt": "waves", "aspect_ratio": "16:9", "duration": 8}),
+    )
+    .await;
+    assert_eq!(ok(&r)["urls"], json!([video]));
+    let req = &chat_requests(&upstream)[1];
+    assert_eq!(req["model"], "veo-3");
+    assert_eq!(req["duration"], 8);
+    assert_eq!(req["aspect_ratio"], "16:9");
+
+    let e = err(&call(
+        &client,
+        "generate_image",
+        json!({"prompt": "something forbidden"}),
+    )
+    .await);
+    assert!(
+        e.contains("without a media URL") && e.contains("can't draw"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn list_models_filters_the_catalogue() {
+    let upstream = MockUpstream::start().await;
+    let (client, _) = local(gateway(&upstream, &[])).await;
+
+    let all = ok(&call(&client, "list_models", json!({})).await);
+    assert_eq!(all["aliases"]["image"], json!(["gpt-image-1"]));
+    assert!(all["count"].as_u64().unwrap() >= 6);
+
+    let claude = ok(&call(&client, "list_models", json!({"filter": "CLAUDE"})).await);
+    let ids: Vec<&str> = claude["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"claude-sonnet-4.5") && ids.contains(&"claude"),
+        "{ids:?}"
+    );
+    assert!(!ids.contains(&"gpt-5"));
+    let m = claude["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "claude-sonnet-4.5")
+        .unwrap();
+    assert_eq!(m["input_modalities"], json!(["text", "image"]));
+    assert_eq!(m["pricing"]["prompt"], "0.000003");
+
+    let vision = ok(&call(
+        &client,
+        "list_available_models",
+        json!({"capability": "vision"}),
+    )
+    .await);
+    let ids: Vec<&str> = vision["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"claude-sonnet-4.5") && !ids.contains(&"gpt-5"),
+        "{ids:?}"
+    );
+}
+
+// ----- over HTTP -----
+
+fn passthrough() -> [(&'static str, &'static str); 1] {
+    [("POE_GATEWAY_AUTH__MODE", "passthrough")]
+}
+
+#[tokio::test]
+async fn http_sessions_use_and_are_scoped_to_the_callers_key() {
+    let upstream = MockUpstream::start().await;
+    upstream.set_fallback(Reply::stream("gpt-5", &["fine"]));
+    let gw = TestGateway::start(&upstream, config::DEFAULT_POLICY, &passthrough()).await;
+
+    let alice = remote(&gw, Some("poe-key-alice")).await;
+    let first = ok(&call(&alice, "ask_poe", json!({"bot": "gpt", "prompt": "hello"})).await);
+    let id = first["session_id"].as_str().unwrap().to_string();
+    let second = ok(&call(
+        &alice,
+        "ask_poe",
+        json!({"bot": "gpt", "prompt": "again", "session_id": id}),
+    )
+    .await);
+    assert_eq!(second["session_id"], id.as_str());
+    let reqs = upstream.received();
+    assert!(
+        reqs.iter()
+            .filter(|r| r.path == "/v1/chat/completions")
+            .all(|r| r.headers["authorization"] == "Bearer poe-key-alice")
+    );
+    assert_eq!(
+        chat_requests(&upstream)[1]["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // Another key cannot read, continue or clear Alice's session.
+    let bob = remote(&gw, Some("poe-key-bob")).await;
+    let e = err(&call(
+        &bob,
+        "ask_poe",
+        json!({"bot": "gpt", "prompt": "what did alice say?", "session_id": id}),
+    )
+    .await);
+    assert!(e.contains("unknown session_id"), "{e}");
+    assert!(!e.contains("alice"));
+    err(&call(&bob, "clear_session", json!({"session_id": id})).await);
+    ok(&call(&alice, "clear_session", json!({"session_id": id})).await);
+    let _ = alice.cancel().await;
+    let _ = bob.cancel().await;
+}
+
+#[tokio::test]
+async fn http_attachment_paths_need_configured_roots() {
+    let upstream = MockUpstream::start().await;
+    upstream.set_fallback(Reply::stream("claude-sonnet-4.5", &["seen"]));
+    let dir = std::env::temp_dir().join(format!("poe-gw-mcp-roots-{}", uuid::Uuid::new_v4()));
+    let root = dir.join("shared");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("pixel.png"), PNG).unwrap();
+    std::fs::write(dir.join("private.png"), PNG).unwrap();
+
+    // No roots: refused over HTTP (stdio would allow it).
+    let gw = TestGateway::default(&upstream).await;
+    let client = remote(&gw, None).await;
+    let path = root.join("pixel.png");
+    let e = err(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "?", "attachment_path": path.to_str().unwrap()}),
+    )
+    .await);
+    assert!(e.contains("not available over HTTP"), "{e}");
+    // Base64 is fine over HTTP.
+    ok(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "?", "attachment_base64": base64_encode(PNG)}),
+    )
+    .await);
+    let _ = client.cancel().await;
+
+    // With a root: inside is read, outside (directly or through `..`) is refused.
+    let roots = format!("[{:?}]", root.to_str().unwrap());
+    let gw = TestGateway::start(
+        &upstream,
+        config::DEFAULT_POLICY,
+        &[("POE_GATEWAY_MCP__ATTACHMENT_ROOTS", &roots)],
+    )
+    .await;
+    let client = remote(&gw, None).await;
+    ok(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "?", "attachment_path": path.to_str().unwrap()}),
+    )
+    .await);
+    ok(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "?", "attachment_path": "pixel.png"}),
+    )
+    .await);
+    for outside in [
+        dir.join("private.png").to_str().unwrap().to_string(),
+        format!("{}/../private.png", root.display()),
+        "../private.png".to_string(),
+    ] {
+        let e = err(&call(
+            &client,
+            "ask_with_attachment",
+            json!({"bot": "claude", "prompt": "?", "attachment_path": outside}),
+        )
+        .await);
+        assert!(e.contains("outside the directories"), "{outside}: {e}");
+    }
+    assert_eq!(upstream.chat_calls(), 3);
+    let _ = client.cancel().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn raw_mcp_post(gw: &TestGateway, headers: &[(&str, &str)]) -> (u16, String) {
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}});
+    let mut req = http::Request::post(gw.url("/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = support::client()
+        .request(req.body(Full::new(Bytes::from(init.to_string()))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn http_checks_auth_host_and_origin() {
+    let upstream = MockUpstream::start().await;
+    let gw = TestGateway::start(&upstream, config::DEFAULT_POLICY, &passthrough()).await;
+    let (status, body) = raw_mcp_post(&gw, &[]).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("Authorization: Bearer"), "{body}");
+    let (status, body) = raw_mcp_post(&gw, &[("authorization", "Bearer k")]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("poe-gateway"), "{body}");
+    let (status, _) = raw_mcp_post(
+        &gw,
+        &[("authorization", "Bearer k"), ("host", "evil.example")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = raw_mcp_post(
+        &gw,
+        &[
+            ("authorization", "Bearer k"),
+            ("origin", "https://evil.example"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 403);
+
+    // The public name and a browser origin, when the policy allows them.
+    let gw = TestGateway::start(
+        &upstream,
+        config::DEFAULT_POLICY,
+        &[
+            ("POE_GATEWAY_MCP__ALLOWED_HOSTS", "[\"gw.example.com\"]"),
+            (
+                "POE_GATEWAY_MCP__ALLOWED_ORIGINS",
+                "[\"https://app.example.com:443\"]",
+            ),
+        ],
+    )
+    .await;
+    let (status, body) = raw_mcp_post(
+        &gw,
+        &[
+            ("host", "gw.example.com"),
+            ("origin", "https://app.example.com"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = raw_mcp_post(&gw, &[("host", "other.example.com")]).await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn mcp_shutdown_ends_open_sessions() {
+    // With a client connected (its GET stream open), ending the MCP sessions lets the
+    // server's graceful shutdown finish instead of waiting out the grace period.
+    let upstream = MockUpstream::start().await;
+    let gw = gateway(&upstream, &[("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "60s")]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = poe_gateway::http::spawn(listener, gw.clone()).unwrap();
+    let url = format!("http://{}/mcp", server.local_addr);
+    let transport = StreamableHttpClientTransport::from_config(StreamableHttpClientTransportConfig::with_uri(url));
+    let (handler, _rx) = client_handler();
+    let client = handler.serve(transport).await.expect("HTTP client connects");
+    ok(&call(&client, "list_models", json!({})).await);
+
+    poe_gateway::mcp::http::shutdown(&gw);
+    tokio::time::timeout(Duration::from_secs(20), server.shutdown())
+        .await
+        .expect("shutdown finished well within its 60s grace");
+    drop(client);
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
