@@ -92,6 +92,13 @@ struct CompareArgs {
     /// Only the serial (1 connection) runs.
     #[arg(long)]
     serial_only: bool,
+    /// Pids (comma-separated) of every server process on the measured paths. When given, each
+    /// serial run is done twice: once with those processes and this tool pinned to one CPU
+    /// (cross-CPU wake-ups on a VM cost tens of µs and make serial latency bimodal), once not.
+    #[arg(long)]
+    pin_pids: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pin_cpu: usize,
 }
 
 #[derive(clap::Args)]
@@ -308,6 +315,39 @@ fn parse_spec(spec: &str) -> Result<(Kind, String, Target), String> {
     Ok((Kind::parse(kind)?, label.to_string(), Target::parse(url)?))
 }
 
+/// `__N__` in a request body is replaced by a number unique to each request, so a response
+/// cache sees every request as new (a miss) while the bodies stay the same size class.
+const UNIQUE_MARK: &[u8] = b"__N__";
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+struct BodyTemplate {
+    whole: Bytes,
+    split: Option<(Bytes, Bytes)>,
+}
+
+impl BodyTemplate {
+    fn new(body: &Bytes) -> Self {
+        let split = memchr::memmem::find(body, UNIQUE_MARK)
+            .map(|at| (body.slice(..at), body.slice(at + UNIQUE_MARK.len()..)));
+        BodyTemplate {
+            whole: body.clone(),
+            split,
+        }
+    }
+
+    fn next(&self) -> Bytes {
+        let Some((a, b)) = &self.split else {
+            return self.whole.clone();
+        };
+        let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let mut v = Vec::with_capacity(a.len() + b.len() + 20);
+        v.extend_from_slice(a);
+        v.extend_from_slice(format!("{n:016x}").as_bytes());
+        v.extend_from_slice(b);
+        Bytes::from(v)
+    }
+}
+
 fn read_body(path: &str) -> Result<Bytes, String> {
     std::fs::read(path)
         .map(Bytes::from)
@@ -495,6 +535,7 @@ async fn conn_loop(i: usize, conns: usize, plan: Arc<Plan>, target: Target, body
         .interval
         .map(|iv| tokio::time::Instant::now() + iv.mul_f64(i as f64 / conns as f64));
     let request_timeout = Duration::from_secs(30);
+    let template = BodyTemplate::new(&body);
     fn fail(r: &mut RunResult, e: String) {
         r.errors += 1;
         if r.first_error.is_none() {
@@ -531,7 +572,7 @@ async fn conn_loop(i: usize, conns: usize, plan: Arc<Plan>, target: Target, body
             continue;
         }
         let t0 = Instant::now();
-        let req = target.request(&body, false);
+        let req = target.request(&template.next(), false);
         match tokio::time::timeout(request_timeout, one_request(s, req, kind)).await {
             Ok(Ok(sample)) => {
                 if kind == Kind::DripCancel {
@@ -567,58 +608,106 @@ struct Row {
     kind: Kind,
     label: String,
     target: Target,
-    serial: Vec<RunResult>,
+    /// Serial runs with this tool and every server on one CPU.
+    pinned: Vec<RunResult>,
+    /// Serial runs as the scheduler likes.
+    free: Vec<RunResult>,
+    /// Runs at `--conns` connections.
     many: Vec<RunResult>,
 }
 
+struct Merged {
+    latency: Histogram<u64>,
+    ttfb: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+fn merge(runs: &[RunResult]) -> Merged {
+    let mut m = Merged {
+        latency: new_hist(),
+        ttfb: new_hist(),
+        ok: 0,
+        errors: 0,
+        first_error: None,
+    };
+    for r in runs {
+        m.latency.add(&r.latency).expect("same bounds");
+        m.ttfb.add(&r.ttfb).expect("same bounds");
+        m.ok += r.ok;
+        m.errors += r.errors;
+        if m.first_error.is_none() {
+            m.first_error = r.first_error.clone();
+        }
+    }
+    m
+}
+
+fn median_rps(runs: &[RunResult]) -> f64 {
+    let mut v: Vec<f64> = runs.iter().map(RunResult::rps).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 impl Row {
-    fn merged(runs: &[RunResult]) -> (Histogram<u64>, Histogram<u64>, u64, u64, Option<String>) {
-        let (mut l, mut t) = (new_hist(), new_hist());
-        let (mut ok, mut err, mut first) = (0, 0, None);
-        for r in runs {
-            l.add(&r.latency).expect("same bounds");
-            t.add(&r.ttfb).expect("same bounds");
-            ok += r.ok;
-            err += r.errors;
-            if first.is_none() {
-                first = r.first_error.clone();
-            }
+    /// The serial runs the targets are judged on: pinned when there are any.
+    fn serial(&self) -> &[RunResult] {
+        if self.pinned.is_empty() { &self.free } else { &self.pinned }
+    }
+    fn p50(&self) -> f64 {
+        us(&merge(self.serial()).latency, 0.5)
+    }
+    fn p99(&self) -> f64 {
+        us(&merge(self.serial()).latency, 0.99)
+    }
+}
+
+/// Sets the CPU affinity of every thread of `pids` and of this process.
+fn pin(pids: &[u32], cpus: &str) -> Result<(), String> {
+    for pid in pids.iter().copied().chain([std::process::id()]) {
+        let status = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| format!("taskset: {e}"))?;
+        if !status.success() {
+            return Err(format!("taskset -a -p -c {cpus} {pid} failed"));
         }
-        (l, t, ok, err, first)
     }
-    fn median_rps(runs: &[RunResult]) -> f64 {
-        let mut v: Vec<f64> = runs.iter().map(RunResult::rps).collect();
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    }
-    fn rps_range(runs: &[RunResult]) -> (f64, f64) {
-        let v: Vec<f64> = runs.iter().map(RunResult::rps).collect();
-        (
-            v.iter().copied().fold(f64::INFINITY, f64::min),
-            v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        )
-    }
-    fn p50_serial(&self) -> f64 {
-        us(&Row::merged(&self.serial).0, 0.5)
-    }
-    fn p99_serial(&self) -> f64 {
-        us(&Row::merged(&self.serial).0, 0.99)
-    }
+    Ok(())
+}
+
+fn fmt0(x: f64) -> String {
+    if x.is_finite() { format!("{x:.0}") } else { "–".into() }
+}
+
+fn fmt1(x: f64) -> String {
+    if x.is_finite() { format!("{x:.1}") } else { "–".into() }
 }
 
 async fn compare(a: CompareArgs) -> Result<(), String> {
     let bodies = [
         (Kind::Json, read_body(&a.body_json)?),
         (Kind::Sse, read_body(&a.body_sse)?),
-        (Kind::Drip, match &a.body_drip {
-            Some(p) => read_body(p)?,
-            None => Bytes::new(),
-        }),
+        (
+            Kind::Drip,
+            match &a.body_drip {
+                Some(p) => read_body(p)?,
+                None => Bytes::new(),
+            },
+        ),
     ];
-    let body_of = |k: Kind| bodies.iter().find(|(kk, _)| *kk == k).map(|(_, b)| b.clone()).unwrap_or_default();
+    let body_of = |k: Kind| {
+        bodies
+            .iter()
+            .find(|(kk, _)| *kk == k)
+            .map(|(_, b)| b.clone())
+            .unwrap_or_default()
+    };
     let mut rows = Vec::new();
     for spec in &a.targets {
         let (kind, label, target) = parse_spec(spec)?;
@@ -632,90 +721,139 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
             kind,
             label,
             target,
-            serial: Vec::new(),
+            pinned: Vec::new(),
+            free: Vec::new(),
             many: Vec::new(),
         });
     }
+    let pin_pids: Vec<u32> = a
+        .pin_pids
+        .as_deref()
+        .unwrap_or("")
+        .split([',', ' '])
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| format!("--pin-pids: bad pid {s:?}")))
+        .collect::<Result<_, _>>()?;
+    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let all_cpus = format!("0-{}", ncpu - 1);
+    let pin_cpu = a.pin_cpu.to_string();
     let warmup = Duration::from_secs_f64(a.warmup);
     let duration = Duration::from_secs_f64(a.duration);
     eprintln!(
-        "compare: {} targets x {} rounds, {:.1}s warm-up + {:.1}s per run, 1 and {} connections",
+        "compare: {} targets x {} rounds, {:.1}s warm-up + {:.1}s per run; serial{}, then {} connections",
         rows.len(),
         a.rounds,
         a.warmup,
         a.duration,
+        if pin_pids.is_empty() { "".to_string() } else { format!(" pinned to CPU {pin_cpu} and unpinned") },
         a.conns
     );
-    for round in 1..=a.rounds {
-        for row in rows.iter_mut() {
-            let body = body_of(row.kind);
-            let s = run_load(&row.target, &body, row.kind, 1, warmup, duration, a.max_requests, None).await;
-            eprintln!(
-                "  round {round} {:<9} {:<13} 1 conn : {:>8.0} req/s  p50 {:>8.1} us  p99 {:>8.1} us  ttfb p50 {:>8.1} us  errors {}",
-                row.kind.name(),
-                row.label,
-                s.rps(),
-                us(&s.latency, 0.5),
-                us(&s.latency, 0.99),
-                us(&s.ttfb, 0.5),
-                s.errors
-            );
-            row.serial.push(s);
-            // Drip responses take milliseconds by design: only their latency matters.
-            if row.kind != Kind::Drip && !a.serial_only {
-                let m = run_load(&row.target, &body, row.kind, a.conns, warmup, duration, a.max_requests, None).await;
-                eprintln!(
-                    "  round {round} {:<9} {:<13} {} conns: {:>8.0} req/s  p50 {:>8.1} us  p99 {:>8.1} us  errors {}",
-                    row.kind.name(),
-                    row.label,
-                    a.conns,
-                    m.rps(),
-                    us(&m.latency, 0.5),
-                    us(&m.latency, 0.99),
-                    m.errors
-                );
-                row.many.push(m);
+    let line = |round: usize, row: &Row, what: &str, r: &RunResult| {
+        eprintln!(
+            "  round {round} {:<9} {:<13} {:<13}: {:>7.0} req/s  p50 {:>8.1} us  p99 {:>8.1} us  ttfb p50 {:>8.1} us  errors {}",
+            row.kind.name(),
+            row.label,
+            what,
+            r.rps(),
+            us(&r.latency, 0.5),
+            us(&r.latency, 0.99),
+            us(&r.ttfb, 0.5),
+            r.errors
+        );
+    };
+    let result: Result<(), String> = async {
+        for round in 1..=a.rounds {
+            for row in rows.iter_mut() {
+                let body = body_of(row.kind);
+                if !pin_pids.is_empty() {
+                    pin(&pin_pids, &pin_cpu)?;
+                    let s = run_load(&row.target, &body, row.kind, 1, warmup, duration, a.max_requests, None).await;
+                    pin(&pin_pids, &all_cpus)?;
+                    line(round, row, "1 conn pinned", &s);
+                    row.pinned.push(s);
+                }
+                let s = run_load(&row.target, &body, row.kind, 1, warmup, duration, a.max_requests, None).await;
+                line(round, row, "1 conn", &s);
+                row.free.push(s);
+                // Drip responses take milliseconds by design: only their latency matters.
+                if row.kind != Kind::Drip && !a.serial_only {
+                    let m = run_load(&row.target, &body, row.kind, a.conns, warmup, duration, a.max_requests, None).await;
+                    line(round, row, &format!("{} conns", a.conns), &m);
+                    row.many.push(m);
+                }
             }
         }
+        Ok(())
     }
+    .await;
+    if !pin_pids.is_empty() {
+        let _ = pin(&pin_pids, &all_cpus);
+    }
+    result?;
 
     let mut md = String::new();
     let c = a.conns;
-    md.push_str(&format!(
-        "| payload | path | req/s @{c} (median) | req/s @{c} (min..max) | p50 @1 (µs) | p99 @1 (µs) | TTFB p50 @1 (µs) | TTFB p99 @1 (µs) | p50 @{c} (µs) | p99 @{c} (µs) | requests | errors |\n"
-    ));
-    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let pinned = !pin_pids.is_empty();
+    if pinned {
+        md.push_str(&format!(
+            "| payload | path | req/s @{c} (median) | req/s @{c} (min..max) | p50 @1 (µs) | p99 @1 (µs) | TTFB p50 @1 (µs) | TTFB p99 @1 (µs) | p50 @1 unpinned (µs) | p99 @1 unpinned (µs) | p50 @{c} (µs) | p99 @{c} (µs) | requests | errors |\n"
+        ));
+        md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    } else {
+        md.push_str(&format!(
+            "| payload | path | req/s @{c} (median) | req/s @{c} (min..max) | p50 @1 (µs) | p99 @1 (µs) | TTFB p50 @1 (µs) | TTFB p99 @1 (µs) | p50 @{c} (µs) | p99 @{c} (µs) | requests | errors |\n"
+        ));
+        md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    }
     let mut total_errors = 0;
     for row in &rows {
-        let (sl, st, sok, serr, sfirst) = Row::merged(&row.serial);
-        let (ml, _mt, mok, merr, mfirst) = Row::merged(&row.many);
-        total_errors += serr + merr;
-        let (lo, hi) = Row::rps_range(&row.many);
-        let dash = |x: f64| if x.is_nan() || x.is_infinite() { "–".to_string() } else { format!("{x:.0}") };
-        let dash1 = |x: f64| if x.is_nan() { "–".to_string() } else { format!("{x:.1}") };
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            row.kind.name(),
-            row.label,
-            dash(Row::median_rps(&row.many)),
-            if row.many.is_empty() { "–".into() } else { format!("{lo:.0}..{hi:.0}") },
-            dash1(us(&sl, 0.5)),
-            dash1(us(&sl, 0.99)),
-            dash1(us(&st, 0.5)),
-            dash1(us(&st, 0.99)),
-            dash1(us(&ml, 0.5)),
-            dash1(us(&ml, 0.99)),
-            sok + mok,
-            serr + merr
-        ));
-        if let Some(e) = sfirst.or(mfirst) {
+        let serial = merge(row.serial());
+        let free = merge(&row.free);
+        let many = merge(&row.many);
+        let all = merge(&row.pinned);
+        let errors = free.errors + many.errors + all.errors;
+        let ok = free.ok + many.ok + all.ok;
+        total_errors += errors;
+        let range = if row.many.is_empty() {
+            "–".to_string()
+        } else {
+            let v: Vec<f64> = row.many.iter().map(RunResult::rps).collect();
+            format!(
+                "{:.0}..{:.0}",
+                v.iter().copied().fold(f64::INFINITY, f64::min),
+                v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+            )
+        };
+        let mut cells = vec![
+            row.kind.name().to_string(),
+            row.label.clone(),
+            fmt0(median_rps(&row.many)),
+            range,
+            fmt1(us(&serial.latency, 0.5)),
+            fmt1(us(&serial.latency, 0.99)),
+            fmt1(us(&serial.ttfb, 0.5)),
+            fmt1(us(&serial.ttfb, 0.99)),
+        ];
+        if pinned {
+            cells.push(fmt1(us(&free.latency, 0.5)));
+            cells.push(fmt1(us(&free.latency, 0.99)));
+        }
+        cells.push(fmt1(us(&many.latency, 0.5)));
+        cells.push(fmt1(us(&many.latency, 0.99)));
+        cells.push(ok.to_string());
+        cells.push(errors.to_string());
+        md.push_str(&format!("| {} |\n", cells.join(" | ")));
+        if let Some(e) = all.first_error.or(free.first_error).or(many.first_error) {
             eprintln!("  first error for {} {}: {e}", row.kind.name(), row.label);
         }
     }
 
     md.push('\n');
-    md.push_str("| payload | gateway/nginx req/s @32 (target ≥ 0.8) | gateway/nginx p50 @1 (target ≤ 1.3) | gateway/nginx p99 @1 | added p50 over direct: nginx | added p50 over direct: gateway |\n");
-    md.push_str("|---|---:|---:|---:|---:|---:|\n");
+    md.push_str(&format!(
+        "| payload | gateway/nginx req/s @{c} (target ≥ 0.8) | gateway/nginx p50 @1 (target ≤ 1.3) | gateway/nginx p99 @1 |{} added p50 over direct: nginx | added p50 over direct: gateway |\n",
+        if pinned { " gateway/nginx p50 @1 unpinned |" } else { "" }
+    ));
+    md.push_str(if pinned { "|---|---:|---:|---:|---:|---:|---:|\n" } else { "|---|---:|---:|---:|---:|---:|\n" });
     let find = |k: Kind, l: &str| rows.iter().find(|r| r.kind == k && r.label == l);
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     for k in [Kind::Json, Kind::Sse, Kind::Drip] {
@@ -726,40 +864,60 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
         let rps = if n.many.is_empty() {
             "–".to_string()
         } else {
-            let r = Row::median_rps(&g.many) / Row::median_rps(&n.many);
+            let r = median_rps(&g.many) / median_rps(&n.many);
             format!("{r:.2} ({})", verdict(r >= 0.8))
         };
-        let p50 = g.p50_serial() / n.p50_serial();
+        let p50 = g.p50() / n.p50();
         let added = |row: &Row| match d {
-            Some(d) => format!("{:+.1} µs", row.p50_serial() - d.p50_serial()),
+            Some(d) => format!("{:+.1} µs", row.p50() - d.p50()),
             None => "–".into(),
         };
+        let free = if pinned {
+            format!(
+                " {:.2} |",
+                us(&merge(&g.free).latency, 0.5) / us(&merge(&n.free).latency, 0.5)
+            )
+        } else {
+            String::new()
+        };
         md.push_str(&format!(
-            "| {} | {} | {:.2} ({}) | {:.2} | {} | {} |\n",
+            "| {} | {} | {:.2} ({}) | {:.2} |{} {} | {} |\n",
             k.name(),
             rps,
             p50,
             verdict(p50 <= 1.3),
-            g.p99_serial() / n.p99_serial(),
+            g.p99() / n.p99(),
+            free,
             added(n),
             added(g)
         ));
     }
-    let mut log_lines = String::new();
+    // What a feature costs: the access log (RUST_LOG=info against warn), and whatever an older
+    // build ("gateway-base") did not have.
+    let mut cost_lines = String::new();
+    let ratio = |a: Option<&Row>, b: Option<&Row>| match (a, b) {
+        (Some(a), Some(b)) => (
+            format!("{:.2}", median_rps(&a.many) / median_rps(&b.many)),
+            format!("{:.2}", a.p50() / b.p50()),
+        ),
+        _ => ("–".to_string(), "–".to_string()),
+    };
     for k in [Kind::Json, Kind::Sse] {
-        if let (Some(g), Some(gi)) = (find(k, "gateway"), find(k, "gateway-info")) {
-            let r = Row::median_rps(&gi.many) / Row::median_rps(&g.many);
-            log_lines.push_str(&format!(
-                "| {} | {:.2} | {:.2} |\n",
-                k.name(),
-                r,
-                gi.p50_serial() / g.p50_serial()
+        let g = find(k, "gateway");
+        let (info_rps, info_p50) = ratio(find(k, "gateway-info"), g);
+        let (base_rps, base_p50) = ratio(g, find(k, "gateway-base"));
+        if g.is_some() && (find(k, "gateway-info").is_some() || find(k, "gateway-base").is_some()) {
+            cost_lines.push_str(&format!(
+                "| {} | {info_rps} | {info_p50} | {base_rps} | {base_p50} |\n",
+                k.name()
             ));
         }
     }
-    if !log_lines.is_empty() {
-        md.push_str("\n| payload | RUST_LOG=info / warn: req/s @32 | RUST_LOG=info / warn: p50 @1 |\n|---|---:|---:|\n");
-        md.push_str(&log_lines);
+    if !cost_lines.is_empty() {
+        md.push_str(&format!(
+            "\n| payload | RUST_LOG=info / warn: req/s @{c} | RUST_LOG=info / warn: p50 @1 | gateway / gateway-base: req/s @{c} | gateway / gateway-base: p50 @1 |\n|---|---:|---:|---:|---:|\n"
+        ));
+        md.push_str(&cost_lines);
     }
     println!("{md}");
     if let Some(p) = &a.markdown_out {

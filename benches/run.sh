@@ -8,7 +8,11 @@
 #   bash benches/run.sh profile      # callgrind instruction counts of the gateway's request path
 #
 # Knobs (env): ROUNDS (3), DURATION seconds per run (4), WARMUP (1), CONNS (32),
-#   HOLD_STREAMS (10000), SOAK_RATE req/s per target (300), SOAK_CONNS (8), KEEP_TMP=1.
+#   HOLD_STREAMS (10000), SOAK_RATE req/s per target (300), SOAK_CONNS (8), KEEP_TMP=1,
+#   GATEWAY_ENV="VAR=value ..." extra environment for every gateway started (experiments, e.g.
+#   TOKIO_WORKER_THREADS=1 or LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2),
+#   BASELINE_REV=<git rev> or BASELINE_BIN=<path>: also measure an older gateway ("gateway-base"),
+#   e.g. the last commit before accounting, to price a feature.
 # Every server binds 127.0.0.1 only; every load loop is bounded in time and count.
 set -euo pipefail
 
@@ -22,6 +26,7 @@ CONNS=${CONNS:-32}
 HOLD_STREAMS=${HOLD_STREAMS:-10000}
 SOAK_RATE=${SOAK_RATE:-300}
 SOAK_CONNS=${SOAK_CONNS:-8}
+GATEWAY_ENV=${GATEWAY_ENV:-}
 
 log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
@@ -71,6 +76,19 @@ LOAD_BIN=$(grep -o '"executable":"[^"]*/load-[0-9a-f]*"' <<<"$BUILD_OUT" | tail 
 
 TMP=$(mktemp -d /tmp/poe-gateway-bench.XXXXXX)
 chmod 755 "$TMP"
+
+# An older gateway to compare with in the same run (e.g. the last commit before accounting):
+# BASELINE_REV=<git revision> builds it from git; BASELINE_BIN=<path> uses a binary as is.
+BASE_BIN=${BASELINE_BIN:-}
+if [ -z "$BASE_BIN" ] && [ -n "${BASELINE_REV:-}" ]; then
+  log "building the baseline gateway at $BASELINE_REV (target/bench-baseline)"
+  mkdir -p "$TMP/baseline-src"
+  git -C "$ROOT" archive "$BASELINE_REV" | tar -x -C "$TMP/baseline-src" || die "git archive $BASELINE_REV failed"
+  BASE_OUT=$(cd "$TMP/baseline-src" && CARGO_TARGET_DIR="$ROOT/target/bench-baseline" \
+    cargo build --release --bin poe-gateway --message-format=json-render-diagnostics) || die "baseline build failed"
+  BASE_BIN=$(grep -o '"executable":"[^"]*/poe-gateway"' <<<"$BASE_OUT" | tail -1 | cut -d'"' -f4)
+fi
+[ -z "$BASE_BIN" ] || [ -x "$BASE_BIN" ] || die "baseline binary $BASE_BIN not found"
 PIDS=()
 cleanup() {
   local p
@@ -85,15 +103,22 @@ trap 'exit 130' INT TERM
 log "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 log "machine: nproc $(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 log "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ' (+ uncommitted changes)'); $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'); open files $(ulimit -n)"
+[ -n "$GATEWAY_ENV" ] && log "gateway environment: $GATEWAY_ENV"
 
 read -r P_UP_JSON P_UP_SSE P_PX_JSON P_PX_SSE P_PX_DRIP <<<"$("$LOAD_BIN" ports 5)"
 
 # --- bodies ---------------------------------------------------------------------------------------
-MSG='"messages":[{"role":"user","content":"Say hello in one short sentence."}]'
-printf '{"model":"gpt-5",%s}' "$MSG" >"$TMP/req-json.json"
-printf '{"model":"gpt-5",%s,"stream":true}' "$MSG" >"$TMP/req-sse.json"
-printf '{"model":"drip",%s,"stream":true}' "$MSG" >"$TMP/req-drip.json"
-printf '{"model":"hold",%s,"stream":true}' "$MSG" >"$TMP/req-hold.json"
+# Comparison bodies are cacheable (temperature 0) and unique (the load tool replaces __N__ per
+# request), so a response cache in its default mode looks every request up and misses.
+MSG='"messages":[{"role":"user","content":"Say hello in one short sentence. (request __N__)"}]'
+printf '{"model":"gpt-5",%s,"temperature":0}' "$MSG" >"$TMP/req-json.json"
+printf '{"model":"gpt-5",%s,"temperature":0,"stream":true}' "$MSG" >"$TMP/req-sse.json"
+# Soak bodies are not cacheable, so a filling cache is not mistaken for a leak.
+PLAIN='"messages":[{"role":"user","content":"Say hello in one short sentence."}]'
+printf '{"model":"gpt-5",%s}' "$PLAIN" >"$TMP/soak-json.json"
+printf '{"model":"gpt-5",%s,"stream":true}' "$PLAIN" >"$TMP/soak-sse.json"
+printf '{"model":"drip",%s,"stream":true}' "$PLAIN" >"$TMP/req-drip.json"
+printf '{"model":"hold",%s,"stream":true}' "$PLAIN" >"$TMP/req-hold.json"
 
 # The fast upstream's answers, Poe-shaped. nginx strings take \n escapes.
 ID='"id":"chatcmpl-bench0001","created":1767225600,"model":"gpt-5"'
@@ -215,7 +240,7 @@ start_slow_upstream() {
   PIDS+=($!)
   local i
   for i in $(seq 1 100); do
-    SLOW_URL=$(sed -n 's/^slow-upstream listening on //p' "$TMP/slow.out" 2>/dev/null | head -1)
+    SLOW_URL=$(sed -n 's/^slow-upstream listening on //p' "$TMP/slow.out" 2>/dev/null)
     [ -n "$SLOW_URL" ] && return 0
     sleep 0.05
   done
@@ -224,16 +249,19 @@ start_slow_upstream() {
 
 declare -A GW_PID GW_URL
 start_gateway() { # $1 name, $2 upstream base URL, $3 RUST_LOG, then extra VAR=value
-  local name=$1 base=$2 level=$3
+  local name=$1 base=$2 level=$3 bin=$GW_BIN
   shift 3
+  [ "${name%-base}" != "$name" ] && bin=$BASE_BIN
+  # Each gateway keeps its own ledger in the temp dir (never ./data in the repo).
   env POE_API_KEY=bench-not-a-key POE_BASE_URL="$base" POE_GATEWAY_LISTEN=127.0.0.1:0 \
-    POE_GATEWAY_LIMITS__UPSTREAM_RPM=100000000 RUST_LOG="$level" "$@" \
-    "$GW_BIN" serve </dev/null >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    POE_GATEWAY_DATABASE_URL="sqlite://$TMP/$name.db" \
+    POE_GATEWAY_LIMITS__UPSTREAM_RPM=100000000 RUST_LOG="$level" $GATEWAY_ENV "$@" \
+    "$bin" serve </dev/null >"$TMP/$name.out" 2>"$TMP/$name.err" &
   local pid=$!
   PIDS+=("$pid")
   local i url=
   for i in $(seq 1 200); do
-    url=$(sed -n 's/^poe-gateway listening on //p' "$TMP/$name.out" 2>/dev/null | head -1)
+    url=$(sed -n 's/^poe-gateway listening on //p' "$TMP/$name.out" 2>/dev/null)
     [ -n "$url" ] && break
     kill -0 "$pid" 2>/dev/null || die "gateway $name exited: $(cat "$TMP/$name.err")"
     sleep 0.05
@@ -245,18 +273,37 @@ start_gateway() { # $1 name, $2 upstream base URL, $3 RUST_LOG, then extra VAR=v
 
 stop_gateway() { kill "${GW_PID[$1]}" 2>/dev/null || true; wait "${GW_PID[$1]}" 2>/dev/null || true; }
 
+# Every live process this script started, and their children (nginx workers), comma-separated.
+server_pids() {
+  local p out=()
+  for p in "${PIDS[@]}"; do
+    kill -0 "$p" 2>/dev/null || continue
+    out+=("$p")
+    out+=($(pgrep -P "$p" || true))
+  done
+  local IFS=,
+  echo "${out[*]}"
+}
+
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 CHAT=/v1/chat/completions
 
 # --- modes --------------------------------------------------------------------------------------
 run_compare() {
-  log "load comparison: $ROUNDS rounds x (${WARMUP}s warm-up + ${DURATION}s) per run, 1 and $CONNS connections"
+  log "load comparison: $ROUNDS rounds x (${WARMUP}s warm-up + ${DURATION}s) per run: 1 connection pinned to CPU 0, 1 connection unpinned, $CONNS connections"
   start_gateway gw-json "http://127.0.0.1:$P_UP_JSON" warn
   start_gateway gw-sse "http://127.0.0.1:$P_UP_SSE" warn
   start_gateway gw-json-info "http://127.0.0.1:$P_UP_JSON" info
   start_gateway gw-sse-info "http://127.0.0.1:$P_UP_SSE" info
   start_gateway gw-drip "$SLOW_URL" warn
+  local base_targets=()
+  if [ -n "$BASE_BIN" ]; then
+    start_gateway gw-json-base "http://127.0.0.1:$P_UP_JSON" warn
+    start_gateway gw-sse-base "http://127.0.0.1:$P_UP_SSE" warn
+    base_targets=(--target "json:gateway-base=${GW_URL[gw-json-base]}$CHAT" --target "sse:gateway-base=${GW_URL[gw-sse-base]}$CHAT")
+    log "baseline gateway: $BASE_BIN ${BASELINE_REV:+($BASELINE_REV)}"
+  fi
   # Fresh gateways, before any request.
   log "idle RSS of a fresh gateway: $(rss_kb "${GW_PID[gw-json]}") kB"
   "$LOAD_BIN" compare \
@@ -270,9 +317,11 @@ run_compare() {
     --target "sse:nginx=http://127.0.0.1:$P_PX_SSE$CHAT" \
     --target "sse:gateway=${GW_URL[gw-sse]}$CHAT" \
     --target "sse:gateway-info=${GW_URL[gw-sse-info]}$CHAT" \
+    "${base_targets[@]}" \
     --target "drip:direct=$SLOW_URL$CHAT" \
     --target "drip:nginx=http://127.0.0.1:$P_PX_DRIP$CHAT" \
     --target "drip:gateway=${GW_URL[gw-drip]}$CHAT" \
+    --pin-pids "$(server_pids)" --pin-cpu 0 \
     --markdown-out "$TMP/compare.md"
   log "gateway RSS after the comparison: JSON $(rss_kb "${GW_PID[gw-json]}") kB, SSE $(rss_kb "${GW_PID[gw-sse]}") kB"
   log "access log written at RUST_LOG=info: $(wc -l <"$TMP/gw-json-info.err") + $(wc -l <"$TMP/gw-sse-info.err") lines, $(( ($(stat -c %s "$TMP/gw-json-info.err") + $(stat -c %s "$TMP/gw-sse-info.err")) / 1024 )) KiB"
@@ -280,7 +329,8 @@ run_compare() {
   for w in gw-json gw-sse gw-drip; do
     if [ -s "$TMP/$w.err" ]; then log "$w wrote to stderr at RUST_LOG=warn:"; head -5 "$TMP/$w.err" >&2; fi
   done
-  for w in gw-json gw-sse gw-json-info gw-sse-info gw-drip; do stop_gateway "$w"; done
+  for w in "${!GW_PID[@]}"; do stop_gateway "$w"; done
+  log "ledger rows written: $(for w in gw-json gw-sse; do [ -f "$TMP/$w.db" ] && du -h "$TMP/$w.db" | cut -f1; done | tr '\n' ' ')"
 }
 
 run_memory() {
@@ -316,49 +366,84 @@ run_soak() {
   start_gateway gw-sse "http://127.0.0.1:$P_UP_SSE" warn
   start_gateway gw-drip "$SLOW_URL" warn
   "$LOAD_BIN" soak --duration "$SOAK_SECS" --rate "$SOAK_RATE" --conns "$SOAK_CONNS" --sample-secs 5 \
-    --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" --body-drip "$TMP/req-drip.json" \
+    --body-json "$TMP/soak-json.json" --body-sse "$TMP/soak-sse.json" --body-drip "$TMP/req-drip.json" \
     --target "json:gateway=${GW_URL[gw-json]}$CHAT" \
     --target "sse:gateway=${GW_URL[gw-sse]}$CHAT" \
     --target "drip-cancel:gateway=${GW_URL[gw-drip]}$CHAT" \
     --pid "json=${GW_PID[gw-json]}" --pid "sse=${GW_PID[gw-sse]}" --pid "sse-cancel=${GW_PID[gw-drip]}"
 }
 
+# Runs $@ under callgrind (counters zeroed after a warm-up), sends 1,000 serial requests to
+# $URL_OF_PROFILED, and writes the annotated profile. Instructions per request = total / 1,000.
+profile_one() { # $1 label, $2 kind (json|sse), $3 "gateway" or "nginx:PORT", then VAR=value..., then the command
+  local label=$1 kind=$2 urlsrc=$3
+  shift 3
+  local envs=()
+  while [ $# -gt 0 ] && [[ $1 == *=* ]]; do envs+=("$1"); shift; done
+  env "${envs[@]}" valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind.$label" --dump-instr=no "$@" \
+    </dev/null >"$TMP/prof-$label.out" 2>"$TMP/prof-$label.err" &
+  local pid=$! url= i
+  PIDS+=("$pid")
+  for i in $(seq 1 600); do
+    case $urlsrc in
+      nginx:*) (exec 3<>"/dev/tcp/127.0.0.1/${urlsrc#nginx:}") 2>/dev/null && url=http://127.0.0.1:${urlsrc#nginx:} ;;
+      *) url=$(sed -n 's/^poe-gateway listening on //p' "$TMP/prof-$label.out" 2>/dev/null) ;;
+    esac
+    [ -n "$url" ] && break
+    sleep 0.1
+  done
+  [ -n "$url" ] || die "$label under valgrind did not start: $(tail -3 "$TMP/prof-$label.err")"
+  "$LOAD_BIN" compare --rounds 1 --duration 20 --warmup 0 --serial-only --max-requests 200 \
+    --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" \
+    --target "$kind:$label=$url$CHAT" >/dev/null 2>&1 || die "$label: warm-up requests failed"
+  callgrind_control -z "$pid" >/dev/null 2>&1 || die "callgrind_control -z failed"
+  "$LOAD_BIN" compare --rounds 1 --duration 120 --warmup 0 --serial-only --max-requests 1000 \
+    --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" \
+    --target "$kind:$label=$url$CHAT" >/dev/null 2>&1 || die "$label: profiled requests failed"
+  kill -TERM "$pid"
+  wait "$pid" 2>/dev/null || true
+  callgrind_annotate --threshold=100 --inclusive=yes "$TMP/callgrind.$label" >"$TMP/annotate-incl.$label" 2>/dev/null || true
+  callgrind_annotate --threshold=100 "$TMP/callgrind.$label" >"$TMP/annotate-self.$label" 2>/dev/null || true
+  local total
+  total=$(grep -m1 'PROGRAM TOTALS' "$TMP/annotate-self.$label" | awk '{gsub(",","",$1); print $1}')
+  echo "PROFILE $label: $((total / 1000)) instructions per request (callgrind, 1,000 serial requests)"
+  echo "---- $label: top self cost ----"
+  grep -E '^ *[0-9,]+ \( *[0-9.]+%\)  ' "$TMP/annotate-self.$label" | grep -v -E 'clone.S|pthread_create|thread_start|call_once|begin_short_backtrace|blocking::pool|task::raw::poll|harness::Harness|core::Core|BlockingTask|worker::run |enter_runtime|Scoped<T>::set' | sed -n '1,25p' | cut -c1-200
+}
+
 run_profile() {
   command -v valgrind >/dev/null || die "valgrind is needed"
-  local kind
-  for kind in json sse; do
-    local port=$P_UP_JSON
-    [ $kind = sse ] && port=$P_UP_SSE
-    log "profile ($kind): gateway under callgrind, 2,000 serial requests"
-    env POE_API_KEY=bench-not-a-key POE_BASE_URL="http://127.0.0.1:$port" POE_GATEWAY_LISTEN=127.0.0.1:0 \
-      POE_GATEWAY_LIMITS__UPSTREAM_RPM=100000000 RUST_LOG=warn \
-      valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind.$kind" --dump-instr=no \
-      "$GW_BIN" serve >"$TMP/prof-$kind.out" 2>"$TMP/prof-$kind.err" &
-    local pid=$! url= i
-    PIDS+=("$pid")
-    for i in $(seq 1 600); do
-      url=$(sed -n 's/^poe-gateway listening on //p' "$TMP/prof-$kind.out" 2>/dev/null | head -1)
-      [ -n "$url" ] && break
-      sleep 0.1
+  # nginx as the same plain proxy, one process, for an instruction baseline.
+  local kind port pport
+  read -r PJ PS <<<"$("$LOAD_BIN" ports 2)"
+  mkdir -p "$TMP/nginx-prof"
+  chmod 755 "$TMP/nginx-prof"
+  {
+    nginx_common "$TMP/nginx-prof" | sed 's/^worker_processes 2;/worker_processes 1;\nmaster_process off;/'
+    for kind in json sse; do
+      port=$P_UP_JSON pport=$PJ
+      [ $kind = sse ] && port=$P_UP_SSE pport=$PS
+      cat <<EOF
+  upstream prof_$kind { server 127.0.0.1:$port; keepalive 64; keepalive_requests 100000000; }
+  server {
+    listen 127.0.0.1:$pport;
+    location / { proxy_pass http://prof_$kind; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
+  }
+EOF
     done
-    [ -n "$url" ] || die "gateway under valgrind did not start"
-    # Warm up, then zero the counters so start-up is not counted.
-    "$LOAD_BIN" compare --rounds 1 --duration 5 --warmup 0 --serial-only --max-requests 200 \
-      --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" \
-      --target "$kind:gateway=$url$CHAT" >/dev/null 2>&1 || true
-    callgrind_control -z "$pid" >/dev/null 2>&1 || true
-    "$LOAD_BIN" compare --rounds 1 --duration 60 --warmup 0 --serial-only --max-requests 1000 \
-      --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" \
-      --target "$kind:gateway=$url$CHAT" 2>&1 | grep -E '^\| (JSON|SSE) ' | head -1 >&2 || true
-    kill -INT "$pid"
-    wait "$pid" 2>/dev/null || true
-    # Counted: exactly 1,000 serial requests, so instructions per request = total / 1,000.
-    echo "---- callgrind ($kind): top functions, inclusive ----"
-    callgrind_annotate --inclusive=yes "$TMP/callgrind.$kind" 2>/dev/null | head -60
-    echo "---- callgrind ($kind): top functions, self ----"
-    callgrind_annotate "$TMP/callgrind.$kind" 2>/dev/null | head -45
-    [ "${KEEP_TMP:-0}" = 1 ] && log "profile kept at $TMP/callgrind.$kind"
+    echo "}"
+  } >"$TMP/nginx-prof/nginx.conf"
+  for kind in json sse; do
+    port=$P_UP_JSON pport=$PJ
+    [ $kind = sse ] && port=$P_UP_SSE pport=$PS
+    log "profile ($kind): nginx proxy under callgrind"
+    profile_one "nginx-$kind" $kind "nginx:$pport" "$NGINX" -p "$TMP/nginx-prof" -c "$TMP/nginx-prof/nginx.conf" -e "$TMP/nginx-prof/error.log"
+    log "profile ($kind): gateway under callgrind"
+    profile_one "gateway-$kind" $kind gateway POE_API_KEY=bench-not-a-key POE_BASE_URL="http://127.0.0.1:$port" \
+      POE_GATEWAY_LISTEN=127.0.0.1:0 POE_GATEWAY_LIMITS__UPSTREAM_RPM=100000000 RUST_LOG=warn \
+      POE_GATEWAY_DATABASE_URL="sqlite://$TMP/prof-$kind.db" $GATEWAY_ENV "$GW_BIN" serve
   done
+  log "callgrind files and annotations: $TMP (KEEP_TMP=1 keeps them)"
 }
 
 # --- run ----------------------------------------------------------------------------------------

@@ -22,6 +22,10 @@ pub struct Metrics {
     pub ledger_written: IntCounter,
     pub ledger_write_errors: IntCounter,
     pub point_balance: Gauge,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
+    pub cache_bytes: IntGauge,
+    pub cache_evictions: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -80,6 +84,13 @@ impl Metrics {
             point_balance: reg!(Gauge::with_opts(opts(
                 "point_balance",
                 "Poe compute-point balance of the server key (last read)."
+            ))),
+            cache_hits: reg!(IntCounter::with_opts(opts("cache_hits_total", "Response cache hits."))),
+            cache_misses: reg!(IntCounter::with_opts(opts("cache_misses_total", "Response cache misses."))),
+            cache_bytes: reg!(IntGauge::with_opts(opts("cache_bytes", "Bytes held by the response cache."))),
+            cache_evictions: reg!(IntCounter::with_opts(opts(
+                "cache_evictions_total",
+                "Response cache entries evicted for space."
             ))),
             registry,
         }

@@ -291,6 +291,44 @@ async fn long_answers_send_progress() {
 }
 
 #[tokio::test]
+async fn long_media_calls_say_they_are_still_waiting() {
+    let upstream = MockUpstream::start().await;
+    let video = "https://pfst.cf2.poecdn.net/base/video/slow";
+    upstream.push(Reply::completion("veo-3", video).head_delay(Duration::from_millis(700)));
+    let gw = gateway(
+        &upstream,
+        &[("POE_GATEWAY_MCP__PROGRESS_INTERVAL", "100ms")],
+    );
+    let (client, mut progress) = local(gw).await;
+
+    let handle = client
+        .send_cancellable_request(
+            ClientRequest::CallToolRequest(Request::new(
+                CallToolRequestParams::new("generate_video")
+                    .with_arguments(json!({"prompt": "slow waves"}).as_object().unwrap().clone()),
+            )),
+            PeerRequestOptions::no_options(),
+        )
+        .await
+        .unwrap();
+    let resp = handle.await_response().await.unwrap();
+    let ServerResult::CallToolResult(result) = resp else {
+        panic!("unexpected response {resp:?}");
+    };
+    assert_eq!(ok(&result)["urls"], json!([video]));
+    let mut waiting = Vec::new();
+    while let Ok(p) = progress.try_recv() {
+        waiting.push(p);
+    }
+    assert!(waiting.len() >= 2, "{waiting:?}");
+    assert!(
+        waiting
+            .iter()
+            .all(|p| p.message.as_deref().is_some_and(|m| m.contains("waiting")))
+    );
+}
+
+#[tokio::test]
 async fn cancelling_a_call_stops_the_upstream_call() {
     let upstream = MockUpstream::start().await;
     let gate = Arc::new(Semaphore::new(0));
@@ -964,9 +1002,14 @@ async fn mcp_shutdown_ends_open_sessions() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = poe_gateway::http::spawn(listener, gw.clone()).unwrap();
     let url = format!("http://{}/mcp", server.local_addr);
-    let transport = StreamableHttpClientTransport::from_config(StreamableHttpClientTransportConfig::with_uri(url));
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(url),
+    );
     let (handler, _rx) = client_handler();
-    let client = handler.serve(transport).await.expect("HTTP client connects");
+    let client = handler
+        .serve(transport)
+        .await
+        .expect("HTTP client connects");
     ok(&call(&client, "list_models", json!({})).await);
 
     poe_gateway::mcp::http::shutdown(&gw);

@@ -35,6 +35,7 @@ pub struct Policy {
     pub limits: LimitsPolicy,
     pub aliases: BTreeMap<String, AliasTarget>,
     pub mcp: McpPolicy,
+    pub cache: CachePolicy,
     /// Prices for bots Poe's catalogue does not price (or to override it), USD per token.
     pub pricing: BTreeMap<String, crate::gateway::models::Price>,
 }
@@ -50,6 +51,7 @@ impl Default for Policy {
             limits: LimitsPolicy::default(),
             aliases: BTreeMap::new(),
             pricing: BTreeMap::new(),
+            cache: CachePolicy::default(),
             mcp: McpPolicy::default(),
         }
     }
@@ -220,6 +222,11 @@ pub struct McpPolicy {
     pub max_session_messages: usize,
     /// Bytes of history kept per session (attachments included); the oldest turns are trimmed.
     pub max_session_bytes: ByteSize,
+    /// While a non-streamed call (images, video, tool calls) waits for its answer, a progress
+    /// notification goes out this often, so clients that reset their timeout on progress keep
+    /// waiting for a long generation.
+    #[serde(with = "values::duration")]
+    pub progress_interval: Duration,
 }
 
 impl Default for McpPolicy {
@@ -233,6 +240,47 @@ impl Default for McpPolicy {
             max_sessions: 1000,
             max_session_messages: 100,
             max_session_bytes: ByteSize(8 * 1024 * 1024),
+            progress_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Which requests the response cache serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    Off,
+    /// Requests with `temperature` 0 or a `seed`: the ones whose answer is meant to repeat.
+    Deterministic,
+    All,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CachePolicy {
+    pub mode: CacheMode,
+    /// Total size of cached responses.
+    pub max_bytes: ByteSize,
+    /// Largest single response kept; bigger ones are served but not stored.
+    pub max_entry_bytes: ByteSize,
+    #[serde(with = "values::duration")]
+    pub ttl: Duration,
+    /// Share entries across callers (keys). Off: each key sees only its own entries.
+    pub shared: bool,
+    /// Gap between replayed stream frames; 0 replays at once.
+    #[serde(with = "values::duration")]
+    pub replay_frame_delay: Duration,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        CachePolicy {
+            mode: CacheMode::Deterministic,
+            max_bytes: ByteSize(256 * 1024 * 1024),
+            max_entry_bytes: ByteSize(8 * 1024 * 1024),
+            ttl: Duration::from_secs(3600),
+            shared: false,
+            replay_frame_delay: Duration::ZERO,
         }
     }
 }
@@ -457,6 +505,12 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
             return bad(name, "must be greater than zero");
         }
     }
+    if p.cache.ttl.is_zero() {
+        return bad("cache.ttl", "must be greater than zero (use cache.mode = \"off\" to disable)");
+    }
+    if p.cache.max_entry_bytes.0 > p.cache.max_bytes.0 {
+        return bad("cache.max_entry_bytes", "must not exceed cache.max_bytes");
+    }
     if p.server.max_body_bytes.0 == 0 {
         return bad("server.max_body_bytes", "must be greater than zero");
     }
@@ -516,6 +570,9 @@ fn validate_mcp(m: &McpPolicy) -> Result<(), (String, String)> {
     }
     if m.max_session_bytes.0 == 0 {
         return bad("max_session_bytes", "must be greater than zero".into());
+    }
+    if m.progress_interval.is_zero() {
+        return bad("progress_interval", "must be greater than zero".into());
     }
     for host in &m.allowed_hosts {
         let h = host.trim();

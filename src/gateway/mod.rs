@@ -6,6 +6,7 @@
 
 pub mod accounting;
 pub mod alias;
+pub mod cache;
 pub mod completion;
 pub mod json;
 pub mod keys;
@@ -41,7 +42,8 @@ use limits::{TokioClock, UpstreamLimits};
 use models::{Catalogue, Models};
 pub use request::ChatRequest;
 use retry::RetryBudget;
-use tap::{BoxError, Observed, Outcome, Tap};
+use cache::{CacheStatus, Coalesced, ResponseCache, Shared};
+use tap::{BoxError, Observed, Outcome, ReplayBody, Tap};
 
 /// Header naming the bot that answered (after aliasing and fallbacks).
 pub const BOT_HEADER: &str = "x-poe-gateway-bot";
@@ -91,6 +93,8 @@ pub struct Reply {
     /// The bot that answered (or, for an error, the last one tried).
     pub bot: String,
     pub attempts: u32,
+    /// Whether the response cache answered (`x-cache`).
+    pub cache: CacheStatus,
 }
 
 pin_project_lite::pin_project! {
@@ -99,6 +103,7 @@ pin_project_lite::pin_project! {
     #[project = ReplyBodyProj]
     pub enum ReplyBody {
         Stream { #[pin] tap: Tap<Incoming> },
+        Replay { #[pin] tap: Tap<ReplayBody> },
         Full { data: Option<Bytes> },
     }
 }
@@ -113,6 +118,7 @@ impl Body for ReplyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             ReplyBodyProj::Stream { tap } => tap.poll_frame(cx),
+            ReplyBodyProj::Replay { tap } => tap.poll_frame(cx),
             ReplyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
@@ -120,6 +126,7 @@ impl Body for ReplyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ReplyBody::Stream { tap } => tap.is_end_stream(),
+            ReplyBody::Replay { tap } => tap.is_end_stream(),
             ReplyBody::Full { data } => data.is_none(),
         }
     }
@@ -127,6 +134,7 @@ impl Body for ReplyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ReplyBody::Stream { tap } => tap.size_hint(),
+            ReplyBody::Replay { tap } => tap.size_hint(),
             ReplyBody::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
@@ -151,6 +159,7 @@ struct Inner {
     budget: RetryBudget,
     keys: Arc<KeyRing>,
     acct: Arc<Accounting>,
+    cache: Arc<ResponseCache>,
     epoch: Instant,
 }
 
@@ -249,6 +258,7 @@ impl Gateway {
                     policy.retry.budget_ratio,
                     policy.retry.budget_min_per_second,
                 ),
+                cache: Arc::new(ResponseCache::new(&policy.cache, models.clone(), metrics.clone())),
                 acct: Arc::new(Accounting { metrics, ledger }),
                 epoch: Instant::now(),
                 aliases,
@@ -297,6 +307,7 @@ impl Gateway {
         let st = self.inner.acct.ledger.stats();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         m.ledger_queue_depth.set(st.depth() as i64);
+        m.cache_bytes.set(self.inner.cache.weighted_size() as i64);
         m.ledger_dropped.inc_by(load(&st.dropped).saturating_sub(m.ledger_dropped.get()));
         m.ledger_written.inc_by(load(&st.written).saturating_sub(m.ledger_written.get()));
         m.ledger_write_errors.inc_by(load(&st.write_errors).saturating_sub(m.ledger_write_errors.get()));
@@ -375,12 +386,6 @@ impl Gateway {
     pub async fn chat(&self, caller: &Caller, req: ChatRequest) -> Result<Reply, GatewayError> {
         let inner = &*self.inner;
         let started = Instant::now();
-        let key = match &caller.credential {
-            Credential::Server => inner.server_key.clone().ok_or_else(|| {
-                GatewayError::Internal("the gateway has no POE_API_KEY configured".into())
-            })?,
-            Credential::Poe(k) => k.clone(),
-        };
         let route = inner.aliases.resolve(req.model());
         let direct;
         let bots: &[String] = match route {
@@ -402,6 +407,76 @@ impl Gateway {
                 return Err(e);
             }
         }
+        let cache = &inner.cache;
+        let Some(plan) = cache.plan(caller, &req, bots) else {
+            return self.fetch(caller, &req, route, bots, started, None).await;
+        };
+        if let Some(entry) = cache.get(&plan).await {
+            return Ok(self.hit_reply(caller, &req, route, entry, started));
+        }
+        if req.stream() {
+            // A stream miss is recorded by the tap as it goes to the client, never buffered.
+            return self.fetch(caller, &req, route, bots, started, Some(&plan)).await;
+        }
+        match cache.coalesce(plan.key) {
+            Coalesced::Follower(waiting) => match cache::wait_for_leader(waiting).await {
+                Some(shared) => Ok(self.shared_reply(caller, &req, route, shared, started)),
+                // The leader went away without an answer: make our own call.
+                None => self.fetch(caller, &req, route, bots, started, Some(&plan)).await,
+            },
+            Coalesced::Leader(guard) => {
+                let reply = self.fetch(caller, &req, route, bots, started, Some(&plan)).await?;
+                // A JSON answer is read whole here so the requests waiting on it can share it.
+                let Reply {
+                    status,
+                    headers,
+                    body,
+                    bot,
+                    attempts,
+                    cache: cache_status,
+                } = reply;
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| GatewayError::UpstreamUnreachable(e.to_string()))?
+                    .to_bytes();
+                guard.publish(Arc::new(Shared {
+                    status,
+                    headers: headers.clone(),
+                    body: bytes.clone(),
+                    bot: bot.clone(),
+                    usage: tap::json_usage(&bytes),
+                }));
+                Ok(Reply {
+                    status,
+                    headers,
+                    body: ReplyBody::Full { data: Some(bytes) },
+                    bot,
+                    attempts,
+                    cache: cache_status,
+                })
+            }
+        }
+    }
+
+    /// The upstream call with retries and fallbacks. `plan` is the cache's, when the answer
+    /// may be stored.
+    async fn fetch(
+        &self,
+        caller: &Caller,
+        req: &ChatRequest,
+        route: Route<'_>,
+        bots: &[String],
+        started: Instant,
+        plan: Option<&cache::Plan>,
+    ) -> Result<Reply, GatewayError> {
+        let inner = &*self.inner;
+        let key = match &caller.credential {
+            Credential::Server => inner.server_key.clone().ok_or_else(|| {
+                GatewayError::Internal("the gateway has no POE_API_KEY configured".into())
+            })?,
+            Credential::Poe(k) => k.clone(),
+        };
         inner.budget.deposit(Instant::now(), inner.epoch);
         let retry = &inner.policy.retry;
         let mut attempts = 0u32;
@@ -445,7 +520,7 @@ impl Gateway {
                             cache_hit: false,
                         };
                         inner.acct.metrics.upstream_attempts.with_label_values(&["ok"]).inc();
-                        return Ok(self.stream_reply(resp, info, permit, attempts, req.injects_usage()));
+                        return Ok(self.stream_reply(resp, info, permit, attempts, req.injects_usage(), plan));
                     }
                     Ok(resp) => {
                         let (head, body) = resp.into_parts();
@@ -500,9 +575,7 @@ impl Gateway {
             }
         }
         let (failure, bot) = last.expect("at least one attempt was made");
-        Ok(self
-            .error_reply(caller, &req, route, failure, bot, attempts, started)
-            .await)
+        Ok(self.error_reply(caller, req, route, failure, bot, attempts, started).await)
     }
 
     fn stream_reply(
@@ -512,6 +585,7 @@ impl Gateway {
         permit: tokio::sync::OwnedSemaphorePermit,
         attempts: u32,
         strip_usage: bool,
+        plan: Option<&cache::Plan>,
     ) -> Reply {
         let (head, body) = resp.into_parts();
         let sse = head
@@ -520,6 +594,13 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
         let bot = info.bot.clone();
+        let cache_status = if plan.is_some() { CacheStatus::Miss } else { CacheStatus::Bypass };
+        let recorder = plan
+            .and_then(|p| self.inner.cache.recorder(p, sse, &bot))
+            .map(|mut r| {
+                r.set_content_type(head.headers.get(header::CONTENT_TYPE).cloned());
+                r
+            });
         let completion = Completion::new(info, self.inner.acct.clone(), Some(permit));
         let tap = Tap::new(
             body,
@@ -527,6 +608,7 @@ impl Gateway {
             sse && strip_usage,
             self.inner.policy.timeouts.idle,
             completion,
+            recorder,
         );
         Reply {
             status: head.status,
@@ -534,6 +616,7 @@ impl Gateway {
             body: ReplyBody::Stream { tap },
             bot,
             attempts,
+            cache: cache_status,
         }
     }
 
@@ -593,6 +676,7 @@ impl Gateway {
             body: ReplyBody::Full { data: Some(body) },
             bot: bot.to_string(),
             attempts,
+            cache: CacheStatus::Bypass,
         }
     }
 
@@ -623,6 +707,117 @@ impl Gateway {
         );
         *msg = serde_json::Value::String(text);
         serde_json::to_vec(&doc).map(Bytes::from).unwrap_or(body)
+    }
+}
+
+impl Gateway {
+    /// The response cache (admin purge, tests).
+    pub fn cache(&self) -> &ResponseCache {
+        &self.inner.cache
+    }
+
+    fn cached_info(
+        &self,
+        caller: &Caller,
+        req: &ChatRequest,
+        route: Route<'_>,
+        bot: &str,
+        status: u16,
+        started: Instant,
+    ) -> RequestInfo {
+        RequestInfo {
+            request_id: caller.request_id.clone(),
+            key_id: caller.key_id.clone(),
+            model: req.model().to_string(),
+            alias: route.alias().map(String::from),
+            bot: bot.to_string(),
+            stream: req.stream(),
+            status,
+            attempts: 0,
+            started,
+            cache_hit: true,
+        }
+    }
+
+    /// An answer from the cache: a JSON body at once, or a stream replayed through the tap
+    /// (which strips the usage chunk again if this client did not ask for it).
+    fn hit_reply(
+        &self,
+        caller: &Caller,
+        req: &ChatRequest,
+        route: Route<'_>,
+        entry: Arc<cache::Entry>,
+        started: Instant,
+    ) -> Reply {
+        let info = self.cached_info(caller, req, route, &entry.bot, 200, started);
+        let mut headers = HeaderMap::new();
+        if let Some(ct) = &entry.content_type {
+            headers.insert(header::CONTENT_TYPE, ct.clone());
+        }
+        let completion = Completion::new(info, self.inner.acct.clone(), None);
+        let body = if entry.stream {
+            let replay = ReplayBody::new(
+                entry.frames.clone(),
+                self.inner.policy.cache.replay_frame_delay,
+            );
+            let tap = Tap::new(
+                replay,
+                true,
+                req.injects_usage(),
+                self.inner.policy.timeouts.idle,
+                completion,
+                None,
+            );
+            ReplyBody::Replay { tap }
+        } else {
+            let data = entry.frames.first().cloned().unwrap_or_default();
+            let observed = Observed {
+                bytes: data.len() as u64,
+                usage: entry.usage,
+                ..Observed::default()
+            };
+            completion.finish(&observed, Outcome::Completed);
+            ReplyBody::Full { data: Some(data) }
+        };
+        Reply {
+            status: StatusCode::OK,
+            headers,
+            body,
+            bot: entry.bot.clone(),
+            attempts: 0,
+            cache: CacheStatus::Hit,
+        }
+    }
+
+    /// The answer another identical request fetched while this one waited.
+    fn shared_reply(
+        &self,
+        caller: &Caller,
+        req: &ChatRequest,
+        route: Route<'_>,
+        shared: Arc<Shared>,
+        started: Instant,
+    ) -> Reply {
+        let ok = shared.status.is_success();
+        let mut info =
+            self.cached_info(caller, req, route, &shared.bot, shared.status.as_u16(), started);
+        info.cache_hit = ok;
+        let observed = Observed {
+            bytes: shared.body.len() as u64,
+            usage: shared.usage,
+            ..Observed::default()
+        };
+        Completion::new(info, self.inner.acct.clone(), None).finish(&observed, Outcome::Completed);
+        Reply {
+            status: shared.status,
+            headers: shared.headers.clone(),
+            body: ReplyBody::Full {
+                data: Some(shared.body.clone()),
+            },
+            bot: shared.bot.clone(),
+            attempts: 0,
+            cache: if ok { CacheStatus::Hit } else { CacheStatus::Miss },
+        }
     }
 }
 

@@ -26,6 +26,8 @@ pub struct ChatRequest {
     stream_options_span: Option<Range<usize>>,
     include_usage: bool,
     temperature: Option<f64>,
+    has_seed: bool,
+    cache: super::cache::CacheDirectives,
     max_tokens: Option<u64>,
 }
 
@@ -113,6 +115,7 @@ impl ChatRequest {
             }
         };
         let temperature = number("temperature")?;
+        let has_seed = find("seed").is_some_and(|raw| raw.get() != "null");
         let max_tokens = match number("max_completion_tokens")? {
             Some(n) => Some(n),
             None => number("max_tokens")?,
@@ -127,6 +130,8 @@ impl ChatRequest {
             stream_options_span,
             include_usage,
             temperature,
+            has_seed,
+            cache: Default::default(),
             max_tokens,
             body,
         })
@@ -144,6 +149,20 @@ impl ChatRequest {
     /// Whether the client itself asked for a usage chunk at the end of the stream.
     pub fn include_usage(&self) -> bool {
         self.include_usage
+    }
+
+    /// The client sent a `seed`: it wants a repeatable answer.
+    pub fn has_seed(&self) -> bool {
+        self.has_seed
+    }
+
+    /// The client's cache wishes; the HTTP layer reads them from headers.
+    pub fn cache_directives(&self) -> super::cache::CacheDirectives {
+        self.cache
+    }
+
+    pub fn set_cache_directives(&mut self, d: super::cache::CacheDirectives) {
+        self.cache = d;
     }
 
     pub fn temperature(&self) -> Option<f64> {

@@ -28,6 +28,7 @@ use memchr::memmem;
 use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
+use super::cache::Recorder;
 use super::completion::Completion;
 use super::json::{TopLevel, span_in};
 use super::sse::SseScanner;
@@ -110,6 +111,8 @@ pin_project_lite::pin_project! {
         state: State,
         observed: Observed,
         completion: Option<Completion>,
+        // Keeps the upstream frames for the response cache, when the request is cacheable.
+        recorder: Option<Recorder>,
     }
 
     impl<B> PinnedDrop for Tap<B> {
@@ -130,6 +133,7 @@ impl<B> Tap<B> {
         strip_usage: bool,
         idle: Duration,
         completion: Completion,
+        recorder: Option<Recorder>,
     ) -> Self {
         Tap {
             inner,
@@ -149,6 +153,7 @@ impl<B> Tap<B> {
             state: State::Streaming,
             observed: Observed::default(),
             completion: Some(completion),
+            recorder,
         }
     }
 }
@@ -180,6 +185,9 @@ where
                         this.observed.first_byte = Some(Instant::now());
                     }
                     this.observed.bytes += data.len() as u64;
+                    if let Some(r) = this.recorder.as_mut() {
+                        r.push(&data);
+                    }
                     let out = match scan(this.mode, this.observed, data) {
                         Ok(out) => out,
                         Err(reason) => {
@@ -192,7 +200,7 @@ where
                     if this.inner.is_end_stream() {
                         // A body of known length is not polled again after its last byte (hyper
                         // stops at the length), so its end is recognised here, not at `None`.
-                        let last = self::end(this.mode, this.observed, this.completion);
+                        let last = self::end(this.mode, this.observed, this.completion, this.recorder);
                         *this.state = State::Done;
                         let out = join(out, last);
                         return Poll::Ready(out.map(|o| Ok(Frame::data(o))));
@@ -205,7 +213,7 @@ where
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Poll::Ready(None) => {
-                    let last = self::end(this.mode, this.observed, this.completion);
+                    let last = self::end(this.mode, this.observed, this.completion, this.recorder);
                     *this.state = State::Done;
                     return Poll::Ready(last.map(|l| Ok(Frame::data(l))));
                 }
@@ -254,7 +262,12 @@ fn finish(completion: &mut Option<Completion>, observed: &Observed, outcome: Out
 
 /// The body ended cleanly from upstream's side: settle the outcome and return what is left
 /// to send (held bytes, and an error event if the stream ended without `[DONE]`).
-fn end(mode: &mut Mode, observed: &mut Observed, completion: &mut Option<Completion>) -> Option<Bytes> {
+fn end(
+    mode: &mut Mode,
+    observed: &mut Observed,
+    completion: &mut Option<Completion>,
+    recorder: &mut Option<Recorder>,
+) -> Option<Bytes> {
     let outcome = match mode {
         Mode::Sse { .. } if observed.saw_done => Outcome::Completed,
         Mode::Sse { .. } => Outcome::Incomplete("upstream ended the stream without [DONE]".into()),
@@ -267,6 +280,10 @@ fn end(mode: &mut Mode, observed: &mut Observed, completion: &mut Option<Complet
         Outcome::Incomplete(reason) => end_frame(mode, Some(reason)),
         _ => end_frame(mode, None),
     };
+    // Only a complete answer is stored; on any other end the recording is dropped.
+    if let (Outcome::Completed, Some(r)) = (&outcome, recorder.take()) {
+        r.commit(observed.usage);
+    }
     finish(completion, observed, outcome);
     last
 }
@@ -481,6 +498,13 @@ fn content_len(data: &[u8]) -> usize {
 
 /// Finds the top-level `usage` of a chat.completion body without parsing the whole body:
 /// the last `"usage":` not inside a string, parsed from there as one value.
+/// The `usage` of a complete chat.completion body.
+pub fn json_usage(body: &Bytes) -> Option<Usage> {
+    let mut obs = Observed::default();
+    read_json_usage(&mut vec![body.clone()], &mut obs);
+    obs.usage
+}
+
 fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
     let body: Bytes = match frames.len() {
         0 => return,
@@ -624,5 +648,53 @@ mod tests {
             usage_edit(br#"{"choices":[{"delta":{"content":"\"usage\""}}]}"#),
             UsageEdit::Keep
         ));
+    }
+}
+
+/// A cached answer's frames played back as a body, optionally paced.
+pub struct ReplayBody {
+    frames: std::sync::Arc<[Bytes]>,
+    next: usize,
+    delay: Duration,
+    pause: Option<Pin<Box<Sleep>>>,
+}
+
+impl ReplayBody {
+    pub fn new(frames: std::sync::Arc<[Bytes]>, delay: Duration) -> Self {
+        ReplayBody {
+            frames,
+            next: 0,
+            delay,
+            pause: None,
+        }
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.next >= self.frames.len() {
+            return Poll::Ready(None);
+        }
+        if self.next > 0 && !self.delay.is_zero() {
+            let delay = self.delay;
+            let pause = self.pause.get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+            if pause.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.pause = None;
+        }
+        let frame = self.frames[self.next].clone();
+        self.next += 1;
+        Poll::Ready(Some(Ok(Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.next >= self.frames.len()
     }
 }

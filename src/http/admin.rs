@@ -68,6 +68,15 @@ pub(crate) async fn handle(app: &App, req: Request<Incoming>) -> Result<HttpResp
             }
             Ok(json_value(StatusCode::OK, &serde_json::json!({"object": "list", "data": revoked})))
         }
+        (Method::DELETE, "/admin/cache") => {
+            // All entries, or one key's (`?key_id=`).
+            let scope = query_param(req.uri().query(), "key_id");
+            app.gateway.cache().purge(scope.as_deref());
+            Ok(json_value(
+                StatusCode::OK,
+                &serde_json::json!({"purged": scope.unwrap_or_else(|| "all".into())}),
+            ))
+        }
         (Method::GET, "/admin/usage") => {
             let mut q = report_query(req.uri().query())?;
             q.key_id = query_param(req.uri().query(), "key_id");

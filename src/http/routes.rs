@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use super::App;
 use crate::config::AuthMode;
 use crate::error::GatewayError;
+use crate::gateway::cache::CacheDirectives;
 use crate::gateway::{ATTEMPTS_HEADER, BOT_HEADER, Caller, ChatRequest, Credential, ReplyBody};
 use crate::upstream::Secret;
 
@@ -115,6 +116,7 @@ async fn chat(
 ) -> Result<HttpResponse, GatewayError> {
     let caller = authenticate(app, req.headers(), request_id).await?;
     let started = tokio::time::Instant::now();
+    let directives = CacheDirectives::from_headers(req.headers());
     let policy = app.gateway.policy();
     let parsed = match read_body(
         req,
@@ -126,7 +128,7 @@ async fn chat(
         Ok(body) => ChatRequest::parse(body),
         Err(e) => Err(e),
     };
-    let chat = match parsed {
+    let mut chat = match parsed {
         Ok(chat) => chat,
         Err(e) => {
             app.gateway
@@ -134,6 +136,7 @@ async fn chat(
             return Err(e);
         }
     };
+    chat.set_cache_directives(directives);
     let reply = app.gateway.chat(&caller, chat).await?;
 
     let mut resp = Response::new(HttpBody::Left(reply.body));
@@ -144,8 +147,7 @@ async fn chat(
         h.insert(BOT_HEADER, v);
     }
     h.insert(ATTEMPTS_HEADER, HeaderValue::from(reply.attempts));
-    // No response cache yet: every answer comes from upstream.
-    h.insert("x-cache", HeaderValue::from_static("BYPASS"));
+    h.insert("x-cache", HeaderValue::from_static(reply.cache.as_str()));
     Ok(resp)
 }
 

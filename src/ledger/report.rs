@@ -78,7 +78,12 @@ pub struct Report {
     pub groups: Vec<Group>,
 }
 
-pub(crate) fn assemble(q: &ReportQuery, groups: Vec<Group>) -> Report {
+pub(crate) fn assemble(q: &ReportQuery, mut groups: Vec<Group>) -> Report {
+    if q.group_by == Some(GroupBy::Day) {
+        for g in &mut groups {
+            g.group = day_name(&g.group);
+        }
+    }
     let mut totals = Totals::default();
     for g in &groups {
         totals.add(&g.totals);
@@ -93,6 +98,16 @@ pub(crate) fn assemble(q: &ReportQuery, groups: Vec<Group>) -> Report {
     }
 }
 
+/// Days since the epoch (as text) to `YYYY-MM-DD`.
+fn day_name(days: &str) -> String {
+    let Ok(days) = days.parse::<i64>() else {
+        return days.to_string();
+    };
+    time::OffsetDateTime::from_unix_timestamp(days * 86_400)
+        .map(|t| t.date().to_string())
+        .unwrap_or_else(|_| days.to_string())
+}
+
 /// The report query: `[since, until)`, optional key filter, grouped. Columns, in order:
 /// group, requests, prompt, completion, total, cost, cache hits, saved, errors, unpriced.
 pub(crate) fn sql(d: Dialect, q: &ReportQuery) -> String {
@@ -104,14 +119,13 @@ pub(crate) fn sql(d: Dialect, q: &ReportQuery) -> String {
         Dialect::Sqlite => format!("COALESCE({e}, 0.0)"),
         Dialect::Postgres => format!("COALESCE({e}, 0)::DOUBLE PRECISION"),
     };
+    // Days are bucketed as whole days since the epoch (integer division, fast on both
+    // databases) and written as dates by `assemble`.
     let group = match (q.group_by, d) {
         (None, _) => "''".to_string(),
         (Some(GroupBy::Model), _) => "bot".to_string(),
         (Some(GroupBy::Key), _) => "COALESCE(key_id, '')".to_string(),
-        (Some(GroupBy::Day), Dialect::Sqlite) => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')".to_string(),
-        (Some(GroupBy::Day), Dialect::Postgres) => {
-            "to_char(to_timestamp(ts_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')".to_string()
-        }
+        (Some(GroupBy::Day), _) => "CAST(ts_ms / 86400000 AS TEXT)".to_string(),
     };
     let key_filter = if q.key_id.is_some() {
         format!(" AND key_id = {}", d.ph(3))
@@ -253,5 +267,11 @@ mod tests {
         assert_eq!(parse_when("2026-11-22T16:50:00Z", now).unwrap(), now);
         assert_eq!(parse_when("1795366200", now).unwrap(), now);
         assert!(parse_when("yesterday-ish", now).is_err());
+    }
+
+    #[test]
+    fn day_names() {
+        assert_eq!(day_name("20779"), "2026-11-22");
+        assert_eq!(day_name("0"), "1970-01-01");
     }
 }

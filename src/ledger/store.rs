@@ -53,7 +53,8 @@ pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
                     ttfb_ms {real}
                 );
                 CREATE INDEX usage_ts ON usage (ts_ms);
-                CREATE INDEX usage_key_ts ON usage (key_id, ts_ms);
+                -- Covers the budget check (one key's spend since a time) without table reads.
+                CREATE INDEX usage_key_ts ON usage (key_id, ts_ms, cost_usd);
                 CREATE TABLE gateway_keys (
                     id TEXT PRIMARY KEY,
                     name TEXT NOT NULL,

@@ -241,9 +241,8 @@ fn read_path(
     if raw.trim().is_empty() {
         return Err("attachment_path is empty".into());
     }
-    let path = Path::new(raw);
     let resolved = match access {
-        Access::Local => std::fs::canonicalize(path).map_err(|e| io_error(raw, &e))?,
+        Access::Local => std::fs::canonicalize(expand_home(raw)).map_err(|e| io_error(raw, &e))?,
         Access::Remote => resolve_in_roots(raw, &policy.roots)?,
     };
     let file = std::fs::File::open(&resolved).map_err(|e| io_error(raw, &e))?;
@@ -265,6 +264,14 @@ fn read_path(
         return Err(too_large(bytes.len() as u64, policy.max_bytes));
     }
     Ok((resolved, bytes))
+}
+
+/// `~/x` is the user's home, as a shell would have it (local access only).
+fn expand_home(raw: &str) -> PathBuf {
+    match (raw.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => Path::new(&home).join(rest),
+        _ => PathBuf::from(raw),
+    }
 }
 
 fn io_error(raw: &str, e: &std::io::Error) -> String {

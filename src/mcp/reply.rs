@@ -95,19 +95,67 @@ impl Progress {
         }
         self.last = Some(Instant::now());
     }
+
+    /// "Still waiting": progress is the seconds waited so far.
+    async fn waiting(&mut self, waited: Duration) {
+        let secs = waited.as_secs();
+        let param = ProgressNotificationParam::new(self.token.clone(), secs as f64)
+            .with_message(format!("waiting for the bot's answer ({secs}s)"));
+        if let Err(e) = self.peer.notify_progress(param).await {
+            tracing::debug!(error = %e, "progress notification not sent");
+        }
+    }
+}
+
+/// How a call reports progress, when the client gave a progress token.
+pub struct ProgressPlan {
+    pub progress: Progress,
+    /// For a non-stream call: how often to say it is still waiting.
+    pub interval: Duration,
 }
 
 /// Sends `body` (a chat completion request as JSON) through the core and reads the answer.
 /// `Err` is a message for a tool error.
+///
+/// With a progress plan, a stream reports its text as it arrives, and a non-stream call says
+/// every `interval` that it is still waiting.
 pub async fn ask(
     gateway: &Gateway,
     caller: &Caller,
     body: &Value,
-    progress: Option<Progress>,
+    plan: Option<ProgressPlan>,
 ) -> Result<Answer, String> {
     let bytes = serde_json::to_vec(body).map_err(|e| format!("cannot build the request: {e}"))?;
     let req =
         ChatRequest::parse(Bytes::from(bytes)).map_err(|e| format!("invalid request: {e}"))?;
+    if req.stream() {
+        return call(gateway, caller, req, plan.map(|p| p.progress)).await;
+    }
+    let Some(ProgressPlan {
+        mut progress,
+        interval,
+    }) = plan
+    else {
+        return call(gateway, caller, req, None).await;
+    };
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval_at(started + interval, interval);
+    let work = call(gateway, caller, req, None);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            answer = &mut work => return answer,
+            _ = ticks.tick() => progress.waiting(started.elapsed()).await,
+        }
+    }
+}
+
+async fn call(
+    gateway: &Gateway,
+    caller: &Caller,
+    req: ChatRequest,
+    progress: Option<Progress>,
+) -> Result<Answer, String> {
     let stream = req.stream();
     let reply = gateway
         .chat(caller, req)

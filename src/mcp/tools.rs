@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::attachments::{self, Spec};
-use super::reply::{self, Answer, Progress, Usage};
+use super::reply::{self, Answer, Progress, ProgressPlan, Usage};
 use super::sessions::Scope;
 use super::{Access, McpCore, media};
 use crate::gateway::Caller;
@@ -90,8 +90,9 @@ pub struct AskWithAttachmentArgs {
     pub bot: String,
     /// The message to send with the attachment.
     pub prompt: String,
-    /// A local file to attach. Over stdio any file you can read; over HTTP only files inside
-    /// the gateway's configured attachment directories.
+    /// A local file to attach: an absolute path (or `~/...`). Over stdio any file you can
+    /// read; over HTTP only files inside the gateway's configured attachment directories
+    /// (a relative path is looked up in them).
     pub attachment_path: Option<String>,
     /// An http(s) URL Poe fetches itself (the gateway never downloads it).
     pub attachment_url: Option<String>,
@@ -510,6 +511,15 @@ impl PoeTools {
         Self::tool_router()
     }
 
+    /// Progress reporting for this call, when the client asked for it with a progress token.
+    fn progress_plan(&self, ctx: &RequestContext<RoleServer>) -> Option<ProgressPlan> {
+        let token = ctx.meta.get_progress_token()?;
+        Some(ProgressPlan {
+            progress: Progress::new(ctx.peer.clone(), token),
+            interval: self.core.gateway().policy().mcp.progress_interval,
+        })
+    }
+
     fn access(&self) -> Access {
         match self.mode {
             Mode::Local(_) => Access::Local,
@@ -556,16 +566,11 @@ impl PoeTools {
             ),
         );
         body.insert("stream".into(), Value::Bool(turn.stream));
-        let mut progress = None;
         if turn.stream {
             body.insert("stream_options".into(), json!({"include_usage": true}));
-            progress = ctx
-                .meta
-                .get_progress_token()
-                .map(|token| Progress::new(ctx.peer.clone(), token));
         }
-        let answer =
-            reply::ask(self.core.gateway(), &caller, &Value::Object(body), progress).await?;
+        let plan = self.progress_plan(ctx);
+        let answer = reply::ask(self.core.gateway(), &caller, &Value::Object(body), plan).await?;
         let session_id = session.id.to_string();
         let assistant = json!({"role": "assistant", "content": remembered_text(&answer)});
         sessions
@@ -707,7 +712,8 @@ impl PoeTools {
             json!([{"role": "user", "content": prompt}]),
         );
         fields.insert("stream".into(), Value::Bool(false));
-        let answer = reply::ask(self.core.gateway(), &caller, &Value::Object(fields), None).await?;
+        let plan = self.progress_plan(ctx);
+        let answer = reply::ask(self.core.gateway(), &caller, &Value::Object(fields), plan).await?;
         let found = media::extract(&answer.text);
         if found.is_empty() {
             let text: String = answer.text.chars().take(1000).collect();

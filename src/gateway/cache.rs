@@ -1,0 +1,503 @@
+//! The exact-match response cache: non-stream answers and whole streams, per tenant.
+//!
+//! - **Key.** SHA-256 of the tenant scope and the canonical request after alias resolution:
+//!   object keys sorted at every level, `stream_options` and `user` left out, the stream flag
+//!   kept. The scope is the caller's key id (or passthrough-key hash); `cache.shared` drops it.
+//! - **What is stored.** Complete 200 answers only: a stream only once it ended with `[DONE]`,
+//!   never an error, a broken or cancelled stream, or a media bot's answer (its URLs expire).
+//! - **Streams are recorded, not buffered.** The tap hands each upstream frame to a
+//!   [`Recorder`] as it forwards it; the recording is stored when the stream completes.
+//!   Recordings are of upstream bytes, so a replay can honour either `include_usage` choice.
+//! - **Expiry** is checked on tokio time (as well as moka's own TTL, which frees the memory),
+//!   so a per-request `x-poe-gateway-cache-ttl` works and tests can pause time.
+//! - **Coalescing.** Concurrent identical non-stream requests make one upstream call: the first
+//!   leads, the others wait for its answer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::models::Models;
+use super::tap::Usage;
+use super::{Caller, ChatRequest};
+use crate::config::{CacheMode, CachePolicy};
+use crate::metrics::Metrics;
+
+pub type CacheKey = [u8; 32];
+
+/// What the `x-cache` header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Bypass => "BYPASS",
+        }
+    }
+}
+
+/// A client's per-request cache wishes (`Cache-Control`, `x-poe-gateway-cache-ttl`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheDirectives {
+    /// Do not answer from the cache (a fresh answer is still stored).
+    pub no_cache: bool,
+    /// Neither read nor store.
+    pub no_store: bool,
+    /// A shorter lifetime for what this request stores.
+    pub ttl: Option<Duration>,
+}
+
+impl CacheDirectives {
+    pub fn from_headers(h: &HeaderMap) -> CacheDirectives {
+        let mut d = CacheDirectives::default();
+        for v in h.get_all(http::header::CACHE_CONTROL) {
+            for part in v.to_str().unwrap_or("").split(',') {
+                match part.trim().to_ascii_lowercase().as_str() {
+                    "no-cache" => d.no_cache = true,
+                    "no-store" => d.no_store = true,
+                    _ => {}
+                }
+            }
+        }
+        d.ttl = h
+            .get("x-poe-gateway-cache-ttl")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        d
+    }
+}
+
+/// A stored answer.
+#[derive(Debug)]
+pub struct Entry {
+    pub scope: Option<Arc<str>>,
+    pub stream: bool,
+    pub content_type: Option<http::HeaderValue>,
+    /// The upstream frames as received (a non-stream answer is one frame).
+    pub frames: Arc<[Bytes]>,
+    pub bytes: usize,
+    pub usage: Option<Usage>,
+    pub bot: String,
+    pub expires_at: Instant,
+}
+
+/// What the cache will do for one request.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub key: CacheKey,
+    scope: Option<Arc<str>>,
+    pub read: bool,
+    pub store: bool,
+    ttl: Duration,
+}
+
+/// A non-stream answer shared by a coalesced call with the requests that waited for it.
+#[derive(Debug)]
+pub struct Shared {
+    pub status: http::StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub bot: String,
+    pub usage: Option<Usage>,
+}
+
+type Waiters = watch::Receiver<Option<Arc<Shared>>>;
+
+pub enum Coalesced {
+    /// This request makes the call; publish its answer through the guard.
+    Leader(LeaderGuard),
+    /// Another identical request is in flight: wait for its answer.
+    Follower(Waiters),
+}
+
+pub struct ResponseCache {
+    store: moka::future::Cache<CacheKey, Arc<Entry>>,
+    policy: CachePolicy,
+    models: Arc<Models>,
+    metrics: Arc<Metrics>,
+    in_flight: Arc<Mutex<HashMap<CacheKey, Waiters>>>,
+    /// Entries committed but not yet in moka (its insert is async; a commit happens in a
+    /// body's poll). The next request finds them here at once.
+    pending: Arc<Mutex<HashMap<CacheKey, Arc<Entry>>>>,
+}
+
+impl ResponseCache {
+    pub fn new(policy: &CachePolicy, models: Arc<Models>, metrics: Arc<Metrics>) -> ResponseCache {
+        let evictions = metrics.cache_evictions.clone();
+        let store = moka::future::Cache::builder()
+            .max_capacity(policy.max_bytes.0)
+            .weigher(|_: &CacheKey, e: &Arc<Entry>| (e.bytes + 256).min(u32::MAX as usize) as u32)
+            .time_to_live(policy.ttl)
+            .support_invalidation_closures()
+            .eviction_listener(move |_, _, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evictions.inc();
+                }
+            })
+            .build();
+        ResponseCache {
+            store,
+            policy: policy.clone(),
+            models,
+            metrics,
+            in_flight: Arc::new(Mutex::new(HashMap::new())),
+            pending: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Decides whether and how the cache takes part in a request. `None` means bypass.
+    pub fn plan(&self, caller: &Caller, req: &ChatRequest, bots: &[String]) -> Option<Plan> {
+        let d = req.cache_directives();
+        let eligible = match self.policy.mode {
+            CacheMode::Off => false,
+            CacheMode::All => true,
+            CacheMode::Deterministic => req.temperature() == Some(0.0) || req.has_seed(),
+        };
+        if !eligible || d.no_store {
+            return None;
+        }
+        let scope = if self.policy.shared {
+            None
+        } else {
+            Some(caller.key_id.clone().unwrap_or_else(|| Arc::from("open")))
+        };
+        let key = cache_key(scope.as_deref(), req, bots)?;
+        let ttl = d.ttl.map_or(self.policy.ttl, |t| t.min(self.policy.ttl));
+        Some(Plan {
+            key,
+            scope,
+            read: !d.no_cache,
+            store: !ttl.is_zero(),
+            ttl,
+        })
+    }
+
+    /// A live entry for the plan, if there is one.
+    pub async fn get(&self, plan: &Plan) -> Option<Arc<Entry>> {
+        if !plan.read {
+            return None;
+        }
+        let pending = self.pending.lock().expect("pending lock").get(&plan.key).cloned();
+        let found = match pending {
+            Some(e) => Some(e),
+            None => self.store.get(&plan.key).await,
+        };
+        match found {
+            Some(e) if e.expires_at > Instant::now() => {
+                self.metrics.cache_hits.inc();
+                Some(e)
+            }
+            Some(_) => {
+                self.pending.lock().expect("pending lock").remove(&plan.key);
+                self.store.invalidate(&plan.key).await;
+                self.metrics.cache_misses.inc();
+                None
+            }
+            None => {
+                self.metrics.cache_misses.inc();
+                None
+            }
+        }
+    }
+
+    /// Joins an in-flight identical non-stream call, or becomes the one that makes it.
+    pub fn coalesce(&self, key: CacheKey) -> Coalesced {
+        let mut map = self.in_flight.lock().expect("coalesce lock");
+        if let Some(rx) = map.get(&key) {
+            if rx.has_changed().is_ok() {
+                return Coalesced::Follower(rx.clone());
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        map.insert(key, rx);
+        Coalesced::Leader(LeaderGuard {
+            key,
+            tx: Some(tx),
+            map: self.in_flight.clone(),
+        })
+    }
+
+    /// A recorder for an answer about to stream from upstream, when the plan stores.
+    pub fn recorder(self: &Arc<Self>, plan: &Plan, stream: bool, bot: &str) -> Option<Recorder> {
+        plan.store.then(|| Recorder {
+            cache: self.clone(),
+            plan: plan.clone(),
+            stream,
+            bot: bot.to_string(),
+            content_type: None,
+            frames: Vec::new(),
+            bytes: 0,
+            too_big: false,
+        })
+    }
+
+    /// Drops every entry, or one scope's (a key id).
+    pub fn purge(&self, scope: Option<&str>) {
+        match scope {
+            None => {
+                self.pending.lock().expect("pending lock").clear();
+                self.store.invalidate_all();
+            }
+            Some(s) => {
+                let s: Arc<str> = Arc::from(s);
+                self.pending
+                    .lock()
+                    .expect("pending lock")
+                    .retain(|_, e| e.scope.as_deref() != Some(&*s));
+                // Only fails when closures are unsupported, which the builder enabled.
+                let _ = self
+                    .store
+                    .invalidate_entries_if(move |_, e| e.scope.as_deref() == Some(&*s));
+            }
+        }
+    }
+
+    /// Bytes held (for the gauge).
+    pub fn weighted_size(&self) -> u64 {
+        self.store.weighted_size()
+    }
+
+    /// Settles pending inserts and evictions (tests and metrics read exact figures).
+    pub async fn sync(&self) {
+        self.store.run_pending_tasks().await;
+    }
+
+    fn is_media(&self, bot: &str, body: &[u8]) -> bool {
+        if memchr::memmem::find(body, b"poecdn.net").is_some() {
+            return true;
+        }
+        let Some(cat) = self.models.snapshot() else {
+            return false;
+        };
+        let Some(outputs) = cat
+            .entry(bot)
+            .and_then(|e| e.pointer("/architecture/output_modalities"))
+            .and_then(|m| m.as_array())
+        else {
+            return false;
+        };
+        outputs.iter().any(|m| m.as_str().is_some_and(|m| m != "text"))
+    }
+
+    fn insert(self: &Arc<Self>, plan: Plan, entry: Entry) {
+        if self.is_media(&entry.bot, &entry.frames.concat()) {
+            return;
+        }
+        let entry = Arc::new(entry);
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .insert(plan.key, entry.clone());
+        let cache = self.clone();
+        tokio::spawn(async move {
+            cache.store.insert(plan.key, entry.clone()).await;
+            let mut pending = cache.pending.lock().expect("pending lock");
+            // Only if no newer commit replaced it meanwhile.
+            if pending.get(&plan.key).is_some_and(|p| Arc::ptr_eq(p, &entry)) {
+                pending.remove(&plan.key);
+            }
+        });
+    }
+}
+
+/// Publishes the leader's answer to its followers; dropping it unanswered releases them to
+/// make their own calls.
+pub struct LeaderGuard {
+    key: CacheKey,
+    tx: Option<watch::Sender<Option<Arc<Shared>>>>,
+    map: Arc<Mutex<HashMap<CacheKey, Waiters>>>,
+}
+
+impl LeaderGuard {
+    pub fn publish(mut self, shared: Arc<Shared>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Some(shared));
+        }
+    }
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        self.map.lock().expect("coalesce lock").remove(&self.key);
+    }
+}
+
+/// Waits for a leader's answer; `None` if the leader went away without one.
+pub async fn wait_for_leader(mut rx: Waiters) -> Option<Arc<Shared>> {
+    loop {
+        if let Some(s) = rx.borrow_and_update().clone() {
+            return Some(s);
+        }
+        if rx.changed().await.is_err() {
+            return rx.borrow().clone();
+        }
+    }
+}
+
+/// Records an answer's upstream frames as they stream past, for storing once complete.
+pub struct Recorder {
+    cache: Arc<ResponseCache>,
+    plan: Plan,
+    stream: bool,
+    bot: String,
+    content_type: Option<http::HeaderValue>,
+    frames: Vec<Bytes>,
+    bytes: usize,
+    too_big: bool,
+}
+
+impl Recorder {
+    pub fn set_content_type(&mut self, ct: Option<http::HeaderValue>) {
+        self.content_type = ct;
+    }
+
+    /// Keeps a handle to the frame (a refcount, not a copy).
+    pub fn push(&mut self, frame: &Bytes) {
+        if self.too_big {
+            return;
+        }
+        self.bytes += frame.len();
+        if self.bytes > self.cache.policy.max_entry_bytes.0 as usize {
+            self.too_big = true;
+            self.frames = Vec::new();
+            return;
+        }
+        self.frames.push(frame.clone());
+    }
+
+    /// The answer completed: store it (unless it was too big or is a media answer).
+    pub fn commit(self, usage: Option<Usage>) {
+        if self.too_big {
+            return;
+        }
+        let frames: Arc<[Bytes]> = if self.stream {
+            self.frames.into()
+        } else {
+            // One frame for a JSON body, so a hit is a single write.
+            let mut all = BytesMut::with_capacity(self.bytes);
+            self.frames.iter().for_each(|f| all.extend_from_slice(f));
+            Arc::from(vec![all.freeze()])
+        };
+        let entry = Entry {
+            scope: self.plan.scope.clone(),
+            stream: self.stream,
+            content_type: self.content_type,
+            frames,
+            bytes: self.bytes,
+            usage,
+            bot: self.bot,
+            expires_at: Instant::now() + self.plan.ttl,
+        };
+        self.cache.insert(self.plan, entry);
+    }
+}
+
+/// SHA-256 over the scope and the canonical request. `None` if the body is not an object.
+fn cache_key(scope: Option<&str>, req: &ChatRequest, bots: &[String]) -> Option<CacheKey> {
+    let serde_json::Value::Object(mut body) = serde_json::from_slice(req.body()).ok()? else {
+        return None;
+    };
+    body.remove("stream_options");
+    body.remove("user");
+    // After alias resolution: an alias and its bot name are the same request.
+    body.insert(
+        "model".into(),
+        serde_json::Value::String(bots.join("|").to_ascii_lowercase()),
+    );
+    let mut h = Sha256::new();
+    h.update(b"poe-gateway-cache-v1\0");
+    h.update(scope.unwrap_or("").as_bytes());
+    h.update(b"\0");
+    canonical(&serde_json::Value::Object(body), &mut h);
+    Some(h.finalize().into())
+}
+
+/// Writes `v` with object keys sorted at every level, whatever map order serde_json uses.
+fn canonical(v: &serde_json::Value, h: &mut Sha256) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            h.update(b"{");
+            for k in keys {
+                h.update(serde_json::to_string(k).unwrap_or_default().as_bytes());
+                h.update(b":");
+                canonical(&m[k], h);
+                h.update(b",");
+            }
+            h.update(b"}");
+        }
+        Value::Array(a) => {
+            h.update(b"[");
+            for x in a {
+                canonical(x, h);
+                h.update(b",");
+            }
+            h.update(b"]");
+        }
+        other => h.update(other.to_string().as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(body: &str, bots: &[&str], scope: Option<&str>) -> CacheKey {
+        let req = ChatRequest::parse(Bytes::copy_from_slice(body.as_bytes())).unwrap();
+        let bots: Vec<String> = bots.iter().map(|s| s.to_string()).collect();
+        cache_key(scope, &req, &bots).unwrap()
+    }
+
+    #[test]
+    fn canonical_key() {
+        let a = key(
+            r#"{"model":"claude","messages":[{"role":"user","content":"x"}],"temperature":0,"user":"u1","stream_options":{"include_usage":true}}"#,
+            &["claude-sonnet-4.5"],
+            Some("k1"),
+        );
+        let b = key(
+            r#"{"temperature":0,"messages":[{"content":"x","role":"user"}],"model":"CLAUDE-SONNET-4.5"}"#,
+            &["claude-sonnet-4.5"],
+            Some("k1"),
+        );
+        assert_eq!(a, b, "key order, user, stream_options and alias do not matter");
+        let other_scope = key(
+            r#"{"model":"claude","messages":[{"role":"user","content":"x"}],"temperature":0}"#,
+            &["claude-sonnet-4.5"],
+            Some("k2"),
+        );
+        assert_ne!(a, other_scope);
+        let streamed = key(
+            r#"{"model":"claude","messages":[{"role":"user","content":"x"}],"temperature":0,"stream":true}"#,
+            &["claude-sonnet-4.5"],
+            Some("k1"),
+        );
+        assert_ne!(a, streamed, "the stream flag is part of the key");
+    }
+
+    #[test]
+    fn directives() {
+        let mut h = HeaderMap::new();
+        h.insert("cache-control", "No-Cache, max-age=0".parse().unwrap());
+        h.insert("x-poe-gateway-cache-ttl", "600".parse().unwrap());
+        let d = CacheDirectives::from_headers(&h);
+        assert!(d.no_cache && !d.no_store);
+        assert_eq!(d.ttl, Some(Duration::from_secs(600)));
+    }
+}

@@ -1,0 +1,245 @@
+//! The response cache over real sockets: byte-identical hits for JSON and streams, request
+//! directives, TTL on paused time, tenant scope, coalescing, what is never stored, and the
+//! accounting of hits.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use poe_gateway::ledger::ReportQuery;
+use support::*;
+
+fn det_body(model: &str, stream: bool) -> String {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "the same question"}],
+        "temperature": 0,
+        "stream": stream
+    })
+    .to_string()
+}
+
+fn usage_chunk() -> String {
+    "data: {\"id\":\"chatcmpl-test\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3,\"total_tokens\":10}}\n\n".into()
+}
+
+/// What Poe streams when asked for usage.
+fn poe_stream(model: &str) -> Reply {
+    Reply::sse()
+        .send(chunk(model, "cached "))
+        .send(chunk(model, "words"))
+        .send(finish_chunk(model))
+        .send(usage_chunk())
+        .send("data: [DONE]\n\n")
+}
+
+async fn call(gw: &TestGateway, body: &str, headers: &[(&str, &str)]) -> (String, Bytes) {
+    let resp = post(gw, body, headers).await;
+    assert_eq!(resp.status(), 200);
+    let x = resp.headers()["x-cache"].to_str().unwrap().to_string();
+    (x, body_bytes(resp).await)
+}
+
+#[tokio::test]
+async fn json_hit_is_byte_identical_and_skips_upstream() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("claude-sonnet-4.5", "remembered"));
+    let gw = TestGateway::default(&up).await;
+    let (x1, b1) = call(&gw, &det_body("claude", false), &[]).await;
+    let (x2, b2) = call(&gw, &det_body("CLAUDE-SONNET-4.5", false), &[]).await;
+    assert_eq!((x1.as_str(), x2.as_str()), ("MISS", "HIT"));
+    assert_eq!(b1, b2);
+    assert_eq!(up.chat_calls(), 1);
+    // Not deterministic: bypassed.
+    up.push(Reply::completion("claude-sonnet-4.5", "creative"));
+    let body = det_body("claude", false).replace("\"temperature\":0", "\"temperature\":0.8");
+    assert_eq!(call(&gw, &body, &[]).await.0, "BYPASS");
+}
+
+#[tokio::test]
+async fn stream_hit_is_byte_identical_and_honours_include_usage() {
+    let up = MockUpstream::start().await;
+    up.push(poe_stream("gpt-5"));
+    let gw = TestGateway::default(&up).await;
+    let (x1, b1) = call(&gw, &det_body("gpt", true), &[]).await;
+    let (x2, b2) = call(&gw, &det_body("gpt", true), &[]).await;
+    assert_eq!((x1.as_str(), x2.as_str()), ("MISS", "HIT"));
+    assert_eq!(b1, b2, "a replay is the stream the client got the first time");
+    assert!(!String::from_utf8_lossy(&b2).contains("\"usage\""));
+    assert!(String::from_utf8_lossy(&b2).ends_with("data: [DONE]\n\n"));
+
+    // The same request asking for usage gets the recording with the usage chunk in it.
+    let mut with_usage: serde_json::Value = serde_json::from_str(&det_body("gpt", true)).unwrap();
+    with_usage["stream_options"] = serde_json::json!({"include_usage": true});
+    let (x3, b3) = call(&gw, &with_usage.to_string(), &[]).await;
+    assert_eq!(x3, "HIT");
+    let want = [
+        chunk("gpt-5", "cached "),
+        chunk("gpt-5", "words"),
+        finish_chunk("gpt-5"),
+        usage_chunk(),
+        "data: [DONE]\n\n".into(),
+    ]
+    .concat();
+    assert_eq!(b3, Bytes::from(want));
+    assert_eq!(up.chat_calls(), 1);
+}
+
+#[tokio::test]
+async fn no_cache_refreshes_and_no_store_bypasses() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("gpt-5", "first"));
+    up.push(Reply::completion("gpt-5", "second"));
+    up.push(Reply::completion("gpt-5", "third"));
+    let gw = TestGateway::default(&up).await;
+    let body = det_body("gpt", false);
+    assert_eq!(call(&gw, &body, &[]).await.0, "MISS");
+    // no-cache: skips the read, stores the fresh answer.
+    let (x, b) = call(&gw, &body, &[("cache-control", "no-cache")]).await;
+    assert_eq!(x, "MISS");
+    assert!(String::from_utf8_lossy(&b).contains("second"));
+    let (x, b) = call(&gw, &body, &[]).await;
+    assert_eq!(x, "HIT");
+    assert!(String::from_utf8_lossy(&b).contains("second"));
+    // no-store: neither reads nor stores.
+    let (x, b) = call(&gw, &body, &[("cache-control", "no-store")]).await;
+    assert_eq!(x, "BYPASS");
+    assert!(String::from_utf8_lossy(&b).contains("third"));
+    assert!(String::from_utf8_lossy(&call(&gw, &body, &[]).await.1).contains("second"));
+    assert_eq!(up.chat_calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ttl_expires_on_paused_time() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let gw = TestGateway::default(&up).await;
+    let body = det_body("gpt", false);
+    let short = [("x-poe-gateway-cache-ttl", "600")];
+    assert_eq!(call(&gw, &body, &short).await.0, "MISS");
+    tokio::time::advance(Duration::from_secs(599)).await;
+    assert_eq!(call(&gw, &body, &[]).await.0, "HIT");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(call(&gw, &body, &[]).await.0, "MISS", "the short TTL passed");
+    // The policy TTL (1 h) applies without the header.
+    tokio::time::advance(Duration::from_secs(3599)).await;
+    assert_eq!(call(&gw, &body, &[]).await.0, "HIT");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(call(&gw, &body, &[]).await.0, "MISS");
+}
+
+#[tokio::test]
+async fn tenants_are_isolated_unless_shared() {
+    for (shared, expect_calls) in [(false, 2), (true, 1)] {
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::completion("gpt-5", "ok"));
+        let policy = format!("[auth]\nmode = \"passthrough\"\n[cache]\nshared = {shared}\n");
+        let gw = TestGateway::start(&up, &policy, &[]).await;
+        let body = det_body("gpt-5", false);
+        assert_eq!(call(&gw, &body, &[("authorization", "Bearer poe-key-a")]).await.0, "MISS");
+        let (x, _) = call(&gw, &body, &[("authorization", "Bearer poe-key-b")]).await;
+        assert_eq!(x, if shared { "HIT" } else { "MISS" }, "shared = {shared}");
+        assert_eq!(call(&gw, &body, &[("authorization", "Bearer poe-key-a")]).await.0, "HIT");
+        assert_eq!(up.chat_calls(), expect_calls, "shared = {shared}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_identical_requests_make_one_call() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "once").head_delay(Duration::from_secs(5)));
+    let gw = TestGateway::default(&up).await;
+    let body = det_body("gpt", false);
+    let calls = (0..10).map(|_| call(&gw, &body, &[]));
+    let results = futures_join_all(calls).await;
+    let first = &results[0].1;
+    assert!(results.iter().all(|(_, b)| b == first));
+    assert_eq!(results.iter().filter(|(x, _)| x == "MISS").count(), 1);
+    assert_eq!(up.chat_calls(), 1);
+}
+
+/// Joins futures without pulling in the futures crate.
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<_> = futs.map(|f| Some(Box::pin(f))).collect();
+    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        results[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+    results.into_iter().map(|r| r.expect("every future finished")).collect()
+}
+
+#[tokio::test]
+async fn broken_streams_errors_and_media_are_never_stored() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::default(&up).await;
+
+    up.push(Reply::sse().send(chunk("gpt-5", "half")).drop_connection());
+    up.push(poe_stream("gpt-5"));
+    let _ = call(&gw, &det_body("gpt", true), &[]).await;
+    assert_eq!(call(&gw, &det_body("gpt", true), &[]).await.0, "MISS", "a broken stream was stored");
+
+    let resp = {
+        up.push(Reply::json(500, r#"{"error":{"code":500,"type":"provider_error","message":"x"}}"#));
+        up.push(Reply::json(500, r#"{"error":{"code":500,"type":"provider_error","message":"x"}}"#));
+        up.push(Reply::json(500, r#"{"error":{"code":500,"type":"provider_error","message":"x"}}"#));
+        post(&gw, &det_body("claude", false), &[]).await
+    };
+    assert_eq!(resp.status(), 500);
+    let _ = body_bytes(resp).await;
+    up.push(Reply::completion("claude-sonnet-4.5", "ok"));
+    assert_eq!(call(&gw, &det_body("claude", false), &[]).await.0, "MISS", "an error was stored");
+
+    let media = "![image.png](https://pfst.cf2.poecdn.net/base/image/abc?w=1024&h=1024)\nhttps://pfst.cf2.poecdn.net/base/image/abc?w=1024&h=1024";
+    up.push(Reply::completion("gpt-image-1", media));
+    up.push(Reply::completion("gpt-image-1", media));
+    assert_eq!(call(&gw, &det_body("image", false), &[]).await.0, "MISS");
+    assert_eq!(call(&gw, &det_body("image", false), &[]).await.0, "MISS", "a media answer was stored");
+}
+
+#[tokio::test]
+async fn hits_are_accounted_as_savings_and_purge_works() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("claude-sonnet-4.5", "ok"));
+    let db = databases().await.remove(0);
+    let policy = "[aliases]\nclaude = \"claude-sonnet-4.5\"\n";
+    let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+    // The catalogue (with prices) is loaded by the first listing.
+    let _ = body_bytes(get(&gw, "/v1/models").await).await;
+    assert_eq!(call(&gw, &det_body("claude", false), &[]).await.0, "MISS");
+    assert_eq!(call(&gw, &det_body("claude", false), &[]).await.0, "HIT");
+    core.flush().await;
+    let r = core
+        .ledger()
+        .store()
+        .report(&ReportQuery { since_ms: 0, until_ms: i64::MAX, key_id: None, group_by: None })
+        .await
+        .unwrap();
+    let price = 7.0 * 0.000003 + 3.0 * 0.000015;
+    assert_eq!(r.totals.requests, 2);
+    assert_eq!(r.totals.cache_hits, 1);
+    assert!((r.totals.cost_usd - price).abs() < 1e-12, "a hit costs nothing: {}", r.totals.cost_usd);
+    assert!((r.totals.saved_usd - price).abs() < 1e-12, "and saves its price: {}", r.totals.saved_usd);
+
+    let metrics = String::from_utf8(body_bytes(get(&gw, "/metrics").await).await.to_vec()).unwrap();
+    assert!(metrics.contains("poe_gateway_cache_hits_total 1"), "{metrics}");
+    assert!(metrics.contains("poe_gateway_cache_misses_total 1"), "{metrics}");
+
+    let auth = format!("Bearer {ADMIN_KEY}");
+    let resp = request(&gw, "DELETE", "/admin/cache", &[("authorization", &auth)], "").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(call(&gw, &det_body("claude", false), &[]).await.0, "MISS", "purged");
+}
