@@ -139,14 +139,19 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Serve => {
-            telemetry::init_logging();
-            run(serve(loaded, server_key, admin_key, cli.database_url))
-        }
-        Command::Mcp => {
-            telemetry::init_logging();
-            run(mcp_stdio(loaded, server_key, cli.database_url))
-        }
+        Command::Serve => run(async move {
+            let telemetry = telemetry::init();
+            let code = serve(loaded, server_key, admin_key, cli.database_url).await;
+            // Flushing blocks on the exporter task: keep it off the async workers.
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            code
+        }),
+        Command::Mcp => run(async move {
+            let telemetry = telemetry::init();
+            let code = mcp_stdio(loaded, server_key, cli.database_url).await;
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            code
+        }),
         Command::Keys(cmd) => run(keys_command(cmd, cli.database_url)),
         Command::Usage(args) => run(usage_command(args, loaded, server_key, cli.database_url)),
     }

@@ -1,26 +1,240 @@
-//! Logging: `RUST_LOG`-style filtering, JSON or pretty output on stderr.
+//! Logs and traces.
 //!
-//! stdout is left alone: `serve` prints its address there, and `mcp` speaks the protocol on it.
+//! - **Logs:** `RUST_LOG`-style filtering, JSON or pretty output on stderr. stdout is left
+//!   alone: `serve` prints its address there, and `mcp` speaks the protocol on it.
+//! - **Traces:** OpenTelemetry over OTLP/HTTP (protobuf), built only when
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set. The standard
+//!   `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_HEADERS` and
+//!   `OTEL_BSP_*` variables apply. When no endpoint is set, no span is even created: the core
+//!   checks [`traces_enabled`] and uses `Span::none()`, so tracing off costs one atomic load.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-/// Installs the global subscriber. `POE_GATEWAY_LOG_FORMAT=json|pretty`; json when stderr is
-/// not a terminal. Safe to call more than once (later calls do nothing).
-pub fn init_logging() {
+static TRACES: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are being exported (and so worth creating).
+pub fn traces_enabled() -> bool {
+    TRACES.load(Ordering::Relaxed)
+}
+
+/// Turns span creation on or off; `init` does this, and tests with their own exporter.
+pub fn set_traces_enabled(on: bool) {
+    TRACES.store(on, Ordering::Relaxed);
+}
+
+/// Keeps the trace pipeline alive; `shutdown` flushes what is buffered.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes and stops the exporter (graceful shutdown).
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider {
+            if let Err(e) = p.shutdown() {
+                eprintln!("poe-gateway: flushing traces failed: {e}");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber: logs, and traces when an OTLP endpoint is configured.
+/// Must run inside a tokio runtime (the batch exporter is a task). Safe to call once only.
+pub fn init() -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match std::env::var("POE_GATEWAY_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("pretty") => false,
         _ => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = if json {
+        fmt.json().flatten_event(true).boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let (otel, provider) = match OtelSettings::from_env(std::env::vars()) {
+        Ok(Some(settings)) => match settings.build() {
+            Ok(provider) => {
+                let tracer = provider.tracer("poe-gateway");
+                set_traces_enabled(true);
+                (Some(tracing_opentelemetry::layer().with_tracer(tracer)), Some(provider))
+            }
+            Err(e) => {
+                eprintln!("poe-gateway: traces disabled: {e}");
+                (None, None)
+            }
+        },
+        Ok(None) => (None, None),
+        Err(e) => {
+            eprintln!("poe-gateway: traces disabled: {e}");
+            (None, None)
+        }
+    };
+    // The OTel layer sees every span; the env filter applies to the log output only, so
+    // RUST_LOG=warn still exports full traces.
+    let _ = Registry::default()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init();
+    Telemetry { provider }
+}
+
+/// Where and how to export traces, from the standard OTEL_* variables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtelSettings {
+    /// The full traces URL (`.../v1/traces`).
+    pub endpoint: String,
+    pub headers: HashMap<String, String>,
+    pub timeout: Duration,
+}
+
+impl OtelSettings {
+    /// `None` when no endpoint is set (tracing off). Only `http/protobuf` is supported;
+    /// another `OTEL_EXPORTER_OTLP_PROTOCOL` is an error rather than a silent fallback.
+    pub fn from_env<I: IntoIterator<Item = (String, String)>>(vars: I) -> Result<Option<OtelSettings>, String> {
+        let env: HashMap<String, String> = vars.into_iter().collect();
+        let get = |k: &str| env.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let endpoint = match (
+            get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ) {
+            // The signal-specific URL is used as given; the generic one gets the signal path.
+            (Some(url), _) => url,
+            (None, Some(base)) => format!("{}/v1/traces", base.trim_end_matches('/')),
+            (None, None) => return Ok(None),
+        };
+        let protocol = get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| get("OTEL_EXPORTER_OTLP_PROTOCOL"));
+        if let Some(p) = protocol.filter(|p| p != "http/protobuf") {
+            return Err(format!(
+                "OTEL_EXPORTER_OTLP_PROTOCOL={p} is not supported; use http/protobuf (the collector's port 4318)"
+            ));
+        }
+        let headers = get("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+            .or_else(|| get("OTEL_EXPORTER_OTLP_HEADERS"))
+            .map(|h| {
+                h.split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| {
+                        let v = percent_encoding::percent_decode_str(v.trim()).decode_utf8_lossy();
+                        (k.trim().to_string(), v.into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let timeout = get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+            .or_else(|| get("OTEL_EXPORTER_OTLP_TIMEOUT"))
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(10));
+        Ok(Some(OtelSettings {
+            endpoint,
+            headers,
+            timeout,
+        }))
+    }
+
+    /// The tracer provider: OTLP/HTTP through our rustls client (so https collectors work),
+    /// a batch processor on tokio (`OTEL_BSP_*` apply), and the service resource.
+    pub fn build(&self) -> Result<SdkTracerProvider, String> {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = opentelemetry_http::hyper::HyperClient::new(https, self.timeout, None);
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(client)
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(self.endpoint.clone())
+            .with_timeout(self.timeout)
+            .with_headers(self.headers.clone())
+            .build()
+            .map_err(|e| format!("OTLP exporter: {e}"))?;
+        let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+            exporter,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .build();
+        let mut resource = Resource::builder();
+        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+            resource = resource.with_service_name("poe-gateway");
+        }
+        Ok(SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(resource.build())
+            .build())
+    }
+}
+
+/// The trace context a caller sent (`traceparent`), to parent the request's span.
+pub fn extract_context(headers: &http::HeaderMap) -> Option<opentelemetry::Context> {
+    if !traces_enabled() || !headers.contains_key("traceparent") {
+        return None;
+    }
+    let cx = TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
+    Some(cx)
+}
+
+/// `traceparent` (and `tracestate`) for an outgoing request made inside `span`.
+pub fn inject_context(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    if !traces_enabled() || span.is_none() {
+        return;
+    }
+    TraceContextPropagator::new().inject_context(&span.context(), &mut opentelemetry_http::HeaderInjector(headers));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn settings_from_env() {
+        assert_eq!(OtelSettings::from_env(vars(&[])).unwrap(), None);
+        let s = OtelSettings::from_env(vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=a%20b,authorization=Bearer t"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(s.headers["x-tenant"], "a b");
+        let s = OtelSettings::from_env(vars(&[(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "https://x/custom",
+        )]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.endpoint, "https://x/custom");
+        assert!(
+            OtelSettings::from_env(vars(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ]))
+            .is_err()
+        );
+    }
 }

@@ -36,6 +36,7 @@ pub struct Policy {
     pub aliases: BTreeMap<String, AliasTarget>,
     pub mcp: McpPolicy,
     pub cache: CachePolicy,
+    pub log: LogPolicy,
     /// Prices for bots Poe's catalogue does not price (or to override it), USD per token.
     pub pricing: BTreeMap<String, crate::gateway::models::Price>,
 }
@@ -52,6 +53,7 @@ impl Default for Policy {
             aliases: BTreeMap::new(),
             pricing: BTreeMap::new(),
             cache: CachePolicy::default(),
+            log: LogPolicy::default(),
             mcp: McpPolicy::default(),
         }
     }
@@ -243,6 +245,13 @@ impl Default for McpPolicy {
             progress_interval: Duration::from_secs(10),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogPolicy {
+    /// Put request bodies (prompts) in the access log. Off: no prompt or completion is logged.
+    pub bodies: bool,
 }
 
 /// Which requests the response cache serves.

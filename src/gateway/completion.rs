@@ -29,6 +29,10 @@ pub struct RequestInfo {
     pub attempts: u32,
     pub started: Instant,
     pub cache_hit: bool,
+    /// The request's span (`Span::none()` when traces are off); it ends with the body.
+    pub span: tracing::Span,
+    /// Set only when `log.bodies = true`: the request as the client sent it.
+    pub request_body: Option<bytes::Bytes>,
 }
 
 pub struct Completion {
@@ -80,6 +84,12 @@ impl Completion {
             Outcome::Incomplete(r) => r.as_str(),
             _ => "",
         };
+        record_span(&self.info.span, &row, observed, &outcome);
+        let request_body = self
+            .info
+            .request_body
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(&b[..b.len().min(64 * 1024)]).into_owned());
         // One access line per request. Never bodies, never keys: only the key's id.
         tracing::info!(
             target: "poe_gateway::access",
@@ -100,9 +110,45 @@ impl Completion {
             completion_tokens = row.completion_tokens,
             tokens_estimated = row.tokens_estimated,
             bytes = observed.bytes,
+            request_body,
             "request finished"
         );
         self.acct.ledger.record(row);
+    }
+}
+
+/// The GenAI and gateway attributes known once the response has ended.
+fn record_span(span: &tracing::Span, row: &UsageRow, o: &Observed, outcome: &Outcome) {
+    if span.is_none() {
+        return;
+    }
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    span.record("gen_ai.response.model", row.bot.as_str());
+    if let Some(t) = row.prompt_tokens {
+        span.record("gen_ai.usage.input_tokens", t);
+    }
+    if let Some(t) = row.completion_tokens {
+        span.record("gen_ai.usage.output_tokens", t);
+    }
+    if !o.finish_reasons.is_empty() {
+        let reasons: Vec<opentelemetry::StringValue> =
+            o.finish_reasons.iter().map(|r| r.clone().into()).collect();
+        span.set_attribute(
+            "gen_ai.response.finish_reasons",
+            opentelemetry::Value::Array(reasons.into()),
+        );
+    }
+    span.record("http.response.status_code", row.status as i64);
+    span.record("poe_gateway.attempts", row.attempts as i64);
+    span.record("poe_gateway.cache_hit", row.cache_hit);
+    span.record("poe_gateway.outcome", row.outcome.as_str());
+    if let Some(ttfb) = row.ttfb_ms {
+        span.record("poe_gateway.ttfb_ms", ttfb);
+    }
+    if row.status >= 400 {
+        span.record("error.type", row.status.to_string().as_str());
+    } else if let Outcome::Incomplete(_) | Outcome::Cancelled = outcome {
+        span.record("error.type", row.outcome.as_str());
     }
 }
 

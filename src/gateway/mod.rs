@@ -28,6 +28,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config::{AuthMode, Policy};
 use crate::error::GatewayError;
@@ -62,6 +63,8 @@ pub struct Caller {
     pub key_id: Option<Arc<str>>,
     /// The gateway key's record (`auth.mode = keys`): its limits apply.
     pub key: Option<Arc<KeyRecord>>,
+    /// The caller's trace context (an incoming `traceparent`), parent of the request's span.
+    pub trace_context: Option<opentelemetry::Context>,
 }
 
 impl Caller {
@@ -72,6 +75,7 @@ impl Caller {
             credential: Credential::Server,
             key_id: None,
             key: None,
+            trace_context: None,
         }
     }
 }
@@ -384,6 +388,57 @@ impl Gateway {
     /// Retries and fallbacks happen only here, before a `Reply` exists, so nothing has reached
     /// the client yet; once the reply is returned its bytes are never sent twice.
     pub async fn chat(&self, caller: &Caller, req: ChatRequest) -> Result<Reply, GatewayError> {
+        let span = self.chat_span(caller, &req);
+        self.chat_in_span(caller, req).instrument(span).await
+    }
+
+    /// The request's span, with the GenAI attributes known up front; the rest are recorded
+    /// when the response ends. `Span::none()` when traces are off.
+    fn chat_span(&self, caller: &Caller, req: &ChatRequest) -> tracing::Span {
+        if !crate::telemetry::traces_enabled() {
+            return tracing::Span::none();
+        }
+        use tracing::field::Empty;
+        let span = tracing::info_span!(
+            "chat",
+            otel.name = %format!("chat {}", req.model()),
+            otel.kind = "server",
+            gen_ai.operation.name = "chat",
+            gen_ai.system = "poe",
+            gen_ai.provider.name = "poe",
+            gen_ai.request.model = %req.model(),
+            gen_ai.request.temperature = Empty,
+            gen_ai.request.max_tokens = Empty,
+            gen_ai.response.model = Empty,
+            gen_ai.usage.input_tokens = Empty,
+            gen_ai.usage.output_tokens = Empty,
+            http.response.status_code = Empty,
+            error.type = Empty,
+            poe_gateway.request_id = %caller.request_id,
+            poe_gateway.key_id = caller.key_id.as_deref().unwrap_or(""),
+            poe_gateway.alias = Empty,
+            poe_gateway.stream = req.stream(),
+            poe_gateway.cache = Empty,
+            poe_gateway.cache_hit = Empty,
+            poe_gateway.attempts = Empty,
+            poe_gateway.outcome = Empty,
+            poe_gateway.ttfb_ms = Empty,
+        );
+        if let Some(t) = req.temperature() {
+            span.record("gen_ai.request.temperature", t);
+        }
+        if let Some(m) = req.max_tokens() {
+            span.record("gen_ai.request.max_tokens", m as i64);
+        }
+        // A remote parent only when there is no local one (an MCP tool span is one).
+        if let Some(cx) = caller.trace_context.as_ref().filter(|_| tracing::Span::current().is_none()) {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let _ = span.set_parent(cx.clone());
+        }
+        span
+    }
+
+    async fn chat_in_span(&self, caller: &Caller, req: ChatRequest) -> Result<Reply, GatewayError> {
         let inner = &*self.inner;
         let started = Instant::now();
         let route = inner.aliases.resolve(req.model());
@@ -407,11 +462,26 @@ impl Gateway {
                 return Err(e);
             }
         }
+        let span = tracing::Span::current();
+        if let Some(alias) = route.alias() {
+            span.record("poe_gateway.alias", alias);
+        }
         let cache = &inner.cache;
         let Some(plan) = cache.plan(caller, &req, bots) else {
+            span.record("poe_gateway.cache", "BYPASS");
             return self.fetch(caller, &req, route, bots, started, None).await;
         };
-        if let Some(entry) = cache.get(&plan).await {
+        let lookup = if crate::telemetry::traces_enabled() {
+            tracing::info_span!("cache lookup", poe_gateway.cache = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
+        let found = cache.get(&plan).instrument(lookup.clone()).await;
+        let status = if found.is_some() { "HIT" } else { "MISS" };
+        lookup.record("poe_gateway.cache", status);
+        span.record("poe_gateway.cache", status);
+        drop(lookup);
+        if let Some(entry) = found {
             return Ok(self.hit_reply(caller, &req, route, entry, started));
         }
         if req.stream() {
@@ -493,6 +563,22 @@ impl Gateway {
                     tracing::warn!(request_id = %caller.request_id, bot, "retry budget spent; not retrying");
                     break 'bots;
                 }
+                let attempt_span = if crate::telemetry::traces_enabled() {
+                    tracing::info_span!(
+                        "upstream attempt",
+                        otel.name = "POST",
+                        otel.kind = "client",
+                        http.request.method = "POST",
+                        url.full = %inner.upstream.chat_uri(),
+                        server.address = inner.upstream.chat_uri().host().unwrap_or(""),
+                        gen_ai.request.model = %bot,
+                        poe_gateway.attempt = attempts + 1,
+                        http.response.status_code = tracing::field::Empty,
+                        error.type = tracing::field::Empty,
+                    )
+                } else {
+                    tracing::Span::none()
+                };
                 let permit = match inner.limits.admit(&key).await {
                     Ok(p) => p,
                     Err(e) => {
@@ -501,11 +587,31 @@ impl Gateway {
                     }
                 };
                 attempts += 1;
-                let failure = match inner
+                let mut trace_headers = HeaderMap::new();
+                crate::telemetry::inject_context(&attempt_span, &mut trace_headers);
+                let sent = inner
                     .upstream
-                    .chat(body.clone(), &key, &caller.request_id)
-                    .await
-                {
+                    .chat(body.clone(), &key, &caller.request_id, trace_headers)
+                    .instrument(attempt_span.clone())
+                    .await;
+                match &sent {
+                    Ok(resp) => {
+                        attempt_span.record("http.response.status_code", resp.status().as_u16() as i64);
+                        if !resp.status().is_success() {
+                            attempt_span.record("error.type", resp.status().as_str());
+                        }
+                    }
+                    Err(e) => {
+                        let kind = match e {
+                            UpstreamError::Connect(_) => "connect",
+                            UpstreamError::Timeout(_) => "timeout",
+                            UpstreamError::Broken(_) => "broken",
+                        };
+                        attempt_span.record("error.type", kind);
+                    }
+                }
+                drop(attempt_span);
+                let failure = match sent {
                     Ok(resp) if resp.status().is_success() => {
                         let info = RequestInfo {
                             request_id: caller.request_id.clone(),
@@ -518,6 +624,8 @@ impl Gateway {
                             attempts,
                             started,
                             cache_hit: false,
+                            span: tracing::Span::current(),
+                            request_body: self.logged_body(req),
                         };
                         inner.acct.metrics.upstream_attempts.with_label_values(&["ok"]).inc();
                         return Ok(self.stream_reply(resp, info, permit, attempts, req.injects_usage(), plan));
@@ -664,6 +772,8 @@ impl Gateway {
             attempts,
             started,
             cache_hit: false,
+            span: tracing::Span::current(),
+            request_body: self.logged_body(req),
         };
         let observed = Observed {
             bytes: body.len() as u64,
@@ -716,6 +826,11 @@ impl Gateway {
         &self.inner.cache
     }
 
+    /// The request body for the access log, only when `log.bodies = true`.
+    fn logged_body(&self, req: &ChatRequest) -> Option<Bytes> {
+        self.inner.policy.log.bodies.then(|| req.body().clone())
+    }
+
     fn cached_info(
         &self,
         caller: &Caller,
@@ -736,6 +851,8 @@ impl Gateway {
             attempts: 0,
             started,
             cache_hit: true,
+            span: tracing::Span::current(),
+            request_body: self.logged_body(req),
         }
     }
 

@@ -533,6 +533,15 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
     }
     // A rough figure for the estimate if no usage was found.
     observed.text_bytes = content_len(&body) as u64;
+    let finder = memmem::Finder::new(b"\"finish_reason\":\"");
+    for at in finder.find_iter(&body) {
+        let rest = &body[at + 17..];
+        if let Some(end) = memchr::memchr(b'"', rest) {
+            observed
+                .finish_reasons
+                .push(String::from_utf8_lossy(&rest[..end]).into_owned());
+        }
+    }
 }
 
 /// The last bytes of a body: in strip mode, a held partial event (sent as is when the

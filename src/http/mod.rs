@@ -21,10 +21,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::gateway::Gateway;
+use crate::mcp::McpCore;
+use crate::mcp::http::McpHttp;
 
 /// State shared by every connection.
 pub(crate) struct App {
     pub gateway: Gateway,
+    /// `/mcp`: rmcp's streamable HTTP service over the same core.
+    pub mcp: McpHttp,
     /// Set once shutdown starts: `/readyz` fails so load balancers stop sending traffic.
     pub draining: AtomicBool,
 }
@@ -75,6 +79,7 @@ pub fn spawn(listener: TcpListener, gateway: Gateway) -> std::io::Result<ServerH
 pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Future<Output = ()>) {
     let policy = gateway.policy().clone();
     let app = Arc::new(App {
+        mcp: McpHttp::new(McpCore::new(gateway.clone())),
         gateway,
         draining: AtomicBool::new(false),
     });
@@ -125,6 +130,9 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
 
     drop(listener);
     app.draining.store(true, Ordering::SeqCst);
+    // MCP clients hold a GET stream open for server messages; end those sessions so they do
+    // not keep the drain waiting for its whole grace period.
+    app.mcp.shutdown();
     let grace = policy.server.shutdown_grace;
     tracing::info!(
         grace_secs = grace.as_secs_f64(),

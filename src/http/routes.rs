@@ -44,7 +44,7 @@ async fn route(
         (&Method::POST, "/v1/chat/completions") => chat(app, req, request_id).await,
         (_, "/mcp") => {
             let caller = authenticate(app, req.headers(), request_id).await?;
-            let resp = crate::mcp::http::handle(&app.gateway, caller, req).await;
+            let resp = app.mcp.handle(caller, req).await;
             Ok(resp.map(HttpBody::Right))
         }
         (&Method::GET, "/v1/usage") => {
@@ -159,6 +159,7 @@ pub(crate) async fn authenticate(
     request_id: &Arc<str>,
 ) -> Result<Caller, GatewayError> {
     let mut caller = Caller::server(request_id.clone());
+    caller.trace_context = crate::telemetry::extract_context(headers);
     match app.gateway.policy().auth_mode() {
         // The SDKs always send some key; in open mode it is not looked at.
         AuthMode::Open => {}

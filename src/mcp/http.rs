@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -24,7 +24,7 @@ use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use super::{McpCore, PoeTools};
 use crate::config::Policy;
 use crate::error::GatewayError;
-use crate::gateway::{Caller, Gateway};
+use crate::gateway::Caller;
 
 /// The body of an `/mcp` response (rmcp's SSE or JSON).
 pub type McpBody = BoxBody<Bytes, Infallible>;
@@ -39,13 +39,6 @@ pub struct McpHttp {
     /// Holds the service's cancellation token, for [`McpHttp::shutdown`].
     config: StreamableHttpServerConfig,
 }
-
-/// One [`McpHttp`] per gateway, for as long as the process runs.
-///
-/// The HTTP layer's shared state (`http::App`) is the natural home for this; until it holds
-/// an `McpHttp`, the endpoint is found here by the gateway's identity. An entry keeps its
-/// gateway alive, so the address used as the key is never reused while the entry exists.
-static ENDPOINTS: Mutex<Vec<(usize, McpHttp)>> = Mutex::new(Vec::new());
 
 impl McpHttp {
     pub fn new(core: McpCore) -> McpHttp {
@@ -70,18 +63,6 @@ impl McpHttp {
         self.config.cancellation_token.cancel();
     }
 
-    /// The endpoint for `gateway`, created on first use.
-    pub fn for_gateway(gateway: &Gateway) -> McpHttp {
-        let key = std::ptr::from_ref::<Policy>(gateway.policy()) as usize;
-        let mut endpoints = ENDPOINTS.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, ep)) = endpoints.iter().find(|(k, _)| *k == key) {
-            return ep.clone();
-        }
-        let ep = McpHttp::new(McpCore::new(gateway.clone()));
-        endpoints.push((key, ep.clone()));
-        ep
-    }
-
     pub fn core(&self) -> &McpCore {
         &self.core
     }
@@ -101,25 +82,6 @@ impl McpHttp {
             Err(never) => match never {},
         }
     }
-}
-
-/// Ends the `/mcp` sessions of `gateway`, if it has served any (see [`McpHttp::shutdown`]).
-/// The HTTP server calls this when it starts draining.
-pub fn shutdown(gateway: &Gateway) {
-    let key = std::ptr::from_ref::<Policy>(gateway.policy()) as usize;
-    let endpoints = ENDPOINTS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, ep)) = endpoints.iter().find(|(k, _)| *k == key) {
-        ep.shutdown();
-    }
-}
-
-/// Serves `/mcp` for `gateway` (see [`McpHttp::handle`]).
-pub async fn handle(
-    gateway: &Gateway,
-    caller: Caller,
-    req: Request<Incoming>,
-) -> Response<McpBody> {
-    McpHttp::for_gateway(gateway).handle(caller, req).await
 }
 
 /// rmcp's settings from the policy: hosts, origins, body size.

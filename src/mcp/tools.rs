@@ -422,6 +422,43 @@ impl PoeTools {
 
 #[tool_handler(router = self.core.inner.router)]
 impl ServerHandler for PoeTools {
+    /// Every tool call runs in an `execute_tool` span, which parents the chat span of the
+    /// gateway call it makes. Over HTTP, a caller's `traceparent` parents the tool span.
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
+        use tracing::Instrument;
+        let span = if crate::telemetry::traces_enabled() {
+            let span = tracing::info_span!(
+                "execute_tool",
+                otel.name = %format!("execute_tool {}", request.name),
+                gen_ai.operation.name = "execute_tool",
+                gen_ai.tool.name = %request.name,
+                gen_ai.provider.name = "poe",
+                error.type = tracing::field::Empty,
+            );
+            if let Some(cx) = context
+                .extensions
+                .get::<http::request::Parts>()
+                .and_then(|p| crate::telemetry::extract_context(&p.headers))
+            {
+                use tracing_opentelemetry::OpenTelemetrySpanExt;
+                let _ = span.set_parent(cx);
+            }
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let call = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
+        let result = self.core.inner.router.call(call).instrument(span.clone()).await;
+        if result.is_err() {
+            span.record("error.type", "invalid_request");
+        }
+        result
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new(

@@ -125,6 +125,7 @@ impl Upstream {
         body: Bytes,
         key: &Secret,
         request_id: &str,
+        extra: http::HeaderMap,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut req = Request::builder()
             .method(Method::POST)
@@ -140,7 +141,14 @@ impl Upstream {
         if let Ok(id) = HeaderValue::from_str(request_id) {
             req.headers_mut().insert("x-request-id", id);
         }
+        // Trace context for the attempt (`traceparent`), when traces are on.
+        req.headers_mut().extend(extra);
         self.send(req).await
+    }
+
+    /// Where chat completions go.
+    pub fn chat_uri(&self) -> &Uri {
+        &self.chat_uri
     }
 
     /// Fetches Poe's model catalogue (no auth needed), up to `limit` bytes.

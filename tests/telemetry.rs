@@ -1,0 +1,275 @@
+//! Traces, checked with an in-memory exporter: the span tree and its GenAI attributes for
+//! non-stream, stream, retry and cache-hit requests, and W3C trace-context propagation in and
+//! out. Each test installs its own subscriber on its (single) runtime thread.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use support::*;
+use tracing_subscriber::layer::SubscriberExt;
+
+struct Traces {
+    exporter: InMemorySpanExporter,
+    _provider: SdkTracerProvider,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Traces {
+    fn start() -> Traces {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::Registry::default()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let guard = tracing::subscriber::set_default(subscriber);
+        poe_gateway::telemetry::set_traces_enabled(true);
+        Traces {
+            exporter,
+            _provider: provider,
+            _guard: guard,
+        }
+    }
+
+    fn spans(&self) -> Vec<SpanData> {
+        self.exporter.get_finished_spans().unwrap()
+    }
+
+    fn named(&self, name: &str) -> Vec<SpanData> {
+        self.spans().into_iter().filter(|s| s.name == name).collect()
+    }
+
+    /// Request spans: named `chat {model}` per the GenAI conventions.
+    fn chats(&self) -> Vec<SpanData> {
+        self.spans()
+            .into_iter()
+            .filter(|s| attr(s, "gen_ai.operation.name").as_deref() == Some("chat"))
+            .collect()
+    }
+
+    /// Upstream attempts: HTTP client spans, named by method.
+    fn attempts(&self) -> Vec<SpanData> {
+        self.named("POST")
+    }
+}
+
+fn attr(span: &SpanData, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.to_string())
+}
+
+fn det_body(model: &str, stream: bool) -> String {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "q"}], "temperature": 0, "max_tokens": 50, "stream": stream})
+        .to_string()
+}
+
+#[tokio::test]
+async fn non_stream_span_tree_and_propagation() {
+    let traces = Traces::start();
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("claude-sonnet-4.5", "hi"));
+    let gw = TestGateway::default(&up).await;
+    let incoming_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let incoming_parent = "00f067aa0ba902b7";
+    let body = serde_json::json!({"model": "claude", "messages": [{"role": "user", "content": "q"}], "temperature": 0.5}).to_string();
+    let resp = post(
+        &gw,
+        &body,
+        &[("traceparent", &format!("00-{incoming_trace}-{incoming_parent}-01"))],
+    )
+    .await;
+    let _ = body_bytes(resp).await;
+
+    let chat = traces.chats().pop().expect("a chat span");
+    assert_eq!(chat.name, "chat claude");
+    for (k, v) in [
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.provider.name", "poe"),
+        ("gen_ai.system", "poe"),
+        ("gen_ai.request.model", "claude"),
+        ("gen_ai.response.model", "claude-sonnet-4.5"),
+        ("gen_ai.request.temperature", "0.5"),
+        ("gen_ai.usage.input_tokens", "7"),
+        ("gen_ai.usage.output_tokens", "3"),
+        ("gen_ai.response.finish_reasons", "[\"stop\"]"),
+        ("poe_gateway.alias", "claude"),
+        ("poe_gateway.cache", "BYPASS"),
+        ("poe_gateway.attempts", "1"),
+        ("poe_gateway.stream", "false"),
+        ("http.response.status_code", "200"),
+    ] {
+        assert_eq!(attr(&chat, k).as_deref(), Some(v), "{k}: {:?}", chat.attributes);
+    }
+    assert!(attr(&chat, "poe_gateway.ttfb_ms").is_some());
+    // The caller's traceparent is the parent.
+    assert_eq!(chat.span_context.trace_id(), TraceId::from_hex(incoming_trace).unwrap());
+    assert_eq!(chat.parent_span_id, SpanId::from_hex(incoming_parent).unwrap());
+
+    let attempts = traces.attempts();
+    assert_eq!(attempts.len(), 1);
+    let attempt = &attempts[0];
+    assert_eq!(attempt.parent_span_id, chat.span_context.span_id());
+    assert_eq!(attr(attempt, "http.response.status_code").as_deref(), Some("200"));
+    assert_eq!(attr(attempt, "gen_ai.request.model").as_deref(), Some("claude-sonnet-4.5"));
+
+    // Poe got the attempt's context.
+    let sent = up.chats()[0].headers["traceparent"].to_str().unwrap().to_string();
+    assert_eq!(
+        sent,
+        format!("00-{incoming_trace}-{}-01", attempt.span_context.span_id())
+    );
+    // No key anywhere in the attributes.
+    for s in traces.spans() {
+        for kv in &s.attributes {
+            assert!(!kv.value.to_string().contains(UPSTREAM_KEY));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_span_ends_when_the_stream_ends() {
+    let traces = Traces::start();
+    let up = MockUpstream::start().await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "one"))
+            .gate(&gate)
+            .send(finish_chunk("gpt-5"))
+            .send("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2,\"total_tokens\":6}}\n\n")
+            .send("data: [DONE]\n\n"),
+    );
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+    let mut body = resp.into_body();
+    next_data(&mut body, 10).await.unwrap();
+    assert!(traces.chats().is_empty(), "the span ended while the stream was open");
+    gate.add_permits(1);
+    while next_data(&mut body, 10).await.is_some() {}
+    // The tap finishes the request when the body ends; give the span a moment to export.
+    let mut chat = None;
+    for _ in 0..100 {
+        if let Some(s) = traces.chats().pop() {
+            chat = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let chat = chat.expect("chat span exported after the stream ended");
+    assert_eq!(attr(&chat, "poe_gateway.stream").as_deref(), Some("true"));
+    assert_eq!(attr(&chat, "gen_ai.usage.output_tokens").as_deref(), Some("2"));
+    assert_eq!(attr(&chat, "gen_ai.response.finish_reasons").as_deref(), Some("[\"stop\"]"));
+    assert_eq!(attr(&chat, "poe_gateway.outcome").as_deref(), Some("completed"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_are_sibling_attempt_spans() {
+    let traces = Traces::start();
+    let up = MockUpstream::start().await;
+    up.push(Reply::json(502, r#"{"error":{"code":502,"type":"upstream_error","message":"x"}}"#));
+    up.push(Reply::completion("gpt-5", "ok"));
+    let gw = TestGateway::default(&up).await;
+    let _ = body_bytes(post(&gw, &chat_body("gpt", false), &[]).await).await;
+    let chat = traces.chats().pop().unwrap();
+    assert_eq!(attr(&chat, "poe_gateway.attempts").as_deref(), Some("2"));
+    let mut attempts = traces.attempts();
+    attempts.sort_by_key(|s| s.start_time);
+    assert_eq!(attempts.len(), 2);
+    assert!(attempts.iter().all(|a| a.parent_span_id == chat.span_context.span_id()));
+    assert_eq!(attr(&attempts[0], "error.type").as_deref(), Some("502"));
+    assert_eq!(attr(&attempts[1], "http.response.status_code").as_deref(), Some("200"));
+    // Each attempt sent its own span id upstream.
+    let ids: Vec<String> = up
+        .chats()
+        .iter()
+        .map(|r| r.headers["traceparent"].to_str().unwrap().split('-').nth(2).unwrap().to_string())
+        .collect();
+    let want: Vec<String> = attempts.iter().map(|a| a.span_context.span_id().to_string()).collect();
+    assert_eq!(ids, want);
+}
+
+#[tokio::test]
+async fn a_cache_hit_has_a_lookup_span_and_no_attempt() {
+    let traces = Traces::start();
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("gpt-5", "ok"));
+    let gw = TestGateway::default(&up).await;
+    let _ = body_bytes(post(&gw, &det_body("gpt", false), &[]).await).await;
+    let _ = body_bytes(post(&gw, &det_body("gpt", false), &[]).await).await;
+    let mut chats = traces.chats();
+    chats.sort_by_key(|s| s.start_time);
+    assert_eq!(chats.len(), 2);
+    let hit = &chats[1];
+    assert_eq!(attr(hit, "poe_gateway.cache").as_deref(), Some("HIT"));
+    assert_eq!(attr(hit, "poe_gateway.cache_hit").as_deref(), Some("true"));
+    assert_eq!(attr(hit, "gen_ai.request.max_tokens").as_deref(), Some("50"));
+    let lookups: Vec<SpanData> = traces
+        .named("cache lookup")
+        .into_iter()
+        .filter(|s| s.parent_span_id == hit.span_context.span_id())
+        .collect();
+    assert_eq!(lookups.len(), 1);
+    assert_eq!(attr(&lookups[0], "poe_gateway.cache").as_deref(), Some("HIT"));
+    let attempts_under_hit = traces
+        .attempts()
+        .into_iter()
+        .filter(|s| s.parent_span_id == hit.span_context.span_id())
+        .count();
+    assert_eq!(attempts_under_hit, 0);
+}
+
+#[tokio::test]
+async fn an_mcp_tool_span_parents_the_chat_span() {
+    use rmcp::ServiceExt;
+    let traces = Traces::start();
+    let up = MockUpstream::start().await;
+    up.push(Reply::stream("claude-sonnet-4.5", &["from ", "a tool"]));
+    let policy = poe_gateway::config::parse(
+        "test.toml",
+        poe_gateway::config::DEFAULT_POLICY,
+        vec![("POE_BASE_URL".to_string(), up.url())],
+    )
+    .unwrap();
+    let gateway = poe_gateway::Gateway::new(policy, Some(poe_gateway::upstream::Secret::new(UPSTREAM_KEY))).unwrap();
+    let server = poe_gateway::mcp::McpCore::new(gateway).local_server(poe_gateway::mcp::stdio_caller());
+    let (server_io, client_io) = tokio::io::duplex(1 << 20);
+    tokio::spawn(async move {
+        if let Ok(running) = server.serve(server_io).await {
+            let _ = running.waiting().await;
+        }
+    });
+    let client = ().serve(client_io).await.unwrap();
+    let args = serde_json::json!({"bot": "claude", "prompt": "hi"});
+    let result = client
+        .call_tool(
+            rmcp::model::CallToolRequestParams::new("ask_poe")
+                .with_arguments(args.as_object().unwrap().clone()),
+        )
+        .await
+        .unwrap();
+    assert_ne!(result.is_error, Some(true));
+
+    let mut tool = None;
+    for _ in 0..100 {
+        tool = traces
+            .spans()
+            .into_iter()
+            .find(|s| attr(s, "gen_ai.operation.name").as_deref() == Some("execute_tool"));
+        if tool.is_some() && !traces.chats().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tool = tool.expect("an execute_tool span");
+    assert_eq!(tool.name, "execute_tool ask_poe");
+    assert_eq!(attr(&tool, "gen_ai.tool.name").as_deref(), Some("ask_poe"));
+    let chat = traces.chats().pop().expect("a chat span");
+    assert_eq!(chat.parent_span_id, tool.span_context.span_id());
+    assert_eq!(chat.span_context.trace_id(), tool.span_context.trace_id());
+}
