@@ -19,6 +19,7 @@ stopped with SIGTERM at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -329,15 +330,16 @@ def _drain(stream, sink: "queue.Queue[str | None]", log_file) -> None:
     stream.close()
 
 
-@pytest.fixture(scope="session")
-def gateway(upstream: FakePoe, tmp_path_factory: pytest.TempPathFactory) -> Gateway:
+@contextlib.contextmanager
+def launch_gateway(upstream: "FakePoe", tmp: Path, policies_toml: str, extra_env: dict[str, str] | None = None):
+    """Runs ``poe-gateway serve`` against ``upstream`` with the given policy file; yields a
+    ``Gateway`` and stops it with SIGTERM (checking the graceful exit) afterwards."""
     bin_path = os.environ.get("POE_GATEWAY_BIN") or str(REPO_ROOT / "target" / "debug" / "poe-gateway")
     if not os.path.isfile(bin_path) or not os.access(bin_path, os.X_OK):
         pytest.fail(f"gateway binary not found or not executable: {bin_path} (build it or set POE_GATEWAY_BIN)")
 
-    tmp = tmp_path_factory.mktemp("gateway")
     policies = tmp / "policies.toml"
-    policies.write_text(POLICIES_TOML)
+    policies.write_text(policies_toml)
     log_path = tmp / "gateway.log"
 
     env = dict(os.environ)
@@ -354,6 +356,7 @@ def gateway(upstream: FakePoe, tmp_path_factory: pytest.TempPathFactory) -> Gate
             "RUST_LOG": "info",
         }
     )
+    env.update(extra_env or {})
 
     log_file = open(log_path, "w", buffering=1)  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen(
@@ -418,18 +421,24 @@ def gateway(upstream: FakePoe, tmp_path_factory: pytest.TempPathFactory) -> Gate
             )
 
 
+@pytest.fixture(scope="session")
+def gateway(upstream: FakePoe, tmp_path_factory: pytest.TempPathFactory) -> Gateway:
+    with launch_gateway(upstream, tmp_path_factory.mktemp("gateway"), POLICIES_TOML) as gw:
+        yield gw
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """On a failing test, attach the gateway's log to the report."""
     outcome = yield
     report = outcome.get_result()
-    if report.failed and "gateway" in getattr(item, "funcargs", {}):
-        gw = item.funcargs["gateway"]
-        if isinstance(gw, Gateway):
-            text = gw.log()
-            if len(text) > 20000:
-                text = "...(truncated)...\n" + text[-20000:]
-            report.sections.append(("gateway log", text))
+    if not report.failed:
+        return
+    for gw in (v for v in getattr(item, "funcargs", {}).values() if isinstance(v, Gateway)):
+        text = gw.log()
+        if len(text) > 20000:
+            text = "...(truncated)...\n" + text[-20000:]
+        report.sections.append(("gateway log", text))
 
 
 @pytest.fixture

@@ -1,0 +1,147 @@
+"""Gateway keys through the official openai SDK: budgets, RPM, model lists, revocation, and
+the admin API's own auth. A second gateway runs in `auth.mode = "keys"` with an admin key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from conftest import REPO_ROOT, launch_gateway
+
+ADMIN_KEY = "e2e-admin-key-5f1c9a"
+
+# gpt-5 priced so that one call (9 prompt + 3 completion tokens) costs $0.012.
+KEYS_POLICIES = """\
+[auth]
+mode = "keys"
+
+[aliases]
+claude = "claude-sonnet-4.5"
+
+[pricing."gpt-5"]
+prompt = 0.001
+completion = 0.001
+"""
+
+
+@pytest.fixture(scope="module")
+def keys_gateway(upstream, tmp_path_factory):
+    with launch_gateway(
+        upstream,
+        tmp_path_factory.mktemp("keys-gateway"),
+        KEYS_POLICIES,
+        {"POE_GATEWAY_ADMIN_KEY": ADMIN_KEY},
+    ) as gw:
+        yield gw
+
+
+def admin(gw, method: str, path: str, body: dict | None = None, key: str = ADMIN_KEY):
+    req = urllib.request.Request(
+        f"{gw.base_url}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def new_key(gw, **fields) -> str:
+    status, body = admin(gw, "POST", "/admin/keys", fields)
+    assert status == 201, body
+    assert body["key"].startswith("pgw_")
+    return body["key"]
+
+
+def sdk(gw, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0, timeout=20.0)
+
+
+def ask(client: openai.OpenAI, model: str = "gpt-5"):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_budget_is_enforced_as_rate_limit_error(keys_gateway):
+    client = sdk(keys_gateway, new_key(keys_gateway, name="budget", budget_usd=0.02, period="day"))
+    # Checked before, charged after: 0 < 0.02, then 0.012 < 0.02, then 0.024 >= 0.02.
+    ask(client)
+    # The charge lands when the ledger writes the row; usage reads flush it first.
+    status, usage = admin(keys_gateway, "GET", "/admin/usage")
+    assert status == 200
+    ask(client)
+    admin(keys_gateway, "GET", "/admin/usage")
+    with pytest.raises(openai.RateLimitError) as e:
+        ask(client)
+    assert e.value.code == "insufficient_quota"
+    assert e.value.body["type"] == "insufficient_quota"
+
+
+def test_rpm_limit_is_a_rate_limit_error_with_retry_after(keys_gateway):
+    client = sdk(keys_gateway, new_key(keys_gateway, name="rpm", rpm=2))
+    ask(client)
+    ask(client)
+    with pytest.raises(openai.RateLimitError) as e:
+        ask(client)
+    assert e.value.code == "rate_limit_exceeded"
+    assert int(e.value.response.headers["retry-after"]) >= 1
+
+
+def test_model_list_and_revocation(keys_gateway):
+    key = new_key(keys_gateway, name="claude-only", models=["claude"])
+    client = sdk(keys_gateway, key)
+    assert ask(client, "claude").model == "claude-sonnet-4.5"
+    with pytest.raises(openai.PermissionDeniedError):
+        ask(client, "gpt-5")
+
+    status, _ = admin(keys_gateway, "DELETE", "/admin/keys/claude-only")
+    assert status == 200
+    with pytest.raises(openai.AuthenticationError) as e:
+        ask(client, "claude")
+    assert "revoked" in str(e.value)
+    with pytest.raises(openai.AuthenticationError):
+        ask(sdk(keys_gateway, "pgw_" + "0" * 64))
+
+
+def test_own_usage_and_admin_auth(keys_gateway):
+    key = new_key(keys_gateway, name="reporter")
+    ask(sdk(keys_gateway, key))
+    req = urllib.request.Request(f"{keys_gateway.base_url}/v1/usage?group_by=model", headers={"authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        report = json.loads(resp.read())
+    assert report["totals"]["requests"] == 1
+    assert report["groups"][0]["group"] == "gpt-5"
+    assert abs(report["totals"]["cost_usd"] - 0.012) < 1e-9
+
+    # The admin API refuses a gateway key, a wrong key, and no key.
+    assert admin(keys_gateway, "GET", "/admin/keys", key=key)[0] == 401
+    assert admin(keys_gateway, "GET", "/admin/keys", key="wrong")[0] == 401
+    status, listing = admin(keys_gateway, "GET", "/admin/keys")
+    assert status == 200
+    assert all("key" not in k and "hash" not in k for k in listing["data"])
+
+
+def test_cli_creates_a_key_that_works(keys_gateway, tmp_path):
+    """`poe-gateway keys create` prints the key alone on stdout's last line."""
+    import os
+
+    bin_path = os.environ.get("POE_GATEWAY_BIN") or str(REPO_ROOT / "target" / "debug" / "poe-gateway")
+    db = keys_gateway.log_path.parent / "ledger.db"
+    out = subprocess.run(
+        [bin_path, "keys", "create", "--name", "cli", "--rpm", "10"],
+        env={"PATH": os.environ.get("PATH", ""), "POE_GATEWAY_DATABASE_URL": f"sqlite://{db}"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    key = out.stdout.strip().splitlines()[-1]
+    assert key.startswith("pgw_") and " " not in key
+    assert ask(sdk(keys_gateway, key)).choices[0].message.content
