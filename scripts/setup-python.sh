@@ -16,6 +16,7 @@ PINS=(
   "openai==3.54.0"
   "mcp==2.3.0"
   "pytest==9.2.0"
+  "PyYAML==6.0.3"
 )
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1

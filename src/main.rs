@@ -44,6 +44,9 @@ enum Command {
     Keys(KeysCommand),
     /// Usage and cost from the ledger.
     Usage(UsageArgs),
+    /// Exit 0 if the gateway on the configured listen address answers /healthz (for
+    /// container health checks, where the image has no shell or curl).
+    Healthcheck,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +157,7 @@ fn main() -> ExitCode {
         }),
         Command::Keys(cmd) => run(keys_command(cmd, cli.database_url)),
         Command::Usage(args) => run(usage_command(args, loaded, server_key, cli.database_url)),
+        Command::Healthcheck => run(healthcheck(loaded.policy.server.listen)),
     }
 }
 
@@ -386,6 +390,32 @@ async fn usage_command(
         }
         Err(e) => {
             eprintln!("poe-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn healthcheck(listen: std::net::SocketAddr) -> ExitCode {
+    use http_body_util::Empty;
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    let uri = format!("http://{addr}/healthz");
+    match tokio::time::timeout(std::time::Duration::from_secs(3), client.get(uri.parse().expect("a valid URI"))).await {
+        Ok(Ok(resp)) if resp.status().is_success() => ExitCode::SUCCESS,
+        Ok(Ok(resp)) => {
+            eprintln!("poe-gateway: {uri} answered {}", resp.status());
+            ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("poe-gateway: {uri}: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("poe-gateway: {uri}: no answer within 3s");
             ExitCode::FAILURE
         }
     }
