@@ -8,8 +8,8 @@ pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod ledger;
-pub mod metrics;
 pub mod mcp;
+pub mod metrics;
 pub mod telemetry;
 pub mod upstream;
 

@@ -175,7 +175,11 @@ fn run(fut: impl Future<Output = ExitCode>) -> ExitCode {
 }
 
 /// `poe-gateway mcp`: stdout carries the protocol, so everything else goes to stderr.
-async fn mcp_stdio(loaded: config::Loaded, server_key: Option<Secret>, database_url: String) -> ExitCode {
+async fn mcp_stdio(
+    loaded: config::Loaded,
+    server_key: Option<Secret>,
+    database_url: String,
+) -> ExitCode {
     if server_key.is_none() {
         eprintln!(
             "poe-gateway mcp: POE_API_KEY is not set: the MCP tools call Poe with it \
@@ -264,9 +268,19 @@ async fn keys_command(cmd: KeysCommand, database_url: String) -> ExitCode {
                         .budget_usd
                         .map(|b| format!("${b:.2} per {}", rec.period.as_str()))
                         .unwrap_or_else(|| "no budget".into());
-                    let rpm = rec.rpm.map(|r| format!("{r} rpm")).unwrap_or_else(|| "no rpm limit".into());
-                    let models = rec.models.as_ref().map(|m| m.join(",")).unwrap_or_else(|| "all models".into());
-                    println!("created {} ({}): {budget}, {rpm}, {models}", rec.id, rec.name);
+                    let rpm = rec
+                        .rpm
+                        .map(|r| format!("{r} rpm"))
+                        .unwrap_or_else(|| "no rpm limit".into());
+                    let models = rec
+                        .models
+                        .as_ref()
+                        .map(|m| m.join(","))
+                        .unwrap_or_else(|| "all models".into());
+                    println!(
+                        "created {} ({}): {budget}, {rpm}, {models}",
+                        rec.id, rec.name
+                    );
                     println!("{key}");
                     ExitCode::SUCCESS
                 }
@@ -278,7 +292,10 @@ async fn keys_command(cmd: KeysCommand, database_url: String) -> ExitCode {
         }
         KeysCommand::List { format } => match store.list_keys().await {
             Ok(keys) if format == "json" => {
-                println!("{}", serde_json::to_string_pretty(&keys).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&keys).unwrap_or_default()
+                );
                 ExitCode::SUCCESS
             }
             Ok(keys) => {
@@ -291,11 +308,19 @@ async fn keys_command(cmd: KeysCommand, database_url: String) -> ExitCode {
                         "{:<22} {:<20} {:<8} {:>12} {:<6} {:>6}  {}",
                         k.id,
                         k.name,
-                        if k.revoked_ms.is_some() { "revoked" } else { "active" },
-                        k.budget_usd.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into()),
+                        if k.revoked_ms.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        },
+                        k.budget_usd
+                            .map(|b| format!("{b:.2}"))
+                            .unwrap_or_else(|| "-".into()),
                         k.period.as_str(),
                         k.rpm.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
-                        k.models.map(|m| m.join(",")).unwrap_or_else(|| "all".into()),
+                        k.models
+                            .map(|m| m.join(","))
+                            .unwrap_or_else(|| "all".into()),
                     );
                 }
                 ExitCode::SUCCESS
@@ -336,13 +361,14 @@ async fn usage_command(
             return ExitCode::from(2);
         };
         let p = &loaded.policy;
-        let upstream = match Upstream::new(&p.upstream.base_url, p.timeouts.connect, p.timeouts.connect) {
-            Ok(u) => u,
-            Err(e) => {
-                eprintln!("poe-gateway: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let upstream =
+            match Upstream::new(&p.upstream.base_url, p.timeouts.connect, p.timeouts.connect) {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("poe-gateway: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
         return match upstream.balance(&key).await {
             Ok(points) => {
                 println!("{points} points");
@@ -366,7 +392,12 @@ async fn usage_command(
             return ExitCode::from(2);
         }
     };
-    let until_ms = match args.until.as_deref().map(|u| parse_when(u, now)).transpose() {
+    let until_ms = match args
+        .until
+        .as_deref()
+        .map(|u| parse_when(u, now))
+        .transpose()
+    {
         Ok(t) => t.unwrap_or(now + 1),
         Err(e) => {
             eprintln!("poe-gateway: --until: {e}");
@@ -404,7 +435,12 @@ async fn healthcheck(listen: std::net::SocketAddr) -> ExitCode {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Empty<bytes::Bytes>>();
     let uri = format!("http://{addr}/healthz");
-    match tokio::time::timeout(std::time::Duration::from_secs(3), client.get(uri.parse().expect("a valid URI"))).await {
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        client.get(uri.parse().expect("a valid URI")),
+    )
+    .await
+    {
         Ok(Ok(resp)) if resp.status().is_success() => ExitCode::SUCCESS,
         Ok(Ok(resp)) => {
             eprintln!("poe-gateway: {uri} answered {}", resp.status());

@@ -2,8 +2,8 @@
 //! run several gateways in one process do not mix their numbers.
 
 use prometheus::{
-    CounterVec, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -38,45 +38,78 @@ impl Metrics {
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m.expect("metric definition");
-                registry.register(Box::new(m.clone())).expect("metric registers once");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric registers once");
                 m
             }};
         }
         let opts = |name: &str, help: &str| Opts::new(format!("poe_gateway_{name}"), help);
         let hist = |name: &str, help: &str| {
-            HistogramOpts::new(format!("poe_gateway_{name}"), help).buckets(LATENCY_BUCKETS.to_vec())
+            HistogramOpts::new(format!("poe_gateway_{name}"), help)
+                .buckets(LATENCY_BUCKETS.to_vec())
         };
         Metrics {
             requests: reg!(IntCounterVec::new(
-                opts("requests_total", "Chat completion requests by bot, status and key id."),
+                opts(
+                    "requests_total",
+                    "Chat completion requests by bot, status and key id."
+                ),
                 &["bot", "status", "key"]
             )),
-            prompt_tokens: reg!(IntCounterVec::new(opts("prompt_tokens_total", "Prompt tokens by bot."), &["bot"])),
+            prompt_tokens: reg!(IntCounterVec::new(
+                opts("prompt_tokens_total", "Prompt tokens by bot."),
+                &["bot"]
+            )),
             completion_tokens: reg!(IntCounterVec::new(
                 opts("completion_tokens_total", "Completion tokens by bot."),
                 &["bot"]
             )),
-            cost_usd: reg!(CounterVec::new(opts("cost_usd_total", "Cost in USD by bot (priced rows only)."), &["bot"])),
+            cost_usd: reg!(CounterVec::new(
+                opts("cost_usd_total", "Cost in USD by bot (priced rows only)."),
+                &["bot"]
+            )),
             duration: reg!(HistogramVec::new(
-                hist("request_duration_seconds", "Request duration, to the end of the response body."),
+                hist(
+                    "request_duration_seconds",
+                    "Request duration, to the end of the response body."
+                ),
                 &["stream"]
             )),
             ttfb: reg!(HistogramVec::new(
-                hist("time_to_first_byte_seconds", "Time from request to the first response byte from Poe."),
+                hist(
+                    "time_to_first_byte_seconds",
+                    "Time from request to the first response byte from Poe."
+                ),
                 &["stream"]
             )),
-            in_flight: reg!(IntGauge::with_opts(opts("requests_in_flight", "Chat requests whose response is still open."))),
-            streams_in_flight: reg!(IntGauge::with_opts(opts("streams_in_flight", "Open streamed responses."))),
+            in_flight: reg!(IntGauge::with_opts(opts(
+                "requests_in_flight",
+                "Chat requests whose response is still open."
+            ))),
+            streams_in_flight: reg!(IntGauge::with_opts(opts(
+                "streams_in_flight",
+                "Open streamed responses."
+            ))),
             upstream_attempts: reg!(IntCounterVec::new(
-                opts("upstream_attempts_total", "Calls to Poe, by result (ok, http_<status>, connect, timeout, broken)."),
+                opts(
+                    "upstream_attempts_total",
+                    "Calls to Poe, by result (ok, http_<status>, connect, timeout, broken)."
+                ),
                 &["result"]
             )),
-            ledger_queue_depth: reg!(IntGauge::with_opts(opts("ledger_queue_depth", "Usage rows waiting to be written."))),
+            ledger_queue_depth: reg!(IntGauge::with_opts(opts(
+                "ledger_queue_depth",
+                "Usage rows waiting to be written."
+            ))),
             ledger_dropped: reg!(IntCounter::with_opts(opts(
                 "ledger_dropped_total",
                 "Usage rows dropped because the ledger queue was full."
             ))),
-            ledger_written: reg!(IntCounter::with_opts(opts("ledger_written_total", "Usage rows written."))),
+            ledger_written: reg!(IntCounter::with_opts(opts(
+                "ledger_written_total",
+                "Usage rows written."
+            ))),
             ledger_write_errors: reg!(IntCounter::with_opts(opts(
                 "ledger_write_errors_total",
                 "Usage rows lost to database errors."
@@ -85,9 +118,18 @@ impl Metrics {
                 "point_balance",
                 "Poe compute-point balance of the server key (last read)."
             ))),
-            cache_hits: reg!(IntCounter::with_opts(opts("cache_hits_total", "Response cache hits."))),
-            cache_misses: reg!(IntCounter::with_opts(opts("cache_misses_total", "Response cache misses."))),
-            cache_bytes: reg!(IntGauge::with_opts(opts("cache_bytes", "Bytes held by the response cache."))),
+            cache_hits: reg!(IntCounter::with_opts(opts(
+                "cache_hits_total",
+                "Response cache hits."
+            ))),
+            cache_misses: reg!(IntCounter::with_opts(opts(
+                "cache_misses_total",
+                "Response cache misses."
+            ))),
+            cache_bytes: reg!(IntGauge::with_opts(opts(
+                "cache_bytes",
+                "Bytes held by the response cache."
+            ))),
             cache_evictions: reg!(IntCounter::with_opts(opts(
                 "cache_evictions_total",
                 "Response cache entries evicted for space."

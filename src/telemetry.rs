@@ -44,10 +44,10 @@ pub struct Telemetry {
 impl Telemetry {
     /// Flushes and stops the exporter (graceful shutdown).
     pub fn shutdown(self) {
-        if let Some(p) = self.provider {
-            if let Err(e) = p.shutdown() {
-                eprintln!("poe-gateway: flushing traces failed: {e}");
-            }
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("poe-gateway: flushing traces failed: {e}");
         }
     }
 }
@@ -72,7 +72,10 @@ pub fn init() -> Telemetry {
             Ok(provider) => {
                 let tracer = provider.tracer("poe-gateway");
                 set_traces_enabled(true);
-                (Some(tracing_opentelemetry::layer().with_tracer(tracer)), Some(provider))
+                (
+                    Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+                    Some(provider),
+                )
             }
             Err(e) => {
                 eprintln!("poe-gateway: traces disabled: {e}");
@@ -106,9 +109,15 @@ pub struct OtelSettings {
 impl OtelSettings {
     /// `None` when no endpoint is set (tracing off). Only `http/protobuf` is supported;
     /// another `OTEL_EXPORTER_OTLP_PROTOCOL` is an error rather than a silent fallback.
-    pub fn from_env<I: IntoIterator<Item = (String, String)>>(vars: I) -> Result<Option<OtelSettings>, String> {
+    pub fn from_env<I: IntoIterator<Item = (String, String)>>(
+        vars: I,
+    ) -> Result<Option<OtelSettings>, String> {
         let env: HashMap<String, String> = vars.into_iter().collect();
-        let get = |k: &str| env.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let get = |k: &str| {
+            env.get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
         let endpoint = match (
             get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
             get("OTEL_EXPORTER_OTLP_ENDPOINT"),
@@ -118,7 +127,8 @@ impl OtelSettings {
             (None, Some(base)) => format!("{}/v1/traces", base.trim_end_matches('/')),
             (None, None) => return Ok(None),
         };
-        let protocol = get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| get("OTEL_EXPORTER_OTLP_PROTOCOL"));
+        let protocol = get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| get("OTEL_EXPORTER_OTLP_PROTOCOL"));
         if let Some(p) = protocol.filter(|p| p != "http/protobuf") {
             return Err(format!(
                 "OTEL_EXPORTER_OTLP_PROTOCOL={p} is not supported; use http/protobuf (the collector's port 4318)"
@@ -200,7 +210,10 @@ pub fn inject_context(span: &tracing::Span, headers: &mut http::HeaderMap) {
     if !traces_enabled() || span.is_none() {
         return;
     }
-    TraceContextPropagator::new().inject_context(&span.context(), &mut opentelemetry_http::HeaderInjector(headers));
+    TraceContextPropagator::new().inject_context(
+        &span.context(),
+        &mut opentelemetry_http::HeaderInjector(headers),
+    );
 }
 
 #[cfg(test)]
@@ -208,7 +221,9 @@ mod tests {
     use super::*;
 
     fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -216,7 +231,10 @@ mod tests {
         assert_eq!(OtelSettings::from_env(vars(&[])).unwrap(), None);
         let s = OtelSettings::from_env(vars(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
-            ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=a%20b,authorization=Bearer t"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "x-tenant=a%20b,authorization=Bearer t",
+            ),
         ]))
         .unwrap()
         .unwrap();

@@ -13,7 +13,8 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ALIASES: &str = "[aliases]\nclaude = \"claude-sonnet-4.5\"\ngpt = \"gpt-5\"\n";
-const KEYS: &str = "[auth]\nmode = \"keys\"\n[aliases]\nclaude = \"claude-sonnet-4.5\"\ngpt = \"gpt-5\"\n";
+const KEYS: &str =
+    "[auth]\nmode = \"keys\"\n[aliases]\nclaude = \"claude-sonnet-4.5\"\ngpt = \"gpt-5\"\n";
 
 fn usage_chunk(p: u64, c: u64) -> String {
     format!(
@@ -42,7 +43,11 @@ async fn stream_without_include_usage_is_accounted_and_the_client_sees_its_own_s
     for db in databases().await {
         let up = MockUpstream::start().await;
         // What Poe sends when asked for usage: the usage-only chunk before [DONE].
-        let content = [chunk("gpt-5", "Hel"), chunk("gpt-5", "lo"), finish_chunk("gpt-5")];
+        let content = [
+            chunk("gpt-5", "Hel"),
+            chunk("gpt-5", "lo"),
+            finish_chunk("gpt-5"),
+        ];
         let mut reply = Reply::sse();
         for c in &content {
             reply = reply.send(c.clone());
@@ -53,7 +58,11 @@ async fn stream_without_include_usage_is_accounted_and_the_client_sees_its_own_s
         let resp = post(&gw, &chat_body("gpt", true), &[]).await;
         let got = body_bytes(resp).await;
         let expected = [content.concat(), "data: [DONE]\n\n".to_string()].concat();
-        assert_eq!(got, Bytes::from(expected), "{db}: the client must not see the injected usage");
+        assert_eq!(
+            got,
+            Bytes::from(expected),
+            "{db}: the client must not see the injected usage"
+        );
         let sent = up.chats()[0].json();
         assert_eq!(sent["stream_options"]["include_usage"], true, "{db}");
 
@@ -68,13 +77,22 @@ async fn stream_without_include_usage_is_accounted_and_the_client_sees_its_own_s
 async fn stream_with_include_usage_passes_through_untouched() {
     for db in databases().await {
         let up = MockUpstream::start().await;
-        let body = [chunk("gpt-5", "Hi"), finish_chunk("gpt-5"), usage_chunk(5, 1), "data: [DONE]\n\n".into()].concat();
+        let body = [
+            chunk("gpt-5", "Hi"),
+            finish_chunk("gpt-5"),
+            usage_chunk(5, 1),
+            "data: [DONE]\n\n".into(),
+        ]
+        .concat();
         up.push(Reply::sse().send(body.clone()));
         let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
         let req = r#"{"model":"gpt","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":true}}"#;
         let got = body_bytes(post(&gw, req, &[]).await).await;
         assert_eq!(got, Bytes::from(body), "{db}");
-        assert_eq!(up.chats()[0].body, Bytes::from(req.replace("\"gpt\"", "\"gpt-5\"")));
+        assert_eq!(
+            up.chats()[0].body,
+            Bytes::from(req.replace("\"gpt\"", "\"gpt-5\""))
+        );
         assert_eq!(report(&core, None).await.totals.prompt_tokens, 5, "{db}");
     }
 }
@@ -84,15 +102,29 @@ async fn usage_on_a_content_chunk_keeps_the_content() {
     for db in databases().await {
         let up = MockUpstream::start().await;
         let last = r#"data: {"id":"c","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":9,"total_tokens":13}}"#;
-        up.push(Reply::sse().send(chunk("gpt-5", "Hi")).send(format!("{last}\n\n")).send("data: [DONE]\n\n"));
+        up.push(
+            Reply::sse()
+                .send(chunk("gpt-5", "Hi"))
+                .send(format!("{last}\n\n"))
+                .send("data: [DONE]\n\n"),
+        );
         let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
-        let got = String::from_utf8(body_bytes(post(&gw, &chat_body("gpt", true), &[]).await).await.to_vec()).unwrap();
+        let got = String::from_utf8(
+            body_bytes(post(&gw, &chat_body("gpt", true), &[]).await)
+                .await
+                .to_vec(),
+        )
+        .unwrap();
         let want = format!(
             "{}data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"!\"}},\"finish_reason\":\"stop\"}}]}}\n\ndata: [DONE]\n\n",
             chunk("gpt-5", "Hi")
         );
         assert_eq!(got, want, "{db}");
-        assert_eq!(report(&core, None).await.totals.completion_tokens, 9, "{db}");
+        assert_eq!(
+            report(&core, None).await.totals.completion_tokens,
+            9,
+            "{db}"
+        );
     }
 }
 
@@ -103,15 +135,25 @@ async fn non_stream_usage_and_cost_from_the_catalogue() {
         up.push(Reply::completion("claude-sonnet-4.5", "hello"));
         up.push(Reply::completion("mystery-bot", "hello"));
         let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
-        assert_eq!(post(&gw, &chat_body("claude", false), &[]).await.status(), 200);
+        assert_eq!(
+            post(&gw, &chat_body("claude", false), &[]).await.status(),
+            200
+        );
         let _ = body_bytes(post(&gw, &chat_body("mystery-bot", false), &[]).await).await;
         let r = report(&core, None).await;
         assert_eq!(r.totals.requests, 2, "{db}");
         assert_eq!(r.totals.prompt_tokens, 14, "{db}");
         // 7 prompt tokens at $3/M and 3 completion tokens at $15/M; mystery-bot has no price.
         let want = 7.0 * 0.000003 + 3.0 * 0.000015;
-        assert!((r.totals.cost_usd - want).abs() < 1e-12, "{db}: {}", r.totals.cost_usd);
-        assert_eq!(r.totals.unpriced, 1, "{db}: an unknown price is null, not 0");
+        assert!(
+            (r.totals.cost_usd - want).abs() < 1e-12,
+            "{db}: {}",
+            r.totals.cost_usd
+        );
+        assert_eq!(
+            r.totals.unpriced, 1,
+            "{db}: an unknown price is null, not 0"
+        );
     }
 }
 
@@ -120,11 +162,15 @@ async fn pricing_overrides_win() {
     for db in databases().await {
         let up = MockUpstream::start().await;
         up.push(Reply::completion("mystery-bot", "hello"));
-        let policy = "[aliases]\n[pricing.mystery-bot]\nprompt = 0.001\ncompletion = 0.002\nrequest = 0.5\n";
+        let policy =
+            "[aliases]\n[pricing.mystery-bot]\nprompt = 0.001\ncompletion = 0.002\nrequest = 0.5\n";
         let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
         let _ = body_bytes(post(&gw, &chat_body("mystery-bot", false), &[]).await).await;
         let r = report(&core, None).await;
-        assert!((r.totals.cost_usd - (7.0 * 0.001 + 3.0 * 0.002 + 0.5)).abs() < 1e-9, "{db}");
+        assert!(
+            (r.totals.cost_usd - (7.0 * 0.001 + 3.0 * 0.002 + 0.5)).abs() < 1e-9,
+            "{db}"
+        );
         assert_eq!(r.totals.unpriced, 0);
     }
 }
@@ -133,9 +179,18 @@ async fn pricing_overrides_win() {
 async fn broken_and_cancelled_streams_are_recorded_with_estimates() {
     for db in databases().await {
         let up = MockUpstream::start().await;
-        up.push(Reply::sse().send(chunk("gpt-5", "twelve chars")).drop_connection());
+        up.push(
+            Reply::sse()
+                .send(chunk("gpt-5", "twelve chars"))
+                .drop_connection(),
+        );
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        up.push(Reply::sse().send(chunk("gpt-5", "eight ch")).gate(&gate).send("data: [DONE]\n\n"));
+        up.push(
+            Reply::sse()
+                .send(chunk("gpt-5", "eight ch"))
+                .gate(&gate)
+                .send("data: [DONE]\n\n"),
+        );
         let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
 
         let _ = body_bytes(post(&gw, &chat_body("gpt", true), &[]).await).await;
@@ -156,26 +211,50 @@ async fn broken_and_cancelled_streams_are_recorded_with_estimates() {
             seen.extend_from_slice(&buf[..n]);
         }
         drop(sock);
-        tokio::time::timeout(Duration::from_secs(10), up.wait_disconnect()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), up.wait_disconnect())
+            .await
+            .unwrap();
 
         // Both rows: outcome and estimated completion tokens (text bytes / 4, rounded up).
         core.flush().await;
         let store = core.ledger().store();
         let all = store
-            .report(&ReportQuery { since_ms: 0, until_ms: i64::MAX, key_id: None, group_by: None })
+            .report(&ReportQuery {
+                since_ms: 0,
+                until_ms: i64::MAX,
+                key_id: None,
+                group_by: None,
+            })
             .await
             .unwrap();
         assert_eq!(all.totals.requests, 2, "{db}");
-        assert_eq!(all.totals.errors, 2, "{db}: incomplete and cancelled count as errors");
-        assert_eq!(all.totals.completion_tokens, 3 + 2, "{db}: ceil(12/4) + ceil(8/4)");
+        assert_eq!(
+            all.totals.errors, 2,
+            "{db}: incomplete and cancelled count as errors"
+        );
+        assert_eq!(
+            all.totals.completion_tokens,
+            3 + 2,
+            "{db}: ceil(12/4) + ceil(8/4)"
+        );
     }
 }
 
 async fn create_key(gw: &TestGateway, body: &str) -> (String, String) {
-    let resp = request(gw, "POST", "/admin/keys", &[("authorization", &format!("Bearer {ADMIN_KEY}"))], body).await;
+    let resp = request(
+        gw,
+        "POST",
+        "/admin/keys",
+        &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+        body,
+    )
+    .await;
     assert_eq!(resp.status(), 201);
     let v = body_json(resp).await;
-    (v["id"].as_str().unwrap().to_string(), v["key"].as_str().unwrap().to_string())
+    (
+        v["id"].as_str().unwrap().to_string(),
+        v["key"].as_str().unwrap().to_string(),
+    )
 }
 
 #[tokio::test]
@@ -184,9 +263,19 @@ async fn gateway_keys_authenticate_and_revoke() {
         let up = MockUpstream::start().await;
         up.set_fallback(Reply::completion("gpt-5", "ok"));
         let (gw, core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
-        expect_error(post(&gw, &chat_body("gpt", false), &[]).await, 401, "authentication_error").await;
         expect_error(
-            post(&gw, &chat_body("gpt", false), &[("authorization", "Bearer pgw_not-a-real-key")]).await,
+            post(&gw, &chat_body("gpt", false), &[]).await,
+            401,
+            "authentication_error",
+        )
+        .await;
+        expect_error(
+            post(
+                &gw,
+                &chat_body("gpt", false),
+                &[("authorization", "Bearer pgw_not-a-real-key")],
+            )
+            .await,
             401,
             "authentication_error",
         )
@@ -204,13 +293,35 @@ async fn gateway_keys_authenticate_and_revoke() {
         let _ = body_bytes(resp).await;
 
         // The caller's own usage.
-        let v = body_json(request(&gw, "GET", "/v1/usage?group_by=model", &[("authorization", &auth)], "").await).await;
+        let v = body_json(
+            request(
+                &gw,
+                "GET",
+                "/v1/usage?group_by=model",
+                &[("authorization", &auth)],
+                "",
+            )
+            .await,
+        )
+        .await;
         assert_eq!(v["totals"]["requests"], 1, "{db}: {v}");
         assert_eq!(v["groups"][0]["group"], "gpt-5");
 
-        let resp = request(&gw, "DELETE", &format!("/admin/keys/{id}"), &[("authorization", &format!("Bearer {ADMIN_KEY}"))], "").await;
+        let resp = request(
+            &gw,
+            "DELETE",
+            &format!("/admin/keys/{id}"),
+            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+            "",
+        )
+        .await;
         assert_eq!(resp.status(), 200);
-        let e = expect_error(post(&gw, &chat_body("gpt", false), &[("authorization", &auth)]).await, 401, "authentication_error").await;
+        let e = expect_error(
+            post(&gw, &chat_body("gpt", false), &[("authorization", &auth)]).await,
+            401,
+            "authentication_error",
+        )
+        .await;
         assert!(e["message"].as_str().unwrap().contains("revoked"));
         assert_eq!(report(&core, Some(&id)).await.totals.requests, 1, "{db}");
     }
@@ -225,31 +336,60 @@ async fn key_rpm_model_list_and_budget() {
 
         let (_, key) = create_key(&gw, r#"{"name":"bob","rpm":2,"models":["claude"]}"#).await;
         let auth = format!("Bearer {key}");
-        let e = expect_error(post(&gw, &chat_body("gpt", false), &[("authorization", &auth)]).await, 403, "permission_error").await;
+        let e = expect_error(
+            post(&gw, &chat_body("gpt", false), &[("authorization", &auth)]).await,
+            403,
+            "permission_error",
+        )
+        .await;
         assert_eq!(e["code"], "model_not_allowed");
         for _ in 0..2 {
-            let r = post(&gw, &chat_body("claude", false), &[("authorization", &auth)]).await;
+            let r = post(
+                &gw,
+                &chat_body("claude", false),
+                &[("authorization", &auth)],
+            )
+            .await;
             assert_eq!(r.status(), 200);
             let _ = body_bytes(r).await;
         }
-        let r = post(&gw, &chat_body("claude", false), &[("authorization", &auth)]).await;
+        let r = post(
+            &gw,
+            &chat_body("claude", false),
+            &[("authorization", &auth)],
+        )
+        .await;
         assert!(r.headers().contains_key("retry-after"));
         let e = expect_error(r, 429, "rate_limit_error").await;
         assert_eq!(e["code"], "rate_limit_exceeded");
 
         // A budget of 0.0001 USD: one claude call (7*3e-6 + 3*15e-6 = 6.6e-5) fits, the next
         // still fits (checked before, charged after), the third is refused.
-        let (_, key) = create_key(&gw, r#"{"name":"carol","budget_usd":0.0001,"period":"day"}"#).await;
+        let (_, key) = create_key(
+            &gw,
+            r#"{"name":"carol","budget_usd":0.0001,"period":"day"}"#,
+        )
+        .await;
         let auth = format!("Bearer {key}");
         for _ in 0..2 {
-            let r = post(&gw, &chat_body("claude", false), &[("authorization", &auth)]).await;
+            let r = post(
+                &gw,
+                &chat_body("claude", false),
+                &[("authorization", &auth)],
+            )
+            .await;
             assert_eq!(r.status(), 200, "{db}");
             let _ = body_bytes(r).await;
         }
         let mut refused = None;
         for _ in 0..50 {
             // Charging happens when the ledger writes the row; give it a moment.
-            let r = post(&gw, &chat_body("claude", false), &[("authorization", &auth)]).await;
+            let r = post(
+                &gw,
+                &chat_body("claude", false),
+                &[("authorization", &auth)],
+            )
+            .await;
             if r.status() == 429 {
                 refused = Some(r);
                 break;
@@ -257,7 +397,12 @@ async fn key_rpm_model_list_and_budget() {
             let _ = body_bytes(r).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let e = expect_error(refused.expect("budget never enforced"), 429, "insufficient_quota").await;
+        let e = expect_error(
+            refused.expect("budget never enforced"),
+            429,
+            "insufficient_quota",
+        )
+        .await;
         assert_eq!(e["code"], "insufficient_quota");
     }
 }
@@ -267,27 +412,78 @@ async fn admin_api_needs_the_admin_key() {
     let up = MockUpstream::start().await;
     let db = databases().await.remove(0);
     let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
-    expect_error(request(&gw, "GET", "/admin/keys", &[], "").await, 401, "authentication_error").await;
-    expect_error(request(&gw, "GET", "/admin/keys", &[("authorization", "Bearer wrong")], "").await, 401, "authentication_error").await;
-    let (_, key) = create_key(&gw, r#"{"name":"dave"}"#).await;
-    // A gateway key is not an admin key.
     expect_error(
-        request(&gw, "GET", "/admin/keys", &[("authorization", &format!("Bearer {key}"))], "").await,
+        request(&gw, "GET", "/admin/keys", &[], "").await,
         401,
         "authentication_error",
     )
     .await;
-    let v = body_json(request(&gw, "GET", "/admin/keys", &[("authorization", &format!("Bearer {ADMIN_KEY}"))], "").await).await;
-    assert_eq!(v["data"][0]["name"], "dave");
-    assert!(v["data"][0].get("hash").is_none() && v["data"][0].get("key").is_none(), "{v}");
     expect_error(
-        request(&gw, "POST", "/admin/keys", &[("authorization", &format!("Bearer {ADMIN_KEY}"))], r#"{"name":""}"#).await,
+        request(
+            &gw,
+            "GET",
+            "/admin/keys",
+            &[("authorization", "Bearer wrong")],
+            "",
+        )
+        .await,
+        401,
+        "authentication_error",
+    )
+    .await;
+    let (_, key) = create_key(&gw, r#"{"name":"dave"}"#).await;
+    // A gateway key is not an admin key.
+    expect_error(
+        request(
+            &gw,
+            "GET",
+            "/admin/keys",
+            &[("authorization", &format!("Bearer {key}"))],
+            "",
+        )
+        .await,
+        401,
+        "authentication_error",
+    )
+    .await;
+    let v = body_json(
+        request(
+            &gw,
+            "GET",
+            "/admin/keys",
+            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+            "",
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(v["data"][0]["name"], "dave");
+    assert!(
+        v["data"][0].get("hash").is_none() && v["data"][0].get("key").is_none(),
+        "{v}"
+    );
+    expect_error(
+        request(
+            &gw,
+            "POST",
+            "/admin/keys",
+            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+            r#"{"name":""}"#,
+        )
+        .await,
         400,
         "invalid_request_error",
     )
     .await;
     expect_error(
-        request(&gw, "GET", "/admin/usage?since=whenever", &[("authorization", &format!("Bearer {ADMIN_KEY}"))], "").await,
+        request(
+            &gw,
+            "GET",
+            "/admin/usage?since=whenever",
+            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+            "",
+        )
+        .await,
         400,
         "invalid_request_error",
     )
@@ -302,10 +498,25 @@ async fn admin_usage_sees_everyone_and_metrics_are_exported() {
     let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
     for name in ["erin", "frank"] {
         let (_, key) = create_key(&gw, &format!(r#"{{"name":"{name}"}}"#)).await;
-        let _ = body_bytes(post(&gw, &chat_body("claude", false), &[("authorization", &format!("Bearer {key}"))]).await).await;
+        let _ = body_bytes(
+            post(
+                &gw,
+                &chat_body("claude", false),
+                &[("authorization", &format!("Bearer {key}"))],
+            )
+            .await,
+        )
+        .await;
     }
     let v = body_json(
-        request(&gw, "GET", "/admin/usage?group_by=key&since=1d", &[("authorization", &format!("Bearer {ADMIN_KEY}"))], "").await,
+        request(
+            &gw,
+            "GET",
+            "/admin/usage?group_by=key&since=1d",
+            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+            "",
+        )
+        .await,
     )
     .await;
     assert_eq!(v["totals"]["requests"], 2, "{v}");

@@ -65,7 +65,10 @@ async fn stream_hit_is_byte_identical_and_honours_include_usage() {
     let (x1, b1) = call(&gw, &det_body("gpt", true), &[]).await;
     let (x2, b2) = call(&gw, &det_body("gpt", true), &[]).await;
     assert_eq!((x1.as_str(), x2.as_str()), ("MISS", "HIT"));
-    assert_eq!(b1, b2, "a replay is the stream the client got the first time");
+    assert_eq!(
+        b1, b2,
+        "a replay is the stream the client got the first time"
+    );
     assert!(!String::from_utf8_lossy(&b2).contains("\"usage\""));
     assert!(String::from_utf8_lossy(&b2).ends_with("data: [DONE]\n\n"));
 
@@ -121,7 +124,11 @@ async fn ttl_expires_on_paused_time() {
     tokio::time::advance(Duration::from_secs(599)).await;
     assert_eq!(call(&gw, &body, &[]).await.0, "HIT");
     tokio::time::advance(Duration::from_secs(2)).await;
-    assert_eq!(call(&gw, &body, &[]).await.0, "MISS", "the short TTL passed");
+    assert_eq!(
+        call(&gw, &body, &[]).await.0,
+        "MISS",
+        "the short TTL passed"
+    );
     // The policy TTL (1 h) applies without the header.
     tokio::time::advance(Duration::from_secs(3599)).await;
     assert_eq!(call(&gw, &body, &[]).await.0, "HIT");
@@ -137,10 +144,20 @@ async fn tenants_are_isolated_unless_shared() {
         let policy = format!("[auth]\nmode = \"passthrough\"\n[cache]\nshared = {shared}\n");
         let gw = TestGateway::start(&up, &policy, &[]).await;
         let body = det_body("gpt-5", false);
-        assert_eq!(call(&gw, &body, &[("authorization", "Bearer poe-key-a")]).await.0, "MISS");
+        assert_eq!(
+            call(&gw, &body, &[("authorization", "Bearer poe-key-a")])
+                .await
+                .0,
+            "MISS"
+        );
         let (x, _) = call(&gw, &body, &[("authorization", "Bearer poe-key-b")]).await;
         assert_eq!(x, if shared { "HIT" } else { "MISS" }, "shared = {shared}");
-        assert_eq!(call(&gw, &body, &[("authorization", "Bearer poe-key-a")]).await.0, "HIT");
+        assert_eq!(
+            call(&gw, &body, &[("authorization", "Bearer poe-key-a")])
+                .await
+                .0,
+            "HIT"
+        );
         assert_eq!(up.chat_calls(), expect_calls, "shared = {shared}");
     }
 }
@@ -176,10 +193,17 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
                 }
             }
         }
-        if all { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     })
     .await;
-    results.into_iter().map(|r| r.expect("every future finished")).collect()
+    results
+        .into_iter()
+        .map(|r| r.expect("every future finished"))
+        .collect()
 }
 
 #[tokio::test]
@@ -190,24 +214,45 @@ async fn broken_streams_errors_and_media_are_never_stored() {
     up.push(Reply::sse().send(chunk("gpt-5", "half")).drop_connection());
     up.push(poe_stream("gpt-5"));
     let _ = call(&gw, &det_body("gpt", true), &[]).await;
-    assert_eq!(call(&gw, &det_body("gpt", true), &[]).await.0, "MISS", "a broken stream was stored");
+    assert_eq!(
+        call(&gw, &det_body("gpt", true), &[]).await.0,
+        "MISS",
+        "a broken stream was stored"
+    );
 
     let resp = {
-        up.push(Reply::json(500, r#"{"error":{"code":500,"type":"provider_error","message":"x"}}"#));
-        up.push(Reply::json(500, r#"{"error":{"code":500,"type":"provider_error","message":"x"}}"#));
-        up.push(Reply::json(500, r#"{"error":{"code":500,"type":"provider_error","message":"x"}}"#));
+        up.push(Reply::json(
+            500,
+            r#"{"error":{"code":500,"type":"provider_error","message":"x"}}"#,
+        ));
+        up.push(Reply::json(
+            500,
+            r#"{"error":{"code":500,"type":"provider_error","message":"x"}}"#,
+        ));
+        up.push(Reply::json(
+            500,
+            r#"{"error":{"code":500,"type":"provider_error","message":"x"}}"#,
+        ));
         post(&gw, &det_body("claude", false), &[]).await
     };
     assert_eq!(resp.status(), 500);
     let _ = body_bytes(resp).await;
     up.push(Reply::completion("claude-sonnet-4.5", "ok"));
-    assert_eq!(call(&gw, &det_body("claude", false), &[]).await.0, "MISS", "an error was stored");
+    assert_eq!(
+        call(&gw, &det_body("claude", false), &[]).await.0,
+        "MISS",
+        "an error was stored"
+    );
 
     let media = "![image.png](https://pfst.cf2.poecdn.net/base/image/abc?w=1024&h=1024)\nhttps://pfst.cf2.poecdn.net/base/image/abc?w=1024&h=1024";
     up.push(Reply::completion("gpt-image-1", media));
     up.push(Reply::completion("gpt-image-1", media));
     assert_eq!(call(&gw, &det_body("image", false), &[]).await.0, "MISS");
-    assert_eq!(call(&gw, &det_body("image", false), &[]).await.0, "MISS", "a media answer was stored");
+    assert_eq!(
+        call(&gw, &det_body("image", false), &[]).await.0,
+        "MISS",
+        "a media answer was stored"
+    );
 }
 
 #[tokio::test]
@@ -225,21 +270,51 @@ async fn hits_are_accounted_as_savings_and_purge_works() {
     let r = core
         .ledger()
         .store()
-        .report(&ReportQuery { since_ms: 0, until_ms: i64::MAX, key_id: None, group_by: None })
+        .report(&ReportQuery {
+            since_ms: 0,
+            until_ms: i64::MAX,
+            key_id: None,
+            group_by: None,
+        })
         .await
         .unwrap();
     let price = 7.0 * 0.000003 + 3.0 * 0.000015;
     assert_eq!(r.totals.requests, 2);
     assert_eq!(r.totals.cache_hits, 1);
-    assert!((r.totals.cost_usd - price).abs() < 1e-12, "a hit costs nothing: {}", r.totals.cost_usd);
-    assert!((r.totals.saved_usd - price).abs() < 1e-12, "and saves its price: {}", r.totals.saved_usd);
+    assert!(
+        (r.totals.cost_usd - price).abs() < 1e-12,
+        "a hit costs nothing: {}",
+        r.totals.cost_usd
+    );
+    assert!(
+        (r.totals.saved_usd - price).abs() < 1e-12,
+        "and saves its price: {}",
+        r.totals.saved_usd
+    );
 
     let metrics = String::from_utf8(body_bytes(get(&gw, "/metrics").await).await.to_vec()).unwrap();
-    assert!(metrics.contains("poe_gateway_cache_hits_total 1"), "{metrics}");
-    assert!(metrics.contains("poe_gateway_cache_misses_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("poe_gateway_cache_hits_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("poe_gateway_cache_misses_total 1"),
+        "{metrics}"
+    );
 
     let auth = format!("Bearer {ADMIN_KEY}");
-    let resp = request(&gw, "DELETE", "/admin/cache", &[("authorization", &auth)], "").await;
+    let resp = request(
+        &gw,
+        "DELETE",
+        "/admin/cache",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(call(&gw, &det_body("claude", false), &[]).await.0, "MISS", "purged");
+    assert_eq!(
+        call(&gw, &det_body("claude", false), &[]).await.0,
+        "MISS",
+        "purged"
+    );
 }

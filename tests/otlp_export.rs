@@ -28,7 +28,9 @@ async fn receiver() -> (std::net::SocketAddr, Arc<Received>) {
     let state = got.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let state = state.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -42,8 +44,14 @@ async fn receiver() -> (std::net::SocketAddr, Arc<Received>) {
                             .to_string();
                         let path = req.uri().path().to_string();
                         let body = req.into_body().collect().await.unwrap().to_bytes();
-                        state.bodies.lock().unwrap().push((format!("{path} {ct}"), body));
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+                        state
+                            .bodies
+                            .lock()
+                            .unwrap()
+                            .push((format!("{path} {ct}"), body));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::new(),
+                        )))
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -90,7 +98,10 @@ async fn spans_reach_an_otlp_receiver_without_any_key() {
             &chat_body("claude", stream),
             &[
                 ("authorization", &format!("Bearer {gateway_key}")),
-                ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+                (
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
             ],
         )
         .await;
@@ -98,11 +109,22 @@ async fn spans_reach_an_otlp_receiver_without_any_key() {
         let _ = body_bytes(resp).await;
     }
     // A bad key's error path is traced too (nothing of it may leak).
-    let _ = body_bytes(post(&gw, &chat_body("claude", false), &[("authorization", "Bearer pgw_wrong")]).await).await;
+    let _ = body_bytes(
+        post(
+            &gw,
+            &chat_body("claude", false),
+            &[("authorization", "Bearer pgw_wrong")],
+        )
+        .await,
+    )
+    .await;
 
     // Flushing blocks on the batch task: do it off the runtime's workers.
     let p = provider.clone();
-    tokio::task::spawn_blocking(move || p.force_flush()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || p.force_flush())
+        .await
+        .unwrap()
+        .unwrap();
     let mut bodies = Vec::new();
     for _ in 0..100 {
         bodies = got.bodies.lock().unwrap().clone();

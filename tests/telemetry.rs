@@ -40,7 +40,10 @@ impl Traces {
     }
 
     fn named(&self, name: &str) -> Vec<SpanData> {
-        self.spans().into_iter().filter(|s| s.name == name).collect()
+        self.spans()
+            .into_iter()
+            .filter(|s| s.name == name)
+            .collect()
     }
 
     /// Request spans: named `chat {model}` per the GenAI conventions.
@@ -81,7 +84,10 @@ async fn non_stream_span_tree_and_propagation() {
     let resp = post(
         &gw,
         &body,
-        &[("traceparent", &format!("00-{incoming_trace}-{incoming_parent}-01"))],
+        &[(
+            "traceparent",
+            &format!("00-{incoming_trace}-{incoming_parent}-01"),
+        )],
     )
     .await;
     let _ = body_bytes(resp).await;
@@ -104,22 +110,42 @@ async fn non_stream_span_tree_and_propagation() {
         ("poe_gateway.stream", "false"),
         ("http.response.status_code", "200"),
     ] {
-        assert_eq!(attr(&chat, k).as_deref(), Some(v), "{k}: {:?}", chat.attributes);
+        assert_eq!(
+            attr(&chat, k).as_deref(),
+            Some(v),
+            "{k}: {:?}",
+            chat.attributes
+        );
     }
     assert!(attr(&chat, "poe_gateway.ttfb_ms").is_some());
     // The caller's traceparent is the parent.
-    assert_eq!(chat.span_context.trace_id(), TraceId::from_hex(incoming_trace).unwrap());
-    assert_eq!(chat.parent_span_id, SpanId::from_hex(incoming_parent).unwrap());
+    assert_eq!(
+        chat.span_context.trace_id(),
+        TraceId::from_hex(incoming_trace).unwrap()
+    );
+    assert_eq!(
+        chat.parent_span_id,
+        SpanId::from_hex(incoming_parent).unwrap()
+    );
 
     let attempts = traces.attempts();
     assert_eq!(attempts.len(), 1);
     let attempt = &attempts[0];
     assert_eq!(attempt.parent_span_id, chat.span_context.span_id());
-    assert_eq!(attr(attempt, "http.response.status_code").as_deref(), Some("200"));
-    assert_eq!(attr(attempt, "gen_ai.request.model").as_deref(), Some("claude-sonnet-4.5"));
+    assert_eq!(
+        attr(attempt, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(
+        attr(attempt, "gen_ai.request.model").as_deref(),
+        Some("claude-sonnet-4.5")
+    );
 
     // Poe got the attempt's context.
-    let sent = up.chats()[0].headers["traceparent"].to_str().unwrap().to_string();
+    let sent = up.chats()[0].headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert_eq!(
         sent,
         format!("00-{incoming_trace}-{}-01", attempt.span_context.span_id())
@@ -149,7 +175,10 @@ async fn a_stream_span_ends_when_the_stream_ends() {
     let resp = post(&gw, &chat_body("gpt", true), &[]).await;
     let mut body = resp.into_body();
     next_data(&mut body, 10).await.unwrap();
-    assert!(traces.chats().is_empty(), "the span ended while the stream was open");
+    assert!(
+        traces.chats().is_empty(),
+        "the span ended while the stream was open"
+    );
     gate.add_permits(1);
     while next_data(&mut body, 10).await.is_some() {}
     // The tap finishes the request when the body ends; give the span a moment to export.
@@ -163,16 +192,28 @@ async fn a_stream_span_ends_when_the_stream_ends() {
     }
     let chat = chat.expect("chat span exported after the stream ended");
     assert_eq!(attr(&chat, "poe_gateway.stream").as_deref(), Some("true"));
-    assert_eq!(attr(&chat, "gen_ai.usage.output_tokens").as_deref(), Some("2"));
-    assert_eq!(attr(&chat, "gen_ai.response.finish_reasons").as_deref(), Some("[\"stop\"]"));
-    assert_eq!(attr(&chat, "poe_gateway.outcome").as_deref(), Some("completed"));
+    assert_eq!(
+        attr(&chat, "gen_ai.usage.output_tokens").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        attr(&chat, "gen_ai.response.finish_reasons").as_deref(),
+        Some("[\"stop\"]")
+    );
+    assert_eq!(
+        attr(&chat, "poe_gateway.outcome").as_deref(),
+        Some("completed")
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn retries_are_sibling_attempt_spans() {
     let traces = Traces::start();
     let up = MockUpstream::start().await;
-    up.push(Reply::json(502, r#"{"error":{"code":502,"type":"upstream_error","message":"x"}}"#));
+    up.push(Reply::json(
+        502,
+        r#"{"error":{"code":502,"type":"upstream_error","message":"x"}}"#,
+    ));
     up.push(Reply::completion("gpt-5", "ok"));
     let gw = TestGateway::default(&up).await;
     let _ = body_bytes(post(&gw, &chat_body("gpt", false), &[]).await).await;
@@ -181,16 +222,34 @@ async fn retries_are_sibling_attempt_spans() {
     let mut attempts = traces.attempts();
     attempts.sort_by_key(|s| s.start_time);
     assert_eq!(attempts.len(), 2);
-    assert!(attempts.iter().all(|a| a.parent_span_id == chat.span_context.span_id()));
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.parent_span_id == chat.span_context.span_id())
+    );
     assert_eq!(attr(&attempts[0], "error.type").as_deref(), Some("502"));
-    assert_eq!(attr(&attempts[1], "http.response.status_code").as_deref(), Some("200"));
+    assert_eq!(
+        attr(&attempts[1], "http.response.status_code").as_deref(),
+        Some("200")
+    );
     // Each attempt sent its own span id upstream.
     let ids: Vec<String> = up
         .chats()
         .iter()
-        .map(|r| r.headers["traceparent"].to_str().unwrap().split('-').nth(2).unwrap().to_string())
+        .map(|r| {
+            r.headers["traceparent"]
+                .to_str()
+                .unwrap()
+                .split('-')
+                .nth(2)
+                .unwrap()
+                .to_string()
+        })
         .collect();
-    let want: Vec<String> = attempts.iter().map(|a| a.span_context.span_id().to_string()).collect();
+    let want: Vec<String> = attempts
+        .iter()
+        .map(|a| a.span_context.span_id().to_string())
+        .collect();
     assert_eq!(ids, want);
 }
 
@@ -208,14 +267,20 @@ async fn a_cache_hit_has_a_lookup_span_and_no_attempt() {
     let hit = &chats[1];
     assert_eq!(attr(hit, "poe_gateway.cache").as_deref(), Some("HIT"));
     assert_eq!(attr(hit, "poe_gateway.cache_hit").as_deref(), Some("true"));
-    assert_eq!(attr(hit, "gen_ai.request.max_tokens").as_deref(), Some("50"));
+    assert_eq!(
+        attr(hit, "gen_ai.request.max_tokens").as_deref(),
+        Some("50")
+    );
     let lookups: Vec<SpanData> = traces
         .named("cache lookup")
         .into_iter()
         .filter(|s| s.parent_span_id == hit.span_context.span_id())
         .collect();
     assert_eq!(lookups.len(), 1);
-    assert_eq!(attr(&lookups[0], "poe_gateway.cache").as_deref(), Some("HIT"));
+    assert_eq!(
+        attr(&lookups[0], "poe_gateway.cache").as_deref(),
+        Some("HIT")
+    );
     let attempts_under_hit = traces
         .attempts()
         .into_iter()
@@ -236,8 +301,13 @@ async fn an_mcp_tool_span_parents_the_chat_span() {
         vec![("POE_BASE_URL".to_string(), up.url())],
     )
     .unwrap();
-    let gateway = poe_gateway::Gateway::new(policy, Some(poe_gateway::upstream::Secret::new(UPSTREAM_KEY))).unwrap();
-    let server = poe_gateway::mcp::McpCore::new(gateway).local_server(poe_gateway::mcp::stdio_caller());
+    let gateway = poe_gateway::Gateway::new(
+        policy,
+        Some(poe_gateway::upstream::Secret::new(UPSTREAM_KEY)),
+    )
+    .unwrap();
+    let server =
+        poe_gateway::mcp::McpCore::new(gateway).local_server(poe_gateway::mcp::stdio_caller());
     let (server_io, client_io) = tokio::io::duplex(1 << 20);
     tokio::spawn(async move {
         if let Ok(running) = server.serve(server_io).await {

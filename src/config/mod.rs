@@ -24,7 +24,7 @@ pub const DEFAULT_POLICY_PATH: &str = "policies/default.toml";
 const BUILTIN_NAME: &str = "<built-in policies/default.toml>";
 const ENV_PREFIX: &str = "POE_GATEWAY_";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
     pub server: ServerPolicy,
@@ -39,24 +39,6 @@ pub struct Policy {
     pub log: LogPolicy,
     /// Prices for bots Poe's catalogue does not price (or to override it), USD per token.
     pub pricing: BTreeMap<String, crate::gateway::models::Price>,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Policy {
-            server: ServerPolicy::default(),
-            upstream: UpstreamPolicy::default(),
-            auth: AuthPolicy::default(),
-            timeouts: Timeouts::default(),
-            retry: RetryPolicy::default(),
-            limits: LimitsPolicy::default(),
-            aliases: BTreeMap::new(),
-            pricing: BTreeMap::new(),
-            cache: CachePolicy::default(),
-            log: LogPolicy::default(),
-            mcp: McpPolicy::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -515,7 +497,10 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
         }
     }
     if p.cache.ttl.is_zero() {
-        return bad("cache.ttl", "must be greater than zero (use cache.mode = \"off\" to disable)");
+        return bad(
+            "cache.ttl",
+            "must be greater than zero (use cache.mode = \"off\" to disable)",
+        );
     }
     if p.cache.max_entry_bytes.0 > p.cache.max_bytes.0 {
         return bad("cache.max_entry_bytes", "must not exceed cache.max_bytes");

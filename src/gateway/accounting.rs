@@ -53,8 +53,12 @@ impl Accountant {
         let fetch = self.models.get(&self.upstream, &self.aliases);
         match tokio::time::timeout(Duration::from_secs(10), fetch).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "model catalogue unavailable; pricing from [pricing] only"),
-            Err(_) => tracing::warn!("model catalogue fetch timed out; pricing from [pricing] only"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "model catalogue unavailable; pricing from [pricing] only")
+            }
+            Err(_) => {
+                tracing::warn!("model catalogue fetch timed out; pricing from [pricing] only")
+            }
         }
     }
 
@@ -80,13 +84,19 @@ impl Accountant {
 }
 
 impl BatchHook for Accountant {
-    fn before_write<'a>(&'a self, rows: &'a mut [UsageRow]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    fn before_write<'a>(
+        &'a self,
+        rows: &'a mut [UsageRow],
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
             self.ensure_catalogue().await;
             for row in rows.iter_mut() {
                 self.price_row(row);
                 if let Some(cost) = row.cost_usd.filter(|c| *c > 0.0) {
-                    self.metrics.cost_usd.with_label_values(&[row.bot.as_str()]).inc_by(cost);
+                    self.metrics
+                        .cost_usd
+                        .with_label_values(&[row.bot.as_str()])
+                        .inc_by(cost);
                     if let (Some(keys), Some(key_id)) = (&self.keys, &row.key_id) {
                         keys.charge(key_id, cost, row.ts_ms);
                     }

@@ -191,7 +191,12 @@ impl ResponseCache {
         if !plan.read {
             return None;
         }
-        let pending = self.pending.lock().expect("pending lock").get(&plan.key).cloned();
+        let pending = self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .get(&plan.key)
+            .cloned();
         let found = match pending {
             Some(e) => Some(e),
             None => self.store.get(&plan.key).await,
@@ -217,10 +222,10 @@ impl ResponseCache {
     /// Joins an in-flight identical non-stream call, or becomes the one that makes it.
     pub fn coalesce(&self, key: CacheKey) -> Coalesced {
         let mut map = self.in_flight.lock().expect("coalesce lock");
-        if let Some(rx) = map.get(&key) {
-            if rx.has_changed().is_ok() {
-                return Coalesced::Follower(rx.clone());
-            }
+        if let Some(rx) = map.get(&key)
+            && rx.has_changed().is_ok()
+        {
+            return Coalesced::Follower(rx.clone());
         }
         let (tx, rx) = watch::channel(None);
         map.insert(key, rx);
@@ -290,7 +295,9 @@ impl ResponseCache {
         else {
             return false;
         };
-        outputs.iter().any(|m| m.as_str().is_some_and(|m| m != "text"))
+        outputs
+            .iter()
+            .any(|m| m.as_str().is_some_and(|m| m != "text"))
     }
 
     fn insert(self: &Arc<Self>, plan: Plan, entry: Entry) {
@@ -307,7 +314,10 @@ impl ResponseCache {
             cache.store.insert(plan.key, entry.clone()).await;
             let mut pending = cache.pending.lock().expect("pending lock");
             // Only if no newer commit replaced it meanwhile.
-            if pending.get(&plan.key).is_some_and(|p| Arc::ptr_eq(p, &entry)) {
+            if pending
+                .get(&plan.key)
+                .is_some_and(|p| Arc::ptr_eq(p, &entry))
+            {
                 pending.remove(&plan.key);
             }
         });
@@ -476,7 +486,10 @@ mod tests {
             &["claude-sonnet-4.5"],
             Some("k1"),
         );
-        assert_eq!(a, b, "key order, user, stream_options and alias do not matter");
+        assert_eq!(
+            a, b,
+            "key order, user, stream_options and alias do not matter"
+        );
         let other_scope = key(
             r#"{"model":"claude","messages":[{"role":"user","content":"x"}],"temperature":0}"#,
             &["claude-sonnet-4.5"],

@@ -43,7 +43,11 @@ pub struct Completion {
 }
 
 impl Completion {
-    pub fn new(info: RequestInfo, acct: Arc<Accounting>, permit: Option<OwnedSemaphorePermit>) -> Self {
+    pub fn new(
+        info: RequestInfo,
+        acct: Arc<Accounting>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
         acct.metrics.in_flight.inc();
         if info.stream {
             acct.metrics.streams_in_flight.inc();
@@ -71,12 +75,18 @@ impl Completion {
             ])
             .inc();
         if let Some(t) = row.prompt_tokens {
-            m.prompt_tokens.with_label_values(&[row.bot.as_str()]).inc_by(t.max(0) as u64);
+            m.prompt_tokens
+                .with_label_values(&[row.bot.as_str()])
+                .inc_by(t.max(0) as u64);
         }
         if let Some(t) = row.completion_tokens {
-            m.completion_tokens.with_label_values(&[row.bot.as_str()]).inc_by(t.max(0) as u64);
+            m.completion_tokens
+                .with_label_values(&[row.bot.as_str()])
+                .inc_by(t.max(0) as u64);
         }
-        m.duration.with_label_values(&[stream]).observe(row.latency_ms / 1000.0);
+        m.duration
+            .with_label_values(&[stream])
+            .observe(row.latency_ms / 1000.0);
         if let Some(ttfb) = row.ttfb_ms {
             m.ttfb.with_label_values(&[stream]).observe(ttfb / 1000.0);
         }
@@ -187,6 +197,8 @@ fn usage_row(i: &RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
         saved_usd: None,
         attempts: i.attempts as i32,
         latency_ms: i.started.elapsed().as_secs_f64() * 1000.0,
-        ttfb_ms: o.first_byte.map(|t| t.duration_since(i.started).as_secs_f64() * 1000.0),
+        ttfb_ms: o
+            .first_byte
+            .map(|t| t.duration_since(i.started).as_secs_f64() * 1000.0),
     }
 }

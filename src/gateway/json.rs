@@ -58,7 +58,6 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
     }
 }
 
-
 impl<'a> TopLevel<'a> {
     /// Parses `text` as one JSON object, nothing after it.
     pub fn parse(text: &'a str) -> Result<TopLevel<'a>, serde_json::Error> {

@@ -73,10 +73,16 @@ pub fn generate_key() -> String {
 pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String), GatewayError> {
     let name = new.name.trim().to_string();
     if name.is_empty() || name.len() > 200 {
-        return Err(GatewayError::bad_param("name", "`name` must be 1 to 200 characters"));
+        return Err(GatewayError::bad_param(
+            "name",
+            "`name` must be 1 to 200 characters",
+        ));
     }
     if new.budget_usd.is_some_and(|b| !b.is_finite() || b < 0.0) {
-        return Err(GatewayError::bad_param("budget_usd", "`budget_usd` must be a non-negative number"));
+        return Err(GatewayError::bad_param(
+            "budget_usd",
+            "`budget_usd` must be a non-negative number",
+        ));
     }
     if new.rpm == Some(0) {
         return Err(GatewayError::bad_param("rpm", "`rpm` must be at least 1"));
@@ -141,7 +147,9 @@ impl KeyRing {
             return Err(invalid());
         }
         if rec.revoked_ms.is_some() {
-            return Err(GatewayError::Unauthorized("this gateway key has been revoked".into()));
+            return Err(GatewayError::Unauthorized(
+                "this gateway key has been revoked".into(),
+            ));
         }
         Ok(rec)
     }
@@ -158,7 +166,9 @@ impl KeyRing {
         };
         let limiter = {
             let mut map = self.limiters.lock().expect("key limiter lock");
-            let entry = map.entry(rec.id.clone()).or_insert_with(|| (rpm, limiter(rpm, &self.clock)));
+            let entry = map
+                .entry(rec.id.clone())
+                .or_insert_with(|| (rpm, limiter(rpm, &self.clock)));
             if entry.0 != rpm {
                 *entry = (rpm, limiter(rpm, &self.clock));
             }
@@ -174,13 +184,18 @@ impl KeyRing {
     }
 
     /// May this key use `model` (as asked, or the bot it resolves to)?
-    pub fn check_model(&self, rec: &KeyRecord, asked: &str, bots: &[String]) -> Result<(), GatewayError> {
+    pub fn check_model(
+        &self,
+        rec: &KeyRecord,
+        asked: &str,
+        bots: &[String],
+    ) -> Result<(), GatewayError> {
         let Some(allowed) = &rec.models else {
             return Ok(());
         };
-        let ok = allowed
-            .iter()
-            .any(|m| m.eq_ignore_ascii_case(asked) || bots.iter().any(|b| b.eq_ignore_ascii_case(m)));
+        let ok = allowed.iter().any(|m| {
+            m.eq_ignore_ascii_case(asked) || bots.iter().any(|b| b.eq_ignore_ascii_case(m))
+        });
         if ok {
             Ok(())
         } else {
@@ -200,17 +215,18 @@ impl KeyRing {
         let start = rec.period.start_ms(now_ms());
         let known = {
             let map = self.spend.lock().expect("spend lock");
-            map.get(&rec.id).filter(|s| s.period_start == start).map(|s| s.usd)
+            map.get(&rec.id)
+                .filter(|s| s.period_start == start)
+                .map(|s| s.usd)
         };
         let spent = match known {
             Some(usd) => usd,
             None => {
                 // First use in this period (or since start): the ledger has the history.
-                let from_db = self
-                    .store
-                    .spent_since(&rec.id, start)
-                    .await
-                    .map_err(|e| GatewayError::Internal(format!("budget look-up failed: {e}")))?;
+                let from_db =
+                    self.store.spent_since(&rec.id, start).await.map_err(|e| {
+                        GatewayError::Internal(format!("budget look-up failed: {e}"))
+                    })?;
                 let mut map = self.spend.lock().expect("spend lock");
                 let entry = map.entry(rec.id.clone()).or_insert(Spend {
                     period_start: start,
@@ -237,10 +253,10 @@ impl KeyRing {
     /// Adds a finished request's cost to its key's running spend.
     pub fn charge(&self, key_id: &str, usd: f64, ts_ms: i64) {
         let mut map = self.spend.lock().expect("spend lock");
-        if let Some(s) = map.get_mut(key_id) {
-            if ts_ms >= s.period_start {
-                s.usd += usd;
-            }
+        if let Some(s) = map.get_mut(key_id)
+            && ts_ms >= s.period_start
+        {
+            s.usd += usd;
         }
     }
 }

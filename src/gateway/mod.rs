@@ -37,13 +37,13 @@ use crate::metrics::Metrics;
 use crate::upstream::{Secret, Upstream, UpstreamError};
 use accounting::Accountant;
 use alias::{Aliases, Route};
+use cache::{CacheStatus, Coalesced, ResponseCache, Shared};
 use completion::{Accounting, Completion, RequestInfo};
 use keys::KeyRing;
 use limits::{TokioClock, UpstreamLimits};
 use models::{Catalogue, Models};
 pub use request::ChatRequest;
 use retry::RetryBudget;
-use cache::{CacheStatus, Coalesced, ResponseCache, Shared};
 use tap::{BoxError, Observed, Outcome, ReplayBody, Tap};
 
 /// Header naming the bot that answered (after aliasing and fallbacks).
@@ -262,7 +262,11 @@ impl Gateway {
                     policy.retry.budget_ratio,
                     policy.retry.budget_min_per_second,
                 ),
-                cache: Arc::new(ResponseCache::new(&policy.cache, models.clone(), metrics.clone())),
+                cache: Arc::new(ResponseCache::new(
+                    &policy.cache,
+                    models.clone(),
+                    metrics.clone(),
+                )),
                 acct: Arc::new(Accounting { metrics, ledger }),
                 epoch: Instant::now(),
                 aliases,
@@ -312,9 +316,12 @@ impl Gateway {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         m.ledger_queue_depth.set(st.depth() as i64);
         m.cache_bytes.set(self.inner.cache.weighted_size() as i64);
-        m.ledger_dropped.inc_by(load(&st.dropped).saturating_sub(m.ledger_dropped.get()));
-        m.ledger_written.inc_by(load(&st.written).saturating_sub(m.ledger_written.get()));
-        m.ledger_write_errors.inc_by(load(&st.write_errors).saturating_sub(m.ledger_write_errors.get()));
+        m.ledger_dropped
+            .inc_by(load(&st.dropped).saturating_sub(m.ledger_dropped.get()));
+        m.ledger_written
+            .inc_by(load(&st.written).saturating_sub(m.ledger_written.get()));
+        m.ledger_write_errors
+            .inc_by(load(&st.write_errors).saturating_sub(m.ledger_write_errors.get()));
         m.render()
     }
 
@@ -431,7 +438,11 @@ impl Gateway {
             span.record("gen_ai.request.max_tokens", m as i64);
         }
         // A remote parent only when there is no local one (an MCP tool span is one).
-        if let Some(cx) = caller.trace_context.as_ref().filter(|_| tracing::Span::current().is_none()) {
+        if let Some(cx) = caller
+            .trace_context
+            .as_ref()
+            .filter(|_| tracing::Span::current().is_none())
+        {
             use tracing_opentelemetry::OpenTelemetrySpanExt;
             let _ = span.set_parent(cx.clone());
         }
@@ -486,16 +497,23 @@ impl Gateway {
         }
         if req.stream() {
             // A stream miss is recorded by the tap as it goes to the client, never buffered.
-            return self.fetch(caller, &req, route, bots, started, Some(&plan)).await;
+            return self
+                .fetch(caller, &req, route, bots, started, Some(&plan))
+                .await;
         }
         match cache.coalesce(plan.key) {
             Coalesced::Follower(waiting) => match cache::wait_for_leader(waiting).await {
                 Some(shared) => Ok(self.shared_reply(caller, &req, route, shared, started)),
                 // The leader went away without an answer: make our own call.
-                None => self.fetch(caller, &req, route, bots, started, Some(&plan)).await,
+                None => {
+                    self.fetch(caller, &req, route, bots, started, Some(&plan))
+                        .await
+                }
             },
             Coalesced::Leader(guard) => {
-                let reply = self.fetch(caller, &req, route, bots, started, Some(&plan)).await?;
+                let reply = self
+                    .fetch(caller, &req, route, bots, started, Some(&plan))
+                    .await?;
                 // A JSON answer is read whole here so the requests waiting on it can share it.
                 let Reply {
                     status,
@@ -596,7 +614,8 @@ impl Gateway {
                     .await;
                 match &sent {
                     Ok(resp) => {
-                        attempt_span.record("http.response.status_code", resp.status().as_u16() as i64);
+                        attempt_span
+                            .record("http.response.status_code", resp.status().as_u16() as i64);
                         if !resp.status().is_success() {
                             attempt_span.record("error.type", resp.status().as_str());
                         }
@@ -627,8 +646,20 @@ impl Gateway {
                             span: tracing::Span::current(),
                             request_body: self.logged_body(req),
                         };
-                        inner.acct.metrics.upstream_attempts.with_label_values(&["ok"]).inc();
-                        return Ok(self.stream_reply(resp, info, permit, attempts, req.injects_usage(), plan));
+                        inner
+                            .acct
+                            .metrics
+                            .upstream_attempts
+                            .with_label_values(&["ok"])
+                            .inc();
+                        return Ok(self.stream_reply(
+                            resp,
+                            info,
+                            permit,
+                            attempts,
+                            req.injects_usage(),
+                            plan,
+                        ));
                     }
                     Ok(resp) => {
                         let (head, body) = resp.into_parts();
@@ -646,7 +677,12 @@ impl Gateway {
                     Failure::Transport(UpstreamError::Timeout(_)) => "timeout".into(),
                     Failure::Transport(UpstreamError::Broken(_)) => "broken".into(),
                 };
-                inner.acct.metrics.upstream_attempts.with_label_values(&[&result]).inc();
+                inner
+                    .acct
+                    .metrics
+                    .upstream_attempts
+                    .with_label_values(&[&result])
+                    .inc();
                 tracing::debug!(
                     request_id = %caller.request_id,
                     bot,
@@ -683,7 +719,9 @@ impl Gateway {
             }
         }
         let (failure, bot) = last.expect("at least one attempt was made");
-        Ok(self.error_reply(caller, req, route, failure, bot, attempts, started).await)
+        Ok(self
+            .error_reply(caller, req, route, failure, bot, attempts, started)
+            .await)
     }
 
     fn stream_reply(
@@ -702,7 +740,11 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
         let bot = info.bot.clone();
-        let cache_status = if plan.is_some() { CacheStatus::Miss } else { CacheStatus::Bypass };
+        let cache_status = if plan.is_some() {
+            CacheStatus::Miss
+        } else {
+            CacheStatus::Bypass
+        };
         let recorder = plan
             .and_then(|p| self.inner.cache.recorder(p, sse, &bot))
             .map(|mut r| {
@@ -916,8 +958,14 @@ impl Gateway {
         started: Instant,
     ) -> Reply {
         let ok = shared.status.is_success();
-        let mut info =
-            self.cached_info(caller, req, route, &shared.bot, shared.status.as_u16(), started);
+        let mut info = self.cached_info(
+            caller,
+            req,
+            route,
+            &shared.bot,
+            shared.status.as_u16(),
+            started,
+        );
         info.cache_hit = ok;
         let observed = Observed {
             bytes: shared.body.len() as u64,
@@ -933,7 +981,11 @@ impl Gateway {
             },
             bot: shared.bot.clone(),
             attempts: 0,
-            cache: if ok { CacheStatus::Hit } else { CacheStatus::Miss },
+            cache: if ok {
+                CacheStatus::Hit
+            } else {
+                CacheStatus::Miss
+            },
         }
     }
 }

@@ -92,7 +92,9 @@ pub struct Price {
 
 impl Price {
     pub fn cost(&self, prompt_tokens: i64, completion_tokens: i64) -> f64 {
-        self.prompt * prompt_tokens.max(0) as f64 + self.completion * completion_tokens.max(0) as f64 + self.request
+        self.prompt * prompt_tokens.max(0) as f64
+            + self.completion * completion_tokens.max(0) as f64
+            + self.request
     }
 }
 

@@ -206,7 +206,10 @@ impl ChatRequest {
                     // Right after the opening brace; `model` and `messages` follow, so a
                     // trailing comma is always valid.
                     let at = self.body.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
-                    edits.push((at..at, b"\"stream_options\":{\"include_usage\":true},".to_vec()));
+                    edits.push((
+                        at..at,
+                        b"\"stream_options\":{\"include_usage\":true},".to_vec(),
+                    ));
                 }
                 Some(span) => {
                     let mut opts: serde_json::Map<String, serde_json::Value> =
@@ -291,9 +294,13 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&r.upstream_body("b")).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["model"], "b");
-        let r = parse(r#"{"stream_options":{"x":1},"model":"a","messages":[{}],"stream":true}"#).unwrap();
+        let r = parse(r#"{"stream_options":{"x":1},"model":"a","messages":[{}],"stream":true}"#)
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&r.upstream_body("a")).unwrap();
-        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
         let body = r#"{"model":"a","messages":[{}],"stream":true,"stream_options":{"include_usage":true}}"#;
         assert_eq!(parse(body).unwrap().upstream_body("a"), body.as_bytes());
         let body = r#"{"model":"a","messages":[{}]}"#;

@@ -35,10 +35,11 @@ pub fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
             .map(str::trim)
     };
     if let Some(v) = text("retry-after") {
-        if let Ok(secs) = v.parse::<f64>() {
-            if secs.is_finite() && secs >= 0.0 {
-                return Some(Duration::from_secs_f64(secs));
-            }
+        if let Ok(secs) = v.parse::<f64>()
+            && secs.is_finite()
+            && secs >= 0.0
+        {
+            return Some(Duration::from_secs_f64(secs));
         }
         if let Ok(at) = httpdate::parse_http_date(v) {
             return Some(
@@ -48,10 +49,11 @@ pub fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
         }
     }
     let v = text("x-ratelimit-reset-requests")?;
-    if let Ok(secs) = v.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Some(Duration::from_secs_f64(secs));
-        }
+    if let Ok(secs) = v.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Some(Duration::from_secs_f64(secs));
     }
     humantime::parse_duration(v).ok()
 }

@@ -186,11 +186,17 @@ mod tests {
         let frame = b": c\n\ndata: a\r\n\r\ndata: b\n\ndata: par";
         let mut s = SseScanner::default();
         let mut cuts = Vec::new();
-        s.feed_bounds(frame, &mut |d: Option<&[u8]>, end| cuts.push((d.map(|d| d.to_vec()), end)))
-            .unwrap();
+        s.feed_bounds(frame, &mut |d: Option<&[u8]>, end| {
+            cuts.push((d.map(|d| d.to_vec()), end))
+        })
+        .unwrap();
         assert_eq!(
             cuts,
-            vec![(None, 5), (Some(b"a".to_vec()), 16), (Some(b"b".to_vec()), 25)]
+            vec![
+                (None, 5),
+                (Some(b"a".to_vec()), 16),
+                (Some(b"b".to_vec()), 25)
+            ]
         );
         assert!(s.in_progress());
     }

@@ -200,7 +200,8 @@ where
                     if this.inner.is_end_stream() {
                         // A body of known length is not polled again after its last byte (hyper
                         // stops at the length), so its end is recognised here, not at `None`.
-                        let last = self::end(this.mode, this.observed, this.completion, this.recorder);
+                        let last =
+                            self::end(this.mode, this.observed, this.completion, this.recorder);
                         *this.state = State::Done;
                         let out = join(out, last);
                         return Poll::Ready(out.map(|o| Ok(Frame::data(o))));
@@ -229,7 +230,11 @@ where
                 }
             };
             let last = end_frame(this.mode, Some(&broke));
-            finish(this.completion, this.observed, Outcome::Incomplete(broke.clone()));
+            finish(
+                this.completion,
+                this.observed,
+                Outcome::Incomplete(broke.clone()),
+            );
             *this.state = State::Done;
             return match last {
                 Some(e) => Poll::Ready(Some(Ok(Frame::data(e)))),
@@ -567,7 +572,9 @@ fn end_frame(mode: &mut Mode, error: Option<&str>) -> Option<Bytes> {
             // Close the half-sent line and event first, so the error is an event of its own.
             out.extend_from_slice(b"\n\n");
         }
-        out.extend_from_slice(&GatewayError::UpstreamUnreachable(reason.to_string()).to_sse_event());
+        out.extend_from_slice(
+            &GatewayError::UpstreamUnreachable(reason.to_string()).to_sse_event(),
+        );
     }
     (!out.is_empty()).then(|| out.freeze())
 }
@@ -583,6 +590,56 @@ fn join(a: Bytes, b: Option<Bytes>) -> Option<Bytes> {
             out.extend_from_slice(&b);
             Some(out.freeze())
         }
+    }
+}
+
+/// A cached answer's frames played back as a body, optionally paced.
+pub struct ReplayBody {
+    frames: std::sync::Arc<[Bytes]>,
+    next: usize,
+    delay: Duration,
+    pause: Option<Pin<Box<Sleep>>>,
+}
+
+impl ReplayBody {
+    pub fn new(frames: std::sync::Arc<[Bytes]>, delay: Duration) -> Self {
+        ReplayBody {
+            frames,
+            next: 0,
+            delay,
+            pause: None,
+        }
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.next >= self.frames.len() {
+            return Poll::Ready(None);
+        }
+        if self.next > 0 && !self.delay.is_zero() {
+            let delay = self.delay;
+            let pause = self
+                .pause
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+            if pause.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.pause = None;
+        }
+        let frame = self.frames[self.next].clone();
+        self.next += 1;
+        Poll::Ready(Some(Ok(Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.next >= self.frames.len()
     }
 }
 
@@ -657,53 +714,5 @@ mod tests {
             usage_edit(br#"{"choices":[{"delta":{"content":"\"usage\""}}]}"#),
             UsageEdit::Keep
         ));
-    }
-}
-
-/// A cached answer's frames played back as a body, optionally paced.
-pub struct ReplayBody {
-    frames: std::sync::Arc<[Bytes]>,
-    next: usize,
-    delay: Duration,
-    pause: Option<Pin<Box<Sleep>>>,
-}
-
-impl ReplayBody {
-    pub fn new(frames: std::sync::Arc<[Bytes]>, delay: Duration) -> Self {
-        ReplayBody {
-            frames,
-            next: 0,
-            delay,
-            pause: None,
-        }
-    }
-}
-
-impl Body for ReplayBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if self.next >= self.frames.len() {
-            return Poll::Ready(None);
-        }
-        if self.next > 0 && !self.delay.is_zero() {
-            let delay = self.delay;
-            let pause = self.pause.get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
-            if pause.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            self.pause = None;
-        }
-        let frame = self.frames[self.next].clone();
-        self.next += 1;
-        Poll::Ready(Some(Ok(Frame::data(frame))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.next >= self.frames.len()
     }
 }

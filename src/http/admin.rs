@@ -20,14 +20,21 @@ const DEFAULT_WINDOW_MS: i64 = 30 * 86_400_000;
 
 /// `GET /v1/usage?since=&until=&group_by=`: the caller's own usage. In `open` mode every
 /// caller is the same caller, so that is all usage.
-pub(crate) async fn own_usage(app: &App, req: &Request<Incoming>, caller: &Caller) -> Result<HttpResponse, GatewayError> {
+pub(crate) async fn own_usage(
+    app: &App,
+    req: &Request<Incoming>,
+    caller: &Caller,
+) -> Result<HttpResponse, GatewayError> {
     let mut q = report_query(req.uri().query())?;
     q.key_id = caller.key_id.as_deref().map(String::from);
     report(app, &q).await
 }
 
 /// Everything under `/admin`.
-pub(crate) async fn handle(app: &App, req: Request<Incoming>) -> Result<HttpResponse, GatewayError> {
+pub(crate) async fn handle(
+    app: &App,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, GatewayError> {
     check_admin(app, req.headers())?;
     let path = req.uri().path().to_string();
     match (req.method().clone(), path.as_str()) {
@@ -39,7 +46,10 @@ pub(crate) async fn handle(app: &App, req: Request<Incoming>) -> Result<HttpResp
                 .list_keys()
                 .await
                 .map_err(|e| GatewayError::Internal(format!("listing keys failed: {e}")))?;
-            Ok(json_value(StatusCode::OK, &serde_json::json!({"object": "list", "data": keys})))
+            Ok(json_value(
+                StatusCode::OK,
+                &serde_json::json!({"object": "list", "data": keys}),
+            ))
         }
         (Method::POST, "/admin/keys") => {
             let body = tokio::time::timeout(
@@ -64,9 +74,14 @@ pub(crate) async fn handle(app: &App, req: Request<Incoming>) -> Result<HttpResp
                 .into_owned();
             let revoked = revoke(app, &which).await?;
             if revoked.is_empty() {
-                return Err(GatewayError::NotFound(format!("no active key with id or name `{which}`")));
+                return Err(GatewayError::NotFound(format!(
+                    "no active key with id or name `{which}`"
+                )));
             }
-            Ok(json_value(StatusCode::OK, &serde_json::json!({"object": "list", "data": revoked})))
+            Ok(json_value(
+                StatusCode::OK,
+                &serde_json::json!({"object": "list", "data": revoked}),
+            ))
         }
         (Method::DELETE, "/admin/cache") => {
             // All entries, or one key's (`?key_id=`).
@@ -82,7 +97,9 @@ pub(crate) async fn handle(app: &App, req: Request<Incoming>) -> Result<HttpResp
             q.key_id = query_param(req.uri().query(), "key_id");
             report(app, &q).await
         }
-        (m, p) => Err(GatewayError::NotFound(format!("Unknown request URL: {m} {p}"))),
+        (m, p) => Err(GatewayError::NotFound(format!(
+            "Unknown request URL: {m} {p}"
+        ))),
     }
 }
 
@@ -110,13 +127,19 @@ fn check_admin(app: &App, headers: &HeaderMap) -> Result<(), GatewayError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().strip_prefix("Bearer ").or_else(|| v.trim().strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.trim()
+                .strip_prefix("Bearer ")
+                .or_else(|| v.trim().strip_prefix("bearer "))
+        })
         .map(str::trim)
         .unwrap_or("");
     if bool::from(presented.as_bytes().ct_eq(admin.expose().as_bytes())) {
         Ok(())
     } else {
-        Err(GatewayError::Unauthorized("the admin API needs the admin key".into()))
+        Err(GatewayError::Unauthorized(
+            "the admin API needs the admin key".into(),
+        ))
     }
 }
 
@@ -169,5 +192,8 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 }
 
 fn json_value(status: StatusCode, v: &impl serde::Serialize) -> HttpResponse {
-    json(status, Bytes::from(serde_json::to_vec(v).unwrap_or_default()))
+    json(
+        status,
+        Bytes::from(serde_json::to_vec(v).unwrap_or_default()),
+    )
 }

@@ -233,10 +233,12 @@ async fn read_body(
 /// The client's request id when it is a sane token, else a new UUID. Only visible ASCII
 /// without spaces is echoed, so nothing a client sends can split or forge a header.
 fn request_id(headers: &HeaderMap) -> Arc<str> {
-    if let Some(v) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
-            return Arc::from(v);
-        }
+    if let Some(v) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok())
+        && !v.is_empty()
+        && v.len() <= 128
+        && v.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Arc::from(v);
     }
     Arc::from(uuid::Uuid::new_v4().to_string())
 }

@@ -33,7 +33,9 @@ const BATCH_WINDOW: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    #[error("database URL {0:?} is not supported: use sqlite://PATH, sqlite::memory: or postgres://...")]
+    #[error(
+        "database URL {0:?} is not supported: use sqlite://PATH, sqlite::memory: or postgres://..."
+    )]
     BadUrl(String),
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -133,7 +135,10 @@ impl Period {
 /// Called by the writer on each batch before it is written: prices the rows (cost needs the
 /// model catalogue, which the request path must not wait for) and charges budgets.
 pub trait BatchHook: Send + Sync + 'static {
-    fn before_write<'a>(&'a self, rows: &'a mut [UsageRow]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+    fn before_write<'a>(
+        &'a self,
+        rows: &'a mut [UsageRow],
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 }
 
 /// Counters about the ledger itself.
@@ -198,7 +203,7 @@ impl Ledger {
             Err(e) => {
                 let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 // Logged on the first drop and then every thousandth, not once per row.
-                if n == 1 || n % 1000 == 0 {
+                if n == 1 || n.is_multiple_of(1000) {
                     let why = match e {
                         mpsc::error::TrySendError::Full(_) => "queue full",
                         mpsc::error::TrySendError::Closed(_) => "writer stopped",
@@ -264,7 +269,9 @@ async fn write_batch(store: &Store, batch: &[UsageRow], stats: &LedgerStats) {
     for attempt in 1..=5 {
         match store.insert_usage(batch).await {
             Ok(()) => {
-                stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                stats
+                    .written
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 return;
             }
             Err(e) if attempt < 5 => {
@@ -273,7 +280,9 @@ async fn write_batch(store: &Store, batch: &[UsageRow], stats: &LedgerStats) {
                 delay *= 2;
             }
             Err(e) => {
-                stats.write_errors.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                stats
+                    .write_errors
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 tracing::error!(error = %e, rows = batch.len(), "ledger write failed; rows lost");
             }
         }

@@ -51,10 +51,13 @@ impl Postgres {
         // One multi-row INSERT per batch: atomic, and one round trip.
         let statuses: Vec<i32> = rows.iter().map(|r| r.status as i32).collect();
         let mut values = Vec::with_capacity(rows.len());
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * store::USAGE_COLUMN_COUNT);
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            Vec::with_capacity(rows.len() * store::USAGE_COLUMN_COUNT);
         for (i, r) in rows.iter().enumerate() {
             let base = i * store::USAGE_COLUMN_COUNT;
-            let ph: Vec<String> = (1..=store::USAGE_COLUMN_COUNT).map(|j| Dialect::Postgres.ph(base + j)).collect();
+            let ph: Vec<String> = (1..=store::USAGE_COLUMN_COUNT)
+                .map(|j| Dialect::Postgres.ph(base + j))
+                .collect();
             values.push(format!("({})", ph.join(", ")));
             params.extend_from_slice(&[
                 &r.ts_ms,
@@ -78,7 +81,10 @@ impl Postgres {
                 &r.ttfb_ms,
             ]);
         }
-        let sql = format!("INSERT INTO usage ({USAGE_COLUMNS}) VALUES {}", values.join(", "));
+        let sql = format!(
+            "INSERT INTO usage ({USAGE_COLUMNS}) VALUES {}",
+            values.join(", ")
+        );
         client.execute(&sql, &params).await?;
         Ok(())
     }
@@ -146,7 +152,10 @@ impl Postgres {
     pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
         let client = self.client().await?;
         let rows = client
-            .query(&format!("SELECT {KEY_COLUMNS} FROM gateway_keys ORDER BY created_ms, id"), &[])
+            .query(
+                &format!("SELECT {KEY_COLUMNS} FROM gateway_keys ORDER BY created_ms, id"),
+                &[],
+            )
             .await?;
         rows.iter().map(key_row).collect()
     }
@@ -154,12 +163,19 @@ impl Postgres {
     pub async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, LedgerError> {
         let client = self.client().await?;
         let row = client
-            .query_opt(&format!("SELECT {KEY_COLUMNS} FROM gateway_keys WHERE hash = $1"), &[&hash])
+            .query_opt(
+                &format!("SELECT {KEY_COLUMNS} FROM gateway_keys WHERE hash = $1"),
+                &[&hash],
+            )
             .await?;
         row.as_ref().map(key_row).transpose()
     }
 
-    pub async fn revoke_key(&self, which: &str, now_ms: i64) -> Result<Vec<KeyRecord>, LedgerError> {
+    pub async fn revoke_key(
+        &self,
+        which: &str,
+        now_ms: i64,
+    ) -> Result<Vec<KeyRecord>, LedgerError> {
         let client = self.client().await?;
         let rows = client
             .query(
@@ -203,7 +219,9 @@ async fn connect(url: &str) -> Result<Client, LedgerError> {
 }
 
 async fn migrate(client: &Client) -> Result<(), LedgerError> {
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
     let result = async {
         client
             .batch_execute(
@@ -226,6 +244,8 @@ async fn migrate(client: &Client) -> Result<(), LedgerError> {
         Ok::<_, LedgerError>(())
     }
     .await;
-    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await?;
     result
 }

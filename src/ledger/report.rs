@@ -94,7 +94,11 @@ pub(crate) fn assemble(q: &ReportQuery, mut groups: Vec<Group>) -> Report {
         until_ms: q.until_ms,
         group_by: q.group_by,
         totals,
-        groups: if q.group_by.is_some() { groups } else { Vec::new() },
+        groups: if q.group_by.is_some() {
+            groups
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -178,7 +182,15 @@ pub fn render(report: &Report, format: &str) -> String {
         _ => {
             let mut out = format!(
                 "{:<28} {:>9} {:>12} {:>12} {:>12} {:>8} {:>11} {:>7} {:>9}\n",
-                "group", "requests", "prompt", "completion", "cost_usd", "hits", "saved_usd", "errors", "unpriced"
+                "group",
+                "requests",
+                "prompt",
+                "completion",
+                "cost_usd",
+                "hits",
+                "saved_usd",
+                "errors",
+                "unpriced"
             );
             for g in rows(report) {
                 let t = &g.totals;

@@ -20,12 +20,12 @@ impl Sqlite {
     pub async fn open(path: &str) -> Result<Sqlite, LedgerError> {
         let path = path.to_string();
         tokio::task::spawn_blocking(move || {
-            if let Some(dir) = Path::new(&path).parent() {
-                if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(dir).map_err(|e| {
-                        LedgerError::Other(format!("cannot create {}: {e}", dir.display()))
-                    })?;
-                }
+            if let Some(dir) = Path::new(&path).parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    LedgerError::Other(format!("cannot create {}: {e}", dir.display()))
+                })?;
             }
             let write = Connection::open(&path)?;
             configure(&write)?;
@@ -59,7 +59,9 @@ impl Sqlite {
     {
         let conn = conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().map_err(|_| LedgerError::Other("sqlite lock poisoned".into()))?;
+            let mut c = conn
+                .lock()
+                .map_err(|_| LedgerError::Other("sqlite lock poisoned".into()))?;
             f(&mut c)
         })
         .await
@@ -71,8 +73,9 @@ impl Sqlite {
         Self::with(&self.write, move |c| {
             let tx = c.transaction()?;
             {
-                let placeholders: Vec<String> =
-                    (1..=store::USAGE_COLUMN_COUNT).map(|i| Dialect::Sqlite.ph(i)).collect();
+                let placeholders: Vec<String> = (1..=store::USAGE_COLUMN_COUNT)
+                    .map(|i| Dialect::Sqlite.ph(i))
+                    .collect();
                 let sql = format!(
                     "INSERT INTO usage ({USAGE_COLUMNS}) VALUES ({})",
                     placeholders.join(", ")
@@ -197,7 +200,11 @@ impl Sqlite {
         .await
     }
 
-    pub async fn revoke_key(&self, which: &str, now_ms: i64) -> Result<Vec<KeyRecord>, LedgerError> {
+    pub async fn revoke_key(
+        &self,
+        which: &str,
+        now_ms: i64,
+    ) -> Result<Vec<KeyRecord>, LedgerError> {
         let which = which.to_string();
         Self::with(&self.write, move |c| {
             let tx = c.transaction()?;

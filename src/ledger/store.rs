@@ -23,14 +23,25 @@ impl Dialect {
 /// Versioned migrations, applied in order at start; each runs once.
 pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
     let (id, int, big, boolean, real) = match d {
-        Dialect::Sqlite => ("INTEGER PRIMARY KEY", "INTEGER", "INTEGER", "INTEGER", "REAL"),
-        Dialect::Postgres => ("BIGSERIAL PRIMARY KEY", "INTEGER", "BIGINT", "BOOLEAN", "DOUBLE PRECISION"),
+        Dialect::Sqlite => (
+            "INTEGER PRIMARY KEY",
+            "INTEGER",
+            "INTEGER",
+            "INTEGER",
+            "REAL",
+        ),
+        Dialect::Postgres => (
+            "BIGSERIAL PRIMARY KEY",
+            "INTEGER",
+            "BIGINT",
+            "BOOLEAN",
+            "DOUBLE PRECISION",
+        ),
     };
-    vec![
-        (
-            1,
-            format!(
-                "CREATE TABLE usage (
+    vec![(
+        1,
+        format!(
+            "CREATE TABLE usage (
                     id {id},
                     ts_ms {big} NOT NULL,
                     request_id TEXT NOT NULL,
@@ -66,16 +77,16 @@ pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
                     rpm {int},
                     models TEXT
                 );"
-            ),
         ),
-    ]
+    )]
 }
 
 pub(crate) const USAGE_COLUMNS: &str = "ts_ms, request_id, key_id, alias, model, bot, stream, status, outcome, \
      prompt_tokens, completion_tokens, total_tokens, tokens_estimated, cost_usd, cache_hit, saved_usd, \
      attempts, latency_ms, ttfb_ms";
 pub(crate) const USAGE_COLUMN_COUNT: usize = 19;
-pub(crate) const KEY_COLUMNS: &str = "id, name, hash, created_ms, revoked_ms, budget_usd, period, rpm, models";
+pub(crate) const KEY_COLUMNS: &str =
+    "id, name, hash, created_ms, revoked_ms, budget_usd, period, rpm, models";
 
 /// The ledger's storage. Cheap to clone.
 #[derive(Clone)]
@@ -150,7 +161,11 @@ impl Store {
     }
 
     /// Revokes the active keys whose id or name is `which`; returns them.
-    pub async fn revoke_key(&self, which: &str, now_ms: i64) -> Result<Vec<KeyRecord>, LedgerError> {
+    pub async fn revoke_key(
+        &self,
+        which: &str,
+        now_ms: i64,
+    ) -> Result<Vec<KeyRecord>, LedgerError> {
         dispatch!(self, s => s.revoke_key(which, now_ms).await)
     }
 }
@@ -174,7 +189,12 @@ pub(crate) fn models_to_text(models: &Option<Vec<String>>) -> Option<String> {
 }
 
 pub(crate) fn models_from_text(text: Option<String>) -> Option<Vec<String>> {
-    text.map(|t| t.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+    text.map(|t| {
+        t.split(',')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    })
 }
 
 #[cfg(test)]

@@ -452,7 +452,13 @@ impl ServerHandler for PoeTools {
             tracing::Span::none()
         };
         let call = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
-        let result = self.core.inner.router.call(call).instrument(span.clone()).await;
+        let result = self
+            .core
+            .inner
+            .router
+            .call(call)
+            .instrument(span.clone())
+            .await;
         if result.is_err() {
             span.record("error.type", "invalid_request");
         }

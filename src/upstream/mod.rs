@@ -187,13 +187,19 @@ impl Upstream {
         }
         let resp = self.send(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
-        let body = tokio::time::timeout(self.first_byte, Limited::new(resp.into_body(), 64 * 1024).collect())
-            .await
-            .map_err(|_| "timed out reading the balance".to_string())?
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+        let body = tokio::time::timeout(
+            self.first_byte,
+            Limited::new(resp.into_body(), 64 * 1024).collect(),
+        )
+        .await
+        .map_err(|_| "timed out reading the balance".to_string())?
+        .map_err(|e| e.to_string())?
+        .to_bytes();
         if !status.is_success() {
-            return Err(format!("Poe answered {status}: {}", String::from_utf8_lossy(&body)));
+            return Err(format!(
+                "Poe answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ));
         }
         #[derive(serde::Deserialize)]
         struct Balance {
