@@ -621,31 +621,22 @@ impl Gateway {
                         }
                     }
                     Err(e) => {
-                        let kind = match e {
-                            UpstreamError::Connect(_) => "connect",
-                            UpstreamError::Timeout(_) => "timeout",
-                            UpstreamError::Broken(_) => "broken",
-                        };
-                        attempt_span.record("error.type", kind);
+                        attempt_span.record("error.type", e.kind());
                     }
                 }
                 drop(attempt_span);
                 let failure = match sent {
                     Ok(resp) if resp.status().is_success() => {
-                        let info = RequestInfo {
-                            request_id: caller.request_id.clone(),
-                            key_id: caller.key_id.clone(),
-                            model: req.model().to_string(),
-                            alias: route.alias().map(String::from),
-                            bot: bot.clone(),
-                            stream: req.stream(),
-                            status: resp.status().as_u16(),
+                        let info = self.request_info(
+                            caller,
+                            req,
+                            route,
+                            bot,
+                            resp.status().as_u16(),
                             attempts,
                             started,
-                            cache_hit: false,
-                            span: tracing::Span::current(),
-                            request_body: self.logged_body(req),
-                        };
+                            false,
+                        );
                         inner
                             .acct
                             .metrics
@@ -673,9 +664,7 @@ impl Gateway {
                 drop(permit);
                 let result = match &failure {
                     Failure::Status { head, .. } => format!("http_{}", head.status.as_u16()),
-                    Failure::Transport(UpstreamError::Connect(_)) => "connect".into(),
-                    Failure::Transport(UpstreamError::Timeout(_)) => "timeout".into(),
-                    Failure::Transport(UpstreamError::Broken(_)) => "broken".into(),
+                    Failure::Transport(e) => e.kind().to_string(),
                 };
                 inner
                     .acct
@@ -803,20 +792,16 @@ impl Gateway {
                 (err.status(), h, err.to_json())
             }
         };
-        let info = RequestInfo {
-            request_id: caller.request_id.clone(),
-            key_id: caller.key_id.clone(),
-            model: req.model().to_string(),
-            alias: route.alias().map(String::from),
-            bot: bot.to_string(),
-            stream: req.stream(),
-            status: status.as_u16(),
+        let info = self.request_info(
+            caller,
+            req,
+            route,
+            bot,
+            status.as_u16(),
             attempts,
             started,
-            cache_hit: false,
-            span: tracing::Span::current(),
-            request_body: self.logged_body(req),
-        };
+            false,
+        );
         let observed = Observed {
             bytes: body.len() as u64,
             ..Observed::default()
@@ -873,14 +858,17 @@ impl Gateway {
         self.inner.policy.log.bodies.then(|| req.body().clone())
     }
 
-    fn cached_info(
+    #[allow(clippy::too_many_arguments)]
+    fn request_info(
         &self,
         caller: &Caller,
         req: &ChatRequest,
         route: Route<'_>,
         bot: &str,
         status: u16,
+        attempts: u32,
         started: Instant,
+        cache_hit: bool,
     ) -> RequestInfo {
         RequestInfo {
             request_id: caller.request_id.clone(),
@@ -890,9 +878,9 @@ impl Gateway {
             bot: bot.to_string(),
             stream: req.stream(),
             status,
-            attempts: 0,
+            attempts,
             started,
-            cache_hit: true,
+            cache_hit,
             span: tracing::Span::current(),
             request_body: self.logged_body(req),
         }
@@ -908,7 +896,7 @@ impl Gateway {
         entry: Arc<cache::Entry>,
         started: Instant,
     ) -> Reply {
-        let info = self.cached_info(caller, req, route, &entry.bot, 200, started);
+        let info = self.request_info(caller, req, route, &entry.bot, 200, 0, started, true);
         let mut headers = HeaderMap::new();
         if let Some(ct) = &entry.content_type {
             headers.insert(header::CONTENT_TYPE, ct.clone());
@@ -958,15 +946,16 @@ impl Gateway {
         started: Instant,
     ) -> Reply {
         let ok = shared.status.is_success();
-        let mut info = self.cached_info(
+        let info = self.request_info(
             caller,
             req,
             route,
             &shared.bot,
             shared.status.as_u16(),
+            0,
             started,
+            ok,
         );
-        info.cache_hit = ok;
         let observed = Observed {
             bytes: shared.body.len() as u64,
             usage: shared.usage,

@@ -55,6 +55,17 @@ pub enum UpstreamError {
     Broken(String),
 }
 
+impl UpstreamError {
+    /// A short name for metrics and spans: `connect`, `timeout` or `broken`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Broken(_) => "broken",
+        }
+    }
+}
+
 impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

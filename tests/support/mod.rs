@@ -411,6 +411,16 @@ pub fn default_models() -> String {
     .to_string()
 }
 
+/// `policy` (TOML) with env-style overrides, pointed at `upstream`.
+pub fn test_policy(upstream: &MockUpstream, policy: &str, env: &[(&str, &str)]) -> config::Policy {
+    let mut vars: Vec<(String, String)> = vec![
+        ("POE_BASE_URL".into(), upstream.url()),
+        ("POE_GATEWAY_LISTEN".into(), "127.0.0.1:0".into()),
+    ];
+    vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    config::parse("test.toml", policy, vars).expect("test policy is valid")
+}
+
 /// A gateway running in-process on port 0.
 pub struct TestGateway {
     pub addr: SocketAddr,
@@ -420,12 +430,7 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway with `policy` (TOML) and env-style overrides, against `upstream`.
     pub async fn start(upstream: &MockUpstream, policy: &str, env: &[(&str, &str)]) -> TestGateway {
-        let mut vars: Vec<(String, String)> = vec![
-            ("POE_BASE_URL".into(), upstream.url()),
-            ("POE_GATEWAY_LISTEN".into(), "127.0.0.1:0".into()),
-        ];
-        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let policy = config::parse("test.toml", policy, vars).expect("test policy is valid");
+        let policy = test_policy(upstream, policy, env);
         let gateway =
             poe_gateway::Gateway::new(policy, Some(Secret::new(UPSTREAM_KEY))).expect("gateway");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -578,12 +583,7 @@ impl TestGateway {
         env: &[(&str, &str)],
         database_url: &str,
     ) -> (TestGateway, poe_gateway::Gateway) {
-        let mut vars: Vec<(String, String)> = vec![
-            ("POE_BASE_URL".into(), upstream.url()),
-            ("POE_GATEWAY_LISTEN".into(), "127.0.0.1:0".into()),
-        ];
-        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let policy = config::parse("test.toml", policy, vars).expect("test policy is valid");
+        let policy = test_policy(upstream, policy, env);
         let gateway = poe_gateway::Gateway::open(
             policy,
             Some(Secret::new(UPSTREAM_KEY)),
