@@ -151,6 +151,7 @@ async fn lists_every_tool_with_schemas() {
             "clear_session",
             "generate_image",
             "generate_video",
+            "get_usage",
             "list_available_models",
             "list_models"
         ]
@@ -1022,4 +1023,44 @@ async fn mcp_shutdown_ends_open_sessions() {
 fn base64_encode(data: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+#[tokio::test]
+async fn get_usage_reports_the_callers_own_usage() {
+    // What Poe streams when asked for usage.
+    let streamed = || {
+        Reply::sse()
+            .send(support::chunk("claude-sonnet-4.5", "ok"))
+            .send(support::finish_chunk("claude-sonnet-4.5"))
+            .send("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1,\"total_tokens\":8}}\n\n")
+            .send("data: [DONE]\n\n")
+    };
+    // Over stdio the caller is the server key's user: all usage.
+    let upstream = MockUpstream::start().await;
+    upstream.set_fallback(streamed());
+    let (client, _) = local(gateway(&upstream, &[])).await;
+    ok(&call(&client, "ask_poe", json!({"bot": "claude", "prompt": "hi"})).await);
+    let usage = ok(&call(&client, "get_usage", json!({"group_by": "model"})).await);
+    assert_eq!(usage["report"]["totals"]["requests"], 1, "{usage}");
+    assert_eq!(usage["report"]["totals"]["prompt_tokens"], 7);
+    assert_eq!(usage["report"]["groups"][0]["group"], "claude-sonnet-4.5");
+    let e = err(&call(&client, "get_usage", json!({"since": "last tuesday"})).await);
+    assert!(e.contains("since"), "{e}");
+    let e = err(&call(&client, "get_usage", json!({"group_by": "colour"})).await);
+    assert!(e.contains("group_by"), "{e}");
+
+    // Over HTTP with passthrough keys, each key sees only its own rows and no server balance.
+    let upstream = MockUpstream::start().await;
+    upstream.set_fallback(streamed());
+    let gw = TestGateway::start(&upstream, config::DEFAULT_POLICY, &passthrough()).await;
+    let a = remote(&gw, Some("poe-key-a")).await;
+    let b = remote(&gw, Some("poe-key-b")).await;
+    ok(&call(&a, "ask_poe", json!({"bot": "claude", "prompt": "hi"})).await);
+    ok(&call(&a, "ask_poe", json!({"bot": "claude", "prompt": "again"})).await);
+    ok(&call(&b, "ask_poe", json!({"bot": "claude", "prompt": "hi"})).await);
+    let ua = ok(&call(&a, "get_usage", json!({})).await);
+    let ub = ok(&call(&b, "get_usage", json!({})).await);
+    assert_eq!(ua["report"]["totals"]["requests"], 2, "{ua}");
+    assert_eq!(ub["report"]["totals"]["requests"], 1, "{ub}");
+    assert!(ua["point_balance"].is_null());
 }

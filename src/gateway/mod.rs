@@ -164,6 +164,8 @@ struct Inner {
     keys: Arc<KeyRing>,
     acct: Arc<Accounting>,
     cache: Arc<ResponseCache>,
+    /// Poe's point balance for the server key, last read (`i64::MIN`: not read yet).
+    balance: std::sync::atomic::AtomicI64,
     epoch: Instant,
 }
 
@@ -268,6 +270,7 @@ impl Gateway {
                     metrics.clone(),
                 )),
                 acct: Arc::new(Accounting { metrics, ledger }),
+                balance: std::sync::atomic::AtomicI64::new(i64::MIN),
                 epoch: Instant::now(),
                 aliases,
                 models,
@@ -335,13 +338,48 @@ impl Gateway {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
                 match inner.upstream.balance(&key).await {
-                    Ok(points) => inner.acct.metrics.point_balance.set(points as f64),
+                    Ok(points) => {
+                        inner.acct.metrics.point_balance.set(points as f64);
+                        inner
+                            .balance
+                            .store(points, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Err(e) => tracing::debug!(error = %e, "point balance not read"),
                 }
                 drop(inner);
                 tokio::time::sleep(std::time::Duration::from_secs(300)).await;
             }
         });
+    }
+
+    /// Poe's point balance for the server key, as last read (every 5 minutes under `open`).
+    pub fn point_balance(&self) -> Option<i64> {
+        match self
+            .inner
+            .balance
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            i64::MIN => None,
+            b => Some(b),
+        }
+    }
+
+    /// The caller's own usage report: its key's rows, or all rows for a caller without a key
+    /// (open mode, stdio). Rows still queued are written first.
+    pub async fn usage_report(
+        &self,
+        caller: &Caller,
+        mut query: crate::ledger::ReportQuery,
+    ) -> Result<crate::ledger::Report, GatewayError> {
+        query.key_id = caller.key_id.as_deref().map(String::from);
+        self.flush().await;
+        self.inner
+            .acct
+            .ledger
+            .store()
+            .report(&query)
+            .await
+            .map_err(|e| GatewayError::Internal(format!("usage report failed: {e}")))
     }
 
     /// Waits until every usage row so far is written (graceful shutdown, tests).

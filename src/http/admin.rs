@@ -25,9 +25,9 @@ pub(crate) async fn own_usage(
     req: &Request<Incoming>,
     caller: &Caller,
 ) -> Result<HttpResponse, GatewayError> {
-    let mut q = report_query(req.uri().query())?;
-    q.key_id = caller.key_id.as_deref().map(String::from);
-    report(app, &q).await
+    let q = report_query(req.uri().query())?;
+    let report = app.gateway.usage_report(caller, q).await?;
+    Ok(json_value(StatusCode::OK, &report))
 }
 
 /// Everything under `/admin`.

@@ -36,7 +36,7 @@ const INSTRUCTIONS: &str = "Ask Poe's bots (Claude, GPT, Gemini, Grok, image and
 through the poe-gateway. `ask_poe` answers a prompt and returns a `session_id`: pass it back to continue the \
 conversation. `ask_with_attachment` sends a file, an image or a URL along. `ask_poe_with_tools` lets the bot \
 request function calls, which you run yourself. `generate_image` and `generate_video` return media URLs. \
-`list_models` shows the bots and the gateway's short aliases.";
+`list_models` shows the bots and the gateway's short aliases. `get_usage` reports your usage and cost.";
 
 /// How a server instance learns who is calling.
 #[derive(Clone)]
@@ -191,6 +191,25 @@ pub struct ListModelsArgs {
     pub filter: Option<String>,
     /// Keep models with this capability.
     pub capability: Option<Capability>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GetUsageArgs {
+    /// Start of the period: an age such as `7d` or `24h`, a date `YYYY-MM-DD`, an RFC 3339
+    /// time, or unix seconds. Default: 30 days ago.
+    pub since: Option<String>,
+    /// Split the totals by `model`, `day` or `key`. Default: totals only.
+    pub group_by: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct UsageResult {
+    /// Requests, tokens, cost in USD, cache hits and savings, errors, and rows without a
+    /// known price, for the period (and per group when asked).
+    pub report: Value,
+    /// Poe's compute-point balance of the key paying for your calls, when the gateway knows it.
+    pub point_balance: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -403,6 +422,22 @@ impl PoeTools {
     ) -> Result<CallToolResult, rmcp::ErrorData> {
         let ct = ctx.ct.clone().cancelled_owned();
         Ok(finish(ct, self.list_models_impl(args)).await)
+    }
+
+    #[tool(
+        description = "Your usage and cost through this gateway: requests, tokens, USD (null-priced \
+                       bots are counted apart), cache hits and what they saved, and errors, for a period, \
+                       optionally per model, day or key. Also Poe's point balance when it is known.",
+        output_schema = schema_for_output::<UsageResult>(),
+        annotations(title = "Usage and cost", read_only_hint = true, open_world_hint = false)
+    )]
+    async fn get_usage(
+        &self,
+        Parameters(args): Parameters<GetUsageArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, rmcp::ErrorData> {
+        let ct = ctx.ct.clone().cancelled_owned();
+        Ok(finish(ct, self.get_usage_impl(args, &ctx)).await)
     }
 
     #[tool(
@@ -810,6 +845,50 @@ impl PoeTools {
             count: models.len(),
             models,
             aliases,
+        };
+        structured(&result, vec![])
+    }
+
+    async fn get_usage_impl(
+        &self,
+        args: GetUsageArgs,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, String> {
+        use crate::ledger::{GroupBy, ReportQuery, now_ms, report::parse_when};
+        let caller = self.caller(ctx)?;
+        let now = now_ms();
+        let since_ms = match args.since.as_deref() {
+            Some(s) => parse_when(s, now).map_err(|e| format!("`since`: {e}"))?,
+            None => now - 30 * 86_400_000,
+        };
+        let group_by = match args.group_by.as_deref() {
+            None => None,
+            Some(g) => Some(
+                GroupBy::parse(g)
+                    .ok_or_else(|| "`group_by` must be model, day or key".to_string())?,
+            ),
+        };
+        let gateway = self.core.gateway();
+        let report = gateway
+            .usage_report(
+                &caller,
+                ReportQuery {
+                    since_ms,
+                    until_ms: now + 1,
+                    key_id: None,
+                    group_by,
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        // The server key's balance is only the caller's business when the server key pays.
+        let point_balance = match caller.credential {
+            crate::gateway::Credential::Server => gateway.point_balance(),
+            crate::gateway::Credential::Poe(_) => None,
+        };
+        let result = UsageResult {
+            report: serde_json::to_value(&report).map_err(|e| e.to_string())?,
+            point_balance,
         };
         structured(&result, vec![])
     }
