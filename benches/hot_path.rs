@@ -81,7 +81,10 @@ fn sse_scan(c: &mut Criterion) {
 }
 
 fn tap(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
     let frames: Arc<[Bytes]> = stream_frames().into();
     let acct = Arc::new(Accounting {
@@ -91,7 +94,11 @@ fn tap(c: &mut Criterion) {
     let mut g = c.benchmark_group("tap");
     g.throughput(Throughput::Elements(frames.len() as u64));
     for strip in [false, true] {
-        let name = if strip { "per stream, stripping injected usage" } else { "per stream, passthrough" };
+        let name = if strip {
+            "per stream, stripping injected usage"
+        } else {
+            "per stream, passthrough"
+        };
         g.bench_function(name, |b| {
             b.iter(|| {
                 let info = RequestInfo {
@@ -110,7 +117,14 @@ fn tap(c: &mut Criterion) {
                 };
                 let completion = Completion::new(info, acct.clone(), None);
                 let body = ReplayBody::new(frames.clone(), std::time::Duration::ZERO);
-                let tap = Tap::new(body, true, strip, std::time::Duration::from_secs(300), completion, None);
+                let tap = Tap::new(
+                    body,
+                    true,
+                    strip,
+                    std::time::Duration::from_secs(300),
+                    completion,
+                    None,
+                );
                 rt.block_on(async { black_box(tap.collect().await.unwrap().to_bytes()) })
             })
         });
@@ -119,13 +133,20 @@ fn tap(c: &mut Criterion) {
 }
 
 fn cache_key(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
     let policy = CachePolicy {
         mode: config::CacheMode::All,
         ..CachePolicy::default()
     };
-    let cache = ResponseCache::new(&policy, Arc::new(Models::new(std::time::Duration::from_secs(60))), Arc::new(Metrics::new()));
+    let cache = ResponseCache::new(
+        &policy,
+        Arc::new(Models::new(std::time::Duration::from_secs(60))),
+        Arc::new(Metrics::new()),
+    );
     let req = ChatRequest::parse(request_body()).unwrap();
     let caller = Caller::server(Arc::from("bench"));
     let bots = vec!["claude-sonnet-4.5".to_string()];
@@ -135,7 +156,11 @@ fn cache_key(c: &mut Criterion) {
 }
 
 fn ledger_enqueue(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let ledger = rt.block_on(async { Ledger::start(Store::memory().unwrap(), None) });
     let row = UsageRow {
         request_id: "bench".into(),
@@ -149,5 +174,12 @@ fn ledger_enqueue(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parse_and_rewrite, sse_scan, tap, cache_key, ledger_enqueue);
+criterion_group!(
+    benches,
+    parse_and_rewrite,
+    sse_scan,
+    tap,
+    cache_key,
+    ledger_enqueue
+);
 criterion_main!(benches);

@@ -32,7 +32,11 @@ fn row(i: usize, now: i64) -> UsageRow {
         completion_tokens: Some(50 + (i % 500) as i64),
         total_tokens: Some(150 + (i % 1500) as i64),
         tokens_estimated: false,
-        cost_usd: if bot == 19 { None } else { Some(0.0001 * (1 + i % 7) as f64) },
+        cost_usd: if bot == 19 {
+            None
+        } else {
+            Some(0.0001 * (1 + i % 7) as f64)
+        },
         cache_hit: i % 10 == 0,
         saved_usd: None,
         attempts: 1,
@@ -91,11 +95,20 @@ async fn bench(name: &str, store: Store) {
     };
     for (label, query) in [
         ("all keys, 30 days, totals", q(31, None, None)),
-        ("all keys, 30 days, by model", q(31, None, Some(GroupBy::Model))),
+        (
+            "all keys, 30 days, by model",
+            q(31, None, Some(GroupBy::Model)),
+        ),
         ("all keys, 30 days, by day", q(31, None, Some(GroupBy::Day))),
         ("all keys, 30 days, by key", q(31, None, Some(GroupBy::Key))),
-        ("all keys, 1 day, by model", q(1, None, Some(GroupBy::Model))),
-        ("one key, 30 days, by model (/v1/usage)", q(31, Some("key_0007"), Some(GroupBy::Model))),
+        (
+            "all keys, 1 day, by model",
+            q(1, None, Some(GroupBy::Model)),
+        ),
+        (
+            "one key, 30 days, by model (/v1/usage)",
+            q(31, Some("key_0007"), Some(GroupBy::Model)),
+        ),
         ("one key, 1 day, totals", q(1, Some("key_0007"), None)),
     ] {
         let store = store.clone();
@@ -113,7 +126,10 @@ async fn bench(name: &str, store: Store) {
     time("budget check: one key's spend this month", || {
         let store = store2.clone();
         async move {
-            store.spent_since("key_0007", now - 30 * 86_400_000).await.expect("spent");
+            store
+                .spent_since("key_0007", now - 30 * 86_400_000)
+                .await
+                .expect("spent");
         }
     })
     .await;
