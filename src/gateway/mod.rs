@@ -746,9 +746,14 @@ impl Gateway {
             }
         }
         let (failure, bot) = last.expect("at least one attempt was made");
-        Ok(self
+        let mut reply = self
             .error_reply(caller, req, route, failure, bot, attempts, started)
-            .await)
+            .await;
+        // A cacheable request that failed was still a miss (errors are never stored).
+        if plan.is_some() {
+            reply.cache = CacheStatus::Miss;
+        }
+        Ok(reply)
     }
 
     fn stream_reply(
