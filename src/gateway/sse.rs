@@ -42,6 +42,12 @@ impl SseScanner {
         }
     }
 
+    /// The last frame ended in `\r`, so a `\n` opening the next one still belongs to the
+    /// line (and event) that `\r` ended.
+    pub fn pending_lf(&self) -> bool {
+        self.skip_lf
+    }
+
     /// True while a line or an event is partly received: a break now leaves the client
     /// holding half an event.
     pub fn in_progress(&self) -> bool {

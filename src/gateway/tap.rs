@@ -88,11 +88,21 @@ const JSON_KEEP_LIMIT: usize = 8 * 1024 * 1024;
 enum Mode {
     Sse {
         scanner: SseScanner,
-        /// Set when the client did not ask for usage: the bytes of an event not yet complete.
-        strip: Option<BytesMut>,
+        /// Set when the client did not ask for usage.
+        strip: Option<Strip>,
     },
     /// Frames of a JSON body (refcounted handles, not copies), read once at the end.
     Json { frames: Vec<Bytes>, kept: usize },
+}
+
+/// Strip mode's state between frames.
+#[derive(Default)]
+struct Strip {
+    /// The bytes of an event not yet complete.
+    held: BytesMut,
+    /// The last frame ended exactly where an event ended, on a `\r`: a `\n` opening the next
+    /// frame still belongs to that event, and goes where it went. `Some(true)`: it was kept.
+    ended_on_cr: Option<bool>,
 }
 
 enum State {
@@ -142,7 +152,7 @@ impl<B> Tap<B> {
             mode: if sse {
                 Mode::Sse {
                     scanner: SseScanner::default(),
-                    strip: strip_usage.then(BytesMut::new),
+                    strip: strip_usage.then(Strip::default),
                 }
             } else {
                 Mode::Json {
@@ -155,6 +165,13 @@ impl<B> Tap<B> {
             completion: Some(completion),
             recorder,
         }
+    }
+}
+
+impl<B> Tap<B> {
+    /// What the tap has read so far (usage, `[DONE]`, byte counts).
+    pub fn observed(&self) -> &Observed {
+        &self.observed
     }
 }
 
@@ -308,12 +325,16 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
         }
         Mode::Sse {
             scanner,
-            strip: Some(held),
+            strip: Some(Strip { held, ended_on_cr }),
         } => {
+            let lead = std::mem::take(ended_on_cr).filter(|_| data.first() == Some(&b'\n'));
             // First pass: cut the frame into whole events and decide each one, copying nothing.
             let mut pieces: Vec<Piece> = Vec::new();
-            let mut changed = false;
-            let mut from = 0;
+            if lead == Some(true) {
+                pieces.push(Piece::Keep(0..1));
+            }
+            let mut changed = lead == Some(false);
+            let mut from = usize::from(lead.is_some());
             scanner
                 .feed_bounds(&data, &mut |event: Option<&[u8]>, end: usize| {
                     let piece = match event.map(|d| {
@@ -336,6 +357,9 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
                 })
                 .map_err(|_| TOO_LONG.to_string())?;
             let tail = from..data.len();
+            if scanner.pending_lf() && tail.is_empty() {
+                *ended_on_cr = pieces.last().map(|p| matches!(p, Piece::Keep(_)));
+            }
             if !changed && held.is_empty() && tail.is_empty() {
                 return Ok(data); // whole events, nothing to change: the same bytes
             }
@@ -558,7 +582,7 @@ fn end_frame(mode: &mut Mode, error: Option<&str>) -> Option<Bytes> {
     };
     let mut out = BytesMut::new();
     let partial_sent = match strip {
-        Some(held) => {
+        Some(Strip { held, .. }) => {
             if error.is_none() {
                 out.extend_from_slice(held);
             }
