@@ -20,6 +20,9 @@ pub enum GatewayError {
     PayloadTooLarge { limit: u64 },
     #[error("{0}")]
     Unauthorized(String),
+    /// The client was too slow sending its request.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -81,6 +84,7 @@ impl GatewayError {
             GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -102,6 +106,7 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest { .. }
             | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::RequestTimeout(_)
             | GatewayError::NotFound(_)
             | GatewayError::MethodNotAllowed(_) => "invalid_request_error",
             GatewayError::Unauthorized(_) => "authentication_error",
@@ -120,6 +125,7 @@ impl GatewayError {
             GatewayError::BadRequest { .. } => "invalid_request",
             GatewayError::PayloadTooLarge { .. } => "request_too_large",
             GatewayError::Unauthorized(_) => "invalid_api_key",
+            GatewayError::RequestTimeout(_) => "request_timeout",
             GatewayError::Forbidden(_) => "model_not_allowed",
             GatewayError::QuotaExceeded(_) => "insufficient_quota",
             GatewayError::NotFound(_) => "not_found",

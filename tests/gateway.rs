@@ -477,3 +477,22 @@ async fn h2c_clients_are_served() {
     let b = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&b).contains("over h2"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_request_body_times_out_with_408() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&up, "[server]\nbody_read_timeout = \"5s\"\n", &[]).await;
+    let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // Declares 1000 bytes, sends 10, then stalls.
+    sock.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(60), sock.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    assert_eq!(up.chat_calls(), 0);
+}

@@ -37,6 +37,7 @@ impl ChatRequest {
         let text = std::str::from_utf8(&body).map_err(|e| {
             GatewayError::bad_request(format!("request body is not valid UTF-8: {e}"))
         })?;
+        check_depth(&body)?;
         let mut de = serde_json::Deserializer::from_str(text);
         let fields = TopLevel::deserialize(&mut de).map_err(|e| json_error(&e))?;
         de.end().map_err(|e| json_error(&e))?;
@@ -68,12 +69,7 @@ impl ChatRequest {
                 "`messages` must be an array",
             ));
         }
-        if messages
-            .get()
-            .trim_start_matches('[')
-            .trim_start()
-            .starts_with(']')
-        {
+        if messages.get()[1..].trim_start().starts_with(']') {
             return Err(GatewayError::bad_param(
                 "messages",
                 "`messages` must not be empty",
@@ -234,6 +230,43 @@ impl ChatRequest {
     }
 }
 
+/// Deepest nesting of arrays and objects accepted (serde_json's own recursion limit). Only the
+/// top level is parsed here, so without this a hostile body could nest without bound and be
+/// passed on; one pass over the bytes, skipping strings.
+const MAX_DEPTH: usize = 128;
+
+fn check_depth(body: &[u8]) -> Result<(), GatewayError> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // Skip the string: to the next quote not escaped.
+                i += 1;
+                while i < body.len() {
+                    match body[i] {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(GatewayError::bad_request(format!(
+                        "request body is nested too deeply (more than {MAX_DEPTH} levels)"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 fn json_error(e: &serde_json::Error) -> GatewayError {
     let what = if e.to_string().contains("recursion limit") {
         "request body is nested too deeply"
@@ -320,5 +353,42 @@ mod tests {
     fn escaped_keys_still_match() {
         let r = parse(r#"{"mod\u0065l":"a","messages":[{}]}"#).unwrap();
         assert_eq!(r.model(), "a");
+    }
+}
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+
+    #[test]
+    fn deep_nesting_is_refused_not_overflowed() {
+        let depth = 100_000;
+        let body = format!(
+            r#"{{"model":"a","messages":[{}{}]}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let e = ChatRequest::parse(Bytes::from(body)).unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(e.to_string().contains("nested too deeply"), "{e}");
+    }
+
+    #[test]
+    fn nesting_inside_strings_does_not_count() {
+        let deep_text = "[{".repeat(1000);
+        let body = format!(
+            r#"{{"model":"a","messages":[{{"role":"user","content":"{deep_text} \" [ "}}]}}"#
+        );
+        assert!(ChatRequest::parse(Bytes::from(body)).is_ok());
+    }
+
+    #[test]
+    fn invalid_utf8_is_a_400() {
+        let e = ChatRequest::parse(Bytes::from_static(
+            b"{\"model\":\"\xff\",\"messages\":[{}]}",
+        ))
+        .unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(e.to_string().contains("UTF-8"), "{e}");
     }
 }

@@ -213,13 +213,10 @@ async fn read_body(
     }
     let limited = Limited::new(req.into_body(), limit.try_into().unwrap_or(usize::MAX));
     match tokio::time::timeout(timeout, limited.collect()).await {
-        Err(_) => Err(GatewayError::BadRequest {
-            message: format!(
-                "request body not received within {}s (server.body_read_timeout)",
-                timeout.as_secs()
-            ),
-            param: None,
-        }),
+        Err(_) => Err(GatewayError::RequestTimeout(format!(
+            "request body not received within {}s (server.body_read_timeout)",
+            timeout.as_secs()
+        ))),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             Err(GatewayError::PayloadTooLarge { limit })
