@@ -496,3 +496,31 @@ async fn a_stalled_request_body_times_out_with_408() {
     assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
     assert_eq!(up.chat_calls(), 0);
 }
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_to_be_accepted() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&up, "[server]\nmax_connections = 2\n", &[]).await;
+    // Two idle connections take both slots.
+    let a = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // A third connects (the kernel's backlog) but is not served while the others are open.
+    let mut c = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), c.read(&mut buf))
+            .await
+            .is_err(),
+        "served past the connection cap"
+    );
+    // One leaves; the waiting one is accepted and answered.
+    drop(a);
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+        .await
+        .expect("served once a slot freed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}

@@ -54,6 +54,8 @@ pub struct ServerPolicy {
     /// Longest time a client may take to send its request head.
     #[serde(with = "values::duration")]
     pub header_read_timeout: Duration,
+    /// Open client connections at most; past it, new ones wait in the listen backlog.
+    pub max_connections: u32,
 }
 
 impl Default for ServerPolicy {
@@ -64,6 +66,7 @@ impl Default for ServerPolicy {
             shutdown_grace: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(120),
             header_read_timeout: Duration::from_secs(30),
+            max_connections: 16_384,
         }
     }
 }
@@ -504,6 +507,9 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
     }
     if p.cache.max_entry_bytes.0 > p.cache.max_bytes.0 {
         return bad("cache.max_entry_bytes", "must not exceed cache.max_bytes");
+    }
+    if p.server.max_connections == 0 {
+        return bad("server.max_connections", "must be at least 1");
     }
     if p.server.max_body_bytes.0 == 0 {
         return bad("server.max_body_bytes", "must be greater than zero");

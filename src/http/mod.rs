@@ -93,9 +93,18 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
     let graceful = GracefulShutdown::new();
     // Connection tasks, so the ones still open when the grace period ends can be closed.
     let mut connections = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        policy.server.max_connections as usize,
+    ));
     tokio::pin!(shutdown);
 
     loop {
+        // At the cap, stop accepting: new connections wait in the kernel's backlog instead of
+        // costing memory and descriptors here.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -125,6 +134,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
 
