@@ -32,7 +32,7 @@ use hdrhistogram::Histogram;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpSocket, TcpStream};
@@ -41,7 +41,10 @@ use tokio::net::{TcpSocket, TcpStream};
 // Command line
 
 #[derive(Parser)]
-#[command(name = "load", about = "poe-gateway load and memory benchmarks (run benches/run.sh)")]
+#[command(
+    name = "load",
+    about = "poe-gateway load and memory benchmarks (run benches/run.sh)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -136,9 +139,13 @@ struct HoldArgs {
     /// Connections being opened at once.
     #[arg(long, default_value_t = 128)]
     connect_parallel: usize,
-    /// The gateway's pid, to read its RSS and open files.
+    /// The pid(s) of the process holding the streams (comma-separated: RSS and open files
+    /// are summed, e.g. over nginx workers). The first one is checked for --fit-fd-limit.
     #[arg(long)]
-    pid: u32,
+    pid: String,
+    /// Name of what holds the streams, for the report.
+    #[arg(long, default_value = "gateway")]
+    name: String,
     /// HTTP/1.1 only: lower the count to what the gateway's open-file limit allows
     /// (each stream costs it two descriptors: client and upstream).
     #[arg(long)]
@@ -177,7 +184,7 @@ struct SoakArgs {
     conns: usize,
     #[arg(long, default_value_t = 5.0)]
     sample_secs: f64,
-    /// Share of the run treated as warm-up.
+    /// Share of the run treated as warm-up (at least 60 s, or half of a shorter run).
     #[arg(long, default_value_t = 0.2)]
     warmup_frac: f64,
 }
@@ -186,7 +193,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     // `cargo bench` runs harness = false targets with `--bench`: print the usage, send nothing.
     if args.len() < 2 || args[1].starts_with("--bench") {
-        println!("benches/load.rs: run `bash benches/run.sh` (see benches/README.md); nothing to do under `cargo bench`.");
+        println!(
+            "benches/load.rs: run `bash benches/run.sh` (see benches/README.md); nothing to do under `cargo bench`."
+        );
         return ExitCode::SUCCESS;
     }
     let cli = Cli::parse();
@@ -293,13 +302,23 @@ impl Target {
     fn request(&self, body: &Bytes, h2: bool) -> Request<Full<Bytes>> {
         let mut req = Request::new(Full::new(body.clone()));
         *req.method_mut() = Method::POST;
-        *req.uri_mut() = if h2 { self.uri.clone() } else { self.path.clone() };
+        *req.uri_mut() = if h2 {
+            self.uri.clone()
+        } else {
+            self.path.clone()
+        };
         let h = req.headers_mut();
         if !h2 {
             h.insert(header::HOST, self.host.clone());
         }
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer bench-not-a-key"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer bench-not-a-key"),
+        );
         req
     }
 }
@@ -394,7 +413,11 @@ impl Tail {
     }
     fn ends_well(&self, sse: bool) -> bool {
         let t = self.buf[..self.len].trim_ascii_end();
-        if sse { t.ends_with(b"data: [DONE]") } else { t.ends_with(b"}") }
+        if sse {
+            t.ends_with(b"data: [DONE]")
+        } else {
+            t.ends_with(b"}")
+        }
     }
 }
 
@@ -405,9 +428,16 @@ struct Sample {
 
 /// One request on a ready HTTP/1.1 connection. `Ok(false)` in the tuple: the connection
 /// cannot be reused (the body was abandoned on purpose).
-async fn one_request(sender: &mut H1Sender, req: Request<Full<Bytes>>, kind: Kind) -> Result<Sample, String> {
+async fn one_request(
+    sender: &mut H1Sender,
+    req: Request<Full<Bytes>>,
+    kind: Kind,
+) -> Result<Sample, String> {
     let t0 = Instant::now();
-    let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
     let status = resp.status();
     let mut body = resp.into_body();
     let mut ttfb = None;
@@ -476,6 +506,7 @@ struct Plan {
 
 /// `conns` keep-alive HTTP/1.1 connections, each sending requests back to back (or paced),
 /// until `warmup + duration` has passed or `max_requests` have been issued.
+#[allow(clippy::too_many_arguments)]
 async fn run_load(
     target: &Target,
     body: &Bytes,
@@ -520,7 +551,14 @@ async fn run_load(
     total
 }
 
-async fn conn_loop(i: usize, conns: usize, plan: Arc<Plan>, target: Target, body: Bytes, kind: Kind) -> RunResult {
+async fn conn_loop(
+    i: usize,
+    conns: usize,
+    plan: Arc<Plan>,
+    target: Target,
+    body: Bytes,
+    kind: Kind,
+) -> RunResult {
     let mut r = RunResult {
         ok: 0,
         errors: 0,
@@ -552,7 +590,9 @@ async fn conn_loop(i: usize, conns: usize, plan: Arc<Plan>, target: Target, body
                 *n = now + iv;
             }
         }
-        if Instant::now() >= plan.end || plan.issued.fetch_add(1, Ordering::Relaxed) >= plan.max_requests {
+        if Instant::now() >= plan.end
+            || plan.issued.fetch_add(1, Ordering::Relaxed) >= plan.max_requests
+        {
             break;
         }
         if sender.as_ref().is_none_or(|s| s.is_closed()) {
@@ -598,7 +638,11 @@ async fn conn_loop(i: usize, conns: usize, plan: Arc<Plan>, target: Target, body
 }
 
 fn us(h: &Histogram<u64>, q: f64) -> f64 {
-    if h.is_empty() { f64::NAN } else { h.value_at_quantile(q) as f64 / 1000.0 }
+    if h.is_empty() {
+        f64::NAN
+    } else {
+        h.value_at_quantile(q) as f64 / 1000.0
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,13 +700,14 @@ fn median_rps(runs: &[RunResult]) -> f64 {
 impl Row {
     /// The serial runs the targets are judged on: pinned when there are any.
     fn serial(&self) -> &[RunResult] {
-        if self.pinned.is_empty() { &self.free } else { &self.pinned }
+        if self.pinned.is_empty() {
+            &self.free
+        } else {
+            &self.pinned
+        }
     }
     fn p50(&self) -> f64 {
         us(&merge(self.serial()).latency, 0.5)
-    }
-    fn p99(&self) -> f64 {
-        us(&merge(self.serial()).latency, 0.99)
     }
 }
 
@@ -682,11 +727,19 @@ fn pin(pids: &[u32], cpus: &str) -> Result<(), String> {
 }
 
 fn fmt0(x: f64) -> String {
-    if x.is_finite() { format!("{x:.0}") } else { "–".into() }
+    if x.is_finite() {
+        format!("{x:.0}")
+    } else {
+        "–".into()
+    }
 }
 
 fn fmt1(x: f64) -> String {
-    if x.is_finite() { format!("{x:.1}") } else { "–".into() }
+    if x.is_finite() {
+        format!("{x:.1}")
+    } else {
+        "–".into()
+    }
 }
 
 async fn compare(a: CompareArgs) -> Result<(), String> {
@@ -734,7 +787,9 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().map_err(|_| format!("--pin-pids: bad pid {s:?}")))
         .collect::<Result<_, _>>()?;
-    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let all_cpus = format!("0-{}", ncpu - 1);
     let pin_cpu = a.pin_cpu.to_string();
     let warmup = Duration::from_secs_f64(a.warmup);
@@ -745,7 +800,11 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
         a.rounds,
         a.warmup,
         a.duration,
-        if pin_pids.is_empty() { "".to_string() } else { format!(" pinned to CPU {pin_cpu} and unpinned") },
+        if pin_pids.is_empty() {
+            "".to_string()
+        } else {
+            format!(" pinned to CPU {pin_cpu} and unpinned")
+        },
         a.conns
     );
     let line = |round: usize, row: &Row, what: &str, r: &RunResult| {
@@ -767,17 +826,47 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
                 let body = body_of(row.kind);
                 if !pin_pids.is_empty() {
                     pin(&pin_pids, &pin_cpu)?;
-                    let s = run_load(&row.target, &body, row.kind, 1, warmup, duration, a.max_requests, None).await;
+                    let s = run_load(
+                        &row.target,
+                        &body,
+                        row.kind,
+                        1,
+                        warmup,
+                        duration,
+                        a.max_requests,
+                        None,
+                    )
+                    .await;
                     pin(&pin_pids, &all_cpus)?;
                     line(round, row, "1 conn pinned", &s);
                     row.pinned.push(s);
                 }
-                let s = run_load(&row.target, &body, row.kind, 1, warmup, duration, a.max_requests, None).await;
+                let s = run_load(
+                    &row.target,
+                    &body,
+                    row.kind,
+                    1,
+                    warmup,
+                    duration,
+                    a.max_requests,
+                    None,
+                )
+                .await;
                 line(round, row, "1 conn", &s);
                 row.free.push(s);
                 // Drip responses take milliseconds by design: only their latency matters.
                 if row.kind != Kind::Drip && !a.serial_only {
-                    let m = run_load(&row.target, &body, row.kind, a.conns, warmup, duration, a.max_requests, None).await;
+                    let m = run_load(
+                        &row.target,
+                        &body,
+                        row.kind,
+                        a.conns,
+                        warmup,
+                        duration,
+                        a.max_requests,
+                        None,
+                    )
+                    .await;
                     line(round, row, &format!("{} conns", a.conns), &m);
                     row.many.push(m);
                 }
@@ -853,7 +942,11 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
         "| payload | gateway/nginx req/s @{c} (target ≥ 0.8) | gateway/nginx p50 @1 (target ≤ 1.3) | gateway/nginx p99 @1 |{} added p50 over direct: nginx | added p50 over direct: gateway |\n",
         if pinned { " gateway/nginx p50 @1 unpinned |" } else { "" }
     ));
-    md.push_str(if pinned { "|---|---:|---:|---:|---:|---:|---:|\n" } else { "|---|---:|---:|---:|---:|---:|\n" });
+    md.push_str(if pinned {
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+    } else {
+        "|---|---:|---:|---:|---:|---:|\n"
+    });
     let find = |k: Kind, l: &str| rows.iter().find(|r| r.kind == k && r.label == l);
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     for k in [Kind::Json, Kind::Sse, Kind::Drip] {
@@ -861,32 +954,40 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
             continue;
         };
         let d = find(k, "direct");
+        // A drip response lasts as long as the upstream drips: only its first byte tells
+        // anything about the proxy, and it is not one of the issue's targets.
+        let drip = k == Kind::Drip;
+        let q = |runs: &[RunResult], quantile: f64| {
+            let m = merge(runs);
+            us(if drip { &m.ttfb } else { &m.latency }, quantile)
+        };
         let rps = if n.many.is_empty() {
             "–".to_string()
         } else {
             let r = median_rps(&g.many) / median_rps(&n.many);
             format!("{r:.2} ({})", verdict(r >= 0.8))
         };
-        let p50 = g.p50() / n.p50();
+        let p50 = q(g.serial(), 0.5) / q(n.serial(), 0.5);
         let added = |row: &Row| match d {
-            Some(d) => format!("{:+.1} µs", row.p50() - d.p50()),
+            Some(d) => format!("{:+.1} µs", q(row.serial(), 0.5) - q(d.serial(), 0.5)),
             None => "–".into(),
         };
         let free = if pinned {
-            format!(
-                " {:.2} |",
-                us(&merge(&g.free).latency, 0.5) / us(&merge(&n.free).latency, 0.5)
-            )
+            format!(" {:.2} |", q(&g.free, 0.5) / q(&n.free, 0.5))
         } else {
             String::new()
         };
         md.push_str(&format!(
             "| {} | {} | {:.2} ({}) | {:.2} |{} {} | {} |\n",
-            k.name(),
+            if drip { "SSE drip: TTFB" } else { k.name() },
             rps,
             p50,
-            verdict(p50 <= 1.3),
-            g.p99() / n.p99(),
+            if drip {
+                "not a target"
+            } else {
+                verdict(p50 <= 1.3)
+            },
+            q(g.serial(), 0.99) / q(n.serial(), 0.99),
             free,
             added(n),
             added(g)
@@ -933,6 +1034,7 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
 // slow upstream
 
 const CHUNK_PREFIX: &str = r#"data: {"id":"chatcmpl-slow","object":"chat.completion.chunk","created":1767225600,"model":"bench","choices":[{"index":0,"delta":{"content":"tick "},"finish_reason":null}]}"#;
+const CATALOGUE: &[u8] = br#"{"object":"list","data":[{"id":"hold","object":"model","created":1767225600,"owned_by":"bench","pricing":{"prompt":"0.000001","completion":"0.00001","request":"0"}},{"id":"drip","object":"model","created":1767225600,"owned_by":"bench","pricing":{"prompt":"0.000001","completion":"0.00001","request":"0"}}]}"#;
 const CHUNK_LAST: &str = "data: {\"id\":\"chatcmpl-slow\",\"object\":\"chat.completion.chunk\",\"created\":1767225600,\"model\":\"bench\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":10,\"total_tokens\":19}}\n\n";
 
 pin_project_lite::pin_project! {
@@ -962,7 +1064,10 @@ impl Body for SlowBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let mut this = self.project();
         if *this.done {
             return Poll::Ready(None);
@@ -993,9 +1098,16 @@ async fn slow_upstream(a: SlowArgs) -> Result<(), String> {
     if !a.listen.ip().is_loopback() {
         return Err("slow-upstream listens on loopback only".into());
     }
-    let socket = if a.listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| e.to_string())?;
+    let socket = if a.listen.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| e.to_string())?;
     socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
-    socket.bind(a.listen).map_err(|e| format!("bind {}: {e}", a.listen))?;
+    socket
+        .bind(a.listen)
+        .map_err(|e| format!("bind {}: {e}", a.listen))?;
     let listener = socket.listen(8192).map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("slow-upstream listening on http://{addr}");
@@ -1028,9 +1140,28 @@ async fn slow_upstream(a: SlowArgs) -> Result<(), String> {
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (open, served) = (open.clone(), served.clone());
             async move {
-                let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                if req.uri().path() == "/v1/models" {
+                    // A small Poe-shaped catalogue, so the gateway can price what it accounts.
+                    let mut resp =
+                        Response::new(Either::Right(Full::new(Bytes::from_static(CATALOGUE))));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    return Ok::<_, Infallible>(resp);
+                }
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
                 let hold_mode = memchr::memmem::find(&body, br#""model":"hold""#).is_some();
-                let (events, gap) = if hold_mode { (2, hold) } else { (drip_events, gap) };
+                let (events, gap) = if hold_mode {
+                    (2, hold)
+                } else {
+                    (drip_events, gap)
+                };
                 open.fetch_add(1, Ordering::Relaxed);
                 served.fetch_add(1, Ordering::Relaxed);
                 let body = SlowBody {
@@ -1042,9 +1173,11 @@ async fn slow_upstream(a: SlowArgs) -> Result<(), String> {
                     open,
                     counted: true,
                 };
-                let mut resp = Response::new(body);
-                resp.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+                let mut resp = Response::new(Either::Left(body));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/event-stream"),
+                );
                 resp.headers_mut()
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
                 Ok::<_, Infallible>(resp)
@@ -1062,7 +1195,8 @@ async fn slow_upstream(a: SlowArgs) -> Result<(), String> {
 // memory: RSS and open files of another process
 
 fn rss_kb(pid: u32) -> Result<u64, String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("pid {pid}: {e}"))?;
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("pid {pid}: {e}"))?;
     s.lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
@@ -1070,7 +1204,9 @@ fn rss_kb(pid: u32) -> Result<u64, String> {
 }
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 fn fd_soft_limit(pid: u32) -> Option<usize> {
@@ -1144,19 +1280,33 @@ async fn hold_stream(resp: Result<Response<Incoming>, hyper::Error>, st: Arc<Hol
 async fn hold(a: HoldArgs) -> Result<(), String> {
     let target = Target::parse(&a.url)?;
     let body = read_body(&a.body)?;
-    let pid = a.pid;
+    let pids: Vec<u32> = a
+        .pid
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.trim()
+                .parse()
+                .map_err(|_| format!("--pid: bad pid {p:?}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let pid = *pids.first().ok_or("--pid: none given")?;
+    let rss_kb = |_: u32| -> Result<u64, String> { pids.iter().map(|p| rss_kb(*p)).sum() };
+    let open_fds = |_: u32| -> usize { pids.iter().map(|p| open_fds(*p)).sum() };
+    let who = &a.name;
     let fds0 = open_fds(pid);
     let mut n = a.streams;
-    if !a.h2 && a.fit_fd_limit {
-        if let Some(limit) = fd_soft_limit(pid) {
-            let fit = limit.saturating_sub(fds0 + 64) / 2;
-            if fit < n {
-                println!(
-                    "hold: the gateway may open {limit} files and has {fds0} open; an HTTP/1.1 stream costs it 2 \
-                     (client + upstream), so {fit} streams are opened instead of {n}"
-                );
-                n = fit;
-            }
+    if !a.h2
+        && a.fit_fd_limit
+        && let Some(limit) = fd_soft_limit(pid)
+    {
+        let fit = limit.saturating_sub(fds0 + 64) / 2;
+        if fit < n {
+            println!(
+                "hold: the {who} may open {limit} files and has {fds0} open; an HTTP/1.1 stream costs it 2 \
+                 (client + upstream), so {fit} streams are opened instead of {n}"
+            );
+            n = fit;
         }
     }
     let rss0 = rss_kb(pid)?;
@@ -1165,7 +1315,10 @@ async fn hold(a: HoldArgs) -> Result<(), String> {
     } else {
         "HTTP/1.1, one connection per stream".into()
     };
-    println!("hold: {n} streams ({mode}); gateway pid {pid}: RSS {rss0} kB, {fds0} open files before");
+    println!(
+        "hold: {n} streams ({mode}); {who} pid {}: RSS {rss0} kB, {fds0} open files before",
+        a.pid
+    );
 
     let st = Arc::new(HoldState::default());
     let mut tasks = tokio::task::JoinSet::new();
@@ -1193,7 +1346,12 @@ async fn hold(a: HoldArgs) -> Result<(), String> {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let (sender, conn) = match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await {
+            let (sender, conn) = match hyper::client::conn::http2::handshake(
+                TokioExecutor::new(),
+                TokioIo::new(stream),
+            )
+            .await
+            {
                 Ok(x) => x,
                 Err(e) => {
                     st.fail(format!("h2 handshake: {e}"));
@@ -1223,13 +1381,14 @@ async fn hold(a: HoldArgs) -> Result<(), String> {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        drop(permit);
-                        return st2.fail(format!("handshake: {e}"));
-                    }
-                };
+                let (mut sender, conn) =
+                    match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            drop(permit);
+                            return st2.fail(format!("handshake: {e}"));
+                        }
+                    };
                 // The connection is driven in this task, so aborting the task closes it.
                 let st3 = st2.clone();
                 let work = async move {
@@ -1249,21 +1408,26 @@ async fn hold(a: HoldArgs) -> Result<(), String> {
             });
         }
         opened += batch;
-        if let Some(c) = a.checkpoint {
-            if checkpoint.is_none() && opened >= c {
-                // Wait until the checkpoint's streams are all held, then read the RSS.
-                while st.held.load(Ordering::Relaxed) + st.failed.load(Ordering::Relaxed) < c && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let held = st.held.load(Ordering::Relaxed);
-                let rss = rss_kb(pid)?;
-                println!("hold: checkpoint: {held} held, RSS {rss} kB");
-                checkpoint = Some((held, rss));
+        if let Some(c) = a.checkpoint
+            && checkpoint.is_none()
+            && opened >= c
+        {
+            // Wait until the checkpoint's streams are all held, then read the RSS.
+            while st.held.load(Ordering::Relaxed) + st.failed.load(Ordering::Relaxed) < c
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let held = st.held.load(Ordering::Relaxed);
+            let rss = rss_kb(pid)?;
+            println!("hold: checkpoint: {held} held, RSS {rss} kB");
+            checkpoint = Some((held, rss));
         }
     }
-    while st.held.load(Ordering::Relaxed) + st.failed.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+    while st.held.load(Ordering::Relaxed) + st.failed.load(Ordering::Relaxed) < n
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let open_secs = started.elapsed().as_secs_f64();
@@ -1281,14 +1445,19 @@ async fn hold(a: HoldArgs) -> Result<(), String> {
     let failed = st.failed.load(Ordering::Relaxed);
     let still_open = held_end.saturating_sub(dropped);
     let per_stream = (rss1 as f64 - rss0 as f64) / held_end.max(1) as f64;
-    println!("hold: after {:.1}s held: {still_open} still open, {dropped} ended early, {failed} failed", a.settle);
-    println!("hold: gateway RSS {rss0} kB -> {rss1} kB with {still_open} open streams; {fds1} open files");
+    println!(
+        "hold: after {:.1}s held: {still_open} still open, {dropped} ended early, {failed} failed",
+        a.settle
+    );
+    println!(
+        "hold: {who} RSS {rss0} kB -> {rss1} kB with {still_open} open streams; {fds1} open files"
+    );
     println!("hold: per stream: {per_stream:.1} KB (RSS growth / streams held)");
-    if let Some((h, r)) = checkpoint {
-        if held_end > h {
-            let slope = (rss1 as f64 - r as f64) / (held_end - h) as f64;
-            println!("hold: per stream, slope between {h} and {held_end} streams: {slope:.1} KB");
-        }
+    if let Some((h, r)) = checkpoint
+        && held_end > h
+    {
+        let slope = (rss1 as f64 - r as f64) / (held_end - h) as f64;
+        println!("hold: per stream, slope between {h} and {held_end} streams: {slope:.1} KB");
     }
     if let Some(e) = st.first_error.lock().expect("lock").as_ref() {
         println!("hold: first error: {e}");
@@ -1300,16 +1469,18 @@ async fn hold(a: HoldArgs) -> Result<(), String> {
     while conns.join_next().await.is_some() {}
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!(
-        "hold: 3s after closing: gateway RSS {} kB, {} open files",
+        "hold: 3s after closing: {who} RSS {} kB, {} open files",
         rss_kb(pid)?,
         open_fds(pid)
     );
     println!(
-        "HOLD-RESULT mode={} streams={n} held={still_open} failed={failed} dropped={dropped} rss_before_kb={rss0} rss_held_kb={rss1} per_stream_kb={per_stream:.1}",
+        "HOLD-RESULT {who} mode={} streams={n} held={still_open} failed={failed} dropped={dropped} rss_before_kb={rss0} rss_held_kb={rss1} per_stream_kb={per_stream:.1}",
         if a.h2 { "h2c" } else { "http1" }
     );
     if still_open != n || failed > 0 || dropped > 0 {
-        return Err(format!("not every stream was held: {still_open} of {n} open, {failed} failed, {dropped} ended"));
+        return Err(format!(
+            "not every stream was held: {still_open} of {n} open, {failed} failed, {dropped} ended"
+        ));
     }
     Ok(())
 }
@@ -1324,13 +1495,19 @@ async fn soak(a: SoakArgs) -> Result<(), String> {
         let body = match kind {
             Kind::Json => read_body(&a.body_json)?,
             Kind::Sse => read_body(&a.body_sse)?,
-            Kind::Drip | Kind::DripCancel => read_body(a.body_drip.as_deref().ok_or("drip targets need --body-drip")?)?,
+            Kind::Drip | Kind::DripCancel => read_body(
+                a.body_drip
+                    .as_deref()
+                    .ok_or("drip targets need --body-drip")?,
+            )?,
         };
         targets.push((kind, label, target, body));
     }
     let mut pids = Vec::new();
     for p in &a.pids {
-        let (label, pid) = p.split_once('=').ok_or_else(|| format!("--pid {p:?}: want LABEL=PID"))?;
+        let (label, pid) = p
+            .split_once('=')
+            .ok_or_else(|| format!("--pid {p:?}: want LABEL=PID"))?;
         let pid: u32 = pid.parse().map_err(|_| format!("--pid {p:?}: bad pid"))?;
         rss_kb(pid)?;
         pids.push((label.to_string(), pid));
@@ -1350,7 +1527,17 @@ async fn soak(a: SoakArgs) -> Result<(), String> {
         let (rate, conns) = (a.rate, a.conns);
         loads.spawn(async move {
             let max = (rate * duration.as_secs_f64() * 1.2) as u64 + 1000;
-            let r = run_load(&target, &body, kind, conns, Duration::ZERO, duration, max, Some(rate)).await;
+            let r = run_load(
+                &target,
+                &body,
+                kind,
+                conns,
+                Duration::ZERO,
+                duration,
+                max,
+                Some(rate),
+            )
+            .await;
             (kind, label, r)
         });
     }
@@ -1358,7 +1545,12 @@ async fn soak(a: SoakArgs) -> Result<(), String> {
     let start = Instant::now();
     let mut samples: Vec<(f64, Vec<u64>)> = Vec::new();
     let sample = |t: f64| -> Result<(f64, Vec<u64>), String> {
-        Ok((t, pids.iter().map(|(_, p)| rss_kb(*p)).collect::<Result<Vec<_>, _>>()?))
+        Ok((
+            t,
+            pids.iter()
+                .map(|(_, p)| rss_kb(*p))
+                .collect::<Result<Vec<_>, _>>()?,
+        ))
     };
     samples.push(sample(0.0)?);
     let header: Vec<String> = pids.iter().map(|(l, _)| format!("{l} RSS kB")).collect();
@@ -1371,7 +1563,10 @@ async fn soak(a: SoakArgs) -> Result<(), String> {
         println!(
             "soak: {:>5.0}  {}",
             s.0,
-            s.1.iter().map(|v| format!("{v:>10}")).collect::<Vec<_>>().join("  ")
+            s.1.iter()
+                .map(|v| format!("{v:>10}"))
+                .collect::<Vec<_>>()
+                .join("  ")
         );
         samples.push(s);
     }
@@ -1388,12 +1583,15 @@ async fn soak(a: SoakArgs) -> Result<(), String> {
             us(&r.latency, 0.5),
             us(&r.latency, 0.99),
             r.errors,
-            r.first_error.map(|e| format!(" (first: {e})")).unwrap_or_default()
+            r.first_error
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default()
         );
     }
     // Flatness after warm-up: growth from the first three samples after warm-up to the last
     // three, and a least-squares slope.
-    let warm_t = a.duration * a.warmup_frac;
+    // Warm-up: the given share of the run, but at least a minute (half of a short run).
+    let warm_t = (a.duration * a.warmup_frac).max(60.0f64.min(a.duration / 2.0));
     let mut all_flat = true;
     for (i, (label, _)) in pids.iter().enumerate() {
         let post: Vec<(f64, f64)> = samples
@@ -1410,7 +1608,9 @@ async fn soak(a: SoakArgs) -> Result<(), String> {
         let last = post[post.len() - 3..].iter().map(|x| x.1).sum::<f64>() / 3.0;
         let (min, max) = post
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(x.1), hi.max(x.1)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                (lo.min(x.1), hi.max(x.1))
+            });
         let n = post.len() as f64;
         let mt = post.iter().map(|x| x.0).sum::<f64>() / n;
         let mv = post.iter().map(|x| x.1).sum::<f64>() / n;
@@ -1445,7 +1645,11 @@ fn ports(n: usize) -> Result<(), String> {
         .collect::<Result<_, _>>()?;
     let ports: Vec<String> = listeners
         .iter()
-        .map(|l| l.local_addr().map(|a| a.port().to_string()).map_err(|e| e.to_string()))
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port().to_string())
+                .map_err(|e| e.to_string())
+        })
         .collect::<Result<_, _>>()?;
     println!("{}", ports.join(" "));
     Ok(())

@@ -25,8 +25,8 @@ fn row(i: usize, now: i64) -> UsageRow {
         alias: None,
         model: format!("bot-{bot}"),
         bot: format!("bot-{bot}"),
-        stream: i % 2 == 0,
-        status: if i % 97 == 0 { 500 } else { 200 },
+        stream: i.is_multiple_of(2),
+        status: if i.is_multiple_of(97) { 500 } else { 200 },
         outcome: "completed".into(),
         prompt_tokens: Some(100 + (i % 1000) as i64),
         completion_tokens: Some(50 + (i % 500) as i64),
@@ -37,7 +37,7 @@ fn row(i: usize, now: i64) -> UsageRow {
         } else {
             Some(0.0001 * (1 + i % 7) as f64)
         },
-        cache_hit: i % 10 == 0,
+        cache_hit: i.is_multiple_of(10),
         saved_usd: None,
         attempts: 1,
         latency_ms: 250.0,

@@ -12,7 +12,8 @@
 #   GATEWAY_ENV="VAR=value ..." extra environment for every gateway started (experiments, e.g.
 #   TOKIO_WORKER_THREADS=1 or LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2),
 #   BASELINE_REV=<git rev> or BASELINE_BIN=<path>: also measure an older gateway ("gateway-base"),
-#   e.g. the last commit before accounting, to price a feature.
+#   e.g. the last commit before accounting, to price a feature;
+#   ONLY="KIND:LABEL ..." (compare) measures only those targets, e.g. ONLY="json:nginx json:gateway".
 # Every server binds 127.0.0.1 only; every load loop is bounded in time and count.
 set -euo pipefail
 
@@ -76,6 +77,15 @@ LOAD_BIN=$(grep -o '"executable":"[^"]*/load-[0-9a-f]*"' <<<"$BUILD_OUT" | tail 
 
 TMP=$(mktemp -d /tmp/poe-gateway-bench.XXXXXX)
 chmod 755 "$TMP"
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ "${KEEP_TMP:-0}" = 1 ]; then log "kept $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 # An older gateway to compare with in the same run (e.g. the last commit before accounting):
 # BASELINE_REV=<git revision> builds it from git; BASELINE_BIN=<path> uses a binary as is.
@@ -89,15 +99,6 @@ if [ -z "$BASE_BIN" ] && [ -n "${BASELINE_REV:-}" ]; then
   BASE_BIN=$(grep -o '"executable":"[^"]*/poe-gateway"' <<<"$BASE_OUT" | tail -1 | cut -d'"' -f4)
 fi
 [ -z "$BASE_BIN" ] || [ -x "$BASE_BIN" ] || die "baseline binary $BASE_BIN not found"
-PIDS=()
-cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  if [ "${KEEP_TMP:-0}" = 1 ]; then log "kept $TMP"; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # --- machine ------------------------------------------------------------------------------------
 log "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -133,6 +134,8 @@ SSE_REPLY=$(
   printf 'data: {%s,"object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":14,"completion_tokens":12,"total_tokens":26}}\\n\\n' "$ID"
   printf 'data: [DONE]\\n\\n'
 )
+# Poe's model catalogue, trimmed: the gateway prices what it accounts from it.
+CATALOGUE='{"object":"list","data":[{"id":"gpt-5","object":"model","created":1767225600,"owned_by":"openai","pricing":{"prompt":"0.00000125","completion":"0.00001","request":"0"}}]}'
 nginx_escape() { sed "s/'/\\\\'/g" <<<"$1"; }
 
 # --- servers ------------------------------------------------------------------------------------
@@ -181,6 +184,7 @@ start_upstream_nginx() {
   server {
     listen 127.0.0.1:$P_UP_JSON backlog=4096;
     location = /v1/chat/completions { default_type application/json; return 200 '$(nginx_escape "$JSON_REPLY")'; }
+    location = /v1/models { default_type application/json; return 200 '$(nginx_escape "$CATALOGUE")'; }
     location / { return 404; }
   }
   server {
@@ -190,6 +194,7 @@ start_upstream_nginx() {
       add_header Cache-Control no-cache;
       return 200 '$(nginx_escape "$SSE_REPLY")';
     }
+    location = /v1/models { default_type application/json; return 200 '$(nginx_escape "$CATALOGUE")'; }
     location / { return 404; }
   }
 }
@@ -216,7 +221,7 @@ EOF
       case $name in json) port=$P_PX_JSON ;; sse) port=$P_PX_SSE ;; drip) port=$P_PX_DRIP ;; esac
       cat <<EOF
   server {
-    listen 127.0.0.1:$port backlog=4096;
+    listen 127.0.0.1:$port backlog=4096 reuseport;
     location / {
       proxy_pass http://up_$name;
       proxy_http_version 1.1;
@@ -229,6 +234,7 @@ EOF
     echo "}"
   } >"$TMP/nginx-proxy/nginx.conf"
   start_nginx nginx-proxy
+  NGINX_PROXY_PID=$!
   wait_port "$P_PX_JSON"
   wait_port "$P_PX_SSE"
   wait_port "$P_PX_DRIP"
@@ -240,7 +246,7 @@ start_slow_upstream() {
   PIDS+=($!)
   local i
   for i in $(seq 1 100); do
-    SLOW_URL=$(sed -n 's/^slow-upstream listening on //p' "$TMP/slow.out" 2>/dev/null)
+    SLOW_URL=$(sed -n 's/^slow-upstream listening on //p' "$TMP/slow.out" 2>/dev/null || true)
     [ -n "$SLOW_URL" ] && return 0
     sleep 0.05
   done
@@ -249,19 +255,20 @@ start_slow_upstream() {
 
 declare -A GW_PID GW_URL
 start_gateway() { # $1 name, $2 upstream base URL, $3 RUST_LOG, then extra VAR=value
-  local name=$1 base=$2 level=$3 bin=$GW_BIN
+  local name=$1 base=$2 level=$3 bin=$GW_BIN dir=$ROOT
   shift 3
-  [ "${name%-base}" != "$name" ] && bin=$BASE_BIN
+  # The baseline runs where there is no policies/default.toml, so it uses its own built-in one.
+  if [ "${name%-base}" != "$name" ]; then bin=$BASE_BIN dir=$TMP/base-cwd; mkdir -p "$dir"; fi
   # Each gateway keeps its own ledger in the temp dir (never ./data in the repo).
-  env POE_API_KEY=bench-not-a-key POE_BASE_URL="$base" POE_GATEWAY_LISTEN=127.0.0.1:0 \
+  (cd "$dir" && exec env POE_API_KEY=bench-not-a-key POE_BASE_URL="$base" POE_GATEWAY_LISTEN=127.0.0.1:0 \
     POE_GATEWAY_DATABASE_URL="sqlite://$TMP/$name.db" \
     POE_GATEWAY_LIMITS__UPSTREAM_RPM=100000000 RUST_LOG="$level" $GATEWAY_ENV "$@" \
-    "$bin" serve </dev/null >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    "$bin" serve) </dev/null >"$TMP/$name.out" 2>"$TMP/$name.err" &
   local pid=$!
   PIDS+=("$pid")
   local i url=
   for i in $(seq 1 200); do
-    url=$(sed -n 's/^poe-gateway listening on //p' "$TMP/$name.out" 2>/dev/null)
+    url=$(sed -n 's/^poe-gateway listening on //p' "$TMP/$name.out" 2>/dev/null || true)
     [ -n "$url" ] && break
     kill -0 "$pid" 2>/dev/null || die "gateway $name exited: $(cat "$TMP/$name.err")"
     sleep 0.05
@@ -301,28 +308,40 @@ run_compare() {
   if [ -n "$BASE_BIN" ]; then
     start_gateway gw-json-base "http://127.0.0.1:$P_UP_JSON" warn
     start_gateway gw-sse-base "http://127.0.0.1:$P_UP_SSE" warn
-    base_targets=(--target "json:gateway-base=${GW_URL[gw-json-base]}$CHAT" --target "sse:gateway-base=${GW_URL[gw-sse-base]}$CHAT")
+    base_targets=("json:gateway-base=${GW_URL[gw-json-base]}$CHAT" "sse:gateway-base=${GW_URL[gw-sse-base]}$CHAT")
     log "baseline gateway: $BASE_BIN ${BASELINE_REV:+($BASELINE_REV)}"
   fi
+  # Other work on the machine skews every number: say how busy it was.
+  log "load average before the comparison: $(cut -d' ' -f1-3 /proc/loadavg)"
   # Fresh gateways, before any request.
   log "idle RSS of a fresh gateway: $(rss_kb "${GW_PID[gw-json]}") kB"
+  local all=(
+    "json:direct=http://127.0.0.1:$P_UP_JSON$CHAT"
+    "json:nginx=http://127.0.0.1:$P_PX_JSON$CHAT"
+    "json:gateway=${GW_URL[gw-json]}$CHAT"
+    "json:gateway-info=${GW_URL[gw-json-info]}$CHAT"
+    "sse:direct=http://127.0.0.1:$P_UP_SSE$CHAT"
+    "sse:nginx=http://127.0.0.1:$P_PX_SSE$CHAT"
+    "sse:gateway=${GW_URL[gw-sse]}$CHAT"
+    "sse:gateway-info=${GW_URL[gw-sse-info]}$CHAT"
+    "${base_targets[@]}"
+    "drip:direct=$SLOW_URL$CHAT"
+    "drip:nginx=http://127.0.0.1:$P_PX_DRIP$CHAT"
+    "drip:gateway=${GW_URL[gw-drip]}$CHAT"
+  )
+  # ONLY="KIND:LABEL ..." keeps a subset, e.g. ONLY="json:nginx json:gateway" for a quick experiment.
+  local targets=() t
+  for t in "${all[@]}"; do
+    if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" ${t%%=*} "* ]]; then targets+=(--target "$t"); fi
+  done
+  [ ${#targets[@]} -gt 0 ] || die "ONLY=$ONLY matches no target"
   "$LOAD_BIN" compare \
     --rounds "$ROUNDS" --duration "$DURATION" --warmup "$WARMUP" --conns "$CONNS" \
     --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" --body-drip "$TMP/req-drip.json" \
-    --target "json:direct=http://127.0.0.1:$P_UP_JSON$CHAT" \
-    --target "json:nginx=http://127.0.0.1:$P_PX_JSON$CHAT" \
-    --target "json:gateway=${GW_URL[gw-json]}$CHAT" \
-    --target "json:gateway-info=${GW_URL[gw-json-info]}$CHAT" \
-    --target "sse:direct=http://127.0.0.1:$P_UP_SSE$CHAT" \
-    --target "sse:nginx=http://127.0.0.1:$P_PX_SSE$CHAT" \
-    --target "sse:gateway=${GW_URL[gw-sse]}$CHAT" \
-    --target "sse:gateway-info=${GW_URL[gw-sse-info]}$CHAT" \
-    "${base_targets[@]}" \
-    --target "drip:direct=$SLOW_URL$CHAT" \
-    --target "drip:nginx=http://127.0.0.1:$P_PX_DRIP$CHAT" \
-    --target "drip:gateway=${GW_URL[gw-drip]}$CHAT" \
+    "${targets[@]}" \
     --pin-pids "$(server_pids)" --pin-cpu 0 \
     --markdown-out "$TMP/compare.md"
+  log "load average after the comparison: $(cut -d' ' -f1-3 /proc/loadavg)"
   log "gateway RSS after the comparison: JSON $(rss_kb "${GW_PID[gw-json]}") kB, SSE $(rss_kb "${GW_PID[gw-sse]}") kB"
   log "access log written at RUST_LOG=info: $(wc -l <"$TMP/gw-json-info.err") + $(wc -l <"$TMP/gw-sse-info.err") lines, $(( ($(stat -c %s "$TMP/gw-json-info.err") + $(stat -c %s "$TMP/gw-sse-info.err")) / 1024 )) KiB"
   local w
@@ -340,22 +359,39 @@ run_memory() {
   sleep 2
   local idle fds
   idle=$(rss_kb "${GW_PID[gw-mem1]}")
-  fds=$(ls "/proc/${GW_PID[gw-mem1]}/fd" | wc -l)
+  fds=$(find "/proc/${GW_PID[gw-mem1]}/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
   curl -sS -N --max-time 10 -H 'content-type: application/json' --data-binary "@$TMP/req-drip.json" \
     "${GW_URL[gw-mem1]}$CHAT" -o /dev/null || die "warm-up request failed"
   sleep 1
   echo "IDLE-RSS fresh=${idle}kB after_one_stream=$(rss_kb "${GW_PID[gw-mem1]}")kB open_files=$fds (target < 30 MB)"
 
   log "memory: $HOLD_STREAMS held SSE streams over HTTP/1.1 (limits.max_concurrent_upstream raised to 20000; the default is 1024)"
-  "$LOAD_BIN" hold --url "${GW_URL[gw-mem1]}$CHAT" --body "$TMP/req-hold.json" --pid "${GW_PID[gw-mem1]}" \
-    --streams "$HOLD_STREAMS" --fit-fd-limit --checkpoint $((HOLD_STREAMS / 2)) --settle 5 || HOLD_FAIL=1
+  local out
+  out=$("$LOAD_BIN" hold --url "${GW_URL[gw-mem1]}$CHAT" --body "$TMP/req-hold.json" --pid "${GW_PID[gw-mem1]}" \
+    --streams "$HOLD_STREAMS" --fit-fd-limit --checkpoint $((HOLD_STREAMS / 2)) --settle 5) || HOLD_FAIL=1
+  echo "$out"
   stop_gateway gw-mem1
+  # The same number of streams through nginx (its two workers summed), for scale.
+  local n
+  n=$(sed -n 's/.* streams=\([0-9]*\) .*/\1/p' <<<"$out")
+  if [ -n "$n" ]; then
+    log "memory: $n held SSE streams through the nginx proxy (HTTP/1.1), for comparison"
+    local workers
+    workers=$(pgrep -P "$NGINX_PROXY_PID" | paste -sd, -)
+    "$LOAD_BIN" hold --name nginx --url "http://127.0.0.1:$P_PX_DRIP$CHAT" --body "$TMP/req-hold.json" \
+      --pid "$workers" --streams "$n" --checkpoint $((n / 2)) --settle 5 || log "nginx did not hold every stream"
+  fi
 
-  log "memory: $HOLD_STREAMS held SSE streams over h2c (100 per connection), fresh gateway"
+  log "memory: $HOLD_STREAMS held SSE streams over h2c (100 per connection), fresh gateway, twice"
   start_gateway gw-mem2 "$SLOW_URL" warn "${base[@]}"
   sleep 1
-  "$LOAD_BIN" hold --url "${GW_URL[gw-mem2]}$CHAT" --body "$TMP/req-hold.json" --pid "${GW_PID[gw-mem2]}" \
-    --streams "$HOLD_STREAMS" --h2 --per-conn 100 --checkpoint $((HOLD_STREAMS / 2)) --settle 5 || HOLD_FAIL=1
+  local round
+  for round in 1 2; do
+    # The second round on the same process shows whether the first one's memory is reused.
+    "$LOAD_BIN" hold --url "${GW_URL[gw-mem2]}$CHAT" --body "$TMP/req-hold.json" --pid "${GW_PID[gw-mem2]}" \
+      --streams "$HOLD_STREAMS" --h2 --per-conn 100 --checkpoint $((HOLD_STREAMS / 2)) --settle 5 \
+      | sed "s/^/[round $round] /" || HOLD_FAIL=1
+  done
   stop_gateway gw-mem2
   [ -z "${HOLD_FAIL:-}" ] || die "not every stream was held (see above)"
 }
@@ -387,7 +423,7 @@ profile_one() { # $1 label, $2 kind (json|sse), $3 "gateway" or "nginx:PORT", th
   for i in $(seq 1 600); do
     case $urlsrc in
       nginx:*) (exec 3<>"/dev/tcp/127.0.0.1/${urlsrc#nginx:}") 2>/dev/null && url=http://127.0.0.1:${urlsrc#nginx:} ;;
-      *) url=$(sed -n 's/^poe-gateway listening on //p' "$TMP/prof-$label.out" 2>/dev/null) ;;
+      *) url=$(sed -n 's/^poe-gateway listening on //p' "$TMP/prof-$label.out" 2>/dev/null || true) ;;
     esac
     [ -n "$url" ] && break
     sleep 0.1
