@@ -19,6 +19,7 @@
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -81,6 +82,17 @@ pub struct Observed {
     /// Bytes of `content` text streamed, for a token estimate when no usage arrives.
     pub text_bytes: u64,
 }
+
+// Substring searchers, built once: constructing one costs more than a search (it was a
+// quarter of an SSE request's instructions when built per call).
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static USAGE_KEY_REV: LazyLock<memmem::FinderRev<'static>> =
+    LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
+static FINISH_REASON: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"finish_reason\":"));
+static CONTENT_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"content\":"));
 
 /// Largest non-stream body the tap keeps handles to for reading `usage` at the end.
 const JSON_KEEP_LIMIT: usize = 8 * 1024 * 1024;
@@ -319,7 +331,9 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
             strip: None,
         } => {
             scanner
-                .feed(&data, &mut |event: &[u8]| on_event(observed, event))
+                .feed(&data, &mut |event: &[u8]| {
+                    on_event(observed, event);
+                })
                 .map_err(|_| TOO_LONG.to_string())?;
             Ok(data)
         }
@@ -338,8 +352,12 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
             scanner
                 .feed_bounds(&data, &mut |event: Option<&[u8]>, end: usize| {
                     let piece = match event.map(|d| {
-                        on_event(observed, d);
-                        usage_edit(d)
+                        let has_usage = on_event(observed, d);
+                        if has_usage {
+                            usage_edit(d)
+                        } else {
+                            UsageEdit::Keep
+                        }
                     }) {
                         Some(UsageEdit::Drop) => Piece::Drop,
                         Some(UsageEdit::Rewrite(json)) => {
@@ -408,11 +426,8 @@ enum UsageEdit {
     Rewrite(Vec<u8>),
 }
 
-/// What to do with one event when the client did not ask for usage.
+/// What to do with one event (that mentions `"usage"`) when the client did not ask for usage.
 fn usage_edit(data: &[u8]) -> UsageEdit {
-    if memmem::find(data, b"\"usage\"").is_none() {
-        return UsageEdit::Keep;
-    }
     let Ok(text) = std::str::from_utf8(data) else {
         return UsageEdit::Keep;
     };
@@ -432,7 +447,7 @@ fn usage_edit(data: &[u8]) -> UsageEdit {
     // Cut `"usage": value` and one neighbouring comma out of the text.
     let value = span_in(text, usage);
     let bytes = text.as_bytes();
-    let Some(key_start) = memmem::rfind(&bytes[..value.start], b"\"usage\"") else {
+    let Some(key_start) = USAGE_KEY_REV.rfind(&bytes[..value.start]) else {
         return UsageEdit::Keep;
     };
     let before = bytes[..key_start].trim_ascii_end();
@@ -455,19 +470,22 @@ fn usage_edit(data: &[u8]) -> UsageEdit {
     UsageEdit::Rewrite(out)
 }
 
-fn on_event(observed: &mut Observed, data: &[u8]) {
+/// Reads one event's data on the side. Returns whether it mentions `"usage"`.
+fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
     observed.events += 1;
     if data == b"[DONE]" {
         observed.saw_done = true;
-        return;
+        return false;
     }
     observed.text_bytes += content_len(data) as u64;
-    // Only chunks that mention usage or a finish reason are parsed; content chunks are not.
-    let has_usage = memmem::find(data, b"\"usage\"").is_some();
-    let has_finish = memmem::find(data, b"\"finish_reason\":\"").is_some()
-        || memmem::find(data, b"\"finish_reason\": \"").is_some();
+    // Only chunks that mention usage or a (non-null) finish reason are parsed.
+    let has_usage = USAGE_KEY.find(data).is_some();
+    let has_finish = FINISH_REASON.find_iter(data).any(|at| {
+        let rest = data[at + 16..].trim_ascii_start();
+        rest.first() == Some(&b'"')
+    });
     if !(has_usage || has_finish) {
-        return;
+        return false;
     }
     #[derive(Deserialize)]
     struct Chunk {
@@ -494,14 +512,14 @@ fn on_event(observed: &mut Observed, data: &[u8]) {
             observed.finish_reasons.push(reason);
         }
     }
+    has_usage
 }
 
 /// Bytes of `"content":"..."` string values in a chunk, escapes counted as written.
 fn content_len(data: &[u8]) -> usize {
     let mut total = 0;
     let mut at = 0;
-    let finder = memmem::Finder::new(b"\"content\":");
-    while let Some(i) = finder.find(&data[at..]) {
+    while let Some(i) = CONTENT_KEY.find(&data[at..]) {
         let mut j = at + i + 10;
         while data.get(j).is_some_and(u8::is_ascii_whitespace) {
             j += 1;
@@ -544,9 +562,8 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
             all.freeze()
         }
     };
-    let finder = memmem::FinderRev::new(b"\"usage\"");
     let mut end = body.len();
-    while let Some(at) = finder.rfind(&body[..end]) {
+    while let Some(at) = USAGE_KEY_REV.rfind(&body[..end]) {
         if at > 0 && body[at - 1] == b'\\' {
             end = at;
             continue;
@@ -562,9 +579,10 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
     }
     // A rough figure for the estimate if no usage was found.
     observed.text_bytes = content_len(&body) as u64;
-    let finder = memmem::Finder::new(b"\"finish_reason\":\"");
-    for at in finder.find_iter(&body) {
-        let rest = &body[at + 17..];
+    for at in FINISH_REASON.find_iter(&body) {
+        let Some(rest) = body[at + 16..].trim_ascii_start().strip_prefix(b"\"") else {
+            continue; // null
+        };
         if let Some(end) = memchr::memchr(b'"', rest) {
             observed
                 .finish_reasons

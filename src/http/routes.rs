@@ -137,7 +137,9 @@ async fn chat(
         }
     };
     chat.set_cache_directives(directives);
-    let reply = app.gateway.chat(&caller, chat).await?;
+    // Boxed: hyper keeps each connection's service future in one allocation sized for the
+    // largest state; the chat call's state is big and only needed until the response head.
+    let reply = Box::pin(app.gateway.chat(&caller, chat)).await?;
 
     let mut resp = Response::new(HttpBody::Left(reply.body));
     *resp.status_mut() = reply.status;

@@ -17,23 +17,41 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 /// A key that must never be printed: `Debug` shows only that it is there.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Arc<str>);
+#[derive(Clone)]
+pub struct Secret {
+    key: Arc<str>,
+    /// `Authorization: Bearer <key>`, built once (the server key's is sent on every request).
+    bearer: Option<HeaderValue>,
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for Secret {}
 
 impl Secret {
     pub fn new(s: impl Into<Arc<str>>) -> Self {
-        Secret(s.into())
+        let key: Arc<str> = s.into();
+        let bearer = HeaderValue::from_str(&format!("Bearer {key}"))
+            .ok()
+            .map(|mut v| {
+                // Marked sensitive, so hyper's h2 HPACK never indexes it.
+                v.set_sensitive(true);
+                v
+            });
+        Secret { key, bearer }
     }
 
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.key
     }
 
-    /// An `Authorization: Bearer` value marked sensitive, so hyper's h2 HPACK never indexes it.
+    /// The `Authorization: Bearer` value; `None` if the key cannot be a header value.
     pub fn bearer(&self) -> Option<HeaderValue> {
-        let mut v = HeaderValue::from_str(&format!("Bearer {}", self.0)).ok()?;
-        v.set_sensitive(true);
-        Some(v)
+        self.bearer.clone()
     }
 }
 
