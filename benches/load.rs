@@ -937,16 +937,7 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
         }
     }
 
-    md.push('\n');
-    md.push_str(&format!(
-        "| payload | gateway/nginx req/s @{c} (target ≥ 0.8) | gateway/nginx p50 @1 (target ≤ 1.3) | gateway/nginx p99 @1 |{} added p50 over direct: nginx | added p50 over direct: gateway |\n",
-        if pinned { " gateway/nginx p50 @1 unpinned |" } else { "" }
-    ));
-    md.push_str(if pinned {
-        "|---|---:|---:|---:|---:|---:|---:|\n"
-    } else {
-        "|---|---:|---:|---:|---:|---:|\n"
-    });
+    let mut ratio_lines = String::new();
     let find = |k: Kind, l: &str| rows.iter().find(|r| r.kind == k && r.label == l);
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     for k in [Kind::Json, Kind::Sse, Kind::Drip] {
@@ -977,7 +968,7 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
         } else {
             String::new()
         };
-        md.push_str(&format!(
+        ratio_lines.push_str(&format!(
             "| {} | {} | {:.2} ({}) | {:.2} |{} {} | {} |\n",
             if drip { "SSE drip: TTFB" } else { k.name() },
             rps,
@@ -992,6 +983,19 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
             added(n),
             added(g)
         ));
+    }
+    if !ratio_lines.is_empty() {
+        md.push('\n');
+        md.push_str(&format!(
+            "| payload | gateway/nginx req/s @{c} (target ≥ 0.8) | gateway/nginx p50 @1 (target ≤ 1.3) | gateway/nginx p99 @1 |{} added p50 over direct: nginx | added p50 over direct: gateway |\n",
+            if pinned { " gateway/nginx p50 @1 unpinned |" } else { "" }
+        ));
+        md.push_str(if pinned {
+            "|---|---:|---:|---:|---:|---:|---:|\n"
+        } else {
+            "|---|---:|---:|---:|---:|---:|\n"
+        });
+        md.push_str(&ratio_lines);
     }
     // What a feature costs: the access log (RUST_LOG=info against warn), and whatever an older
     // build ("gateway-base") did not have.

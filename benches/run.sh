@@ -13,7 +13,8 @@
 #   TOKIO_WORKER_THREADS=1 or LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2),
 #   BASELINE_REV=<git rev> or BASELINE_BIN=<path>: also measure an older gateway ("gateway-base"),
 #   e.g. the last commit before accounting, to price a feature;
-#   ONLY="KIND:LABEL ..." (compare) measures only those targets, e.g. ONLY="json:nginx json:gateway".
+#   ONLY="KIND:LABEL ..." (compare) measures only those targets, e.g. ONLY="json:nginx json:gateway";
+#   SOAK_CACHEABLE=1 (soak) sends unique cacheable requests: every answer is a stored cache miss.
 # Every server binds 127.0.0.1 only; every load loop is bounded in time and count.
 set -euo pipefail
 
@@ -398,15 +399,25 @@ run_memory() {
 
 run_soak() {
   log "soak: ${SOAK_SECS}s at ${SOAK_RATE} req/s per target (JSON, SSE, SSE hung up after the first event)"
+  # SOAK_CACHEABLE=1: unique temperature-0 requests, so every answer is a cache miss that is
+  # stored: RSS should then level off near [cache] max_bytes.
+  local bj=$TMP/soak-json.json bs=$TMP/soak-sse.json
+  if [ "${SOAK_CACHEABLE:-0}" = 1 ]; then bj=$TMP/req-json.json bs=$TMP/req-sse.json; log "soak: cacheable requests (every one a miss that is stored)"; fi
   start_gateway gw-json "http://127.0.0.1:$P_UP_JSON" warn
   start_gateway gw-sse "http://127.0.0.1:$P_UP_SSE" warn
   start_gateway gw-drip "$SLOW_URL" warn
   "$LOAD_BIN" soak --duration "$SOAK_SECS" --rate "$SOAK_RATE" --conns "$SOAK_CONNS" --sample-secs 5 \
-    --body-json "$TMP/soak-json.json" --body-sse "$TMP/soak-sse.json" --body-drip "$TMP/req-drip.json" \
+    --body-json "$bj" --body-sse "$bs" --body-drip "$TMP/req-drip.json" \
     --target "json:gateway=${GW_URL[gw-json]}$CHAT" \
     --target "sse:gateway=${GW_URL[gw-sse]}$CHAT" \
     --target "drip-cancel:gateway=${GW_URL[gw-drip]}$CHAT" \
-    --pid "json=${GW_PID[gw-json]}" --pid "sse=${GW_PID[gw-sse]}" --pid "sse-cancel=${GW_PID[gw-drip]}"
+    --pid "json=${GW_PID[gw-json]}" --pid "sse=${GW_PID[gw-sse]}" --pid "sse-cancel=${GW_PID[gw-drip]}" \
+    || SOAK_FAIL=1
+  local w
+  for w in gw-json gw-sse gw-drip; do
+    log "$w /metrics: $(curl -s --max-time 5 "${GW_URL[$w]}/metrics" | grep -E '^[a-z_]*cache_(bytes|hits_total|misses_total|evictions_total)' | tr '\n' ' ')"
+  done
+  [ -z "${SOAK_FAIL:-}" ] || die "the soak failed (see above)"
 }
 
 # Runs $@ under callgrind (counters zeroed after a warm-up), sends 1,000 serial requests to
