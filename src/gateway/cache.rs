@@ -140,7 +140,10 @@ impl ResponseCache {
         let evictions = metrics.cache_evictions.clone();
         let store = moka::future::Cache::builder()
             .max_capacity(policy.max_bytes.0)
-            .weigher(|_: &CacheKey, e: &Arc<Entry>| (e.bytes + 256).min(u32::MAX as usize) as u32)
+            // The body, plus what each entry and frame costs around it (key, Arc, Bytes handles).
+            .weigher(|_: &CacheKey, e: &Arc<Entry>| {
+                (e.bytes + 256 + 48 * e.frames.len()).min(u32::MAX as usize) as u32
+            })
             .time_to_live(policy.ttl)
             .support_invalidation_closures()
             .eviction_listener(move |_, _, cause| {
@@ -390,22 +393,32 @@ impl Recorder {
     }
 
     /// The answer completed: store it (unless it was too big or is a media answer).
+    ///
+    /// The recorded frames are slices of hyper's connection buffers (and so is the
+    /// Content-Type header): kept as they are, each entry would pin whole 8–16 KiB buffers
+    /// while weighing only its own bytes, and the cache would outgrow `max_bytes` many times
+    /// over. So the entry gets its own copy: one allocation, sliced back into the frames.
     pub fn commit(self, usage: Option<Usage>) {
         if self.too_big {
             return;
         }
+        let mut all = BytesMut::with_capacity(self.bytes);
+        self.frames.iter().for_each(|f| all.extend_from_slice(f));
+        let mut all = all.freeze();
         let frames: Arc<[Bytes]> = if self.stream {
-            self.frames.into()
+            // Frame boundaries are kept, so a paced replay sends what upstream sent.
+            self.frames.iter().map(|f| all.split_to(f.len())).collect()
         } else {
             // One frame for a JSON body, so a hit is a single write.
-            let mut all = BytesMut::with_capacity(self.bytes);
-            self.frames.iter().for_each(|f| all.extend_from_slice(f));
-            Arc::from(vec![all.freeze()])
+            Arc::from(vec![all])
         };
+        let content_type = self
+            .content_type
+            .and_then(|ct| http::HeaderValue::from_bytes(ct.as_bytes()).ok());
         let entry = Entry {
             scope: self.plan.scope.clone(),
             stream: self.stream,
-            content_type: self.content_type,
+            content_type,
             frames,
             bytes: self.bytes,
             usage,
@@ -502,6 +515,48 @@ mod tests {
             Some("k1"),
         );
         assert_ne!(a, streamed, "the stream flag is part of the key");
+    }
+
+    #[tokio::test]
+    async fn committed_entries_own_their_bytes() {
+        let policy = CachePolicy {
+            mode: CacheMode::All,
+            ..CachePolicy::default()
+        };
+        let cache = Arc::new(ResponseCache::new(
+            &policy,
+            Arc::new(Models::new(Duration::from_secs(60))),
+            Arc::new(Metrics::new()),
+        ));
+        let req = ChatRequest::parse(Bytes::from_static(
+            br#"{"model":"a","messages":[{"role":"user","content":"x"}],"stream":true}"#,
+        ))
+        .unwrap();
+        let caller = Caller::server(Arc::from("t"));
+        let plan = cache.plan(&caller, &req, &["a".to_string()]).unwrap();
+        // Frames as hyper hands them over: small slices of a big connection buffer.
+        let buffer = Bytes::from(vec![b'x'; 16 * 1024]);
+        let mut r = cache.recorder(&plan, true, "a").unwrap();
+        r.set_content_type(Some(http::HeaderValue::from_static("text/event-stream")));
+        r.push(&buffer.slice(0..10));
+        r.push(&buffer.slice(100..120));
+        r.commit(None);
+        let e = cache.get(&plan).await.expect("stored");
+        let inside = |p: *const u8| {
+            let start = buffer.as_ptr() as usize;
+            (start..start + buffer.len()).contains(&(p as usize))
+        };
+        assert_eq!(e.frames.len(), 2);
+        assert!(
+            e.frames.iter().all(|f| !inside(f.as_ptr())),
+            "an entry pins the connection buffer"
+        );
+        // One allocation of the body's size, sliced back into the frames.
+        assert_eq!(
+            e.frames[0].as_ptr() as usize + 10,
+            e.frames[1].as_ptr() as usize
+        );
+        assert_eq!(e.bytes, 30);
     }
 
     #[test]
