@@ -14,7 +14,8 @@
 #   BASELINE_REV=<git rev> or BASELINE_BIN=<path>: also measure an older gateway ("gateway-base"),
 #   e.g. the last commit before accounting, to price a feature;
 #   ONLY="KIND:LABEL ..." (compare) measures only those targets, e.g. ONLY="json:nginx json:gateway";
-#   SOAK_CACHEABLE=1 (soak) sends unique cacheable requests: every answer is a stored cache miss.
+#   SOAK_CACHEABLE=1 (soak) sends unique cacheable requests: every answer is a stored cache miss;
+#   CACHEABLE=0 (compare) sends plain requests the cache skips (BYPASS) instead of unique misses.
 # Every server binds 127.0.0.1 only; every load loop is bounded in time and count.
 set -euo pipefail
 
@@ -336,9 +337,12 @@ run_compare() {
     if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" ${t%%=*} "* ]]; then targets+=(--target "$t"); fi
   done
   [ ${#targets[@]} -gt 0 ] || die "ONLY=$ONLY matches no target"
+  # CACHEABLE=0: plain requests the cache does not look at (x-cache: BYPASS) instead of misses.
+  local bj=$TMP/req-json.json bs=$TMP/req-sse.json
+  if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; log "requests are not cacheable (CACHEABLE=0)"; fi
   "$LOAD_BIN" compare \
     --rounds "$ROUNDS" --duration "$DURATION" --warmup "$WARMUP" --conns "$CONNS" \
-    --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" --body-drip "$TMP/req-drip.json" \
+    --body-json "$bj" --body-sse "$bs" --body-drip "$TMP/req-drip.json" \
     "${targets[@]}" \
     --pin-pids "$(server_pids)" --pin-cpu 0 \
     --markdown-out "$TMP/compare.md"
