@@ -459,19 +459,11 @@ pub fn client() -> hyper_util::client::legacy::Client<
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// A chat completion request with a JSON body.
 pub async fn post(gw: &TestGateway, body: &str, headers: &[(&str, &str)]) -> Response<Incoming> {
-    let mut req =
-        Request::post(gw.url("/v1/chat/completions")).header("content-type", "application/json");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    client()
-        .request(
-            req.body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
-                .unwrap(),
-        )
-        .await
-        .expect("gateway answered")
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    request(gw, "POST", "/v1/chat/completions", &all, body).await
 }
 
 pub async fn get(gw: &TestGateway, path: &str) -> Response<Incoming> {
