@@ -37,6 +37,7 @@ pub struct Policy {
     pub mcp: McpPolicy,
     pub cache: CachePolicy,
     pub log: LogPolicy,
+    pub redis: RedisPolicy,
     /// Prices for bots Poe's catalogue does not price (or to override it), USD per token.
     pub pricing: BTreeMap<String, crate::gateway::models::Price>,
 }
@@ -56,6 +57,8 @@ pub struct ServerPolicy {
     pub header_read_timeout: Duration,
     /// Open client connections at most; past it, new ones wait in the listen backlog.
     pub max_connections: u32,
+    /// Put `GET /metrics` behind the admin key (`Authorization: Bearer <admin key>`).
+    pub metrics_require_admin: bool,
 }
 
 impl Default for ServerPolicy {
@@ -67,6 +70,7 @@ impl Default for ServerPolicy {
             body_read_timeout: Duration::from_secs(120),
             header_read_timeout: Duration::from_secs(30),
             max_connections: 16_384,
+            metrics_require_admin: false,
         }
     }
 }
@@ -279,6 +283,63 @@ impl Default for CachePolicy {
     }
 }
 
+/// What a limit or a budget does while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Go on with this replica's in-process state (limits), or with no check (budgets).
+    FailOpen,
+    /// Refuse with a 503 until Redis answers again.
+    FailClosed,
+}
+
+/// Shared state for several replicas. Without a URL everything stays in-process.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisPolicy {
+    /// `redis://[:password@]host:port[/db]`; `POE_GATEWAY_REDIS_URL` sets it. Never logged.
+    pub url: Option<String>,
+    /// Prefix of every key the gateway writes, so several gateways can share one Redis.
+    pub key_prefix: String,
+    /// Longest a Redis call may take before it counts as a failure.
+    #[serde(with = "values::duration")]
+    pub timeout: Duration,
+    /// Per-key RPM and the upstream limiter while Redis is down.
+    pub limits_on_error: FailurePolicy,
+    /// Budgets while Redis is down.
+    pub budgets_on_error: FailurePolicy,
+    /// Keep cached answers in Redis too, behind the in-process cache, so a hit on one replica
+    /// serves all of them.
+    pub cache: bool,
+}
+
+// By hand, so a password in the URL never reaches a log through `{:?}`.
+impl fmt::Debug for RedisPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisPolicy")
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("limits_on_error", &self.limits_on_error)
+            .field("budgets_on_error", &self.budgets_on_error)
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+impl Default for RedisPolicy {
+    fn default() -> Self {
+        RedisPolicy {
+            url: None,
+            key_prefix: "pgw:".into(),
+            timeout: Duration::from_millis(250),
+            limits_on_error: FailurePolicy::FailOpen,
+            budgets_on_error: FailurePolicy::FailClosed,
+            cache: true,
+        }
+    }
+}
+
 /// An alias points at one bot, or at a fallback chain tried in order.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
@@ -432,6 +493,7 @@ fn env_key(name: &str) -> Option<(String, String)> {
     match name {
         "POE_GATEWAY_LISTEN" => return Some(("server".into(), "listen".into())),
         "POE_BASE_URL" => return Some(("upstream".into(), "base_url".into())),
+        "POE_GATEWAY_REDIS_URL" => return Some(("redis".into(), "url".into())),
         _ => {}
     }
     let rest = name.strip_prefix(ENV_PREFIX)?;
@@ -515,6 +577,19 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
         return bad("server.max_body_bytes", "must be greater than zero");
     }
     validate_mcp(&p.mcp)?;
+    if let Some(url) = &p.redis.url
+        && !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("unix://"))
+    {
+        return bad(
+            "redis.url",
+            "must start with redis://, rediss:// or unix://",
+        );
+    }
+    if p.redis.timeout.is_zero() {
+        return bad("redis.timeout", "must be greater than zero");
+    }
     for (bot, price) in &p.pricing {
         for (field, v) in [
             ("prompt", price.prompt),
