@@ -17,6 +17,13 @@ PINS=(
   "mcp==2.3.0"
   "pytest==9.2.0"
   "PyYAML==6.0.3"
+  # Offline schema checks of deploy/ (tests/e2e/test_deploy.py): Kubernetes manifests
+  # (bundled API schemas) and compose files (the vendored compose-spec schema).
+  "kubernetes-validate==1.37.0"
+  "check-jsonschema==0.39.0"
+  # Property-based checks of GET /openapi.json against the running gateway
+  # (scripts/schemathesis.sh).
+  "schemathesis==4.32.5"
 )
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
