@@ -29,6 +29,10 @@ pub enum GatewayError {
     MethodNotAllowed(String),
     #[error("{0}")]
     Forbidden(String),
+    /// An admin-only route (the admin API, or `/metrics` with `server.metrics_require_admin`)
+    /// while no admin key is configured: nothing the client sends can unlock it.
+    #[error("{0}")]
+    AdminDisabled(String),
     /// A gateway key's budget is spent: 429 `insufficient_quota`, which the OpenAI SDKs raise
     /// as `RateLimitError`, the same as OpenAI's own quota errors.
     #[error("{0}")]
@@ -46,6 +50,9 @@ pub enum GatewayError {
     UpstreamTimeout(String),
     #[error("{0}")]
     ShuttingDown(String),
+    /// Shared state (Redis) is down and the policy is `fail_closed`.
+    #[error("{0}")]
+    StateUnavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -87,13 +94,13 @@ impl GatewayError {
             GatewayError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::Forbidden(_) | GatewayError::AdminDisabled(_) => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. } | GatewayError::QuotaExceeded(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            GatewayError::Overloaded(_) | GatewayError::ShuttingDown(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::Overloaded(_)
+            | GatewayError::ShuttingDown(_)
+            | GatewayError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -110,10 +117,12 @@ impl GatewayError {
             | GatewayError::NotFound(_)
             | GatewayError::MethodNotAllowed(_) => "invalid_request_error",
             GatewayError::Unauthorized(_) => "authentication_error",
-            GatewayError::Forbidden(_) => "permission_error",
+            GatewayError::Forbidden(_) | GatewayError::AdminDisabled(_) => "permission_error",
             GatewayError::QuotaExceeded(_) => "insufficient_quota",
             GatewayError::RateLimited { .. } => "rate_limit_error",
-            GatewayError::Overloaded(_) | GatewayError::ShuttingDown(_) => "overloaded_error",
+            GatewayError::Overloaded(_)
+            | GatewayError::ShuttingDown(_)
+            | GatewayError::StateUnavailable(_) => "overloaded_error",
             GatewayError::UpstreamUnreachable(_) => "upstream_error",
             GatewayError::UpstreamTimeout(_) => "timeout_error",
             GatewayError::Internal(_) => "server_error",
@@ -127,12 +136,14 @@ impl GatewayError {
             GatewayError::Unauthorized(_) => "invalid_api_key",
             GatewayError::RequestTimeout(_) => "request_timeout",
             GatewayError::Forbidden(_) => "model_not_allowed",
+            GatewayError::AdminDisabled(_) => "admin_disabled",
             GatewayError::QuotaExceeded(_) => "insufficient_quota",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::MethodNotAllowed(_) => "method_not_allowed",
             GatewayError::RateLimited { .. } => "rate_limit_exceeded",
             GatewayError::Overloaded(_) => "overloaded",
             GatewayError::ShuttingDown(_) => "shutting_down",
+            GatewayError::StateUnavailable(_) => "shared_state_unavailable",
             GatewayError::UpstreamUnreachable(_) => "upstream_unreachable",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::Internal(_) => "internal_error",
@@ -178,6 +189,55 @@ impl GatewayError {
     }
 }
 
+/// What a secret is replaced with in anything relayed from upstream.
+pub const REDACTED: &str = "[redacted]";
+
+/// Secrets shorter than this are not searched for: they would match ordinary text.
+const MIN_SECRET_LEN: usize = 8;
+
+/// `body` with every occurrence of each secret replaced by [`REDACTED`]. An upstream that
+/// echoes the key it was called with (Poe's own error messages can quote the `Authorization`
+/// value) must not have it handed on to the client, the logs or the cache. The same `Bytes`
+/// comes back, uncopied, when no secret occurs.
+pub fn redact_secrets(body: Bytes, secrets: &[&str]) -> Bytes {
+    let secrets: Vec<&[u8]> = secrets
+        .iter()
+        .map(|s| s.as_bytes())
+        .filter(|s| s.len() >= MIN_SECRET_LEN)
+        .collect();
+    if !secrets
+        .iter()
+        .any(|s| memchr::memmem::find(&body, s).is_some())
+    {
+        return body;
+    }
+    let mut out = body.to_vec();
+    for s in secrets {
+        let mut at = 0;
+        let mut next = Vec::with_capacity(out.len());
+        for i in memchr::memmem::find_iter(&out, s) {
+            next.extend_from_slice(&out[at..i]);
+            next.extend_from_slice(REDACTED.as_bytes());
+            at = i + s.len();
+        }
+        next.extend_from_slice(&out[at..]);
+        out = next;
+    }
+    Bytes::from(out)
+}
+
+/// [`redact_secrets`] over header values (an upstream may echo the key in a header too).
+pub fn redact_headers(headers: &mut http::HeaderMap, secrets: &[&str]) {
+    for value in headers.values_mut() {
+        let redacted = redact_secrets(Bytes::copy_from_slice(value.as_bytes()), secrets);
+        if redacted != value.as_bytes()
+            && let Ok(v) = http::HeaderValue::from_maybe_shared(redacted)
+        {
+            *value = v;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +250,31 @@ mod tests {
         assert_eq!(v["error"]["param"], "model");
         assert_eq!(v["error"]["message"], "`model` is required");
         assert_eq!(e.status(), 400);
+    }
+
+    #[test]
+    fn secrets_are_redacted_everywhere_they_occur() {
+        let key = "poe-key-0123456789";
+        let body = Bytes::from(format!(
+            r#"{{"error":{{"message":"Invalid key {key}, Bearer {key}","type":"auth"}}}}"#
+        ));
+        let out = redact_secrets(body, &[key, "short"]);
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(!text.contains(key), "{text}");
+        assert_eq!(text.matches(REDACTED).count(), 2, "{text}");
+        assert!(serde_json::from_str::<serde_json::Value>(text).is_ok());
+
+        let clean = Bytes::from_static(b"{\"error\":{\"message\":\"no key here\"}}");
+        let same = redact_secrets(clean.clone(), &[key]);
+        assert_eq!(same.as_ptr(), clean.as_ptr(), "nothing to redact: no copy");
+        // Short secrets are never searched for.
+        assert_eq!(redact_secrets(Bytes::from_static(b"abc"), &["abc"]), "abc");
+
+        let mut h = http::HeaderMap::new();
+        h.insert("x-debug", format!("auth=Bearer {key}").parse().unwrap());
+        h.insert("x-other", "fine".parse().unwrap());
+        redact_headers(&mut h, &[key]);
+        assert_eq!(h["x-debug"], "auth=Bearer [redacted]");
+        assert_eq!(h["x-other"], "fine");
     }
 }

@@ -10,6 +10,7 @@ pub mod http;
 pub mod ledger;
 pub mod mcp;
 pub mod metrics;
+pub mod shared_state;
 pub mod telemetry;
 pub mod upstream;
 

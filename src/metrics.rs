@@ -26,6 +26,9 @@ pub struct Metrics {
     pub cache_misses: IntCounter,
     pub cache_bytes: IntGauge,
     pub cache_evictions: IntCounter,
+    pub cache_shared_hits: IntCounter,
+    pub redis_up: IntGauge,
+    pub redis_errors: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -134,6 +137,21 @@ impl Metrics {
                 "cache_evictions_total",
                 "Response cache entries evicted for space."
             ))),
+            cache_shared_hits: reg!(IntCounter::with_opts(opts(
+                "cache_shared_hits_total",
+                "Cache hits served from the shared (Redis) tier after a local miss."
+            ))),
+            redis_up: reg!(IntGauge::with_opts(opts(
+                "redis_up",
+                "1 while Redis (shared limits, budgets, cache) answered the last call, else 0."
+            ))),
+            redis_errors: reg!(IntCounterVec::new(
+                opts(
+                    "redis_errors_total",
+                    "Failed Redis calls, by operation (rate, spend, charge, cache_get, cache_put, cache_purge)."
+                ),
+                &["op"]
+            )),
             registry,
         }
     }

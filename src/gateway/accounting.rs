@@ -98,7 +98,7 @@ impl BatchHook for Accountant {
                         .with_label_values(&[row.bot.as_str()])
                         .inc_by(cost);
                     if let (Some(keys), Some(key_id)) = (&self.keys, &row.key_id) {
-                        keys.charge(key_id, cost, row.ts_ms);
+                        keys.charge(key_id, cost, row.ts_ms).await;
                     }
                 }
             }

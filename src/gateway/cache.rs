@@ -12,6 +12,9 @@
 //!   so a per-request `x-poe-gateway-cache-ttl` works and tests can pause time.
 //! - **Coalescing.** Concurrent identical non-stream requests make one upstream call: the first
 //!   leads, the others wait for its answer.
+//! - **Shared tier.** With Redis (`redis.cache`), entries are also written there, and a local
+//!   miss looks there before calling Poe, so one replica's answer serves every replica. Redis
+//!   being down only costs the shared hits.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +31,7 @@ use super::tap::Usage;
 use super::{Caller, ChatRequest};
 use crate::config::{CacheMode, CachePolicy};
 use crate::metrics::Metrics;
+use crate::shared_state::SharedState;
 
 pub type CacheKey = [u8; 32];
 
@@ -133,10 +137,21 @@ pub struct ResponseCache {
     /// Entries committed but not yet in moka (its insert is async; a commit happens in a
     /// body's poll). The next request finds them here at once.
     pending: Arc<Mutex<HashMap<CacheKey, Arc<Entry>>>>,
+    /// The Redis tier behind this one, when configured.
+    shared: Option<Arc<SharedState>>,
 }
 
 impl ResponseCache {
     pub fn new(policy: &CachePolicy, models: Arc<Models>, metrics: Arc<Metrics>) -> ResponseCache {
+        ResponseCache::with_shared(policy, models, metrics, None)
+    }
+
+    pub fn with_shared(
+        policy: &CachePolicy,
+        models: Arc<Models>,
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<SharedState>>,
+    ) -> ResponseCache {
         let evictions = metrics.cache_evictions.clone();
         let store = moka::future::Cache::builder()
             .max_capacity(policy.max_bytes.0)
@@ -159,6 +174,7 @@ impl ResponseCache {
             metrics,
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             pending: Arc::new(Mutex::new(HashMap::new())),
+            shared,
         }
     }
 
@@ -215,11 +231,28 @@ impl ResponseCache {
                 self.metrics.cache_misses.inc();
                 None
             }
-            None => {
-                self.metrics.cache_misses.inc();
-                None
-            }
+            None => match self.get_shared(plan).await {
+                Some(e) => {
+                    self.metrics.cache_hits.inc();
+                    self.metrics.cache_shared_hits.inc();
+                    Some(e)
+                }
+                None => {
+                    self.metrics.cache_misses.inc();
+                    None
+                }
+            },
         }
+    }
+
+    /// Looks in the Redis tier after a local miss, and keeps what it finds locally.
+    async fn get_shared(&self, plan: &Plan) -> Option<Arc<Entry>> {
+        let shared = self.shared.as_ref()?;
+        let scope = plan.scope.as_deref().unwrap_or(SHARED_SCOPE);
+        let raw = shared.cache_get(scope, &plan.key).await.ok()??;
+        let entry = Arc::new(decode(raw, plan.scope.clone())?);
+        self.store.insert(plan.key, entry.clone()).await;
+        Some(entry)
     }
 
     /// Joins an in-flight identical non-stream call, or becomes the one that makes it.
@@ -253,8 +286,17 @@ impl ResponseCache {
         })
     }
 
-    /// Drops every entry, or one scope's (a key id).
-    pub fn purge(&self, scope: Option<&str>) {
+    /// Drops every entry, or one scope's (a key id), here and in the shared tier.
+    pub async fn purge(&self, scope: Option<&str>) {
+        self.purge_local(scope);
+        if let Some(shared) = &self.shared
+            && let Err(e) = shared.cache_purge(scope).await
+        {
+            tracing::warn!(error = %e, "the shared cache tier was not purged");
+        }
+    }
+
+    fn purge_local(&self, scope: Option<&str>) {
         match scope {
             None => {
                 self.pending.lock().expect("pending lock").clear();
@@ -314,6 +356,16 @@ impl ResponseCache {
             .insert(plan.key, entry.clone());
         let cache = self.clone();
         tokio::spawn(async move {
+            if let Some(shared) = &cache.shared {
+                let scope = plan.scope.as_deref().unwrap_or(SHARED_SCOPE);
+                let ttl = entry.expires_at.saturating_duration_since(Instant::now());
+                if !ttl.is_zero() {
+                    // A failure is counted by the shared state; this replica still has it.
+                    let _ = shared
+                        .cache_put(scope, &plan.key, &encode(&entry, ttl), ttl)
+                        .await;
+                }
+            }
             cache.store.insert(plan.key, entry.clone()).await;
             let mut pending = cache.pending.lock().expect("pending lock");
             // Only if no newer commit replaced it meanwhile.
@@ -427,6 +479,93 @@ impl Recorder {
         };
         self.cache.insert(self.plan, entry);
     }
+}
+
+/// The Redis scope of entries that serve every caller (`cache.shared`).
+const SHARED_SCOPE: &str = "shared";
+const WIRE_MAGIC: &[u8; 4] = b"PGC1";
+
+/// An entry for the shared tier: a small header, then the frames back to back, so a decoded
+/// entry's frames are slices of the one buffer Redis returned.
+fn encode(e: &Entry, ttl: Duration) -> Vec<u8> {
+    let ct = e.content_type.as_ref().map_or(&b""[..], |v| v.as_bytes());
+    let mut out = Vec::with_capacity(64 + ct.len() + e.bot.len() + 4 * e.frames.len() + e.bytes);
+    out.extend_from_slice(WIRE_MAGIC);
+    let expires = crate::ledger::now_ms() as u64 + ttl.as_millis() as u64;
+    out.extend_from_slice(&expires.to_le_bytes());
+    out.push(u8::from(e.stream) | (u8::from(e.usage.is_some()) << 1));
+    let u = e.usage.unwrap_or_default();
+    for n in [u.prompt_tokens, u.completion_tokens, u.total_tokens] {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    for field in [ct, e.bot.as_bytes()] {
+        out.extend_from_slice(&(field.len() as u32).to_le_bytes());
+        out.extend_from_slice(field);
+    }
+    out.extend_from_slice(&(e.frames.len() as u32).to_le_bytes());
+    for f in e.frames.iter() {
+        out.extend_from_slice(&(f.len() as u32).to_le_bytes());
+    }
+    for f in e.frames.iter() {
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+/// Reads what [`encode`] wrote; `None` for anything else or an entry already expired.
+fn decode(mut raw: Bytes, scope: Option<Arc<str>>) -> Option<Entry> {
+    fn take(raw: &mut Bytes, n: usize) -> Option<Bytes> {
+        (raw.len() >= n).then(|| raw.split_to(n))
+    }
+    fn u32_at(raw: &mut Bytes) -> Option<usize> {
+        let b = take(raw, 4)?;
+        Some(u32::from_le_bytes(b[..].try_into().ok()?) as usize)
+    }
+    fn u64_at(raw: &mut Bytes) -> Option<u64> {
+        let b = take(raw, 8)?;
+        Some(u64::from_le_bytes(b[..].try_into().ok()?))
+    }
+    if take(&mut raw, 4)?[..] != WIRE_MAGIC[..] {
+        return None;
+    }
+    let expires = u64_at(&mut raw)?;
+    let left = expires.checked_sub(crate::ledger::now_ms() as u64)?;
+    let flags = take(&mut raw, 1)?[0];
+    let usage = Usage {
+        prompt_tokens: u64_at(&mut raw)?,
+        completion_tokens: u64_at(&mut raw)?,
+        total_tokens: u64_at(&mut raw)?,
+    };
+    let n = u32_at(&mut raw)?;
+    let ct = take(&mut raw, n)?;
+    let n = u32_at(&mut raw)?;
+    let bot = String::from_utf8(take(&mut raw, n)?.to_vec()).ok()?;
+    let count = u32_at(&mut raw)?;
+    let mut lens = Vec::with_capacity(count.min(raw.len() / 4));
+    for _ in 0..count {
+        lens.push(u32_at(&mut raw)?);
+    }
+    let mut frames = Vec::with_capacity(lens.len());
+    let mut bytes = 0;
+    for len in lens {
+        bytes += len;
+        frames.push(take(&mut raw, len)?);
+    }
+    if !raw.is_empty() || left == 0 {
+        return None;
+    }
+    Some(Entry {
+        scope,
+        stream: flags & 1 != 0,
+        content_type: (!ct.is_empty())
+            .then(|| http::HeaderValue::from_maybe_shared(ct).ok())
+            .flatten(),
+        frames: frames.into(),
+        bytes,
+        usage: (flags & 2 != 0).then_some(usage),
+        bot,
+        expires_at: Instant::now() + Duration::from_millis(left),
+    })
 }
 
 /// SHA-256 over the scope and the canonical request. `None` if the body is not an object.
@@ -567,5 +706,47 @@ mod tests {
         let d = CacheDirectives::from_headers(&h);
         assert!(d.no_cache && !d.no_store);
         assert_eq!(d.ttl, Some(Duration::from_secs(600)));
+    }
+
+    #[tokio::test]
+    async fn shared_tier_encoding_round_trips_and_rejects_garbage() {
+        let frames: Vec<Bytes> = vec![
+            Bytes::from_static(b"data: {}\n\n"),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ];
+        let e = Entry {
+            scope: Some(Arc::from("key_1")),
+            stream: true,
+            content_type: Some(http::HeaderValue::from_static("text/event-stream")),
+            frames: frames.clone().into(),
+            bytes: frames.iter().map(|f| f.len()).sum(),
+            usage: Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 3,
+                total_tokens: 10,
+            }),
+            bot: "gpt-5".into(),
+            expires_at: Instant::now() + Duration::from_secs(60),
+        };
+        let wire = Bytes::from(encode(&e, Duration::from_secs(60)));
+        let d = decode(wire.clone(), e.scope.clone()).expect("decodes");
+        assert_eq!(&d.frames[..], &frames[..]);
+        assert_eq!(d.usage, e.usage);
+        assert_eq!(d.bot, "gpt-5");
+        assert!(d.stream);
+        assert_eq!(d.content_type, e.content_type);
+        assert_eq!(d.bytes, e.bytes);
+        // Every truncation, and trailing bytes, are refused rather than misread.
+        for n in 0..wire.len() {
+            assert!(
+                decode(wire.slice(..n), None).is_none(),
+                "prefix of {n} bytes"
+            );
+        }
+        let mut longer = wire.to_vec();
+        longer.push(0);
+        assert!(decode(Bytes::from(longer), None).is_none());
+        // An entry already past its expiry is a miss.
+        assert!(decode(Bytes::from(encode(&e, Duration::ZERO)), None).is_none());
     }
 }

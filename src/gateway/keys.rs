@@ -17,8 +17,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::limits::TokioClock;
+use crate::config::FailurePolicy;
 use crate::error::GatewayError;
 use crate::ledger::{KeyRecord, Period, Store, now_ms};
+use crate::shared_state::SharedState;
 
 const CACHE_TTL: Duration = Duration::from_secs(5);
 /// Prefix of every gateway key, so secret scanners and people can tell what one is.
@@ -34,7 +36,14 @@ pub struct KeyRing {
     /// Spend in the current budget period, per key id.
     spend: Mutex<HashMap<String, Spend>>,
     clock: TokioClock,
+    /// Replicas share RPM and spend through Redis when it is configured.
+    shared: Option<Arc<SharedState>>,
+    limits_on_error: FailurePolicy,
+    budgets_on_error: FailurePolicy,
 }
+
+/// How long a spend counter outlives the start of its period: longer than any period.
+const SPEND_TTL: Duration = Duration::from_secs(35 * 24 * 3600);
 
 #[derive(Debug, Clone, Copy)]
 struct Spend {
@@ -114,7 +123,26 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
 
 impl KeyRing {
     pub fn new(store: Store, clock: TokioClock) -> KeyRing {
+        KeyRing::with_shared(
+            store,
+            clock,
+            None,
+            FailurePolicy::FailOpen,
+            FailurePolicy::FailClosed,
+        )
+    }
+
+    pub fn with_shared(
+        store: Store,
+        clock: TokioClock,
+        shared: Option<Arc<SharedState>>,
+        limits_on_error: FailurePolicy,
+        budgets_on_error: FailurePolicy,
+    ) -> KeyRing {
         KeyRing {
+            shared,
+            limits_on_error,
+            budgets_on_error,
             store,
             cache: moka::future::Cache::builder()
                 .max_capacity(100_000)
@@ -159,11 +187,30 @@ impl KeyRing {
         self.cache.invalidate(hash).await;
     }
 
-    /// Per-key requests per minute; a 429 with the wait when the key is over.
-    pub fn check_rpm(&self, rec: &KeyRecord) -> Result<(), GatewayError> {
+    /// Per-key requests per minute; a 429 with the wait when the key is over. With Redis the
+    /// limit holds across replicas; while Redis is down, `redis.limits_on_error` decides.
+    pub async fn check_rpm(&self, rec: &KeyRecord) -> Result<(), GatewayError> {
         let Some(rpm) = rec.rpm else {
             return Ok(());
         };
+        let over = |wait: Duration| GatewayError::RateLimited {
+            message: format!("rate limit of {rpm} requests per minute reached for this key"),
+            retry_after: Some(wait.max(Duration::from_millis(1))),
+        };
+        if let Some(shared) = &self.shared {
+            let interval = Duration::from_secs(60) / rpm.max(1);
+            match shared.rate(&format!("key:{}", rec.id), interval, rpm).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(wait)) => return Err(over(wait)),
+                Err(e) if self.limits_on_error == FailurePolicy::FailClosed => {
+                    return Err(GatewayError::StateUnavailable(format!(
+                        "per-key rate limits are unavailable ({e}); retry shortly"
+                    )));
+                }
+                // fail_open: this replica's own limiter stands in until Redis is back.
+                Err(_) => {}
+            }
+        }
         let limiter = {
             let mut map = self.limiters.lock().expect("key limiter lock");
             let entry = map
@@ -175,11 +222,7 @@ impl KeyRing {
             entry.1.clone()
         };
         limiter.check().map_err(|not_until| {
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
-            GatewayError::RateLimited {
-                message: format!("rate limit of {rpm} requests per minute reached for this key"),
-                retry_after: Some(wait.max(Duration::from_millis(1))),
-            }
+            over(not_until.wait_time_from(governor::clock::Clock::now(&self.clock)))
         })
     }
 
@@ -208,38 +251,16 @@ impl KeyRing {
 
     /// Refuses the call when the key's budget for the current period is spent. Checked before
     /// the call and charged after it, so a key overshoots by at most the requests in flight.
+    /// With Redis the spend is one counter for all replicas.
     pub async fn check_budget(&self, rec: &KeyRecord) -> Result<(), GatewayError> {
         let Some(budget) = rec.budget_usd else {
             return Ok(());
         };
         let start = rec.period.start_ms(now_ms());
-        let known = {
-            let map = self.spend.lock().expect("spend lock");
-            map.get(&rec.id)
-                .filter(|s| s.period_start == start)
-                .map(|s| s.usd)
-        };
-        let spent = match known {
-            Some(usd) => usd,
-            None => {
-                // First use in this period (or since start): the ledger has the history.
-                let from_db =
-                    self.store.spent_since(&rec.id, start).await.map_err(|e| {
-                        GatewayError::Internal(format!("budget look-up failed: {e}"))
-                    })?;
-                let mut map = self.spend.lock().expect("spend lock");
-                let entry = map.entry(rec.id.clone()).or_insert(Spend {
-                    period_start: start,
-                    usd: from_db,
-                });
-                if entry.period_start != start {
-                    *entry = Spend {
-                        period_start: start,
-                        usd: from_db,
-                    };
-                }
-                entry.usd
-            }
+        let spent = match self.shared_spend(rec, start).await {
+            Ok(Some(usd)) => usd,
+            Ok(None) => self.local_spend(rec, start).await?,
+            Err(e) => return Err(e),
         };
         if spent >= budget {
             return Err(GatewayError::QuotaExceeded(format!(
@@ -250,13 +271,95 @@ impl KeyRing {
         Ok(())
     }
 
-    /// Adds a finished request's cost to its key's running spend.
-    pub fn charge(&self, key_id: &str, usd: f64, ts_ms: i64) {
+    /// The spend from Redis (seeded from the ledger on first use). `Ok(None)`: no Redis, or
+    /// Redis is down and the policy is `fail_open`.
+    async fn shared_spend(&self, rec: &KeyRecord, start: i64) -> Result<Option<f64>, GatewayError> {
+        let Some(shared) = &self.shared else {
+            return Ok(None);
+        };
+        let usd = match shared.spend(&rec.id, start).await {
+            Ok(Some(usd)) => Ok(usd),
+            Ok(None) => {
+                let from_db = self.ledger_spend(rec, start).await?;
+                shared.seed_spend(&rec.id, start, from_db, SPEND_TTL).await
+            }
+            Err(e) => Err(e),
+        };
+        match usd {
+            Ok(usd) => {
+                // Remember the period, so charges know where to go; and the figure, for a
+                // fail_open fallback.
+                let mut map = self.spend.lock().expect("spend lock");
+                map.insert(
+                    rec.id.clone(),
+                    Spend {
+                        period_start: start,
+                        usd,
+                    },
+                );
+                Ok(Some(usd))
+            }
+            Err(e) if self.budgets_on_error == FailurePolicy::FailClosed => {
+                Err(GatewayError::StateUnavailable(format!(
+                    "budgets are unavailable ({e}); redis.budgets_on_error = \"fail_closed\" \
+                     refuses calls from keys with a budget until Redis is back"
+                )))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// This replica's own view of the spend: the ledger's history, plus what it has charged.
+    async fn local_spend(&self, rec: &KeyRecord, start: i64) -> Result<f64, GatewayError> {
+        let known = {
+            let map = self.spend.lock().expect("spend lock");
+            map.get(&rec.id)
+                .filter(|s| s.period_start == start)
+                .map(|s| s.usd)
+        };
+        if let Some(usd) = known {
+            return Ok(usd);
+        }
+        // First use in this period (or since start): the ledger has the history.
+        let from_db = self.ledger_spend(rec, start).await?;
         let mut map = self.spend.lock().expect("spend lock");
-        if let Some(s) = map.get_mut(key_id)
-            && ts_ms >= s.period_start
-        {
-            s.usd += usd;
+        let entry = map.entry(rec.id.clone()).or_insert(Spend {
+            period_start: start,
+            usd: from_db,
+        });
+        if entry.period_start != start {
+            *entry = Spend {
+                period_start: start,
+                usd: from_db,
+            };
+        }
+        Ok(entry.usd)
+    }
+
+    async fn ledger_spend(&self, rec: &KeyRecord, start: i64) -> Result<f64, GatewayError> {
+        self.store
+            .spent_since(&rec.id, start)
+            .await
+            .map_err(|e| GatewayError::Internal(format!("budget look-up failed: {e}")))
+    }
+
+    /// Adds a finished request's cost to its key's running spend: this replica's, and the
+    /// shared counter when there is one. Only keys with a budget have an entry to charge.
+    pub async fn charge(&self, key_id: &str, usd: f64, ts_ms: i64) {
+        let period_start = {
+            let mut map = self.spend.lock().expect("spend lock");
+            match map.get_mut(key_id) {
+                Some(s) if ts_ms >= s.period_start => {
+                    s.usd += usd;
+                    s.period_start
+                }
+                _ => return,
+            }
+        };
+        if let Some(shared) = &self.shared {
+            // A failure is counted and logged there; the ledger row still has the cost, and a
+            // counter seeded after Redis returns includes it.
+            let _ = shared.charge(key_id, period_start, usd).await;
         }
     }
 }

@@ -17,8 +17,9 @@ use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::LimitsPolicy;
+use crate::config::{FailurePolicy, LimitsPolicy};
 use crate::error::GatewayError;
+use crate::shared_state::{SharedState, limiter_id};
 use crate::upstream::Secret;
 
 /// governor's clock on tokio time, so paused-time tests drive the limiters too.
@@ -57,14 +58,33 @@ pub struct UpstreamLimits {
     queue_timeout: Duration,
     concurrency: Arc<Semaphore>,
     admitted: AtomicU64,
+    /// With Redis, one schedule per upstream key for all replicas.
+    shared: Option<Arc<SharedState>>,
+    on_error: FailurePolicy,
+    /// The quota as GCRA parameters, for the shared limiter.
+    interval: Duration,
+    burst: u32,
 }
 
 impl UpstreamLimits {
     pub fn new(policy: &LimitsPolicy) -> Self {
+        UpstreamLimits::with_shared(policy, None, FailurePolicy::FailOpen)
+    }
+
+    pub fn with_shared(
+        policy: &LimitsPolicy,
+        shared: Option<Arc<SharedState>>,
+        on_error: FailurePolicy,
+    ) -> Self {
         let clock = TokioClock {
             start: Instant::now(),
         };
+        let (interval, burst) = schedule(policy.upstream_rpm);
         UpstreamLimits {
+            shared,
+            on_error,
+            interval,
+            burst,
             limiter: RateLimiter::hashmap_with_clock(quota(policy.upstream_rpm), clock.clone()),
             clock,
             hasher: RandomState::new(),
@@ -78,30 +98,8 @@ impl UpstreamLimits {
     /// upstream response lives (a stream holds it to its end).
     pub async fn admit(&self, key: &Secret) -> Result<OwnedSemaphorePermit, GatewayError> {
         let deadline = Instant::now() + self.queue_timeout;
-        // The key itself is never stored: only a hash with a per-process random seed.
-        let id = self.hasher.hash_one(key.expose());
-        loop {
-            match self.limiter.check_key(&id) {
-                Ok(()) => break,
-                Err(not_until) => {
-                    let wait = not_until.wait_time_from(self.clock.now());
-                    if Instant::now() + wait > deadline {
-                        return Err(GatewayError::RateLimited {
-                            message: format!(
-                                "the gateway is holding requests to Poe under its per-key rate limit; \
-                                 retry in {:.1}s",
-                                wait.as_secs_f64()
-                            ),
-                            retry_after: Some(wait),
-                        });
-                    }
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-        // Forget idle keys now and then, so passthrough keys do not accumulate.
-        if self.admitted.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
-            self.limiter.retain_recent();
+        if !self.admit_shared(key, deadline).await? {
+            self.admit_local(key, deadline).await?;
         }
         match tokio::time::timeout_at(deadline, self.concurrency.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
@@ -111,14 +109,79 @@ impl UpstreamLimits {
             )),
         }
     }
+
+    /// Takes a slot from the limiter all replicas share. `Ok(false)`: there is none (no Redis,
+    /// or Redis is down and the policy is `fail_open`), so the local limiter decides.
+    async fn admit_shared(&self, key: &Secret, deadline: Instant) -> Result<bool, GatewayError> {
+        let Some(shared) = &self.shared else {
+            return Ok(false);
+        };
+        let id = limiter_id(key.expose());
+        loop {
+            match shared.rate(&id, self.interval, self.burst).await {
+                Ok(None) => return Ok(true),
+                Ok(Some(wait)) => {
+                    if Instant::now() + wait > deadline {
+                        return Err(held(wait));
+                    }
+                    // A little jitter, so replicas that waited together do not retry together.
+                    let jitter = Duration::from_micros(fastrand::u64(0..=1000));
+                    tokio::time::sleep(wait + jitter).await;
+                }
+                Err(e) if self.on_error == FailurePolicy::FailClosed => {
+                    return Err(GatewayError::StateUnavailable(format!(
+                        "the shared upstream rate limiter is unavailable ({e}); retry shortly"
+                    )));
+                }
+                Err(_) => return Ok(false),
+            }
+        }
+    }
+
+    async fn admit_local(&self, key: &Secret, deadline: Instant) -> Result<(), GatewayError> {
+        // The key itself is never stored: only a hash with a per-process random seed.
+        let id = self.hasher.hash_one(key.expose());
+        loop {
+            match self.limiter.check_key(&id) {
+                Ok(()) => break,
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    if Instant::now() + wait > deadline {
+                        return Err(held(wait));
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        // Forget idle keys now and then, so passthrough keys do not accumulate.
+        if self.admitted.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            self.limiter.retain_recent();
+        }
+        Ok(())
+    }
+}
+
+fn held(wait: Duration) -> GatewayError {
+    GatewayError::RateLimited {
+        message: format!(
+            "the gateway is holding requests to Poe under its per-key rate limit; retry in {:.1}s",
+            wait.as_secs_f64()
+        ),
+        retry_after: Some(wait),
+    }
+}
+
+/// The upstream quota as a GCRA schedule: the emission interval and the burst.
+fn schedule(rpm: u32) -> (Duration, u32) {
+    let burst = (rpm / 10).max(1);
+    let sustained = rpm.saturating_sub(burst).max(1);
+    (Duration::from_secs(60) / sustained, burst)
 }
 
 /// A quota that never exceeds `rpm` in any 60-second window: a burst of a tenth of the limit,
 /// refilled at the rest. A plain per-minute quota would allow `2 * rpm` across a window edge.
 fn quota(rpm: u32) -> Quota {
-    let burst = (rpm / 10).max(1);
-    let sustained = rpm.saturating_sub(burst).max(1);
-    let period = Duration::from_secs(60) / sustained;
+    let (period, burst) = schedule(rpm);
     Quota::with_period(period)
         .expect("non-zero period")
         .allow_burst(NonZeroU32::new(burst).expect("burst >= 1"))

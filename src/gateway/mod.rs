@@ -34,6 +34,7 @@ use crate::config::{AuthMode, Policy};
 use crate::error::GatewayError;
 use crate::ledger::{KeyRecord, Ledger, Store, UsageRow, now_ms};
 use crate::metrics::Metrics;
+use crate::shared_state::SharedState;
 use crate::upstream::{Secret, Upstream, UpstreamError};
 use accounting::Accountant;
 use alias::{Aliases, Route};
@@ -242,7 +243,14 @@ impl Gateway {
         let aliases = Arc::new(Aliases::new(&policy.aliases));
         let models = Arc::new(Models::new(policy.upstream.models_ttl));
         let metrics = Arc::new(Metrics::new());
-        let keys = Arc::new(KeyRing::new(store.clone(), clock));
+        let shared = SharedState::new(&policy.redis, metrics.clone())?.map(Arc::new);
+        let keys = Arc::new(KeyRing::with_shared(
+            store.clone(),
+            clock,
+            shared.clone(),
+            policy.redis.limits_on_error,
+            policy.redis.budgets_on_error,
+        ));
         let accountant = Accountant {
             models: models.clone(),
             upstream: upstream.clone(),
@@ -259,15 +267,20 @@ impl Gateway {
         let ledger = Ledger::start(store, Some(Arc::new(accountant)));
         Ok(Gateway {
             inner: Arc::new(Inner {
-                limits: UpstreamLimits::new(&policy.limits),
+                limits: UpstreamLimits::with_shared(
+                    &policy.limits,
+                    shared.clone(),
+                    policy.redis.limits_on_error,
+                ),
                 budget: RetryBudget::new(
                     policy.retry.budget_ratio,
                     policy.retry.budget_min_per_second,
                 ),
-                cache: Arc::new(ResponseCache::new(
+                cache: Arc::new(ResponseCache::with_shared(
                     &policy.cache,
                     models.clone(),
                     metrics.clone(),
+                    shared.filter(|s| s.cache_tier),
                 )),
                 acct: Arc::new(Accounting { metrics, ledger }),
                 balance: std::sync::atomic::AtomicI64::new(i64::MIN),
@@ -502,7 +515,7 @@ impl Gateway {
         if let Some(rec) = &caller.key {
             let checked = async {
                 inner.keys.check_model(rec, req.model(), bots)?;
-                inner.keys.check_rpm(rec)?;
+                inner.keys.check_rpm(rec).await?;
                 inner.keys.check_budget(rec).await
             }
             .await;

@@ -2,13 +2,12 @@
 //! (behind `POE_GATEWAY_ADMIN_KEY`): keys and everyone's usage.
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
+use http::{HeaderMap, Method, Request, StatusCode};
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
 use super::App;
-use super::routes::{HttpResponse, json};
+use super::routes::{HttpResponse, bearer, json, method_not_allowed, read_body};
 use crate::error::GatewayError;
 use crate::gateway::Caller;
 use crate::gateway::keys::{self, NewKey};
@@ -35,7 +34,7 @@ pub(crate) async fn handle(
     app: &App,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, GatewayError> {
-    check_admin(app, req.headers())?;
+    check_admin(app, req.headers(), "the admin API")?;
     let path = req.uri().path().to_string();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/admin/keys") => {
@@ -52,14 +51,8 @@ pub(crate) async fn handle(
             ))
         }
         (Method::POST, "/admin/keys") => {
-            let body = tokio::time::timeout(
-                std::time::Duration::from_secs(30),
-                Limited::new(req.into_body(), 64 * 1024).collect(),
-            )
-            .await
-            .map_err(|_| GatewayError::bad_request("request body not received in time"))?
-            .map_err(|e| GatewayError::bad_request(format!("could not read the body: {e}")))?
-            .to_bytes();
+            let timeout = app.gateway.policy().server.body_read_timeout;
+            let body = read_body(req, NEW_KEY_BODY_LIMIT, timeout).await?;
             let new: NewKey = serde_json::from_slice(&body)
                 .map_err(|e| GatewayError::bad_request(format!("invalid key request: {e}")))?;
             let (rec, key) = keys::create_key(app.gateway.ledger().store(), new).await?;
@@ -86,7 +79,7 @@ pub(crate) async fn handle(
         (Method::DELETE, "/admin/cache") => {
             // All entries, or one key's (`?key_id=`).
             let scope = query_param(req.uri().query(), "key_id");
-            app.gateway.cache().purge(scope.as_deref());
+            app.gateway.cache().purge(scope.as_deref()).await;
             Ok(json_value(
                 StatusCode::OK,
                 &serde_json::json!({"purged": scope.unwrap_or_else(|| "all".into())}),
@@ -97,9 +90,26 @@ pub(crate) async fn handle(
             q.key_id = query_param(req.uri().query(), "key_id");
             report(app, &q).await
         }
-        (m, p) => Err(GatewayError::NotFound(format!(
-            "Unknown request URL: {m} {p}"
-        ))),
+        (m, p) => match allowed_methods(p) {
+            Some(allow) => Ok(method_not_allowed(&m, p, allow)),
+            None => Err(GatewayError::NotFound(format!(
+                "Unknown request URL: {m} {p}"
+            ))),
+        },
+    }
+}
+
+/// Largest `POST /admin/keys` body.
+const NEW_KEY_BODY_LIMIT: u64 = 64 * 1024;
+
+/// The methods a known admin path answers, for 405 and `Allow`.
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    match path {
+        "/admin/keys" => Some("GET, POST"),
+        "/admin/usage" => Some("GET"),
+        "/admin/cache" => Some("DELETE"),
+        p if p.starts_with("/admin/keys/") => Some("DELETE"),
+        _ => None,
     }
 }
 
@@ -118,28 +128,23 @@ async fn revoke(app: &App, which: &str) -> Result<Vec<KeyRecord>, GatewayError> 
 }
 
 /// The admin key, compared in constant time. Gateway keys and Poe keys are refused here.
-fn check_admin(app: &App, headers: &HeaderMap) -> Result<(), GatewayError> {
+/// `what` names the route in the error message.
+pub(crate) fn check_admin(app: &App, headers: &HeaderMap, what: &str) -> Result<(), GatewayError> {
     let Some(admin) = app.gateway.admin_key() else {
-        return Err(GatewayError::Forbidden(
-            "the admin API is disabled: set POE_GATEWAY_ADMIN_KEY to enable it".into(),
-        ));
+        return Err(GatewayError::AdminDisabled(format!(
+            "{what} needs the admin key, and none is configured: set POE_GATEWAY_ADMIN_KEY to enable it"
+        )));
     };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.trim()
-                .strip_prefix("Bearer ")
-                .or_else(|| v.trim().strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(admin.expose().as_bytes())) {
+    let presented = bearer(headers);
+    let presented = presented
+        .as_ref()
+        .map_or(&b""[..], |k| k.expose().as_bytes());
+    if bool::from(presented.ct_eq(admin.expose().as_bytes())) {
         Ok(())
     } else {
-        Err(GatewayError::Unauthorized(
-            "the admin API needs the admin key".into(),
-        ))
+        Err(GatewayError::Unauthorized(format!(
+            "{what} needs the admin key: send `Authorization: Bearer <POE_GATEWAY_ADMIN_KEY>`"
+        )))
     }
 }
 

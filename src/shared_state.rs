@@ -1,0 +1,303 @@
+//! State that several replicas share through Redis: rate limiters, budget spend and a second
+//! cache tier. Without `POE_GATEWAY_REDIS_URL` none of this exists and every replica keeps its
+//! own state in-process, which is right for a single gateway.
+//!
+//! Every operation is one round trip and atomic on the server (a Lua script or a single
+//! command), so replicas agree to within one request. Every call has a short timeout: a Redis
+//! that hangs must not hang requests. A failure is reported to the caller, which applies the
+//! policy's `fail_open`/`fail_closed`; this module logs the first failure and the recovery
+//! (not every request) and keeps `poe_gateway_redis_up` current.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sha2::{Digest, Sha256};
+
+use crate::config::RedisPolicy;
+use crate::metrics::Metrics;
+
+/// Generic cell-rate algorithm on the server's clock (`TIME`), so replicas with skewed clocks
+/// still share one schedule. KEYS[1]: the limiter; ARGV: emission interval and tolerance in
+/// microseconds. Returns -1 when admitted, else the wait in microseconds.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local allow_at = tat - tolerance
+if now < allow_at then return math.ceil(allow_at - now) end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return -1
+";
+
+/// Adds to a spend counter only if it exists: a missing counter is seeded from the ledger on
+/// the next budget check, and the ledger already holds this charge's row by then.
+const CHARGE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+end
+return false
+";
+
+/// Seeds a spend counter from the ledger unless another replica already has; returns the
+/// counter either way.
+const SEED: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+return redis.call('GET', KEYS[1])
+";
+
+/// Why a shared-state call failed; the caller's policy decides what the request gets.
+#[derive(Debug, thiserror::Error)]
+#[error("redis unavailable: {0}")]
+pub struct Unavailable(String);
+
+pub struct SharedState {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    up: AtomicBool,
+    metrics: Arc<Metrics>,
+    pub(crate) cache_tier: bool,
+}
+
+impl SharedState {
+    /// Connects lazily: the gateway starts even while Redis is down, and the policy covers
+    /// requests until it is up.
+    pub fn new(policy: &RedisPolicy, metrics: Arc<Metrics>) -> Result<Option<SharedState>, String> {
+        let Some(url) = &policy.url else {
+            return Ok(None);
+        };
+        // The URL may hold a password: errors name the setting, never the value.
+        let client = redis::Client::open(url.as_str()).map_err(|e| {
+            format!(
+                "redis.url (POE_GATEWAY_REDIS_URL) is not usable: {:?}",
+                e.kind()
+            )
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(policy.timeout))
+            .set_response_timeout(Some(policy.timeout))
+            // One quick retry per call; later calls try again, so recovery needs no restart.
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(100));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("redis: {:?}", e.kind()))?;
+        metrics.redis_up.set(1);
+        Ok(Some(SharedState {
+            conn,
+            prefix: policy.key_prefix.clone(),
+            timeout: policy.timeout,
+            up: AtomicBool::new(true),
+            metrics,
+            cache_tier: policy.cache,
+        }))
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                k.push(':');
+            }
+            k.push_str(p);
+        }
+        k
+    }
+
+    /// Runs one call with the timeout, and keeps the up/down state and metrics. A call that
+    /// finds the connection broken is made once more: the first failure is what makes the
+    /// connection manager reconnect, so without the retry every outage would cost one more
+    /// failed request after Redis is back.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: redis::Cmd,
+    ) -> Result<T, Unavailable> {
+        let mut conn = self.conn.clone();
+        let attempt = async {
+            match cmd.query_async(&mut conn).await {
+                Err(e)
+                    if e.is_io_error()
+                        || e.is_connection_dropped()
+                        || e.is_connection_refusal() =>
+                {
+                    cmd.query_async(&mut conn).await
+                }
+                r => r,
+            }
+        };
+        let result = match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Unavailable(format!("{op}: {e}"))),
+            Err(_) => Err(Unavailable(format!(
+                "{op}: no answer within {:?}",
+                self.timeout
+            ))),
+        };
+        match &result {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    self.metrics.redis_up.set(1);
+                    tracing::warn!("redis is reachable again; shared limits and budgets resume");
+                }
+            }
+            Err(e) => {
+                self.metrics.redis_errors.with_label_values(&[op]).inc();
+                if self.up.swap(false, Ordering::Relaxed) {
+                    self.metrics.redis_up.set(0);
+                    tracing::error!(error = %e, "redis is unreachable; limits and budgets follow redis.*_on_error");
+                }
+            }
+        }
+        result
+    }
+
+    /// One GCRA step on a shared limiter: `Ok(None)` admitted, `Ok(Some(wait))` refused.
+    pub async fn rate(
+        &self,
+        limiter: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Option<Duration>, Unavailable> {
+        let key = self.key(&["rate", limiter]);
+        let interval_us = interval.as_micros() as u64;
+        let tolerance_us = interval_us * u64::from(burst.max(1) - 1);
+        let cmd = eval(GCRA, &key)
+            .arg(interval_us)
+            .arg(tolerance_us)
+            .to_owned();
+        let wait: i64 = self.run("rate", cmd).await?;
+        Ok((wait >= 0).then(|| Duration::from_micros(wait as u64)))
+    }
+
+    /// The spend of a key in the budget period starting at `period_start_ms`, if a replica
+    /// has seeded the counter.
+    pub async fn spend(
+        &self,
+        key_id: &str,
+        period_start_ms: i64,
+    ) -> Result<Option<f64>, Unavailable> {
+        let key = self.key(&["spend", key_id, &period_start_ms.to_string()]);
+        self.run("spend", redis::cmd("GET").arg(&key).to_owned())
+            .await
+    }
+
+    /// Seeds a key's spend counter with what the ledger holds, unless another replica got
+    /// there first; returns the counter.
+    pub async fn seed_spend(
+        &self,
+        key_id: &str,
+        period_start_ms: i64,
+        usd: f64,
+        ttl: Duration,
+    ) -> Result<f64, Unavailable> {
+        let key = self.key(&["spend", key_id, &period_start_ms.to_string()]);
+        let cmd = eval(SEED, &key)
+            .arg(usd)
+            .arg(ttl.as_millis().max(1) as u64)
+            .to_owned();
+        self.run("spend", cmd).await
+    }
+
+    /// Adds to a key's spend in the period (if a replica has seeded it).
+    pub async fn charge(
+        &self,
+        key_id: &str,
+        period_start_ms: i64,
+        usd: f64,
+    ) -> Result<(), Unavailable> {
+        let key = self.key(&["spend", key_id, &period_start_ms.to_string()]);
+        let _: Option<f64> = self
+            .run("charge", eval(CHARGE, &key).arg(usd).to_owned())
+            .await?;
+        Ok(())
+    }
+
+    /// `<prefix>cache:<scope>:<digest>`: the digest is already a hash of the request, and the
+    /// scope (a key id, `open`, or `shared`) lets a purge find one caller's entries.
+    fn cache_key(&self, scope: &str, digest: &[u8; 32]) -> String {
+        self.key(&["cache", scope, &hex::encode(digest)])
+    }
+
+    /// A cached answer from the shared tier, as stored by [`SharedState::cache_put`].
+    pub async fn cache_get(
+        &self,
+        scope: &str,
+        digest: &[u8; 32],
+    ) -> Result<Option<Bytes>, Unavailable> {
+        let k = self.cache_key(scope, digest);
+        let v: Option<Vec<u8>> = self
+            .run("cache_get", redis::cmd("GET").arg(k).to_owned())
+            .await?;
+        Ok(v.map(Bytes::from))
+    }
+
+    pub async fn cache_put(
+        &self,
+        scope: &str,
+        digest: &[u8; 32],
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Unavailable> {
+        let k = self.cache_key(scope, digest);
+        let ms = ttl.as_millis().max(1) as u64;
+        let cmd = redis::cmd("SET")
+            .arg(k)
+            .arg(value)
+            .arg("PX")
+            .arg(ms)
+            .to_owned();
+        self.run::<()>("cache_put", cmd).await
+    }
+
+    /// Removes the shared tier's entries: one scope's, or all of them.
+    pub async fn cache_purge(&self, scope: Option<&str>) -> Result<u64, Unavailable> {
+        let pattern = match scope {
+            Some(s) => format!("{}:*", self.key(&["cache", s])),
+            None => format!("{}:*", self.key(&["cache"])),
+        };
+        let mut cursor: u64 = 0;
+        let mut removed = 0u64;
+        loop {
+            let scan = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .to_owned();
+            let (next, keys): (u64, Vec<String>) = self.run("cache_purge", scan).await?;
+            if !keys.is_empty() {
+                let unlink = redis::cmd("UNLINK").arg(&keys).to_owned();
+                removed += self.run::<u64>("cache_purge", unlink).await?;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Is Redis answering, as of the last call?
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+}
+
+/// `EVAL script 1 key`: the script travels with each call (a few hundred bytes), which keeps a
+/// restarted Redis, whose script cache is empty, from failing the first calls.
+fn eval(script: &str, key: &str) -> redis::Cmd {
+    redis::cmd("EVAL").arg(script).arg(1).arg(key).to_owned()
+}
+
+/// A stable, non-reversible name for an upstream key, the same on every replica.
+pub fn limiter_id(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    format!("upstream:{}", hex::encode(&digest[..16]))
+}

@@ -1,0 +1,553 @@
+//! Two gateway processes (the real binary) behind no load balancer, sharing one PostgreSQL
+//! ledger and one Redis: budgets, per-key RPM and the upstream limiter hold across both, the
+//! reports see both, a replica killed with SIGKILL leaves the other serving, and a Redis that
+//! stops mid-run is handled by the policy and recovered from.
+//!
+//! Redis servers are started by the tests themselves (so one can be stopped mid-run) from
+//! `POE_GATEWAY_TEST_REDIS_SERVER` or `redis-server` on PATH; scripts/test.sh installs it.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+/// A throwaway Redis on a fixed loopback port, so it can be stopped and started again there.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn binary() -> Option<String> {
+        if let Ok(p) = std::env::var("POE_GATEWAY_TEST_REDIS_SERVER") {
+            return Some(p);
+        }
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if found {
+            return Some("redis-server".into());
+        }
+        if std::env::var("CI").is_ok() {
+            panic!("CI must run the replica tests: install redis-server (scripts/redis.sh)");
+        }
+        eprintln!("redis-server not found: replica tests skipped");
+        None
+    }
+
+    fn start() -> Option<Redis> {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("pgw-redis-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = Redis {
+            child: None,
+            port,
+            dir,
+        };
+        r.resume()?;
+        Some(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts the server (again) on its port and waits until it answers.
+    fn resume(&mut self) -> Option<()> {
+        let bin = Redis::binary()?;
+        let child = Command::new(bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Some(());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One gateway process.
+struct Replica {
+    child: Child,
+    gw: TestGateway,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The shared-mode policy the replicas run: gateway keys, a price for the test bot.
+const POLICY: &str = r#"
+[auth]
+mode = "keys"
+allow_open_on_network = false
+[pricing]
+"gpt-5" = { prompt = 0.00001, completion = 0.00001 }
+"#;
+
+fn spawn_replica(
+    upstream: &MockUpstream,
+    database_url: &str,
+    redis_url: &str,
+    policy_file: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Replica {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_poe-gateway"));
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("POE_API_KEY", UPSTREAM_KEY)
+        .env("POE_BASE_URL", upstream.url())
+        .env("POE_GATEWAY_LISTEN", "127.0.0.1:0")
+        .env("POE_GATEWAY_POLICIES", policy_file)
+        .env("POE_GATEWAY_DATABASE_URL", database_url)
+        .env("POE_GATEWAY_REDIS_URL", redis_url)
+        .env("POE_GATEWAY_ADMIN_KEY", ADMIN_KEY)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("gateway binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    Replica {
+        child,
+        gw: TestGateway {
+            addr: addr
+                .parse()
+                .unwrap_or_else(|_| panic!("no address in {line:?}")),
+            handle: None,
+        },
+    }
+}
+
+/// Everything two replicas need: an upstream, a fresh Postgres database, a Redis, a policy.
+struct Cluster {
+    up: MockUpstream,
+    redis: Redis,
+    a: Replica,
+    b: Replica,
+    db: String,
+    _policy: tempfile_path::TempPath,
+}
+
+mod tempfile_path {
+    /// A file removed on drop.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+async fn cluster(extra_policy: &str, env: &[(&str, &str)]) -> Option<Cluster> {
+    let db = databases()
+        .await
+        .into_iter()
+        .find(|d| d.starts_with("postgres"));
+    let Some(db) = db else {
+        eprintln!("no Postgres: replica tests skipped");
+        return None;
+    };
+    let redis = Redis::start()?;
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let path =
+        std::env::temp_dir().join(format!("pgw-policy-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, format!("{POLICY}\n{extra_policy}")).unwrap();
+    let a = spawn_replica(&up, &db, &redis.url(), &path, env);
+    let b = spawn_replica(&up, &db, &redis.url(), &path, env);
+    Some(Cluster {
+        up,
+        redis,
+        a,
+        b,
+        db,
+        _policy: tempfile_path::TempPath(path),
+    })
+}
+
+fn admin() -> (&'static str, String) {
+    ("authorization", format!("Bearer {ADMIN_KEY}"))
+}
+
+async fn create_key(gw: &TestGateway, body: &str) -> (String, String) {
+    let (h, v) = admin();
+    let resp = request(gw, "POST", "/admin/keys", &[(h, &v)], body).await;
+    assert_eq!(resp.status(), 201);
+    let v = body_json(resp).await;
+    (
+        v["id"].as_str().unwrap().to_string(),
+        v["key"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn chat(gw: &TestGateway, key: &str) -> (u16, serde_json::Value) {
+    let auth = format!("Bearer {key}");
+    let resp = post(gw, &chat_body("gpt-5", false), &[("authorization", &auth)]).await;
+    let status = resp.status().as_u16();
+    (status, body_json(resp).await)
+}
+
+/// Requests the ledger holds for a key, as one replica's admin API reports them.
+async fn ledger_requests(gw: &TestGateway, key_id: &str) -> i64 {
+    let (h, v) = admin();
+    let resp = request(
+        gw,
+        "GET",
+        &format!("/admin/usage?since=1d&key_id={key_id}"),
+        &[(h, &v)],
+        "",
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    body_json(resp).await["totals"]["requests"]
+        .as_i64()
+        .unwrap_or(0)
+}
+
+/// Waits until `n` of a key's requests are in the ledger (the charge to the shared spend
+/// counter happens as the ledger writer prices them, just before the write).
+async fn settle(gw: &TestGateway, key_id: &str, n: i64) {
+    for _ in 0..200 {
+        if ledger_requests(gw, key_id).await >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the ledger never reached {n} requests for {key_id}");
+}
+
+async fn metric(gw: &TestGateway, name: &str) -> Option<f64> {
+    let text = String::from_utf8(body_bytes(get(gw, "/metrics").await).await.to_vec()).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn budget_rpm_and_reports_hold_across_two_replicas() {
+    let Some(c) = cluster("", &[]).await else {
+        return;
+    };
+
+    // Each call costs 7 * 1e-5 + 3 * 1e-5 = 1e-4 USD. A budget of 4.5e-4: the fifth call
+    // starts at 4e-4 spent and is allowed, the sixth finds 5e-4 and is refused: the budget
+    // holds to within one request's cost, whichever replica the calls land on. With spend
+    // kept per replica, each would have let through its own five.
+    let (budget_id, budget_key) = create_key(
+        &c.a.gw,
+        r#"{"name":"team","budget_usd":0.00045,"period":"day"}"#,
+    )
+    .await;
+    let mut admitted = 0;
+    let mut refused = None;
+    for i in 0..12 {
+        let gw = if i % 2 == 0 { &c.a.gw } else { &c.b.gw };
+        let (status, body) = chat(gw, &budget_key).await;
+        if status == 200 {
+            admitted += 1;
+            settle(&c.b.gw, &budget_id, admitted).await;
+        } else {
+            refused = Some((status, body));
+            break;
+        }
+    }
+    assert_eq!(admitted, 5, "calls admitted against a 4.5e-4 budget");
+    let (status, body) = refused.expect("the budget was never enforced");
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+    // The other replica refuses as well.
+    let (status, _) = chat(&c.a.gw, &budget_key).await;
+    assert_eq!(status, 429);
+
+    // Per-key RPM of 3, across both: three calls pass, the fourth is refused on either.
+    let (_, rpm_key) = create_key(&c.a.gw, r#"{"name":"ci","rpm":3}"#).await;
+    for gw in [&c.a.gw, &c.b.gw, &c.a.gw] {
+        assert_eq!(chat(gw, &rpm_key).await.0, 200);
+    }
+    let (status, body) = chat(&c.b.gw, &rpm_key).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(chat(&c.a.gw, &rpm_key).await.0, 429);
+
+    // Reports on either replica see both replicas' rows (5 priced calls, 2 budget refusals).
+    let (h, v) = admin();
+    for gw in [&c.a.gw, &c.b.gw] {
+        let resp = request(
+            gw,
+            "GET",
+            "/admin/usage?since=1d&group_by=key",
+            &[(h, &v)],
+            "",
+        )
+        .await;
+        let report = body_json(resp).await;
+        let groups = report["groups"].as_array().unwrap();
+        let team = groups
+            .iter()
+            .find(|g| g["group"] == budget_id.as_str())
+            .unwrap_or_else(|| panic!("{report}"));
+        assert!(team["requests"].as_i64().unwrap() >= 5, "{report}");
+        let cost = team["cost_usd"].as_f64().unwrap();
+        assert!((cost - 5e-4).abs() < 1e-9, "{report}");
+    }
+    assert_eq!(c.up.chat_calls(), 8);
+    let _ = &c.db;
+}
+
+#[tokio::test]
+async fn the_upstream_limiter_is_shared() {
+    // 10 RPM to Poe with a burst of one; a request that would wait more than 50 ms is refused.
+    let Some(c) = cluster(
+        "[limits]\nupstream_rpm = 10\nqueue_timeout = \"50ms\"\n",
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let (_, key) = create_key(&c.a.gw, r#"{"name":"x"}"#).await;
+    assert_eq!(chat(&c.a.gw, &key).await.0, 200);
+    // The second call to Poe within the interval is held back, on the other replica too.
+    let (status, body) = chat(&c.b.gw, &key).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("holding requests to Poe"),
+        "{body}"
+    );
+    assert_eq!(c.up.chat_calls(), 1);
+}
+
+#[tokio::test]
+async fn a_killed_replica_leaves_the_other_serving_and_the_ledger_intact() {
+    let Some(mut c) = cluster("", &[]).await else {
+        return;
+    };
+    let (key_id, key) = create_key(&c.a.gw, r#"{"name":"load"}"#).await;
+    for i in 0..20 {
+        let gw = if i % 2 == 0 { &c.a.gw } else { &c.b.gw };
+        assert_eq!(chat(gw, &key).await.0, 200);
+    }
+    // Both replicas' rows are flushed (the writer batches for at most 200 ms)...
+    settle(&c.a.gw, &key_id, 20).await;
+    // ...then B dies with no chance to flush anything, while A is still serving.
+    let load = {
+        let gw = TestGateway {
+            addr: c.a.gw.addr,
+            handle: None,
+        };
+        let key = key.clone();
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in 0..20 {
+                if chat(&gw, &key).await.0 == 200 {
+                    ok += 1;
+                }
+            }
+            ok
+        })
+    };
+    c.b.child.kill().unwrap();
+    c.b.child.wait().unwrap();
+    assert_eq!(load.await.unwrap(), 20, "A kept serving while B died");
+    settle(&c.a.gw, &key_id, 40).await;
+    assert_eq!(ledger_requests(&c.a.gw, &key_id).await, 40);
+}
+
+#[tokio::test]
+async fn redis_down_follows_the_policy_and_recovers() {
+    // Defaults: limits fail open (to this replica's own limiter), budgets fail closed.
+    let Some(mut c) = cluster("[redis]\ntimeout = \"200ms\"\n", &[]).await else {
+        return;
+    };
+    let (_, budget_key) =
+        create_key(&c.a.gw, r#"{"name":"b","budget_usd":10,"period":"month"}"#).await;
+    let (_, rpm_key) = create_key(&c.a.gw, r#"{"name":"r","rpm":1000}"#).await;
+    assert_eq!(chat(&c.a.gw, &budget_key).await.0, 200);
+    assert_eq!(chat(&c.b.gw, &rpm_key).await.0, 200);
+    assert_eq!(metric(&c.a.gw, "poe_gateway_redis_up").await, Some(1.0));
+
+    c.redis.stop();
+    for gw in [&c.a.gw, &c.b.gw] {
+        let (status, body) = chat(gw, &budget_key).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "shared_state_unavailable", "{body}");
+        assert!(!body.to_string().contains("redis://"), "{body}");
+        // Limits fail open: the RPM key is still served, by each replica's own limiter.
+        assert_eq!(chat(gw, &rpm_key).await.0, 200);
+        assert_eq!(metric(gw, "poe_gateway_redis_up").await, Some(0.0));
+    }
+
+    c.redis.resume().unwrap();
+    // The connection comes back on the next calls, without a restart.
+    let mut recovered = false;
+    for _ in 0..100 {
+        if chat(&c.b.gw, &budget_key).await.0 == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        recovered,
+        "the budget key was never served again after Redis came back"
+    );
+    assert_eq!(chat(&c.a.gw, &budget_key).await.0, 200);
+    assert_eq!(metric(&c.b.gw, "poe_gateway_redis_up").await, Some(1.0));
+}
+
+#[tokio::test]
+async fn budgets_can_fail_open_and_limits_closed() {
+    let Some(mut c) = cluster(
+        "[redis]\ntimeout = \"200ms\"\nlimits_on_error = \"fail_closed\"\nbudgets_on_error = \"fail_open\"\n",
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let (_, budget_key) =
+        create_key(&c.a.gw, r#"{"name":"b","budget_usd":10,"period":"month"}"#).await;
+    assert_eq!(chat(&c.a.gw, &budget_key).await.0, 200);
+    c.redis.stop();
+    // The upstream limiter is shared and fails closed: every call gets a 503 naming why.
+    let (status, body) = chat(&c.b.gw, &budget_key).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "shared_state_unavailable", "{body}");
+    c.redis.resume().unwrap();
+    let mut served = false;
+    for _ in 0..100 {
+        if chat(&c.b.gw, &budget_key).await.0 == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served);
+}
+
+/// Waits until Redis holds `n` shared cache entries (they are written by a background task
+/// once an answer completes).
+async fn shared_entries(redis_url: &str, n: usize) {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..200 {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("pgw:cache:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if keys.len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("Redis never held {n} cache entries");
+}
+
+#[tokio::test]
+async fn a_cache_hit_on_one_replica_serves_the_other() {
+    let Some(c) = cluster("[cache]\nshared = true\n", &[]).await else {
+        return;
+    };
+    let (_, key) = create_key(&c.a.gw, r#"{"name":"c"}"#).await;
+    let auth = format!("Bearer {key}");
+    let body = r#"{"model":"gpt-5","temperature":0,"messages":[{"role":"user","content":"same"}]}"#;
+    let first = post(&c.a.gw, body, &[("authorization", &auth)]).await;
+    assert_eq!(first.headers()["x-cache"], "MISS");
+    let first = body_bytes(first).await;
+    shared_entries(&c.redis.url(), 1).await;
+    // B has never seen this request: its hit comes from Redis, byte for byte A's answer.
+    let r = post(&c.b.gw, body, &[("authorization", &auth)]).await;
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    assert_eq!(body_bytes(r).await, first);
+    assert_eq!(c.up.chat_calls(), 1);
+    assert_eq!(
+        metric(&c.b.gw, "poe_gateway_cache_shared_hits_total").await,
+        Some(1.0)
+    );
+
+    // A stream recorded on B is replayed on A, frame for frame.
+    let sbody = r#"{"model":"gpt-5","temperature":0,"stream":true,"messages":[{"role":"user","content":"s"}]}"#;
+    c.up.push(Reply::stream("gpt-5", &["a", "b", "c"]));
+    let miss = post(&c.b.gw, sbody, &[("authorization", &auth)]).await;
+    assert_eq!(miss.headers()["x-cache"], "MISS");
+    let miss = body_bytes(miss).await;
+    shared_entries(&c.redis.url(), 2).await;
+    let hit = post(&c.a.gw, sbody, &[("authorization", &auth)]).await;
+    assert_eq!(hit.headers()["x-cache"], "HIT");
+    assert_eq!(body_bytes(hit).await, miss);
+    assert_eq!(c.up.chat_calls(), 2);
+
+    // A purge through one replica clears the shared tier as well as its own.
+    let (h, v) = admin();
+    assert_eq!(
+        request(&c.a.gw, "DELETE", "/admin/cache", &[(h, &v)], "")
+            .await
+            .status(),
+        200
+    );
+    let client = redis::Client::open(c.redis.url().as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("pgw:cache:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    let r = post(&c.a.gw, body, &[("authorization", &auth)]).await;
+    assert_eq!(r.headers()["x-cache"], "MISS");
+}
