@@ -129,14 +129,13 @@ pub enum Coalesced {
 }
 
 pub struct ResponseCache {
-    store: moka::future::Cache<CacheKey, Arc<Entry>>,
+    // The sync flavour: an insert is visible at once and needs no task, and nothing here
+    // awaits while holding an entry.
+    store: moka::sync::Cache<CacheKey, Arc<Entry>>,
     policy: CachePolicy,
     models: Arc<Models>,
     metrics: Arc<Metrics>,
     in_flight: Arc<Mutex<HashMap<CacheKey, Waiters>>>,
-    /// Entries committed but not yet in moka (its insert is async; a commit happens in a
-    /// body's poll). The next request finds them here at once.
-    pending: Arc<Mutex<HashMap<CacheKey, Arc<Entry>>>>,
     /// The Redis tier behind this one, when configured.
     shared: Option<Arc<SharedState>>,
 }
@@ -153,7 +152,7 @@ impl ResponseCache {
         shared: Option<Arc<SharedState>>,
     ) -> ResponseCache {
         let evictions = metrics.cache_evictions.clone();
-        let store = moka::future::Cache::builder()
+        let store = moka::sync::Cache::builder()
             .max_capacity(policy.max_bytes.0)
             // The body, plus what each entry and frame costs around it (key, Arc, Bytes handles).
             .weigher(|_: &CacheKey, e: &Arc<Entry>| {
@@ -173,7 +172,6 @@ impl ResponseCache {
             models,
             metrics,
             in_flight: Arc::new(Mutex::new(HashMap::new())),
-            pending: Arc::new(Mutex::new(HashMap::new())),
             shared,
         }
     }
@@ -210,24 +208,13 @@ impl ResponseCache {
         if !plan.read {
             return None;
         }
-        let pending = self
-            .pending
-            .lock()
-            .expect("pending lock")
-            .get(&plan.key)
-            .cloned();
-        let found = match pending {
-            Some(e) => Some(e),
-            None => self.store.get(&plan.key).await,
-        };
-        match found {
+        match self.store.get(&plan.key) {
             Some(e) if e.expires_at > Instant::now() => {
                 self.metrics.cache_hits.inc();
                 Some(e)
             }
             Some(_) => {
-                self.pending.lock().expect("pending lock").remove(&plan.key);
-                self.store.invalidate(&plan.key).await;
+                self.store.invalidate(&plan.key);
                 self.metrics.cache_misses.inc();
                 None
             }
@@ -251,7 +238,7 @@ impl ResponseCache {
         let scope = plan.scope.as_deref().unwrap_or(SHARED_SCOPE);
         let raw = shared.cache_get(scope, &plan.key).await.ok()??;
         let entry = Arc::new(decode(raw, plan.scope.clone())?);
-        self.store.insert(plan.key, entry.clone()).await;
+        self.store.insert(plan.key, entry.clone());
         Some(entry)
     }
 
@@ -298,16 +285,9 @@ impl ResponseCache {
 
     fn purge_local(&self, scope: Option<&str>) {
         match scope {
-            None => {
-                self.pending.lock().expect("pending lock").clear();
-                self.store.invalidate_all();
-            }
+            None => self.store.invalidate_all(),
             Some(s) => {
                 let s: Arc<str> = Arc::from(s);
-                self.pending
-                    .lock()
-                    .expect("pending lock")
-                    .retain(|_, e| e.scope.as_deref() != Some(&*s));
                 // Only fails when closures are unsupported, which the builder enabled.
                 let _ = self
                     .store
@@ -323,7 +303,7 @@ impl ResponseCache {
 
     /// Settles pending inserts and evictions (tests and metrics read exact figures).
     pub async fn sync(&self) {
-        self.store.run_pending_tasks().await;
+        self.store.run_pending_tasks();
     }
 
     fn is_media(&self, bot: &str, body: &[u8]) -> bool {
@@ -345,37 +325,22 @@ impl ResponseCache {
             .any(|m| m.as_str().is_some_and(|m| m != "text"))
     }
 
+    /// Stores an entry (the caller has checked it is not a media answer).
     fn insert(self: &Arc<Self>, plan: Plan, entry: Entry) {
-        if self.is_media(&entry.bot, &entry.frames.concat()) {
-            return;
-        }
         let entry = Arc::new(entry);
-        self.pending
-            .lock()
-            .expect("pending lock")
-            .insert(plan.key, entry.clone());
-        let cache = self.clone();
-        tokio::spawn(async move {
-            if let Some(shared) = &cache.shared {
-                let scope = plan.scope.as_deref().unwrap_or(SHARED_SCOPE);
-                let ttl = entry.expires_at.saturating_duration_since(Instant::now());
-                if !ttl.is_zero() {
+        self.store.insert(plan.key, entry.clone());
+        if let Some(shared) = self.shared.clone() {
+            let ttl = entry.expires_at.saturating_duration_since(Instant::now());
+            if !ttl.is_zero() {
+                tokio::spawn(async move {
+                    let scope = plan.scope.as_deref().unwrap_or(SHARED_SCOPE);
                     // A failure is counted by the shared state; this replica still has it.
                     let _ = shared
                         .cache_put(scope, &plan.key, &encode(&entry, ttl), ttl)
                         .await;
-                }
+                });
             }
-            cache.store.insert(plan.key, entry.clone()).await;
-            let mut pending = cache.pending.lock().expect("pending lock");
-            // Only if no newer commit replaced it meanwhile.
-            if pending
-                .get(&plan.key)
-                .is_some_and(|p| Arc::ptr_eq(p, &entry))
-            {
-                pending.remove(&plan.key);
-            }
-        });
+        }
     }
 }
 
@@ -456,6 +421,9 @@ impl Recorder {
         }
         let mut all = BytesMut::with_capacity(self.bytes);
         self.frames.iter().for_each(|f| all.extend_from_slice(f));
+        if self.cache.is_media(&self.bot, &all) {
+            return;
+        }
         let mut all = all.freeze();
         let frames: Arc<[Bytes]> = if self.stream {
             // Frame boundaries are kept, so a paced replay sends what upstream sent.
@@ -580,39 +548,43 @@ fn cache_key(scope: Option<&str>, req: &ChatRequest, bots: &[String]) -> Option<
         "model".into(),
         serde_json::Value::String(bots.join("|").to_ascii_lowercase()),
     );
-    let mut h = Sha256::new();
-    h.update(b"poe-gateway-cache-v1\0");
-    h.update(scope.unwrap_or("").as_bytes());
-    h.update(b"\0");
-    canonical(&serde_json::Value::Object(body), &mut h);
-    Some(h.finalize().into())
+    // One buffer, hashed once: many tiny hash updates cost more than the hashing itself.
+    let mut buf = Vec::with_capacity(req.body().len() + 64);
+    buf.extend_from_slice(b"poe-gateway-cache-v1\0");
+    buf.extend_from_slice(scope.unwrap_or("").as_bytes());
+    buf.push(0);
+    canonical(&serde_json::Value::Object(body), &mut buf);
+    Some(Sha256::digest(&buf).into())
 }
 
 /// Writes `v` with object keys sorted at every level, whatever map order serde_json uses.
-fn canonical(v: &serde_json::Value, h: &mut Sha256) {
+fn canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
     use serde_json::Value;
     match v {
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            h.update(b"{");
-            for k in keys {
-                h.update(serde_json::to_string(k).unwrap_or_default().as_bytes());
-                h.update(b":");
-                canonical(&m[k], h);
-                h.update(b",");
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (k, v) in entries {
+                // Writing a string or a scalar into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut *out, k);
+                out.push(b':');
+                canonical(v, out);
+                out.push(b',');
             }
-            h.update(b"}");
+            out.push(b'}');
         }
         Value::Array(a) => {
-            h.update(b"[");
+            out.push(b'[');
             for x in a {
-                canonical(x, h);
-                h.update(b",");
+                canonical(x, out);
+                out.push(b',');
             }
-            h.update(b"]");
+            out.push(b']');
         }
-        other => h.update(other.to_string().as_bytes()),
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
     }
 }
 
