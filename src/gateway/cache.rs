@@ -353,6 +353,11 @@ pub struct LeaderGuard {
 }
 
 impl LeaderGuard {
+    /// Are other requests waiting for this answer? (The map keeps one receiver itself.)
+    pub fn has_followers(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.receiver_count() > 1)
+    }
+
     pub fn publish(mut self, shared: Arc<Shared>) {
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(Some(shared));

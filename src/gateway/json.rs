@@ -2,10 +2,14 @@
 //! stream tap's usage edit both need to know where a field's bytes are, not what they mean.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
+
+/// Keys checked for duplicates by a linear scan before switching to a set.
+const SET_AFTER: usize = 16;
 
 /// The top-level object as (key, raw value) pairs borrowed from the body, in order.
 /// Duplicate keys are refused: two `model` fields would let the gateway and Poe disagree
@@ -22,12 +26,22 @@ impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut fields: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(16);
+                // Past a few keys the duplicate check uses a set: a body of a million
+                // distinct keys must not cost a million squared comparisons.
+                let mut seen: Option<HashSet<Cow<'de, str>>> = None;
                 while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
-                    if fields.iter().any(|(seen, _)| *seen == k) {
+                    let duplicate = match &mut seen {
+                        Some(set) => !set.insert(k.clone()),
+                        None => fields.iter().any(|(seen, _)| *seen == k),
+                    };
+                    if duplicate {
                         return Err(de::Error::custom(format!("duplicate key `{k}`")));
                     }
                     let v: &'de RawValue = map.next_value()?;
                     fields.push((k, v));
+                    if seen.is_none() && fields.len() >= SET_AFTER {
+                        seen = Some(fields.iter().map(|(k, _)| k.clone()).collect());
+                    }
                 }
                 Ok(TopLevel(fields))
             }

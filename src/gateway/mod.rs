@@ -579,13 +579,17 @@ impl Gateway {
                     .await
                     .map_err(|e| GatewayError::UpstreamUnreachable(e.to_string()))?
                     .to_bytes();
-                guard.publish(Arc::new(Shared {
-                    status,
-                    headers: headers.clone(),
-                    body: bytes.clone(),
-                    bot: bot.clone(),
-                    usage: tap::json_usage(&bytes),
-                }));
+                // Usually nobody is waiting: then the answer is not read a second time. One
+                // that joins after this check makes its own call.
+                if guard.has_followers() {
+                    guard.publish(Arc::new(Shared {
+                        status,
+                        headers: headers.clone(),
+                        body: bytes.clone(),
+                        bot: bot.clone(),
+                        usage: tap::json_usage(&bytes),
+                    }));
+                }
                 Ok(Reply {
                     status,
                     headers,

@@ -361,10 +361,15 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
                     }) {
                         Some(UsageEdit::Drop) => Piece::Drop,
                         Some(UsageEdit::Rewrite(json)) => {
+                            // One `data:` line per line: a multi-line event's data keeps
+                            // the `\n`s its lines were joined with.
                             let mut ev = Vec::with_capacity(json.len() + 8);
-                            ev.extend_from_slice(b"data: ");
-                            ev.extend_from_slice(&json);
-                            ev.extend_from_slice(b"\n\n");
+                            for line in json.split(|b| *b == b'\n') {
+                                ev.extend_from_slice(b"data: ");
+                                ev.extend_from_slice(line);
+                                ev.push(b'\n');
+                            }
+                            ev.push(b'\n');
                             Piece::Replace(Bytes::from(ev))
                         }
                         _ => Piece::Keep(from..end),
@@ -439,7 +444,9 @@ fn usage_edit(data: &[u8]) -> UsageEdit {
     };
     let no_choices = fields.get("choices").is_none_or(|c| {
         let c = c.get().trim();
-        c == "null" || c.trim_start_matches('[').trim_start().starts_with(']')
+        c == "null"
+            || c.strip_prefix('[')
+                .is_some_and(|c| c.trim_start().starts_with(']'))
     });
     if no_choices && usage.get() != "null" {
         return UsageEdit::Drop;
@@ -447,7 +454,7 @@ fn usage_edit(data: &[u8]) -> UsageEdit {
     // Cut `"usage": value` and one neighbouring comma out of the text.
     let value = span_in(text, usage);
     let bytes = text.as_bytes();
-    let Some(key_start) = USAGE_KEY_REV.rfind(&bytes[..value.start]) else {
+    let Some(key_start) = key_start(bytes, value.start) else {
         return UsageEdit::Keep;
     };
     let before = bytes[..key_start].trim_ascii_end();
@@ -468,6 +475,27 @@ fn usage_edit(data: &[u8]) -> UsageEdit {
     out.extend_from_slice(&bytes[..cut.start]);
     out.extend_from_slice(&bytes[cut.end..]);
     UsageEdit::Rewrite(out)
+}
+
+/// Where the key of the member whose value starts at `value_start` opens: the string before
+/// the `:` (found this way, not by searching for `"usage"`, which may also be a string value
+/// before it, while the key itself may be written with escapes).
+fn key_start(bytes: &[u8], value_start: usize) -> Option<usize> {
+    let key = bytes[..value_start]
+        .trim_ascii_end()
+        .strip_suffix(b":")?
+        .trim_ascii_end()
+        .strip_suffix(b"\"")?;
+    // The opening quote: the last quote not escaped (preceded by an even run of backslashes).
+    let mut at = key.len();
+    while let Some(i) = memchr::memrchr(b'"', &key[..at]) {
+        let slashes = key[..i].iter().rev().take_while(|b| **b == b'\\').count();
+        if slashes % 2 == 0 {
+            return Some(i);
+        }
+        at = i;
+    }
+    None
 }
 
 /// Reads one event's data on the side. Returns whether it mentions `"usage"`.
@@ -756,5 +784,36 @@ mod tests {
             usage_edit(br#"{"choices":[{"delta":{"content":"\"usage\""}}]}"#),
             UsageEdit::Keep
         ));
+    }
+
+    // Regressions found by the `sse_tap` fuzz target (fuzz/).
+    #[test]
+    fn usage_edit_cuts_the_usage_key_not_a_lookalike() {
+        // The string value "usage" before the key, and the key written with an escape.
+        match usage_edit(br#"{"b":"usage","us\u0061ge":1,"choices":[1]}"#) {
+            UsageEdit::Rewrite(out) => assert_eq!(out, br#"{"b":"usage","choices":[1]}"#),
+            _ => panic!("not rewritten"),
+        }
+        // `[[]]` holds a choice: the chunk is rewritten, not dropped.
+        assert!(matches!(
+            usage_edit(br#"{"choices":[[]],"usage":{"total_tokens":1}}"#),
+            UsageEdit::Rewrite(_)
+        ));
+    }
+
+    #[test]
+    fn a_multi_line_event_is_rewritten_line_by_line() {
+        let mut mode = Mode::Sse {
+            scanner: SseScanner::default(),
+            strip: Some(Strip::default()),
+        };
+        let frame = b"data: {\"id\":\"a\",\ndata: \"choices\":[],\"usage\":null}\n\n";
+        let out = scan(
+            &mut mode,
+            &mut Observed::default(),
+            Bytes::from_static(frame),
+        )
+        .unwrap();
+        assert_eq!(&out[..], b"data: {\"id\":\"a\",\ndata: \"choices\":[]}\n\n");
     }
 }

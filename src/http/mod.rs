@@ -121,7 +121,11 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
             tracing::debug!(error = %e, "set_nodelay failed");
         }
         let app = app.clone();
+        // Told when the connection's first request reaches the service.
+        let first_request = Arc::new(tokio::sync::Notify::new());
+        let seen = first_request.clone();
         let service = service_fn(move |req| {
+            seen.notify_one();
             let app = app.clone();
             async move { Ok::<_, Infallible>(routes::handle(app, req).await) }
         });
@@ -129,9 +133,30 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
+        let head_timeout = policy.server.header_read_timeout;
         while connections.try_join_next().is_some() {}
         connections.spawn(async move {
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            // hyper's header_read_timeout starts only once the protocol is known (24 bytes
+            // read) and only for HTTP/1: a client that connects and sends nothing, a few bytes,
+            // or just the h2 preface would hold a connection slot for ever, and
+            // `server.max_connections` of them would stop the gateway. Until a first request
+            // arrives the whole connection gets `server.header_read_timeout`.
+            let done = tokio::select! {
+                biased;
+                r = conn.as_mut() => Some(r),
+                _ = first_request.notified() => None,
+                _ = tokio::time::sleep(head_timeout) => {
+                    tracing::debug!(%peer, "closing a connection that sent no request within server.header_read_timeout");
+                    drop(slot);
+                    return;
+                }
+            };
+            let result = match done {
+                Some(r) => r,
+                None => conn.await,
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(slot);

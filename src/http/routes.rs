@@ -53,12 +53,22 @@ async fn route(
         }
         (_, p) if p == "/admin" || p.starts_with("/admin/") => super::admin::handle(app, req).await,
         (&Method::GET, "/metrics") => {
+            if app.gateway.policy().server.metrics_require_admin {
+                super::admin::check_admin(
+                    app,
+                    req.headers(),
+                    "GET /metrics (server.metrics_require_admin = true)",
+                )?;
+            }
             let mut resp = json(StatusCode::OK, Bytes::from(app.gateway.render_metrics()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             Ok(resp)
+        }
+        (&Method::GET, "/openapi.json") => {
+            Ok(json(StatusCode::OK, Bytes::from_static(OPENAPI.as_bytes())))
         }
         (&Method::GET, "/v1/models") => {
             let cat = app.gateway.models().await?;
@@ -90,23 +100,38 @@ async fn route(
                 ))
             }
         }
-        (m, p @ ("/v1/chat/completions" | "/v1/models" | "/healthz" | "/readyz")) => {
-            let allow = if p == "/v1/chat/completions" {
-                "POST"
-            } else {
-                "GET"
-            };
-            let mut resp = error_response(&GatewayError::MethodNotAllowed(format!(
-                "{m} is not allowed on {p}; use {allow}"
-            )));
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
-            Ok(resp)
-        }
-        (m, p) => Err(GatewayError::NotFound(format!(
-            "Unknown request URL: {m} {p}"
-        ))),
+        (m, p) => match allowed_methods(p) {
+            Some(allow) => Ok(method_not_allowed(m, p, allow)),
+            None => Err(GatewayError::NotFound(format!(
+                "Unknown request URL: {m} {p}"
+            ))),
+        },
     }
+}
+
+/// The OpenAPI 3.1 description of these routes, served at `GET /openapi.json`.
+pub(crate) const OPENAPI: &str = include_str!("openapi.json");
+
+/// The methods a known path answers (outside `/admin` and `/mcp`), for 405 and `Allow`.
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/chat/completions" => Some("POST"),
+        "/v1/models" | "/v1/usage" | "/healthz" | "/readyz" | "/metrics" | "/openapi.json" => {
+            Some("GET")
+        }
+        p if p.starts_with("/v1/models/") => Some("GET"),
+        _ => None,
+    }
+}
+
+/// 405 with the `Allow` header listing what the path does answer.
+pub(crate) fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> HttpResponse {
+    let mut resp = error_response(&GatewayError::MethodNotAllowed(format!(
+        "{method} is not allowed on {path}; use {allow}"
+    )));
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
 }
 
 async fn chat(
@@ -153,7 +178,6 @@ async fn chat(
     Ok(resp)
 }
 
-/// Establishes who pays for the upstream call.
 /// Establishes who is calling and who pays for the upstream call.
 pub(crate) async fn authenticate(
     app: &App,
@@ -191,7 +215,7 @@ pub(crate) async fn authenticate(
     Ok(caller)
 }
 
-fn bearer(headers: &HeaderMap) -> Option<Secret> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<Secret> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.trim().split_once(' ')?;
     let token = token.trim();
@@ -200,7 +224,7 @@ fn bearer(headers: &HeaderMap) -> Option<Secret> {
 
 /// Reads the whole request body (it is small next to responses, and a retry must resend it),
 /// refusing more than `limit` bytes and clients slower than `timeout`.
-async fn read_body(
+pub(crate) async fn read_body(
     req: Request<Incoming>,
     limit: u64,
     timeout: std::time::Duration,
@@ -254,6 +278,11 @@ pub(crate) fn json(status: StatusCode, body: Bytes) -> HttpResponse {
 
 pub(crate) fn error_response(e: &GatewayError) -> HttpResponse {
     let mut resp = json(e.status(), e.to_json());
+    if e.status() == StatusCode::UNAUTHORIZED {
+        // RFC 9110: a 401 names the scheme the client should use.
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
     if let Some(after) = e.retry_after() {
         // Whole seconds, rounded up, as Retry-After requires.
         let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);

@@ -252,7 +252,8 @@ pub fn parse_when(s: &str, now_ms: i64) -> Result<i64, String> {
         return Ok(secs.saturating_mul(1000));
     }
     if let Ok(age) = humantime::parse_duration(s) {
-        return Ok(now_ms - age.as_millis() as i64);
+        let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+        return Ok(now_ms.saturating_sub(age));
     }
     let rfc3339 = time::format_description::well_known::Rfc3339;
     if let Ok(t) = time::OffsetDateTime::parse(s, &rfc3339) {
@@ -279,6 +280,11 @@ mod tests {
         assert_eq!(parse_when("2026-11-22T16:50:00Z", now).unwrap(), now);
         assert_eq!(parse_when("1795366200", now).unwrap(), now);
         assert!(parse_when("yesterday-ish", now).is_err());
+        // An age past i64 milliseconds saturates rather than overflowing (it panicked).
+        assert_eq!(
+            parse_when("9223372036854775s 809ms", now).unwrap(),
+            now - i64::MAX
+        );
     }
 
     #[test]

@@ -542,7 +542,8 @@ fn put(map: &mut Map<String, Value>, key: &str, value: Option<Value>) {
     }
 }
 
-fn check_name(what: &str, name: &str) -> Result<String, String> {
+#[doc(hidden)] // pub for the fuzz targets (fuzz/)
+pub fn check_name(what: &str, name: &str) -> Result<String, String> {
     let name = name.trim();
     if name.is_empty() {
         return Err(format!("`{what}` must not be empty"));
@@ -554,7 +555,8 @@ fn check_name(what: &str, name: &str) -> Result<String, String> {
 }
 
 /// Merges `params` into `body` (tool-set fields win), refusing the fields the tool owns.
-fn merge_params(
+#[doc(hidden)] // pub for the fuzz targets (fuzz/)
+pub fn merge_params(
     body: &mut Map<String, Value>,
     params: Option<Map<String, Value>>,
 ) -> Result<(), String> {
@@ -963,7 +965,8 @@ fn remembered_text(answer: &Answer) -> String {
 }
 
 /// Accepts OpenAI tool definitions, or bare function definitions (wrapped).
-fn normalize_tools(tools: Vec<Value>) -> Result<Vec<Value>, String> {
+#[doc(hidden)] // pub for the fuzz targets (fuzz/)
+pub fn normalize_tools(tools: Vec<Value>) -> Result<Vec<Value>, String> {
     if tools.is_empty() {
         return Err("`tools` must hold at least one function definition".into());
     }
