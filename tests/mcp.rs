@@ -818,6 +818,8 @@ async fn http_sessions_use_and_are_scoped_to_the_callers_key() {
     let alice = remote(&gw, Some("poe-key-alice")).await;
     let first = ok(&call(&alice, "ask_poe", json!({"bot": "gpt", "prompt": "hello"})).await);
     let id = first["session_id"].as_str().unwrap().to_string();
+    // Unguessable: a version-4 UUID (122 bits from the OS generator), not a counter.
+    assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 4);
     let second = ok(&call(
         &alice,
         "ask_poe",
@@ -906,10 +908,17 @@ async fn http_attachment_paths_need_configured_roots() {
         json!({"bot": "claude", "prompt": "?", "attachment_path": "pixel.png"}),
     )
     .await);
+    // A symlink inside the root that points out of it, to a file and to a directory.
+    std::os::unix::fs::symlink(dir.join("private.png"), root.join("link.png")).unwrap();
+    std::os::unix::fs::symlink(&dir, root.join("up")).unwrap();
     for outside in [
         dir.join("private.png").to_str().unwrap().to_string(),
         format!("{}/../private.png", root.display()),
         "../private.png".to_string(),
+        "link.png".to_string(),
+        root.join("link.png").to_str().unwrap().to_string(),
+        "up/private.png".to_string(),
+        "up/shared/../private.png".to_string(),
     ] {
         let e = err(&call(
             &client,
