@@ -23,4 +23,14 @@ set +e
 "$ROOT/.venv/bin/pytest" tests/e2e -q -p no:cacheprovider "$@"
 rc=$?
 set -e
-exit "$rc"
+
+# Property-based checks of GET /openapi.json against the same binary (scripts/schemathesis.sh);
+# POE_GATEWAY_E2E_SCHEMATHESIS=0 skips them.
+st_rc=0
+if [ "${POE_GATEWAY_E2E_SCHEMATHESIS:-1}" != "0" ]; then
+  bash "$ROOT/scripts/schemathesis.sh" || st_rc=$?
+fi
+if [ "$rc" -ne 0 ]; then
+  exit "$rc"
+fi
+exit "$st_rc"

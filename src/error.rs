@@ -229,10 +229,16 @@ pub fn redact_secrets(body: Bytes, secrets: &[&str]) -> Bytes {
 /// [`redact_secrets`] over header values (an upstream may echo the key in a header too).
 pub fn redact_headers(headers: &mut http::HeaderMap, secrets: &[&str]) {
     for value in headers.values_mut() {
+        // Every answer passes here: look before copying anything.
+        let found = secrets.iter().any(|s| {
+            s.len() >= MIN_SECRET_LEN
+                && memchr::memmem::find(value.as_bytes(), s.as_bytes()).is_some()
+        });
+        if !found {
+            continue;
+        }
         let redacted = redact_secrets(Bytes::copy_from_slice(value.as_bytes()), secrets);
-        if redacted != value.as_bytes()
-            && let Ok(v) = http::HeaderValue::from_maybe_shared(redacted)
-        {
+        if let Ok(v) = http::HeaderValue::from_maybe_shared(redacted) {
             *value = v;
         }
     }

@@ -662,11 +662,17 @@ impl Gateway {
                 attempts += 1;
                 let mut trace_headers = HeaderMap::new();
                 crate::telemetry::inject_context(&attempt_span, &mut trace_headers);
-                let sent = inner
+                let mut sent = inner
                     .upstream
                     .chat(body.clone(), &key, &caller.request_id, trace_headers)
                     .instrument(attempt_span.clone())
                     .await;
+                // Poe may echo the key it was called with (an error message quoting the
+                // Authorization value, a debug header). It must reach neither the client, nor
+                // the logs and spans, nor an MCP answer.
+                if let Ok(resp) = &mut sent {
+                    crate::error::redact_headers(resp.headers_mut(), &[key.expose()]);
+                }
                 match &sent {
                     Ok(resp) => {
                         attempt_span
@@ -710,7 +716,10 @@ impl Gateway {
                     Ok(resp) => {
                         let (head, body) = resp.into_parts();
                         match read_error_body(body, inner.policy.timeouts.idle).await {
-                            Ok(body) => Failure::Status { head, body },
+                            Ok(body) => Failure::Status {
+                                head,
+                                body: crate::error::redact_secrets(body, &[key.expose()]),
+                            },
                             Err(e) => Failure::Transport(UpstreamError::Broken(e)),
                         }
                     }

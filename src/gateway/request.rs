@@ -92,10 +92,16 @@ impl ChatRequest {
                             "`stream_options` must be an object",
                         )
                     })?;
-                let include = opts
-                    .get("include_usage")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(false);
+                let include = match opts.get("include_usage") {
+                    None | Some(serde_json::Value::Null) => false,
+                    Some(serde_json::Value::Bool(b)) => *b,
+                    Some(_) => {
+                        return Err(GatewayError::bad_param(
+                            "stream_options",
+                            "`stream_options.include_usage` must be a boolean",
+                        ));
+                    }
+                };
                 (Some(span_of(raw)), include)
             }
         };
@@ -112,11 +118,11 @@ impl ChatRequest {
         };
         let temperature = number("temperature")?;
         let has_seed = find("seed").is_some_and(|raw| raw.get() != "null");
-        let max_tokens = match number("max_completion_tokens")? {
-            Some(n) => Some(n),
-            None => number("max_tokens")?,
-        }
-        .map(|n| n as u64);
+        // Both are checked, whichever is used: a mistyped one must not slip through to Poe.
+        let max_completion_tokens = number("max_completion_tokens")?;
+        let max_tokens = max_completion_tokens
+            .or(number("max_tokens")?)
+            .map(|n| n as u64);
 
         let model_span = span_of(model_raw);
         Ok(ChatRequest {
@@ -311,6 +317,14 @@ mod tests {
             ),
             (r#"{"model":"a","messages":[{}],"stream":"yes"}"#, "boolean"),
             (
+                r#"{"model":"a","messages":[{}],"stream_options":{"include_usage":{}}}"#,
+                "`stream_options.include_usage` must be a boolean",
+            ),
+            (
+                r#"{"model":"a","messages":[{}],"max_completion_tokens":5,"max_tokens":{}}"#,
+                "`max_tokens` must be a number",
+            ),
+            (
                 r#"{"model":"a","messages":[{}]} trailing"#,
                 "not valid JSON",
             ),
@@ -380,6 +394,24 @@ mod hostile {
             r#"{{"model":"a","messages":[{{"role":"user","content":"{deep_text} \" [ "}}]}}"#
         );
         assert!(ChatRequest::parse(Bytes::from(body)).is_ok());
+    }
+
+    #[test]
+    fn many_distinct_keys_then_a_duplicate() {
+        let mut body = String::from(r#"{"model":"a","messages":[{}]"#);
+        for i in 0..50_000 {
+            body.push_str(&format!(",\"k{i}\":{i}"));
+        }
+        let ok = format!("{body}}}");
+        assert!(ChatRequest::parse(Bytes::from(ok)).is_ok());
+        for dup in ["k0", "k49999", "model"] {
+            let bad = format!("{body},\"{dup}\":1}}");
+            let e = ChatRequest::parse(Bytes::from(bad)).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("duplicate key `{dup}`")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

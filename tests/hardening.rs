@@ -1,0 +1,1180 @@
+//! Hardening (issue 10): `/metrics` behind the admin key, the OpenAPI document against the
+//! router, and hostile input over real sockets. Every hostile request must get a clear
+//! OpenAI-shaped error with the right status (or, where hyper refuses the request head before
+//! the gateway sees it, hyper's bare 400), reach Poe never, and leave no charged ledger row.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use poe_gateway::ledger::ReportQuery;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A request whose body is arbitrary bytes (not necessarily UTF-8).
+async fn request_bytes(
+    gw: &TestGateway,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> http::Response<hyper::body::Incoming> {
+    let mut req = http::Request::builder().method(method).uri(gw.url(path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    client()
+        .request(req.body(Full::new(body)).unwrap())
+        .await
+        .expect("gateway answered")
+}
+
+/// Writes `raw` on a fresh connection and reads until the gateway closes it (or 30 s pass: a
+/// hang guard, not a timing assertion).
+async fn raw_exchange(gw: &TestGateway, raw: &[u8]) -> Vec<u8> {
+    let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    sock.write_all(raw).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), sock.read_to_end(&mut buf)).await;
+    buf
+}
+
+/// Response headers as (lower-cased name, raw value).
+type RawHeaders = Vec<(String, Vec<u8>)>;
+
+/// A raw HTTP/1.1 response: status, headers, and what follows the head.
+fn parse_head(raw: &[u8]) -> (u16, RawHeaders, Vec<u8>) {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(raw)));
+    let head = &raw[..end];
+    let mut lines = head.split(|b| *b == b'\n');
+    let status_line = String::from_utf8_lossy(lines.next().unwrap()).to_string();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers = lines
+        .map(|l| {
+            let l = l.strip_suffix(b"\r").unwrap_or(l);
+            let colon = l.iter().position(|b| *b == b':').unwrap();
+            let name = String::from_utf8_lossy(&l[..colon]).to_ascii_lowercase();
+            let mut value = &l[colon + 1..];
+            while value.first() == Some(&b' ') {
+                value = &value[1..];
+            }
+            (name, value.to_vec())
+        })
+        .collect();
+    (status, headers, raw[end + 4..].to_vec())
+}
+
+fn header<'a>(headers: &'a RawHeaders, name: &str) -> Vec<&'a [u8]> {
+    headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.as_slice())
+        .collect()
+}
+
+/// Every row so far, flushed first.
+async fn totals(core: &poe_gateway::Gateway) -> poe_gateway::ledger::Totals {
+    core.flush().await;
+    core.ledger()
+        .store()
+        .report(&ReportQuery {
+            since_ms: 0,
+            until_ms: i64::MAX,
+            key_id: None,
+            group_by: None,
+        })
+        .await
+        .unwrap()
+        .totals
+}
+
+/// Refused requests are accounted as `rejected` rows (by design: see
+/// `rejected_requests_are_accounted`), but never as charged ones.
+async fn assert_nothing_charged(core: &poe_gateway::Gateway, refused: i64) {
+    let t = totals(core).await;
+    assert_eq!(t.requests, refused, "one rejected row per refused request");
+    assert_eq!(t.errors, refused, "every row is an error row");
+    assert_eq!(t.prompt_tokens + t.completion_tokens + t.total_tokens, 0);
+    assert_eq!(t.cost_usd, 0.0);
+}
+
+async fn ledger_gateway(up: &MockUpstream, policy: &str) -> (TestGateway, poe_gateway::Gateway) {
+    let db = databases().await.remove(0);
+    TestGateway::with_ledger(up, policy, &[], &db).await
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+async fn create_key(gw: &TestGateway, name: &str) -> String {
+    let resp = request(
+        gw,
+        "POST",
+        "/admin/keys",
+        &[("authorization", &bearer(ADMIN_KEY))],
+        &serde_json::json!({ "name": name }).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    body_json(resp).await["key"].as_str().unwrap().to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A. /metrics behind the admin key
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn metrics_can_require_the_admin_key() {
+    let up = MockUpstream::start().await;
+    let policy = "[server]\nmetrics_require_admin = true\n[auth]\nmode = \"keys\"\n";
+    let (gw, _core) = ledger_gateway(&up, policy).await;
+    let gateway_key = create_key(&gw, "metrics-reader").await;
+
+    let metrics = |auth: Option<String>| {
+        let gw = &gw;
+        async move {
+            let auth = auth.unwrap_or_default();
+            let headers: Vec<(&str, &str)> = if auth.is_empty() {
+                vec![]
+            } else {
+                vec![("authorization", auth.as_str())]
+            };
+            request(gw, "GET", "/metrics", &headers, "").await
+        }
+    };
+
+    // No key, a gateway key, a wrong key, the admin key under another scheme: all 401.
+    for auth in [
+        None,
+        Some(bearer(&gateway_key)),
+        Some(bearer("admin-test-key-987654321")),
+        Some(format!("Basic {ADMIN_KEY}")),
+        Some(bearer(&format!("{ADMIN_KEY}x"))),
+    ] {
+        let resp = metrics(auth.clone()).await;
+        assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+        let e = expect_error(resp, 401, "authentication_error").await;
+        let msg = e["message"].as_str().unwrap();
+        assert!(
+            msg.contains("/metrics") && msg.contains("admin key"),
+            "{msg}"
+        );
+        assert!(!msg.contains(ADMIN_KEY) && !msg.contains(&gateway_key));
+    }
+    // The admin key, with any case of the scheme.
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let resp = metrics(Some(format!("{scheme} {ADMIN_KEY}"))).await;
+        assert_eq!(resp.status(), 200, "{scheme}");
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain")
+        );
+        let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+        assert!(text.contains("poe_gateway_"), "{text}");
+        assert!(!text.contains(ADMIN_KEY) && !text.contains(&gateway_key));
+    }
+}
+
+#[tokio::test]
+async fn metrics_requiring_an_admin_key_that_is_not_configured_is_refused() {
+    let up = MockUpstream::start().await;
+    // `TestGateway::start` configures no admin key.
+    let gw = TestGateway::start(&up, "[server]\nmetrics_require_admin = true\n", &[]).await;
+    for auth in ["", "Bearer anything-at-all-here"] {
+        let headers: Vec<(&str, &str)> = if auth.is_empty() {
+            vec![]
+        } else {
+            vec![("authorization", auth)]
+        };
+        let e = expect_error(
+            request(&gw, "GET", "/metrics", &headers, "").await,
+            403,
+            "permission_error",
+        )
+        .await;
+        assert_eq!(e["code"], "admin_disabled");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("POE_GATEWAY_ADMIN_KEY"),
+            "{e}"
+        );
+    }
+    // The admin API says the same.
+    let e = expect_error(get(&gw, "/admin/keys").await, 403, "permission_error").await;
+    assert_eq!(e["code"], "admin_disabled");
+}
+
+#[tokio::test]
+async fn metrics_are_open_by_default() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::default(&up).await;
+    let resp = get(&gw, "/metrics").await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        String::from_utf8_lossy(&body_bytes(resp).await).contains("poe_gateway_requests_in_flight")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// B. The OpenAPI document against the router
+// ---------------------------------------------------------------------------------------------
+
+/// Every (method, path) the router in src/http/routes.rs and src/http/admin.rs answers,
+/// written out by hand: adding a route without documenting it fails here.
+const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/chat/completions"),
+    ("get", "/v1/models"),
+    ("get", "/v1/models/{id}"),
+    ("get", "/v1/usage"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+    ("get", "/admin/keys"),
+    ("post", "/admin/keys"),
+    ("delete", "/admin/keys/{id}"),
+    ("get", "/admin/usage"),
+    ("delete", "/admin/cache"),
+    ("get", "/mcp"),
+    ("post", "/mcp"),
+    ("delete", "/mcp"),
+];
+
+/// Resolves a local `$ref` (`#/a/b/c`).
+fn resolve<'a>(doc: &'a serde_json::Value, r: &str) -> &'a serde_json::Value {
+    let ptr = r
+        .strip_prefix('#')
+        .unwrap_or_else(|| panic!("non-local $ref {r}"));
+    doc.pointer(ptr)
+        .unwrap_or_else(|| panic!("$ref {r} does not resolve"))
+}
+
+fn deref<'a>(doc: &'a serde_json::Value, v: &'a serde_json::Value) -> &'a serde_json::Value {
+    match v.get("$ref").and_then(|r| r.as_str()) {
+        Some(r) => deref(doc, resolve(doc, r)),
+        None => v,
+    }
+}
+
+fn all_refs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                if k == "$ref" {
+                    out.push(v.as_str().unwrap().to_string());
+                } else {
+                    all_refs(v, out);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| all_refs(v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn openapi_document_describes_every_route() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, _core) = ledger_gateway(&up, "").await;
+
+    let resp = get(&gw, "/openapi.json").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let doc = body_json(resp).await;
+    let version = doc["openapi"].as_str().unwrap();
+    assert!(version.starts_with("3.1."), "{version}");
+    assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
+
+    // Every $ref resolves.
+    let mut refs = Vec::new();
+    all_refs(&doc, &mut refs);
+    assert!(!refs.is_empty());
+    for r in &refs {
+        resolve(&doc, r);
+    }
+
+    // The router's routes and the document's operations are the same set.
+    let methods = ["get", "post", "put", "patch", "delete", "head", "options"];
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, _) in item.as_object().unwrap() {
+            if methods.contains(&method.as_str()) {
+                documented.insert((method.clone(), path.clone()));
+            }
+        }
+    }
+    let routed: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, routed, "documented operations != routed ones");
+
+    // Every operation: a success response, and every error status documented with a JSON
+    // schema (`default` and the MCP protocol's own answers aside).
+    let mut statuses = BTreeSet::new();
+    for (method, path) in &routed {
+        let op = &doc["paths"][path][method];
+        assert!(op["operationId"].is_string(), "{method} {path}");
+        assert!(op["security"].is_array(), "{method} {path}: security");
+        let responses = op["responses"].as_object().unwrap();
+        assert!(
+            responses.keys().any(|s| s.starts_with('2')),
+            "{method} {path}: no success response"
+        );
+        for (status, resp) in responses {
+            if status == "default" {
+                continue;
+            }
+            let code: u16 = status.parse().unwrap();
+            statuses.insert(code);
+            let resp = deref(&doc, resp);
+            assert!(resp["description"].is_string(), "{method} {path} {status}");
+            if code >= 400 {
+                let schema = &resp["content"]["application/json"]["schema"];
+                assert!(
+                    schema.is_object(),
+                    "{method} {path} {status}: no JSON error schema"
+                );
+                let schema = deref(&doc, schema);
+                let names: Vec<String> = match schema.get("anyOf") {
+                    Some(list) => list
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|s| s["$ref"].as_str().unwrap().to_string())
+                        .collect(),
+                    None => vec![String::new()],
+                };
+                assert!(
+                    names.iter().any(|n| n.ends_with("/Error"))
+                        || schema == deref(&doc, &doc["components"]["schemas"]["Error"])
+                        || schema == deref(&doc, &doc["components"]["schemas"]["UpstreamError"]),
+                    "{method} {path} {status}: not an error schema: {schema}"
+                );
+            }
+        }
+        // Each documented operation is really routed: neither an unknown-route 404 nor a 405.
+        let concrete = path.replace("{id}", "nobody");
+        let resp = request(
+            &gw,
+            &method.to_ascii_uppercase(),
+            &concrete,
+            &[
+                ("authorization", &bearer(ADMIN_KEY)),
+                ("content-type", "application/json"),
+                ("accept", "application/json, text/event-stream"),
+            ],
+            "{}",
+        )
+        .await;
+        let status = resp.status().as_u16();
+        let body = body_bytes(resp).await;
+        assert_ne!(status, 405, "{method} {path}: {body:?}");
+        assert!(
+            !String::from_utf8_lossy(&body).contains("Unknown request URL"),
+            "{method} {path} is documented but not routed: {body:?}"
+        );
+    }
+    // The statuses the gateway makes itself (src/error.rs), plus Poe's pass-through ones.
+    for s in [
+        200, 201, 400, 401, 402, 403, 404, 408, 413, 429, 500, 502, 503, 504, 529,
+    ] {
+        assert!(statuses.contains(&s), "status {s} is not documented");
+    }
+    // 405 is documented as a component (it answers methods no operation has).
+    let allow = &doc["components"]["responses"]["MethodNotAllowed"];
+    assert!(allow["headers"]["allow"].is_object());
+    // The error schema is the one `GatewayError::to_json` writes.
+    let err = &doc["components"]["schemas"]["Error"]["properties"]["error"];
+    for field in ["message", "type", "param", "code"] {
+        assert!(
+            err["required"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!(field))
+        );
+    }
+    let security = doc["components"]["securitySchemes"].as_object().unwrap();
+    assert!(security.values().all(|s| s["scheme"] == "bearer"));
+}
+
+#[tokio::test]
+async fn unknown_paths_get_404_and_wrong_methods_405_with_allow() {
+    let up = MockUpstream::start().await;
+    let (gw, _core) = ledger_gateway(&up, "").await;
+    for path in [
+        "/v2/chat/completions",
+        "/openapi.yaml",
+        "/",
+        "/v1",
+        "/v1/models2",
+    ] {
+        let e = expect_error(
+            request(&gw, "GET", path, &[], "").await,
+            404,
+            "invalid_request_error",
+        )
+        .await;
+        assert_eq!(e["code"], "not_found", "{path}");
+    }
+    for (method, path, allow) in [
+        ("POST", "/healthz", "GET"),
+        ("PUT", "/readyz", "GET"),
+        ("POST", "/metrics", "GET"),
+        ("DELETE", "/openapi.json", "GET"),
+        ("POST", "/v1/usage", "GET"),
+        ("POST", "/v1/models", "GET"),
+        ("DELETE", "/v1/models/gpt-5", "GET"),
+        ("GET", "/v1/chat/completions", "POST"),
+        ("PATCH", "/admin/keys", "GET, POST"),
+        ("GET", "/admin/keys/key_123", "DELETE"),
+        ("POST", "/admin/usage", "GET"),
+        ("GET", "/admin/cache", "DELETE"),
+    ] {
+        let resp = request(
+            &gw,
+            method,
+            path,
+            &[("authorization", &bearer(ADMIN_KEY))],
+            "",
+        )
+        .await;
+        assert_eq!(resp.headers()["allow"], allow, "{method} {path}");
+        let e = expect_error(resp, 405, "invalid_request_error").await;
+        assert_eq!(e["code"], "method_not_allowed");
+    }
+    // Unknown admin paths need the admin key before they are reported unknown.
+    expect_error(
+        get(&gw, "/admin/nothing").await,
+        401,
+        "authentication_error",
+    )
+    .await;
+    let e = expect_error(
+        request(
+            &gw,
+            "GET",
+            "/admin/nothing",
+            &[("authorization", &bearer(ADMIN_KEY))],
+            "",
+        )
+        .await,
+        404,
+        "invalid_request_error",
+    )
+    .await;
+    assert_eq!(e["code"], "not_found");
+}
+
+#[tokio::test]
+async fn admin_key_bodies_are_bounded_and_checked() {
+    let up = MockUpstream::start().await;
+    let (gw, _core) = ledger_gateway(&up, "").await;
+    let admin = bearer(ADMIN_KEY);
+    let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(100 * 1024));
+    expect_error(
+        request(
+            &gw,
+            "POST",
+            "/admin/keys",
+            &[("authorization", &admin)],
+            &big,
+        )
+        .await,
+        413,
+        "invalid_request_error",
+    )
+    .await;
+    for body in [
+        "",
+        "{",
+        r#"{"name":7}"#,
+        r#"{"name":"  "}"#,
+        r#"{"name":"a","rpm":0}"#,
+    ] {
+        expect_error(
+            request(
+                &gw,
+                "POST",
+                "/admin/keys",
+                &[("authorization", &admin)],
+                body,
+            )
+            .await,
+            400,
+            "invalid_request_error",
+        )
+        .await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// D. Hostile input
+// ---------------------------------------------------------------------------------------------
+
+/// A chunked request body with no Content-Length.
+struct StreamOf<I>(I);
+impl<I: Iterator + Unpin> futures_core::Stream for StreamOf<I> {
+    type Item = I::Item;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<I::Item>> {
+        std::task::Poll::Ready(self.0.next())
+    }
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_declared_or_chunked() {
+    let up = MockUpstream::start().await;
+    let (gw, core) = ledger_gateway(&up, "[server]\nmax_body_bytes = 4096\n").await;
+
+    // Declared up front.
+    let big = format!(
+        r#"{{"model":"gpt","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(8192)
+    );
+    let e = expect_error(post(&gw, &big, &[]).await, 413, "invalid_request_error").await;
+    assert_eq!(e["code"], "request_too_large");
+    assert!(e["message"].as_str().unwrap().contains("4096"), "{e}");
+
+    // Declared small but only as big as declared: fine. A lying Content-Length larger than the
+    // body is the client's problem (the body read times out); one over the limit is refused
+    // before any byte of the body is read, on a raw socket.
+    let raw = raw_exchange(
+        &gw,
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 99999999999\r\nconnection: close\r\n\r\n{\"model\":",
+    )
+    .await;
+    let (status, headers, body) = parse_head(&raw);
+    assert_eq!(status, 413);
+    assert_eq!(
+        header(&headers, "content-type"),
+        vec![&b"application/json"[..]]
+    );
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "request_too_large");
+
+    // Chunked, no Content-Length: 64 chunks of 1 KiB.
+    let chunks: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = (0..64)
+        .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b' '; 1024]))))
+        .collect();
+    let req = http::Request::post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(http_body_util::StreamBody::new(StreamOf(
+            chunks.into_iter(),
+        )))
+        .unwrap();
+    let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http()
+        .request(req)
+        .await
+        .unwrap();
+    let e = expect_error(resp, 413, "invalid_request_error").await;
+    assert_eq!(e["code"], "request_too_large");
+
+    assert_eq!(up.chat_calls(), 0, "nothing reached Poe");
+    assert_nothing_charged(&core, 3).await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_is_a_400() {
+    let up = MockUpstream::start().await;
+    let (gw, core) = ledger_gateway(&up, "").await;
+    for body in [
+        &b"{\"model\":\"gpt\xff\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}"[..],
+        &b"{\"model\":\"gpt\",\"messages\":[{\"role\":\"user\",\"content\":\"\xc3\x28\"}]}"[..],
+        // A lone surrogate as UTF-8 bytes (CESU), and an overlong encoding of '/'.
+        &b"{\"model\":\"gpt\",\"messages\":[{\"content\":\"\xed\xa0\x80\"}]}"[..],
+        &b"{\"model\":\"gpt\",\"messages\":[{\"content\":\"\xc0\xaf\"}]}"[..],
+    ] {
+        let e = expect_error(
+            request_bytes(
+                &gw,
+                "POST",
+                "/v1/chat/completions",
+                &[("content-type", "application/json")],
+                Bytes::copy_from_slice(body),
+            )
+            .await,
+            400,
+            "invalid_request_error",
+        )
+        .await;
+        assert!(e["message"].as_str().unwrap().contains("UTF-8"), "{e}");
+    }
+    assert_eq!(up.chat_calls(), 0);
+    assert_nothing_charged(&core, 4).await;
+}
+
+#[tokio::test]
+async fn duplicate_top_level_keys_are_a_400() {
+    let up = MockUpstream::start().await;
+    let (gw, core) = ledger_gateway(&up, "").await;
+    let cases = [
+        (
+            r#"{"model":"gpt","model":"claude","messages":[{"role":"user","content":"hi"}]}"#,
+            "model",
+        ),
+        (
+            r#"{"model":"gpt","messages":[{"content":"a"}],"messages":[{"content":"b"}]}"#,
+            "messages",
+        ),
+        (
+            r#"{"model":"gpt","messages":[{"content":"a"}],"stream":false,"stream":true}"#,
+            "stream",
+        ),
+        // The same key spelt with an escape is still the same key.
+        (
+            r#"{"model":"gpt","mod\u0065l":"claude","messages":[{"content":"a"}]}"#,
+            "model",
+        ),
+    ];
+    for (body, key) in cases {
+        let e = expect_error(post(&gw, body, &[]).await, 400, "invalid_request_error").await;
+        let msg = e["message"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("duplicate key `{key}`")),
+            "{body}: {msg}"
+        );
+    }
+    // Nested duplicates are the bot's business and pass through untouched.
+    up.push(Reply::completion("gpt-5", "ok"));
+    let nested = r#"{"model":"gpt","messages":[{"role":"user","role":"user","content":"hi"}]}"#;
+    assert_eq!(post(&gw, nested, &[]).await.status(), 200);
+    assert_eq!(
+        up.chat_calls(),
+        1,
+        "only the nested-duplicate request went upstream"
+    );
+    let t = totals(&core).await;
+    assert_eq!(t.requests, 5);
+    assert_eq!(t.errors, 4);
+}
+
+#[tokio::test]
+async fn model_of_the_wrong_type_is_a_400_naming_model() {
+    let up = MockUpstream::start().await;
+    let (gw, core) = ledger_gateway(&up, "").await;
+    let bodies = [
+        r#"{"model":7,"messages":[{"content":"a"}]}"#,
+        r#"{"model":null,"messages":[{"content":"a"}]}"#,
+        r#"{"model":["gpt"],"messages":[{"content":"a"}]}"#,
+        r#"{"model":{"name":"gpt"},"messages":[{"content":"a"}]}"#,
+        r#"{"model":true,"messages":[{"content":"a"}]}"#,
+        r#"{"model":"","messages":[{"content":"a"}]}"#,
+        r#"{"model":"   ","messages":[{"content":"a"}]}"#,
+    ];
+    for body in bodies {
+        let e = expect_error(post(&gw, body, &[]).await, 400, "invalid_request_error").await;
+        assert_eq!(e["param"], "model", "{body}");
+        assert!(e["message"].as_str().unwrap().contains("`model`"), "{e}");
+    }
+    // The other fields the gateway reads, mistyped.
+    for (body, param) in [
+        (r#"{"model":"gpt","messages":"hi"}"#, "messages"),
+        (r#"{"model":"gpt","messages":[]}"#, "messages"),
+        (
+            r#"{"model":"gpt","messages":[{}],"stream":"yes"}"#,
+            "stream",
+        ),
+        (
+            r#"{"model":"gpt","messages":[{}],"stream_options":1}"#,
+            "stream_options",
+        ),
+        (
+            r#"{"model":"gpt","messages":[{}],"temperature":"hot"}"#,
+            "temperature",
+        ),
+        (
+            r#"{"model":"gpt","messages":[{}],"max_tokens":[1]}"#,
+            "max_tokens",
+        ),
+    ] {
+        let e = expect_error(post(&gw, body, &[]).await, 400, "invalid_request_error").await;
+        assert_eq!(e["param"], param, "{body}");
+    }
+    // Not an object at all.
+    for body in ["[]", "\"gpt\"", "null", "7", ""] {
+        expect_error(post(&gw, body, &[]).await, 400, "invalid_request_error").await;
+    }
+    assert_eq!(up.chat_calls(), 0);
+    assert_nothing_charged(&core, (bodies.len() + 6 + 5) as i64).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_messages_array_is_forwarded_cleanly() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("gpt-5", "that was a lot"));
+    let (gw, core) = ledger_gateway(&up, "").await;
+    // 200,000 small messages: about 6 MB, under the default 50 MiB limit.
+    let mut body = String::from(r#"{"model":"gpt","messages":["#);
+    for i in 0..200_000 {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(r#"{"role":"user","content":"x"}"#);
+    }
+    body.push_str("]}");
+    let resp = post(&gw, &body, &[]).await;
+    assert_eq!(resp.status(), 200);
+    let _ = body_bytes(resp).await;
+    let chats = up.chats();
+    assert_eq!(chats.len(), 1);
+    assert_eq!(chats[0].body.len(), body.len(), "forwarded byte for byte");
+    assert_eq!(chats[0].body, Bytes::from(body));
+    let t = totals(&core).await;
+    assert_eq!((t.requests, t.errors), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_top_level_keys_are_checked_for_duplicates_in_linear_time() {
+    // 300,000 distinct top-level keys (~5 MB). Checking each new key against every earlier one
+    // is 4.5e10 comparisons: the request would pin a core for minutes. The hang guard below is
+    // generous; a linear check answers in well under a second.
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("gpt-5", "ok"));
+    let (gw, _core) = ledger_gateway(&up, "").await;
+    let mut body = String::from(r#"{"model":"gpt","messages":[{"content":"hi"}]"#);
+    for i in 0..300_000 {
+        body.push_str(&format!(",\"k{i}\":0"));
+    }
+    body.push('}');
+    let resp = tokio::time::timeout(Duration::from_secs(120), post(&gw, &body, &[]))
+        .await
+        .expect("the gateway is stuck checking keys");
+    assert_eq!(resp.status(), 200);
+    // And a duplicate at the very end is still found.
+    let dup = format!("{},\"k299999\":1}}", &body[..body.len() - 1]);
+    let resp = tokio::time::timeout(Duration::from_secs(120), post(&gw, &dup, &[]))
+        .await
+        .expect("the gateway is stuck checking keys");
+    let e = expect_error(resp, 400, "invalid_request_error").await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key `k299999`")
+    );
+    assert_eq!(up.chat_calls(), 1);
+}
+
+#[tokio::test]
+async fn unsafe_request_ids_are_never_echoed() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, core) = ledger_gateway(&up, "").await;
+    let body = chat_body("gpt", false);
+    let raw = |id_line: &[u8]| {
+        let mut r = Vec::new();
+        r.extend_from_slice(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\n");
+        r.extend_from_slice(id_line);
+        r.extend_from_slice(format!("content-length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        r
+    };
+
+    // A bare CR or a NUL inside the value: hyper refuses the head itself with a bare 400 and
+    // closes; the gateway never sees it. Nothing is echoed and nothing reaches Poe.
+    for line in [
+        &b"x-request-id: abc\rx-injected: 1\r\n"[..],
+        &b"x-request-id: abc\0def\r\n"[..],
+        &b"x-request-id: abc\r\r\n"[..],
+        &b"x-request-id: abc\x7fdef\r\n"[..],
+    ] {
+        let out = raw_exchange(&gw, &raw(line)).await;
+        let (status, headers, _) = parse_head(&out);
+        assert_eq!(status, 400, "{:?}", String::from_utf8_lossy(&out));
+        assert!(header(&headers, "x-injected").is_empty());
+        for (_, v) in &headers {
+            assert!(!v.windows(3).any(|w| w == b"abc"), "echoed: {headers:?}");
+        }
+    }
+    assert_eq!(up.chat_calls(), 0);
+
+    // A bare LF ends the header line (HTTP/1.1 parsers accept LF line ends): the id is `abc`
+    // and the rest is a header of its own, which is not echoed.
+    let out = raw_exchange(&gw, &raw(b"x-request-id: abc\nx-injected: 1\r\n")).await;
+    let (status, headers, _) = parse_head(&out);
+    assert_eq!(status, 200, "{:?}", String::from_utf8_lossy(&out));
+    assert_eq!(header(&headers, "x-request-id"), vec![&b"abc"[..]]);
+    assert!(header(&headers, "x-injected").is_empty());
+    assert_eq!(up.chats()[0].headers["x-request-id"], "abc");
+
+    // Values that parse but are not plain tokens are replaced by a fresh UUID, which is what
+    // the client and Poe both see.
+    let long = "a".repeat(129);
+    let cases: Vec<Vec<u8>> = vec![
+        b"x-request-id: a b\r\n".to_vec(),
+        b"x-request-id: a\tb\r\n".to_vec(),
+        b"x-request-id: caf\xc3\xa9\r\n".to_vec(),
+        b"x-request-id: \xff\xfe\r\n".to_vec(),
+        format!("x-request-id: {long}\r\n").into_bytes(),
+        b"x-request-id: \r\n".to_vec(),
+        // Two ids: the first is taken; it is a plain token.
+        b"x-request-id: one\r\nx-request-id: two\r\n".to_vec(),
+    ];
+    for (i, line) in cases.iter().enumerate() {
+        let before = up.chat_calls();
+        let out = raw_exchange(&gw, &raw(line)).await;
+        let (status, headers, _) = parse_head(&out);
+        assert_eq!(status, 200, "{:?}", String::from_utf8_lossy(line));
+        let ids = header(&headers, "x-request-id");
+        assert_eq!(ids.len(), 1, "exactly one id: {ids:?}");
+        let id = std::str::from_utf8(ids[0]).unwrap();
+        if i == cases.len() - 1 {
+            assert_eq!(id, "one");
+        } else {
+            assert_eq!(id.len(), 36, "a UUID, not {id:?}");
+            assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+        }
+        assert_eq!(up.chat_calls(), before + 1);
+        assert_eq!(
+            up.chats().last().unwrap().headers["x-request-id"],
+            id,
+            "Poe sees the same id"
+        );
+    }
+    // Only the requests that reached the gateway were accounted, none charged to anyone else.
+    let t = totals(&core).await;
+    assert_eq!(t.requests as usize, up.chat_calls());
+}
+
+#[tokio::test]
+async fn client_headers_are_not_reflected() {
+    // The only client header the gateway echoes is x-request-id (checked above). Other client
+    // headers (including ones that look like the gateway's own) never come back.
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let gw = TestGateway::default(&up).await;
+    let resp = post(
+        &gw,
+        &chat_body("gpt", false),
+        &[
+            ("x-poe-gateway-bot", "evil"),
+            ("x-cache", "HIT"),
+            ("x-evil", "1"),
+            ("set-cookie", "a=b"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert_eq!(h["x-poe-gateway-bot"], "gpt-5");
+    assert_eq!(h["x-cache"], "BYPASS");
+    assert!(h.get("x-evil").is_none() && h.get("set-cookie").is_none());
+    let sent = &up.chats()[0].headers;
+    assert!(sent.get("x-evil").is_none() && sent.get("set-cookie").is_none());
+}
+
+/// The soft limit on open files, from /proc (no libc needed).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Established TCP sockets on 127.0.0.1 whose local port is `port`: the server side of the
+/// gateway's connections, accepted or still in the accept queue (Linux only).
+fn server_side_established(port: u16) -> Option<usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let want = format!(":{port:04X}");
+    Some(
+        table
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "01"
+            })
+            .count(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_do_not_wedge_the_gateway() {
+    const IDLE: usize = 10_000;
+    // Client sockets, the gateway's own (at most max_connections) and some slack.
+    let need = (IDLE + 1_000) as u64;
+    match open_files_limit() {
+        Some(n) if n >= need => {}
+        other => {
+            eprintln!(
+                "SKIPPED ten_thousand_idle_connections_do_not_wedge_the_gateway: the open-files \
+                 limit is {other:?}, {need} needed (raise it with `ulimit -n {need}`)"
+            );
+            return;
+        }
+    }
+    if server_side_established(1).is_none() {
+        eprintln!(
+            "SKIPPED ten_thousand_idle_connections_do_not_wedge_the_gateway: it reads the \
+             server side's sockets from /proc/net/tcp (Linux)"
+        );
+        return;
+    }
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(
+        &up,
+        "[server]\nmax_connections = 200\nheader_read_timeout = \"300ms\"\n",
+        &[],
+    )
+    .await;
+    let addr = gw.addr;
+
+    // All 10,000 sockets are opened and held at once; only the handshakes in flight are
+    // bounded, below the kernel's SYN backlog.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(512));
+    let connected = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..IDLE {
+        let (handshakes, connected, failed, closed) = (
+            handshakes.clone(),
+            connected.clone(),
+            failed.clone(),
+            closed.clone(),
+        );
+        tasks.spawn(async move {
+            let permit = handshakes.acquire_owned().await.unwrap();
+            let Ok(Ok(mut sock)) = tokio::time::timeout(
+                Duration::from_secs(120),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            else {
+                failed.fetch_add(1, Ordering::SeqCst);
+                return;
+            };
+            connected.fetch_add(1, Ordering::SeqCst);
+            drop(permit);
+            let mut buf = [0u8; 64];
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    closed.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(n) => panic!(
+                    "the gateway sent {:?} to a client that sent nothing",
+                    String::from_utf8_lossy(&buf[..n])
+                ),
+            }
+        });
+    }
+    // Done when every handshake has resolved and the server side holds no connection on the
+    // port: none accepted and idle, none waiting in the accept queue. Client sockets still
+    // open then are ones whose last handshake ACK the kernel dropped on a full accept queue
+    // (it retransmits its SYN-ACK a few times, then forgets): half-open on the client's side
+    // only, which no server can close.
+    let drained = tokio::time::timeout(Duration::from_secs(240), async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let resolved = connected.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst);
+            if resolved == IDLE && server_side_established(addr.port()) == Some(0) {
+                break;
+            }
+        }
+    })
+    .await;
+    let (c, f, cl) = (
+        connected.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst),
+        closed.load(Ordering::SeqCst),
+    );
+    eprintln!(
+        "{IDLE} idle connections: {c} connected ({cl} closed by the gateway, {} half-open), {f} never connected; server side still holds {:?}",
+        c - cl,
+        server_side_established(addr.port())
+    );
+    assert!(
+        drained.is_ok(),
+        "the gateway still holds idle connections (or handshakes never resolved)"
+    );
+    assert!(
+        cl >= IDLE / 4,
+        "most idle connections were accepted, then closed"
+    );
+    tasks.abort_all();
+
+    // The gateway still serves.
+    let resp = tokio::time::timeout(Duration::from_secs(60), get(&gw, "/healthz"))
+        .await
+        .expect("the gateway answered after the flood");
+    assert_eq!(resp.status(), 200);
+    up.push(Reply::completion("gpt-5", "still here"));
+    let resp = tokio::time::timeout(
+        Duration::from_secs(60),
+        post(&gw, &chat_body("gpt", false), &[]),
+    )
+    .await
+    .expect("the gateway answered after the flood");
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_part_of_a_head_is_closed_too() {
+    // Slowloris: a few bytes, then silence; and the h2 preface with nothing after it. With one
+    // connection slot, either would block every later client unless it is closed.
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(
+        &up,
+        "[server]\nmax_connections = 1\nheader_read_timeout = \"200ms\"\n",
+        &[],
+    )
+    .await;
+    for opening in [
+        &b"GET /hea"[..],
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+        &b"P"[..],
+        &b""[..],
+    ] {
+        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        sock.write_all(opening).await.unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), sock.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "{:?}: the connection was never closed",
+            String::from_utf8_lossy(opening)
+        );
+        // The slot is free again: a normal client is served.
+        let resp = tokio::time::timeout(Duration::from_secs(60), get(&gw, "/healthz"))
+            .await
+            .expect("served after the stalled connection");
+        assert_eq!(resp.status(), 200);
+    }
+}
+
+/// Frames of `n` bytes of `x`, none with a newline.
+fn endless_line(reply: Reply, frames: usize, size: usize) -> Reply {
+    let frame = Bytes::from(vec![b'x'; size]);
+    (0..frames).fold(reply, |r, _| r.send(frame.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_sse_line_ends_the_stream_with_one_error_event() {
+    for include_usage in [true, false] {
+        let up = MockUpstream::start().await;
+        // One good event, then 40 MiB with no newline: past the tap's 16 MiB line cap.
+        let reply = Reply::sse().send(chunk("gpt-5", "hello"));
+        let reply = endless_line(reply.send("data: "), 40, 1024 * 1024);
+        up.push(reply);
+        let (gw, core) = ledger_gateway(&up, "").await;
+        let mut body: serde_json::Value = serde_json::from_str(&chat_body("gpt", true)).unwrap();
+        if include_usage {
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        let resp = post(&gw, &body.to_string(), &[]).await;
+        assert_eq!(resp.status(), 200);
+        let got = tokio::time::timeout(Duration::from_secs(120), body_bytes(resp))
+            .await
+            .expect("the stream ended");
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with(&chunk("gpt-5", "hello")),
+            "{}",
+            &text[..100]
+        );
+        assert_eq!(
+            text.matches("data: {\"error\"").count(),
+            1,
+            "exactly one error event"
+        );
+        let tail = &text[text.rfind("data: {\"error\"").unwrap()..];
+        assert!(tail.ends_with("\n\n"), "{tail}");
+        let event: serde_json::Value =
+            serde_json::from_str(tail.trim_start_matches("data: ").trim_end()).unwrap();
+        assert_eq!(event["error"]["type"], "upstream_error");
+        assert!(!text.contains("[DONE]"), "no faked [DONE]");
+        // The client got at most the cap (plus the good event), never the whole 40 MiB.
+        assert!(got.len() < 17 * 1024 * 1024, "{} bytes", got.len());
+        if !include_usage {
+            // Holding whole events, the half line is dropped rather than sent.
+            assert!(got.len() < 1024, "{} bytes", got.len());
+        }
+        // The gateway stopped reading from Poe.
+        tokio::time::timeout(Duration::from_secs(60), up.wait_disconnect())
+            .await
+            .expect("the upstream stream was closed");
+        let t = totals(&core).await;
+        assert_eq!(
+            (t.requests, t.errors),
+            (1, 1),
+            "accounted as one incomplete request"
+        );
+    }
+}
+
+#[tokio::test]
+async fn hostile_paths_and_methods_get_json_errors() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::default(&up).await;
+    // Percent-encoded junk, a NUL, and a very long model id.
+    for path in [
+        "/v1/models/%00%ff%fe",
+        "/v1/models/..%2f..%2fetc%2fpasswd",
+        &format!("/v1/models/{}", "a".repeat(4000)),
+    ] {
+        let e = expect_error(get(&gw, path).await, 404, "invalid_request_error").await;
+        assert!(e["message"].is_string());
+    }
+    // An unknown method token.
+    let out = raw_exchange(
+        &gw,
+        b"BREW /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let (status, headers, body) = parse_head(&out);
+    assert_eq!(status, 405);
+    assert_eq!(header(&headers, "allow"), vec![&b"POST"[..]]);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "method_not_allowed");
+    assert_eq!(up.chat_calls(), 0);
+}
+
+#[tokio::test]
+async fn bodies_that_arrive_in_pieces_are_still_parsed() {
+    // Not hostile, the control case: a body split at every byte boundary is one request.
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("gpt-5", "ok"));
+    let gw = TestGateway::default(&up).await;
+    let body = chat_body("gpt-5", false);
+    let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = body
+        .bytes()
+        .map(|b| Ok(http_body::Frame::data(Bytes::from(vec![b]))))
+        .collect();
+    let req = http::Request::post(gw.url("/v1/chat/completions"))
+        .body(http_body_util::StreamBody::new(StreamOf(
+            frames.into_iter(),
+        )))
+        .unwrap();
+    let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http()
+        .request(req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await.unwrap();
+    assert_eq!(up.chats()[0].body, Bytes::from(body));
+}
