@@ -88,6 +88,10 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(policy.server.header_read_timeout)
+        // hyper grows a connection's read buffer to 16 KiB after a large read and keeps it;
+        // capped at its 8 KiB floor, an idle held stream costs 8 KiB less. A request head
+        // must then fit in 8 KiB (nginx's default limit per header line is the same).
+        .max_buf_size(8 * 1024)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
