@@ -81,7 +81,7 @@ pub fn generate_key() -> String {
 /// Creates and stores a key; returns the record and the key (shown once, never stored).
 pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String), GatewayError> {
     let name = new.name.trim().to_string();
-    if name.is_empty() || name.len() > 200 {
+    if name.is_empty() || name.chars().count() > 200 {
         return Err(GatewayError::bad_param(
             "name",
             "`name` must be 1 to 200 characters",

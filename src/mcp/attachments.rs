@@ -92,6 +92,11 @@ pub async fn load(
     policy: &AttachmentPolicy,
     access: Access,
 ) -> Result<Attachment, String> {
+    // A blank `filename` (agents fill optional fields with "") means none was given.
+    let spec = Spec {
+        filename: spec.filename.filter(|f| !f.trim().is_empty()),
+        ..spec
+    };
     let given = [
         spec.path.is_some(),
         spec.url.is_some(),
@@ -532,6 +537,35 @@ mod tests {
                 .unwrap()
                 .starts_with("data:application/pdf;base64,")
         );
+    }
+
+    // Found by the `mcp_args` fuzz target (fuzz/): a blank filename was sent to Poe as is.
+    #[tokio::test]
+    async fn a_blank_filename_counts_as_none() {
+        for (spec, want) in [
+            (
+                Spec {
+                    base64: Some("JVBERi0xLjcK"),
+                    filename: Some(""),
+                    ..Spec::default()
+                },
+                "attachment.pdf",
+            ),
+            (
+                Spec {
+                    url: Some("https://example.com/a/report.pdf"),
+                    filename: Some(" "),
+                    ..Spec::default()
+                },
+                "report.pdf",
+            ),
+        ] {
+            let a = load(spec, &policy(vec![], 1024), Access::Remote)
+                .await
+                .unwrap();
+            assert_eq!(a.name, want);
+            assert_eq!(a.content_part()["file"]["filename"], want);
+        }
     }
 
     #[tokio::test]
