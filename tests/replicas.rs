@@ -432,19 +432,9 @@ async fn redis_down_follows_the_policy_and_recovers() {
     }
 
     c.redis.resume().unwrap();
-    // The connection comes back on the next calls, without a restart.
-    let mut recovered = false;
-    for _ in 0..100 {
-        if chat(&c.b.gw, &budget_key).await.0 == 200 {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        recovered,
-        "the budget key was never served again after Redis came back"
-    );
+    // The connection comes back on the next call, without a restart: the call that finds the
+    // old connection broken reconnects and is made again.
+    assert_eq!(chat(&c.b.gw, &budget_key).await.0, 200);
     assert_eq!(chat(&c.a.gw, &budget_key).await.0, 200);
     assert_eq!(metric(&c.b.gw, "poe_gateway_redis_up").await, Some(1.0));
 }
@@ -468,15 +458,7 @@ async fn budgets_can_fail_open_and_limits_closed() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "shared_state_unavailable", "{body}");
     c.redis.resume().unwrap();
-    let mut served = false;
-    for _ in 0..100 {
-        if chat(&c.b.gw, &budget_key).await.0 == 200 {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(served);
+    assert_eq!(chat(&c.b.gw, &budget_key).await.0, 200);
 }
 
 /// Waits until Redis holds `n` shared cache entries (they are written by a background task
