@@ -281,18 +281,6 @@ async fn gateway_errors_are_openai_shaped() {
     assert_eq!(up.chat_calls(), 0, "bad requests never reach Poe");
 }
 
-/// An iterator as a `Stream`, for chunked request bodies.
-struct StreamOf<I>(I);
-impl<I: Iterator + Unpin> futures_core::Stream for StreamOf<I> {
-    type Item = I::Item;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<I::Item>> {
-        std::task::Poll::Ready(self.0.next())
-    }
-}
-
 #[tokio::test]
 async fn passthrough_mode_forwards_the_clients_key_and_requires_one() {
     let up = MockUpstream::start().await;

@@ -534,18 +534,6 @@ async fn admin_key_bodies_are_bounded_and_checked() {
 // D. Hostile input
 // ---------------------------------------------------------------------------------------------
 
-/// A chunked request body with no Content-Length.
-struct StreamOf<I>(I);
-impl<I: Iterator + Unpin> futures_core::Stream for StreamOf<I> {
-    type Item = I::Item;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<I::Item>> {
-        std::task::Poll::Ready(self.0.next())
-    }
-}
-
 #[tokio::test]
 async fn oversized_bodies_get_413_declared_or_chunked() {
     let up = MockUpstream::start().await;

@@ -4,68 +4,16 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry::trace::TracerProvider as _;
 use poe_gateway::telemetry::OtelSettings;
 use support::*;
 use tracing_subscriber::layer::SubscriberExt;
 
-#[derive(Default)]
-struct Received {
-    bodies: Mutex<Vec<(String, Bytes)>>,
-}
-
-async fn receiver() -> (std::net::SocketAddr, Arc<Received>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let got = Arc::new(Received::default());
-    let state = got.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let state = state.clone();
-                    async move {
-                        let ct = req
-                            .headers()
-                            .get("content-type")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_string();
-                        let path = req.uri().path().to_string();
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        state
-                            .bodies
-                            .lock()
-                            .unwrap()
-                            .push((format!("{path} {ct}"), body));
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                            Bytes::new(),
-                        )))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, got)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_an_otlp_receiver_without_any_key() {
-    let (addr, got) = receiver().await;
+    let (addr, got) = otlp_receiver().await;
     let settings = OtelSettings::from_env(vec![(
         "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
         format!("http://{addr}"),
@@ -127,7 +75,7 @@ async fn spans_reach_an_otlp_receiver_without_any_key() {
         .unwrap();
     let mut bodies = Vec::new();
     for _ in 0..100 {
-        bodies = got.bodies.lock().unwrap().clone();
+        bodies = got.lock().unwrap().clone();
         if !bodies.is_empty() {
             break;
         }

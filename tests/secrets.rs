@@ -14,9 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry::trace::TracerProvider as _;
 use poe_gateway::telemetry::OtelSettings;
 use rmcp::ServiceExt;
@@ -52,38 +49,6 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
     fn make_writer(&'a self) -> Captured {
         self.clone()
     }
-}
-
-/// An OTLP/HTTP receiver: every request body it gets.
-async fn otlp_receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Bytes>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let state = got.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let state = state.clone();
-                    async move {
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        state.lock().unwrap().push(body);
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                            Bytes::new(),
-                        )))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, got)
 }
 
 /// What clients saw, to be scanned: (what, bytes).
@@ -391,7 +356,7 @@ async fn no_key_leaks_on_any_path() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let spans: Vec<u8> = spans.iter().flat_map(|b| b.to_vec()).collect();
+    let spans: Vec<u8> = spans.iter().flat_map(|(_, b)| b.to_vec()).collect();
     let log_text = logs.0.lock().unwrap().clone();
     let ledger = std::fs::read(&db_path).unwrap_or_default();
     let metrics = {

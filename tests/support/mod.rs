@@ -618,3 +618,55 @@ pub async fn request(
         .await
         .expect("gateway answered")
 }
+
+/// An iterator as a `Stream`, for chunked request bodies with no Content-Length.
+pub struct StreamOf<I>(pub I);
+impl<I: Iterator + Unpin> futures_core::Stream for StreamOf<I> {
+    type Item = I::Item;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<I::Item>> {
+        std::task::Poll::Ready(self.0.next())
+    }
+}
+
+/// What an OTLP receiver got: `"<path> <content-type>"` and the body, per request.
+pub type Exported = Arc<Mutex<Vec<(String, Bytes)>>>;
+
+/// An OTLP/HTTP receiver on port 0 that answers 200 and keeps every request.
+pub async fn otlp_receiver() -> (SocketAddr, Exported) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got: Exported = Arc::default();
+    let state = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let state = state.clone();
+                    async move {
+                        let ct = req
+                            .headers()
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        let path = req.uri().path().to_string();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        state.lock().unwrap().push((format!("{path} {ct}"), body));
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, got)
+}
