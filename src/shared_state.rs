@@ -283,11 +283,6 @@ impl SharedState {
             cursor = next;
         }
     }
-
-    /// Is Redis answering, as of the last call?
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
-    }
 }
 
 /// `EVAL script 1 key`: the script travels with each call (a few hundred bytes), which keeps a

@@ -97,10 +97,14 @@ impl BatchHook for Accountant {
                         .cost_usd
                         .with_label_values(&[row.bot.as_str()])
                         .inc_by(cost);
-                    if let (Some(keys), Some(key_id)) = (&self.keys, &row.key_id) {
-                        keys.charge(key_id, cost, row.ts_ms).await;
-                    }
                 }
+            }
+            if let Some(keys) = &self.keys {
+                let charges = rows.iter().filter_map(|row| {
+                    let cost = row.cost_usd.filter(|c| *c > 0.0)?;
+                    Some((row.key_id.as_deref()?, cost, row.ts_ms))
+                });
+                keys.charge(charges).await;
             }
         })
     }

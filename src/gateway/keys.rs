@@ -343,23 +343,29 @@ impl KeyRing {
             .map_err(|e| GatewayError::Internal(format!("budget look-up failed: {e}")))
     }
 
-    /// Adds a finished request's cost to its key's running spend: this replica's, and the
-    /// shared counter when there is one. Only keys with a budget have an entry to charge.
-    pub async fn charge(&self, key_id: &str, usd: f64, ts_ms: i64) {
-        let period_start = {
+    /// Adds a batch of finished requests' costs (key id, USD, finish time) to their keys'
+    /// running spend: this replica's, and the shared counters when there are any, with one
+    /// Redis call per key and period rather than one per request. Only keys with a budget have
+    /// an entry to charge.
+    pub async fn charge<'a>(&self, charges: impl IntoIterator<Item = (&'a str, f64, i64)>) {
+        let mut shared_sums: HashMap<(&'a str, i64), f64> = HashMap::new();
+        {
             let mut map = self.spend.lock().expect("spend lock");
-            match map.get_mut(key_id) {
-                Some(s) if ts_ms >= s.period_start => {
+            for (key_id, usd, ts_ms) in charges {
+                if let Some(s) = map.get_mut(key_id)
+                    && ts_ms >= s.period_start
+                {
                     s.usd += usd;
-                    s.period_start
+                    *shared_sums.entry((key_id, s.period_start)).or_default() += usd;
                 }
-                _ => return,
             }
-        };
+        }
         if let Some(shared) = &self.shared {
-            // A failure is counted and logged there; the ledger row still has the cost, and a
-            // counter seeded after Redis returns includes it.
-            let _ = shared.charge(key_id, period_start, usd).await;
+            for ((key_id, period_start), usd) in shared_sums {
+                // A failure is counted and logged there; the ledger rows still have the cost,
+                // and a counter seeded after Redis returns includes it.
+                let _ = shared.charge(key_id, period_start, usd).await;
+            }
         }
     }
 }
