@@ -95,6 +95,9 @@ struct CompareArgs {
     /// Only the serial (1 connection) runs.
     #[arg(long)]
     serial_only: bool,
+    /// Skip the serial runs (a profile of the concurrent load only).
+    #[arg(long)]
+    no_serial: bool,
     /// Pids (comma-separated) of every server process on the measured paths. When given, each
     /// serial run is done twice: once with those processes and this tool pinned to one CPU
     /// (cross-CPU wake-ups on a VM cost tens of µs and make serial latency bimodal), once not.
@@ -824,8 +827,24 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
         for round in 1..=a.rounds {
             for row in rows.iter_mut() {
                 let body = body_of(row.kind);
-                if !pin_pids.is_empty() {
-                    pin(&pin_pids, &pin_cpu)?;
+                if !a.no_serial {
+                    if !pin_pids.is_empty() {
+                        pin(&pin_pids, &pin_cpu)?;
+                        let s = run_load(
+                            &row.target,
+                            &body,
+                            row.kind,
+                            1,
+                            warmup,
+                            duration,
+                            a.max_requests,
+                            None,
+                        )
+                        .await;
+                        pin(&pin_pids, &all_cpus)?;
+                        line(round, row, "1 conn pinned", &s);
+                        row.pinned.push(s);
+                    }
                     let s = run_load(
                         &row.target,
                         &body,
@@ -837,23 +856,9 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
                         None,
                     )
                     .await;
-                    pin(&pin_pids, &all_cpus)?;
-                    line(round, row, "1 conn pinned", &s);
-                    row.pinned.push(s);
+                    line(round, row, "1 conn", &s);
+                    row.free.push(s);
                 }
-                let s = run_load(
-                    &row.target,
-                    &body,
-                    row.kind,
-                    1,
-                    warmup,
-                    duration,
-                    a.max_requests,
-                    None,
-                )
-                .await;
-                line(round, row, "1 conn", &s);
-                row.free.push(s);
                 // Drip responses take milliseconds by design: only their latency matters.
                 if row.kind != Kind::Drip && !a.serial_only {
                     let m = run_load(

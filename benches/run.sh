@@ -6,6 +6,7 @@
 #   bash benches/run.sh memory       # only idle RSS and 10,000 held streams
 #   bash benches/run.sh soak [DUR]   # soak at moderate load, RSS sampled; DUR like 600, 120s or 2m (default 10m)
 #   bash benches/run.sh profile      # callgrind instruction counts of the gateway's request path
+#   bash benches/run.sh perf         # perf (cpu-clock samples, kernel included) at 32 connections
 #
 # Knobs (env): ROUNDS (3), DURATION seconds per run (4), WARMUP (1), CONNS (32),
 #   HOLD_STREAMS (10000), SOAK_RATE req/s per target (300), SOAK_CONNS (8), KEEP_TMP=1,
@@ -35,8 +36,8 @@ log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 
 case "$MODE" in
-  all|compare|memory|soak|profile) ;;
-  *) die "unknown mode '$MODE' (all, compare, memory, soak [DUR], profile)" ;;
+  all|compare|memory|soak|profile|perf) ;;
+  *) die "unknown mode '$MODE' (all, compare, memory, soak [DUR], profile, perf)" ;;
 esac
 
 duration_secs() { # 600 | 120s | 2m | 1h
@@ -65,6 +66,7 @@ if [ -z "$NGINX" ]; then
 fi
 command -v curl >/dev/null || apt_install curl
 if [ "$MODE" = profile ] && ! command -v valgrind >/dev/null; then apt_install valgrind; fi
+if [ "$MODE" = perf ] && ! command -v perf >/dev/null; then apt_install linux-perf; fi
 
 # 10,000 held streams need about 10,000 descriptors in the load tool and in the slow upstream,
 # and two per stream in the gateway.
@@ -497,6 +499,37 @@ EOF
   log "callgrind files and annotations: $TMP (KEEP_TMP=1 keeps them)"
 }
 
+# Samples the gateway's threads (user and kernel time) while $CONNS connections load it, and
+# prints where the time goes. VMs without hardware counters still have cpu-clock.
+run_perf() {
+  command -v perf >/dev/null || die "perf is needed"
+  local kind port bj bs
+  bj=$TMP/req-json.json bs=$TMP/req-sse.json
+  if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; log "requests are not cacheable (CACHEABLE=0)"; fi
+  for kind in json sse; do
+    port=$P_UP_JSON
+    [ $kind = sse ] && port=$P_UP_SSE
+    start_gateway "gw-perf-$kind" "http://127.0.0.1:$port" warn
+    "$LOAD_BIN" compare --rounds 1 --duration $((DURATION + 2)) --warmup 1 --conns "$CONNS" --no-serial \
+      --body-json "$bj" --body-sse "$bs" \
+      --target "$kind:gateway=${GW_URL[gw-perf-$kind]}$CHAT" >"$TMP/perf-load-$kind.out" 2>&1 &
+    local load=$!
+    sleep 2
+    perf record -e cpu-clock -F 1999 -g -o "$TMP/perf-$kind.data" -p "${GW_PID[gw-perf-$kind]}" -- sleep "$DURATION" \
+      >/dev/null 2>"$TMP/perf-$kind.err" || die "perf record failed: $(tail -3 "$TMP/perf-$kind.err")"
+    wait "$load" || die "load failed: $(tail -5 "$TMP/perf-load-$kind.out")"
+    grep -E 'req/s' "$TMP/perf-load-$kind.out" | tail -1
+    stop_gateway "gw-perf-$kind"
+    echo "---- gateway $kind: self time by symbol (cpu-clock samples) ----"
+    perf report -i "$TMP/perf-$kind.data" --no-children --sort symbol --stdio 2>/dev/null \
+      | grep -E '^ +[0-9]' | sed -n '1,40p' | cut -c1-160
+    echo "---- gateway $kind: by shared object ----"
+    perf report -i "$TMP/perf-$kind.data" --no-children --sort dso --stdio 2>/dev/null \
+      | grep -E '^ +[0-9]' | sed -n '1,10p'
+  done
+  log "perf data: $TMP (KEEP_TMP=1 keeps it)"
+}
+
 # --- run ----------------------------------------------------------------------------------------
 start_upstream_nginx
 start_slow_upstream
@@ -514,5 +547,6 @@ case "$MODE" in
   memory) run_memory ;;
   soak) run_soak ;;
   profile) run_profile ;;
+  perf) run_perf ;;
 esac
 log "done"

@@ -231,8 +231,18 @@ async fn serve(
     println!("poe-gateway listening on http://{addr}");
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, policies = %loaded.source.name(), ledger = gateway.ledger().store().backend(), "poe-gateway started");
-    http::serve(listener, gateway, shutdown_signal()).await;
-    ExitCode::SUCCESS
+    let threads = gateway.policy().server.thread_count();
+    let served = match listener.into_std() {
+        Ok(listener) => http::serve_threads(listener, gateway, threads, shutdown_signal()).await,
+        Err(e) => Err(e),
+    };
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("poe-gateway: cannot start the serving threads: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn open_store(database_url: &str) -> Result<Store, ExitCode> {
@@ -361,14 +371,18 @@ async fn usage_command(
             return ExitCode::from(2);
         };
         let p = &loaded.policy;
-        let upstream =
-            match Upstream::new(&p.upstream.base_url, p.timeouts.connect, p.timeouts.connect) {
-                Ok(u) => u,
-                Err(e) => {
-                    eprintln!("poe-gateway: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
+        let upstream = match Upstream::new(
+            &p.upstream.base_url,
+            p.timeouts.connect,
+            p.timeouts.connect,
+            1,
+        ) {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("poe-gateway: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         return match upstream.balance(&key).await {
             Ok(points) => {
                 println!("{points} points");

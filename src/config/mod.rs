@@ -59,6 +59,20 @@ pub struct ServerPolicy {
     pub max_connections: u32,
     /// Put `GET /metrics` behind the admin key (`Authorization: Bearer <admin key>`).
     pub metrics_require_admin: bool,
+    /// Threads serving connections, each with its own single-threaded runtime and upstream
+    /// pool (0: one per CPU). A request then stays on one thread from accept to upstream and
+    /// back, with no hand-offs between threads.
+    pub threads: u32,
+}
+
+impl ServerPolicy {
+    /// `threads`, with 0 read as the number of CPUs.
+    pub fn thread_count(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        }
+    }
 }
 
 impl Default for ServerPolicy {
@@ -71,6 +85,7 @@ impl Default for ServerPolicy {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 16_384,
             metrics_require_admin: false,
+            threads: 0,
         }
     }
 }
@@ -569,6 +584,12 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
     }
     if p.cache.max_entry_bytes.0 > p.cache.max_bytes.0 {
         return bad("cache.max_entry_bytes", "must not exceed cache.max_bytes");
+    }
+    if p.server.threads > 1024 {
+        return bad(
+            "server.threads",
+            "must be at most 1024 (0 means one per CPU)",
+        );
     }
     if p.server.max_connections == 0 {
         return bad("server.max_connections", "must be at least 1");

@@ -238,6 +238,7 @@ impl Gateway {
             &policy.upstream.base_url,
             policy.timeouts.connect,
             policy.timeouts.first_byte,
+            policy.server.thread_count(),
         )?);
         let clock = TokioClock::new();
         let aliases = Arc::new(Aliases::new(&policy.aliases));

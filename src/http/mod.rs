@@ -31,6 +31,8 @@ pub(crate) struct App {
     pub mcp: McpHttp,
     /// Set once shutdown starts: `/readyz` fails so load balancers stop sending traffic.
     pub draining: AtomicBool,
+    /// `server.max_connections`, shared by every accept loop.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// A running server: its address, and a way to stop it.
@@ -75,14 +77,113 @@ pub fn spawn(listener: TcpListener, gateway: Gateway) -> std::io::Result<ServerH
     })
 }
 
-/// The accept loop. Returns after shutdown has drained (or the grace period ran out).
+/// Serves on `listener` in the calling task until `shutdown` resolves, then drains for up to
+/// the policy's grace. Tests and embedders use this; `poe-gateway serve` uses [`serve_threads`].
 pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Future<Output = ()>) {
-    let policy = gateway.policy().clone();
-    let app = Arc::new(App {
-        mcp: McpHttp::new(McpCore::new(gateway.clone())),
-        gateway,
-        draining: AtomicBool::new(false),
-    });
+    let app = App::new(gateway);
+    let stopping = {
+        let app = app.clone();
+        async move {
+            shutdown.await;
+            app.begin_drain();
+        }
+    };
+    accept_loop(listener, app.clone(), stopping).await;
+    // Every finished request's usage row is on disk before the process exits.
+    app.gateway.flush().await;
+}
+
+/// Serves on `listener` with `threads` threads, each running its own single-threaded runtime
+/// and accept loop on the shared socket (like nginx's workers), until `shutdown` resolves;
+/// then drains them all. Called from the main runtime, which keeps the background work
+/// (ledger writer, refreshes, exporters).
+///
+/// Why: on a work-stealing runtime a request, its connection and the upstream connection it
+/// borrows are separate tasks, and their wake-ups cross threads (a futex wake and a context
+/// switch per hop). Here each serving thread has its own upstream pool
+/// ([`crate::upstream::use_pool`]), so one request stays on one thread.
+pub async fn serve_threads(
+    listener: std::net::TcpListener,
+    gateway: Gateway,
+    threads: usize,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let app = App::new(gateway);
+    let (stop, stopped) = watch::channel(false);
+    let mut finished = Vec::with_capacity(threads);
+    for index in 0..threads.max(1) {
+        let listener = listener.try_clone()?;
+        let app = app.clone();
+        let mut stopped = stopped.clone();
+        let (done, finished_rx) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("poe-gateway-http-{index}"))
+            .spawn(move || {
+                crate::upstream::use_pool(index);
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot register the listener");
+                            return;
+                        }
+                    };
+                    let stopping = async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    };
+                    accept_loop(listener, app, stopping).await;
+                });
+                // Tasks still alive on this runtime (a stream past the grace) end here.
+                drop(runtime);
+                let _ = done.send(());
+            })?;
+        finished.push(finished_rx);
+    }
+    drop(listener);
+    shutdown.await;
+    app.begin_drain();
+    let _ = stop.send(true);
+    for f in finished {
+        let _ = f.await;
+    }
+    app.gateway.flush().await;
+    Ok(())
+}
+
+impl App {
+    fn new(gateway: Gateway) -> Arc<App> {
+        let max_connections = gateway.policy().server.max_connections as usize;
+        Arc::new(App {
+            mcp: McpHttp::new(McpCore::new(gateway.clone())),
+            gateway,
+            draining: AtomicBool::new(false),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        })
+    }
+
+    /// Marks the server as draining (once): `/readyz` fails from now on, and MCP sessions end.
+    fn begin_drain(&self) {
+        if self.draining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // MCP clients hold a GET stream open for server messages; end those sessions so they do
+        // not keep the drain waiting for its whole grace period.
+        self.mcp.shutdown();
+        tracing::info!(
+            grace_secs = self.gateway.policy().server.shutdown_grace.as_secs_f64(),
+            "shutting down: draining in-flight requests"
+        );
+    }
+}
+
+/// One accept loop. Returns once `shutdown` has resolved and this loop's connections have
+/// drained (or the grace period ran out).
+async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    let policy = app.gateway.policy().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -97,9 +198,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
     let graceful = GracefulShutdown::new();
     // Connection tasks, so the ones still open when the grace period ends can be closed.
     let mut connections = tokio::task::JoinSet::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        policy.server.max_connections as usize,
-    ));
+    let slots = app.slots.clone();
     tokio::pin!(shutdown);
 
     loop {
@@ -168,15 +267,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
     }
 
     drop(listener);
-    app.draining.store(true, Ordering::SeqCst);
-    // MCP clients hold a GET stream open for server messages; end those sessions so they do
-    // not keep the drain waiting for its whole grace period.
-    app.mcp.shutdown();
     let grace = policy.server.shutdown_grace;
-    tracing::info!(
-        grace_secs = grace.as_secs_f64(),
-        "shutting down: draining in-flight requests"
-    );
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(grace) => {
@@ -184,6 +275,4 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
             connections.abort_all();
         }
     }
-    // Every finished request's usage row is on disk before the process exits.
-    app.gateway.flush().await;
 }

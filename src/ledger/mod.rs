@@ -1,9 +1,11 @@
 //! The usage ledger: one row per request, written off the request path.
 //!
 //! A request's completion hands its row to [`Ledger::record`], which only puts it on a bounded
-//! queue (never waiting; a full queue is counted and logged). A writer task drains the queue
-//! in batches of up to `BATCH_MAX` rows or `BATCH_WINDOW` of time, prices them, and writes each
-//! batch in one transaction. A row is on disk well inside a second of its request finishing,
+//! queue (never waiting; a full queue is counted and logged). A writer task takes what has
+//! queued every `BATCH_WINDOW` (sooner when `BATCH_MAX` rows wait or on a flush), prices it,
+//! and writes it in transactions of up to `BATCH_MAX` rows. The writer is woken by the first
+//! row after it has emptied the queue, not by every row: a wake-up per request would cost the
+//! request a hop to another thread. A row is on disk well inside a second of its request finishing,
 //! and SQLite runs in WAL mode, so a `kill -9` loses at most the last fraction of a second.
 //!
 //! The same [`Store`] holds gateway keys, and answers the usage reports.
@@ -15,12 +17,12 @@ mod store;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 pub use report::{GroupBy, Report, ReportQuery, Totals};
 pub use store::Store;
@@ -158,15 +160,45 @@ impl LedgerStats {
     }
 }
 
-enum Msg {
-    Row(Box<UsageRow>),
-    Flush(oneshot::Sender<()>),
+/// What the request path and the writer share.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<Pending>,
+    /// Wakes the writer: the first row into an empty queue, a full batch, a flush, the end.
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    rows: Vec<UsageRow>,
+    acks: Vec<oneshot::Sender<()>>,
+    /// Every [`Ledger`] handle is gone: write what is left and stop.
+    closed: bool,
+}
+
+impl Queue {
+    /// The lock is only held to push or swap a vector, never across an await; a poisoned
+    /// lock still holds valid rows.
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Closes the queue when the last [`Ledger`] clone is dropped.
+struct Closer(Arc<Queue>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.wake.notify_one();
+    }
 }
 
 /// The ledger handle: cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
-    tx: mpsc::Sender<Msg>,
+    queue: Arc<Queue>,
+    _closer: Arc<Closer>,
     store: Store,
     stats: Arc<LedgerStats>,
 }
@@ -180,10 +212,15 @@ impl Ledger {
 
     /// Starts a writer over an open store.
     pub fn start(store: Store, hook: Option<Arc<dyn BatchHook>>) -> Ledger {
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let queue = Arc::new(Queue::default());
         let stats = Arc::new(LedgerStats::default());
-        tokio::spawn(writer(store.clone(), rx, stats.clone(), hook));
-        Ledger { tx, store, stats }
+        tokio::spawn(writer(store.clone(), queue.clone(), stats.clone(), hook));
+        Ledger {
+            _closer: Arc::new(Closer(queue.clone())),
+            queue,
+            store,
+            stats,
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -196,70 +233,79 @@ impl Ledger {
 
     /// Queues a row without waiting. A full queue drops the row, counts it, and says so.
     pub fn record(&self, row: UsageRow) {
-        match self.tx.try_send(Msg::Row(Box::new(row))) {
-            Ok(()) => {
-                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let mut pending = self.queue.lock();
+        let why = if pending.closed {
+            "writer stopped"
+        } else if pending.rows.len() >= QUEUE_CAPACITY {
+            "queue full"
+        } else {
+            pending.rows.push(row);
+            let n = pending.rows.len();
+            drop(pending);
+            self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            if n == 1 || n == BATCH_MAX {
+                self.queue.wake.notify_one();
             }
-            Err(e) => {
-                let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                // Logged on the first drop and then every thousandth, not once per row.
-                if n == 1 || n.is_multiple_of(1000) {
-                    let why = match e {
-                        mpsc::error::TrySendError::Full(_) => "queue full",
-                        mpsc::error::TrySendError::Closed(_) => "writer stopped",
-                    };
-                    tracing::error!(dropped_total = n, why, "ledger row dropped");
-                }
-            }
+            return;
+        };
+        drop(pending);
+        let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        // Logged on the first drop and then every thousandth, not once per row.
+        if n == 1 || n.is_multiple_of(1000) {
+            tracing::error!(dropped_total = n, why, "ledger row dropped");
         }
     }
 
     /// Waits until every row queued before this call is written.
     pub async fn flush(&self) {
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Msg::Flush(ack)).await.is_ok() {
-            let _ = done.await;
-        }
+        self.queue.lock().acks.push(ack);
+        self.queue.wake.notify_one();
+        let _ = done.await;
     }
 }
 
 async fn writer(
     store: Store,
-    mut rx: mpsc::Receiver<Msg>,
+    queue: Arc<Queue>,
     stats: Arc<LedgerStats>,
     hook: Option<Arc<dyn BatchHook>>,
 ) {
-    let mut batch: Vec<UsageRow> = Vec::with_capacity(BATCH_MAX);
-    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
-        match rx.recv().await {
-            None => return,
-            Some(Msg::Flush(ack)) => acks.push(ack),
-            Some(Msg::Row(row)) => {
-                batch.push(*row);
-                let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
-                while batch.len() < BATCH_MAX {
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(Msg::Row(row))) => batch.push(*row),
-                        Ok(Some(Msg::Flush(ack))) => {
-                            acks.push(ack);
-                            break;
-                        }
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+        queue.wake.notified().await;
+        let urgent = {
+            let p = queue.lock();
+            p.closed || !p.acks.is_empty() || p.rows.len() >= BATCH_MAX
+        };
+        if !urgent {
+            // Let the batch fill for its window; a full batch or a flush ends the wait early.
+            tokio::select! {
+                _ = tokio::time::sleep(BATCH_WINDOW) => {}
+                _ = queue.wake.notified() => {}
             }
         }
-        if !batch.is_empty() {
+        let (mut rows, acks, closed) = {
+            let mut p = queue.lock();
+            (
+                std::mem::take(&mut p.rows),
+                std::mem::take(&mut p.acks),
+                p.closed,
+            )
+        };
+        for batch in rows.chunks_mut(BATCH_MAX) {
             if let Some(h) = &hook {
-                h.before_write(&mut batch).await;
+                h.before_write(batch).await;
             }
-            write_batch(&store, &batch, &stats).await;
-            batch.clear();
+            write_batch(&store, batch, &stats).await;
         }
-        for ack in acks.drain(..) {
+        for ack in acks {
             let _ = ack.send(());
         }
+        if closed {
+            return;
+        }
+        // A row pushed while this batch was written found the queue empty and left a
+        // wake-up, so the next loop picks it up.
     }
 }
 

@@ -98,8 +98,24 @@ impl fmt::Display for UpstreamError {
     }
 }
 
+thread_local! {
+    /// Which of an [`Upstream`]'s pools this thread uses: set by each serving thread
+    /// ([`use_pool`]), 0 elsewhere.
+    static POOL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes this thread use pool `index` of every [`Upstream`] (modulo their pool count).
+///
+/// A pooled connection is driven by a task on the runtime that opened it. With one pool per
+/// serving thread, each on its own single-threaded runtime, a request and the upstream
+/// connection it borrows stay on one thread: no wake-up crosses to another CPU.
+pub fn use_pool(index: usize) {
+    POOL.with(|p| p.set(index));
+}
+
 pub struct Upstream {
-    client: HttpsClient,
+    /// One pool per serving thread ([`use_pool`]).
+    clients: Box<[HttpsClient]>,
     chat_uri: Uri,
     models_uri: Uri,
     balance_uri: Uri,
@@ -108,8 +124,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// `base` is e.g. `https://api.poe.com`; a trailing `/v1` is accepted too.
-    pub fn new(base: &str, connect: Duration, first_byte: Duration) -> Result<Self, String> {
+    /// `base` is e.g. `https://api.poe.com`; a trailing `/v1` is accepted too. `pools` is
+    /// the number of serving threads (see [`use_pool`]).
+    pub fn new(
+        base: &str,
+        connect: Duration,
+        first_byte: Duration,
+        pools: usize,
+    ) -> Result<Self, String> {
         let base = base.trim_end_matches('/');
         let base = base.strip_suffix("/v1").unwrap_or(base);
         let uri = |path: &str| {
@@ -129,14 +151,18 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
+        let clients = (0..pools.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(1024)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .build(https.clone())
+            })
+            .collect();
         Ok(Upstream {
-            client,
+            clients,
             chat_uri: uri("/v1/chat/completions")?,
             models_uri: uri("/v1/models")?,
             balance_uri: uri("/usage/current_balance")?,
@@ -240,7 +266,8 @@ impl Upstream {
     }
 
     async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.first_byte, self.client.request(req)).await {
+        let client = &self.clients[POOL.with(|p| p.get()) % self.clients.len()];
+        match tokio::time::timeout(self.first_byte, client.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout(self.first_byte)),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(error_chain(&e))),
