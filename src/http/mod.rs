@@ -132,8 +132,20 @@ pub async fn serve_threads(
                             return;
                         }
                     };
+                    // tokio's timer wakes its own driver (an eventfd write, then one more
+                    // epoll_wait) whenever a new timer is due before every registered one.
+                    // hyper arms a header-read timer for each request on a keep-alive
+                    // connection, so with no earlier deadline every request paid that
+                    // wake-up. A tick each second keeps an earlier deadline registered.
+                    let ticker = tokio::spawn(async {
+                        let mut tick = tokio::time::interval(Duration::from_secs(1));
+                        loop {
+                            tick.tick().await;
+                        }
+                    });
                     let stopping = async move {
                         let _ = stopped.wait_for(|s| *s).await;
+                        ticker.abort();
                     };
                     accept_loop(listener, app, stopping).await;
                 });

@@ -99,18 +99,20 @@ impl fmt::Display for UpstreamError {
 }
 
 thread_local! {
-    /// Which of an [`Upstream`]'s pools this thread uses: set by each serving thread
-    /// ([`use_pool`]), 0 elsewhere.
+    /// Which of an [`Upstream`]'s pools this thread uses: 1 + the serving thread's index
+    /// ([`use_pool`]); 0 for every other thread (background work, MCP over stdio).
     static POOL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Makes this thread use pool `index` of every [`Upstream`] (modulo their pool count).
+/// Makes this serving thread use its own pool of every [`Upstream`] (see [`Upstream::new`]).
 ///
 /// A pooled connection is driven by a task on the runtime that opened it. With one pool per
 /// serving thread, each on its own single-threaded runtime, a request and the upstream
-/// connection it borrows stay on one thread: no wake-up crosses to another CPU.
-pub fn use_pool(index: usize) {
-    POOL.with(|p| p.set(index));
+/// connection it borrows stay on one thread: no wake-up crosses to another CPU. Pool 0 is
+/// kept for threads that do not serve, so a connection the background runtime opened (a
+/// model catalogue refresh) never carries a serving thread's requests.
+pub fn use_pool(serving_thread: usize) {
+    POOL.with(|p| p.set(serving_thread + 1));
 }
 
 pub struct Upstream {
@@ -124,13 +126,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// `base` is e.g. `https://api.poe.com`; a trailing `/v1` is accepted too. `pools` is
-    /// the number of serving threads (see [`use_pool`]).
+    /// `base` is e.g. `https://api.poe.com`; a trailing `/v1` is accepted too.
+    /// `serving_threads` is the number of threads that call [`use_pool`]; one more pool
+    /// serves every other thread.
     pub fn new(
         base: &str,
         connect: Duration,
         first_byte: Duration,
-        pools: usize,
+        serving_threads: usize,
     ) -> Result<Self, String> {
         let base = base.trim_end_matches('/');
         let base = base.strip_suffix("/v1").unwrap_or(base);
@@ -151,7 +154,7 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let clients = (0..pools.max(1))
+        let clients = (0..=serving_threads)
             .map(|_| {
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_secs(90))
