@@ -543,54 +543,15 @@ fn decode(mut raw: Bytes, scope: Option<Arc<str>>) -> Option<Entry> {
 
 /// SHA-256 over the scope and the canonical request. `None` if the body is not an object.
 fn cache_key(scope: Option<&str>, req: &ChatRequest, bots: &[String]) -> Option<CacheKey> {
-    let serde_json::Value::Object(mut body) = serde_json::from_slice(req.body()).ok()? else {
-        return None;
-    };
-    body.remove("stream_options");
-    body.remove("user");
-    // After alias resolution: an alias and its bot name are the same request.
-    body.insert(
-        "model".into(),
-        serde_json::Value::String(bots.join("|").to_ascii_lowercase()),
-    );
     // One buffer, hashed once: many tiny hash updates cost more than the hashing itself.
     let mut buf = Vec::with_capacity(req.body().len() + 64);
     buf.extend_from_slice(b"poe-gateway-cache-v1\0");
     buf.extend_from_slice(scope.unwrap_or("").as_bytes());
     buf.push(0);
-    canonical(&serde_json::Value::Object(body), &mut buf);
+    // After alias resolution: an alias and its bot name are the same request.
+    let model = bots.join("|").to_ascii_lowercase();
+    super::canonical::write_request(req.body(), &model, &mut buf)?;
     Some(Sha256::digest(&buf).into())
-}
-
-/// Writes `v` with object keys sorted at every level, whatever map order serde_json uses.
-fn canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
-    use serde_json::Value;
-    match v {
-        Value::Object(m) => {
-            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push(b'{');
-            for (k, v) in entries {
-                // Writing a string or a scalar into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut *out, k);
-                out.push(b':');
-                canonical(v, out);
-                out.push(b',');
-            }
-            out.push(b'}');
-        }
-        Value::Array(a) => {
-            out.push(b'[');
-            for x in a {
-                canonical(x, out);
-                out.push(b',');
-            }
-            out.push(b']');
-        }
-        other => {
-            let _ = serde_json::to_writer(&mut *out, other);
-        }
-    }
 }
 
 #[cfg(test)]

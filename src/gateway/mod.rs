@@ -7,6 +7,7 @@
 pub mod accounting;
 pub mod alias;
 pub mod cache;
+mod canonical;
 pub mod completion;
 pub mod json;
 pub mod keys;
