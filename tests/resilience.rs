@@ -225,6 +225,49 @@ async fn idle_gap_past_the_limit_ends_with_an_error_event() {
     assert!(text.contains("timeouts.idle"), "{text}");
 }
 
+/// The idle limit counts from the latest frame: gaps under it add up to more than it without
+/// an error, and a long gap is cut `idle` after the frame before it (the tap re-arms its
+/// timer lazily, so this checks the re-arming).
+#[tokio::test(start_paused = true)]
+async fn idle_limit_counts_from_the_latest_frame() {
+    let up = MockUpstream::start().await;
+    let mut slow = Reply::sse();
+    for i in 0..4 {
+        slow = slow
+            .send(chunk("gpt-5", &format!("part {i}")))
+            .sleep(Duration::from_secs(20));
+    }
+    up.push(slow.send("data: [DONE]\n\n"));
+    up.push(
+        Reply::sse()
+            .sleep(Duration::from_secs(20))
+            .send(chunk("gpt-5", "one"))
+            .sleep(Duration::from_secs(35))
+            .send("data: [DONE]\n\n"),
+    );
+    let gw = TestGateway::start(&up, "[timeouts]\nidle = \"30s\"\n", &[]).await;
+
+    let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+    let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+    assert!(text.contains("part 3"), "{text}");
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "80 s of 20 s gaps: {text}"
+    );
+
+    let started = tokio::time::Instant::now();
+    let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+    let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+    assert!(text.contains("timeouts.idle"), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    // The frame came at 20 s; the error 30 s later, before the upstream's next send at 55 s.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(50) && took < Duration::from_secs(55),
+        "{took:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn hang_before_headers_is_a_504_after_retries() {
     let up = MockUpstream::start().await;

@@ -85,8 +85,6 @@ pub struct Observed {
 
 // Substring searchers, built once: constructing one costs more than a search (it was a
 // quarter of an SSE request's instructions when built per call).
-static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
 static USAGE_KEY_REV: LazyLock<memmem::FinderRev<'static>> =
     LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
 static FINISH_REASON: LazyLock<memmem::Finder<'static>> =
@@ -129,6 +127,9 @@ pin_project_lite::pin_project! {
         // Boxed so the tap (and a reply body) is `Unpin` and easy to consume in-process.
         idle_timer: Pin<Box<Sleep>>,
         idle: Duration,
+        // When the last frame came. The timer is not moved on every frame (each move takes
+        // the timer wheel's lock); when it fires early it is re-armed from here.
+        last_frame: Instant,
         mode: Mode,
         state: State,
         observed: Observed,
@@ -161,6 +162,7 @@ impl<B> Tap<B> {
             inner,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
             idle,
+            last_frame: Instant::now(),
             mode: if sse {
                 Mode::Sse {
                     scanner: SseScanner::default(),
@@ -210,8 +212,10 @@ where
                         Ok(d) => d,
                         Err(other) => return Poll::Ready(Some(Ok(other))), // trailers
                     };
+                    let now = Instant::now();
+                    *this.last_frame = now;
                     if this.observed.first_byte.is_none() {
-                        this.observed.first_byte = Some(Instant::now());
+                        this.observed.first_byte = Some(now);
                     }
                     this.observed.bytes += data.len() as u64;
                     if let Some(r) = this.recorder.as_mut() {
@@ -235,8 +239,6 @@ where
                         let out = join(out, last);
                         return Poll::Ready(out.map(|o| Ok(Frame::data(o))));
                     }
-                    let deadline = Instant::now() + *this.idle;
-                    this.idle_timer.as_mut().reset(deadline);
                     if out.is_empty() {
                         continue; // the whole frame was held back or dropped
                     }
@@ -249,8 +251,16 @@ where
                 }
                 Poll::Ready(Some(Err(e))) => format!("upstream connection broke mid-response: {e}"),
                 Poll::Pending => {
-                    if this.idle_timer.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
+                    loop {
+                        if this.idle_timer.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        // Armed before the latest frame: wait the rest of the idle time.
+                        let due = *this.last_frame + *this.idle;
+                        if Instant::now() >= due {
+                            break;
+                        }
+                        this.idle_timer.as_mut().reset(due);
                     }
                     format!(
                         "upstream sent nothing for {}s (timeouts.idle)",
@@ -506,41 +516,46 @@ fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
         return false;
     }
     observed.text_bytes += content_len(data) as u64;
-    // Only chunks that mention usage or a (non-null) finish reason are parsed.
-    let has_usage = USAGE_KEY.find(data).is_some();
-    let has_finish = FINISH_REASON.find_iter(data).any(|at| {
-        let rest = data[at + 16..].trim_ascii_start();
-        rest.first() == Some(&b'"')
-    });
-    if !(has_usage || has_finish) {
-        return false;
-    }
-    #[derive(Deserialize)]
-    struct Chunk {
-        #[serde(default)]
-        usage: Option<Usage>,
-        #[serde(default)]
-        choices: Option<Vec<Choice>>,
-    }
-    #[derive(Deserialize)]
-    struct Choice {
-        #[serde(default)]
-        finish_reason: Option<String>,
-    }
-    if let Ok(chunk) = serde_json::from_slice::<Chunk>(data) {
-        if chunk.usage.is_some() {
-            observed.usage = chunk.usage;
+    read_usage_and_finish(data, observed)
+}
+
+/// Reads the usage and the finish reasons of one JSON document (a chat.completion body, or
+/// one chunk's data) without parsing all of it: the last `"usage":` key that is not inside
+/// a string, parsed from there as one value, and every `"finish_reason":"..."`. Returns
+/// whether the document mentions `"usage"` at all (a `null` one included).
+///
+/// A full parse of each chunk into a struct cost more than the rest of the tap's work on it.
+fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
+    let mut seen = false;
+    let mut end = doc.len();
+    while let Some(at) = USAGE_KEY_REV.rfind(&doc[..end]) {
+        seen = true;
+        end = at;
+        if at > 0 && doc[at - 1] == b'\\' {
+            continue; // inside a string
         }
-        for reason in chunk
-            .choices
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|c| c.finish_reason)
-        {
-            observed.finish_reasons.push(reason);
+        // `"usage"` as a string value, not a key: look further back.
+        let Some(value) = doc[at + 7..].trim_ascii_start().strip_prefix(b":") else {
+            continue;
+        };
+        // `null` is not a usage, and leaves one already read in place.
+        let mut it = serde_json::Deserializer::from_slice(value).into_iter::<Usage>();
+        if let Some(Ok(u)) = it.next() {
+            observed.usage = Some(u);
+        }
+        break;
+    }
+    for at in FINISH_REASON.find_iter(doc) {
+        let Some(rest) = doc[at + 16..].trim_ascii_start().strip_prefix(b"\"") else {
+            continue; // null
+        };
+        if let Some(end) = memchr::memchr(b'"', rest) {
+            observed
+                .finish_reasons
+                .push(String::from_utf8_lossy(&rest[..end]).into_owned());
         }
     }
-    has_usage
+    seen
 }
 
 /// Bytes of `"content":"..."` string values in a chunk, escapes counted as written.
@@ -590,33 +605,9 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
             all.freeze()
         }
     };
-    let mut end = body.len();
-    while let Some(at) = USAGE_KEY_REV.rfind(&body[..end]) {
-        if at > 0 && body[at - 1] == b'\\' {
-            end = at;
-            continue;
-        }
-        let rest = body[at + 7..].trim_ascii_start();
-        if let Some(value) = rest.strip_prefix(b":") {
-            let mut it = serde_json::Deserializer::from_slice(value).into_iter::<Usage>();
-            if let Some(Ok(u)) = it.next() {
-                observed.usage = Some(u);
-            }
-        }
-        break;
-    }
+    read_usage_and_finish(&body, observed);
     // A rough figure for the estimate if no usage was found.
     observed.text_bytes = content_len(&body) as u64;
-    for at in FINISH_REASON.find_iter(&body) {
-        let Some(rest) = body[at + 16..].trim_ascii_start().strip_prefix(b"\"") else {
-            continue; // null
-        };
-        if let Some(end) = memchr::memchr(b'"', rest) {
-            observed
-                .finish_reasons
-                .push(String::from_utf8_lossy(&rest[..end]).into_owned());
-        }
-    }
 }
 
 /// The last bytes of a body: in strip mode, a held partial event (sent as is when the
