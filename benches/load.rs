@@ -828,8 +828,14 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
             for row in rows.iter_mut() {
                 let body = body_of(row.kind);
                 if !a.no_serial {
-                    if !pin_pids.is_empty() {
-                        pin(&pin_pids, &pin_cpu)?;
+                    // Serial: pinned to one CPU first (when pids are given), then free.
+                    for pinned in [true, false] {
+                        if pinned && pin_pids.is_empty() {
+                            continue;
+                        }
+                        if pinned {
+                            pin(&pin_pids, &pin_cpu)?;
+                        }
                         let s = run_load(
                             &row.target,
                             &body,
@@ -841,23 +847,15 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
                             None,
                         )
                         .await;
-                        pin(&pin_pids, &all_cpus)?;
-                        line(round, row, "1 conn pinned", &s);
-                        row.pinned.push(s);
+                        if pinned {
+                            pin(&pin_pids, &all_cpus)?;
+                            line(round, row, "1 conn pinned", &s);
+                            row.pinned.push(s);
+                        } else {
+                            line(round, row, "1 conn", &s);
+                            row.free.push(s);
+                        }
                     }
-                    let s = run_load(
-                        &row.target,
-                        &body,
-                        row.kind,
-                        1,
-                        warmup,
-                        duration,
-                        a.max_requests,
-                        None,
-                    )
-                    .await;
-                    line(round, row, "1 conn", &s);
-                    row.free.push(s);
                 }
                 // Drip responses take milliseconds by design: only their latency matters.
                 if row.kind != Kind::Drip && !a.serial_only {
