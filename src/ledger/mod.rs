@@ -214,7 +214,13 @@ impl Ledger {
     pub fn start(store: Store, hook: Option<Arc<dyn BatchHook>>) -> Ledger {
         let queue = Arc::new(Queue::default());
         let stats = Arc::new(LedgerStats::default());
-        tokio::spawn(writer(store.clone(), queue.clone(), stats.clone(), hook));
+        tokio::spawn(writer(
+            store.clone(),
+            queue.clone(),
+            stats.clone(),
+            hook,
+            Gone(queue.clone()),
+        ));
         Ledger {
             _closer: Arc::new(Closer(queue.clone())),
             queue,
@@ -256,12 +262,31 @@ impl Ledger {
         }
     }
 
-    /// Waits until every row queued before this call is written.
+    /// Waits until every row queued before this call is written (at once if the writer is
+    /// gone, say with the runtime it ran on).
     pub async fn flush(&self) {
         let (ack, done) = oneshot::channel();
-        self.queue.lock().acks.push(ack);
+        {
+            let mut pending = self.queue.lock();
+            if pending.closed {
+                return;
+            }
+            pending.acks.push(ack);
+        }
         self.queue.wake.notify_one();
         let _ = done.await;
+    }
+}
+
+/// Held by the writer task. However the writer ends (a runtime shutting down drops it, even
+/// before its first poll), later rows are refused as "writer stopped" and no flush waits.
+struct Gone(Arc<Queue>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        let mut p = self.0.lock();
+        p.closed = true;
+        p.acks.clear();
     }
 }
 
@@ -270,6 +295,7 @@ async fn writer(
     queue: Arc<Queue>,
     stats: Arc<LedgerStats>,
     hook: Option<Arc<dyn BatchHook>>,
+    _gone: Gone,
 ) {
     loop {
         queue.wake.notified().await;
@@ -346,6 +372,26 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that went away with its runtime must not leave `flush` waiting for ever.
+    #[test]
+    fn flush_returns_when_the_writer_is_gone() {
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ledger = first.block_on(async { Ledger::open("sqlite::memory:", None).await.unwrap() });
+        drop(first);
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        second.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), ledger.flush())
+                .await
+                .expect("flush returned");
+        });
+    }
 
     #[test]
     fn period_starts() {
