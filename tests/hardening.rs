@@ -1166,3 +1166,56 @@ async fn bodies_that_arrive_in_pieces_are_still_parsed() {
     let _ = resp.into_body().collect().await.unwrap();
     assert_eq!(up.chats()[0].body, Bytes::from(body));
 }
+
+/// hyper has no idle limit for HTTP/2: a client that made one request and then went quiet
+/// kept its connection (and its `server.max_connections` slot) for ever. Now it gets GOAWAY
+/// once `server.idle_timeout` passes with no new request, and a stream still running then
+/// finishes first.
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_after_its_stream_finishes() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = MockUpstream::start().await;
+    let mut slow = Reply::sse();
+    for i in 0..5 {
+        slow = slow
+            .send(chunk("gpt-5", &format!("part {i}")))
+            .sleep(Duration::from_millis(150));
+    }
+    up.push(slow.send("data: [DONE]\n\n"));
+    let gw = TestGateway::start(
+        &up,
+        "[server]\nmax_connections = 1\nidle_timeout = \"300ms\"\n",
+        &[],
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(chat_body("gpt", true))))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The stream runs for about 750 ms, past the 300 ms idle limit.
+    let body = tokio::time::timeout(Duration::from_secs(30), body_bytes(resp))
+        .await
+        .expect("the stream ended");
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(text.contains("part 4"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // The gateway closes the quiet connection by itself (a hang guard, not a timing check).
+    tokio::time::timeout(Duration::from_secs(30), conn)
+        .await
+        .expect("the idle h2 connection was closed")
+        .unwrap()
+        .ok();
+    // Its slot is free again: another client is served.
+    let resp = tokio::time::timeout(Duration::from_secs(30), get(&gw, "/healthz"))
+        .await
+        .expect("served once the idle connection was gone");
+    assert_eq!(resp.status(), 200);
+}

@@ -55,6 +55,10 @@ pub struct ServerPolicy {
     /// Longest time a client may take to send its request head.
     #[serde(with = "values::duration")]
     pub header_read_timeout: Duration,
+    /// A connection with no new request for this long is closed gracefully (what it has in
+    /// flight finishes first; an h2 connection gets GOAWAY).
+    #[serde(with = "values::duration")]
+    pub idle_timeout: Duration,
     /// Open client connections at most; past it, new ones wait in the listen backlog.
     pub max_connections: u32,
     /// Put `GET /metrics` behind the admin key (`Authorization: Bearer <admin key>`).
@@ -83,6 +87,7 @@ impl Default for ServerPolicy {
             shutdown_grace: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(120),
             header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
             max_connections: 16_384,
             metrics_require_admin: false,
             threads: 0,
@@ -568,6 +573,7 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
         return bad("limits.max_concurrent_upstream", "must be at least 1");
     }
     for (name, d) in [
+        ("server.idle_timeout", p.server.idle_timeout),
         ("timeouts.connect", p.timeouts.connect),
         ("timeouts.first_byte", p.timeouts.first_byte),
         ("timeouts.idle", p.timeouts.idle),

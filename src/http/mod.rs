@@ -10,13 +10,12 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -207,10 +206,14 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: impl Future
         .max_buf_size(8 * 1024)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    // Told to every connection when shutdown starts: each then finishes what it has in
+    // flight (an h2 connection sends GOAWAY) and closes.
+    let (stop_all, stopping) = watch::channel(false);
     // Connection tasks, so the ones still open when the grace period ends can be closed.
     let mut connections = tokio::task::JoinSet::new();
     let slots = app.slots.clone();
+    // Request times are kept per connection as milliseconds since this instant.
+    let base = tokio::time::Instant::now();
     tokio::pin!(shutdown);
 
     loop {
@@ -239,16 +242,22 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: impl Future
         // Told when the connection's first request reaches the service.
         let first_request = Arc::new(tokio::sync::Notify::new());
         let seen = first_request.clone();
+        // When the connection's latest request started (ms since `base`): a store, not a
+        // wake-up, so requests cost the idle check nothing.
+        let last_request = Arc::new(AtomicU64::new(0));
+        let stamp = last_request.clone();
         let service = service_fn(move |req| {
             seen.notify_one();
+            stamp.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
             let app = app.clone();
             async move { Ok::<_, Infallible>(routes::handle(app, req).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
-        let conn = graceful.watch(conn);
         let head_timeout = policy.server.header_read_timeout;
+        let idle_timeout = policy.server.idle_timeout;
+        let mut stopping = stopping.clone();
         while connections.try_join_next().is_some() {}
         connections.spawn(async move {
             tokio::pin!(conn);
@@ -256,20 +265,44 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: impl Future
             // read) and only for HTTP/1: a client that connects and sends nothing, a few bytes,
             // or just the h2 preface would hold a connection slot for ever, and
             // `server.max_connections` of them would stop the gateway. Until a first request
-            // arrives the whole connection gets `server.header_read_timeout`.
-            let done = tokio::select! {
-                biased;
-                r = conn.as_mut() => Some(r),
-                _ = first_request.notified() => None,
-                _ = tokio::time::sleep(head_timeout) => {
-                    tracing::debug!(%peer, "closing a connection that sent no request within server.header_read_timeout");
-                    drop(slot);
-                    return;
+            // arrives the whole connection gets `server.header_read_timeout`. After it, a
+            // connection with no new request for `server.idle_timeout` is closed gracefully:
+            // hyper has no idle limit for HTTP/2, so an h2 client could otherwise keep its
+            // slot for ever after one request.
+            let timer = tokio::time::sleep(head_timeout);
+            tokio::pin!(timer);
+            let mut served = false;
+            let mut closing = false;
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    r = conn.as_mut() => break r,
+                    _ = first_request.notified(), if !served => {
+                        served = true;
+                        timer.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                    }
+                    _ = stopping.wait_for(|s| *s), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    // Before a first request the head timeout holds even while closing.
+                    _ = timer.as_mut(), if !(closing && served) => {
+                        if !served {
+                            tracing::debug!(%peer, "closing a connection that sent no request within server.header_read_timeout");
+                            drop(slot);
+                            return;
+                        }
+                        let last = base + Duration::from_millis(last_request.load(Ordering::Relaxed));
+                        let due = last + idle_timeout;
+                        if tokio::time::Instant::now() < due {
+                            timer.as_mut().reset(due);
+                        } else {
+                            tracing::debug!(%peer, "closing a connection with no request within server.idle_timeout");
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
                 }
-            };
-            let result = match done {
-                Some(r) => r,
-                None => conn.await,
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -279,11 +312,19 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: impl Future
     }
 
     drop(listener);
+    let _ = stop_all.send(true);
     let grace = policy.server.shutdown_grace;
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections closed"),
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!(open = connections.len(), "grace period over; closing remaining connections");
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("all connections closed"),
+        Err(_) => {
+            tracing::warn!(
+                open = connections.len(),
+                "grace period over; closing remaining connections"
+            );
             connections.abort_all();
         }
     }
