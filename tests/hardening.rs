@@ -513,6 +513,11 @@ async fn admin_key_bodies_are_bounded_and_checked() {
         r#"{"name":7}"#,
         r#"{"name":"  "}"#,
         r#"{"name":"a","rpm":0}"#,
+        r#"{"name":"a","rpm":0.0}"#,
+        r#"{"name":"a","rpm":82.5}"#,
+        r#"{"name":"a","rpm":-3}"#,
+        r#"{"name":"a","rpm":4294967296}"#,
+        r#"{"name":"a","rpm":"82"}"#,
     ] {
         expect_error(
             request(
@@ -528,6 +533,18 @@ async fn admin_key_bodies_are_bounded_and_checked() {
         )
         .await;
     }
+    // A whole number written as a float is still a whole number (JSON Schema's `integer`).
+    let resp = request(
+        &gw,
+        "POST",
+        "/admin/keys",
+        &[("authorization", &admin)],
+        r#"{"name":"floaty","rpm":82.0}"#,
+    )
+    .await;
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let created = body_json(resp).await;
+    assert_eq!(created["rpm"], 82, "{created}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -60,10 +60,36 @@ pub struct NewKey {
     pub budget_usd: Option<f64>,
     #[serde(default)]
     pub period: Option<Period>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
     pub rpm: Option<u32>,
     #[serde(default)]
     pub models: Option<Vec<String>>,
+}
+
+/// A count given as any JSON number with no fractional part: `82` or `82.0`. JSON Schema
+/// (and so the OpenAPI document) calls both integers, and some clients write every number
+/// as a float.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = <Option<serde_json::Number> as serde::Deserialize>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = match (n.as_u64(), n.as_f64()) {
+        (Some(u), _) => Some(u),
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&f) => {
+            Some(f as u64)
+        }
+        _ => None,
+    };
+    whole
+        .and_then(|u| u32::try_from(u).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            D::Error::custom(format!(
+                "must be a whole number from 1 to {}, not {n}",
+                u32::MAX
+            ))
+        })
 }
 
 /// SHA-256 of a key, hex.
