@@ -260,18 +260,7 @@ async fn gateway_errors_are_openai_shaped() {
     );
     expect_error(post(&gw, &big, &[]).await, 413, "invalid_request_error").await;
     // Too large, chunked with no Content-Length.
-    let chunks: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = (0..8)
-        .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b' '; 1024]))))
-        .collect();
-    let body = http_body_util::StreamBody::new(StreamOf(chunks.into_iter()));
-    let req = http::Request::post(gw.url("/v1/chat/completions"))
-        .body(body)
-        .unwrap();
-    let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http()
-        .request(req)
-        .await
-        .unwrap();
+    let resp = post_chunked(&gw, vec![Bytes::from(vec![b' '; 1024]); 8], &[]).await;
     expect_error(resp, 413, "invalid_request_error").await;
 
     expect_error(get(&gw, "/v1/nothing").await, 404, "invalid_request_error").await;

@@ -583,20 +583,12 @@ async fn oversized_bodies_get_413_declared_or_chunked() {
     assert_eq!(v["error"]["code"], "request_too_large");
 
     // Chunked, no Content-Length: 64 chunks of 1 KiB.
-    let chunks: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = (0..64)
-        .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b' '; 1024]))))
-        .collect();
-    let req = http::Request::post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(http_body_util::StreamBody::new(StreamOf(
-            chunks.into_iter(),
-        )))
-        .unwrap();
-    let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http()
-        .request(req)
-        .await
-        .unwrap();
+    let resp = post_chunked(
+        &gw,
+        vec![Bytes::from(vec![b' '; 1024]); 64],
+        &[("content-type", "application/json")],
+    )
+    .await;
     let e = expect_error(resp, 413, "invalid_request_error").await;
     assert_eq!(e["code"], "request_too_large");
 
@@ -1165,20 +1157,9 @@ async fn bodies_that_arrive_in_pieces_are_still_parsed() {
     up.push(Reply::completion("gpt-5", "ok"));
     let gw = TestGateway::default(&up).await;
     let body = chat_body("gpt-5", false);
-    let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = body
-        .bytes()
-        .map(|b| Ok(http_body::Frame::data(Bytes::from(vec![b]))))
-        .collect();
-    let req = http::Request::post(gw.url("/v1/chat/completions"))
-        .body(http_body_util::StreamBody::new(StreamOf(
-            frames.into_iter(),
-        )))
-        .unwrap();
-    let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http()
-        .request(req)
-        .await
-        .unwrap();
+    // One frame per byte.
+    let pieces = body.bytes().map(|b| Bytes::from(vec![b])).collect();
+    let resp = post_chunked(&gw, pieces, &[]).await;
     assert_eq!(resp.status(), 200);
     let _ = resp.into_body().collect().await.unwrap();
     assert_eq!(up.chats()[0].body, Bytes::from(body));

@@ -619,6 +619,27 @@ pub async fn request(
         .expect("gateway answered")
 }
 
+/// A chat completion request whose body goes out chunked, one frame per piece, with no
+/// Content-Length.
+pub async fn post_chunked(
+    gw: &TestGateway,
+    pieces: Vec<Bytes>,
+    headers: &[(&str, &str)],
+) -> Response<Incoming> {
+    let frames = pieces
+        .into_iter()
+        .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+    let mut req = Request::post(gw.url("/v1/chat/completions"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http()
+        .request(req.body(StreamBody::new(StreamOf(frames))).unwrap())
+        .await
+        .expect("gateway answered")
+}
+
 /// An iterator as a `Stream`, for chunked request bodies with no Content-Length.
 pub struct StreamOf<I>(pub I);
 impl<I: Iterator + Unpin> futures_core::Stream for StreamOf<I> {
