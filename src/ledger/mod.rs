@@ -184,8 +184,15 @@ impl Queue {
     }
 }
 
-/// Closes the queue when the last [`Ledger`] clone is dropped.
+/// The handles' side of the queue: closes it when the last [`Ledger`] clone is dropped.
 struct Closer(Arc<Queue>);
+
+impl std::ops::Deref for Closer {
+    type Target = Queue;
+    fn deref(&self) -> &Queue {
+        &self.0
+    }
+}
 
 impl Drop for Closer {
     fn drop(&mut self) {
@@ -197,8 +204,7 @@ impl Drop for Closer {
 /// The ledger handle: cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
-    queue: Arc<Queue>,
-    _closer: Arc<Closer>,
+    queue: Arc<Closer>,
     store: Store,
     stats: Arc<LedgerStats>,
 }
@@ -216,14 +222,12 @@ impl Ledger {
         let stats = Arc::new(LedgerStats::default());
         tokio::spawn(writer(
             store.clone(),
-            queue.clone(),
             stats.clone(),
             hook,
             Gone(queue.clone()),
         ));
         Ledger {
-            _closer: Arc::new(Closer(queue.clone())),
-            queue,
+            queue: Arc::new(Closer(queue)),
             store,
             stats,
         }
@@ -292,11 +296,11 @@ impl Drop for Gone {
 
 async fn writer(
     store: Store,
-    queue: Arc<Queue>,
     stats: Arc<LedgerStats>,
     hook: Option<Arc<dyn BatchHook>>,
-    _gone: Gone,
+    gone: Gone,
 ) {
+    let queue = &*gone.0;
     loop {
         queue.wake.notified().await;
         let urgent = {
