@@ -70,13 +70,7 @@ fn load(spec: Spec<'_>, max: u64) -> Option<Result<attachments::Attachment, Stri
 }
 
 fn check_attachment(args: &AskWithAttachmentArgs) {
-    let spec = Spec {
-        path: args.attachment_path.as_deref(),
-        url: args.attachment_url.as_deref(),
-        base64: args.attachment_base64.as_deref(),
-        mime_type: args.mime_type.as_deref(),
-        filename: args.filename.as_deref(),
-    };
+    let spec = args.spec();
     for max in [McpPolicy::default().max_attachment_bytes.0, TINY] {
         let Some(result) = load(spec, max) else {
             return;

@@ -112,6 +112,19 @@ pub struct AskWithAttachmentArgs {
     pub params: Option<Map<String, Value>>,
 }
 
+impl AskWithAttachmentArgs {
+    /// The attachment these arguments describe, for [`attachments::load`].
+    pub fn spec(&self) -> Spec<'_> {
+        Spec {
+            path: self.attachment_path.as_deref(),
+            url: self.attachment_url.as_deref(),
+            base64: self.attachment_base64.as_deref(),
+            mime_type: self.mime_type.as_deref(),
+            filename: self.filename.as_deref(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AskWithToolsArgs {
@@ -705,15 +718,8 @@ impl PoeTools {
         ctx: &RequestContext<RoleServer>,
     ) -> Result<CallToolResult, String> {
         let bot = check_name("bot", &args.bot)?;
-        let spec = Spec {
-            path: args.attachment_path.as_deref(),
-            url: args.attachment_url.as_deref(),
-            base64: args.attachment_base64.as_deref(),
-            mime_type: args.mime_type.as_deref(),
-            filename: args.filename.as_deref(),
-        };
         let attachment =
-            attachments::load(spec, &self.core.inner.attachments, self.access()).await?;
+            attachments::load(args.spec(), &self.core.inner.attachments, self.access()).await?;
         let mut parts = Vec::with_capacity(2);
         if !args.prompt.trim().is_empty() {
             parts.push(json!({"type": "text", "text": args.prompt}));
