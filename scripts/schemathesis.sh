@@ -136,7 +136,11 @@ common=(
   --max-examples "$MAX_EXAMPLES"
   --phases examples,coverage,fuzzing,stateful
   --request-timeout 30
-  --workers 2
+  # One worker: with two, hypothesis's lambda descriptions call ast.parse from two threads, and
+  # CPython 3.11 (before 3.11.9) keeps the AST converter's recursion depth in shared state, so a
+  # run now and then dies with "SystemError: AST constructor recursion depth mismatch". A pass
+  # takes seconds either way.
+  --workers 1
   --generation-database none
   --no-color
 )
