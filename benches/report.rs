@@ -52,8 +52,8 @@ async fn fill(store: &Store) -> Duration {
     for i in 0..ROWS {
         batch.push(row(i, now));
         if batch.len() == BATCH {
-            store.insert_usage(&batch).await.expect("insert");
-            batch.clear();
+            let full: std::sync::Arc<[_]> = std::mem::take(&mut batch).into();
+            store.insert_usage(&full).await.expect("insert");
         }
     }
     started.elapsed()

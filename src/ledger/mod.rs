@@ -314,7 +314,7 @@ async fn writer(
                 _ = queue.wake.notified() => {}
             }
         }
-        let (mut rows, acks, closed) = {
+        let (rows, acks, closed) = {
             let mut p = queue.lock();
             (
                 std::mem::take(&mut p.rows),
@@ -322,11 +322,17 @@ async fn writer(
                 p.closed,
             )
         };
-        for batch in rows.chunks_mut(BATCH_MAX) {
-            if let Some(h) = &hook {
-                h.before_write(batch).await;
+        let mut rest = rows.into_iter();
+        loop {
+            let mut batch: Vec<UsageRow> = rest.by_ref().take(BATCH_MAX).collect();
+            if batch.is_empty() {
+                break;
             }
-            write_batch(&store, batch, &stats).await;
+            if let Some(h) = &hook {
+                h.before_write(&mut batch).await;
+            }
+            // Shared with the blocking insert instead of copying every row's strings.
+            write_batch(&store, batch.into(), &stats).await;
         }
         for ack in acks {
             let _ = ack.send(());
@@ -340,10 +346,10 @@ async fn writer(
 }
 
 /// Writes one batch, retrying a failing database a few times before counting the rows lost.
-async fn write_batch(store: &Store, batch: &[UsageRow], stats: &LedgerStats) {
+async fn write_batch(store: &Store, batch: Arc<[UsageRow]>, stats: &LedgerStats) {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=5 {
-        match store.insert_usage(batch).await {
+        match store.insert_usage(&batch).await {
             Ok(()) => {
                 stats
                     .written

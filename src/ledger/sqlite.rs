@@ -68,8 +68,7 @@ impl Sqlite {
         .map_err(|e| LedgerError::Other(e.to_string()))?
     }
 
-    pub async fn insert_usage(&self, rows: &[UsageRow]) -> Result<(), LedgerError> {
-        let rows = rows.to_vec();
+    pub async fn insert_usage(&self, rows: Arc<[UsageRow]>) -> Result<(), LedgerError> {
         Self::with(&self.write, move |c| {
             let tx = c.transaction()?;
             {
@@ -81,7 +80,7 @@ impl Sqlite {
                     placeholders.join(", ")
                 );
                 let mut stmt = tx.prepare_cached(&sql)?;
-                for r in &rows {
+                for r in rows.iter() {
                     stmt.execute(params![
                         r.ts_ms,
                         r.request_id,

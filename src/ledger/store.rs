@@ -1,6 +1,8 @@
 //! The storage behind the ledger: SQLite (embedded default) or Postgres (shared by replicas),
 //! one interface. SQL differs only where the dialects do: types, placeholders, day buckets.
 
+use std::sync::Arc;
+
 use super::report::{self, Report, ReportQuery};
 use super::{KeyRecord, LedgerError, UsageRow, postgres::Postgres, sqlite::Sqlite};
 
@@ -131,11 +133,16 @@ impl Store {
         }
     }
 
-    pub async fn insert_usage(&self, rows: &[UsageRow]) -> Result<(), LedgerError> {
+    /// Writes `rows` in one transaction. An `Arc` so the SQLite insert, which runs on a
+    /// blocking thread, shares the batch instead of copying it.
+    pub async fn insert_usage(&self, rows: &Arc<[UsageRow]>) -> Result<(), LedgerError> {
         if rows.is_empty() {
             return Ok(());
         }
-        dispatch!(self, s => s.insert_usage(rows).await)
+        match self {
+            Store::Sqlite(s) => s.insert_usage(rows.clone()).await,
+            Store::Postgres(s) => s.insert_usage(rows).await,
+        }
     }
 
     pub async fn report(&self, q: &ReportQuery) -> Result<Report, LedgerError> {
