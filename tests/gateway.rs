@@ -459,18 +459,24 @@ async fn h2c_clients_are_served() {
 async fn a_stalled_request_body_times_out_with_408() {
     let up = MockUpstream::start().await;
     let gw = TestGateway::start(&up, "[server]\nbody_read_timeout = \"5s\"\n", &[]).await;
-    let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    // Declares 1000 bytes, sends 10, then stalls.
-    sock.write_all(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"model\":",
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(60), sock.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf);
-    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    // The chat route and MCP's HTTP transport read bodies the same way.
+    for path in ["/v1/chat/completions", "/mcp"] {
+        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        // Declares 1000 bytes, sends 10, then stalls.
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+             accept: application/json, text/event-stream\r\ncontent-length: 1000\r\n\r\n{{\"model\":"
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(60), sock.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 408"), "{path}: {text}");
+        assert!(
+            text.contains("\"code\":\"request_timeout\""),
+            "{path}: {text}"
+        );
+    }
     assert_eq!(up.chat_calls(), 0);
 }
 

@@ -6,6 +6,8 @@
 mod admin;
 mod routes;
 
+pub(crate) use routes::read_body_of;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;

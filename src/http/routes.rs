@@ -236,15 +236,25 @@ pub(crate) async fn read_body(
     limit: u64,
     timeout: std::time::Duration,
 ) -> Result<Bytes, GatewayError> {
-    let declared = req
-        .headers()
+    let (parts, body) = req.into_parts();
+    read_body_of(body, &parts.headers, limit, timeout).await
+}
+
+/// [`read_body`] for a request already split into its parts (MCP keeps the head).
+pub(crate) async fn read_body_of(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: u64,
+    timeout: std::time::Duration,
+) -> Result<Bytes, GatewayError> {
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(GatewayError::PayloadTooLarge { limit });
     }
-    let limited = Limited::new(req.into_body(), limit.try_into().unwrap_or(usize::MAX));
+    let limited = Limited::new(body, limit.try_into().unwrap_or(usize::MAX));
     match tokio::time::timeout(timeout, limited.collect()).await {
         Err(_) => Err(GatewayError::RequestTimeout(format!(
             "request body not received within {}s (server.body_read_timeout)",

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::Service as _;
 use hyper_util::service::TowerToHyperService;
@@ -25,6 +25,7 @@ use super::{McpCore, PoeTools};
 use crate::config::Policy;
 use crate::error::GatewayError;
 use crate::gateway::Caller;
+use crate::http::read_body_of;
 
 /// The body of an `/mcp` response (rmcp's SSE or JSON).
 pub type McpBody = BoxBody<Bytes, Infallible>;
@@ -71,7 +72,14 @@ impl McpHttp {
     pub async fn handle(&self, caller: Caller, req: Request<Incoming>) -> Response<McpBody> {
         let policy = self.core.gateway().policy();
         let (mut parts, body) = req.into_parts();
-        let body = match read_body(body, &parts.headers, policy).await {
+        let body = match read_body_of(
+            body,
+            &parts.headers,
+            policy.server.max_body_bytes.0,
+            policy.server.body_read_timeout,
+        )
+        .await
+        {
             Ok(b) => b,
             Err(e) => return error(&e),
         };
@@ -119,36 +127,6 @@ pub fn http_config(policy: &Policy) -> StreamableHttpServerConfig {
                     .map(|o| o.trim().to_string()),
             )
             .enforce_origin_validation()
-    }
-}
-
-async fn read_body(
-    body: Incoming,
-    headers: &http::HeaderMap,
-    policy: &Policy,
-) -> Result<Bytes, GatewayError> {
-    let limit = policy.server.max_body_bytes.0;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(GatewayError::PayloadTooLarge { limit });
-    }
-    let timeout = policy.server.body_read_timeout;
-    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match tokio::time::timeout(timeout, limited.collect()).await {
-        Err(_) => Err(GatewayError::bad_request(format!(
-            "request body not received within {}s (server.body_read_timeout)",
-            timeout.as_secs()
-        ))),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(GatewayError::PayloadTooLarge { limit })
-        }
-        Ok(Err(e)) => Err(GatewayError::bad_request(format!(
-            "could not read the request body: {e}"
-        ))),
     }
 }
 
