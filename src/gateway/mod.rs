@@ -49,9 +49,10 @@ use retry::RetryBudget;
 use tap::{BoxError, Observed, Outcome, ReplayBody, Tap};
 
 /// Header naming the bot that answered (after aliasing and fallbacks).
-pub const BOT_HEADER: &str = "x-poe-gateway-bot";
+pub const BOT_HEADER: http::HeaderName = http::HeaderName::from_static("x-poe-gateway-bot");
 /// Header counting upstream calls made for the request, retries and fallbacks included.
-pub const ATTEMPTS_HEADER: &str = "x-poe-gateway-attempts";
+pub const ATTEMPTS_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-poe-gateway-attempts");
 /// Largest upstream error body read (to classify it and pass it on).
 const ERROR_BODY_LIMIT: usize = 1024 * 1024;
 

@@ -113,6 +113,8 @@ struct Strip {
     /// The last frame ended exactly where an event ended, on a `\r`: a `\n` opening the next
     /// frame still belongs to that event, and goes where it went. `Some(true)`: it was kept.
     ended_on_cr: Option<bool>,
+    /// The current frame's events, kept between frames so a frame costs no allocation.
+    pieces: Vec<Piece>,
 }
 
 enum State {
@@ -349,11 +351,16 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
         }
         Mode::Sse {
             scanner,
-            strip: Some(Strip { held, ended_on_cr }),
+            strip:
+                Some(Strip {
+                    held,
+                    ended_on_cr,
+                    pieces,
+                }),
         } => {
             let lead = std::mem::take(ended_on_cr).filter(|_| data.first() == Some(&b'\n'));
             // First pass: cut the frame into whole events and decide each one, copying nothing.
-            let mut pieces: Vec<Piece> = Vec::new();
+            pieces.clear();
             if lead == Some(true) {
                 pieces.push(Piece::Keep(0..1));
             }
@@ -398,7 +405,7 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
             }
             // Second pass: the held bytes belong to the first event completed here.
             let mut out = BytesMut::with_capacity(held.len() + data.len());
-            for (i, piece) in pieces.into_iter().enumerate() {
+            for (i, piece) in pieces.drain(..).enumerate() {
                 match piece {
                     Piece::Keep(range) => {
                         if i == 0 {

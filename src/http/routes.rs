@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -20,7 +20,10 @@ use crate::upstream::Secret;
 pub type HttpBody = http_body_util::Either<ReplyBody, crate::mcp::http::McpBody>;
 pub type HttpResponse = Response<HttpBody>;
 
-const REQUEST_ID: &str = "x-request-id";
+// Header names as `HeaderName` constants: inserting a custom name given as `&str` copies it
+// into a new allocation on every response.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache");
 
 pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpResponse {
     let request_id = request_id(req.headers());
@@ -179,7 +182,7 @@ async fn chat(
         h.insert(BOT_HEADER, v);
     }
     h.insert(ATTEMPTS_HEADER, HeaderValue::from(reply.attempts));
-    h.insert("x-cache", HeaderValue::from_static(reply.cache.as_str()));
+    h.insert(CACHE_STATUS, HeaderValue::from_static(reply.cache.as_str()));
     Ok(resp)
 }
 

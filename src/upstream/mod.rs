@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -197,7 +197,8 @@ impl Upstream {
             req.headers_mut().insert(header::AUTHORIZATION, auth);
         }
         if let Ok(id) = HeaderValue::from_str(request_id) {
-            req.headers_mut().insert("x-request-id", id);
+            req.headers_mut()
+                .insert(HeaderName::from_static("x-request-id"), id);
         }
         // Trace context for the attempt (`traceparent`), when traces are on.
         req.headers_mut().extend(extra);
