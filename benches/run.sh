@@ -16,7 +16,7 @@
 #   e.g. the last commit before accounting, to price a feature;
 #   ONLY="KIND:LABEL ..." (compare) measures only those targets, e.g. ONLY="json:nginx json:gateway";
 #   SOAK_CACHEABLE=1 (soak) sends unique cacheable requests: every answer is a stored cache miss;
-#   CACHEABLE=0 (compare) sends plain requests the cache skips (BYPASS) instead of unique misses.
+#   CACHEABLE=0 (compare, perf, profile) sends plain requests the cache skips (BYPASS) instead of unique misses.
 # Every server binds 127.0.0.1 only; every load loop is bounded in time and count.
 set -euo pipefail
 
@@ -446,12 +446,15 @@ profile_one() { # $1 label, $2 kind (json|sse), $3 "gateway" or "nginx:PORT", th
     sleep 0.1
   done
   [ -n "$url" ] || die "$label under valgrind did not start: $(tail -3 "$TMP/prof-$label.err")"
+  local bj=$TMP/req-json.json bs=$TMP/req-sse.json
+  # CACHEABLE=0: requests the cache skips, as in compare and perf.
+  if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; fi
   "$LOAD_BIN" compare --rounds 1 --duration 20 --warmup 0 --serial-only --max-requests 200 \
-    --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" \
+    --body-json "$bj" --body-sse "$bs" \
     --target "$kind:$label=$url$CHAT" >/dev/null 2>&1 || die "$label: warm-up requests failed"
   callgrind_control -z "$pid" >/dev/null 2>&1 || die "callgrind_control -z failed"
   "$LOAD_BIN" compare --rounds 1 --duration 120 --warmup 0 --serial-only --max-requests 1000 \
-    --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" \
+    --body-json "$bj" --body-sse "$bs" \
     --target "$kind:$label=$url$CHAT" >/dev/null 2>&1 || die "$label: profiled requests failed"
   # Dumped before the process exits, so shutdown (dropping a full cache, the ledger's last
   # flush) is not counted as request work.

@@ -1,6 +1,7 @@
 //! Poe's model catalogue, fetched upstream and kept for `upstream.models_ttl`, with one entry
 //! added per alias so `client.models.list()` shows the short names too.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -21,6 +22,9 @@ pub struct Catalogue {
     entries: Vec<Value>,
     /// Upstream bot ids (not aliases), for `did you mean`.
     pub bot_ids: Vec<String>,
+    /// Each entry's price by lower-case id, parsed once: the ledger prices every row, and a
+    /// scan of Poe's few hundred entries plus string-to-number parses per row added up.
+    prices: HashMap<String, Option<Price>>,
 }
 
 impl Catalogue {
@@ -39,23 +43,14 @@ impl Catalogue {
 
     /// Poe's price for a bot (USD per token / per request), when the catalogue has one.
     pub fn price(&self, bot: &str) -> Option<Price> {
-        let pricing = self.entry(bot)?.get("pricing")?;
-        let num = |k: &str| -> Option<f64> {
-            match pricing.get(k)? {
-                Value::String(s) => s.trim().parse().ok(),
-                Value::Number(n) => n.as_f64(),
-                _ => None,
-            }
-        };
-        let (prompt, completion, request) = (num("prompt"), num("completion"), num("request"));
-        if prompt.is_none() && completion.is_none() && request.is_none() {
-            return None;
+        if bot.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.prices
+                .get(&bot.to_ascii_lowercase())
+                .copied()
+                .flatten()
+        } else {
+            self.prices.get(bot).copied().flatten()
         }
-        Some(Price {
-            prompt: prompt.unwrap_or(0.0),
-            completion: completion.unwrap_or(0.0),
-            request: request.unwrap_or(0.0),
-        })
     }
 
     /// The closest bot or alias name to `model`, if one is close and not the same name.
@@ -177,10 +172,47 @@ async fn fetch(upstream: &Upstream, aliases: &Aliases) -> Result<Catalogue, Gate
     }
     let body = serde_json::to_vec(&json!({"object": "list", "data": entries}))
         .map_err(|e| GatewayError::Internal(format!("model catalogue: {e}")))?;
-    Ok(Catalogue {
-        body: Bytes::from(body),
-        entries,
-        bot_ids,
+    Ok(Catalogue::new(Bytes::from(body), entries, bot_ids))
+}
+
+impl Catalogue {
+    fn new(body: Bytes, entries: Vec<Value>, bot_ids: Vec<String>) -> Self {
+        let mut prices = HashMap::new();
+        for e in &entries {
+            if let Some(id) = e.get("id").and_then(Value::as_str) {
+                // The first entry of an id wins, as in `entry`.
+                prices
+                    .entry(id.to_ascii_lowercase())
+                    .or_insert_with(|| parse_price(e));
+            }
+        }
+        Catalogue {
+            body,
+            entries,
+            bot_ids,
+            prices,
+        }
+    }
+}
+
+/// An entry's `pricing` (strings or numbers), when it has any.
+fn parse_price(entry: &Value) -> Option<Price> {
+    let pricing = entry.get("pricing")?;
+    let num = |k: &str| -> Option<f64> {
+        match pricing.get(k)? {
+            Value::String(s) => s.trim().parse().ok(),
+            Value::Number(n) => n.as_f64(),
+            _ => None,
+        }
+    };
+    let (prompt, completion, request) = (num("prompt"), num("completion"), num("request"));
+    if prompt.is_none() && completion.is_none() && request.is_none() {
+        return None;
+    }
+    Some(Price {
+        prompt: prompt.unwrap_or(0.0),
+        completion: completion.unwrap_or(0.0),
+        request: request.unwrap_or(0.0),
     })
 }
 
@@ -212,4 +244,30 @@ fn alias_entry(name: &str, bots: &[String], catalogue: &[Value]) -> Value {
     );
     entry.insert("alias_of".into(), json!(bots));
     Value::Object(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_are_found_by_id_in_any_case_and_the_first_entry_wins() {
+        let entries = vec![
+            json!({"id": "GPT-5", "pricing": {"prompt": "0.000001", "completion": 0.00001}}),
+            json!({"id": "free-bot", "pricing": {}}),
+            json!({"id": "gpt-5", "pricing": {"prompt": "9", "completion": "9"}}),
+            json!({"id": "no-pricing"}),
+        ];
+        let cat = Catalogue::new(Bytes::new(), entries, vec![]);
+        let want = Some(Price {
+            prompt: 0.000001,
+            completion: 0.00001,
+            request: 0.0,
+        });
+        assert_eq!(cat.price("gpt-5"), want);
+        assert_eq!(cat.price("Gpt-5"), want);
+        assert_eq!(cat.price("free-bot"), None);
+        assert_eq!(cat.price("no-pricing"), None);
+        assert_eq!(cat.price("unknown"), None);
+    }
 }

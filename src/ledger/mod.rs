@@ -403,6 +403,85 @@ mod tests {
         });
     }
 
+    /// Batches go in as 50-row statements plus single rows: every row must land, each
+    /// column in its place (sums per key and per model would move if an offset were off).
+    #[tokio::test]
+    async fn a_batch_of_any_size_lands_column_by_column() {
+        let store = Store::open("sqlite::memory:").await.unwrap();
+        let rows: Vec<UsageRow> = (0..123i64)
+            .map(|i| UsageRow {
+                ts_ms: 1_000 + i,
+                request_id: format!("req-{i}"),
+                key_id: Some(format!("key-{}", i % 3)),
+                alias: None,
+                model: format!("model-{}", i % 2),
+                bot: format!("bot-{}", i % 2),
+                stream: i % 2 == 0,
+                status: if i % 10 == 0 { 502 } else { 200 },
+                outcome: "completed".into(),
+                prompt_tokens: Some(i),
+                completion_tokens: Some(2 * i),
+                total_tokens: Some(3 * i),
+                tokens_estimated: false,
+                cost_usd: Some(i as f64 * 0.5),
+                cache_hit: i % 4 == 0,
+                saved_usd: None,
+                attempts: 1,
+                latency_ms: 10.0,
+                ttfb_ms: Some(5.0),
+            })
+            .collect();
+        let rows: Arc<[UsageRow]> = rows.into();
+        store.insert_usage(&rows).await.unwrap();
+
+        let report = |group_by| ReportQuery {
+            since_ms: 0,
+            until_ms: i64::MAX,
+            key_id: None,
+            group_by,
+        };
+        let all = store.report(&report(None)).await.unwrap().totals;
+        let n = 123i64;
+        let sum: i64 = (0..n).sum();
+        assert_eq!(all.requests, n);
+        assert_eq!(all.prompt_tokens, sum);
+        assert_eq!(all.completion_tokens, 2 * sum);
+        assert_eq!(all.total_tokens, 3 * sum);
+        assert_eq!(all.cost_usd, sum as f64 * 0.5);
+        assert_eq!(all.cache_hits, (0..n).filter(|i| i % 4 == 0).count() as i64);
+        assert_eq!(all.errors, (0..n).filter(|i| i % 10 == 0).count() as i64);
+
+        let by_key = store.report(&report(Some(GroupBy::Key))).await.unwrap();
+        for g in &by_key.groups {
+            let k: i64 = g.group.strip_prefix("key-").unwrap().parse().unwrap();
+            let want: i64 = (0..n).filter(|i| i % 3 == k).sum();
+            assert_eq!(g.totals.prompt_tokens, want, "{}", g.group);
+            assert_eq!(
+                store.spent_since(&g.group, 0).await.unwrap(),
+                want as f64 * 0.5
+            );
+        }
+        assert_eq!(by_key.groups.len(), 3);
+        // "model" groups by the bot that answered.
+        let by_bot = store.report(&report(Some(GroupBy::Model))).await.unwrap();
+        for g in &by_bot.groups {
+            let b: i64 = g.group.strip_prefix("bot-").unwrap().parse().unwrap();
+            let want: i64 = (0..n).filter(|i| i % 2 == b).sum();
+            assert_eq!(g.totals.completion_tokens, 2 * want, "{}", g.group);
+        }
+        assert_eq!(by_bot.groups.len(), 2);
+        // Only the last rows' timestamps are past 1,100: the single-row tail and part of
+        // the second group.
+        let late = store
+            .report(&ReportQuery {
+                since_ms: 1_100,
+                ..report(None)
+            })
+            .await
+            .unwrap();
+        assert_eq!(late.totals.requests, 23);
+    }
+
     #[test]
     fn period_starts() {
         // 2026-11-22T16:50:00Z

@@ -1,13 +1,62 @@
 //! SQLite storage: WAL mode, one writer connection and one reader, used from blocking threads.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::report::{Group, ReportQuery, Totals};
 use super::store::{self, Dialect, KEY_COLUMNS, USAGE_COLUMNS};
 use super::{KeyRecord, LedgerError, Period, UsageRow};
+
+/// Rows per multi-row `INSERT` (19 columns each: 950 parameters, under SQLite's old default
+/// limit of 999 as well as the current one).
+const ROWS_PER_INSERT: usize = 50;
+
+static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
+static INSERT_GROUP: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
+
+fn insert_sql(rows: usize) -> String {
+    let n = store::USAGE_COLUMN_COUNT;
+    let values: Vec<String> = (0..rows)
+        .map(|r| {
+            let ph: Vec<String> = (1..=n).map(|i| Dialect::Sqlite.ph(r * n + i)).collect();
+            format!("({})", ph.join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT INTO usage ({USAGE_COLUMNS}) VALUES {}",
+        values.join(", ")
+    )
+}
+
+/// Binds one row's columns at parameters `base + 1 ..= base + 19`, in `USAGE_COLUMNS` order.
+fn bind_usage(
+    stmt: &mut rusqlite::Statement<'_>,
+    base: usize,
+    r: &UsageRow,
+) -> rusqlite::Result<()> {
+    stmt.raw_bind_parameter(base + 1, r.ts_ms)?;
+    stmt.raw_bind_parameter(base + 2, &r.request_id)?;
+    stmt.raw_bind_parameter(base + 3, &r.key_id)?;
+    stmt.raw_bind_parameter(base + 4, &r.alias)?;
+    stmt.raw_bind_parameter(base + 5, &r.model)?;
+    stmt.raw_bind_parameter(base + 6, &r.bot)?;
+    stmt.raw_bind_parameter(base + 7, r.stream)?;
+    stmt.raw_bind_parameter(base + 8, r.status)?;
+    stmt.raw_bind_parameter(base + 9, &r.outcome)?;
+    stmt.raw_bind_parameter(base + 10, r.prompt_tokens)?;
+    stmt.raw_bind_parameter(base + 11, r.completion_tokens)?;
+    stmt.raw_bind_parameter(base + 12, r.total_tokens)?;
+    stmt.raw_bind_parameter(base + 13, r.tokens_estimated)?;
+    stmt.raw_bind_parameter(base + 14, r.cost_usd)?;
+    stmt.raw_bind_parameter(base + 15, r.cache_hit)?;
+    stmt.raw_bind_parameter(base + 16, r.saved_usd)?;
+    stmt.raw_bind_parameter(base + 17, r.attempts)?;
+    stmt.raw_bind_parameter(base + 18, r.latency_ms)?;
+    stmt.raw_bind_parameter(base + 19, r.ttfb_ms)?;
+    Ok(())
+}
 
 #[derive(Clone)]
 pub struct Sqlite {
@@ -72,36 +121,21 @@ impl Sqlite {
         Self::with(&self.write, move |c| {
             let tx = c.transaction()?;
             {
-                let placeholders: Vec<String> = (1..=store::USAGE_COLUMN_COUNT)
-                    .map(|i| Dialect::Sqlite.ph(i))
-                    .collect();
-                let sql = format!(
-                    "INSERT INTO usage ({USAGE_COLUMNS}) VALUES ({})",
-                    placeholders.join(", ")
-                );
-                let mut stmt = tx.prepare_cached(&sql)?;
-                for r in rows.iter() {
-                    stmt.execute(params![
-                        r.ts_ms,
-                        r.request_id,
-                        r.key_id,
-                        r.alias,
-                        r.model,
-                        r.bot,
-                        r.stream,
-                        r.status,
-                        r.outcome,
-                        r.prompt_tokens,
-                        r.completion_tokens,
-                        r.total_tokens,
-                        r.tokens_estimated,
-                        r.cost_usd,
-                        r.cache_hit,
-                        r.saved_usd,
-                        r.attempts,
-                        r.latency_ms,
-                        r.ttfb_ms,
-                    ])?;
+                // Whole groups go in one statement each: SQLite opens the table's and both
+                // indexes' cursors once per statement, which was a large part of a one-row
+                // insert. The rest go one at a time.
+                let mut groups = rows.chunks_exact(ROWS_PER_INSERT);
+                let mut stmt = tx.prepare_cached(&INSERT_GROUP)?;
+                for group in &mut groups {
+                    for (i, r) in group.iter().enumerate() {
+                        bind_usage(&mut stmt, i * store::USAGE_COLUMN_COUNT, r)?;
+                    }
+                    stmt.raw_execute()?;
+                }
+                let mut stmt = tx.prepare_cached(&INSERT_ONE)?;
+                for r in groups.remainder() {
+                    bind_usage(&mut stmt, 0, r)?;
+                    stmt.raw_execute()?;
                 }
             }
             tx.commit()?;
