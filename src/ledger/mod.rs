@@ -403,8 +403,8 @@ mod tests {
         });
     }
 
-    /// Batches go in as 50-row statements plus single rows: every row must land, each
-    /// column in its place (sums per key and per model would move if an offset were off).
+    /// Every row of a batch must land, each column in its place (sums per key and per bot
+    /// would move if a binding were off).
     #[tokio::test]
     async fn a_batch_of_any_size_lands_column_by_column() {
         let store = Store::open("sqlite::memory:").await.unwrap();
@@ -470,8 +470,7 @@ mod tests {
             assert_eq!(g.totals.completion_tokens, 2 * want, "{}", g.group);
         }
         assert_eq!(by_bot.groups.len(), 2);
-        // Only the last rows' timestamps are past 1,100: the single-row tail and part of
-        // the second group.
+        // The time bound reads `ts_ms`: rows 100..123 are at or past 1,100.
         let late = store
             .report(&ReportQuery {
                 since_ms: 1_100,
