@@ -1173,13 +1173,7 @@ async fn bodies_that_arrive_in_pieces_are_still_parsed() {
 async fn an_idle_h2_connection_is_closed_after_its_stream_finishes() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let up = MockUpstream::start().await;
-    let mut slow = Reply::sse();
-    for i in 0..5 {
-        slow = slow
-            .send(chunk("gpt-5", &format!("part {i}")))
-            .sleep(Duration::from_millis(150));
-    }
-    up.push(slow.send("data: [DONE]\n\n"));
+    up.push(Reply::dripping("gpt-5", 5, Duration::from_millis(150)));
     let gw = TestGateway::start(
         &up,
         "[server]\nmax_connections = 1\nidle_timeout = \"300ms\"\n",

@@ -231,13 +231,7 @@ async fn idle_gap_past_the_limit_ends_with_an_error_event() {
 #[tokio::test(start_paused = true)]
 async fn idle_limit_counts_from_the_latest_frame() {
     let up = MockUpstream::start().await;
-    let mut slow = Reply::sse();
-    for i in 0..4 {
-        slow = slow
-            .send(chunk("gpt-5", &format!("part {i}")))
-            .sleep(Duration::from_secs(20));
-    }
-    up.push(slow.send("data: [DONE]\n\n"));
+    up.push(Reply::dripping("gpt-5", 4, Duration::from_secs(20)));
     up.push(
         Reply::sse()
             .sleep(Duration::from_secs(20))

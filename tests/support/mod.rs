@@ -130,6 +130,16 @@ impl Reply {
         }
         r.send(finish_chunk(model)).send("data: [DONE]\n\n")
     }
+
+    /// A slow stream from `model`, then `[DONE]`: `n` chunks `part 0`, `part 1`, ..., each
+    /// followed by `gap`.
+    pub fn dripping(model: &str, n: usize, gap: Duration) -> Self {
+        let mut r = Reply::sse();
+        for i in 0..n {
+            r = r.send(chunk(model, &format!("part {i}"))).sleep(gap);
+        }
+        r.send("data: [DONE]\n\n")
+    }
 }
 
 /// What the upstream received.
