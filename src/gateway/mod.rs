@@ -48,6 +48,8 @@ pub use request::ChatRequest;
 use retry::RetryBudget;
 use tap::{BoxError, Observed, Outcome, ReplayBody, Tap};
 
+/// The request id header: echoed to the client and sent on to Poe.
+pub const REQUEST_ID_HEADER: http::HeaderName = http::HeaderName::from_static("x-request-id");
 /// Header naming the bot that answered (after aliasing and fallbacks).
 pub const BOT_HEADER: http::HeaderName = http::HeaderName::from_static("x-poe-gateway-bot");
 /// Header counting upstream calls made for the request, retries and fallbacks included.

@@ -28,6 +28,24 @@ pub struct Catalogue {
 }
 
 impl Catalogue {
+    fn new(body: Bytes, entries: Vec<Value>, bot_ids: Vec<String>) -> Self {
+        let mut prices = HashMap::new();
+        for e in &entries {
+            if let Some(id) = e.get("id").and_then(Value::as_str) {
+                // The first entry of an id wins, as in `entry`.
+                prices
+                    .entry(id.to_ascii_lowercase())
+                    .or_insert_with(|| parse_price(e));
+            }
+        }
+        Catalogue {
+            body,
+            entries,
+            bot_ids,
+            prices,
+        }
+    }
+
     /// One entry by id, case-insensitively.
     pub fn entry(&self, id: &str) -> Option<&Value> {
         self.entries.iter().find(|e| {
@@ -173,26 +191,6 @@ async fn fetch(upstream: &Upstream, aliases: &Aliases) -> Result<Catalogue, Gate
     let body = serde_json::to_vec(&json!({"object": "list", "data": entries}))
         .map_err(|e| GatewayError::Internal(format!("model catalogue: {e}")))?;
     Ok(Catalogue::new(Bytes::from(body), entries, bot_ids))
-}
-
-impl Catalogue {
-    fn new(body: Bytes, entries: Vec<Value>, bot_ids: Vec<String>) -> Self {
-        let mut prices = HashMap::new();
-        for e in &entries {
-            if let Some(id) = e.get("id").and_then(Value::as_str) {
-                // The first entry of an id wins, as in `entry`.
-                prices
-                    .entry(id.to_ascii_lowercase())
-                    .or_insert_with(|| parse_price(e));
-            }
-        }
-        Catalogue {
-            body,
-            entries,
-            bot_ids,
-            prices,
-        }
-    }
 }
 
 /// An entry's `pricing` (strings or numbers), when it has any.

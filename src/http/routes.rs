@@ -13,16 +13,17 @@ use super::App;
 use crate::config::AuthMode;
 use crate::error::GatewayError;
 use crate::gateway::cache::CacheDirectives;
-use crate::gateway::{ATTEMPTS_HEADER, BOT_HEADER, Caller, ChatRequest, Credential, ReplyBody};
+use crate::gateway::{
+    ATTEMPTS_HEADER, BOT_HEADER, Caller, ChatRequest, Credential, REQUEST_ID_HEADER, ReplyBody,
+};
 use crate::upstream::Secret;
 
 /// A response body: the core's reply, or rmcp's for `/mcp`.
 pub type HttpBody = http_body_util::Either<ReplyBody, crate::mcp::http::McpBody>;
 pub type HttpResponse = Response<HttpBody>;
 
-// Header names as `HeaderName` constants: inserting a custom name given as `&str` copies it
-// into a new allocation on every response.
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+// A `HeaderName` constant: inserting a custom name given as `&str` copies it into a new
+// allocation on every response.
 const CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache");
 
 pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpResponse {
@@ -32,7 +33,7 @@ pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpRespons
         Err(e) => error_response(&e),
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert(REQUEST_ID, v);
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     resp
 }
@@ -276,7 +277,7 @@ pub(crate) async fn read_body_of(
 /// The client's request id when it is a sane token, else a new UUID. Only visible ASCII
 /// without spaces is echoed, so nothing a client sends can split or forge a header.
 fn request_id(headers: &HeaderMap) -> Arc<str> {
-    if let Some(v) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok())
+    if let Some(v) = headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok())
         && !v.is_empty()
         && v.len() <= 128
         && v.bytes().all(|b| b.is_ascii_graphic())

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -198,7 +198,7 @@ impl Upstream {
         }
         if let Ok(id) = HeaderValue::from_str(request_id) {
             req.headers_mut()
-                .insert(HeaderName::from_static("x-request-id"), id);
+                .insert(crate::gateway::REQUEST_ID_HEADER, id);
         }
         // Trace context for the attempt (`traceparent`), when traces are on.
         req.headers_mut().extend(extra);
