@@ -350,3 +350,52 @@ async fn retry_budget_stops_a_storm() {
     assert!(calls <= 24, "{calls} upstream calls for 20 requests");
     assert!(calls > 20, "some retries should still be allowed");
 }
+
+/// One upstream connection carries request after request: JSON, streams, error answers and
+/// empty bodies all hand it back once read. A connection the upstream closes after its answer
+/// (`Connection: close`) is not reused, and the next request opens another without an error.
+#[tokio::test]
+async fn upstream_connections_are_reused_and_closed_ones_replaced() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::default(&up).await;
+    up.push(Reply::completion("gpt-5", "warm-up"));
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    let before = up.connections();
+
+    up.push(Reply::completion("gpt-5", "one"));
+    up.push(Reply::stream("gpt-5", &["two", " parts"]));
+    up.push(Reply::json(400, poe_error(400, "invalid_request_error")));
+    up.push(Reply::stream("gpt-5", &["three"]));
+    up.push(Reply::new(204));
+    up.push(Reply::completion("gpt-5", "four"));
+    for (stream, status) in [
+        (false, 200),
+        (true, 200),
+        (false, 400),
+        (true, 200),
+        (false, 204),
+        (false, 200),
+    ] {
+        let resp = post(&gw, &chat_body("gpt", stream), &[]).await;
+        assert_eq!(resp.status(), status);
+        body_bytes(resp).await;
+    }
+    assert_eq!(up.chat_calls(), 7);
+    assert_eq!(
+        up.connections(),
+        before,
+        "every request after the warm-up should reuse the first upstream connection"
+    );
+
+    up.push(Reply::completion("gpt-5", "last on this one").header("connection", "close"));
+    up.push(Reply::completion("gpt-5", "on a new one"));
+    for text in ["last on this one", "on a new one"] {
+        let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-poe-gateway-attempts"], "1");
+        assert!(String::from_utf8_lossy(&body_bytes(resp).await).contains(text));
+    }
+    assert_eq!(up.connections(), before + 1);
+}

@@ -27,7 +27,6 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{StatusCode, response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -36,7 +35,7 @@ use crate::error::GatewayError;
 use crate::ledger::{KeyRecord, Ledger, Store, UsageRow, now_ms};
 use crate::metrics::Metrics;
 use crate::shared_state::SharedState;
-use crate::upstream::{Secret, Upstream, UpstreamError};
+use crate::upstream::{self, Secret, Upstream, UpstreamError};
 use accounting::Accountant;
 use alias::{Aliases, Route};
 use cache::{CacheStatus, Coalesced, ResponseCache, Shared};
@@ -111,7 +110,7 @@ pin_project_lite::pin_project! {
     /// (an upstream error, read to be classified).
     #[project = ReplyBodyProj]
     pub enum ReplyBody {
-        Stream { #[pin] tap: Tap<Incoming> },
+        Stream { #[pin] tap: Tap<upstream::Body> },
         Replay { #[pin] tap: Tap<ReplayBody> },
         Full { data: Option<Bytes> },
     }
@@ -789,7 +788,7 @@ impl Gateway {
 
     fn stream_reply(
         &self,
-        resp: http::Response<Incoming>,
+        resp: http::Response<upstream::Body>,
         info: RequestInfo,
         permit: tokio::sync::OwnedSemaphorePermit,
         attempts: u32,
@@ -1061,7 +1060,7 @@ fn failure_status(f: &Failure) -> u16 {
 }
 
 /// Reads an upstream error body, bounded in size and time.
-async fn read_error_body(body: Incoming, idle: std::time::Duration) -> Result<Bytes, String> {
+async fn read_error_body(body: upstream::Body, idle: std::time::Duration) -> Result<Bytes, String> {
     match tokio::time::timeout(idle, Limited::new(body, ERROR_BODY_LIMIT).collect()).await {
         Ok(Ok(c)) => Ok(c.to_bytes()),
         Ok(Err(e)) => Err(format!("reading upstream error body: {e}")),

@@ -1,7 +1,11 @@
-//! The upstream client: one pooled hyper-util client for Poe (or a test upstream).
+//! The upstream client for Poe (or a test upstream): pooled connections ([`pool`]).
 //!
 //! rustls on ring, HTTP/2 when ALPN offers it, `TCP_NODELAY`, and a connect timeout. It knows
 //! nothing about retries or aliases; it sends one request and reports how that went.
+
+mod pool;
+
+pub use pool::Body;
 
 use std::fmt;
 use std::sync::Arc;
@@ -11,10 +15,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use pool::Pool;
 
 /// A key that must never be printed: `Debug` shows only that it is there.
 #[derive(Clone)]
@@ -60,8 +63,6 @@ impl fmt::Debug for Secret {
         f.write_str("Secret(<redacted>)")
     }
 }
-
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamError {
@@ -117,7 +118,7 @@ pub fn use_pool(serving_thread: usize) {
 
 pub struct Upstream {
     /// One pool per serving thread ([`use_pool`]).
-    clients: Box<[HttpsClient]>,
+    pools: Box<[Arc<Pool>]>,
     chat_uri: Uri,
     models_uri: Uri,
     balance_uri: Uri,
@@ -154,18 +155,14 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let clients = (0..=serving_threads)
+        let origin = uri("/")?;
+        let pools = (0..=serving_threads)
             .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .pool_max_idle_per_host(1024)
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .build(https.clone())
+                Pool::new(https.clone(), origin.clone(), Duration::from_secs(90)).map(Arc::new)
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(Upstream {
-            clients,
+            pools,
             chat_uri: uri("/v1/chat/completions")?,
             models_uri: uri("/v1/models")?,
             balance_uri: uri("/usage/current_balance")?,
@@ -184,7 +181,7 @@ impl Upstream {
         key: &Secret,
         request_id: &str,
         extra: http::HeaderMap,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(self.chat_uri.clone())
@@ -269,14 +266,11 @@ impl Upstream {
             .map_err(|e| format!("unexpected balance answer: {e}"))
     }
 
-    async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {
-        let client = &self.clients[POOL.with(|p| p.get()) % self.clients.len()];
-        match tokio::time::timeout(self.first_byte, client.request(req)).await {
-            Err(_) => Err(UpstreamError::Timeout(self.first_byte)),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(error_chain(&e))),
-            Ok(Err(e)) => Err(UpstreamError::Broken(error_chain(&e))),
-        }
+    async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Body>, UpstreamError> {
+        let pool = &self.pools[POOL.with(|p| p.get()) % self.pools.len()];
+        tokio::time::timeout(self.first_byte, pool.send(req))
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(self.first_byte)))
     }
 }
 

@@ -166,6 +166,8 @@ struct State {
     /// Response bodies whose reader went away before the script finished.
     disconnects: AtomicUsize,
     disconnected: Notify,
+    /// TCP connections accepted.
+    connections: AtomicUsize,
 }
 
 /// A Poe-shaped upstream. Chat requests take scripted replies in order, then the fallback;
@@ -189,6 +191,7 @@ impl MockUpstream {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(st.clone(), req));
@@ -237,6 +240,11 @@ impl MockUpstream {
             .iter()
             .filter(|r| r.path == "/v1/chat/completions")
             .count()
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     pub fn disconnects(&self) -> usize {
