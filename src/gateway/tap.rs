@@ -85,8 +85,10 @@ pub struct Observed {
 
 // Substring searchers, built once: constructing one costs more than a search (it was a
 // quarter of an SSE request's instructions when built per call).
-static USAGE_KEY_REV: LazyLock<memmem::FinderRev<'static>> =
-    LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
+// Forward searches only: memchr's reverse searcher has no SIMD path and cost three times
+// as much per chunk as a forward pass over the same bytes.
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
 static FINISH_REASON: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"finish_reason\":"));
 static CONTENT_KEY: LazyLock<memmem::Finder<'static>> =
@@ -534,23 +536,23 @@ fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
 /// A full parse of each chunk into a struct cost more than the rest of the tap's work on it.
 fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
     let mut seen = false;
-    let mut end = doc.len();
-    while let Some(at) = USAGE_KEY_REV.rfind(&doc[..end]) {
+    let mut last_key = None;
+    for at in USAGE_KEY.find_iter(doc) {
         seen = true;
-        end = at;
         if at > 0 && doc[at - 1] == b'\\' {
             continue; // inside a string
         }
-        // `"usage"` as a string value, not a key: look further back.
-        let Some(value) = doc[at + 7..].trim_ascii_start().strip_prefix(b":") else {
-            continue;
-        };
+        // `"usage"` as a string value, not a key, is skipped.
+        if let Some(value) = doc[at + 7..].trim_ascii_start().strip_prefix(b":") {
+            last_key = Some(value);
+        }
+    }
+    if let Some(value) = last_key {
         // `null` is not a usage, and leaves one already read in place.
         let mut it = serde_json::Deserializer::from_slice(value).into_iter::<Usage>();
         if let Some(Ok(u)) = it.next() {
             observed.usage = Some(u);
         }
-        break;
     }
     for at in FINISH_REASON.find_iter(doc) {
         let Some(rest) = doc[at + 16..].trim_ascii_start().strip_prefix(b"\"") else {
@@ -732,6 +734,16 @@ mod tests {
                 total_tokens: 8
             })
         );
+    }
+
+    /// The key is found wherever it sits: lookalikes after it (an escaped one in a string, the
+    /// word as a string value) are not taken for it.
+    #[test]
+    fn the_usage_key_is_told_from_lookalikes_after_it() {
+        let doc = br#"{"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5},"note":"usage","x":"the \"usage\": 9"}"#;
+        let mut obs = Observed::default();
+        assert!(read_usage_and_finish(doc, &mut obs));
+        assert_eq!(obs.usage.map(|u| u.total_tokens), Some(5));
     }
 
     #[test]
