@@ -1078,12 +1078,52 @@ fn passthrough_headers(mut headers: HeaderMap) -> HeaderMap {
         header::UPGRADE,
         header::PROXY_AUTHENTICATE,
     ];
-    for h in HOP {
-        headers.remove(h);
-    }
-    headers.remove("keep-alive");
     // hyper frames the body itself: a JSON body's exact size comes through the tap's size
     // hint, and a body the gateway edits (a suggestion, an error event) must not keep the old length.
     headers.remove(header::CONTENT_LENGTH);
+    // Usually none of the others is there: one look over the few names present costs less
+    // than a removal (a hash and a probe) per name.
+    if headers
+        .keys()
+        .any(|k| HOP.contains(k) || k.as_str() == "keep-alive")
+    {
+        for h in HOP {
+            headers.remove(h);
+        }
+        headers.remove("keep-alive");
+    }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_length_are_not_passed_on() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "application/json"),
+            ("content-length", "12"),
+            ("x-request-id", "abc"),
+        ] {
+            h.insert(HeaderName::from_static(k), v.parse().unwrap());
+        }
+        let kept = passthrough_headers(h.clone());
+        assert_eq!(kept.len(), 2);
+        assert!(!kept.contains_key(header::CONTENT_LENGTH));
+
+        for (k, v) in [
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+        ] {
+            h.insert(HeaderName::from_static(k), v.parse().unwrap());
+        }
+        let kept = passthrough_headers(h);
+        let mut names: Vec<&str> = kept.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["content-type", "x-request-id"]);
+    }
 }
