@@ -254,15 +254,19 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: impl Future
             let app = app.clone();
             async move { Ok::<_, Infallible>(routes::handle(app, req).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        // Pinned on the heap before the task takes it: an `async` block keeps a captured
+        // value and its pinned local in separate slots, which stored the connection twice
+        // in every connection's task (heaptrack: 3.7 KB task cells per held stream).
+        let mut conn = Box::pin(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
         let head_timeout = policy.server.header_read_timeout;
         let idle_timeout = policy.server.idle_timeout;
         let mut stopping = stopping.clone();
         while connections.try_join_next().is_some() {}
         connections.spawn(async move {
-            tokio::pin!(conn);
             // hyper's header_read_timeout starts only once the protocol is known (24 bytes
             // read) and only for HTTP/1: a client that connects and sends nothing, a few bytes,
             // or just the h2 preface would hold a connection slot for ever, and

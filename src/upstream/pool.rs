@@ -221,10 +221,9 @@ impl Pool {
                 .handshake(io)
                 .await
                 .map_err(|e| connect_error(&e))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
+            tokio::spawn(Drive {
+                conn,
+                proto: "HTTP/2",
             });
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.h2.as_ref().is_none_or(|h2| h2.is_closed()) {
@@ -236,13 +235,35 @@ impl Pool {
                 .handshake(io)
                 .await
                 .map_err(|e| connect_error(&e))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
-                }
+            tokio::spawn(Drive {
+                conn,
+                proto: "HTTP/1.1",
             });
             Ok(Sender::H1(tx))
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Runs an upstream connection to its end. A plain future, not an `async` block: a block
+    /// that awaits a captured connection keeps it twice in its task, once captured and once
+    /// awaited (1.7 KB each for an HTTP/1.1 connection, on every held stream).
+    struct Drive<F> {
+        #[pin]
+        conn: F,
+        proto: &'static str,
+    }
+}
+
+impl<F: Future<Output = hyper::Result<()>>> Future for Drive<F> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if let Err(e) = ready!(this.conn.poll(cx)) {
+            tracing::debug!(error = %e, protocol = *this.proto, "upstream connection ended");
+        }
+        Poll::Ready(())
     }
 }
 
