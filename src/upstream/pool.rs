@@ -9,7 +9,8 @@
 //! of idle HTTP/1.1 senders (most recent on top) and at most one shared HTTP/2 sender, and a
 //! connection goes back when the response [`Body`] reaches its end.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,8 @@ pub(super) struct Pool {
     /// An idle connection older than this is closed instead of reused.
     idle_timeout: Duration,
     idle: Mutex<Idle>,
+    /// Whether the task that closes idle connections nobody came back for is running.
+    reaping: AtomicBool,
 }
 
 #[derive(Default)]
@@ -74,6 +77,7 @@ impl Pool {
             host,
             idle_timeout,
             idle: Mutex::new(Idle::default()),
+            reaping: AtomicBool::new(false),
         })
     }
 
@@ -129,7 +133,7 @@ impl Pool {
     }
 
     /// An idle sender ready for a request, or a new connection. `true` if reused.
-    async fn checkout(&self) -> Result<(Sender, bool), UpstreamError> {
+    async fn checkout(self: &Arc<Self>) -> Result<(Sender, bool), UpstreamError> {
         loop {
             match self.take_idle() {
                 // An HTTP/1.1 sender goes back as soon as its body ends, which can be before
@@ -204,8 +208,41 @@ impl Pool {
         }
     }
 
+    /// Drops idle connections past the idle timeout, and closed ones.
+    fn prune(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.h1.retain(|(tx, since)| {
+            !tx.is_closed() && now.duration_since(*since) < self.idle_timeout
+        });
+        if idle.h2.as_ref().is_some_and(|h2| h2.is_closed()) {
+            idle.h2 = None;
+        }
+    }
+
+    /// Starts (once) a task on this runtime that prunes the pool every half idle timeout, so
+    /// connections left over from a burst are closed even if no request comes back to do it.
+    /// It holds the pool weakly and ends with it.
+    fn start_reaping(self: &Arc<Self>) {
+        if self.reaping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool: Weak<Pool> = Arc::downgrade(self);
+        let every = (self.idle_timeout / 2).max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match pool.upgrade() {
+                    Some(pool) => pool.prune(),
+                    None => return,
+                }
+            }
+        });
+    }
+
     /// Opens a connection (TCP, TLS with ALPN) and starts its task on this thread's runtime.
-    async fn connect(&self) -> Result<Sender, UpstreamError> {
+    async fn connect(self: &Arc<Self>) -> Result<Sender, UpstreamError> {
+        self.start_reaping();
         let connect_error = |e: &dyn std::error::Error| UpstreamError::Connect(error_chain(e));
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
@@ -399,6 +436,67 @@ mod tests {
             .wrap_connector(http);
         let origin = format!("https://localhost:{port}/").parse().unwrap();
         Arc::new(Pool::new(https, origin, Duration::from_secs(90)).unwrap())
+    }
+
+    /// Connections left idle past the idle timeout are closed by the pool's own task, with no
+    /// request coming to notice.
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout_without_traffic() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let count = open.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let count = count.clone();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                    count.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .unwrap()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(HttpConnector::new());
+        let origin: Uri = format!("http://{addr}/").parse().unwrap();
+        let pool = Arc::new(Pool::new(https, origin, Duration::from_millis(100)).unwrap());
+        let resp = pool
+            .send(
+                Request::get(format!("http://{addr}/v1/models"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+        assert_eq!(pool.idle.lock().unwrap().h1.len(), 1, "kept for reuse");
+        assert_eq!(open.load(Ordering::SeqCst), 1);
+        for _ in 0..100 {
+            if open.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(pool.idle.lock().unwrap().h1.len(), 0);
+        assert_eq!(
+            open.load(Ordering::SeqCst),
+            0,
+            "the idle connection was closed"
+        );
     }
 
     /// Poe's path: TLS, where ALPN picks HTTP/2, and then one connection carries every
