@@ -361,7 +361,10 @@ impl ResponseCache {
     }
 
     fn is_media(&self, bot: &str, body: &[u8]) -> bool {
-        if memchr::memmem::find(body, b"poecdn.net").is_some() {
+        // Built once: building a searcher costs more than one search with it.
+        static POE_CDN: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"poecdn.net"));
+        if POE_CDN.find(body).is_some() {
             return true;
         }
         let Some(cat) = self.models.snapshot() else {

@@ -22,37 +22,51 @@ pub struct Catalogue {
     entries: Vec<Value>,
     /// Upstream bot ids (not aliases), for `did you mean`.
     pub bot_ids: Vec<String>,
-    /// Each entry's price by lower-case id, parsed once: the ledger prices every row, and a
-    /// scan of Poe's few hundred entries plus string-to-number parses per row added up.
-    prices: HashMap<String, Option<Price>>,
+    /// Each entry's place and price by lower-case id, built once per catalogue: the ledger
+    /// prices every row and the cache checks every stored answer's bot, and a scan of Poe's
+    /// few hundred entries (plus string-to-number parses) per request added up.
+    by_id: HashMap<String, Known>,
+}
+
+#[derive(Debug)]
+struct Known {
+    index: usize,
+    price: Option<Price>,
 }
 
 impl Catalogue {
     fn new(body: Bytes, entries: Vec<Value>, bot_ids: Vec<String>) -> Self {
-        let mut prices = HashMap::new();
-        for e in &entries {
+        let mut by_id = HashMap::new();
+        for (index, e) in entries.iter().enumerate() {
             if let Some(id) = e.get("id").and_then(Value::as_str) {
-                // The first entry of an id wins, as in `entry`.
-                prices
+                // The first entry of an id wins.
+                by_id
                     .entry(id.to_ascii_lowercase())
-                    .or_insert_with(|| parse_price(e));
+                    .or_insert_with(|| Known {
+                        index,
+                        price: parse_price(e),
+                    });
             }
         }
         Catalogue {
             body,
             entries,
             bot_ids,
-            prices,
+            by_id,
+        }
+    }
+
+    fn known(&self, id: &str) -> Option<&Known> {
+        if id.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.by_id.get(&id.to_ascii_lowercase())
+        } else {
+            self.by_id.get(id)
         }
     }
 
     /// One entry by id, case-insensitively.
     pub fn entry(&self, id: &str) -> Option<&Value> {
-        self.entries.iter().find(|e| {
-            e.get("id")
-                .and_then(Value::as_str)
-                .is_some_and(|i| i.eq_ignore_ascii_case(id))
-        })
+        self.known(id).map(|k| &self.entries[k.index])
     }
 
     pub fn entries(&self) -> &[Value] {
@@ -61,14 +75,7 @@ impl Catalogue {
 
     /// Poe's price for a bot (USD per token / per request), when the catalogue has one.
     pub fn price(&self, bot: &str) -> Option<Price> {
-        if bot.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.prices
-                .get(&bot.to_ascii_lowercase())
-                .copied()
-                .flatten()
-        } else {
-            self.prices.get(bot).copied().flatten()
-        }
+        self.known(bot).and_then(|k| k.price)
     }
 
     /// The closest bot or alias name to `model`, if one is close and not the same name.
@@ -249,7 +256,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prices_are_found_by_id_in_any_case_and_the_first_entry_wins() {
+    fn entries_and_prices_are_found_by_id_in_any_case_and_the_first_entry_wins() {
         let entries = vec![
             json!({"id": "GPT-5", "pricing": {"prompt": "0.000001", "completion": 0.00001}}),
             json!({"id": "free-bot", "pricing": {}}),
@@ -267,5 +274,9 @@ mod tests {
         assert_eq!(cat.price("free-bot"), None);
         assert_eq!(cat.price("no-pricing"), None);
         assert_eq!(cat.price("unknown"), None);
+        // Entries are found the same way, the first of an id winning.
+        assert_eq!(cat.entry("gpt-5").unwrap()["pricing"]["prompt"], "0.000001");
+        assert_eq!(cat.entry("NO-PRICING").unwrap()["id"], "no-pricing");
+        assert!(cat.entry("unknown").is_none());
     }
 }
