@@ -152,8 +152,14 @@ impl Pool {
         }
     }
 
+    /// The idle connections. A panic while the lock was held cannot leave them inconsistent
+    /// (each change is one push, pop or retain), so a poisoned lock is used as is.
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn take_idle(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.lock_idle();
         if let Some(h2) = &idle.h2 {
             if !h2.is_closed() {
                 return Some(Sender::H2(h2.clone()));
@@ -183,7 +189,7 @@ impl Pool {
     }
 
     fn forget_h2(&self) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.lock_idle();
         if idle.h2.as_ref().is_some_and(|h2| h2.is_closed()) {
             idle.h2 = None;
         }
@@ -194,7 +200,7 @@ impl Pool {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.lock_idle();
         // Connections unused for the idle timeout are closed (dropping the sender ends its
         // connection task); they sit at the front.
         let stale = idle
@@ -211,7 +217,7 @@ impl Pool {
     /// Drops idle connections past the idle timeout, and closed ones.
     fn prune(&self) {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.lock_idle();
         idle.h1.retain(|(tx, since)| {
             !tx.is_closed() && now.duration_since(*since) < self.idle_timeout
         });
@@ -262,7 +268,7 @@ impl Pool {
                 conn,
                 proto: "HTTP/2",
             });
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut idle = self.lock_idle();
             if idle.h2.as_ref().is_none_or(|h2| h2.is_closed()) {
                 idle.h2 = Some(tx.clone());
             }
