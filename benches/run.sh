@@ -139,7 +139,23 @@ SSE_REPLY=$(
   printf 'data: [DONE]\\n\\n'
 )
 # Poe's model catalogue, trimmed: the gateway prices what it accounts from it.
-CATALOGUE='{"object":"list","data":[{"id":"gpt-5","object":"model","created":1767225600,"owned_by":"openai","pricing":{"prompt":"0.00000125","completion":"0.00001","request":"0"}}]}'
+# A catalogue the size of Poe's (a few hundred bots), with the benchmark's bot in the middle:
+# per-request look-ups that scan it cost here what they cost against Poe (a one-entry
+# catalogue once hid such a scan). Served from a file; nginx's `return` takes only short text.
+CATALOGUE_FILE=$TMP/models.json
+{
+  printf '{"object":"list","data":['
+  for i in $(seq 1 300); do
+    [ "$i" = 1 ] || printf ','
+    if [ "$i" = 150 ]; then
+      printf '{"id":"gpt-5","object":"model","created":1767225600,"owned_by":"openai","pricing":{"prompt":"0.00000125","completion":"0.00001","request":"0"}}'
+    else
+      printf '{"id":"bench-bot-%03d","object":"model","created":1767225600,"owned_by":"bench","architecture":{"input_modalities":["text"],"output_modalities":["text"]},"pricing":{"prompt":"0.000001","completion":"0.000002","request":"0"}}' "$i"
+    fi
+  done
+  printf ']}'
+} >"$CATALOGUE_FILE"
+chmod 644 "$CATALOGUE_FILE"
 nginx_escape() { sed "s/'/\\\\'/g" <<<"$1"; }
 
 # --- servers ------------------------------------------------------------------------------------
@@ -188,7 +204,7 @@ start_upstream_nginx() {
   server {
     listen 127.0.0.1:$P_UP_JSON backlog=4096;
     location = /v1/chat/completions { default_type application/json; return 200 '$(nginx_escape "$JSON_REPLY")'; }
-    location = /v1/models { default_type application/json; return 200 '$(nginx_escape "$CATALOGUE")'; }
+    location = /v1/models { default_type application/json; alias $CATALOGUE_FILE; }
     location / { return 404; }
   }
   server {
@@ -198,7 +214,7 @@ start_upstream_nginx() {
       add_header Cache-Control no-cache;
       return 200 '$(nginx_escape "$SSE_REPLY")';
     }
-    location = /v1/models { default_type application/json; return 200 '$(nginx_escape "$CATALOGUE")'; }
+    location = /v1/models { default_type application/json; alias $CATALOGUE_FILE; }
     location / { return 404; }
   }
 }
