@@ -100,20 +100,17 @@ impl Pool {
                         *req.uri_mut() = Uri::from(pq);
                     }
                     req.headers_mut().insert(header::HOST, self.host.clone());
-                    match tx.try_send_request(req).await {
-                        Ok(resp) => {
-                            let mut home = Some(Home {
-                                pool: self.clone(),
-                                tx,
-                            });
-                            // Nothing to read (a 204, an empty body): reusable right away.
-                            if resp.body().is_end_stream() {
-                                Home::back(&mut home);
-                            }
-                            Ok(resp.map(|inner| Body { inner, home }))
+                    tx.try_send_request(req).await.map(|resp| {
+                        let mut home = Some(Home {
+                            pool: self.clone(),
+                            tx,
+                        });
+                        // Nothing to read (a 204, an empty body): reusable right away.
+                        if resp.body().is_end_stream() {
+                            Home::back(&mut home);
                         }
-                        Err(e) => Err(e),
-                    }
+                        resp.map(|inner| Body { inner, home })
+                    })
                 }
             };
             match result {
@@ -121,11 +118,9 @@ impl Pool {
                 Err(mut e) => match e.take_message() {
                     // An idle connection that closed before it took any of the request (the
                     // server's keep-alive ran out): the request goes once more, on another
-                    // connection. A fresh connection that fails so is a real failure.
-                    Some(back) if reused => {
-                        req = self.absolute(back);
-                        self.forget_h2();
-                    }
+                    // connection (the next checkout drops a closed one from the pool). A fresh
+                    // connection that fails so is a real failure.
+                    Some(back) if reused => req = self.absolute(back),
                     _ => return Err(UpstreamError::Broken(error_chain(&e.into_error()))),
                 },
             }
@@ -186,13 +181,6 @@ impl Pool {
             req.headers_mut().remove(header::HOST);
         }
         req
-    }
-
-    fn forget_h2(&self) {
-        let mut idle = self.lock_idle();
-        if idle.h2.as_ref().is_some_and(|h2| h2.is_closed()) {
-            idle.h2 = None;
-        }
     }
 
     fn checkin(&self, tx: http1::SendRequest<ReqBody>) {
