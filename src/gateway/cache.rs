@@ -367,19 +367,9 @@ impl ResponseCache {
         if POE_CDN.find(body).is_some() {
             return true;
         }
-        let Some(cat) = self.models.snapshot() else {
-            return false;
-        };
-        let Some(outputs) = cat
-            .entry(bot)
-            .and_then(|e| e.pointer("/architecture/output_modalities"))
-            .and_then(|m| m.as_array())
-        else {
-            return false;
-        };
-        outputs
-            .iter()
-            .any(|m| m.as_str().is_some_and(|m| m != "text"))
+        self.models
+            .snapshot()
+            .is_some_and(|cat| cat.makes_media(bot))
     }
 
     /// Stores an entry (the caller has checked it is not a media answer).

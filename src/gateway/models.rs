@@ -32,6 +32,8 @@ pub struct Catalogue {
 struct Known {
     index: usize,
     price: Option<Price>,
+    /// The entry lists an output other than text (an image, video or audio bot).
+    media: bool,
 }
 
 impl Catalogue {
@@ -45,6 +47,7 @@ impl Catalogue {
                     .or_insert_with(|| Known {
                         index,
                         price: parse_price(e),
+                        media: makes_media(e),
                     });
             }
         }
@@ -73,6 +76,12 @@ impl Catalogue {
         &self.entries
     }
 
+    /// Whether the catalogue says the bot answers with media. Looked up for every stored
+    /// cache miss, so it is worked out once per catalogue.
+    pub fn makes_media(&self, bot: &str) -> bool {
+        self.known(bot).is_some_and(|k| k.media)
+    }
+
     /// Poe's price for a bot (USD per token / per request), when the catalogue has one.
     pub fn price(&self, bot: &str) -> Option<Price> {
         self.known(bot).and_then(|k| k.price)
@@ -99,6 +108,14 @@ impl Catalogue {
         }
         best.map(|(n, _)| n)
     }
+}
+
+/// Whether an entry's `architecture.output_modalities` holds anything but `"text"`.
+fn makes_media(entry: &Value) -> bool {
+    entry
+        .pointer("/architecture/output_modalities")
+        .and_then(Value::as_array)
+        .is_some_and(|m| m.iter().any(|m| m.as_str().is_some_and(|m| m != "text")))
 }
 
 /// USD per prompt token, per completion token, and per request.
@@ -278,5 +295,28 @@ mod tests {
         assert_eq!(cat.entry("gpt-5").unwrap()["pricing"]["prompt"], "0.000001");
         assert_eq!(cat.entry("NO-PRICING").unwrap()["id"], "no-pricing");
         assert!(cat.entry("unknown").is_none());
+    }
+
+    #[test]
+    fn media_bots_are_told_by_their_output_modalities() {
+        let arch = |outputs: Value| json!({"architecture": {"output_modalities": outputs}});
+        let mut entries = vec![
+            arch(json!(["text"])),
+            arch(json!(["text", "image"])),
+            arch(json!(["video"])),
+            json!({}),
+        ];
+        for (e, id) in entries
+            .iter_mut()
+            .zip(["text-bot", "Image-Bot", "video-bot", "bare"])
+        {
+            e["id"] = json!(id);
+        }
+        let cat = Catalogue::new(Bytes::new(), entries, vec![]);
+        assert!(!cat.makes_media("text-bot"));
+        assert!(cat.makes_media("image-bot"));
+        assert!(cat.makes_media("VIDEO-bot"));
+        assert!(!cat.makes_media("bare"));
+        assert!(!cat.makes_media("unknown"));
     }
 }
