@@ -16,6 +16,10 @@ pub struct SseScanner {
     line: Vec<u8>,
     /// The `data` of the event being assembled (lines joined with `\n`).
     data: Vec<u8>,
+    /// The event's data while it is a single `data` line of the frame being fed: where it is
+    /// in that frame. Most events are one line in one frame, and are read where they lie;
+    /// `data` gets a copy only when a second line comes or the frame ends first.
+    data_in_frame: Option<std::ops::Range<usize>>,
     has_data: bool,
     /// The last frame ended in `\r`: a `\n` starting the next one belongs to it.
     skip_lf: bool,
@@ -36,6 +40,7 @@ impl SseScanner {
         SseScanner {
             line: Vec::new(),
             data: Vec::new(),
+            data_in_frame: None,
             has_data: false,
             skip_lf: false,
             max_line,
@@ -75,9 +80,13 @@ impl SseScanner {
         chunk: &[u8],
         on_bound: &mut impl FnMut(Option<&[u8]>, usize),
     ) -> Result<(), LineTooLong> {
+        let frame = chunk;
         let total = chunk.len();
         let mut chunk = chunk;
-        while !chunk.is_empty() {
+        let result = loop {
+            if chunk.is_empty() {
+                break Ok(());
+            }
             if self.skip_lf {
                 self.skip_lf = false;
                 if chunk[0] == b'\n' {
@@ -87,10 +96,10 @@ impl SseScanner {
             }
             let Some(i) = memchr2(b'\n', b'\r', chunk) else {
                 if self.line.len() + chunk.len() > self.max_line {
-                    return Err(LineTooLong);
+                    break Err(LineTooLong);
                 }
                 self.line.extend_from_slice(chunk);
-                return Ok(());
+                break Ok(());
             };
             let rest = &chunk[i + 1..];
             let next = if chunk[i] == b'\r' {
@@ -107,49 +116,83 @@ impl SseScanner {
             };
             let end = total - next.len();
             if self.line.is_empty() {
-                self.line_done(&chunk[..i], end, on_bound);
+                let start = total - chunk.len();
+                self.line_done(frame, start..start + i, true, end, on_bound);
             } else {
                 if self.line.len() + i > self.max_line {
-                    return Err(LineTooLong);
+                    break Err(LineTooLong);
                 }
                 let mut line = std::mem::take(&mut self.line);
                 line.extend_from_slice(&chunk[..i]);
-                self.line_done(&line, end, on_bound);
+                self.line_done(&line, 0..line.len(), false, end, on_bound);
                 line.clear();
                 self.line = line;
             }
             chunk = next;
-        }
-        Ok(())
+        };
+        // The frame is the caller's: an event still open keeps its own copy of its data.
+        self.data_from_frame(frame);
+        result
     }
 
+    /// Moves the event's data out of the frame (into `data`), before more is added to it
+    /// or the frame goes away.
+    fn data_from_frame(&mut self, frame: &[u8]) {
+        if let Some(r) = self.data_in_frame.take() {
+            self.data.extend_from_slice(&frame[r]);
+        }
+    }
+
+    /// One line, `src[line]`, ending at `end` in the frame. `src` is the frame itself
+    /// (`in_frame`) or a line carried over from earlier frames.
     fn line_done(
         &mut self,
-        line: &[u8],
+        src: &[u8],
+        line: std::ops::Range<usize>,
+        in_frame: bool,
         end: usize,
         on_bound: &mut impl FnMut(Option<&[u8]>, usize),
     ) {
+        // Only a frame's first line can be a carried one, before any data lies in the frame.
+        debug_assert!(in_frame || self.data_in_frame.is_none());
         if line.is_empty() {
-            on_bound(self.has_data.then_some(&self.data[..]), end);
+            let data = match self.data_in_frame.take() {
+                Some(r) => &src[r],
+                None => &self.data[..],
+            };
+            on_bound(self.has_data.then_some(data), end);
             self.data.clear();
             self.has_data = false;
             return;
         }
-        if line[0] == b':' {
+        let text = &src[line.clone()];
+        if text[0] == b':' {
             return; // comment
         }
-        let (field, value) = match memchr(b':', line) {
+        let (field, value) = match memchr(b':', text) {
             Some(i) => {
-                let v = &line[i + 1..];
-                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+                let v = line.start + i + 1;
+                let v = if src.get(v) == Some(&b' ') && v < line.end {
+                    v + 1
+                } else {
+                    v
+                };
+                (&text[..i], v..line.end)
             }
-            None => (line, &[][..]),
+            None => (text, line.end..line.end),
         };
         if field == b"data" {
-            if self.has_data {
-                self.data.push(b'\n');
+            if in_frame && !self.has_data {
+                self.data_in_frame = Some(value);
+            } else {
+                if in_frame {
+                    self.data_from_frame(src);
+                }
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(&src[value]);
             }
-            self.data.extend_from_slice(value);
             self.has_data = true;
         }
     }
