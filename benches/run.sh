@@ -417,6 +417,12 @@ run_memory() {
   done
   stop_gateway gw-mem2
   [ -z "${HOLD_FAIL:-}" ] || die "not every stream was held (see above)"
+
+  # What a stored cache entry costs against what the cache's weigher counts toward
+  # [cache] max_bytes (alone in its process: it reads RSS). Fails if they are 15 % apart.
+  log "memory: cache entries, RSS against weight"
+  cargo test --release --lib entry_weights_match_their_memory -- --ignored --nocapture 2>&1 \
+    | grep -E 'bytes of RSS per entry|panicked|weigher is' || die "the cache entry measurement failed"
 }
 
 run_soak() {
