@@ -25,7 +25,8 @@ enum Event {
     MultiLine(u8),
     Finish,
     UsageOnly(u64, u64),
-    UsageWithContent(String, u64, u64),
+    /// Usage riding on a content chunk, with an `id:` line or none.
+    UsageWithContent(String, u64, u64, Option<u8>),
 }
 
 fn json_str(s: &str) -> String {
@@ -75,7 +76,7 @@ fn render(events: &[Event], done: bool, crlf: bool) -> (Vec<u8>, Vec<u8>, Option
                     String::new(),
                 )
             }
-            Event::UsageWithContent(t, p, c) => {
+            Event::UsageWithContent(t, p, c, id) => {
                 usage = Some(Usage {
                     prompt_tokens: *p,
                     completion_tokens: *c,
@@ -85,13 +86,15 @@ fn render(events: &[Event], done: bool, crlf: bool) -> (Vec<u8>, Vec<u8>, Option
                     "[{{\"index\":0,\"delta\":{{\"content\":{}}}}}]",
                     json_str(t)
                 );
+                let id = id.map(|n| format!("id: {n}{nl}")).unwrap_or_default();
                 (
                     format!(
-                        "data: {{\"id\":\"c\",\"choices\":{choices},\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c},\"total_tokens\":{}}}}}{nl}{nl}",
+                        "{id}data: {{\"id\":\"c\",\"choices\":{choices},\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c},\"total_tokens\":{}}}}}{nl}{nl}",
                         p + c
                     ),
-                    // The gateway rewrites the event with the field cut out, LF-terminated.
-                    format!("data: {{\"id\":\"c\",\"choices\":{choices}}}\n\n"),
+                    // The gateway rewrites the event with the field cut out; its `id:` line
+                    // and its line endings stay.
+                    format!("{id}data: {{\"id\":\"c\",\"choices\":{choices}}}{nl}{nl}"),
                 )
             }
         };
@@ -114,7 +117,8 @@ fn event() -> impl Strategy<Value = Event> {
         1 => any::<u8>().prop_map(Event::MultiLine),
         1 => Just(Event::Finish),
         1 => (0u64..5000, 0u64..5000).prop_map(|(p, c)| Event::UsageOnly(p, c)),
-        1 => (text, 0u64..5000, 0u64..5000).prop_map(|(t, p, c)| Event::UsageWithContent(t, p, c)),
+        1 => (text, 0u64..5000, 0u64..5000, proptest::option::of(any::<u8>()))
+            .prop_map(|(t, p, c, id)| Event::UsageWithContent(t, p, c, id)),
     ]
 }
 

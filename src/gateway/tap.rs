@@ -368,6 +368,8 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
             }
             let mut changed = lead == Some(false);
             let mut from = usize::from(lead.is_some());
+            // The held bytes are the start of the first event completed here.
+            let mut first = true;
             scanner
                 .feed_bounds(&data, &mut |event: Option<&[u8]>, end: usize| {
                     let piece = match event.map(|d| {
@@ -380,19 +382,16 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
                     }) {
                         Some(UsageEdit::Drop) => Piece::Drop,
                         Some(UsageEdit::Rewrite(json)) => {
-                            // One `data:` line per line: a multi-line event's data keeps
-                            // the `\n`s its lines were joined with.
-                            let mut ev = Vec::with_capacity(json.len() + 8);
-                            for line in json.split(|b| *b == b'\n') {
-                                ev.extend_from_slice(b"data: ");
-                                ev.extend_from_slice(line);
-                                ev.push(b'\n');
-                            }
-                            ev.push(b'\n');
-                            Piece::Replace(Bytes::from(ev))
+                            let before: &[u8] = if first { held } else { &[] };
+                            Piece::Replace(Bytes::from(replace_data(
+                                before,
+                                &data[from..end],
+                                &json,
+                            )))
                         }
                         _ => Piece::Keep(from..end),
                     };
+                    first = false;
                     changed |= !matches!(piece, Piece::Keep(_));
                     pieces.push(piece);
                     from = end;
@@ -448,6 +447,53 @@ enum UsageEdit {
     Drop,
     /// A content chunk with `usage` cut out.
     Rewrite(Vec<u8>),
+}
+
+/// The whole event `before` + `rest` (blank line included) with its data lines replaced by
+/// `data`, one `data:` line per line of it. Its other lines (`event:`, `id:`, `retry:`,
+/// comments) stay where they were, and every line ends as the event's lines did.
+fn replace_data(before: &[u8], rest: &[u8], data: &[u8]) -> Vec<u8> {
+    let joined;
+    let raw = if before.is_empty() {
+        rest
+    } else {
+        joined = [before, rest].concat();
+        &joined[..]
+    };
+    let nl: &[u8] = match memchr::memchr(b'\r', raw) {
+        Some(i) if raw.get(i + 1) == Some(&b'\n') => b"\r\n",
+        Some(_) => b"\r",
+        None => b"\n",
+    };
+    let mut out = Vec::with_capacity(raw.len() + data.len());
+    let mut data_written = false;
+    let mut left = raw;
+    while !left.is_empty() {
+        let (line, next) = match memchr::memchr2(b'\n', b'\r', left) {
+            Some(i) if left[i] == b'\r' && left.get(i + 1) == Some(&b'\n') => (&left[..i], i + 2),
+            Some(i) => (&left[..i], i + 1),
+            None => (left, left.len()),
+        };
+        left = &left[next..];
+        if line.is_empty() {
+            continue; // the blank line that ends the event, written last
+        }
+        if line == b"data" || line.starts_with(b"data:") {
+            if !data_written {
+                data_written = true;
+                for l in data.split(|b| *b == b'\n') {
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(l);
+                    out.extend_from_slice(nl);
+                }
+            }
+            continue;
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(nl);
+    }
+    out.extend_from_slice(nl);
+    out
 }
 
 /// What to do with one event (that mentions `"usage"`) when the client did not ask for usage.
@@ -762,6 +808,23 @@ mod tests {
         assert_eq!(obs.finish_reasons, vec!["stop"]);
         assert_eq!(obs.usage.unwrap().total_tokens, 3);
         assert_eq!(obs.text_bytes, 5);
+    }
+
+    /// A rewritten event keeps its other fields and comments in place, and its line endings;
+    /// all its data lines make way for the new data's lines.
+    #[test]
+    fn rewritten_events_keep_their_other_lines() {
+        let out = replace_data(
+            b"event: chunk\r\n: note\r\nda",
+            b"ta: {\"a\":\r\ndata: 1}\r\nid: 7\r\nretry: 10\r\n\r\n",
+            b"{\"b\":\n2}",
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "event: chunk\r\n: note\r\ndata: {\"b\":\r\ndata: 2}\r\nid: 7\r\nretry: 10\r\n\r\n"
+        );
+        let out = replace_data(b"", b"id: 1\rdata:{}\r\r", b"{\"c\":3}");
+        assert_eq!(out, b"id: 1\rdata: {\"c\":3}\r\r");
     }
 
     #[test]
