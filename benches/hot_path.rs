@@ -12,10 +12,10 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http_body_util::BodyExt;
 use poe_gateway::config::{self, CachePolicy};
 use poe_gateway::gateway::cache::ResponseCache;
-use poe_gateway::gateway::completion::{Accounting, Completion, RequestInfo};
+use poe_gateway::gateway::completion::Accounting;
 use poe_gateway::gateway::models::Models;
 use poe_gateway::gateway::sse::SseScanner;
-use poe_gateway::gateway::tap::{ReplayBody, Tap};
+use poe_gateway::gateway::tap::Tap;
 use poe_gateway::gateway::{Caller, ChatRequest};
 use poe_gateway::ledger::{Ledger, Store, UsageRow};
 use poe_gateway::metrics::Metrics;
@@ -101,30 +101,7 @@ fn tap(c: &mut Criterion) {
         };
         g.bench_function(name, |b| {
             b.iter(|| {
-                let info = RequestInfo {
-                    request_id: Arc::from("bench"),
-                    key_id: None,
-                    model: "claude".into(),
-                    alias: Some("claude".into()),
-                    bot: "claude-sonnet-4.5".into(),
-                    stream: true,
-                    status: 200,
-                    attempts: 1,
-                    started: tokio::time::Instant::now(),
-                    cache_hit: false,
-                    span: tracing::Span::none(),
-                    request_body: None,
-                };
-                let completion = Completion::new(info, acct.clone(), None);
-                let body = ReplayBody::new(frames.clone(), std::time::Duration::ZERO);
-                let tap = Tap::new(
-                    body,
-                    true,
-                    strip,
-                    std::time::Duration::from_secs(300),
-                    completion,
-                    None,
-                );
+                let tap = Tap::over_frames(frames.clone(), strip, acct.clone());
                 rt.block_on(async { black_box(tap.collect().await.unwrap().to_bytes()) })
             })
         });

@@ -8,12 +8,11 @@
 //! - a passthrough tap returns the stream byte for byte.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use poe_gateway::gateway::completion::{Accounting, Completion, RequestInfo};
-use poe_gateway::gateway::tap::{ReplayBody, Tap, Usage};
+use poe_gateway::gateway::completion::Accounting;
+use poe_gateway::gateway::tap::{Tap, Usage};
 use poe_gateway::ledger::{Ledger, Store};
 use poe_gateway::metrics::Metrics;
 use proptest::prelude::*;
@@ -133,23 +132,7 @@ fn run(frames: Vec<Bytes>, strip: bool) -> (Vec<u8>, Option<Usage>) {
             metrics: Arc::new(Metrics::new()),
             ledger: Ledger::start(Store::memory().unwrap(), None),
         });
-        let info = RequestInfo {
-            request_id: Arc::from("prop"),
-            key_id: None,
-            model: "m".into(),
-            alias: None,
-            bot: "m".into(),
-            stream: true,
-            status: 200,
-            attempts: 1,
-            started: tokio::time::Instant::now(),
-            cache_hit: false,
-            span: tracing::Span::none(),
-            request_body: None,
-        };
-        let completion = Completion::new(info, acct, None);
-        let body = ReplayBody::new(frames.into(), Duration::ZERO);
-        let mut tap = Tap::new(body, true, strip, Duration::from_secs(60), completion, None);
+        let mut tap = Tap::over_frames(frames.into(), strip, acct);
         let mut out = Vec::new();
         while let Some(frame) = tap.frame().await {
             if let Ok(d) = frame.unwrap().into_data() {

@@ -17,16 +17,15 @@
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::Body;
 use libfuzzer_sys::fuzz_target;
 use poe_gateway::GatewayError;
-use poe_gateway::gateway::completion::{Accounting, Completion, RequestInfo};
+use poe_gateway::gateway::completion::Accounting;
 use poe_gateway::gateway::json::TopLevel;
 use poe_gateway::gateway::sse::SseScanner;
-use poe_gateway::gateway::tap::{Observed, ReplayBody, Tap};
+use poe_gateway::gateway::tap::{Observed, Tap};
 use poe_gateway::ledger::{Ledger, Store};
 use poe_gateway::metrics::Metrics;
 
@@ -59,23 +58,7 @@ static ENV: LazyLock<Env> = LazyLock::new(|| {
 fn run(frames: Vec<Bytes>, strip: bool) -> (Vec<u8>, Observed) {
     let env = &*ENV;
     let _guard = env.rt.enter();
-    let info = RequestInfo {
-        request_id: Arc::from("fuzz"),
-        key_id: None,
-        model: "m".into(),
-        alias: None,
-        bot: "m".into(),
-        stream: true,
-        status: 200,
-        attempts: 1,
-        started: tokio::time::Instant::now(),
-        cache_hit: false,
-        span: tracing::Span::none(),
-        request_body: None,
-    };
-    let completion = Completion::new(info, env.acct.clone(), None);
-    let body = ReplayBody::new(frames.into(), Duration::ZERO);
-    let mut tap = Tap::new(body, true, strip, Duration::from_secs(60), completion, None);
+    let mut tap = Tap::over_frames(frames.into(), strip, env.acct.clone());
     let mut cx = Context::from_waker(Waker::noop());
     let mut out = Vec::new();
     loop {

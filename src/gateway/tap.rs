@@ -186,6 +186,40 @@ impl<B> Tap<B> {
     }
 }
 
+impl Tap<ReplayBody> {
+    /// A tap over recorded stream frames outside any request, accounted as one streamed
+    /// request for a bot `m` to `acct`. What the property tests, the fuzz target and the
+    /// benchmarks drive.
+    pub fn over_frames(
+        frames: std::sync::Arc<[Bytes]>,
+        strip_usage: bool,
+        acct: std::sync::Arc<super::completion::Accounting>,
+    ) -> Self {
+        let info = super::completion::RequestInfo {
+            request_id: "replay".into(),
+            key_id: None,
+            model: "m".into(),
+            alias: None,
+            bot: "m".into(),
+            stream: true,
+            status: 200,
+            attempts: 1,
+            started: Instant::now(),
+            cache_hit: false,
+            span: tracing::Span::none(),
+            request_body: None,
+        };
+        Tap::new(
+            ReplayBody::new(frames, Duration::ZERO),
+            true,
+            strip_usage,
+            Duration::from_secs(60),
+            Completion::new(info, acct, None),
+            None,
+        )
+    }
+}
+
 impl<B> Tap<B> {
     /// What the tap has read so far (usage, `[DONE]`, byte counts).
     pub fn observed(&self) -> &Observed {
