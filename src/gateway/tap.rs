@@ -494,7 +494,10 @@ fn replace_data(before: &[u8], rest: &[u8], data: &[u8]) -> Vec<u8> {
         joined = [before, rest].concat();
         &joined[..]
     };
-    let nl: &[u8] = match memchr::memchr(b'\r', raw) {
+    // The event's first line ending is the one it is written with. Not the first CR: that
+    // may be the blank line's, whose LF can be in the next frame.
+    let nl: &[u8] = match memchr::memchr2(b'\n', b'\r', raw) {
+        Some(i) if raw[i] == b'\n' => b"\n",
         Some(i) if raw.get(i + 1) == Some(&b'\n') => b"\r\n",
         Some(_) => b"\r",
         None => b"\n",
@@ -859,6 +862,17 @@ mod tests {
         );
         let out = replace_data(b"", b"id: 1\rdata:{}\r\r", b"{\"c\":3}");
         assert_eq!(out, b"id: 1\rdata: {\"c\":3}\r\r");
+    }
+
+    /// Found by the `sse_tap` fuzz target: LF lines, then a CRLF blank line cut between its CR
+    /// and LF. The event was written with CR or CRLF depending on the cut.
+    #[test]
+    fn rewritten_events_take_their_first_line_ending() {
+        let data = br#"{"id":"a"}"#;
+        let whole = replace_data(b"", b"data: {\"usage\":null,\"id\":\"a\"}\n\r\n", data);
+        let cut = replace_data(b"", b"data: {\"usage\":null,\"id\":\"a\"}\n\r", data);
+        assert_eq!(whole, b"data: {\"id\":\"a\"}\n\n");
+        assert_eq!(cut, whole);
     }
 
     #[test]
