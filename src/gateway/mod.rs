@@ -776,9 +776,11 @@ impl Gateway {
             }
         }
         let (failure, bot) = last.expect("at least one attempt was made");
-        let mut reply = self
-            .error_reply(caller, req, route, failure, bot, attempts, started)
-            .await;
+        // Boxed: the error path can fetch the catalogue for a suggestion, and that state
+        // would otherwise more than double the size of every request's future (which is
+        // allocated and moved whole on each request).
+        let mut reply =
+            Box::pin(self.error_reply(caller, req, route, failure, bot, attempts, started)).await;
         // A cacheable request that failed was still a miss (errors are never stored).
         if plan.is_some() {
             reply.cache = CacheStatus::Miss;
