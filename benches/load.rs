@@ -21,7 +21,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -340,7 +340,14 @@ fn parse_spec(spec: &str) -> Result<(Kind, String, Target), String> {
 /// `__N__` in a request body is replaced by a number unique to each request, so a response
 /// cache sees every request as new (a miss) while the bodies stay the same size class.
 const UNIQUE_MARK: &[u8] = b"__N__";
-static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+/// Starts at the clock, not at 0: a warm-up run and the measured run that follows it are two
+/// processes, and the second must not ask what the first already stored (those are hits).
+static NEXT_ID: LazyLock<AtomicU64> = LazyLock::new(|| {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    AtomicU64::new(now.as_nanos() as u64)
+});
 
 struct BodyTemplate {
     whole: Bytes,

@@ -7,6 +7,7 @@
 #   bash benches/run.sh soak [DUR]   # soak at moderate load, RSS sampled; DUR like 600, 120s or 2m (default 10m)
 #   bash benches/run.sh profile      # callgrind instruction counts of the gateway's request path
 #   bash benches/run.sh perf         # perf (cpu-clock samples, kernel included) at 32 connections
+#   bash benches/run.sh syscalls     # system calls per request (strace -c), gateway and nginx proxy
 #
 # Knobs (env): ROUNDS (3), DURATION seconds per run (4), WARMUP (1), CONNS (32),
 #   HOLD_STREAMS (10000), SOAK_RATE req/s per target (300), SOAK_CONNS (8), KEEP_TMP=1,
@@ -36,8 +37,8 @@ log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 
 case "$MODE" in
-  all|compare|memory|soak|profile|perf) ;;
-  *) die "unknown mode '$MODE' (all, compare, memory, soak [DUR], profile, perf)" ;;
+  all|compare|memory|soak|profile|perf|syscalls) ;;
+  *) die "unknown mode '$MODE' (all, compare, memory, soak [DUR], profile, perf, syscalls)" ;;
 esac
 
 duration_secs() { # 600 | 120s | 2m | 1h
@@ -67,6 +68,7 @@ fi
 command -v curl >/dev/null || apt_install curl
 if [ "$MODE" = profile ] && ! command -v valgrind >/dev/null; then apt_install valgrind; fi
 if [ "$MODE" = perf ] && ! command -v perf >/dev/null; then apt_install linux-perf; fi
+if [ "$MODE" = syscalls ] && ! command -v strace >/dev/null; then apt_install strace; fi
 
 # 10,000 held streams need about 10,000 descriptors in the load tool and in the slow upstream,
 # and two per stream in the gateway.
@@ -561,6 +563,60 @@ run_perf() {
   log "perf data: $TMP (KEEP_TMP=1 keeps it)"
 }
 
+# Counts the system calls of every thread of a server (the gateway, or the proxy nginx's
+# workers) over a fixed number of requests, serial and at $CONNS connections: a request that
+# takes more trips into the kernel than nginx's is paying for them in the 37 % of kernel time
+# that perf shows. strace slows the server down; the counts, not the times, are the result.
+syscalls_one() { # $1 label, $2 kind, $3 URL, then the server's pids
+  local label=$1 kind=$2 url=$3 bj=$TMP/req-json.json bs=$TMP/req-sse.json mode conns
+  shift 3
+  if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; fi
+  "$LOAD_BIN" compare --rounds 1 --duration 20 --warmup 0 --conns "$CONNS" --no-serial --max-requests 2000 \
+    --body-json "$bj" --body-sse "$bs" --target "$kind:$label=$url$CHAT" >/dev/null 2>&1 || die "$label: warm-up failed"
+  for mode in serial conns; do
+    local args=(--serial-only) n=2000 attach=() p t
+    [ $mode = conns ] && args=(--no-serial --conns "$CONNS") n=20000
+    # Every thread: strace -p attaches to one thread only.
+    for p in "$@"; do for t in /proc/"$p"/task/*; do attach+=(-p "${t##*/}"); done; done
+    strace -f -c -o "$TMP/strace-$label-$mode" "${attach[@]}" 2>/dev/null &
+    local st=$!
+    sleep 1
+    "$LOAD_BIN" compare --rounds 1 --duration 120 --warmup 0 "${args[@]}" --max-requests "$n" \
+      --body-json "$bj" --body-sse "$bs" --target "$kind:$label=$url$CHAT" >"$TMP/strace-load-$label-$mode" 2>&1 \
+      || die "$label: traced requests failed: $(tail -3 "$TMP/strace-load-$label-$mode")"
+    kill -INT "$st"
+    wait "$st" 2>/dev/null || true
+    # strace -c: % time, seconds, usecs/call, calls, [errors,] syscall.
+    awk -v n="$n" -v label="$label" -v mode="$mode" '
+      $1 ~ /^[0-9.]+$/ && $NF == "total" { total = $4 }
+      $1 ~ /^[0-9.]+$/ && $NF != "total" { calls[$NF] = $4; errs[$NF] = (NF == 6) ? $5 : 0 }
+      END {
+        printf "SYSCALLS %s %s: %.2f per request;", label, mode, total / n
+        for (c in calls) if (calls[c] / n >= 0.05) {
+          printf " %s %.2f", c, calls[c] / n
+          if (errs[c] / n >= 0.05) printf " (%.2f failed)", errs[c] / n
+        }
+        printf "\n"
+      }' "$TMP/strace-$label-$mode"
+  done
+}
+
+run_syscalls() {
+  local kind port pport pids
+  for kind in json sse; do
+    port=$P_UP_JSON pport=$P_PX_JSON
+    [ $kind = sse ] && port=$P_UP_SSE pport=$P_PX_SSE
+    pids=$(pgrep -f "nginx: worker process" -P "$(cat "$TMP/nginx-proxy/nginx.pid")" | tr '\n' ' ')
+    log "syscalls ($kind): nginx proxy (workers $pids)"
+    # shellcheck disable=SC2086
+    syscalls_one nginx $kind "http://127.0.0.1:$pport" $pids
+    start_gateway "gw-strace-$kind" "http://127.0.0.1:$port" warn
+    log "syscalls ($kind): gateway"
+    syscalls_one gateway $kind "${GW_URL[gw-strace-$kind]}" "${GW_PID[gw-strace-$kind]}"
+    stop_gateway "gw-strace-$kind"
+  done
+}
+
 # --- run ----------------------------------------------------------------------------------------
 start_upstream_nginx
 start_slow_upstream
@@ -579,5 +635,6 @@ case "$MODE" in
   soak) run_soak ;;
   profile) run_profile ;;
   perf) run_perf ;;
+  syscalls) run_syscalls ;;
 esac
 log "done"
