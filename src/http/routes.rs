@@ -348,7 +348,8 @@ mod tests {
     /// The chat call's future is boxed (moved to the heap) once per request, so its size is
     /// copied every time: a connect or handshake future kept inline once made it about 20 KB
     /// and cost 20,000 instructions per request in `memcpy`. Rare, large states (opening an
-    /// upstream connection) are boxed where they start.
+    /// upstream connection, the error path's catalogue fetch for a suggestion: 7.1 KB before
+    /// it was boxed) are boxed where they start.
     #[test]
     fn the_chat_future_stays_small() {
         fn size_of_output<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
@@ -357,6 +358,6 @@ mod tests {
         let chat: fn(&'static crate::gateway::Gateway, &'static Caller, ChatRequest) -> _ =
             |gateway, caller, req| gateway.chat(caller, req);
         let size = size_of_output(chat);
-        assert!(size <= 8192, "Gateway::chat's future is {size} bytes");
+        assert!(size <= 4096, "Gateway::chat's future is {size} bytes");
     }
 }
