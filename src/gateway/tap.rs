@@ -698,8 +698,11 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
         }
     };
     read_usage_and_finish(&body, observed);
-    // A rough figure for the estimate if no usage was found.
-    observed.text_bytes = content_len(&body) as u64;
+    // A rough figure for the estimate, needed only when no usage was found (another pass
+    // over the whole body otherwise).
+    if observed.usage.is_none() {
+        observed.text_bytes = content_len(&body) as u64;
+    }
 }
 
 /// The last bytes of a body: in strip mode, a held partial event (sent as is when the

@@ -335,9 +335,10 @@ mod tests {
     }
 
     /// hyper allocates each connection's service future once, at the size of its largest
-    /// state, and keeps that allocation while the connection lives: with 10,000 held streams
-    /// every kilobyte here is 10 MB. Large states (the chat call, a key lookup, MCP, admin)
-    /// are boxed so they are freed with the response head; this catches an unboxed one.
+    /// state, and keeps that allocation while the connection lives. The service boxes this
+    /// future per request (`http::accept_loop`), so hyper's slot holds a pointer; the box is
+    /// still allocated and copied on every request. Large states (the chat call, a key
+    /// lookup, MCP, admin) are boxed where they start; this catches an unboxed one.
     /// (Measured at 2.7 KB in a debug build and 8.6 KB before the key lookup was boxed.)
     #[test]
     fn the_per_connection_service_future_stays_small() {
