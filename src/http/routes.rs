@@ -47,8 +47,8 @@ async fn route(
     match (req.method(), path) {
         (&Method::POST, "/v1/chat/completions") => chat(app, req, request_id).await,
         // The other routes' futures are boxed for the same reason as the chat call (see
-        // `chat`): hyper keeps the service future's allocation for the connection's life,
-        // sized for the largest route, so one big route would cost every held stream.
+        // `chat`): the request's future is boxed and copied whole on every request, sized
+        // for the largest route, so one big route would cost every request.
         (_, "/mcp") => {
             let caller = authenticate(app, req.headers(), request_id).await?;
             let resp = Box::pin(app.mcp.handle(caller, req)).await;
@@ -171,8 +171,8 @@ async fn chat(
         }
     };
     chat.set_cache_directives(directives);
-    // Boxed: hyper keeps each connection's service future in one allocation sized for the
-    // largest state; the chat call's state is big and only needed until the response head.
+    // Boxed: the request's future (`http::accept_loop`) is allocated and copied whole on
+    // every request, sized for its largest state; the chat call's state is the big one.
     let reply = Box::pin(app.gateway.chat(&caller, chat)).await?;
 
     let mut resp = Response::new(HttpBody::Left(reply.body));
@@ -217,7 +217,7 @@ pub(crate) async fn authenticate(
                 )
             })?;
             // Boxed: a key lookup may reach the database and Redis, and its state would
-            // otherwise size every connection's service future (see `chat`).
+            // otherwise size every request's future (see `chat`).
             let rec = Box::pin(app.gateway.keys().authenticate(key.expose())).await?;
             caller.key_id = Some(Arc::from(rec.id.as_str()));
             caller.key = Some(rec);
