@@ -1007,9 +1007,6 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
         });
         md.push_str(&ratio_lines);
     }
-    // What a feature costs: the access log (RUST_LOG=info against warn), and whatever an older
-    // build ("gateway-base") did not have.
-    let mut cost_lines = String::new();
     let ratio = |a: Option<&Row>, b: Option<&Row>| match (a, b) {
         (Some(a), Some(b)) => (
             format!("{:.2}", median_rps(&a.many) / median_rps(&b.many)),
@@ -1017,6 +1014,30 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
         ),
         _ => ("–".to_string(), "–".to_string()),
     };
+    // The floor (benches/floor.rs, label "hyper"): what bare hyper reaches against nginx, and
+    // what the gateway's own work costs against bare hyper.
+    let mut floor_lines = String::new();
+    for k in [Kind::Json, Kind::Sse] {
+        let h = find(k, "hyper");
+        if h.is_none() {
+            continue;
+        }
+        let (hn_rps, hn_p50) = ratio(h, find(k, "nginx"));
+        let (gh_rps, gh_p50) = ratio(find(k, "gateway"), h);
+        floor_lines.push_str(&format!(
+            "| {} | {hn_rps} | {hn_p50} | {gh_rps} | {gh_p50} |\n",
+            k.name()
+        ));
+    }
+    if !floor_lines.is_empty() {
+        md.push_str(&format!(
+            "\n| payload | hyper/nginx req/s @{c} | hyper/nginx p50 @1 | gateway/hyper req/s @{c} | gateway/hyper p50 @1 |\n|---|---:|---:|---:|---:|\n"
+        ));
+        md.push_str(&floor_lines);
+    }
+    // What a feature costs: the access log (RUST_LOG=info against warn), and whatever an older
+    // build ("gateway-base") did not have.
+    let mut cost_lines = String::new();
     for k in [Kind::Json, Kind::Sse] {
         let g = find(k, "gateway");
         let (info_rps, info_p50) = ratio(find(k, "gateway-info"), g);

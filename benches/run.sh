@@ -74,12 +74,13 @@ if [ "$MODE" = syscalls ] && ! command -v strace >/dev/null; then apt_install st
 # and two per stream in the gateway.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-log "building (release): poe-gateway and benches/load.rs"
-BUILD_OUT=$(cargo build --release --bin poe-gateway --bench load --message-format=json-render-diagnostics) \
+log "building (release): poe-gateway, benches/load.rs and benches/floor.rs"
+BUILD_OUT=$(cargo build --release --bin poe-gateway --bench load --bench floor --message-format=json-render-diagnostics) \
   || die "cargo build failed"
 GW_BIN=$(grep -o '"executable":"[^"]*/poe-gateway"' <<<"$BUILD_OUT" | tail -1 | cut -d'"' -f4)
 LOAD_BIN=$(grep -o '"executable":"[^"]*/load-[0-9a-f]*"' <<<"$BUILD_OUT" | tail -1 | cut -d'"' -f4)
-[ -x "$GW_BIN" ] && [ -x "$LOAD_BIN" ] || die "build artifacts not found"
+FLOOR_BIN=$(grep -o '"executable":"[^"]*/floor-[0-9a-f]*"' <<<"$BUILD_OUT" | tail -1 | cut -d'"' -f4)
+[ -x "$GW_BIN" ] && [ -x "$LOAD_BIN" ] && [ -x "$FLOOR_BIN" ] || die "build artifacts not found"
 
 TMP=$(mktemp -d /tmp/poe-gateway-bench.XXXXXX)
 chmod 755 "$TMP"
@@ -300,6 +301,22 @@ start_gateway() { # $1 name, $2 upstream base URL, $3 RUST_LOG, then extra VAR=v
   GW_URL[$name]=$url
 }
 
+# The floor (benches/floor.rs): a proxy of bare hyper, laid out like the gateway, in front of
+# one upstream port. Sets FLOOR_URL[$1].
+declare -A FLOOR_URL
+start_floor() { # $1 name, $2 upstream port
+  "$FLOOR_BIN" --listen 127.0.0.1:0 --upstream "127.0.0.1:$2" </dev/null >"$TMP/$1.out" 2>"$TMP/$1.err" &
+  PIDS+=($!)
+  local i url=
+  for i in $(seq 1 100); do
+    url=$(sed -n 's/^floor listening on //p' "$TMP/$1.out" 2>/dev/null || true)
+    [ -n "$url" ] && break
+    sleep 0.05
+  done
+  [ -n "$url" ] || die "floor proxy $1 did not start: $(cat "$TMP/$1.err")"
+  FLOOR_URL[$1]=$url
+}
+
 stop_gateway() { kill "${GW_PID[$1]}" 2>/dev/null || true; wait "${GW_PID[$1]}" 2>/dev/null || true; }
 
 # Every live process this script started, and their children (nginx workers), comma-separated.
@@ -326,6 +343,8 @@ run_compare() {
   start_gateway gw-json-info "http://127.0.0.1:$P_UP_JSON" info
   start_gateway gw-sse-info "http://127.0.0.1:$P_UP_SSE" info
   start_gateway gw-drip "$SLOW_URL" warn
+  start_floor floor-json "$P_UP_JSON"
+  start_floor floor-sse "$P_UP_SSE"
   local base_targets=()
   if [ -n "$BASE_BIN" ]; then
     start_gateway gw-json-base "http://127.0.0.1:$P_UP_JSON" warn
@@ -342,10 +361,12 @@ run_compare() {
     "json:nginx=http://127.0.0.1:$P_PX_JSON$CHAT"
     "json:gateway=${GW_URL[gw-json]}$CHAT"
     "json:gateway-info=${GW_URL[gw-json-info]}$CHAT"
+    "json:hyper=${FLOOR_URL[floor-json]}$CHAT"
     "sse:direct=http://127.0.0.1:$P_UP_SSE$CHAT"
     "sse:nginx=http://127.0.0.1:$P_PX_SSE$CHAT"
     "sse:gateway=${GW_URL[gw-sse]}$CHAT"
     "sse:gateway-info=${GW_URL[gw-sse-info]}$CHAT"
+    "sse:hyper=${FLOOR_URL[floor-sse]}$CHAT"
     "${base_targets[@]}"
     "drip:direct=$SLOW_URL$CHAT"
     "drip:nginx=http://127.0.0.1:$P_PX_DRIP$CHAT"
