@@ -473,7 +473,7 @@ run_soak() {
 
 # Runs $@ under callgrind (counters zeroed after a warm-up), sends 1,000 serial requests to
 # $URL_OF_PROFILED, and writes the annotated profile. Instructions per request = total / 1,000.
-profile_one() { # $1 label, $2 kind (json|sse), $3 "gateway" or "nginx:PORT", then VAR=value..., then the command
+profile_one() { # $1 label, $2 kind (json|sse), $3 "gateway", "floor" or "nginx:PORT", then VAR=value..., then the command
   local label=$1 kind=$2 urlsrc=$3
   shift 3
   local envs=()
@@ -485,6 +485,7 @@ profile_one() { # $1 label, $2 kind (json|sse), $3 "gateway" or "nginx:PORT", th
   for i in $(seq 1 600); do
     case $urlsrc in
       nginx:*) (exec 3<>"/dev/tcp/127.0.0.1/${urlsrc#nginx:}") 2>/dev/null && url=http://127.0.0.1:${urlsrc#nginx:} ;;
+      floor) url=$(sed -n 's/^floor listening on //p' "$TMP/prof-$label.out" 2>/dev/null || true) ;;
       *) url=$(sed -n 's/^poe-gateway listening on //p' "$TMP/prof-$label.out" 2>/dev/null || true) ;;
     esac
     [ -n "$url" ] && break
@@ -545,6 +546,8 @@ EOF
     [ $kind = sse ] && port=$P_UP_SSE pport=$PS
     log "profile ($kind): nginx proxy under callgrind"
     profile_one "nginx-$kind" $kind "nginx:$pport" "$NGINX" -p "$TMP/nginx-prof" -c "$TMP/nginx-prof/nginx.conf" -e "$TMP/nginx-prof/error.log"
+    log "profile ($kind): the floor (bare hyper) under callgrind"
+    profile_one "hyper-$kind" $kind floor "$FLOOR_BIN" --listen 127.0.0.1:0 --upstream "127.0.0.1:$port"
     log "profile ($kind): gateway under callgrind"
     profile_one "gateway-$kind" $kind gateway POE_API_KEY=bench-not-a-key POE_BASE_URL="http://127.0.0.1:$port" \
       POE_GATEWAY_LISTEN=127.0.0.1:0 POE_GATEWAY_LIMITS__UPSTREAM_RPM=100000000 RUST_LOG=warn \

@@ -379,12 +379,7 @@ async fn usage_command(
             return ExitCode::from(2);
         };
         let p = &loaded.policy;
-        let upstream = match Upstream::new(
-            &p.upstream.base_url,
-            p.timeouts.connect,
-            p.timeouts.connect,
-            1,
-        ) {
+        let upstream = match Upstream::new(&p.upstream, p.timeouts.connect, p.timeouts.connect, 1) {
             Ok(u) => u,
             Err(e) => {
                 eprintln!("poe-gateway: {e}");

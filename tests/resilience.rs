@@ -399,3 +399,95 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
     }
     assert_eq!(up.connections(), before + 1);
 }
+
+/// Poe's path: TLS, HTTP/2 by ALPN, and a server that caps its concurrent streams per
+/// connection (here 4). Streams past the cap must go on new connections, not wait unseen
+/// inside a full one until a long stream ends: ten held streams start at once, on at least
+/// three connections, and each then finishes. With one connection per pool, six never
+/// started.
+#[tokio::test]
+async fn streams_past_an_http2_connections_cap_open_another_connection() {
+    let up = MockUpstream::start_tls(4).await;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    up.set_fallback(
+        Reply::sse()
+            .send(chunk("gpt-5", "first"))
+            .gate(&gate)
+            .send(finish_chunk("gpt-5"))
+            .send("data: [DONE]\n\n"),
+    );
+    let gw = TestGateway::start(
+        &up,
+        "[upstream]\nhttp2_max_streams = 4\n",
+        &[("POE_GATEWAY_UPSTREAM__CA_FILE", TEST_CA_FILE)],
+    )
+    .await;
+    // One request first, so the pool holds one HTTP/2 connection (ten at once on a cold pool
+    // would each open their own).
+    up.push(Reply::completion("gpt-5", "warm"));
+    let warm = post(&gw, &chat_body("gpt-5", false), &[]).await;
+    assert_eq!(warm.status(), 200);
+    body_bytes(warm).await;
+    assert_eq!(up.connections(), 1);
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let addr = gw.addr;
+        streams.spawn(async move {
+            let gw = TestGateway { addr, handle: None };
+            let resp = tokio::time::timeout(
+                Duration::from_secs(20),
+                post(&gw, &chat_body("gpt-5", true), &[]),
+            )
+            .await
+            .expect("the stream's head never came: queued behind a full HTTP/2 connection?");
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.version(), http::Version::HTTP_11);
+            let mut body = resp.into_body();
+            let first = next_data(&mut body, 20).await.expect("first event");
+            assert!(String::from_utf8_lossy(&first).contains("first"));
+            body
+        });
+    }
+    let mut held = Vec::new();
+    while let Some(body) = streams.join_next().await {
+        held.push(body.unwrap());
+    }
+    assert_eq!(held.len(), 10, "every stream started while all were held");
+    assert!(
+        up.connections() >= 3,
+        "10 streams at 4 per connection need 3 connections, saw {}",
+        up.connections()
+    );
+    gate.add_permits(10);
+    for mut body in held {
+        let mut all = Vec::new();
+        while let Some(d) = next_data(&mut body, 20).await {
+            all.extend_from_slice(&d);
+        }
+        assert!(String::from_utf8_lossy(&all).contains("[DONE]"));
+    }
+}
+
+/// `upstream.ca_file` must name a readable PEM certificate file: the error names the key,
+/// the file and what is wrong.
+#[test]
+fn a_bad_upstream_ca_file_is_a_clear_config_error() {
+    let missing = poe_gateway::config::parse(
+        "policy.toml",
+        "[upstream]\nca_file = \"/nonexistent/ca.pem\"\n",
+        Vec::<(String, String)>::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(missing.contains("policy.toml"), "{missing}");
+    assert!(missing.contains("upstream.ca_file"), "{missing}");
+    assert!(missing.contains("/nonexistent/ca.pem"), "{missing}");
+    let not_pem = poe_gateway::config::parse(
+        "policy.toml",
+        &format!("[upstream]\nca_file = \"{}\"\n", file!()),
+        Vec::<(String, String)>::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(not_pem.contains("no PEM certificate"), "{not_pem}");
+}

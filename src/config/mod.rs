@@ -101,6 +101,12 @@ pub struct UpstreamPolicy {
     pub base_url: String,
     #[serde(with = "values::duration")]
     pub models_ttl: Duration,
+    /// Certificate authorities (a PEM file) trusted for the upstream besides the public
+    /// roots: a TLS-inspecting corporate proxy, or a private Poe-compatible endpoint.
+    pub ca_file: Option<PathBuf>,
+    /// Requests one HTTP/2 connection to the upstream carries at once; past it, another
+    /// connection opens (RFC 9113 asks servers to allow at least 100 streams).
+    pub http2_max_streams: u32,
 }
 
 impl Default for UpstreamPolicy {
@@ -108,6 +114,8 @@ impl Default for UpstreamPolicy {
         UpstreamPolicy {
             base_url: "https://api.poe.com".into(),
             models_ttl: Duration::from_secs(600),
+            ca_file: None,
+            http2_max_streams: 100,
         }
     }
 }
@@ -556,6 +564,14 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
         .unwrap_or(true)
     {
         return bad("upstream.base_url", "is not a valid URL with a host");
+    }
+    if p.upstream.http2_max_streams == 0 {
+        return bad("upstream.http2_max_streams", "must be at least 1");
+    }
+    if let Some(path) = &p.upstream.ca_file
+        && let Err(e) = crate::upstream::read_ca_file(path)
+    {
+        return bad("upstream.ca_file", &e);
     }
     if p.retry.max_attempts == 0 {
         return bad("retry.max_attempts", "must be at least 1");

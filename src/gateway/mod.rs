@@ -238,7 +238,7 @@ impl Gateway {
             ));
         }
         let upstream = Arc::new(Upstream::new(
-            &policy.upstream.base_url,
+            &policy.upstream,
             policy.timeouts.connect,
             policy.timeouts.first_byte,
             policy.server.thread_count(),

@@ -8,6 +8,7 @@ mod pool;
 pub use pool::Body;
 
 use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,9 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
+use rustls::pki_types::CertificateDer;
 
+use crate::config::UpstreamPolicy;
 use pool::Pool;
 
 /// A key that must never be printed: `Debug` shows only that it is there.
@@ -127,16 +130,16 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// `base` is e.g. `https://api.poe.com`; a trailing `/v1` is accepted too.
+    /// `policy.base_url` is e.g. `https://api.poe.com`; a trailing `/v1` is accepted too.
     /// `serving_threads` is the number of threads that call [`use_pool`]; one more pool
     /// serves every other thread.
     pub fn new(
-        base: &str,
+        policy: &UpstreamPolicy,
         connect: Duration,
         first_byte: Duration,
         serving_threads: usize,
     ) -> Result<Self, String> {
-        let base = base.trim_end_matches('/');
+        let base = policy.base_url.trim_end_matches('/');
         let base = base.strip_suffix("/v1").unwrap_or(base);
         let uri = |path: &str| {
             format!("{base}{path}")
@@ -148,17 +151,40 @@ impl Upstream {
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect));
         http.set_keepalive(Some(Duration::from_secs(60)));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &policy.ca_file {
+            for cert in read_ca_file(path).map_err(|e| format!("upstream.ca_file: {e}"))? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        // The builder offers h2 and http/1.1 by ALPN.
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("TLS setup failed: {e}"))?
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
         let origin = uri("/")?;
+        let h2_max_streams = policy.http2_max_streams as usize;
         let pools = (0..=serving_threads)
             .map(|_| {
-                Pool::new(https.clone(), origin.clone(), Duration::from_secs(90)).map(Arc::new)
+                Pool::new(
+                    https.clone(),
+                    origin.clone(),
+                    Duration::from_secs(90),
+                    h2_max_streams,
+                )
+                .map(Arc::new)
             })
             .collect::<Result<_, _>>()?;
         Ok(Upstream {
@@ -272,6 +298,23 @@ impl Upstream {
             .await
             .unwrap_or(Err(UpstreamError::Timeout(self.first_byte)))
     }
+}
+
+/// The certificates of a PEM file (`upstream.ca_file`); an error names the file and says
+/// what is wrong with it.
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(certs)
 }
 
 /// The error with its sources, which carry the useful part ("connection refused").

@@ -6,10 +6,17 @@
 //! caller, a race between checkout and connect on every request, and a task spawned per
 //! HTTP/1.1 request just to put the connection back once its body ends. Here every request
 //! goes to one origin and each pool is used by one serving thread, so a pool is a short stack
-//! of idle HTTP/1.1 senders (most recent on top) and at most one shared HTTP/2 sender, and a
+//! of idle HTTP/1.1 senders (most recent on top) and a few shared HTTP/2 senders, and a
 //! connection goes back when the response [`Body`] reaches its end.
+//!
+//! An HTTP/2 connection carries at most `upstream.http2_max_streams` requests at once. A
+//! server caps its concurrent streams (RFC 9113 asks for at least 100), and hyper queues a
+//! request past the cap inside the connection, unseen, until another stream ends: with one
+//! connection per serving thread, long streams (media bots take minutes) would hold every
+//! later request. So the pool counts each connection's open streams and opens another
+//! connection when all are full.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -42,6 +49,8 @@ pub(super) struct Pool {
     host: HeaderValue,
     /// An idle connection older than this is closed instead of reused.
     idle_timeout: Duration,
+    /// Requests one HTTP/2 connection carries at once; past it, another connection opens.
+    h2_max_streams: usize,
     idle: Mutex<Idle>,
     /// Whether the task that closes idle connections nobody came back for is running.
     reaping: AtomicBool,
@@ -51,13 +60,39 @@ pub(super) struct Pool {
 struct Idle {
     /// Oldest first; requests take from the end, where connections are warmest.
     h1: Vec<(http1::SendRequest<ReqBody>, Instant)>,
-    /// An HTTP/2 connection carries every request of this pool while it is open.
-    h2: Option<http2::SendRequest<ReqBody>>,
+    /// Open HTTP/2 connections, oldest first. A request takes the first with a free stream,
+    /// so traffic gathers on the oldest and the others fall idle and are closed.
+    h2: Vec<H2Conn>,
+}
+
+struct H2Conn {
+    tx: http2::SendRequest<ReqBody>,
+    /// Requests in flight on it: a [`Slot`] each.
+    streams: Arc<AtomicUsize>,
+    /// When a request last took a stream on it.
+    used: Instant,
+}
+
+/// One stream of an HTTP/2 connection, held by a request until its response body ends (or
+/// is dropped, or the request fails).
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(streams: &Arc<AtomicUsize>) -> Slot {
+        streams.fetch_add(1, Ordering::Relaxed);
+        Slot(streams.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 enum Sender {
     H1(http1::SendRequest<ReqBody>),
-    H2(http2::SendRequest<ReqBody>),
+    H2(http2::SendRequest<ReqBody>, Slot),
 }
 
 impl Pool {
@@ -65,6 +100,7 @@ impl Pool {
         connector: HttpsConnector<HttpConnector>,
         origin: Uri,
         idle_timeout: Duration,
+        h2_max_streams: usize,
     ) -> Result<Self, String> {
         let authority = origin
             .authority()
@@ -76,6 +112,7 @@ impl Pool {
             origin,
             host,
             idle_timeout,
+            h2_max_streams: h2_max_streams.max(1),
             idle: Mutex::new(Idle::default()),
             reaping: AtomicBool::new(false),
         })
@@ -90,10 +127,13 @@ impl Pool {
         loop {
             let (sender, reused) = self.checkout().await?;
             let result = match sender {
-                Sender::H2(mut tx) => tx
-                    .try_send_request(req)
-                    .await
-                    .map(|resp| resp.map(|inner| Body { inner, home: None })),
+                Sender::H2(mut tx, slot) => tx.try_send_request(req).await.map(|resp| {
+                    resp.map(|inner| Body {
+                        inner,
+                        home: None,
+                        slot: Some(slot),
+                    })
+                }),
                 Sender::H1(mut tx) => {
                     // HTTP/1.1 wants origin-form (`/v1/...`) and a Host header.
                     if let Some(pq) = req.uri().path_and_query().cloned() {
@@ -109,7 +149,11 @@ impl Pool {
                         if resp.body().is_end_stream() {
                             Home::back(&mut home);
                         }
-                        resp.map(|inner| Body { inner, home })
+                        resp.map(|inner| Body {
+                            inner,
+                            home,
+                            slot: None,
+                        })
                     })
                 }
             };
@@ -139,7 +183,7 @@ impl Pool {
                         return Ok((Sender::H1(tx), true));
                     }
                 }
-                Some(h2) => return Ok((h2, true)),
+                Some(h2 @ Sender::H2(..)) => return Ok((h2, true)),
                 // Boxed: the TLS and HTTP/2 handshakes make a large future, which would
                 // otherwise size (and be copied with) every request's future.
                 None => return Ok((Box::pin(self.connect()).await?, false)),
@@ -155,11 +199,21 @@ impl Pool {
 
     fn take_idle(&self) -> Option<Sender> {
         let mut idle = self.lock_idle();
-        if let Some(h2) = &idle.h2 {
-            if !h2.is_closed() {
-                return Some(Sender::H2(h2.clone()));
+        if !idle.h2.is_empty() {
+            idle.h2.retain(|c| !c.tx.is_closed());
+            let max = self.h2_max_streams;
+            if let Some(c) = idle
+                .h2
+                .iter_mut()
+                .find(|c| c.streams.load(Ordering::Relaxed) < max)
+            {
+                c.used = Instant::now();
+                return Some(Sender::H2(c.tx.clone(), Slot::take(&c.streams)));
             }
-            idle.h2 = None;
+            // Every HTTP/2 connection is full: the caller opens another.
+            if !idle.h2.is_empty() {
+                return None;
+            }
         }
         while let Some((tx, since)) = idle.h1.pop() {
             if !tx.is_closed() && since.elapsed() < self.idle_timeout {
@@ -209,9 +263,17 @@ impl Pool {
         idle.h1.retain(|(tx, since)| {
             !tx.is_closed() && now.duration_since(*since) < self.idle_timeout
         });
-        if idle.h2.as_ref().is_some_and(|h2| h2.is_closed()) {
-            idle.h2 = None;
-        }
+        // The first HTTP/2 connection is kept open (Poe's own keep-alive closes it); the
+        // others, opened for a burst, close once they have carried nothing for the timeout.
+        let mut first = true;
+        idle.h2.retain(|c| {
+            let keep = !c.tx.is_closed()
+                && (first
+                    || c.streams.load(Ordering::Relaxed) > 0
+                    || now.duration_since(c.used) < self.idle_timeout);
+            first &= !keep;
+            keep
+        });
     }
 
     /// Starts (once) a task on this runtime that prunes the pool every half idle timeout, so
@@ -256,11 +318,14 @@ impl Pool {
                 conn,
                 proto: "HTTP/2",
             });
-            let mut idle = self.lock_idle();
-            if idle.h2.as_ref().is_none_or(|h2| h2.is_closed()) {
-                idle.h2 = Some(tx.clone());
-            }
-            Ok(Sender::H2(tx))
+            let streams = Arc::new(AtomicUsize::new(0));
+            let slot = Slot::take(&streams);
+            self.lock_idle().h2.push(H2Conn {
+                tx: tx.clone(),
+                streams,
+                used: Instant::now(),
+            });
+            Ok(Sender::H2(tx, slot))
         } else {
             let (tx, conn) = http1::Builder::new()
                 .handshake(io)
@@ -315,11 +380,12 @@ impl Home {
 pin_project_lite::pin_project! {
     /// An upstream response body. Read to its end, it returns its HTTP/1.1 connection to the
     /// pool; dropped before that, the connection is closed (the rest of the response would
-    /// still be on the wire).
+    /// still be on the wire). Over HTTP/2 it holds its stream's slot until then.
     pub struct Body {
         #[pin]
         inner: Incoming,
         home: Option<Home>,
+        slot: Option<Slot>,
     }
 }
 
@@ -335,10 +401,19 @@ impl http_body::Body for Body {
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         match &frame {
             // Readers may stop at the last frame once `is_end_stream` says so.
-            None => Home::back(this.home),
-            Some(Ok(_)) if this.inner.is_end_stream() => Home::back(this.home),
+            None => {
+                Home::back(this.home);
+                *this.slot = None;
+            }
+            Some(Ok(_)) if this.inner.is_end_stream() => {
+                Home::back(this.home);
+                *this.slot = None;
+            }
             Some(Ok(_)) => {}
-            Some(Err(_)) => *this.home = None,
+            Some(Err(_)) => {
+                *this.home = None;
+                *this.slot = None;
+            }
         }
         Poll::Ready(frame)
     }
@@ -409,6 +484,10 @@ mod tests {
     }
 
     fn pool_trusting_the_test_certificate(port: u16) -> Arc<Pool> {
+        tls_pool(port, Duration::from_secs(90), 100)
+    }
+
+    fn tls_pool(port: u16, idle_timeout: Duration, h2_max_streams: usize) -> Arc<Pool> {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(CERT.as_bytes()).unwrap())
@@ -429,7 +508,7 @@ mod tests {
             .enable_http2()
             .wrap_connector(http);
         let origin = format!("https://localhost:{port}/").parse().unwrap();
-        Arc::new(Pool::new(https, origin, Duration::from_secs(90)).unwrap())
+        Arc::new(Pool::new(https, origin, idle_timeout, h2_max_streams).unwrap())
     }
 
     /// Connections left idle past the idle timeout are closed by the pool's own task, with no
@@ -464,7 +543,7 @@ mod tests {
             .enable_http1()
             .wrap_connector(HttpConnector::new());
         let origin: Uri = format!("http://{addr}/").parse().unwrap();
-        let pool = Arc::new(Pool::new(https, origin, Duration::from_millis(100)).unwrap());
+        let pool = Arc::new(Pool::new(https, origin, Duration::from_millis(100), 100).unwrap());
         let resp = pool
             .send(
                 Request::get(format!("http://{addr}/v1/models"))
@@ -521,5 +600,49 @@ mod tests {
             answer(resp.unwrap()).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// A full HTTP/2 connection makes the next request open another; once their streams end
+    /// and they sit unused for the idle timeout, the extra connections close and the first
+    /// stays.
+    #[tokio::test]
+    async fn full_http2_connections_open_more_and_the_extra_ones_close_when_idle() {
+        let (port, accepted) = tls_upstream().await;
+        let pool = tls_pool(port, Duration::from_millis(100), 1);
+        let mut bodies = Vec::new();
+        for _ in 0..3 {
+            let resp = pool
+                .send(
+                    Request::post(format!("https://localhost:{port}/v1/chat/completions"))
+                        .body(Full::new(Bytes::from_static(b"{}")))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            // Unread, each body keeps its stream: the connection stays full.
+            bodies.push(resp.into_body());
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(pool.idle.lock().unwrap().h2.len(), 3);
+        drop(bodies);
+        for _ in 0..100 {
+            if pool.idle.lock().unwrap().h2.len() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(pool.idle.lock().unwrap().h2.len(), 1, "the first one stays");
+        // The one left carries the next request, without a new connection.
+        let resp = pool
+            .send(
+                Request::post(format!("https://localhost:{port}/v1/chat/completions"))
+                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 }

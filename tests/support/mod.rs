@@ -176,15 +176,51 @@ struct State {
 pub struct MockUpstream {
     pub addr: SocketAddr,
     state: Arc<State>,
+    tls: bool,
+}
+
+/// The test certificate (`tests/data/`), for `localhost`; the gateway trusts it through
+/// `upstream.ca_file = TEST_CA_FILE`.
+pub const TEST_CA_FILE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/localhost.cert.pem");
+
+fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+    let cert = CertificateDer::from_pem_file(format!("{dir}/localhost.cert.pem")).unwrap();
+    let key = PrivateKeyDer::from_pem_file(format!("{dir}/localhost.key.pem")).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 impl MockUpstream {
     pub async fn start() -> MockUpstream {
+        MockUpstream::listen(None).await
+    }
+
+    /// The same upstream over TLS as Poe serves it: the test certificate for `localhost`
+    /// (`tests/data/`, trusted by the gateway through `upstream.ca_file`), HTTP/2 and
+    /// HTTP/1.1 by ALPN, and at most `max_streams` concurrent streams per HTTP/2 connection.
+    pub async fn start_tls(max_streams: u32) -> MockUpstream {
+        MockUpstream::listen(Some(max_streams)).await
+    }
+
+    async fn listen(tls_max_streams: Option<u32>) -> MockUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State::default());
         *state.models.lock().unwrap() = Some(Bytes::from(default_models()));
         let st = state.clone();
+        let acceptor = tls_max_streams.map(|_| tls_acceptor());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -193,19 +229,41 @@ impl MockUpstream {
                 let _ = stream.set_nodelay(true);
                 st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(st.clone(), req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let mut builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(tls) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            builder
+                                .http2()
+                                .max_concurrent_streams(tls_max_streams.unwrap_or(100));
+                            let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                        }
+                    }
                 });
             }
         });
-        MockUpstream { addr, state }
+        MockUpstream {
+            addr,
+            state,
+            tls: tls_max_streams.is_some(),
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     /// Queues replies for the next chat requests, in order.
