@@ -123,6 +123,32 @@ struct SlowArgs {
     /// The process exits by itself after this long.
     #[arg(long, default_value_t = 3600)]
     max_secs: u64,
+    /// Serve TLS with this certificate (PEM), HTTP/2 and HTTP/1.1 by ALPN, as Poe does.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<String>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<String>,
+    /// Concurrent streams allowed per HTTP/2 connection (with --tls-cert).
+    #[arg(long, default_value_t = 100)]
+    h2_max_streams: u32,
+}
+
+/// A TLS acceptor offering h2 and http/1.1, for `slow-upstream --tls-cert`.
+fn tls_acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert = CertificateDer::from_pem_file(cert).map_err(|e| format!("{cert}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{key}: {e}"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 #[derive(clap::Args)]
@@ -1145,7 +1171,19 @@ async fn slow_upstream(a: SlowArgs) -> Result<(), String> {
         .map_err(|e| format!("bind {}: {e}", a.listen))?;
     let listener = socket.listen(8192).map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    println!("slow-upstream listening on http://{addr}");
+    let acceptor = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
+        _ => None,
+    };
+    if acceptor.is_some() {
+        // The certificate is for localhost.
+        println!(
+            "slow-upstream listening on https://localhost:{}",
+            addr.port()
+        );
+    } else {
+        println!("slow-upstream listening on http://{addr}");
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let open = Arc::new(AtomicUsize::new(0));
@@ -1218,10 +1256,24 @@ async fn slow_upstream(a: SlowArgs) -> Result<(), String> {
                 Ok::<_, Infallible>(resp)
             }
         });
+        let (acceptor, h2_max_streams) = (acceptor.clone(), a.h2_max_streams);
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            match acceptor {
+                None => {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                }
+                Some(acceptor) => {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let mut builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder.http2().max_concurrent_streams(h2_max_streams);
+                    let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                }
+            }
         });
     }
 }

@@ -264,16 +264,17 @@ EOF
 }
 
 SLOW_URL=
-start_slow_upstream() {
-  "$LOAD_BIN" slow-upstream --listen 127.0.0.1:0 --hold-secs 240 --max-secs 7200 </dev/null >"$TMP/slow.out" 2>"$TMP/slow.err" &
+SLOW_TLS_URL=
+start_slow_upstream() { # $1 name, then extra arguments; prints the URL
+  "$LOAD_BIN" slow-upstream --listen 127.0.0.1:0 --hold-secs 240 --max-secs 7200 "${@:2}" </dev/null >"$TMP/$1.out" 2>"$TMP/$1.err" &
   PIDS+=($!)
-  local i
+  local i url
   for i in $(seq 1 100); do
-    SLOW_URL=$(sed -n 's/^slow-upstream listening on //p' "$TMP/slow.out" 2>/dev/null || true)
-    [ -n "$SLOW_URL" ] && return 0
+    url=$(sed -n 's/^slow-upstream listening on //p' "$TMP/$1.out" 2>/dev/null || true)
+    [ -n "$url" ] && { echo "$url"; return 0; }
     sleep 0.05
   done
-  die "slow upstream did not start: $(cat "$TMP/slow.err")"
+  die "slow upstream $1 did not start: $(cat "$TMP/$1.err")"
 }
 
 declare -A GW_PID GW_URL
@@ -427,6 +428,14 @@ run_memory() {
     "$LOAD_BIN" hold --name nginx --url "http://127.0.0.1:$P_PX_DRIP$CHAT" --body "$TMP/req-hold.json" \
       --pid "$workers" --streams "$n" --checkpoint $((n / 2)) --settle 5 || log "nginx did not hold every stream"
   fi
+
+  log "memory: $HOLD_STREAMS held SSE streams over HTTP/1.1, upstream over TLS and HTTP/2 (Poe's path: 100 streams per upstream connection)"
+  start_gateway gw-mem3 "$SLOW_TLS_URL" warn "${base[@]}" POE_GATEWAY_UPSTREAM__CA_FILE="$ROOT/tests/data/localhost.cert.pem"
+  sleep 1
+  # One descriptor per stream here (the upstream side is multiplexed), so all of them fit.
+  "$LOAD_BIN" hold --url "${GW_URL[gw-mem3]}$CHAT" --body "$TMP/req-hold.json" --pid "${GW_PID[gw-mem3]}" \
+    --streams "$HOLD_STREAMS" --checkpoint $((HOLD_STREAMS / 2)) --settle 5 || HOLD_FAIL=1
+  stop_gateway gw-mem3
 
   log "memory: $HOLD_STREAMS held SSE streams over h2c (100 per connection), fresh gateway, twice"
   start_gateway gw-mem2 "$SLOW_URL" warn "${base[@]}"
@@ -643,7 +652,11 @@ run_syscalls() {
 
 # --- run ----------------------------------------------------------------------------------------
 start_upstream_nginx
-start_slow_upstream
+SLOW_URL=$(start_slow_upstream slow)
+# Poe's path for the held streams: TLS with the test certificate, HTTP/2 by ALPN, 100 streams
+# per connection (the gateway trusts the certificate through upstream.ca_file).
+SLOW_TLS_URL=$(start_slow_upstream slow-tls --tls-cert "$ROOT/tests/data/localhost.cert.pem" \
+  --tls-key "$ROOT/tests/data/localhost.key.pem" --h2-max-streams 100)
 start_proxy_nginx "${SLOW_URL##*:}"
 log "upstream nginx: JSON :$P_UP_JSON, SSE :$P_UP_SSE; proxy nginx: JSON :$P_PX_JSON, SSE :$P_PX_SSE, drip :$P_PX_DRIP; slow upstream $SLOW_URL"
 # Smoke: every upstream answers as expected before anything is measured.
