@@ -143,7 +143,7 @@ fn ledger_enqueue(c: &mut Criterion) {
         request_id: "bench".into(),
         model: "claude".into(),
         bot: "claude-sonnet-4.5".into(),
-        outcome: "completed".into(),
+        outcome: "completed",
         ..UsageRow::default()
     };
     c.bench_function("ledger enqueue (request path side)", |b| {

@@ -27,7 +27,7 @@ fn row(i: usize, now: i64) -> UsageRow {
         bot: format!("bot-{bot}"),
         stream: i.is_multiple_of(2),
         status: if i.is_multiple_of(97) { 500 } else { 200 },
-        outcome: "completed".into(),
+        outcome: "completed",
         prompt_tokens: Some(100 + (i % 1000) as i64),
         completion_tokens: Some(50 + (i % 500) as i64),
         total_tokens: Some(150 + (i % 1500) as i64),

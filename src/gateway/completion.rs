@@ -59,18 +59,24 @@ impl Completion {
         }
     }
 
-    pub fn finish(self, observed: &Observed, outcome: Outcome) {
+    pub fn finish(mut self, observed: &Observed, outcome: Outcome) {
         let m = &self.acct.metrics;
         m.in_flight.dec();
         if self.info.stream {
             m.streams_in_flight.dec();
         }
-        let row = usage_row(&self.info, observed, &outcome);
+        let row = usage_row(&mut self.info, observed, &outcome);
         let stream = if self.info.stream { "true" } else { "false" };
+        // The code's digits from http's table, so no allocation per request.
+        let code = http::StatusCode::from_u16(row.status);
+        let status = match &code {
+            Ok(c) => std::borrow::Cow::Borrowed(c.as_str()),
+            Err(_) => std::borrow::Cow::Owned(row.status.to_string()),
+        };
         m.requests
             .with_label_values(&[
                 row.bot.as_str(),
-                &row.status.to_string(),
+                &status,
                 row.key_id.as_deref().unwrap_or(""),
             ])
             .inc();
@@ -151,20 +157,21 @@ fn record_span(span: &tracing::Span, row: &UsageRow, o: &Observed, outcome: &Out
     span.record("http.response.status_code", row.status as i64);
     span.record("poe_gateway.attempts", row.attempts as i64);
     span.record("poe_gateway.cache_hit", row.cache_hit);
-    span.record("poe_gateway.outcome", row.outcome.as_str());
+    span.record("poe_gateway.outcome", row.outcome);
     if let Some(ttfb) = row.ttfb_ms {
         span.record("poe_gateway.ttfb_ms", ttfb);
     }
     if row.status >= 400 {
         span.record("error.type", row.status.to_string().as_str());
     } else if let Outcome::Incomplete(_) | Outcome::Cancelled = outcome {
-        span.record("error.type", row.outcome.as_str());
+        span.record("error.type", row.outcome);
     }
 }
 
 /// The ledger row for a finished request. Without Poe's usage, a stream that broke or was
-/// cancelled gets an estimate: streamed text bytes / 4, flagged as estimated.
-fn usage_row(i: &RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
+/// cancelled gets an estimate: streamed text bytes / 4, flagged as estimated. The request's
+/// names move into the row: the request is over.
+fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
     let (prompt, completion, total, estimated) = match (o.usage, outcome) {
         (Some(u), _) => (
             Some(u.prompt_tokens as i64),
@@ -182,12 +189,12 @@ fn usage_row(i: &RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
         ts_ms: now_ms(),
         request_id: i.request_id.to_string(),
         key_id: i.key_id.as_deref().map(String::from),
-        alias: i.alias.clone(),
-        model: i.model.clone(),
-        bot: i.bot.clone(),
+        alias: i.alias.take(),
+        model: std::mem::take(&mut i.model),
+        bot: std::mem::take(&mut i.bot),
         stream: i.stream,
         status: i.status,
-        outcome: outcome.as_str().to_string(),
+        outcome: outcome.as_str(),
         prompt_tokens: prompt,
         completion_tokens: completion,
         total_tokens: total,

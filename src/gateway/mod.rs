@@ -421,7 +421,7 @@ impl Gateway {
             bot: model.to_string(),
             stream,
             status: err.status().as_u16(),
-            outcome: "rejected".into(),
+            outcome: "rejected",
             attempts: 0,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             ..UsageRow::default()

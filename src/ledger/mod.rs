@@ -62,7 +62,7 @@ pub struct UsageRow {
     pub stream: bool,
     pub status: u16,
     /// `completed`, `incomplete`, `cancelled` or `rejected`.
-    pub outcome: String,
+    pub outcome: &'static str,
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub total_tokens: Option<i64>,
@@ -418,7 +418,7 @@ mod tests {
                 bot: format!("bot-{}", i % 2),
                 stream: i % 2 == 0,
                 status: if i % 10 == 0 { 502 } else { 200 },
-                outcome: "completed".into(),
+                outcome: "completed",
                 prompt_tokens: Some(i),
                 completion_tokens: Some(2 * i),
                 total_tokens: Some(3 * i),

@@ -292,3 +292,49 @@ fn migrate(c: &Connection) -> Result<(), LedgerError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The key index leaves out rows with no key (migration 2), and the budget check and
+    /// per-key reports, which all ask for `key_id = ?`, still search it instead of the table.
+    #[test]
+    fn per_key_queries_use_the_partial_key_index() {
+        let c = Connection::open_in_memory().unwrap();
+        migrate(&c).unwrap();
+        let sql: String = c
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'usage_key_ts'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(sql.contains("WHERE key_id IS NOT NULL"), "{sql}");
+        let plan = |q: &str| -> String {
+            let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {q}")).unwrap();
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            rows.join("; ")
+        };
+        let budget = plan(
+            "SELECT COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE key_id = 'k' AND ts_ms >= 5",
+        );
+        assert!(budget.contains("COVERING INDEX usage_key_ts"), "{budget}");
+        let q = ReportQuery {
+            since_ms: 0,
+            until_ms: 10,
+            key_id: Some("k".into()),
+            group_by: None,
+        };
+        let report = super::super::report::sql(Dialect::Sqlite, &q)
+            .replace("?1", "0")
+            .replace("?2", "10")
+            .replace("?3", "'k'");
+        let report = plan(&report);
+        assert!(report.contains("usage_key_ts"), "{report}");
+    }
+}
