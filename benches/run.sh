@@ -14,7 +14,8 @@
 #   GATEWAY_ENV="VAR=value ..." extra environment for every gateway started (experiments, e.g.
 #   TOKIO_WORKER_THREADS=1 or LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2),
 #   BASELINE_REV=<git rev> or BASELINE_BIN=<path>: also measure an older gateway ("gateway-base"),
-#   e.g. the last commit before accounting, to price a feature;
+#   e.g. the last commit before accounting, to price a feature; BASELINE_PATCH=<file> patches
+#   BASELINE_REV first (BASELINE_REV=HEAD BASELINE_PATCH=benches/no-ledger.patch prices the ledger);
 #   ONLY="KIND:LABEL ..." (compare) measures only those targets, e.g. ONLY="json:nginx json:gateway";
 #   SOAK_CACHEABLE=1 (soak) sends unique cacheable requests: every answer is a stored cache miss;
 #   CACHEABLE=0 (compare, perf, profile) sends plain requests the cache skips (BYPASS) instead of unique misses.
@@ -101,6 +102,12 @@ if [ -z "$BASE_BIN" ] && [ -n "${BASELINE_REV:-}" ]; then
   log "building the baseline gateway at $BASELINE_REV (target/bench-baseline)"
   mkdir -p "$TMP/baseline-src"
   git -C "$ROOT" archive "$BASELINE_REV" | tar -x -C "$TMP/baseline-src" || die "git archive $BASELINE_REV failed"
+  # BASELINE_PATCH=file: the baseline is that revision with this patch applied, e.g.
+  # benches/no-ledger.patch (rows dropped instead of written) to price accounting.
+  if [ -n "${BASELINE_PATCH:-}" ]; then
+    patch -s -p1 -d "$TMP/baseline-src" <"$BASELINE_PATCH" || die "cannot apply $BASELINE_PATCH to $BASELINE_REV"
+    log "baseline patched with $BASELINE_PATCH"
+  fi
   BASE_OUT=$(cd "$TMP/baseline-src" && CARGO_TARGET_DIR="$ROOT/target/bench-baseline" \
     cargo build --release --bin poe-gateway --message-format=json-render-diagnostics) || die "baseline build failed"
   BASE_BIN=$(grep -o '"executable":"[^"]*/poe-gateway"' <<<"$BASE_OUT" | tail -1 | cut -d'"' -f4)
