@@ -59,6 +59,11 @@ impl Completion {
         }
     }
 
+    /// Whether the request has a span (traces are on) to record what the body showed.
+    pub fn traced(&self) -> bool {
+        !self.info.span.is_none()
+    }
+
     pub fn finish(mut self, observed: &Observed, outcome: Outcome) {
         let m = &self.acct.metrics;
         m.in_flight.dec();

@@ -81,6 +81,9 @@ pub struct Observed {
     pub finish_reasons: Vec<String>,
     /// Bytes of `content` text streamed, for a token estimate when no usage arrives.
     pub text_bytes: u64,
+    /// The finish reasons go only to the request's span: with no span (traces off), the
+    /// search for them in every event is skipped.
+    pub skip_finish_reasons: bool,
 }
 
 // Substring searchers, built once: constructing one costs more than a search (it was a
@@ -179,7 +182,10 @@ impl<B> Tap<B> {
                 }
             },
             state: State::Streaming,
-            observed: Observed::default(),
+            observed: Observed {
+                skip_finish_reasons: !completion.traced(),
+                ..Observed::default()
+            },
             completion: Some(completion),
             recorder,
         }
@@ -636,6 +642,9 @@ fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
         if let Some(Ok(u)) = it.next() {
             observed.usage = Some(u);
         }
+    }
+    if observed.skip_finish_reasons {
+        return seen;
     }
     for at in FINISH_REASON.find_iter(doc) {
         let Some(rest) = doc[at + 16..].trim_ascii_start().strip_prefix(b"\"") else {

@@ -208,14 +208,22 @@ impl Upstream {
         request_id: &str,
         extra: http::HeaderMap,
     ) -> Result<Response<Body>, UpstreamError> {
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(self.chat_uri.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json, text/event-stream")
-            .header(header::USER_AGENT, self.user_agent.clone())
-            .body(Full::new(body))
-            .map_err(|e| UpstreamError::Broken(e.to_string()))?;
+        // Built in place with static values: the builder moves the request head on every
+        // call and checks each `&str` value again.
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.chat_uri.clone();
+        let h = req.headers_mut();
+        h.reserve(8);
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        h.insert(header::USER_AGENT, self.user_agent.clone());
         if let Some(auth) = key.bearer() {
             req.headers_mut().insert(header::AUTHORIZATION, auth);
         }
