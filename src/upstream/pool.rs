@@ -609,16 +609,14 @@ mod tests {
     async fn full_http2_connections_open_more_and_the_extra_ones_close_when_idle() {
         let (port, accepted) = tls_upstream().await;
         let pool = tls_pool(port, Duration::from_millis(100), 1);
+        let request = || {
+            Request::post(format!("https://localhost:{port}/v1/chat/completions"))
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap()
+        };
         let mut bodies = Vec::new();
         for _ in 0..3 {
-            let resp = pool
-                .send(
-                    Request::post(format!("https://localhost:{port}/v1/chat/completions"))
-                        .body(Full::new(Bytes::from_static(b"{}")))
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
+            let resp = pool.send(request()).await.unwrap();
             assert_eq!(resp.version(), http::Version::HTTP_2);
             // Unread, each body keeps its stream: the connection stays full.
             bodies.push(resp.into_body());
@@ -634,14 +632,7 @@ mod tests {
         }
         assert_eq!(pool.idle.lock().unwrap().h2.len(), 1, "the first one stays");
         // The one left carries the next request, without a new connection.
-        let resp = pool
-            .send(
-                Request::post(format!("https://localhost:{port}/v1/chat/completions"))
-                    .body(Full::new(Bytes::from_static(b"{}")))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let resp = pool.send(request()).await.unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
