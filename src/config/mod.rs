@@ -105,7 +105,8 @@ pub struct UpstreamPolicy {
     /// roots: a TLS-inspecting corporate proxy, or a private Poe-compatible endpoint.
     pub ca_file: Option<PathBuf>,
     /// Requests one HTTP/2 connection to the upstream carries at once; past it, another
-    /// connection opens (RFC 9113 asks servers to allow at least 100 streams).
+    /// connection opens. At most the upstream's own stream limit (RFC 9113 recommends it be
+    /// at least 100): hyper queues requests past that limit inside the connection.
     pub http2_max_streams: u32,
 }
 
@@ -568,10 +569,16 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
     if p.upstream.http2_max_streams == 0 {
         return bad("upstream.http2_max_streams", "must be at least 1");
     }
-    if let Some(path) = &p.upstream.ca_file
-        && let Err(e) = crate::upstream::read_ca_file(path)
-    {
-        return bad("upstream.ca_file", &e);
+    if let Some(path) = &p.upstream.ca_file {
+        if path.as_os_str().is_empty() {
+            return bad(
+                "upstream.ca_file",
+                "must be a path to a PEM file, not empty",
+            );
+        }
+        if let Err(e) = crate::upstream::read_ca_file(path) {
+            return bad("upstream.ca_file", &e);
+        }
     }
     if p.retry.max_attempts == 0 {
         return bad("retry.max_attempts", "must be at least 1");

@@ -215,14 +215,17 @@ impl Tap<ReplayBody> {
             span: tracing::Span::none(),
             request_body: None,
         };
-        Tap::new(
+        let mut tap = Tap::new(
             ReplayBody::new(frames, Duration::ZERO),
             true,
             strip_usage,
             Duration::from_secs(60),
             Completion::new(info, acct, None),
             None,
-        )
+        );
+        // No span here, but the tests and the fuzz target read the finish reasons too.
+        tap.observed.skip_finish_reasons = false;
+        tap
     }
 }
 

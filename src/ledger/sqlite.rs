@@ -32,7 +32,7 @@ fn bind_usage(stmt: &mut rusqlite::Statement<'_>, r: &UsageRow) -> rusqlite::Res
     stmt.raw_bind_parameter(6, &r.bot)?;
     stmt.raw_bind_parameter(7, r.stream)?;
     stmt.raw_bind_parameter(8, r.status)?;
-    stmt.raw_bind_parameter(9, &r.outcome)?;
+    stmt.raw_bind_parameter(9, r.outcome)?;
     stmt.raw_bind_parameter(10, r.prompt_tokens)?;
     stmt.raw_bind_parameter(11, r.completion_tokens)?;
     stmt.raw_bind_parameter(12, r.total_tokens)?;

@@ -84,13 +84,20 @@ pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
         ),
         (
             2,
-            // Rows without a key (open and passthrough modes) are never looked up by key, so
-            // the key index leaves them out: one B-tree insert fewer for each such row (most
-            // of a row's SQLite cost is its B-tree inserts). `key_id = ?` implies NOT NULL, so
-            // budget checks and per-key reports still use it.
-            "DROP INDEX IF EXISTS usage_key_ts;
-         CREATE INDEX usage_key_ts ON usage (key_id, ts_ms, cost_usd) WHERE key_id IS NOT NULL;"
-                .to_string(),
+            match d {
+                // Rows without a key (open and passthrough modes) are never looked up by key,
+                // so the key index leaves them out: one B-tree insert fewer for each such row
+                // (most of a row's SQLite cost is its B-tree inserts). `key_id = ?` implies
+                // NOT NULL, so budget checks and per-key reports still use it. SQLite rebuilds
+                // the index once, at start, before the gateway serves.
+                Dialect::Sqlite => "DROP INDEX IF EXISTS usage_key_ts;
+                    CREATE INDEX usage_key_ts ON usage (key_id, ts_ms, cost_usd) WHERE key_id IS NOT NULL;"
+                    .to_string(),
+                // Not on Postgres: migrations run in a transaction, so the rebuild would lock
+                // the shared table against every replica's inserts and budget checks for as
+                // long as it takes on a large ledger. The full index answers the same queries.
+                Dialect::Postgres => "SELECT 1".to_string(),
+            },
         ),
     ]
 }

@@ -264,7 +264,8 @@ impl Pool {
             !tx.is_closed() && now.duration_since(*since) < self.idle_timeout
         });
         // The first HTTP/2 connection is kept open (Poe's own keep-alive closes it); the
-        // others, opened for a burst, close once they have carried nothing for the timeout.
+        // others, opened for a burst, close once no stream is open on them and no request
+        // has taken one for the idle timeout.
         let mut first = true;
         idle.h2.retain(|c| {
             let keep = !c.tx.is_closed()

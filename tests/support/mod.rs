@@ -147,6 +147,7 @@ impl Reply {
 pub struct Received {
     pub method: String,
     pub path: String,
+    pub version: http::Version,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -339,6 +340,7 @@ async fn handle(
     st.received.lock().unwrap().push(Received {
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
+        version: parts.version,
         headers: parts.headers.clone(),
         body,
     });
