@@ -133,23 +133,9 @@ struct SlowArgs {
     h2_max_streams: u32,
 }
 
-/// A TLS acceptor offering h2 and http/1.1, for `slow-upstream --tls-cert`.
-fn tls_acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAcceptor, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let cert = CertificateDer::from_pem_file(cert).map_err(|e| format!("{cert}: {e}"))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{key}: {e}"))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
+// `slow-upstream --tls-cert` serves TLS the way the tests' upstream does.
+#[path = "../tests/support/tls.rs"]
+mod tls;
 
 #[derive(clap::Args)]
 struct HoldArgs {
@@ -1172,7 +1158,7 @@ async fn slow_upstream(a: SlowArgs) -> Result<(), String> {
     let listener = socket.listen(8192).map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let acceptor = match (&a.tls_cert, &a.tls_key) {
-        (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
+        (Some(c), Some(k)) => Some(tls::acceptor(c, k)?),
         _ => None,
     };
     if acceptor.is_some() {

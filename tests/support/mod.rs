@@ -2,6 +2,8 @@
 //! port 0 against it, and a small HTTP client that reads responses frame by frame.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -186,21 +188,12 @@ pub const TEST_CA_FILE: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/localhost.cert.pem");
 
 fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
-    let cert = CertificateDer::from_pem_file(format!("{dir}/localhost.cert.pem")).unwrap();
-    let key = PrivateKeyDer::from_pem_file(format!("{dir}/localhost.key.pem")).unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
+    tls::acceptor(
+        &format!("{dir}/localhost.cert.pem"),
+        &format!("{dir}/localhost.key.pem"),
+    )
     .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 impl MockUpstream {
