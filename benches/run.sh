@@ -8,6 +8,7 @@
 #   bash benches/run.sh profile      # callgrind instruction counts of the gateway's request path
 #   bash benches/run.sh perf         # perf (cpu-clock samples, kernel included) at 32 connections
 #   bash benches/run.sh syscalls     # system calls per request (strace -c), gateway and nginx proxy
+#   bash benches/run.sh cpu          # CPU time per request (user and kernel) of nginx, the floor and the gateway
 #
 # Knobs (env): ROUNDS (3), DURATION seconds per run (4), WARMUP (1), CONNS (32),
 #   HOLD_STREAMS (10000), SOAK_RATE req/s per target (300), SOAK_CONNS (8), KEEP_TMP=1,
@@ -18,7 +19,7 @@
 #   BASELINE_REV first (BASELINE_REV=HEAD BASELINE_PATCH=benches/no-ledger.patch prices the ledger);
 #   ONLY="KIND:LABEL ..." (compare) measures only those targets, e.g. ONLY="json:nginx json:gateway";
 #   SOAK_CACHEABLE=1 (soak) sends unique cacheable requests: every answer is a stored cache miss;
-#   CACHEABLE=0 (compare, perf, profile) sends plain requests the cache skips (BYPASS) instead of unique misses.
+#   CACHEABLE=0 (compare, perf, profile, cpu) sends plain requests the cache skips (BYPASS) instead of unique misses.
 # Every server binds 127.0.0.1 only; every load loop is bounded in time and count.
 set -euo pipefail
 
@@ -38,8 +39,8 @@ log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 
 case "$MODE" in
-  all|compare|memory|soak|profile|perf|syscalls) ;;
-  *) die "unknown mode '$MODE' (all, compare, memory, soak [DUR], profile, perf, syscalls)" ;;
+  all|compare|memory|soak|profile|perf|syscalls|cpu) ;;
+  *) die "unknown mode '$MODE' (all, compare, memory, soak [DUR], profile, perf, syscalls, cpu)" ;;
 esac
 
 duration_secs() { # 600 | 120s | 2m | 1h
@@ -231,6 +232,7 @@ start_upstream_nginx() {
 EOF
   } >"$TMP/nginx-upstream/nginx.conf"
   start_nginx nginx-upstream
+  UPSTREAM_NGINX_PID=$!
   wait_port "$P_UP_JSON"
   wait_port "$P_UP_SSE"
 }
@@ -311,10 +313,11 @@ start_gateway() { # $1 name, $2 upstream base URL, $3 RUST_LOG, then extra VAR=v
 
 # The floor (benches/floor.rs): a proxy of bare hyper, laid out like the gateway, in front of
 # one upstream port. Sets FLOOR_URL[$1].
-declare -A FLOOR_URL
+declare -A FLOOR_URL FLOOR_PID
 start_floor() { # $1 name, $2 upstream port
   "$FLOOR_BIN" --listen 127.0.0.1:0 --upstream "127.0.0.1:$2" </dev/null >"$TMP/$1.out" 2>"$TMP/$1.err" &
   PIDS+=($!)
+  FLOOR_PID[$1]=$!
   local i url=
   for i in $(seq 1 100); do
     url=$(sed -n 's/^floor listening on //p' "$TMP/$1.out" 2>/dev/null || true)
@@ -664,6 +667,61 @@ run_syscalls() {
   done
 }
 
+# CPU time per request of each proxy at $CONNS connections, split into user and kernel time
+# (/proc/PID/task/*/stat before and after each run, so every thread counts: the gateway's
+# ledger writer too). On a shared 2-core machine req/s swings from run to run, but which
+# process spends the time, and on which side of the system call line, holds; this is what
+# says how much of the gateway's own work has to go for a throughput target.
+cpu_ticks() { # $1 field (14 user, 15 system), then pids: the sum over their threads
+  local f=$1 p t=0
+  shift
+  for p in "$@"; do
+    t=$((t + $(cat /proc/"$p"/task/*/stat 2>/dev/null | awk -v f="$f" '{s += $f} END {print s + 0}')))
+  done
+  echo "$t"
+}
+cpu_one() { # $1 kind, $2 label, $3 URL, then the proxy's pids; prints one table row
+  local kind=$1 label=$2 url=$3 bj=$TMP/req-json.json bs=$TMP/req-sse.json
+  shift 3
+  if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; fi
+  local ups u0 s0 up0 u1 s1 up1 out n rps hz
+  ups=$(pgrep -P "$UPSTREAM_NGINX_PID" | tr '\n' ' ')
+  # shellcheck disable=SC2086
+  u0=$(cpu_ticks 14 "$@") s0=$(cpu_ticks 15 "$@") up0=$(( $(cpu_ticks 14 $ups) + $(cpu_ticks 15 $ups) ))
+  out=$("$LOAD_BIN" compare --rounds 1 --duration "$DURATION" --warmup 0 --conns "$CONNS" --no-serial \
+    --body-json "$bj" --body-sse "$bs" --target "$kind:$label=$url$CHAT" 2>&1) || die "$label: load failed: $(tail -3 <<<"$out")"
+  # shellcheck disable=SC2086
+  u1=$(cpu_ticks 14 "$@") s1=$(cpu_ticks 15 "$@") up1=$(( $(cpu_ticks 14 $ups) + $(cpu_ticks 15 $ups) ))
+  # The summary row: | KIND | label | req/s | min..max | ... | requests | errors |
+  read -r rps n <<<"$(awk -F'|' -v l="$label" '$3 ~ "^ *"l" *$" {gsub(/ /, "", $4); gsub(/ /, "", $(NF-2)); print $4, $(NF-2)}' <<<"$out")"
+  [ -n "$n" ] && [ "$n" -gt 0 ] || die "$label: no requests counted"
+  hz=$(getconf CLK_TCK)
+  # Clock ticks to ns per request.
+  awk -v k="$kind" -v l="$label" -v r="$rps" -v n="$n" -v hz="$hz" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v up=$((up1 - up0)) \
+    'BEGIN { t = 1e9 / hz / n; printf "| %s | %s | %s | %.1f | %.1f | %.1f | %.1f |\n", toupper(k), l, r, (u + s) * t / 1000, u * t / 1000, s * t / 1000, up * t / 1000 }'
+}
+run_cpu() {
+  local kind port pport round
+  start_floor floor-json "$P_UP_JSON"
+  start_floor floor-sse "$P_UP_SSE"
+  echo "| payload | proxy | req/s @$CONNS | CPU µs/request | user | kernel | upstream nginx CPU µs/request |"
+  echo "|---|---|---:|---:|---:|---:|---:|"
+  for kind in json sse; do
+    port=$P_UP_JSON pport=$P_PX_JSON
+    [ $kind = sse ] && port=$P_UP_SSE pport=$P_PX_SSE
+    start_gateway "gw-cpu-$kind" "http://127.0.0.1:$port" warn
+    local fl=floor-$kind
+    for round in $(seq 1 "$ROUNDS"); do
+      # shellcheck disable=SC2046
+      cpu_one $kind nginx "http://127.0.0.1:$pport" $(pgrep -P "$NGINX_PROXY_PID")
+      cpu_one $kind hyper "${FLOOR_URL[$fl]}" "${FLOOR_PID[$fl]}"
+      cpu_one $kind gateway "${GW_URL[gw-cpu-$kind]}" "${GW_PID[gw-cpu-$kind]}"
+    done
+    stop_gateway "gw-cpu-$kind"
+  done
+  log "a proxy's throughput is about 2 cores / (its CPU per request + the upstream's + the load tool's); the load tool's share is what is left of nginx's row"
+}
+
 # --- run ----------------------------------------------------------------------------------------
 start_upstream_nginx
 SLOW_URL=$(start_slow_upstream slow)
@@ -687,5 +745,6 @@ case "$MODE" in
   profile) run_profile ;;
   perf) run_perf ;;
   syscalls) run_syscalls ;;
+  cpu) run_cpu ;;
 esac
 log "done"

@@ -176,6 +176,72 @@ async fn concurrent_identical_requests_make_one_call() {
     assert_eq!(up.chat_calls(), 1);
 }
 
+/// A cacheable non-stream miss that nobody else waits for is passed on as it arrives, not read
+/// whole first: the client has the head and the first bytes while upstream is still sending,
+/// and the answer is stored once it is complete.
+#[tokio::test]
+async fn a_lone_json_miss_streams_through_and_is_stored() {
+    let up = MockUpstream::start().await;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let whole = completion_json("gpt-5", "arrives in two parts");
+    let (a, b) = whole.split_at(whole.len() / 2);
+    up.push(
+        Reply::new(200)
+            .header("content-type", "application/json")
+            .send(a.to_string())
+            .gate(&gate)
+            .send(b.to_string()),
+    );
+    let gw = TestGateway::default(&up).await;
+    let body = det_body("gpt", false);
+    let resp = tokio::time::timeout(Duration::from_secs(10), post(&gw, &body, &[]))
+        .await
+        .expect("the head comes before the whole answer");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-cache"], "MISS");
+    let mut incoming = resp.into_body();
+    let first = next_data(&mut incoming, 10).await.expect("the first part");
+    assert_eq!(first, Bytes::from(a.to_string()));
+    gate.add_permits(1);
+    let mut got = first.to_vec();
+    while let Some(d) = next_data(&mut incoming, 10).await {
+        got.extend_from_slice(&d);
+    }
+    assert_eq!(got, whole.as_bytes());
+    let (x, again) = call(&gw, &body, &[]).await;
+    assert_eq!(x, "HIT");
+    assert_eq!(again, whole.as_bytes());
+    assert_eq!(up.chat_calls(), 1);
+}
+
+/// A full cache still stores a new answer: the next identical request is a hit, even though
+/// the cache is full of answers nobody asked for again. (A frequency-based admission policy
+/// would turn the newcomer away until it had missed a few times.)
+#[tokio::test]
+async fn a_full_cache_still_keeps_the_newest_answer() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion(
+        "gpt-5",
+        "an answer of a few hundred bytes",
+    ));
+    // About 60 answers fit. The upstream limiter would pace 300 requests over half a minute.
+    let policy = "[cache]\nmax_bytes = \"64KiB\"\nmax_entry_bytes = \"16KiB\"\n\
+                  [limits]\nupstream_rpm = 1000000\n";
+    let gw = TestGateway::start(&up, policy, &[]).await;
+    let unique =
+        |i: usize| det_body("gpt", false).replace("the same question", &format!("question {i}"));
+    for i in 0..300 {
+        assert_eq!(call(&gw, &unique(i), &[]).await.0, "MISS");
+    }
+    let asked = unique(1_000_000);
+    assert_eq!(call(&gw, &asked, &[]).await.0, "MISS");
+    // Other traffic in between, well under the cache's size.
+    for i in 300..320 {
+        call(&gw, &unique(i), &[]).await;
+    }
+    assert_eq!(call(&gw, &asked, &[]).await.0, "HIT");
+}
+
 /// Joins futures without pulling in the futures crate.
 async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
     let mut pending: Vec<_> = futs.map(|f| Some(Box::pin(f))).collect();

@@ -10,8 +10,10 @@
 //!   Recordings are of upstream bytes, so a replay can honour either `include_usage` choice.
 //! - **Expiry** is checked on tokio time (as well as moka's own TTL, which frees the memory),
 //!   so a per-request `x-poe-gateway-cache-ttl` works and tests can pause time.
+//! - **Eviction.** Least recently used first, within `max_bytes` (see the builder for why not
+//!   moka's default).
 //! - **Coalescing.** Concurrent identical non-stream requests make one upstream call: the first
-//!   leads, the others wait for its answer.
+//!   leads, the others wait for its answer. A leader nobody waits for streams its answer.
 //! - **Shared tier.** With Redis (`redis.cache`), entries are also written there, and a local
 //!   miss looks there before calling Poe, so one replica's answer serves every replica. Redis
 //!   being down only costs the shared hits.
@@ -221,6 +223,12 @@ impl ResponseCache {
                     as u32
             })
             .time_to_live(policy.ttl)
+            // Least recently used goes first. moka's default (TinyLFU) admits a newcomer to a
+            // full cache only if it has been asked for more often than what it would evict, so
+            // once the cache had filled, a new answer was dropped and the repeat of its
+            // request missed again; users expect the second identical request to hit. It
+            // also keeps no frequency sketch, which every lookup and insert touched.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .support_invalidation_closures()
             .eviction_listener(move |_, _, cause| {
                 if cause == moka::notification::RemovalCause::Size {

@@ -569,7 +569,14 @@ impl Gateway {
                 let reply = self
                     .fetch(caller, &req, route, bots, started, Some(&plan))
                     .await?;
-                // A JSON answer is read whole here so the requests waiting on it can share it.
+                // Usually nobody waits on this answer (the window is the upstream's time to
+                // its head, which is where a non-stream answer spends its seconds): then it
+                // streams through the tap like any other, never buffered here. One that joins
+                // after this check makes its own call, or hits the answer once it is stored.
+                if !guard.has_followers() {
+                    return Ok(reply);
+                }
+                // Others wait: read the answer whole so they can share it.
                 let Reply {
                     status,
                     headers,
@@ -583,17 +590,13 @@ impl Gateway {
                     .await
                     .map_err(|e| GatewayError::UpstreamUnreachable(e.to_string()))?
                     .to_bytes();
-                // Usually nobody is waiting: then the answer is not read a second time. One
-                // that joins after this check makes its own call.
-                if guard.has_followers() {
-                    guard.publish(Arc::new(Shared {
-                        status,
-                        headers: headers.clone(),
-                        body: bytes.clone(),
-                        bot: bot.clone(),
-                        usage: tap::json_usage(&bytes),
-                    }));
-                }
+                guard.publish(Arc::new(Shared {
+                    status,
+                    headers: headers.clone(),
+                    body: bytes.clone(),
+                    bot: bot.clone(),
+                    usage: tap::json_usage(&bytes),
+                }));
                 Ok(Reply {
                     status,
                     headers,
