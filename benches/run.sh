@@ -14,7 +14,7 @@
 #   HOLD_STREAMS (10000), SOAK_RATE req/s per target (300), SOAK_CONNS (8), KEEP_TMP=1,
 #   GATEWAY_ENV="VAR=value ..." extra environment for every gateway started (experiments, e.g.
 #   TOKIO_WORKER_THREADS=1 or LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2),
-#   BASELINE_REV=<git rev> or BASELINE_BIN=<path>: also measure an older gateway ("gateway-base"),
+#   BASELINE_REV=<git rev> or BASELINE_BIN=<path>: also measure an older gateway ("gateway-base", compare and cpu),
 #   e.g. the last commit before accounting, to price a feature; BASELINE_PATCH=<file> patches
 #   BASELINE_REV first (BASELINE_REV=HEAD BASELINE_PATCH=benches/no-ledger.patch prices the ledger);
 #   ONLY="KIND:LABEL ..." (compare) measures only those targets, e.g. ONLY="json:nginx json:gateway";
@@ -710,14 +710,17 @@ run_cpu() {
     port=$P_UP_JSON pport=$P_PX_JSON
     [ $kind = sse ] && port=$P_UP_SSE pport=$P_PX_SSE
     start_gateway "gw-cpu-$kind" "http://127.0.0.1:$port" warn
+    [ -z "$BASE_BIN" ] || start_gateway "gw-cpu-$kind-base" "http://127.0.0.1:$port" warn
     local fl=floor-$kind
     for round in $(seq 1 "$ROUNDS"); do
       # shellcheck disable=SC2046
       cpu_one $kind nginx "http://127.0.0.1:$pport" $(pgrep -P "$NGINX_PROXY_PID")
       cpu_one $kind hyper "${FLOOR_URL[$fl]}" "${FLOOR_PID[$fl]}"
       cpu_one $kind gateway "${GW_URL[gw-cpu-$kind]}" "${GW_PID[gw-cpu-$kind]}"
+      [ -z "$BASE_BIN" ] || cpu_one $kind gateway-base "${GW_URL[gw-cpu-$kind-base]}" "${GW_PID[gw-cpu-$kind-base]}"
     done
     stop_gateway "gw-cpu-$kind"
+    [ -z "$BASE_BIN" ] || stop_gateway "gw-cpu-$kind-base"
   done
   log "a proxy's throughput is about 2 cores / (its CPU per request + the upstream's + the load tool's); the load tool's share is what is left of nginx's row"
 }
