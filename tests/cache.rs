@@ -240,6 +240,17 @@ async fn a_full_cache_still_keeps_the_newest_answer() {
         call(&gw, &unique(i), &[]).await;
     }
     assert_eq!(call(&gw, &asked, &[]).await.0, "HIT");
+    // What made room was counted as evicted.
+    let metrics = String::from_utf8(body_bytes(get(&gw, "/metrics").await).await.to_vec()).unwrap();
+    let evicted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("poe_gateway_cache_evictions_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no eviction count in {metrics}"));
+    assert!(
+        evicted >= 200,
+        "{evicted} evictions after 321 answers in room for about 60"
+    );
 }
 
 /// Joins futures without pulling in the futures crate.
