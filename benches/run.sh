@@ -672,36 +672,37 @@ run_syscalls() {
 # ledger writer too). On a shared 2-core machine req/s swings from run to run, but which
 # process spends the time, and on which side of the system call line, holds; this is what
 # says how much of the gateway's own work has to go for a throughput target.
-cpu_ticks() { # $1 field (14 user, 15 system), then pids: the sum over their threads
-  local f=$1 p t=0
-  shift
-  for p in "$@"; do
-    t=$((t + $(cat /proc/"$p"/task/*/stat 2>/dev/null | awk -v f="$f" '{s += $f} END {print s + 0}')))
-  done
-  echo "$t"
+cpu_ticks() { # pids; prints "user system" clock ticks, summed over all their threads
+  local p
+  # Fields 14 and 15 of stat, counted after the "(comm)" field, which may hold spaces.
+  for p in "$@"; do cat /proc/"$p"/task/*/stat 2>/dev/null; done \
+    | awk '{sub(/^.*\) /, ""); u += $12; s += $13} END {print u + 0, s + 0}'
 }
 cpu_one() { # $1 kind, $2 label, $3 URL, then the proxy's pids; prints one table row
   local kind=$1 label=$2 url=$3 bj=$TMP/req-json.json bs=$TMP/req-sse.json
   shift 3
   if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; fi
-  local ups u0 s0 up0 u1 s1 up1 out n rps hz
+  local ups u0 s0 uu0 us0 u1 s1 uu1 us1 out n rps
   ups=$(pgrep -P "$UPSTREAM_NGINX_PID" | tr '\n' ' ')
+  read -r u0 s0 <<<"$(cpu_ticks "$@")"
   # shellcheck disable=SC2086
-  u0=$(cpu_ticks 14 "$@") s0=$(cpu_ticks 15 "$@") up0=$(( $(cpu_ticks 14 $ups) + $(cpu_ticks 15 $ups) ))
+  read -r uu0 us0 <<<"$(cpu_ticks $ups)"
   out=$("$LOAD_BIN" compare --rounds 1 --duration "$DURATION" --warmup 0 --conns "$CONNS" --no-serial \
     --body-json "$bj" --body-sse "$bs" --target "$kind:$label=$url$CHAT" 2>&1) || die "$label: load failed: $(tail -3 <<<"$out")"
+  read -r u1 s1 <<<"$(cpu_ticks "$@")"
   # shellcheck disable=SC2086
-  u1=$(cpu_ticks 14 "$@") s1=$(cpu_ticks 15 "$@") up1=$(( $(cpu_ticks 14 $ups) + $(cpu_ticks 15 $ups) ))
+  read -r uu1 us1 <<<"$(cpu_ticks $ups)"
   # The summary row: | KIND | label | req/s | min..max | ... | requests | errors |
   read -r rps n <<<"$(awk -F'|' -v l="$label" '$3 ~ "^ *"l" *$" {gsub(/ /, "", $4); gsub(/ /, "", $(NF-2)); print $4, $(NF-2)}' <<<"$out")"
   [ -n "$n" ] && [ "$n" -gt 0 ] || die "$label: no requests counted"
-  hz=$(getconf CLK_TCK)
-  # Clock ticks to ns per request.
-  awk -v k="$kind" -v l="$label" -v r="$rps" -v n="$n" -v hz="$hz" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v up=$((up1 - up0)) \
+  # Clock ticks to µs per request.
+  awk -v k="$kind" -v l="$label" -v r="$rps" -v n="$n" -v hz="$CLK_TCK" -v u=$((u1 - u0)) -v s=$((s1 - s0)) \
+    -v up=$((uu1 - uu0 + us1 - us0)) \
     'BEGIN { t = 1e9 / hz / n; printf "| %s | %s | %s | %.1f | %.1f | %.1f | %.1f |\n", toupper(k), l, r, (u + s) * t / 1000, u * t / 1000, s * t / 1000, up * t / 1000 }'
 }
 run_cpu() {
   local kind port pport round
+  CLK_TCK=$(getconf CLK_TCK)
   start_floor floor-json "$P_UP_JSON"
   start_floor floor-sse "$P_UP_SSE"
   echo "| payload | proxy | req/s @$CONNS | CPU µs/request | user | kernel | upstream nginx CPU µs/request |"
