@@ -39,8 +39,8 @@ log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 
 case "$MODE" in
-  all|compare|memory|soak|profile|perf|syscalls|cpu) ;;
-  *) die "unknown mode '$MODE' (all, compare, memory, soak [DUR], profile, perf, syscalls, cpu)" ;;
+  all|compare|memory|soak|profile|perf|syscalls|cpu|serial-perf) ;;
+  *) die "unknown mode '$MODE' (all, compare, memory, soak [DUR], profile, perf, syscalls, cpu, serial-perf)" ;;
 esac
 
 duration_secs() { # 600 | 120s | 2m | 1h
@@ -69,7 +69,7 @@ if [ -z "$NGINX" ]; then
 fi
 command -v curl >/dev/null || apt_install curl
 if [ "$MODE" = profile ] && ! command -v valgrind >/dev/null; then apt_install valgrind; fi
-if [ "$MODE" = perf ] && ! command -v perf >/dev/null; then apt_install linux-perf; fi
+if { [ "$MODE" = perf ] || [ "$MODE" = serial-perf ]; } && ! command -v perf >/dev/null; then apt_install linux-perf; fi
 if [ "$MODE" = syscalls ] && ! command -v strace >/dev/null; then apt_install strace; fi
 
 # 10,000 held streams need about 10,000 descriptors in the load tool and in the slow upstream,
@@ -726,6 +726,47 @@ run_cpu() {
   log "a proxy's throughput is about 2 cores / (its CPU per request + the upstream's + the load tool's); the load tool's share is what is left of nginx's row"
 }
 
+# Where one serial request's time goes when everything on its path shares CPU 0 (as the
+# pinned serial runs of `compare` do): perf samples all of CPU 0 while one connection loads
+# nginx as a proxy, then the gateway, and prints µs per request for each process (user and
+# kernel together) and the gateway's symbols. Pinned, a request's latency is the sum of these.
+run_serial_perf() {
+  command -v perf >/dev/null || die "perf is needed"
+  local kind port pport label url pids p n bj=$TMP/req-json.json bs=$TMP/req-sse.json
+  if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; log "requests are not cacheable (CACHEABLE=0)"; fi
+  for kind in json sse; do
+    port=$P_UP_JSON pport=$P_PX_JSON
+    [ $kind = sse ] && port=$P_UP_SSE pport=$P_PX_SSE
+    start_gateway "gw-sp-$kind" "http://127.0.0.1:$port" warn
+    for p in $(server_pids | tr ',' ' '); do taskset -a -p -c 0 "$p" >/dev/null; done
+    for label in nginx gateway; do
+      url="http://127.0.0.1:$pport"
+      [ $label = gateway ] && url=${GW_URL[gw-sp-$kind]}
+      taskset -c 0 "$LOAD_BIN" compare --rounds 1 --duration $((DURATION + 2)) --warmup 1 --serial-only \
+        --body-json "$bj" --body-sse "$bs" --target "$kind:$label=$url$CHAT" >"$TMP/sp-load-$kind-$label.out" 2>&1 &
+      local load=$!
+      sleep 2
+      perf record -a -C 0 -e cpu-clock -F 1999 ${PERF_CALL_GRAPH:--g} -o "$TMP/sp-$kind-$label.data" -- sleep "$DURATION" \
+        >/dev/null 2>"$TMP/sp-$kind-$label.err" || die "perf record failed: $(tail -3 "$TMP/sp-$kind-$label.err")"
+      wait "$load" || die "load failed: $(tail -5 "$TMP/sp-load-$kind-$label.out")"
+      # Requests in the sampled window: the run's rate times the window.
+      local rps
+      rps=$(sed -n 's/.* 1 conn *: *\([0-9]*\) req\/s.*/\1/p' "$TMP/sp-load-$kind-$label.out" | head -1)
+      [ -n "$rps" ] || die "no rate in $TMP/sp-load-$kind-$label.out"
+      echo "---- $kind via $label, 1 connection pinned to CPU 0: $rps req/s, p50 $(sed -n 's/.* p50 *\([0-9.]*\) us.*/\1/p' "$TMP/sp-load-$kind-$label.out" | head -1) µs; µs per request by process ----"
+      perf report -i "$TMP/sp-$kind-$label.data" --no-children --sort pid -n --stdio -g none 2>/dev/null \
+        | awk -v r="$rps" -v hz=1999 -v d="$DURATION" '$1 ~ /%$/ && $2 ~ /^[0-9]+$/ { printf "  %-28s %7.1f µs\n", $3, $2 / hz / d / r * 1e6 }' | head -12
+      if [ $label = gateway ]; then
+        echo "---- the gateway's own threads, by symbol (% of CPU 0) ----"
+        perf report -i "$TMP/sp-$kind-$label.data" --no-children --pid "${GW_PID[gw-sp-$kind]}" --sort dso,symbol --stdio 2>/dev/null \
+          | grep -E '^ +[0-9]' | sed -n '1,45p' | cut -c1-150
+      fi
+    done
+    stop_gateway "gw-sp-$kind"
+  done
+  log "perf data: $TMP (KEEP_TMP=1 keeps it)"
+}
+
 # --- run ----------------------------------------------------------------------------------------
 start_upstream_nginx
 SLOW_URL=$(start_slow_upstream slow)
@@ -750,5 +791,6 @@ case "$MODE" in
   perf) run_perf ;;
   syscalls) run_syscalls ;;
   cpu) run_cpu ;;
+  serial-perf) run_serial_perf ;;
 esac
 log "done"
