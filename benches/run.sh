@@ -738,10 +738,13 @@ run_serial_perf() {
     port=$P_UP_JSON pport=$P_PX_JSON
     [ $kind = sse ] && port=$P_UP_SSE pport=$P_PX_SSE
     start_gateway "gw-sp-$kind" "http://127.0.0.1:$port" warn
+    local labels=(nginx gateway)
+    if [ -n "$BASE_BIN" ]; then start_gateway "gw-sp-$kind-base" "http://127.0.0.1:$port" warn; labels+=(gateway-base); fi
     for p in $(server_pids | tr ',' ' '); do taskset -a -p -c 0 "$p" >/dev/null; done
-    for label in nginx gateway; do
+    for label in "${labels[@]}"; do
       url="http://127.0.0.1:$pport"
       [ $label = gateway ] && url=${GW_URL[gw-sp-$kind]}
+      [ $label = gateway-base ] && url=${GW_URL[gw-sp-$kind-base]}
       taskset -c 0 "$LOAD_BIN" compare --rounds 1 --duration $((DURATION + 2)) --warmup 1 --serial-only \
         --body-json "$bj" --body-sse "$bs" --target "$kind:$label=$url$CHAT" >"$TMP/sp-load-$kind-$label.out" 2>&1 &
       local load=$!
@@ -756,13 +759,16 @@ run_serial_perf() {
       echo "---- $kind via $label, 1 connection pinned to CPU 0: $rps req/s, p50 $(sed -n 's/.* p50 *\([0-9.]*\) us.*/\1/p' "$TMP/sp-load-$kind-$label.out" | head -1) µs; µs per request by process ----"
       perf report -i "$TMP/sp-$kind-$label.data" --no-children --sort pid -n --stdio -g none 2>/dev/null \
         | awk -v r="$rps" -v hz=1999 -v d="$DURATION" '$1 ~ /%$/ && $2 ~ /^[0-9]+$/ { printf "  %-28s %7.1f µs\n", $3, $2 / hz / d / r * 1e6 }' | head -12
-      if [ $label = gateway ]; then
-        echo "---- the gateway's own threads, by symbol (% of CPU 0) ----"
-        perf report -i "$TMP/sp-$kind-$label.data" --no-children --pid "${GW_PID[gw-sp-$kind]}" --sort dso,symbol --stdio 2>/dev/null \
+      if [ $label != nginx ]; then
+        local gw=gw-sp-$kind
+        [ $label = gateway-base ] && gw=gw-sp-$kind-base
+        echo "---- $label's own threads, by symbol (% of CPU 0) ----"
+        perf report -i "$TMP/sp-$kind-$label.data" --no-children --pid "${GW_PID[$gw]}" --sort dso,symbol --stdio -g none 2>/dev/null \
           | grep -E '^ +[0-9]' | sed -n '1,45p' | cut -c1-150
       fi
     done
     stop_gateway "gw-sp-$kind"
+    [ -z "$BASE_BIN" ] || stop_gateway "gw-sp-$kind-base"
   done
   log "perf data: $TMP (KEEP_TMP=1 keeps it)"
 }
