@@ -82,6 +82,8 @@ BUILD_OUT=$(cargo build --release --bin poe-gateway --bench load --bench floor -
 GW_BIN=$(grep -o '"executable":"[^"]*/poe-gateway"' <<<"$BUILD_OUT" | tail -1 | cut -d'"' -f4)
 LOAD_BIN=$(grep -o '"executable":"[^"]*/load-[0-9a-f]*"' <<<"$BUILD_OUT" | tail -1 | cut -d'"' -f4)
 FLOOR_BIN=$(grep -o '"executable":"[^"]*/floor-[0-9a-f]*"' <<<"$BUILD_OUT" | tail -1 | cut -d'"' -f4)
+# GATEWAY_BIN=<path> measures that gateway binary instead of the one just built.
+GW_BIN=${GATEWAY_BIN:-$GW_BIN}
 [ -x "$GW_BIN" ] && [ -x "$LOAD_BIN" ] && [ -x "$FLOOR_BIN" ] || die "build artifacts not found"
 
 TMP=$(mktemp -d /tmp/poe-gateway-bench.XXXXXX)

@@ -8,10 +8,11 @@
 //! - **Streams are recorded, not buffered.** The tap hands each upstream frame to a
 //!   [`Recorder`] as it forwards it; the recording is stored when the stream completes.
 //!   Recordings are of upstream bytes, so a replay can honour either `include_usage` choice.
-//! - **Expiry** is checked on tokio time (as well as moka's own TTL, which frees the memory),
-//!   so a per-request `x-poe-gateway-cache-ttl` works and tests can pause time.
+//! - **Expiry** is checked on tokio time at look-up, so a per-request
+//!   `x-poe-gateway-cache-ttl` works and tests can pause time. An expired entry nobody asks
+//!   for again is evicted like any other, in its turn.
 //! - **Eviction.** Least recently used first, within `max_bytes` (see the builder for why not
-//!   moka's default).
+//!   moka's default, and for how evictions are counted).
 //! - **Coalescing.** Concurrent identical non-stream requests make one upstream call: the first
 //!   leads, the others wait for its answer. A leader nobody waits for streams its answer.
 //! - **Shared tier.** With Redis (`redis.cache`), entries are also written there, and a local
@@ -19,6 +20,7 @@
 //!   being down only costs the shared hits.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -156,9 +158,10 @@ pub struct Entry {
 }
 
 /// What an entry costs in memory besides its body, measured (`entry_weights_match_their_memory`):
-/// moka's own records for the key (its table, its access and expiry queues), the entry and
-/// its allocations, the key. With 256 bytes here a cache of small answers held 1.7 times its
-/// `max_bytes`. (Measured with TinyLFU's frequency sketch; LRU keeps none, so this errs high.)
+/// moka's own records for the key (its table, its access queue), the entry and its
+/// allocations, the key. With 256 bytes here a cache of small answers held 1.7 times its
+/// `max_bytes`. (Measured with TinyLFU's frequency sketch and moka's TTL queue; the cache
+/// keeps neither now, so this errs high.)
 const ENTRY_OVERHEAD: usize = 720;
 /// And each frame of a stored stream: its `Bytes` handle.
 const FRAME_OVERHEAD: usize = 32;
@@ -202,6 +205,10 @@ pub struct ResponseCache {
     in_flight: Arc<Mutex<HashMap<CacheKey, Waiters, KeyHash>>>,
     /// The Redis tier behind this one, when configured.
     shared: Option<Arc<SharedState>>,
+    /// Entries put into `store`, and those the gateway took out itself (expired at look-up,
+    /// purged). Whatever else left was evicted for room: see [`ResponseCache::evictions`].
+    stored: AtomicU64,
+    removed: AtomicU64,
 }
 
 impl ResponseCache {
@@ -215,26 +222,23 @@ impl ResponseCache {
         metrics: Arc<Metrics>,
         shared: Option<Arc<SharedState>>,
     ) -> ResponseCache {
-        let evictions = metrics.cache_evictions.clone();
         let store = moka::sync::Cache::builder()
             .max_capacity(policy.max_bytes.0)
             .weigher(|_: &CacheKey, e: &Arc<Entry>| {
                 (e.bytes + ENTRY_OVERHEAD + FRAME_OVERHEAD * e.frames.len()).min(u32::MAX as usize)
                     as u32
             })
-            .time_to_live(policy.ttl)
             // Least recently used goes first. moka's default (TinyLFU) admits a newcomer to a
             // full cache only if it has been asked for more often than what it would evict, so
             // once the cache had filled, a new answer was dropped and the repeat of its
             // request missed again; users expect the second identical request to hit. It
             // also keeps no frequency sketch, which every lookup and insert touched.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .support_invalidation_closures()
-            .eviction_listener(move |_, _, cause| {
-                if cause == moka::notification::RemovalCause::Size {
-                    evictions.inc();
-                }
-            })
+            // No eviction listener and no moka TTL: with a listener moka takes a lock per key
+            // (an entry in a map of its own, made and dropped) on every insert and eviction,
+            // and a full cache evicts on every stored miss; a TTL adds a second queue to keep
+            // in order. The entry's own expiry is checked at look-up, and evictions are counted
+            // from what went in and what the gateway took out (`evictions`).
             .build_with_hasher(KeyHash::new());
         ResponseCache {
             store,
@@ -243,6 +247,8 @@ impl ResponseCache {
             metrics,
             in_flight: Arc::new(Mutex::new(HashMap::with_hasher(KeyHash::new()))),
             shared,
+            stored: AtomicU64::new(0),
+            removed: AtomicU64::new(0),
         }
     }
 
@@ -284,7 +290,7 @@ impl ResponseCache {
                 Some(e)
             }
             Some(_) => {
-                self.store.invalidate(&plan.key);
+                self.remove(&plan.key);
                 self.metrics.cache_misses.inc();
                 None
             }
@@ -308,7 +314,7 @@ impl ResponseCache {
         let scope = plan.scope.as_deref().unwrap_or(SHARED_SCOPE);
         let raw = shared.cache_get(scope, &plan.key).await.ok()??;
         let entry = Arc::new(decode(raw, plan.scope.clone())?);
-        self.store.insert(plan.key, entry.clone());
+        self.put(plan.key, entry.clone());
         Some(entry)
     }
 
@@ -353,17 +359,41 @@ impl ResponseCache {
         }
     }
 
+    /// Removes the entries one by one, so each is counted as taken out rather than evicted
+    /// (an admin's purge is rare; a walk of the table is affordable there).
     fn purge_local(&self, scope: Option<&str>) {
-        match scope {
-            None => self.store.invalidate_all(),
-            Some(s) => {
-                let s: Arc<str> = Arc::from(s);
-                // Only fails when closures are unsupported, which the builder enabled.
-                let _ = self
-                    .store
-                    .invalidate_entries_if(move |_, e| e.scope.as_deref() == Some(&*s));
+        for (key, entry) in self.store.iter() {
+            if scope.is_none_or(|s| entry.scope.as_deref() == Some(s)) {
+                self.remove(&key);
             }
         }
+        self.store.run_pending_tasks();
+    }
+
+    fn put(&self, key: CacheKey, entry: Arc<Entry>) {
+        self.store.insert(key, entry);
+        // Counted after the insert, so that `evictions` never sees it stored but not live.
+        self.stored.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn remove(&self, key: &CacheKey) {
+        // `remove` answers `Some` to only one of two callers racing for the same entry.
+        if self.store.remove(key).is_some() {
+            self.removed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Entries evicted for room so far: stored, less those still held and those the gateway
+    /// took out. An answer stored over an identical one (two identical streams at once) is
+    /// counted too. Settles moka's pending work first, for an exact count of what is held.
+    pub fn evictions(&self) -> u64 {
+        // Read in this order, a change in between can only make the figure low for now,
+        // never high (the counter it feeds cannot go back).
+        let stored = self.stored.load(Ordering::Relaxed);
+        self.store.run_pending_tasks();
+        let live = self.store.entry_count();
+        let removed = self.removed.load(Ordering::Relaxed);
+        stored.saturating_sub(live + removed)
     }
 
     /// Bytes held (for the gauge).
@@ -391,7 +421,7 @@ impl ResponseCache {
     /// Stores an entry (the caller has checked it is not a media answer).
     fn insert(self: &Arc<Self>, plan: Plan, entry: Entry) {
         let entry = Arc::new(entry);
-        self.store.insert(plan.key, entry.clone());
+        self.put(plan.key, entry.clone());
         if let Some(shared) = self.shared.clone() {
             let ttl = entry.expires_at.saturating_duration_since(Instant::now());
             if !ttl.is_zero() {

@@ -335,6 +335,12 @@ impl Gateway {
         let st = self.inner.acct.ledger.stats();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         m.ledger_queue_depth.set(st.depth() as i64);
+        m.cache_evictions.inc_by(
+            self.inner
+                .cache
+                .evictions()
+                .saturating_sub(m.cache_evictions.get()),
+        );
         m.cache_bytes.set(self.inner.cache.weighted_size() as i64);
         m.ledger_dropped
             .inc_by(load(&st.dropped).saturating_sub(m.ledger_dropped.get()));
