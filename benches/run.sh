@@ -734,7 +734,7 @@ run_cpu() {
 # kernel together) and the gateway's symbols. Pinned, a request's latency is the sum of these.
 run_serial_perf() {
   command -v perf >/dev/null || die "perf is needed"
-  local kind port pport label url pids p n bj=$TMP/req-json.json bs=$TMP/req-sse.json
+  local kind port pport label url p bj=$TMP/req-json.json bs=$TMP/req-sse.json
   if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; log "requests are not cacheable (CACHEABLE=0)"; fi
   for kind in json sse; do
     port=$P_UP_JSON pport=$P_PX_JSON

@@ -241,21 +241,18 @@ async fn a_full_cache_still_keeps_the_newest_answer() {
     }
     assert_eq!(call(&gw, &asked, &[]).await.0, "HIT");
     // What made room was counted as evicted, and what is still held was not.
-    let evicted = metric(&gw, "poe_gateway_cache_evictions_total").await;
+    let evicted = evictions(&gw).await;
     assert!(
         (200..=320).contains(&evicted),
         "{evicted} evictions after 321 answers in room for about 60"
     );
 }
 
-/// A counter or gauge from `/metrics`.
-async fn metric(gw: &TestGateway, name: &str) -> u64 {
-    let metrics = String::from_utf8(body_bytes(get(gw, "/metrics").await).await.to_vec()).unwrap();
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+/// The cache's eviction count from `/metrics`.
+async fn evictions(gw: &TestGateway) -> u64 {
+    metric(gw, "poe_gateway_cache_evictions_total")
+        .await
+        .expect("an eviction count in /metrics") as u64
 }
 
 /// Joins futures without pulling in the futures crate.
@@ -400,7 +397,7 @@ async fn hits_are_accounted_as_savings_and_purge_works() {
         "purged"
     );
     // A purged entry was taken out, not evicted for room.
-    assert_eq!(metric(&gw, "poe_gateway_cache_evictions_total").await, 0);
+    assert_eq!(evictions(&gw).await, 0);
 }
 
 /// `DELETE /admin/cache?key_id=` drops that key's entries and leaves the others'. Without
@@ -436,5 +433,5 @@ async fn a_scoped_purge_drops_only_that_scope() {
         "its own scope's purge"
     );
     assert_eq!(up.chat_calls(), 2);
-    assert_eq!(metric(&gw, "poe_gateway_cache_evictions_total").await, 0);
+    assert_eq!(evictions(&gw).await, 0);
 }

@@ -266,14 +266,6 @@ async fn settle(gw: &TestGateway, key_id: &str, n: i64) {
     panic!("the ledger never reached {n} requests for {key_id}");
 }
 
-async fn metric(gw: &TestGateway, name: &str) -> Option<f64> {
-    let text = String::from_utf8(body_bytes(get(gw, "/metrics").await).await.to_vec()).unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn budget_rpm_and_reports_hold_across_two_replicas() {
     let Some(c) = cluster("", &[]).await else {

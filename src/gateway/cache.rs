@@ -367,7 +367,6 @@ impl ResponseCache {
                 self.remove(&key);
             }
         }
-        self.store.run_pending_tasks();
     }
 
     fn put(&self, key: CacheKey, entry: Arc<Entry>) {

@@ -552,6 +552,15 @@ pub async fn body_bytes(resp: Response<Incoming>) -> Bytes {
     resp.into_body().collect().await.expect("body").to_bytes()
 }
 
+/// An unlabelled counter or gauge from the gateway's `/metrics`, if it is there.
+pub async fn metric(gw: &TestGateway, name: &str) -> Option<f64> {
+    let text = String::from_utf8(body_bytes(get(gw, "/metrics").await).await.to_vec()).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 pub async fn body_json(resp: Response<Incoming>) -> serde_json::Value {
     let b = body_bytes(resp).await;
     serde_json::from_slice(&b)
