@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod http;
+pub mod json_log;
 pub mod ledger;
 pub mod mcp;
 pub mod metrics;

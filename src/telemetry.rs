@@ -61,11 +61,13 @@ pub fn init() -> Telemetry {
         Ok("pretty") => false,
         _ => !std::io::stderr().is_terminal(),
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = if json {
-        fmt.json().flatten_event(true).boxed()
+        // tracing-subscriber's own JSON lines, written for less (see `json_log`).
+        crate::json_log::layer(std::io::stderr).boxed()
     } else {
-        fmt.boxed()
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed()
     };
     let (otel, provider) = match OtelSettings::from_env(std::env::vars()) {
         Ok(Some(settings)) => match settings.build() {

@@ -111,11 +111,8 @@ async fn no_key_leaks_on_any_path() {
     let provider = settings.build().expect("exporter builds");
     let subscriber = tracing_subscriber::Registry::default()
         .with(EnvFilter::new("trace"))
-        .with(
-            tracing_subscriber::fmt::layer()
-                .json()
-                .with_writer(logs.clone()),
-        )
+        // The gateway's own JSON lines (`json_log`), spans and all.
+        .with(poe_gateway::json_log::layer(logs.clone()))
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("poe-gateway")));
     tracing::subscriber::set_global_default(subscriber).unwrap();
     poe_gateway::telemetry::set_traces_enabled(true);

@@ -1,6 +1,7 @@
 //! Traces, checked with an in-memory exporter: the span tree and its GenAI attributes for
 //! non-stream, stream, retry and cache-hit requests, and W3C trace-context propagation in and
-//! out. Each test installs its own subscriber on its (single) runtime thread.
+//! out. Each test installs its own subscriber on its (single) runtime thread. And the real
+//! binary's JSON access log.
 
 mod support;
 
@@ -342,4 +343,89 @@ async fn an_mcp_tool_span_parents_the_chat_span() {
     let chat = traces.chats().pop().expect("a chat span");
     assert_eq!(chat.parent_span_id, tool.span_context.span_id());
     assert_eq!(chat.span_context.trace_id(), tool.span_context.trace_id());
+}
+
+/// The real binary's access log, as a log pipeline reads it: one JSON line per request on
+/// stderr at the default level, with the request's id, route and outcome, and no key.
+#[tokio::test]
+async fn the_binary_writes_one_json_access_line_per_request() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let db = databases().await.remove(0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("POE_API_KEY", UPSTREAM_KEY)
+        .env("POE_BASE_URL", up.url())
+        .env("POE_GATEWAY_LISTEN", "127.0.0.1:0")
+        .env("POE_GATEWAY_DATABASE_URL", &db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("gateway binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let gw = TestGateway {
+        addr: line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap(),
+        handle: None,
+    };
+    let mut ids = Vec::new();
+    for stream in [false, true] {
+        let resp = post(&gw, &chat_body("gpt-5", stream), &[]).await;
+        assert_eq!(resp.status(), 200);
+        ids.push(resp.headers()["x-request-id"].to_str().unwrap().to_string());
+        let _ = body_bytes(resp).await;
+    }
+    // Each line was written before its response's last byte went out; stderr ends with the
+    // process.
+    child.kill().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let _ = child.wait();
+    assert!(!stderr.contains(UPSTREAM_KEY), "a key in the log");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let access: Vec<_> = lines
+        .iter()
+        .filter(|l| l["target"] == "poe_gateway::access")
+        .collect();
+    assert_eq!(access.len(), 2, "{stderr}");
+    for (line, (id, stream)) in access.iter().zip(ids.iter().zip([false, true])) {
+        assert_eq!(line["level"], "INFO");
+        assert_eq!(line["message"], "request finished");
+        assert_eq!(line["request_id"], id.as_str());
+        assert_eq!(line["bot"], "gpt-5");
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["stream"], stream);
+        assert_eq!(line["outcome"], "completed");
+        assert!(line["latency_ms"].as_f64().unwrap() > 0.0);
+        let ts = line["timestamp"].as_str().unwrap();
+        assert!(
+            ts.len() == 27 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+            "{ts}"
+        );
+    }
 }
