@@ -303,7 +303,7 @@ mod tests {
             ttfb_ms = n,
             prompt_tokens = Some(-7i64),
             big = u128::MAX,
-            unicode = "h\u{e9}llo \u{2713}",
+            unicode = "h\u{e9}llo \u{2713}\u{7f}",
             nan = f64::NAN,
             "request finished"
         );

@@ -111,18 +111,19 @@ impl Completion {
             .request_body
             .as_ref()
             .map(|b| String::from_utf8_lossy(&b[..b.len().min(64 * 1024)]).into_owned());
-        // One access line per request. Never bodies, never keys: only the key's id.
+        // One access line per request. Never bodies, never keys: only the key's id. Strings
+        // go as `&str`, not `%`: a `Display` field is formatted, then escaped, on every line.
         tracing::info!(
             target: "poe_gateway::access",
-            request_id = %row.request_id,
+            request_id = row.request_id.as_str(),
             key_id = row.key_id.as_deref().unwrap_or(""),
-            model = %row.model,
+            model = row.model.as_str(),
             alias = row.alias.as_deref().unwrap_or(""),
-            bot = %row.bot,
+            bot = row.bot.as_str(),
             stream = row.stream,
             status = row.status,
             attempts = row.attempts,
-            outcome = %row.outcome,
+            outcome = row.outcome,
             reason,
             cache_hit = row.cache_hit,
             latency_ms = row.latency_ms,
