@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use poe_gateway::ledger::{ReportQuery, Store};
@@ -15,32 +13,7 @@ async fn kill_9_loses_nothing_older_than_a_second() {
     for db in databases().await {
         let up = MockUpstream::start().await;
         up.set_fallback(Reply::completion("gpt-5", "ok"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("POE_API_KEY", UPSTREAM_KEY)
-            .env("POE_BASE_URL", up.url())
-            .env("POE_GATEWAY_LISTEN", "127.0.0.1:0")
-            .env("POE_GATEWAY_DATABASE_URL", &db)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("gateway binary starts");
-        let stdout = child.stdout.take().unwrap();
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).unwrap();
-            line
-        })
-        .await
-        .unwrap();
-        let addr = line.trim().rsplit("http://").next().unwrap().to_string();
-        let gw = TestGateway {
-            addr: addr.parse().unwrap(),
-            handle: None,
-        };
+        let (mut child, gw) = spawn_binary(&mut binary_command(&up.url(), &db));
 
         const N: usize = 25;
         for _ in 0..N {

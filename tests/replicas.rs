@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -130,42 +129,15 @@ fn spawn_replica(
     policy_file: &std::path::Path,
     env: &[(&str, &str)],
 ) -> Replica {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_poe-gateway"));
-    cmd.arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("POE_API_KEY", UPSTREAM_KEY)
-        .env("POE_BASE_URL", upstream.url())
-        .env("POE_GATEWAY_LISTEN", "127.0.0.1:0")
-        .env("POE_GATEWAY_POLICIES", policy_file)
-        .env("POE_GATEWAY_DATABASE_URL", database_url)
+    let mut cmd = binary_command(&upstream.url(), database_url);
+    cmd.env("POE_GATEWAY_POLICIES", policy_file)
         .env("POE_GATEWAY_REDIS_URL", redis_url)
-        .env("POE_GATEWAY_ADMIN_KEY", ADMIN_KEY)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .env("POE_GATEWAY_ADMIN_KEY", ADMIN_KEY);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("gateway binary starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .rsplit("http://")
-        .next()
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    Replica {
-        child,
-        gw: TestGateway {
-            addr: addr
-                .parse()
-                .unwrap_or_else(|_| panic!("no address in {line:?}")),
-            handle: None,
-        },
-    }
+    let (child, gw) = spawn_binary(&mut cmd);
+    Replica { child, gw }
 }
 
 /// Everything two replicas need: an upstream, a fresh Postgres database, a Redis, a policy.

@@ -349,42 +349,16 @@ async fn an_mcp_tool_span_parents_the_chat_span() {
 /// stderr at the default level, with the request's id, route and outcome, and no key.
 #[tokio::test]
 async fn the_binary_writes_one_json_access_line_per_request() {
-    use std::io::{BufRead, BufReader, Read};
-    use std::process::{Command, Stdio};
+    use std::io::Read;
 
     let up = MockUpstream::start().await;
     up.set_fallback(Reply::completion("gpt-5", "ok"));
     let db = databases().await.remove(0);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("POE_API_KEY", UPSTREAM_KEY)
-        .env("POE_BASE_URL", up.url())
-        .env("POE_GATEWAY_LISTEN", "127.0.0.1:0")
-        .env("POE_GATEWAY_DATABASE_URL", &db)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("gateway binary starts");
-    let stdout = child.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    let gw = TestGateway {
-        addr: line
-            .trim()
-            .rsplit("http://")
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap(),
-        handle: None,
-    };
+    // The default level and format: stderr is a pipe, so JSON.
+    let mut cmd = binary_command(&up.url(), &db);
+    cmd.env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped());
+    let (mut child, gw) = spawn_binary(&mut cmd);
     let mut ids = Vec::new();
     for stream in [false, true] {
         let resp = post(&gw, &chat_body("gpt-5", stream), &[]).await;

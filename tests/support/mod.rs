@@ -493,6 +493,42 @@ pub fn test_policy(upstream: &MockUpstream, policy: &str, env: &[(&str, &str)]) 
 }
 
 /// A gateway running in-process on port 0.
+/// The real `poe-gateway serve` binary with a clean environment: the test upstream key, the
+/// given upstream and ledger, any free port, `RUST_LOG=warn`. stdout is piped for
+/// [`spawn_binary`]; stderr goes nowhere unless the caller changes it.
+pub fn binary_command(upstream_url: &str, database_url: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"));
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("POE_API_KEY", UPSTREAM_KEY)
+        .env("POE_BASE_URL", upstream_url)
+        .env("POE_GATEWAY_LISTEN", "127.0.0.1:0")
+        .env("POE_GATEWAY_DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    cmd
+}
+
+/// Starts a [`binary_command`] and reads the address it prints once it listens. (A blocking
+/// read: the binary prints it before it needs anything from the test's runtime.)
+pub fn spawn_binary(cmd: &mut std::process::Command) -> (std::process::Child, TestGateway) {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd.spawn().expect("gateway binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    (child, TestGateway { addr, handle: None })
+}
+
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub handle: Option<ServerHandle>,
