@@ -4,7 +4,7 @@
 //!
 //! Why: at the default `RUST_LOG=info` every request writes an access line, and
 //! tracing-subscriber's JSON formatter spent about 30k instructions on each (callgrind), a
-//! quarter of a whole cached-miss request. It serialises through an adaptor that checks UTF-8
+//! quarter of a whole stored-miss request. It serialises through an adaptor that checks UTF-8
 //! on every small write and escapes `Display` values piece by piece, and it formats the
 //! timestamp through `fmt` each time. Here a line is built in a reused byte buffer with
 //! serde_json's own writers, the date part of the timestamp is formatted once a second, and
