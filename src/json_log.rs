@@ -167,15 +167,18 @@ fn timestamp(line: &mut Vec<u8>, cache: &mut Option<(u64, [u8; 19])>, now: Syste
     };
     line.extend_from_slice(&date);
     line.push(b'.');
-    let micros = since.subsec_micros();
-    let mut digits = [b'0'; 6];
-    let mut n = micros;
-    for d in digits.iter_mut().rev() {
+    let mut micros = [0u8; 6];
+    digits(&mut micros, since.subsec_micros());
+    line.extend_from_slice(&micros);
+    line.push(b'Z');
+}
+
+/// `n` in decimal, zero-padded to fill `out`.
+fn digits(out: &mut [u8], mut n: u32) {
+    for d in out.iter_mut().rev() {
         *d = b'0' + (n % 10) as u8;
         n /= 10;
     }
-    line.extend_from_slice(&digits);
-    line.push(b'Z');
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` for a Unix time in seconds.
@@ -183,18 +186,12 @@ fn date_time(secs: u64) -> [u8; 19] {
     let t = time::OffsetDateTime::from_unix_timestamp(secs.min(i64::MAX as u64) as i64)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     let mut out = [0u8; 19];
-    let mut put = |at: usize, width: usize, mut n: u32| {
-        for i in (at..at + width).rev() {
-            out[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-        }
-    };
-    put(0, 4, t.year().clamp(0, 9999) as u32);
-    put(5, 2, u8::from(t.month()) as u32);
-    put(8, 2, t.day() as u32);
-    put(11, 2, t.hour() as u32);
-    put(14, 2, t.minute() as u32);
-    put(17, 2, t.second() as u32);
+    digits(&mut out[0..4], t.year().clamp(0, 9999) as u32);
+    digits(&mut out[5..7], u8::from(t.month()) as u32);
+    digits(&mut out[8..10], t.day() as u32);
+    digits(&mut out[11..13], t.hour() as u32);
+    digits(&mut out[14..16], t.minute() as u32);
+    digits(&mut out[17..19], t.second() as u32);
     for (at, sep) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')] {
         out[at] = sep;
     }

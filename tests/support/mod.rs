@@ -492,7 +492,6 @@ pub fn test_policy(upstream: &MockUpstream, policy: &str, env: &[(&str, &str)]) 
     config::parse("test.toml", policy, vars).expect("test policy is valid")
 }
 
-/// A gateway running in-process on port 0.
 /// The real `poe-gateway serve` binary with a clean environment: the test upstream key, the
 /// given upstream and ledger, any free port, `RUST_LOG=warn`. stdout is piped for
 /// [`spawn_binary`]; stderr goes nowhere unless the caller changes it.
@@ -529,6 +528,7 @@ pub fn spawn_binary(cmd: &mut std::process::Command) -> (std::process::Child, Te
     (child, TestGateway { addr, handle: None })
 }
 
+/// A gateway running in-process on port 0.
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub handle: Option<ServerHandle>,
