@@ -2,8 +2,8 @@
 //! run several gateways in one process do not mix their numbers.
 
 use prometheus::{
-    CounterVec, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -17,6 +17,11 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub streams_in_flight: IntGauge,
     pub upstream_attempts: IntCounterVec,
+    /// `duration` and `ttfb` for `stream="false"` and `stream="true"`, in that order.
+    pub duration_by_stream: [Histogram; 2],
+    pub ttfb_by_stream: [Histogram; 2],
+    /// `upstream_attempts{result="ok"}`.
+    pub upstream_ok: IntCounter,
     pub ledger_queue_depth: IntGauge,
     pub ledger_dropped: IntCounter,
     pub ledger_written: IntCounter,
@@ -52,6 +57,38 @@ impl Metrics {
             HistogramOpts::new(format!("poe_gateway_{name}"), help)
                 .buckets(LATENCY_BUCKETS.to_vec())
         };
+        let duration = reg!(HistogramVec::new(
+            hist(
+                "request_duration_seconds",
+                "Request duration, to the end of the response body."
+            ),
+            &["stream"]
+        ));
+        let ttfb = reg!(HistogramVec::new(
+            hist(
+                "time_to_first_byte_seconds",
+                "Time from request to the first response byte from Poe."
+            ),
+            &["stream"]
+        ));
+        let upstream_attempts = reg!(IntCounterVec::new(
+            opts(
+                "upstream_attempts_total",
+                "Calls to Poe, by result (ok, http_<status>, connect, timeout, broken)."
+            ),
+            &["result"]
+        ));
+        // Looked up once: a label look-up hashes the values and takes a read lock, and these
+        // are counted on every request.
+        let by_stream = |h: &HistogramVec| {
+            [
+                h.with_label_values(&["false"]),
+                h.with_label_values(&["true"]),
+            ]
+        };
+        let duration_by_stream = by_stream(&duration);
+        let ttfb_by_stream = by_stream(&ttfb);
+        let upstream_ok = upstream_attempts.with_label_values(&["ok"]);
         Metrics {
             requests: reg!(IntCounterVec::new(
                 opts(
@@ -72,20 +109,8 @@ impl Metrics {
                 opts("cost_usd_total", "Cost in USD by bot (priced rows only)."),
                 &["bot"]
             )),
-            duration: reg!(HistogramVec::new(
-                hist(
-                    "request_duration_seconds",
-                    "Request duration, to the end of the response body."
-                ),
-                &["stream"]
-            )),
-            ttfb: reg!(HistogramVec::new(
-                hist(
-                    "time_to_first_byte_seconds",
-                    "Time from request to the first response byte from Poe."
-                ),
-                &["stream"]
-            )),
+            duration,
+            ttfb,
             in_flight: reg!(IntGauge::with_opts(opts(
                 "requests_in_flight",
                 "Chat requests whose response is still open."
@@ -94,13 +119,7 @@ impl Metrics {
                 "streams_in_flight",
                 "Open streamed responses."
             ))),
-            upstream_attempts: reg!(IntCounterVec::new(
-                opts(
-                    "upstream_attempts_total",
-                    "Calls to Poe, by result (ok, http_<status>, connect, timeout, broken)."
-                ),
-                &["result"]
-            )),
+            upstream_attempts,
             ledger_queue_depth: reg!(IntGauge::with_opts(opts(
                 "ledger_queue_depth",
                 "Usage rows waiting to be written."
@@ -152,6 +171,9 @@ impl Metrics {
                 ),
                 &["op"]
             )),
+            duration_by_stream,
+            ttfb_by_stream,
+            upstream_ok,
             registry,
         }
     }

@@ -71,7 +71,6 @@ impl Completion {
             m.streams_in_flight.dec();
         }
         let row = usage_row(&mut self.info, observed, &outcome);
-        let stream = if self.info.stream { "true" } else { "false" };
         // The code's digits from http's table, so no allocation per request.
         let code = http::StatusCode::from_u16(row.status);
         let status = match &code {
@@ -95,11 +94,10 @@ impl Completion {
                 .with_label_values(&[row.bot.as_str()])
                 .inc_by(t.max(0) as u64);
         }
-        m.duration
-            .with_label_values(&[stream])
-            .observe(row.latency_ms / 1000.0);
+        let s = usize::from(row.stream);
+        m.duration_by_stream[s].observe(row.latency_ms / 1000.0);
         if let Some(ttfb) = row.ttfb_ms {
-            m.ttfb.with_label_values(&[stream]).observe(ttfb / 1000.0);
+            m.ttfb_by_stream[s].observe(ttfb / 1000.0);
         }
         let reason = match &outcome {
             Outcome::Incomplete(r) => r.as_str(),

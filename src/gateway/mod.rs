@@ -10,6 +10,7 @@ pub mod cache;
 mod canonical;
 pub mod completion;
 pub mod json;
+mod jsonscan;
 pub mod keys;
 pub mod limits;
 pub mod models;
@@ -711,12 +712,7 @@ impl Gateway {
                             started,
                             false,
                         );
-                        inner
-                            .acct
-                            .metrics
-                            .upstream_attempts
-                            .with_label_values(&["ok"])
-                            .inc();
+                        inner.acct.metrics.upstream_ok.inc();
                         return Ok(self.stream_reply(
                             resp,
                             info,

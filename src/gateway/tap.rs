@@ -25,13 +25,13 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use memchr::memmem;
 use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
 use super::cache::Recorder;
 use super::completion::Completion;
 use super::json::{TopLevel, span_in};
+use super::jsonscan::{KeyFinder, parse_usage};
 use super::sse::SseScanner;
 use crate::error::GatewayError;
 
@@ -86,16 +86,16 @@ pub struct Observed {
     pub skip_finish_reasons: bool,
 }
 
-// Substring searchers, built once: constructing one costs more than a search (it was a
-// quarter of an SSE request's instructions when built per call).
+// Key searchers, built once: constructing one costs more than a search (it was a quarter
+// of an SSE request's instructions when built per call). The pairs are the bytes their SIMD
+// loop looks for first (see `KeyFinder`): `n` and `:` of `"content":`, `u` and `g` of
+// `"usage"`, `h` and `_` of `"finish_reason":`.
 // Forward searches only: memchr's reverse searcher has no SIMD path and cost three times
 // as much per chunk as a forward pass over the same bytes.
-static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
-static FINISH_REASON: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(b"\"finish_reason\":"));
-static CONTENT_KEY: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(b"\"content\":"));
+static USAGE_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"usage\"", (1, 4)));
+static FINISH_REASON: LazyLock<KeyFinder> =
+    LazyLock::new(|| KeyFinder::new(b"\"finish_reason\":", (6, 7)));
+static CONTENT_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"content\":", (3, 9)));
 
 /// Largest non-stream body the tap keeps handles to for reading `usage` at the end.
 const JSON_KEEP_LIMIT: usize = 8 * 1024 * 1024;
@@ -635,14 +635,16 @@ fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
             continue; // inside a string
         }
         // `"usage"` as a string value, not a key, is skipped.
-        if let Some(value) = doc[at + 7..].trim_ascii_start().strip_prefix(b":") {
+        if let Some(value) = doc[at + USAGE_KEY.needle_len()..]
+            .trim_ascii_start()
+            .strip_prefix(b":")
+        {
             last_key = Some(value);
         }
     }
     if let Some(value) = last_key {
         // `null` is not a usage, and leaves one already read in place.
-        let mut it = serde_json::Deserializer::from_slice(value).into_iter::<Usage>();
-        if let Some(Ok(u)) = it.next() {
+        if let Some(u) = parse_usage(value) {
             observed.usage = Some(u);
         }
     }
@@ -650,7 +652,10 @@ fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
         return seen;
     }
     for at in FINISH_REASON.find_iter(doc) {
-        let Some(rest) = doc[at + 16..].trim_ascii_start().strip_prefix(b"\"") else {
+        let Some(rest) = doc[at + FINISH_REASON.needle_len()..]
+            .trim_ascii_start()
+            .strip_prefix(b"\"")
+        else {
             continue; // null
         };
         if let Some(end) = memchr::memchr(b'"', rest) {
@@ -667,7 +672,7 @@ fn content_len(data: &[u8]) -> usize {
     let mut total = 0;
     let mut at = 0;
     while let Some(i) = CONTENT_KEY.find(&data[at..]) {
-        let mut j = at + i + 10;
+        let mut j = at + i + CONTENT_KEY.needle_len();
         while data.get(j).is_some_and(u8::is_ascii_whitespace) {
             j += 1;
         }

@@ -1,0 +1,235 @@
+//! The two reads the tap makes in every response, done cheaply: finding a JSON key in a
+//! chunk, and reading the usage object in the shape Poe sends it.
+//!
+//! Both run once per SSE event (a stream has dozens to thousands), so their fixed costs matter
+//! more than their speed per byte.
+
+use memchr::memmem;
+
+use super::tap::Usage;
+
+/// A forward search for one JSON key (`"content":`), non-overlapping like memchr's own.
+///
+/// memchr's SIMD search looks first for two bytes of the needle at their offsets, picked by how
+/// rare they are in ordinary text. For these keys it picks the opening quote and the colon,
+/// and in JSON those sit at that distance in many other keys (`"created":` and `"choices":`
+/// have `"content":`'s pair), so most candidates it stops at are false. Here the caller picks
+/// the pair, for JSON. Haystacks too short for the SIMD loop, and CPUs without AVX2, use
+/// memchr's usual searcher.
+pub(crate) struct KeyFinder {
+    needle: &'static [u8],
+    any: memmem::Finder<'static>,
+    #[cfg(target_arch = "x86_64")]
+    avx2: Option<memchr::arch::x86_64::avx2::packedpair::Finder>,
+}
+
+impl KeyFinder {
+    /// `pair`: the offsets in `needle` of the two bytes the SIMD loop looks for.
+    pub(crate) fn new(needle: &'static [u8], pair: (u8, u8)) -> KeyFinder {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = pair;
+        KeyFinder {
+            needle,
+            any: memmem::Finder::new(needle),
+            #[cfg(target_arch = "x86_64")]
+            avx2: memchr::arch::all::packedpair::Pair::with_indices(needle, pair.0, pair.1)
+                .and_then(|p| memchr::arch::x86_64::avx2::packedpair::Finder::with_pair(needle, p)),
+        }
+    }
+
+    pub(crate) fn needle_len(&self) -> usize {
+        self.needle.len()
+    }
+
+    pub(crate) fn find(&self, haystack: &[u8]) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(f) = &self.avx2
+            && haystack.len() >= f.min_haystack_len()
+        {
+            return f.find(haystack, self.needle);
+        }
+        self.any.find(haystack)
+    }
+
+    pub(crate) fn find_iter<'h>(&'h self, haystack: &'h [u8]) -> impl Iterator<Item = usize> + 'h {
+        let mut from = 0;
+        std::iter::from_fn(move || {
+            let at = from + self.find(haystack.get(from..)?)?;
+            from = at + self.needle.len();
+            Some(at)
+        })
+    }
+}
+
+/// The usage object `value` starts with (what follows it is not read), as serde would read it
+/// into [`Usage`]: `None` where serde fails (`null`, a negative or fractional count, a
+/// duplicate member).
+///
+/// Serde's derived reader cost more than the rest of the tap's work on a usage chunk. Poe's
+/// usage is three integer members, which are read here directly; any other shape (another
+/// member, an escape, a number that is not a plain integer) goes to serde.
+pub(crate) fn parse_usage(value: &[u8]) -> Option<Usage> {
+    match flat_usage(value) {
+        Some(u) => Some(u),
+        None => serde_json::Deserializer::from_slice(value)
+            .into_iter::<Usage>()
+            .next()?
+            .ok(),
+    }
+}
+
+/// `value` read as `{"prompt_tokens":N,...}` with only the three known members, each at most
+/// once, as JSON integers; `None` for anything else.
+fn flat_usage(value: &[u8]) -> Option<Usage> {
+    let mut p = Cursor { b: value, at: 0 };
+    p.ws();
+    p.eat(b'{')?;
+    let mut u = Usage::default();
+    let mut seen = [false; 3];
+    p.ws();
+    if p.eat(b'}').is_some() {
+        return Some(u);
+    }
+    loop {
+        p.ws();
+        p.eat(b'"')?;
+        let start = p.at;
+        let len = memchr::memchr2(b'"', b'\\', &p.b[start..])?;
+        p.at += len;
+        p.eat(b'"')?;
+        let slot = match &p.b[start..start + len] {
+            b"prompt_tokens" => 0,
+            b"completion_tokens" => 1,
+            b"total_tokens" => 2,
+            _ => return None,
+        };
+        if std::mem::replace(&mut seen[slot], true) {
+            return None;
+        }
+        p.ws();
+        p.eat(b':')?;
+        p.ws();
+        let n = p.integer()?;
+        match slot {
+            0 => u.prompt_tokens = n,
+            1 => u.completion_tokens = n,
+            _ => u.total_tokens = n,
+        }
+        p.ws();
+        match p.next()? {
+            b',' => continue,
+            b'}' => return Some(u),
+            _ => return None,
+        }
+    }
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn ws(&mut self) {
+        while matches!(self.b.get(self.at), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = *self.b.get(self.at)?;
+        self.at += 1;
+        Some(c)
+    }
+
+    fn eat(&mut self, want: u8) -> Option<()> {
+        (self.b.get(self.at) == Some(&want)).then(|| self.at += 1)
+    }
+
+    /// A JSON integer that fits u64, ending before a byte that cannot continue a number.
+    fn integer(&mut self) -> Option<u64> {
+        let digits = self.b[self.at..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        let text = &self.b[self.at..self.at + digits];
+        // No leading zeros in JSON, and a fraction or exponent is serde's to judge.
+        if digits == 0
+            || (digits > 1 && text[0] == b'0')
+            || matches!(self.b.get(self.at + digits), Some(b'.' | b'e' | b'E'))
+        {
+            return None;
+        }
+        let mut n: u64 = 0;
+        for d in text {
+            n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        }
+        self.at += digits;
+        Some(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serde_usage(value: &[u8]) -> Option<Usage> {
+        serde_json::Deserializer::from_slice(value)
+            .into_iter::<Usage>()
+            .next()?
+            .ok()
+    }
+
+    /// Wherever the direct read answers, it answers as serde does; the usual shapes are its.
+    #[test]
+    fn the_direct_read_agrees_with_serde() {
+        let cases: &[&[u8]] = &[
+            br#"{"prompt_tokens":14,"completion_tokens":12,"total_tokens":26}}"#,
+            br#" { "total_tokens" : 3 ,"prompt_tokens":1 , "completion_tokens":2 } ,"x":1"#,
+            b"{}",
+            br#"{"prompt_tokens":0}"#,
+            br#"{"prompt_tokens":18446744073709551615}"#,
+            br#"{"prompt_tokens":18446744073709551616}"#,
+            br#"{"prompt_tokens":01}"#,
+            br#"{"prompt_tokens":1.0}"#,
+            br#"{"prompt_tokens":1e2}"#,
+            br#"{"prompt_tokens":-1}"#,
+            br#"{"prompt_tokens":null}"#,
+            br#"{"prompt_tokens":1,"prompt_tokens":2}"#,
+            br#"{"prompt_tokens":1,}"#,
+            br#"{"prompt_tokens":1"#,
+            br#"{"prompt_tokens":1 2}"#,
+            br#"{"pr\u006fmpt_tokens":5}"#,
+            br#"{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":1}}"#,
+            br#"{"other":[1,2,{"a":"}"}],"total_tokens":9}"#,
+            b"null",
+            b"",
+            b"[1]",
+        ];
+        for c in cases {
+            assert_eq!(
+                parse_usage(c),
+                serde_usage(c),
+                "{}",
+                String::from_utf8_lossy(c)
+            );
+        }
+        assert!(flat_usage(cases[0]).is_some());
+        assert!(flat_usage(cases[1]).is_some());
+    }
+
+    #[test]
+    fn the_key_finder_finds_what_memmem_finds() {
+        let f = KeyFinder::new(b"\"content\":", (3, 9));
+        let plain = memmem::Finder::new(b"\"content\":");
+        let chunk = br#"{"id":"chatcmpl-1","created":1,"choices":[{"index":0,"delta":{"content":"a \"content\": b"},"finish_reason":null},{"delta":{"content":"c"}}],"content":1}"#;
+        let mut hay = chunk.to_vec();
+        // Every length, so both the SIMD loop and the short-haystack path are covered.
+        while !hay.is_empty() {
+            let ours: Vec<usize> = f.find_iter(&hay).collect();
+            let theirs: Vec<usize> = plain.find_iter(&hay).collect();
+            assert_eq!(ours, theirs, "{}", String::from_utf8_lossy(&hay));
+            hay.remove(0);
+        }
+    }
+}
