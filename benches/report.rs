@@ -52,7 +52,7 @@ async fn fill(store: &Store) -> Duration {
     for i in 0..ROWS {
         batch.push(row(i, now));
         if batch.len() == BATCH {
-            let full: std::sync::Arc<[_]> = std::mem::take(&mut batch).into();
+            let full = std::sync::Arc::new(std::mem::take(&mut batch));
             store.insert_usage(&full).await.expect("insert");
         }
     }

@@ -316,23 +316,31 @@ async fn writer(
         }
         let (rows, acks, closed) = {
             let mut p = queue.lock();
+            // The next batch's room is made here, off the request path: a queue that starts
+            // empty grows by doubling, copying its rows each time.
+            let room = p.rows.len().min(BATCH_MAX);
             (
-                std::mem::take(&mut p.rows),
+                std::mem::replace(&mut p.rows, Vec::with_capacity(room)),
                 std::mem::take(&mut p.acks),
                 p.closed,
             )
         };
-        let mut rest = rows.into_iter();
-        loop {
-            let mut batch: Vec<UsageRow> = rest.by_ref().take(BATCH_MAX).collect();
-            if batch.is_empty() {
-                break;
-            }
+        // Usually one batch: the queue's rows go to the blocking insert as they are, uncopied.
+        // A longer queue (a writer that fell behind) is cut into batches, each row moved once.
+        let batches: Box<dyn Iterator<Item = Vec<UsageRow>> + Send> = if rows.len() <= BATCH_MAX {
+            Box::new((!rows.is_empty()).then_some(rows).into_iter())
+        } else {
+            let mut rest = rows.into_iter();
+            Box::new(std::iter::from_fn(move || {
+                let batch: Vec<UsageRow> = rest.by_ref().take(BATCH_MAX).collect();
+                (!batch.is_empty()).then_some(batch)
+            }))
+        };
+        for mut batch in batches {
             if let Some(h) = &hook {
                 h.before_write(&mut batch).await;
             }
-            // Shared with the blocking insert instead of copying every row's strings.
-            write_batch(&store, batch.into(), &stats).await;
+            write_batch(&store, Arc::new(batch), &stats).await;
         }
         for ack in acks {
             let _ = ack.send(());
@@ -346,7 +354,7 @@ async fn writer(
 }
 
 /// Writes one batch, retrying a failing database a few times before counting the rows lost.
-async fn write_batch(store: &Store, batch: Arc<[UsageRow]>, stats: &LedgerStats) {
+async fn write_batch(store: &Store, batch: Arc<Vec<UsageRow>>, stats: &LedgerStats) {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=5 {
         match store.insert_usage(&batch).await {
@@ -431,7 +439,7 @@ mod tests {
                 ttfb_ms: Some(5.0),
             })
             .collect();
-        let rows: Arc<[UsageRow]> = rows.into();
+        let rows = Arc::new(rows);
         store.insert_usage(&rows).await.unwrap();
 
         let report = |group_by| ReportQuery {

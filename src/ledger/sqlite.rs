@@ -105,7 +105,7 @@ impl Sqlite {
         .map_err(|e| LedgerError::Other(e.to_string()))?
     }
 
-    pub async fn insert_usage(&self, rows: Arc<[UsageRow]>) -> Result<(), LedgerError> {
+    pub async fn insert_usage(&self, rows: Arc<Vec<UsageRow>>) -> Result<(), LedgerError> {
         Self::with(&self.write, move |c| {
             let tx = c.transaction()?;
             {

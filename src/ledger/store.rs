@@ -153,8 +153,9 @@ impl Store {
     }
 
     /// Writes `rows` in one transaction. An `Arc` so the SQLite insert, which runs on a
-    /// blocking thread, shares the batch instead of copying it.
-    pub async fn insert_usage(&self, rows: &Arc<[UsageRow]>) -> Result<(), LedgerError> {
+    /// blocking thread, shares the batch instead of copying it; of a `Vec`, because turning a
+    /// `Vec` into an `Arc<[_]>` copies every row.
+    pub async fn insert_usage(&self, rows: &Arc<Vec<UsageRow>>) -> Result<(), LedgerError> {
         if rows.is_empty() {
             return Ok(());
         }
