@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod http;
 pub mod json_log;
 pub mod ledger;
+pub mod log_buffer;
 pub mod mcp;
 pub mod metrics;
 pub mod shared_state;
