@@ -349,7 +349,9 @@ async fn an_mcp_tool_span_parents_the_chat_span() {
 /// stderr at the default level, with the request's id, route and outcome, and no key. The
 /// lines are written in batches: each arrives while the gateway runs, within the flush
 /// interval, and none is lost when it stops on SIGTERM.
-#[tokio::test]
+// Two workers: the test blocks a thread waiting for lines and for the exit, and the mock
+// upstream must still answer (the ledger's last flush fetches the model catalogue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_writes_one_json_access_line_per_request() {
     use std::io::BufRead;
 
