@@ -384,8 +384,7 @@ async fn the_binary_writes_one_json_access_line_per_request() {
             break;
         }
         // Held lines go out on the flusher's timer while the gateway runs. The interval is
-        // 100 ms; the wait is long because these machines are shared, and shorter than the
-        // 10 s after which a warning (the catalogue fetch giving up) would flush them anyway.
+        // 100 ms; the wait is long because these machines are shared.
         let id = ids.last().unwrap().clone();
         let deadline = std::time::Instant::now() + Duration::from_secs(8);
         while !lines.iter().any(|l| l.contains(id.as_str())) {

@@ -69,13 +69,15 @@ impl KeyFinder {
 /// usage is three integer members, which are read here directly; any other shape (another
 /// member, an escape, a number that is not a plain integer) goes to serde.
 pub(crate) fn parse_usage(value: &[u8]) -> Option<Usage> {
-    match flat_usage(value) {
-        Some(u) => Some(u),
-        None => serde_json::Deserializer::from_slice(value)
-            .into_iter::<Usage>()
-            .next()?
-            .ok(),
-    }
+    flat_usage(value).or_else(|| serde_usage(value))
+}
+
+/// The one usage value `value` starts with, through serde's derived reader.
+fn serde_usage(value: &[u8]) -> Option<Usage> {
+    serde_json::Deserializer::from_slice(value)
+        .into_iter::<Usage>()
+        .next()?
+        .ok()
 }
 
 /// `value` read as `{"prompt_tokens":N,...}` with only the three known members, each at most
@@ -172,13 +174,6 @@ impl Cursor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn serde_usage(value: &[u8]) -> Option<Usage> {
-        serde_json::Deserializer::from_slice(value)
-            .into_iter::<Usage>()
-            .next()?
-            .ok()
-    }
 
     /// Wherever the direct read answers, it answers as serde does; the usual shapes are its.
     #[test]

@@ -325,18 +325,7 @@ async fn writer(
                 p.closed,
             )
         };
-        // Usually one batch: the queue's rows go to the blocking insert as they are, uncopied.
-        // A longer queue (a writer that fell behind) is cut into batches, each row moved once.
-        let batches: Box<dyn Iterator<Item = Vec<UsageRow>> + Send> = if rows.len() <= BATCH_MAX {
-            Box::new((!rows.is_empty()).then_some(rows).into_iter())
-        } else {
-            let mut rest = rows.into_iter();
-            Box::new(std::iter::from_fn(move || {
-                let batch: Vec<UsageRow> = rest.by_ref().take(BATCH_MAX).collect();
-                (!batch.is_empty()).then_some(batch)
-            }))
-        };
-        for mut batch in batches {
+        for mut batch in into_batches(rows) {
             if let Some(h) = &hook {
                 h.before_write(&mut batch).await;
             }
@@ -351,6 +340,25 @@ async fn writer(
         // A row pushed while this batch was written found the queue empty and left a
         // wake-up, so the next loop picks it up.
     }
+}
+
+/// The queue's rows in batches of at most `BATCH_MAX`. Usually there is one, and it is the
+/// queue's own `Vec`, uncopied; a longer queue (a writer that fell behind) is cut up with each
+/// row moved once.
+fn into_batches(rows: Vec<UsageRow>) -> Vec<Vec<UsageRow>> {
+    if rows.len() <= BATCH_MAX {
+        return if rows.is_empty() {
+            Vec::new()
+        } else {
+            vec![rows]
+        };
+    }
+    let mut rest = rows.into_iter();
+    std::iter::from_fn(|| {
+        let batch: Vec<UsageRow> = rest.by_ref().take(BATCH_MAX).collect();
+        (!batch.is_empty()).then_some(batch)
+    })
+    .collect()
 }
 
 /// Writes one batch, retrying a failing database a few times before counting the rows lost.
@@ -390,6 +398,35 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A short queue is one batch (the same `Vec`); a long one is cut in order, none empty.
+    #[test]
+    fn a_queue_is_cut_into_batches_in_order() {
+        let rows = |n: usize| -> Vec<UsageRow> {
+            (0..n)
+                .map(|i| UsageRow {
+                    request_id: i.to_string(),
+                    ..UsageRow::default()
+                })
+                .collect()
+        };
+        assert!(into_batches(Vec::new()).is_empty());
+        let one = rows(BATCH_MAX);
+        let at = one.as_ptr();
+        let batches = into_batches(one);
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].as_ptr(), at, "the queue's rows were copied");
+        let batches = into_batches(rows(2 * BATCH_MAX + 1));
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [BATCH_MAX, BATCH_MAX, 1]);
+        let ids: Vec<String> = batches.concat().into_iter().map(|r| r.request_id).collect();
+        assert_eq!(
+            ids,
+            (0..2 * BATCH_MAX + 1)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+        );
+    }
 
     /// A writer that went away with its runtime must not leave `flush` waiting for ever.
     #[test]
