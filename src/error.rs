@@ -226,20 +226,26 @@ pub fn redact_secrets(body: Bytes, secrets: &[&str]) -> Bytes {
     Bytes::from(out)
 }
 
-/// [`redact_secrets`] over header values (an upstream may echo the key in a header too).
-pub fn redact_headers(headers: &mut http::HeaderMap, secrets: &[&str]) {
-    // Every answer passes here: look before copying anything, with one searcher per secret
-    // (building a searcher costs more than searching a header with it).
-    for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET_LEN) {
-        let finder = memchr::memmem::Finder::new(secret.as_bytes());
-        for value in headers.values_mut() {
-            if finder.find(value.as_bytes()).is_none() {
-                continue;
-            }
-            let redacted = redact_secrets(Bytes::copy_from_slice(value.as_bytes()), secrets);
-            if let Ok(v) = http::HeaderValue::from_maybe_shared(redacted) {
-                *value = v;
-            }
+/// [`redact_secrets`] over header values (an upstream may echo the key in a header too),
+/// for one secret with its searcher built already. Every answer is
+/// searched for the upstream key, and building a searcher costs more than searching a
+/// response's few headers with it, so the key's is built once, beside the key.
+pub fn redact_headers_with(
+    headers: &mut http::HeaderMap,
+    secret: &str,
+    finder: &memchr::memmem::Finder<'_>,
+) {
+    if secret.len() < MIN_SECRET_LEN {
+        return;
+    }
+    // Look before copying anything.
+    for value in headers.values_mut() {
+        if finder.find(value.as_bytes()).is_none() {
+            continue;
+        }
+        let redacted = redact_secrets(Bytes::copy_from_slice(value.as_bytes()), &[secret]);
+        if let Ok(v) = http::HeaderValue::from_maybe_shared(redacted) {
+            *value = v;
         }
     }
 }
@@ -279,7 +285,7 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert("x-debug", format!("auth=Bearer {key}").parse().unwrap());
         h.insert("x-other", "fine".parse().unwrap());
-        redact_headers(&mut h, &[key]);
+        redact_headers_with(&mut h, key, &memchr::memmem::Finder::new(key));
         assert_eq!(h["x-debug"], "auth=Bearer [redacted]");
         assert_eq!(h["x-other"], "fine");
     }

@@ -21,7 +21,8 @@ const IGNORED: [&str; 2] = ["stream_options", "user"];
 /// JSON object.
 pub(crate) fn write_request(body: &[u8], model: &str, out: &mut Vec<u8>) -> Option<()> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let mut scratch = Vec::new();
+    // Sized for the body, so reordering members never regrows it.
+    let mut scratch = Vec::with_capacity(body.len() + model.len() + 16);
     let seed = Canon {
         out,
         scratch: &mut scratch,
@@ -161,7 +162,7 @@ impl<'de> Visitor<'de> for Canon<'_, '_> {
         let start = self.out.len();
         // Each member is written as `"key":value,` where it lands, and remembered with its
         // key; once the object ends, the members are copied back in key order.
-        let mut members: Vec<(Cow<'de, str>, Range<usize>)> = Vec::new();
+        let mut members: Vec<(Cow<'de, str>, Range<usize>)> = Vec::with_capacity(8);
         let mut saw_model = false;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             let from = self.out.len();

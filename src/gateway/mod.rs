@@ -685,7 +685,7 @@ impl Gateway {
                 // Authorization value, a debug header). It must reach neither the client, nor
                 // the logs and spans, nor an MCP answer.
                 if let Ok(resp) = &mut sent {
-                    crate::error::redact_headers(resp.headers_mut(), &[key.expose()]);
+                    key.redact_headers(resp.headers_mut());
                 }
                 match &sent {
                     Ok(resp) => {
@@ -1088,16 +1088,25 @@ fn passthrough_headers(mut headers: HeaderMap) -> HeaderMap {
     // hyper frames the body itself: a JSON body's exact size comes through the tap's size
     // hint, and a body the gateway edits (a suggestion, an error event) must not keep the old length.
     headers.remove(header::CONTENT_LENGTH);
-    // Usually none of the others is there: one look over the few names present costs less
-    // than a removal (a hash and a probe) per name.
-    if headers
+    // Usually one of them at most is there (`Connection` from an HTTP/1.1 upstream): one look
+    // over the few names present, then a removal (a hash and a probe) only for those found.
+    let mut hop: Vec<HeaderName> = headers
         .keys()
-        .any(|k| HOP.contains(k) || k.as_str() == "keep-alive")
-    {
-        for h in HOP {
-            headers.remove(h);
+        .filter(|k| HOP.contains(k) || k.as_str() == "keep-alive")
+        .cloned()
+        .collect();
+    // So are the headers `Connection` names (`Connection: close, x-hop`). Its usual values
+    // name no other header (`keep-alive` names one found above already).
+    for value in headers.get_all(header::CONNECTION) {
+        for name in value.to_str().unwrap_or("").split(',').map(str::trim) {
+            if name.eq_ignore_ascii_case("keep-alive") || name.eq_ignore_ascii_case("close") {
+                continue;
+            }
+            hop.extend(HeaderName::from_bytes(name.as_bytes()).ok());
         }
-        headers.remove("keep-alive");
+    }
+    for h in hop {
+        headers.remove(h);
     }
     headers
 }
@@ -1128,9 +1137,16 @@ mod tests {
         ] {
             h.insert(HeaderName::from_static(k), v.parse().unwrap());
         }
-        let kept = passthrough_headers(h);
+        let kept = passthrough_headers(h.clone());
         let mut names: Vec<&str> = kept.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["content-type", "x-request-id"]);
+
+        // A header the `Connection` value names is hop-by-hop too.
+        h.insert(header::CONNECTION, "close, X-Hop".parse().unwrap());
+        h.insert(HeaderName::from_static("x-hop"), "1".parse().unwrap());
+        let kept = passthrough_headers(h);
+        assert!(!kept.contains_key("x-hop"));
+        assert!(kept.contains_key("x-request-id"));
     }
 }

@@ -247,14 +247,18 @@ fn check_depth(body: &[u8]) -> Result<(), GatewayError> {
     while i < body.len() {
         match body[i] {
             b'"' => {
-                // Skip the string: to the next quote not escaped.
+                // Skip the string: to the next quote not escaped. A prompt is mostly string
+                // bytes, so they are skipped with memchr rather than looked at one by one.
                 i += 1;
-                while i < body.len() {
-                    match body[i] {
-                        b'\\' => i += 2,
-                        b'"' => break,
-                        _ => i += 1,
+                while let Some(j) = memchr::memchr2(b'"', b'\\', body.get(i..).unwrap_or(&[])) {
+                    if body[i + j] == b'"' {
+                        i += j;
+                        break;
                     }
+                    i += j + 2;
+                }
+                if i >= body.len() || body[i] != b'"' {
+                    break; // unterminated: the parser names the error
                 }
             }
             b'[' | b'{' => {

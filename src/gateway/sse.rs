@@ -101,6 +101,25 @@ impl SseScanner {
                 self.line.extend_from_slice(chunk);
                 break Ok(());
             };
+            // The usual event, `data: ...` and a blank line, LF-ended and whole in this frame:
+            // reported straight from where it lies, without the line-by-line pass.
+            if chunk[i] == b'\n'
+                && chunk.get(i + 1) == Some(&b'\n')
+                && self.line.is_empty()
+                && !self.has_data
+                && chunk.starts_with(b"data:")
+            {
+                let start = total - chunk.len();
+                let value = if chunk.get(5) == Some(&b' ') && i > 5 {
+                    6
+                } else {
+                    5
+                };
+                let end = start + i + 2;
+                on_bound(Some(&frame[start + value..start + i]), end);
+                chunk = &frame[end..];
+                continue;
+            }
             let rest = &chunk[i + 1..];
             let next = if chunk[i] == b'\r' {
                 match rest.first() {
@@ -228,6 +247,23 @@ mod tests {
         }
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(events(&bytes), whole);
+    }
+
+    #[test]
+    fn lf_only_data_events_are_read_whole_or_cut() {
+        // The one-line `data:` event LF-ended, in the shapes the fast path must tell apart.
+        let stream = b"data: a\n\ndata:b\n\ndata:\n\ndata: \n\ndata: c\ndata: d\n\ndata: e\n\r\n: x\n\ndata: f\n\n";
+        let want = vec!["a", "b", "", "", "c\nd", "e", "f"];
+        assert_eq!(events(&[stream]), want);
+        for cut in 0..stream.len() {
+            assert_eq!(
+                events(&[&stream[..cut], &stream[cut..]]),
+                want,
+                "cut at {cut}"
+            );
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(events(&bytes), want);
     }
 
     #[test]

@@ -111,7 +111,6 @@ enum Mode {
 }
 
 /// Strip mode's state between frames.
-#[derive(Default)]
 struct Strip {
     /// The bytes of an event not yet complete.
     held: BytesMut,
@@ -120,6 +119,18 @@ struct Strip {
     ended_on_cr: Option<bool>,
     /// The current frame's events, kept between frames so a frame costs no allocation.
     pieces: Vec<Piece>,
+}
+
+impl Default for Strip {
+    fn default() -> Self {
+        Strip {
+            held: BytesMut::new(),
+            ended_on_cr: None,
+            // A frame from Poe usually carries a handful of events; growing from empty cost
+            // three reallocations per stream.
+            pieces: Vec::with_capacity(16),
+        }
+    }
 }
 
 enum State {

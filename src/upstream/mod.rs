@@ -28,6 +28,8 @@ pub struct Secret {
     key: Arc<str>,
     /// `Authorization: Bearer <key>`, built once (the server key's is sent on every request).
     bearer: Option<HeaderValue>,
+    /// The searcher for the key in upstream headers, built once for the same reason.
+    finder: Arc<memchr::memmem::Finder<'static>>,
 }
 
 impl PartialEq for Secret {
@@ -48,7 +50,19 @@ impl Secret {
                 v.set_sensitive(true);
                 v
             });
-        Secret { key, bearer }
+        let finder = Arc::new(memchr::memmem::Finder::new(key.as_bytes()).into_owned());
+        Secret {
+            key,
+            bearer,
+            finder,
+        }
+    }
+
+    /// Replaces the key wherever an upstream echoed it in `headers` (an error quoting the
+    /// `Authorization` value, a debug header): it must reach neither the client, nor the
+    /// logs and spans, nor an MCP answer.
+    pub fn redact_headers(&self, headers: &mut http::HeaderMap) {
+        crate::error::redact_headers_with(headers, &self.key, &self.finder);
     }
 
     pub fn expose(&self) -> &str {
