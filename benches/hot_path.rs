@@ -61,6 +61,30 @@ fn parse_and_rewrite(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // A message with a file attached as a data URL (how MCP attachments reach Poe): the
+    // body is mostly one long string, which every pass over the request must cross.
+    let attachment = Bytes::from(
+        serde_json::json!({
+            "model": "claude",
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is in this file?"},
+                {"type": "file", "file": {"filename": "a.pdf",
+                    "file_data": format!("data:application/pdf;base64,{}", "QUJD".repeat(1 << 20))}}
+            ]}],
+        })
+        .to_string(),
+    );
+    let mut g = c.benchmark_group("request");
+    g.throughput(Throughput::Bytes(attachment.len() as u64));
+    g.sample_size(20);
+    g.bench_function("parse + alias rewrite, a 4 MiB attachment", |b| {
+        b.iter(|| {
+            let req = ChatRequest::parse(black_box(attachment.clone())).unwrap();
+            black_box(req.upstream_body("claude-sonnet-4.5"))
+        })
+    });
+    g.finish();
 }
 
 fn sse_scan(c: &mut Criterion) {
