@@ -23,8 +23,14 @@ pub struct SseScanner {
     has_data: bool,
     /// The last frame ended in `\r`: a `\n` starting the next one belongs to it.
     skip_lf: bool,
+    /// While at the stream's start: how many bytes of a UTF-8 byte-order mark have been seen.
+    /// The spec has a leading BOM skipped; read as text, it would hide the first line's field
+    /// name and lose the first event.
+    bom_seen: Option<u8>,
     max_line: usize,
 }
+
+const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LineTooLong;
@@ -43,6 +49,7 @@ impl SseScanner {
             data_in_frame: None,
             has_data: false,
             skip_lf: false,
+            bom_seen: Some(0),
             max_line,
         }
     }
@@ -56,7 +63,33 @@ impl SseScanner {
     /// True while a line or an event is partly received: a break now leaves the client
     /// holding half an event.
     pub fn in_progress(&self) -> bool {
-        !self.line.is_empty() || self.has_data
+        !self.line.is_empty() || self.has_data || self.bom_seen.is_some_and(|n| n > 0)
+    }
+
+    /// Passes over a byte-order mark at the stream's start, even one cut by a frame boundary.
+    /// `None` if the whole frame is (so far) the start of one: nothing to read yet.
+    fn skip_bom<'c>(&mut self, chunk: &'c [u8]) -> Option<&'c [u8]> {
+        let Some(before) = self.bom_seen else {
+            return Some(chunk);
+        };
+        let before = usize::from(before);
+        let matched = chunk
+            .iter()
+            .zip(&BOM[before..])
+            .take_while(|(a, b)| a == b)
+            .count();
+        if before + matched == BOM.len() {
+            self.bom_seen = None;
+            return Some(&chunk[matched..]);
+        }
+        if matched == chunk.len() {
+            self.bom_seen = Some((before + matched) as u8);
+            return None;
+        }
+        // Not a BOM after all: the bytes taken for one in earlier frames start the first line.
+        self.bom_seen = None;
+        self.line.extend_from_slice(&BOM[..before]);
+        Some(chunk)
     }
 
     /// Feeds one frame; `on_event` gets the data of each event completed by it.
@@ -82,7 +115,9 @@ impl SseScanner {
     ) -> Result<(), LineTooLong> {
         let frame = chunk;
         let total = chunk.len();
-        let mut chunk = chunk;
+        let Some(mut chunk) = self.skip_bom(chunk) else {
+            return Ok(());
+        };
         let result = loop {
             if chunk.is_empty() {
                 break Ok(());
@@ -284,6 +319,33 @@ mod tests {
             ]
         );
         assert!(s.in_progress());
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped_wherever_the_frames_cut_it() {
+        let stream = b"\xEF\xBB\xBFdata: a\n\ndata: b\n\n";
+        let want = vec!["a", "b"];
+        for cut in 0..stream.len() {
+            assert_eq!(
+                events(&[&stream[..cut], &stream[cut..]]),
+                want,
+                "cut at {cut}"
+            );
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(events(&bytes), want);
+        // Only at the start, and only a whole one: a stray prefix is still part of the line.
+        assert_eq!(events(&[b"data: a\n\n\xEF\xBB\xBFdata: b\n\n"]), vec!["a"]);
+        assert_eq!(events(&[b"\xEF", b"\xBBdata: a\n\n"]), Vec::<String>::new());
+        assert_eq!(events(&[b"\xEF", b"\xBB", b"\n\ndata: c\n\n"]), vec!["c"]);
+        // The bounds stay the frame's own offsets, the mark included.
+        let mut s = SseScanner::default();
+        let mut cuts = Vec::new();
+        s.feed_bounds(b"\xEF\xBB\xBFdata: a\n\n", &mut |d: Option<&[u8]>, end| {
+            cuts.push((d.map(|d| d.to_vec()), end))
+        })
+        .unwrap();
+        assert_eq!(cuts, vec![(Some(b"a".to_vec()), 12)]);
     }
 
     #[test]

@@ -211,14 +211,14 @@ pub(crate) async fn authenticate(
             caller.credential = Credential::Poe(key);
         }
         AuthMode::Keys => {
-            let key = bearer(headers).ok_or_else(|| {
+            let key = bearer_token(headers).ok_or_else(|| {
                 GatewayError::Unauthorized(
                     "send your gateway key as `Authorization: Bearer pgw_...`".into(),
                 )
             })?;
             // Boxed: a key lookup may reach the database and Redis, and its state would
             // otherwise size every request's future (see `chat`).
-            let rec = Box::pin(app.gateway.keys().authenticate(key.expose())).await?;
+            let rec = Box::pin(app.gateway.keys().authenticate(key)).await?;
             caller.key_id = Some(Arc::from(rec.id.as_str()));
             caller.key = Some(rec);
         }
@@ -226,11 +226,19 @@ pub(crate) async fn authenticate(
     Ok(caller)
 }
 
+/// The caller's key, ready to send upstream (passthrough mode).
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<Secret> {
+    bearer_token(headers).map(Secret::new)
+}
+
+/// The token of `Authorization: Bearer <token>`. Where the key is only compared or looked up
+/// (gateway keys, the admin key), this skips building a [`Secret`]'s header value and
+/// searcher, which only a key sent upstream needs.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.trim().split_once(' ')?;
     let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Secret::new(token))
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Reads the whole request body (it is small next to responses, and a retry must resend it),
