@@ -268,28 +268,9 @@ mod tests {
         out
     }
 
-    #[test]
-    fn any_cut_gives_the_same_events() {
-        let stream = b": keep-alive\r\ndata: {\"a\":\"\xc3\xa9\"}\r\n\r\ndata: one\ndata: two\n\nevent: x\ndata:[DONE]\r\r";
-        let whole = events(&[stream]);
-        assert_eq!(whole, vec!["{\"a\":\"\u{e9}\"}", "one\ntwo", "[DONE]"]);
-        for cut in 0..stream.len() {
-            assert_eq!(
-                events(&[&stream[..cut], &stream[cut..]]),
-                whole,
-                "cut at {cut}"
-            );
-        }
-        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
-        assert_eq!(events(&bytes), whole);
-    }
-
-    #[test]
-    fn lf_only_data_events_are_read_whole_or_cut() {
-        // The one-line `data:` event LF-ended, in the shapes the fast path must tell apart.
-        let stream = b"data: a\n\ndata:b\n\ndata:\n\ndata: \n\ndata: c\ndata: d\n\ndata: e\n\r\n: x\n\ndata: f\n\n";
-        let want = vec!["a", "b", "", "", "c\nd", "e", "f"];
-        assert_eq!(events(&[stream]), want);
+    /// Every cut of `stream` in two, and one byte per frame, give the events `want`.
+    fn assert_any_cut<S: AsRef<str> + std::fmt::Debug>(stream: &[u8], want: &[S]) {
+        let want: Vec<&str> = want.iter().map(AsRef::as_ref).collect();
         for cut in 0..stream.len() {
             assert_eq!(
                 events(&[&stream[..cut], &stream[cut..]]),
@@ -299,6 +280,23 @@ mod tests {
         }
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(events(&bytes), want);
+    }
+
+    #[test]
+    fn any_cut_gives_the_same_events() {
+        let stream = b": keep-alive\r\ndata: {\"a\":\"\xc3\xa9\"}\r\n\r\ndata: one\ndata: two\n\nevent: x\ndata:[DONE]\r\r";
+        let whole = events(&[stream]);
+        assert_eq!(whole, vec!["{\"a\":\"\u{e9}\"}", "one\ntwo", "[DONE]"]);
+        assert_any_cut(stream, &whole);
+    }
+
+    #[test]
+    fn lf_only_data_events_are_read_whole_or_cut() {
+        // The one-line `data:` event LF-ended, in the shapes the fast path must tell apart.
+        let stream = b"data: a\n\ndata:b\n\ndata:\n\ndata: \n\ndata: c\ndata: d\n\ndata: e\n\r\n: x\n\ndata: f\n\n";
+        let want = vec!["a", "b", "", "", "c\nd", "e", "f"];
+        assert_eq!(events(&[stream]), want);
+        assert_any_cut(stream, &want);
     }
 
     #[test]
@@ -325,15 +323,7 @@ mod tests {
     fn a_leading_byte_order_mark_is_skipped_wherever_the_frames_cut_it() {
         let stream = b"\xEF\xBB\xBFdata: a\n\ndata: b\n\n";
         let want = vec!["a", "b"];
-        for cut in 0..stream.len() {
-            assert_eq!(
-                events(&[&stream[..cut], &stream[cut..]]),
-                want,
-                "cut at {cut}"
-            );
-        }
-        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
-        assert_eq!(events(&bytes), want);
+        assert_any_cut(stream, &want);
         // Only at the start, and only a whole one: a stray prefix is still part of the line.
         assert_eq!(events(&[b"data: a\n\n\xEF\xBB\xBFdata: b\n\n"]), vec!["a"]);
         assert_eq!(events(&[b"\xEF", b"\xBBdata: a\n\n"]), Vec::<String>::new());
