@@ -129,6 +129,45 @@ async fn usage_on_a_content_chunk_keeps_the_content() {
 }
 
 #[tokio::test]
+async fn a_stream_opening_with_a_byte_order_mark_is_read_from_its_first_event() {
+    // The SSE spec skips a leading BOM. Read as text, it would hide the first event's
+    // `data` field: here the one chunk carrying both the answer and the usage.
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        let only = r#"data: {"id":"c","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":6,"completion_tokens":3,"total_tokens":9}}"#;
+        // Whole in the first frame, and cut inside the mark (its first two bytes alone).
+        up.push(
+            Reply::sse()
+                .send(format!("\u{FEFF}{only}\n\n"))
+                .send("data: [DONE]\n\n"),
+        );
+        up.push(
+            Reply::sse()
+                .send(Bytes::from_static(b"\xEF\xBB"))
+                .sleep(Duration::from_millis(20))
+                .send([&b"\xBF"[..], only.as_bytes(), b"\n\ndata: [DONE]\n\n"].concat()),
+        );
+        let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+        for _ in 0..2 {
+            let got = String::from_utf8(
+                body_bytes(post(&gw, &chat_body("gpt", true), &[]).await)
+                    .await
+                    .to_vec(),
+            )
+            .unwrap();
+            // The mark still reaches the client; the usage it did not ask for does not.
+            let want = "\u{FEFF}data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+            assert_eq!(got, want, "{db}");
+        }
+        assert_eq!(up.chats().len(), 2, "{db}: both answers come from upstream");
+        let r = report(&core, None).await;
+        assert_eq!(r.totals.requests, 2, "{db}");
+        assert_eq!(r.totals.prompt_tokens, 12, "{db}");
+        assert_eq!(r.totals.completion_tokens, 6, "{db}");
+    }
+}
+
+#[tokio::test]
 async fn non_stream_usage_and_cost_from_the_catalogue() {
     for db in databases().await {
         let up = MockUpstream::start().await;
@@ -140,6 +179,7 @@ async fn non_stream_usage_and_cost_from_the_catalogue() {
             200
         );
         let _ = body_bytes(post(&gw, &chat_body("mystery-bot", false), &[]).await).await;
+        assert_eq!(up.chats().len(), 2, "{db}: both answers come from upstream");
         let r = report(&core, None).await;
         assert_eq!(r.totals.requests, 2, "{db}");
         assert_eq!(r.totals.prompt_tokens, 14, "{db}");

@@ -106,7 +106,8 @@ impl SseScanner {
     }
 
     /// Like [`feed`](Self::feed), but reports every event boundary (blank line), with the
-    /// event's data if it had any and the offset in `chunk` just past the boundary. This is
+    /// event's data if it had any and the offset in `chunk` just past the boundary. The end
+    /// of a leading byte-order mark is reported as a boundary without data. This is
     /// what lets the tap cut a frame into whole events when it must drop one.
     pub fn feed_bounds(
         &mut self,
@@ -118,6 +119,11 @@ impl SseScanner {
         let Some(mut chunk) = self.skip_bom(chunk) else {
             return Ok(());
         };
+        if chunk.len() < total {
+            // The mark is reported as a piece of its own, so that an edit of the first
+            // event (strip mode) neither loses it nor reads it as part of a line.
+            on_bound(None, total - chunk.len());
+        }
         let result = loop {
             if chunk.is_empty() {
                 break Ok(());
@@ -335,7 +341,7 @@ mod tests {
             cuts.push((d.map(|d| d.to_vec()), end))
         })
         .unwrap();
-        assert_eq!(cuts, vec![(Some(b"a".to_vec()), 12)]);
+        assert_eq!(cuts, vec![(None, 3), (Some(b"a".to_vec()), 12)]);
     }
 
     #[test]
