@@ -62,6 +62,20 @@ async fn retry_after_beyond_the_cap_goes_back_to_the_client() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_absurd_retry_after_goes_back_to_the_client_instead_of_panicking() {
+    // Too long for a Duration: reading it as seconds used to panic the connection's task.
+    let up = MockUpstream::start().await;
+    let body = poe_error(429, "rate_limit_error");
+    up.push(Reply::json(429, body.clone()).header("retry-after", "1e20"));
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1e20");
+    assert_eq!(body_bytes(resp).await, Bytes::from(body));
+    assert_eq!(up.chat_calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn bad_gateway_then_success_non_stream_and_stream() {
     let up = MockUpstream::start().await;
     up.push(Reply::json(502, poe_error(502, "upstream_error")));

@@ -35,11 +35,8 @@ pub fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
             .map(str::trim)
     };
     if let Some(v) = text("retry-after") {
-        if let Ok(secs) = v.parse::<f64>()
-            && secs.is_finite()
-            && secs >= 0.0
-        {
-            return Some(Duration::from_secs_f64(secs));
+        if let Some(wait) = seconds(v) {
+            return Some(wait);
         }
         if let Ok(at) = httpdate::parse_http_date(v) {
             return Some(
@@ -49,13 +46,16 @@ pub fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
         }
     }
     let v = text("x-ratelimit-reset-requests")?;
-    if let Ok(secs) = v.parse::<f64>()
-        && secs.is_finite()
-        && secs >= 0.0
-    {
-        return Some(Duration::from_secs_f64(secs));
-    }
-    humantime::parse_duration(v).ok()
+    seconds(v).or_else(|| humantime::parse_duration(v).ok())
+}
+
+/// A wait written as a number of seconds. One too long for a `Duration` (`1e20`) is read as
+/// the longest: still longer than any `max_retry_after`, so the answer goes back to the
+/// client, where `Duration::from_secs_f64` would have panicked.
+fn seconds(v: &str) -> Option<Duration> {
+    let secs = v.parse::<f64>().ok()?;
+    (secs.is_finite() && secs >= 0.0)
+        .then(|| Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 /// Retries may be at most `ratio` of the requests seen in the last `WINDOW` seconds,
@@ -148,6 +148,17 @@ mod tests {
         h.insert("retry-after", later.parse().unwrap());
         let w = requested_wait(&h).unwrap();
         assert!(w > Duration::from_secs(100) && w <= Duration::from_secs(120));
+        for (name, huge) in [
+            ("retry-after", "1e20"),
+            ("x-ratelimit-reset-requests", "99999999999999999999"),
+        ] {
+            h.clear();
+            h.insert(name, huge.parse().unwrap());
+            assert_eq!(requested_wait(&h), Some(Duration::MAX), "{name}: {huge}");
+        }
+        h.clear();
+        h.insert("retry-after", "-1".parse().unwrap());
+        assert_eq!(requested_wait(&h), None);
     }
 
     #[test]
