@@ -484,8 +484,9 @@ where
         err("", format!("{at}invalid TOML: {}", e.message()), None)
     })?;
 
-    // Remember which keys came from env, so an error can point at the variable.
-    let mut from_env: BTreeMap<String, String> = BTreeMap::new();
+    // Remember which keys came from env (the variable, and its text when it was read as a
+    // TOML value), so an error can point at the variable.
+    let mut from_env: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
     for (name, value) in env {
         let Some((section, key)) = env_key(&name) else {
             continue;
@@ -500,21 +501,53 @@ where
                 Some(name),
             ));
         };
-        section_table.insert(key.clone(), env_value(&value));
-        from_env.insert(format!("{section}.{key}"), name);
+        let parsed = env_value(&value);
+        let raw = (!parsed.is_str()).then_some(value);
+        section_table.insert(key.clone(), parsed);
+        from_env.insert(format!("{section}.{key}"), (name, raw));
     }
 
-    let policy: Policy =
-        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let key = e.path().to_string();
-            let env = from_env.get(&key).cloned();
-            err(&key, e.into_inner().message().to_string(), env)
-        })?;
+    let policy: Policy = loop {
+        match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+            Ok(p) => break p,
+            Err(e) => {
+                let key = e.path().to_string();
+                // A string setting whose env text also reads as TOML (`KEY_PREFIX=2024`):
+                // take the text as it was written, and try again.
+                if let Some((_, raw @ Some(_))) = from_env.get_mut(&key)
+                    && let Some((section, field)) = key.split_once('.')
+                    && let Some(t) = table.get_mut(section).and_then(|t| t.as_table_mut())
+                {
+                    let text = raw.take().expect("matched Some");
+                    t.insert(field.to_string(), toml::Value::String(text));
+                    continue;
+                }
+                let env = env_for(&from_env, &key).map(|(_, (name, _))| name.clone());
+                return Err(err(&key, e.into_inner().message().to_string(), env));
+            }
+        }
+    };
     validate(&policy).map_err(|(key, reason)| {
-        let env = from_env.get(&key).cloned();
+        let env = env_for(&from_env, &key).map(|(_, (name, _))| name.clone());
         err(&key, reason, env)
     })?;
     Ok(policy)
+}
+
+/// The env override behind an error at `path`: the one set at it, or the one whose key the
+/// path lies inside (`pricing.bot.prompt` under `pricing.bot`), or the one under it (an
+/// unknown section `servr`, from `POE_GATEWAY_SERVR__LISTEN`).
+fn env_for<'a, V>(from_env: &'a BTreeMap<String, V>, path: &str) -> Option<(&'a String, &'a V)> {
+    let inside = |outer: &str, inner: &str| {
+        inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+    };
+    from_env.get_key_value(path).or_else(|| {
+        from_env
+            .iter()
+            .find(|(k, _)| inside(k, path) || (!path.is_empty() && inside(path, k)))
+    })
 }
 
 /// Maps `POE_GATEWAY_<SECTION>__<KEY>` and the documented short names onto policy keys.
@@ -597,6 +630,8 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
     }
     for (name, d) in [
         ("server.idle_timeout", p.server.idle_timeout),
+        ("server.header_read_timeout", p.server.header_read_timeout),
+        ("server.body_read_timeout", p.server.body_read_timeout),
         ("timeouts.connect", p.timeouts.connect),
         ("timeouts.first_byte", p.timeouts.first_byte),
         ("timeouts.idle", p.timeouts.idle),
@@ -788,6 +823,70 @@ mod tests {
             e.to_string()
                 .starts_with("f.toml: key `timeouts.first_byte`: ")
         );
+    }
+
+    #[test]
+    fn env_errors_under_or_around_the_key_still_name_the_variable() {
+        for (var, value, key) in [
+            ("POE_GATEWAY_SERVR__LISTEN", "127.0.0.1:1", "servr"),
+            (
+                "POE_GATEWAY_MCP__ALLOWED_HOSTS",
+                "[1]",
+                "mcp.allowed_hosts[0]",
+            ),
+        ] {
+            let e = parse("f.toml", "", env(&[(var, value)])).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert_eq!(e.env.as_deref(), Some(var), "{e}");
+        }
+        // An error in the file is still the file's.
+        let e = parse(
+            "f.toml",
+            "[retry]\nmax_atempts = 2\n",
+            env(&[("POE_GATEWAY_RETRY__MAX_ATTEMPTS", "2")]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "retry.max_atempts");
+        assert_eq!(e.env, None, "{e}");
+    }
+
+    #[test]
+    fn a_string_setting_from_env_may_look_like_a_number() {
+        let p = parse(
+            "f.toml",
+            "",
+            env(&[("POE_GATEWAY_REDIS__KEY_PREFIX", "2024")]),
+        )
+        .unwrap();
+        assert_eq!(p.redis.key_prefix, "2024");
+        // A number where a number belongs is still read as one.
+        let p = parse(
+            "f.toml",
+            "",
+            env(&[("POE_GATEWAY_RETRY__MAX_ATTEMPTS", "2")]),
+        )
+        .unwrap();
+        assert_eq!(p.retry.max_attempts, 2);
+        let e = parse(
+            "f.toml",
+            "",
+            env(&[("POE_GATEWAY_RETRY__MAX_ATTEMPTS", "two")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.env.as_deref(),
+            Some("POE_GATEWAY_RETRY__MAX_ATTEMPTS"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn zero_read_timeouts_are_refused() {
+        for key in ["header_read_timeout", "body_read_timeout"] {
+            let e = parse("p.toml", &format!("[server]\n{key} = \"0s\"\n"), env(&[])).unwrap_err();
+            assert_eq!(e.key, format!("server.{key}"), "{e}");
+            assert!(e.reason.contains("greater than zero"), "{e}");
+        }
     }
 
     #[test]
