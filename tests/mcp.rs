@@ -613,6 +613,31 @@ async fn attachments_from_a_path_base64_and_url() {
         e.contains("cannot read attachment_path") && e.contains("no such file"),
         "{e}"
     );
+    // A FIFO with no writer is refused at once (opening it used to wait for a writer, for
+    // good), and so are the kernel's files, the process's own environment among them.
+    let fifo = dir.join("pipe");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let e = err(&tokio::time::timeout(
+        Duration::from_secs(30),
+        call(
+            &client,
+            "ask_with_attachment",
+            json!({"bot": "claude", "prompt": "?", "attachment_path": fifo.to_str().unwrap()}),
+        ),
+    )
+    .await
+    .expect("a FIFO must not hang the tool"));
+    assert!(e.contains("not a regular file"), "{e}");
+    for system in ["/proc/self/environ", "/proc/self/status", "/dev/null"] {
+        let e = err(&call(
+            &client,
+            "ask_with_attachment",
+            json!({"bot": "claude", "prompt": "?", "attachment_path": system}),
+        )
+        .await);
+        assert!(e.contains("system file"), "{system}: {e}");
+    }
     let big = dir.join("big.bin");
     std::fs::write(&big, vec![7u8; 4096]).unwrap();
     let e = err(&call(
@@ -919,6 +944,9 @@ async fn http_attachment_paths_need_configured_roots() {
         root.join("link.png").to_str().unwrap().to_string(),
         "up/private.png".to_string(),
         "up/shared/../private.png".to_string(),
+        // Missing, beyond a link out: the same answer as for a file that is there.
+        "up/nope.png".to_string(),
+        "up/nowhere/nope.png".to_string(),
     ] {
         let e = err(&call(
             &client,
@@ -928,6 +956,14 @@ async fn http_attachment_paths_need_configured_roots() {
         .await);
         assert!(e.contains("outside the directories"), "{outside}: {e}");
     }
+    // Missing inside a root is still reported as missing.
+    let e = err(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "?", "attachment_path": "nope.png"}),
+    )
+    .await);
+    assert!(e.contains("no such file"), "{e}");
     assert_eq!(upstream.chat_calls(), 3);
     let _ = client.cancel().await;
     let _ = std::fs::remove_dir_all(&dir);

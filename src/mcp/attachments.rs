@@ -250,7 +250,14 @@ fn read_path(
         Access::Local => std::fs::canonicalize(expand_home(raw)).map_err(|e| io_error(raw, &e))?,
         Access::Remote => resolve_in_roots(raw, &policy.roots)?,
     };
-    let file = std::fs::File::open(&resolved).map_err(|e| io_error(raw, &e))?;
+    // The kernel's own files: `/proc/self/environ` is a "regular file" holding this
+    // process's environment, keys included, and nothing there is a user's attachment.
+    if KERNEL_DIRS.iter().any(|d| resolved.starts_with(d)) {
+        return Err(format!(
+            "attachment_path {raw:?} is a system file (under /proc, /sys or /dev), not an attachment"
+        ));
+    }
+    let file = open_without_blocking(&resolved).map_err(|e| io_error(raw, &e))?;
     let meta = file.metadata().map_err(|e| io_error(raw, &e))?;
     if !meta.is_file() {
         return Err(format!("attachment_path {raw:?} is not a regular file"));
@@ -269,6 +276,23 @@ fn read_path(
         return Err(too_large(bytes.len() as u64, policy.max_bytes));
     }
     Ok((resolved, bytes))
+}
+
+/// Where the kernel's pseudo-files live (checked on the resolved path).
+const KERNEL_DIRS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// Opens for reading without waiting on a FIFO that has no writer (which would hold a
+/// blocking thread for good); a regular file reads the same either way, and anything that
+/// is not one is refused right after.
+fn open_without_blocking(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    options.open(path)
 }
 
 /// `~/x` is the user's home, as a shell would have it (local access only).
@@ -328,7 +352,18 @@ fn resolve_in_roots(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
         match std::fs::canonicalize(&lexical) {
             Ok(real) if real_roots.iter().any(|r| real.starts_with(r)) => return Ok(real),
             Ok(_) => return Err(outside_roots(raw)),
-            Err(e) => last_err = Some(io_error(raw, &e)),
+            // Missing: say so only if where it would be is inside a root. Through a symlink
+            // that leads out, "no such file" against "outside" would tell what exists there.
+            Err(e) => {
+                let found = lexical
+                    .ancestors()
+                    .skip(1)
+                    .find_map(|a| std::fs::canonicalize(a).ok());
+                if !found.is_some_and(|real| real_roots.iter().any(|r| real.starts_with(r))) {
+                    return Err(outside_roots(raw));
+                }
+                last_err = Some(io_error(raw, &e));
+            }
         }
     }
     Err(last_err.unwrap_or_else(|| outside_roots(raw)))
