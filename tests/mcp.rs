@@ -969,6 +969,78 @@ async fn http_attachment_paths_need_configured_roots() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One raw `/mcp` request: its status, headers and body.
+async fn raw_mcp(
+    gw: &TestGateway,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, http::HeaderMap, String) {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(gw.url("/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-06-18");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let resp = support::client()
+        .request(req.body(Full::new(body)).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An OpenAI-shaped error body, and its `type`.
+fn error_type(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert!(v["error"]["message"].is_string(), "{body}");
+    v["error"]["type"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn an_mcp_session_answers_only_the_caller_who_opened_it() {
+    let upstream = MockUpstream::start().await;
+    let gw = TestGateway::start(&upstream, config::DEFAULT_POLICY, &passthrough()).await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}});
+    let alice = ("authorization", "Bearer poe-key-alice");
+    let bob = ("authorization", "Bearer poe-key-bob");
+    let (status, headers, body) = raw_mcp(&gw, "POST", &[alice], Some(init)).await;
+    assert_eq!(status, 200, "{body}");
+    let sid = headers["mcp-session-id"].to_str().unwrap().to_string();
+    let with = |who| [who, ("mcp-session-id", sid.as_str())];
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let (status, _, body) = raw_mcp(&gw, "POST", &with(alice), Some(initialized)).await;
+    assert_eq!(status, 202, "{body}");
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+
+    // Another key holding the id: no such session, for reading, replaying and ending it.
+    for (method, body) in [
+        ("POST", Some(list.clone())),
+        ("GET", None),
+        ("DELETE", None),
+    ] {
+        let (status, _, text) = raw_mcp(&gw, method, &with(bob), body).await;
+        assert_eq!(status, 404, "{method}: {text}");
+        assert_eq!(error_type(&text), "invalid_request_error", "{method}");
+        assert!(!text.contains("ask_poe"), "{method}: {text}");
+    }
+    // Its owner still has it, and can end it.
+    let (status, _, text) = raw_mcp(&gw, "POST", &with(alice), Some(list.clone())).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("ask_poe"), "{text}");
+    let (status, _, text) = raw_mcp(&gw, "DELETE", &with(alice), None).await;
+    assert!((200..300).contains(&status), "{status}: {text}");
+    let (status, _, text) = raw_mcp(&gw, "POST", &with(alice), Some(list)).await;
+    assert_eq!(status, 404, "{text}");
+}
+
 async fn raw_mcp_post(gw: &TestGateway, headers: &[(&str, &str)]) -> (u16, String) {
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}});
@@ -997,13 +1069,15 @@ async fn http_checks_auth_host_and_origin() {
     let (status, body) = raw_mcp_post(&gw, &[("authorization", "Bearer k")]).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("poe-gateway"), "{body}");
-    let (status, _) = raw_mcp_post(
+    // rmcp's own refusals reach the client in the OpenAI shape too.
+    let (status, body) = raw_mcp_post(
         &gw,
         &[("authorization", "Bearer k"), ("host", "evil.example")],
     )
     .await;
     assert_eq!(status, 403);
-    let (status, _) = raw_mcp_post(
+    assert_eq!(error_type(&body), "permission_error");
+    let (status, body) = raw_mcp_post(
         &gw,
         &[
             ("authorization", "Bearer k"),
@@ -1012,6 +1086,16 @@ async fn http_checks_auth_host_and_origin() {
     )
     .await;
     assert_eq!(status, 403);
+    assert_eq!(error_type(&body), "permission_error");
+    let (status, _, body) = raw_mcp(
+        &gw,
+        "POST",
+        &[("authorization", "Bearer k"), ("accept", "text/plain")],
+        Some(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})),
+    )
+    .await;
+    assert!((400..500).contains(&status), "{status}: {body}");
+    assert_eq!(error_type(&body), "invalid_request_error");
 
     // The public name and a browser origin, when the policy allows them.
     let gw = TestGateway::start(

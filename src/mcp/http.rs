@@ -21,6 +21,7 @@ use hyper_util::service::TowerToHyperService;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 
+use super::sessions::Scope;
 use super::{McpCore, PoeTools};
 use crate::config::Policy;
 use crate::error::GatewayError;
@@ -39,7 +40,19 @@ pub struct McpHttp {
     service: Service,
     /// Holds the service's cancellation token, for [`McpHttp::shutdown`].
     config: StreamableHttpServerConfig,
+    /// Who opened each MCP session (`Mcp-Session-Id`). rmcp knows only the id, and replays a
+    /// session's answers to whoever presents it, so a request for a session another caller
+    /// opened is answered as if the session did not exist.
+    owners: moka::sync::Cache<Arc<str>, Scope>,
 }
+
+/// rmcp's session header.
+const SESSION_ID: &str = "mcp-session-id";
+
+/// Sessions remembered at most, and for how long after their last request. rmcp ends an idle
+/// session after 5 minutes; a client's open `GET /mcp` stream can keep one longer.
+const MAX_SESSIONS: u64 = 100_000;
+const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 impl McpHttp {
     pub fn new(core: McpCore) -> McpHttp {
@@ -55,6 +68,10 @@ impl McpHttp {
             core,
             service: TowerToHyperService::new(service),
             config,
+            owners: moka::sync::Cache::builder()
+                .max_capacity(MAX_SESSIONS)
+                .time_to_idle(SESSION_IDLE)
+                .build(),
         }
     }
 
@@ -83,13 +100,81 @@ impl McpHttp {
             Ok(b) => b,
             Err(e) => return error(&e),
         };
+        let scope = Scope::of(&caller);
+        let session = parts
+            .headers
+            .get(SESSION_ID)
+            .map(|v| Arc::<str>::from(String::from_utf8_lossy(v.as_bytes())));
+        if let Some(id) = &session
+            && self.owners.get(id) != Some(scope)
+        {
+            return error(&GatewayError::NotFound(
+                "no such MCP session (Mcp-Session-Id); start one with initialize".into(),
+            ));
+        }
+        let ending = parts.method == http::Method::DELETE;
         parts.extensions.insert(caller);
         let req = Request::from_parts(parts, Full::new(body));
-        match self.service.call(req).await {
+        let resp = match self.service.call(req).await {
             Ok(resp) => resp,
             Err(never) => match never {},
+        };
+        match &session {
+            None => {
+                if let Some(id) = resp.headers().get(SESSION_ID) {
+                    let id = Arc::<str>::from(String::from_utf8_lossy(id.as_bytes()));
+                    self.owners.insert(id, scope);
+                }
+            }
+            Some(id) if ending && resp.status().is_success() => self.owners.invalidate(id),
+            Some(_) => {}
+        }
+        as_openai_error(resp).await
+    }
+}
+
+/// rmcp refuses some requests itself (a Host or Origin not allowed, an `Accept` without
+/// both types, a session it does not know) with a plain-text body. Clients of the gateway get
+/// every error in the OpenAI shape, so those are rewritten; JSON (JSON-RPC errors) and
+/// successful answers pass as they are.
+async fn as_openai_error(resp: Response<McpBody>) -> Response<McpBody> {
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if resp.status().as_u16() < 400 || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = match body.collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+        Err(never) => match never {},
+    };
+    let message = if text.is_empty() {
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_string()
+    } else {
+        text
+    };
+    let e = match parts.status.as_u16() {
+        403 => GatewayError::Forbidden(message),
+        404 => GatewayError::NotFound(message),
+        405 => GatewayError::MethodNotAllowed(message),
+        500.. => GatewayError::Internal(message),
+        _ => GatewayError::bad_request(message),
+    };
+    let mut out = error(&e);
+    *out.status_mut() = parts.status;
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().append(name.clone(), value.clone());
         }
     }
+    out
 }
 
 /// rmcp's settings from the policy: hosts, origins, body size.
