@@ -144,6 +144,30 @@ async fn aliases_are_case_insensitive_and_env_configurable() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_refused_catalogue_keeps_poes_status_and_a_slow_one_times_out() {
+    let up = MockUpstream::start().await;
+    up.push_models(Reply::json(429, poe_error(429, "rate_limit_error")).header("retry-after", "7"));
+    up.push_models(Reply::json(503, poe_error(503, "overloaded")));
+    up.push_models(Reply::hang());
+    up.push_models(Reply::json(500, poe_error(500, "provider_error")));
+    let gw = TestGateway::default(&up).await;
+
+    let resp = get(&gw, "/v1/models").await;
+    assert_eq!(resp.headers()["retry-after"], "7");
+    let body = expect_error(resp, 429, "rate_limit_error").await;
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("upstream answered 429"), "{message}");
+    expect_error(get(&gw, "/v1/models/gpt-5").await, 503, "overloaded_error").await;
+    // A catalogue is not a slow bot: it gets 30 seconds, not the 10-minute first-byte wait.
+    let started = tokio::time::Instant::now();
+    expect_error(get(&gw, "/v1/models").await, 504, "timeout_error").await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    expect_error(get(&gw, "/v1/models").await, 502, "upstream_error").await;
+    // Then Poe answers, and the list is served.
+    assert_eq!(get(&gw, "/v1/models").await.status(), 200);
+}
+
 #[tokio::test]
 async fn models_lists_catalogue_and_aliases() {
     let up = MockUpstream::start().await;

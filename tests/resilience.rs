@@ -11,10 +11,6 @@ use bytes::Bytes;
 use support::*;
 use tokio::time::Instant;
 
-fn poe_error(status: u16, kind: &str) -> String {
-    format!(r#"{{"error":{{"code":{status},"type":"{kind}","message":"scripted {status}"}}}}"#)
-}
-
 #[tokio::test(start_paused = true)]
 async fn rate_limited_then_success_honours_retry_after() {
     let up = MockUpstream::start().await;

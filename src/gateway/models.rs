@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 
 use super::alias::Aliases;
 use crate::error::GatewayError;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// Largest catalogue accepted (Poe's is a few hundred entries, well under this).
 const CATALOGUE_LIMIT: usize = 32 * 1024 * 1024;
@@ -185,14 +185,18 @@ impl Models {
 }
 
 async fn fetch(upstream: &Upstream, aliases: &Aliases) -> Result<Catalogue, GatewayError> {
-    let (status, body) = upstream
+    let (head, body) = upstream
         .models(CATALOGUE_LIMIT)
         .await
-        .map_err(|e| GatewayError::UpstreamUnreachable(format!("model catalogue: {e}")))?;
-    if !status.is_success() {
-        return Err(GatewayError::UpstreamUnreachable(format!(
-            "model catalogue: upstream answered {status}"
-        )));
+        .map_err(|e| match e {
+            UpstreamError::Timeout(d) => GatewayError::UpstreamTimeout(format!(
+                "model catalogue: no answer from upstream within {}s",
+                d.as_secs()
+            )),
+            e => GatewayError::UpstreamUnreachable(format!("model catalogue: {e}")),
+        })?;
+    if !head.status.is_success() {
+        return Err(catalogue_refused(&head, &body));
     }
     let mut doc: Map<String, Value> = serde_json::from_slice(&body).map_err(|e| {
         GatewayError::UpstreamUnreachable(format!("model catalogue is not valid JSON: {e}"))
@@ -215,6 +219,27 @@ async fn fetch(upstream: &Upstream, aliases: &Aliases) -> Result<Catalogue, Gate
     let body = serde_json::to_vec(&json!({"object": "list", "data": entries}))
         .map_err(|e| GatewayError::Internal(format!("model catalogue: {e}")))?;
     Ok(Catalogue::new(Bytes::from(body), entries, bot_ids))
+}
+
+/// Poe refused the catalogue: its rate limit and overload answers keep their meaning (a 429
+/// with its Retry-After, a 503) so clients back off as they would for Poe; anything else is
+/// the gateway's upstream failing (502). Poe's own message is kept.
+fn catalogue_refused(head: &http::response::Parts, body: &[u8]) -> GatewayError {
+    let said = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string));
+    let message = match said {
+        Some(m) => format!("model catalogue: upstream answered {}: {m}", head.status),
+        None => format!("model catalogue: upstream answered {}", head.status),
+    };
+    match head.status.as_u16() {
+        429 => GatewayError::RateLimited {
+            message,
+            retry_after: super::retry::requested_wait(&head.headers),
+        },
+        503 | 529 => GatewayError::Overloaded(message),
+        _ => GatewayError::UpstreamUnreachable(message),
+    }
 }
 
 /// An entry's `pricing` (strings or numbers), when it has any.

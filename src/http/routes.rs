@@ -319,7 +319,9 @@ pub(crate) fn error_response(e: &GatewayError) -> HttpResponse {
     }
     if let Some(after) = e.retry_after() {
         // Whole seconds, rounded up, as Retry-After requires.
-        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        let secs = after
+            .as_secs()
+            .saturating_add(u64::from(after.subsec_nanos() > 0));
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }

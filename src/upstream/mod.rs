@@ -22,6 +22,9 @@ use rustls::pki_types::CertificateDer;
 use crate::config::UpstreamPolicy;
 use pool::Pool;
 
+/// The longest wait for Poe's model catalogue, head and body.
+pub const CATALOGUE_WAIT: Duration = Duration::from_secs(30);
+
 /// A key that must never be printed: `Debug` shows only that it is there.
 #[derive(Clone)]
 pub struct Secret {
@@ -255,8 +258,13 @@ impl Upstream {
         &self.chat_uri
     }
 
-    /// Fetches Poe's model catalogue (no auth needed), up to `limit` bytes.
-    pub async fn models(&self, limit: usize) -> Result<(http::StatusCode, Bytes), UpstreamError> {
+    /// Fetches Poe's model catalogue (no auth needed), up to `limit` bytes, waiting at most
+    /// [`CATALOGUE_WAIT`] for all of it (the first-byte timeout is sized for slow bots).
+    pub async fn models(
+        &self,
+        limit: usize,
+    ) -> Result<(http::response::Parts, Bytes), UpstreamError> {
+        let wait = self.first_byte.min(CATALOGUE_WAIT);
         let req = Request::builder()
             .method(Method::GET)
             .uri(self.models_uri.clone())
@@ -264,17 +272,18 @@ impl Upstream {
             .header(header::USER_AGENT, self.user_agent.clone())
             .body(Full::new(Bytes::new()))
             .map_err(|e| UpstreamError::Broken(e.to_string()))?;
-        let resp = self.send(req).await?;
-        let status = resp.status();
-        let body = tokio::time::timeout(
-            self.first_byte,
-            Limited::new(resp.into_body(), limit).collect(),
-        )
+        let pool = &self.pools[POOL.with(|p| p.get()) % self.pools.len()];
+        tokio::time::timeout(wait, async {
+            let (head, body) = pool.send(req).await?.into_parts();
+            let body = Limited::new(body, limit)
+                .collect()
+                .await
+                .map_err(|e| UpstreamError::Broken(e.to_string()))?
+                .to_bytes();
+            Ok((head, body))
+        })
         .await
-        .map_err(|_| UpstreamError::Timeout(self.first_byte))?
-        .map_err(|e| UpstreamError::Broken(e.to_string()))?
-        .to_bytes();
-        Ok((status, body))
+        .unwrap_or(Err(UpstreamError::Timeout(wait)))
     }
 
     /// Poe's compute-point balance for `key` (`GET /usage/current_balance`).

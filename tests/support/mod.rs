@@ -166,6 +166,8 @@ struct State {
     fallback: Mutex<Option<Reply>>,
     received: Mutex<Vec<Received>>,
     models: Mutex<Option<Bytes>>,
+    /// Scripted answers for `GET /v1/models`, before the catalogue is served.
+    models_script: Mutex<VecDeque<Reply>>,
     /// Response bodies whose reader went away before the script finished.
     disconnects: AtomicUsize,
     disconnected: Notify,
@@ -271,6 +273,12 @@ impl MockUpstream {
         *self.state.fallback.lock().unwrap() = Some(reply);
     }
 
+    /// Queues answers for the next `GET /v1/models` requests (errors, delays), in order.
+    pub fn push_models(&self, reply: Reply) -> &Self {
+        self.state.models_script.lock().unwrap().push_back(reply);
+        self
+    }
+
     pub fn set_models(&self, body: &str) {
         *self.state.models.lock().unwrap() = Some(Bytes::copy_from_slice(body.as_bytes()));
     }
@@ -337,7 +345,12 @@ async fn handle(
         headers: parts.headers.clone(),
         body,
     });
-    if parts.uri.path() == "/v1/models" {
+    let scripted_models = if parts.uri.path() == "/v1/models" {
+        st.models_script.lock().unwrap().pop_front()
+    } else {
+        None
+    };
+    if parts.uri.path() == "/v1/models" && scripted_models.is_none() {
         let models = st.models.lock().unwrap().clone().unwrap_or_default();
         let mut resp = Response::new(MockBody::Left(Full::new(models)));
         resp.headers_mut()
@@ -352,17 +365,17 @@ async fn handle(
             .insert("content-type", "application/json".parse().unwrap());
         return Ok(resp);
     }
-    if parts.uri.path() != "/v1/chat/completions" {
+    if parts.uri.path() != "/v1/chat/completions" && scripted_models.is_none() {
         let mut resp = Response::new(MockBody::Left(Full::new(Bytes::from_static(
             b"{\"error\":{\"code\":404,\"type\":\"not_found_error\",\"message\":\"no such endpoint\"}}",
         ))));
         *resp.status_mut() = StatusCode::NOT_FOUND;
         return Ok(resp);
     }
-    let reply = {
+    let reply = scripted_models.or_else(|| {
         let next = st.script.lock().unwrap().pop_front();
         next.or_else(|| st.fallback.lock().unwrap().clone())
-    };
+    });
     let Some(reply) = reply else {
         let mut resp = Response::new(MockBody::Left(Full::new(Bytes::from_static(
             b"{\"error\":{\"code\":500,\"type\":\"provider_error\",\"message\":\"mock upstream has no script\"}}",
@@ -463,6 +476,11 @@ pub fn finish_chunk(model: &str) -> String {
         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]
     });
     format!("data: {c}\n\n")
+}
+
+/// A Poe-shaped error body.
+pub fn poe_error(status: u16, kind: &str) -> String {
+    format!(r#"{{"error":{{"code":{status},"type":"{kind}","message":"scripted {status}"}}}}"#)
 }
 
 pub fn default_models() -> String {
