@@ -112,7 +112,14 @@ enum UsageCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let loaded = match config::load(cli.policies.as_deref(), std::env::vars()) {
+    let env = match config::env_text() {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("poe-gateway: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let loaded = match config::load(cli.policies.as_deref(), env) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("poe-gateway: configuration error: {e}");

@@ -73,27 +73,28 @@ pub fn init() -> Telemetry {
             .with_writer(std::io::stderr)
             .boxed()
     };
-    let (otel, provider) = match OtelSettings::from_env(std::env::vars()) {
-        Ok(Some(settings)) => match settings.build() {
-            Ok(provider) => {
-                let tracer = provider.tracer("poe-gateway");
-                set_traces_enabled(true);
-                (
-                    Some(tracing_opentelemetry::layer().with_tracer(tracer)),
-                    Some(provider),
-                )
-            }
+    let (otel, provider) =
+        match OtelSettings::from_env(crate::config::env_text().unwrap_or_default()) {
+            Ok(Some(settings)) => match settings.build() {
+                Ok(provider) => {
+                    let tracer = provider.tracer("poe-gateway");
+                    set_traces_enabled(true);
+                    (
+                        Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+                        Some(provider),
+                    )
+                }
+                Err(e) => {
+                    eprintln!("poe-gateway: traces disabled: {e}");
+                    (None, None)
+                }
+            },
+            Ok(None) => (None, None),
             Err(e) => {
                 eprintln!("poe-gateway: traces disabled: {e}");
                 (None, None)
             }
-        },
-        Ok(None) => (None, None),
-        Err(e) => {
-            eprintln!("poe-gateway: traces disabled: {e}");
-            (None, None)
-        }
-    };
+        };
     // The OTel layer sees every span; the env filter applies to the log output only, so
     // RUST_LOG=warn still exports full traces.
     let _ = Registry::default()

@@ -1211,3 +1211,35 @@ async fn an_idle_h2_connection_is_closed_after_its_stream_finishes() {
         .expect("served once the idle connection was gone");
     assert_eq!(resp.status(), 200);
 }
+
+#[test]
+fn an_environment_variable_that_is_not_utf8_is_no_panic() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let not_utf8 = OsStr::from_bytes(b"caf\xe9");
+    let check = |name: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+            .arg("check")
+            .env_clear()
+            .env("POE_API_KEY", "test-key-not-real")
+            .env(name, not_utf8)
+            .output()
+            .expect("the binary runs")
+    };
+    // Someone else's variable: ignored, as before it panicked the whole binary.
+    let out = check("LC_SOMETHING");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One of ours: a configuration error that names it.
+    let out = check("POE_GATEWAY_LISTEN");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("POE_GATEWAY_LISTEN") && err.contains("not valid UTF-8"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -550,6 +550,26 @@ fn env_for<'a, V>(from_env: &'a BTreeMap<String, V>, path: &str) -> Option<(&'a 
     })
 }
 
+/// The process environment as text. `std::env::vars` panics on any variable that is not
+/// UTF-8, even one that is none of ours; those are left out, except the gateway's own
+/// (`POE_*`, `OTEL_*`), which are an error naming the variable.
+pub fn env_text() -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let (Some(name), value) = (name.to_str(), value.into_string()) else {
+            continue;
+        };
+        match value {
+            Ok(v) => out.push((name.to_string(), v)),
+            Err(_) if name.starts_with("POE_") || name.starts_with("OTEL_") => {
+                return Err(format!("env {name}: the value is not valid UTF-8"));
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(out)
+}
+
 /// Maps `POE_GATEWAY_<SECTION>__<KEY>` and the documented short names onto policy keys.
 fn env_key(name: &str) -> Option<(String, String)> {
     match name {
