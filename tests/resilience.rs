@@ -510,3 +510,29 @@ fn a_bad_upstream_ca_file_is_a_clear_config_error() {
     .to_string();
     assert!(not_pem.contains("no PEM certificate"), "{not_pem}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_error_body_cut_off_keeps_poes_status_and_is_not_retried() {
+    // A 400 whose body breaks off: still Poe's 400 (not a retried transport failure that
+    // ends as a 502), with an OpenAI-shaped body saying what was lost.
+    let up = MockUpstream::start().await;
+    up.push(
+        Reply::new(400)
+            .header("content-type", "application/json")
+            .send(r#"{"error":{"message":"bad"#)
+            .drop_connection(),
+    );
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    let e = expect_error(resp, 400, "upstream_error").await;
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("could not be read"), "{message}");
+    assert_eq!(up.chat_calls(), 1);
+
+    // A 503 cut off the same way is still retried, as any 503 is.
+    up.push(Reply::new(503).send("over").drop_connection());
+    up.push(Reply::completion("gpt-5", "ok"));
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.chat_calls(), 3);
+}

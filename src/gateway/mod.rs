@@ -723,14 +723,14 @@ impl Gateway {
                         ));
                     }
                     Ok(resp) => {
-                        let (head, body) = resp.into_parts();
-                        match read_error_body(body, inner.policy.timeouts.idle).await {
-                            Ok(body) => Failure::Status {
-                                head,
-                                body: crate::error::redact_secrets(body, &[key.expose()]),
-                            },
-                            Err(e) => Failure::Transport(UpstreamError::Broken(e)),
-                        }
+                        let (mut head, body) = resp.into_parts();
+                        let body = match read_error_body(body, inner.policy.timeouts.idle).await {
+                            Ok(body) => crate::error::redact_secrets(body, &[key.expose()]),
+                            // Poe's status still says what happened (a 400 is not retried,
+                            // a 429 is); only its explanation is lost.
+                            Err(why) => unread_error_body(&mut head, &why),
+                        };
+                        Failure::Status { head, body }
                     }
                     Err(e) => Failure::Transport(e),
                 };
@@ -1073,6 +1073,28 @@ async fn read_error_body(body: upstream::Body, idle: std::time::Duration) -> Res
         Ok(Err(e)) => Err(format!("reading upstream error body: {e}")),
         Err(_) => Err("upstream error body timed out".into()),
     }
+}
+
+/// The body sent in place of an upstream error body that could not be read (cut off, too
+/// large, too slow), in the OpenAI shape, with Poe's status kept.
+fn unread_error_body(head: &mut http::response::Parts, why: &str) -> Bytes {
+    head.headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    let message = format!(
+        "upstream answered {} and its error body could not be read ({why})",
+        head.status
+    );
+    Bytes::from(
+        serde_json::json!({"error": {
+            "message": message,
+            "type": "upstream_error",
+            "param": null,
+            "code": null,
+        }})
+        .to_string(),
+    )
 }
 
 /// Upstream response headers minus hop-by-hop ones (RFC 9110 section 7.6.1).
