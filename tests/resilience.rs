@@ -536,3 +536,19 @@ async fn an_error_body_cut_off_keeps_poes_status_and_is_not_retried() {
     assert_eq!(resp.status(), 200);
     assert_eq!(up.chat_calls(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_the_limiter_refuses_returns_poes_answer() {
+    // One request a minute upstream, and a 1 s queue: the retry after Poe's 500 cannot be
+    // admitted. The client gets Poe's 500, and the ledger one attempt, not a 429 rejection.
+    let up = MockUpstream::start().await;
+    let body = poe_error(500, "provider_error");
+    up.push(Reply::json(500, body.clone()));
+    let policy = "[limits]\nupstream_rpm = 1\nqueue_timeout = \"1s\"\n";
+    let gw = TestGateway::start(&up, policy, &[]).await;
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 500);
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "1");
+    assert_eq!(body_bytes(resp).await, Bytes::from(body));
+    assert_eq!(up.chat_calls(), 1);
+}

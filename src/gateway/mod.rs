@@ -668,6 +668,10 @@ impl Gateway {
                 };
                 let permit = match inner.limits.admit(&key).await {
                     Ok(p) => p,
+                    // A retry or fallback the gateway's own upstream limits refuse: Poe has
+                    // already answered, and that answer is what the client gets and the
+                    // ledger records, not a rejection with no attempts.
+                    Err(_) if last.is_some() => break 'bots,
                     Err(e) => {
                         self.record_rejection(caller, req.model(), req.stream(), &e, started);
                         return Err(e);
