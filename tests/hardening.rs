@@ -683,8 +683,15 @@ async fn model_of_the_wrong_type_is_a_400_naming_model() {
         r#"{"model":true,"messages":[{"content":"a"}]}"#,
         r#"{"model":"","messages":[{"content":"a"}]}"#,
         r#"{"model":"   ","messages":[{"content":"a"}]}"#,
+        // Control characters: a NUL (which Postgres refuses in a ledger row) and a newline.
+        r#"{"model":"gpt\u0000","messages":[{"content":"a"}]}"#,
+        r#"{"model":"gpt\nlevel=INFO forged","messages":[{"content":"a"}]}"#,
     ];
-    for body in bodies {
+    let long = format!(
+        r#"{{"model":"{}","messages":[{{"content":"a"}}]}}"#,
+        "b".repeat(300)
+    );
+    for body in bodies.into_iter().chain([long.as_str()]) {
         let e = expect_error(post(&gw, body, &[]).await, 400, "invalid_request_error").await;
         assert_eq!(e["param"], "model", "{body}");
         assert!(e["message"].as_str().unwrap().contains("`model`"), "{e}");
@@ -718,7 +725,7 @@ async fn model_of_the_wrong_type_is_a_400_naming_model() {
         expect_error(post(&gw, body, &[]).await, 400, "invalid_request_error").await;
     }
     assert_eq!(up.chat_calls(), 0);
-    assert_nothing_charged(&core, (bodies.len() + 6 + 5) as i64).await;
+    assert_nothing_charged(&core, (bodies.len() + 1 + 6 + 5) as i64).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,9 @@ pub struct ChatRequest {
     max_tokens: Option<u64>,
 }
 
+/// Longest `model` accepted. Poe's bot names are a few dozen characters.
+const MAX_MODEL_LEN: usize = 256;
+
 impl ChatRequest {
     /// Parses and checks a chat completion body. Errors are 400s that name the field.
     pub fn parse(body: Bytes) -> Result<ChatRequest, GatewayError> {
@@ -58,6 +61,17 @@ impl ChatRequest {
             return Err(GatewayError::bad_param(
                 "model",
                 "`model` must not be empty",
+            ));
+        }
+        // A bot name is a short, printable name. The name goes into the ledger, logs and
+        // metrics: a NUL is refused by Postgres (the whole batch of rows with it), and a
+        // control character would forge log lines.
+        if model.len() > MAX_MODEL_LEN || model.chars().any(char::is_control) {
+            return Err(GatewayError::bad_param(
+                "model",
+                format!(
+                    "`model` must be a bot name of at most {MAX_MODEL_LEN} bytes, without control characters"
+                ),
             ));
         }
         let messages = find("messages").ok_or_else(|| {
