@@ -368,6 +368,36 @@ async fn gateway_keys_authenticate_and_revoke() {
 }
 
 #[tokio::test]
+async fn a_model_list_covers_a_fallback_chain_only_whole() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::completion("claude-sonnet-4.5", "ok"));
+        let policy =
+            "[auth]\nmode = \"keys\"\n[aliases]\npair = [\"claude-sonnet-4.5\", \"gpt-5\"]\n";
+        let (gw, _core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+        for (models, allowed) in [
+            // One bot of the chain: the chain would also call the other.
+            (r#"["claude-sonnet-4.5"]"#, false),
+            (r#"["claude-sonnet-4.5","gpt-5"]"#, true),
+            // The alias itself, named by the admin.
+            (r#"["pair"]"#, true),
+        ] {
+            let (_, key) = create_key(&gw, &format!(r#"{{"name":"k","models":{models}}}"#)).await;
+            let auth = format!("Bearer {key}");
+            let resp = post(&gw, &chat_body("pair", false), &[("authorization", &auth)]).await;
+            if allowed {
+                assert_eq!(resp.status(), 200, "{db}: {models}");
+                let _ = body_bytes(resp).await;
+            } else {
+                let e = expect_error(resp, 403, "permission_error").await;
+                assert_eq!(e["code"], "model_not_allowed", "{db}: {models}");
+            }
+        }
+        assert_eq!(up.chat_calls(), 2, "{db}");
+    }
+}
+
+#[tokio::test]
 async fn key_rpm_model_list_and_budget() {
     for db in databases().await {
         let up = MockUpstream::start().await;

@@ -252,7 +252,9 @@ impl KeyRing {
         })
     }
 
-    /// May this key use `model` (as asked, or the bot it resolves to)?
+    /// May this key use `model`: named in its list as asked (an alias the admin allowed,
+    /// with its whole chain), or resolving only to bots its list names? Any one bot of a
+    /// fallback chain is not enough: the chain would call the others too.
     pub fn check_model(
         &self,
         rec: &KeyRecord,
@@ -262,9 +264,8 @@ impl KeyRing {
         let Some(allowed) = &rec.models else {
             return Ok(());
         };
-        let ok = allowed.iter().any(|m| {
-            m.eq_ignore_ascii_case(asked) || bots.iter().any(|b| b.eq_ignore_ascii_case(m))
-        });
+        let listed = |name: &str| allowed.iter().any(|m| m.eq_ignore_ascii_case(name));
+        let ok = listed(asked) || (!bots.is_empty() && bots.iter().all(|b| listed(b)));
         if ok {
             Ok(())
         } else {
