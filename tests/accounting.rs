@@ -277,6 +277,43 @@ async fn broken_and_cancelled_streams_are_recorded_with_estimates() {
             3 + 2,
             "{db}: ceil(12/4) + ceil(8/4)"
         );
+        // The prompt is estimated too (Poe charges it in full): "user" + "hi", ceil(6/4).
+        assert_eq!(all.totals.prompt_tokens, 2 + 2, "{db}");
+    }
+}
+
+#[tokio::test]
+async fn a_cut_off_streams_prompt_is_estimated_and_priced() {
+    // A long prompt cut off after the first chunk: its estimated prompt is priced, so a
+    // budget cannot be spent by asking big questions and hanging up.
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.push(Reply::sse().send(chunk("gpt-5", "Hi")).drop_connection());
+        let policy = "[aliases]\n[pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\n";
+        let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+        let question = "x".repeat(4000);
+        // An attachment's base64 is not text: it is left out of the estimate.
+        let image = format!("data:image/png;base64,{}", "A".repeat(40_000));
+        let body = serde_json::json!({
+            "model": "gpt-5",
+            "stream": true,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": question},
+                {"type": "image_url", "image_url": {"url": image}},
+            ]}],
+        })
+        .to_string();
+        let _ = body_bytes(post(&gw, &body, &[]).await).await;
+        let r = report(&core, None).await;
+        // "user" + "text" + 4000 + "image_url": 4017 bytes.
+        assert_eq!(r.totals.prompt_tokens, 4017_i64.div_euclid(4) + 1, "{db}");
+        assert_eq!(r.totals.completion_tokens, 1, "{db}");
+        let want = 1005.0 * 0.001 + 0.002;
+        assert!(
+            (r.totals.cost_usd - want).abs() < 1e-9,
+            "{db}: {}",
+            r.totals.cost_usd
+        );
     }
 }
 

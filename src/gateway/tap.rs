@@ -225,6 +225,7 @@ impl Tap<ReplayBody> {
             cache_hit: false,
             span: tracing::Span::none(),
             request_body: None,
+            request: Bytes::new(),
         };
         let mut tap = Tap::new(
             ReplayBody::new(frames, Duration::ZERO),
