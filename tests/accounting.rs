@@ -277,8 +277,9 @@ async fn broken_and_cancelled_streams_are_recorded_with_estimates() {
             3 + 2,
             "{db}: ceil(12/4) + ceil(8/4)"
         );
-        // The prompt is estimated too (Poe charges it in full): "user" + "hi", ceil(6/4).
-        assert_eq!(all.totals.prompt_tokens, 2 + 2, "{db}");
+        // The prompt is estimated too (Poe charges it in full): the request's strings, keys
+        // included, are 39 bytes: ceil(39/4) each.
+        assert_eq!(all.totals.prompt_tokens, 10 + 10, "{db}");
     }
 }
 
@@ -305,10 +306,10 @@ async fn a_cut_off_streams_prompt_is_estimated_and_priced() {
         .to_string();
         let _ = body_bytes(post(&gw, &body, &[]).await).await;
         let r = report(&core, None).await;
-        // "user" + "text" + 4000 + "image_url": 4017 bytes.
-        assert_eq!(r.totals.prompt_tokens, 4017_i64.div_euclid(4) + 1, "{db}");
+        // The strings, keys included, without the data URL: 4,076 bytes, ceil(4076/4).
+        assert_eq!(r.totals.prompt_tokens, 1019, "{db}");
         assert_eq!(r.totals.completion_tokens, 1, "{db}");
-        let want = 1005.0 * 0.001 + 0.002;
+        let want = 1019.0 * 0.001 + 0.002;
         assert!(
             (r.totals.cost_usd - want).abs() < 1e-9,
             "{db}: {}",

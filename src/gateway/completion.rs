@@ -33,9 +33,9 @@ pub struct RequestInfo {
     pub span: tracing::Span,
     /// Set only when `log.bodies = true`: the request as the client sent it.
     pub request_body: Option<bytes::Bytes>,
-    /// The request as sent upstream (a reference, not a copy): read only when Poe's usage is
-    /// missing, to estimate the prompt.
-    pub request: bytes::Bytes,
+    /// Bytes of the request's text ([`super::ChatRequest::text_bytes`]): the prompt estimate
+    /// when Poe's usage is missing.
+    pub request_text_bytes: u64,
 }
 
 pub struct Completion {
@@ -175,34 +175,12 @@ fn record_span(span: &tracing::Span, row: &UsageRow, o: &Observed, outcome: &Out
     }
 }
 
-/// Bytes of text in a request's `messages` and `tools`: every string there, attachments sent
-/// as `data:` URLs left out (a base64 image is not read as text tokens). Only read when Poe's
-/// usage is missing, so a full parse is fine.
-fn prompt_text_bytes(request: &[u8]) -> u64 {
-    fn text(v: &serde_json::Value) -> u64 {
-        match v {
-            serde_json::Value::String(s) if s.starts_with("data:") => 0,
-            serde_json::Value::String(s) => s.len() as u64,
-            serde_json::Value::Array(a) => a.iter().map(text).sum(),
-            serde_json::Value::Object(m) => m.values().map(text).sum(),
-            _ => 0,
-        }
-    }
-    let Ok(serde_json::Value::Object(doc)) = serde_json::from_slice(request) else {
-        return 0;
-    };
-    ["messages", "tools"]
-        .iter()
-        .filter_map(|k| doc.get(*k))
-        .map(text)
-        .sum()
-}
-
 /// The ledger row for a finished request. Without Poe's usage (a stream that broke or was
 /// cancelled, or an answer that came without it), the tokens are estimated, a token per 4
-/// bytes of text, and flagged as estimated: the prompt from the request's text, the completion
-/// from the text received. Poe charges a cut-off request's prompt in full, and a budget must
-/// too. The request's names move into the row: the request is over.
+/// bytes, and flagged as estimated: the prompt from the request's strings (keys included,
+/// `data:` attachments not), the completion from the text received. Poe charges a cut-off
+/// request's prompt in full, and a budget must too. The request's names move into the row:
+/// the request is over.
 fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
     let (prompt, completion, total, estimated) = match o.usage {
         Some(u) => (
@@ -212,7 +190,7 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
             false,
         ),
         None if !i.cache_hit && (200..300).contains(&i.status) => {
-            let prompt = prompt_text_bytes(&i.request).div_ceil(4) as i64;
+            let prompt = i.request_text_bytes.div_ceil(4) as i64;
             let completion = o.text_bytes.div_ceil(4) as i64;
             (
                 Some(prompt),

@@ -967,7 +967,7 @@ impl Gateway {
             cache_hit,
             span: tracing::Span::current(),
             request_body: self.logged_body(req),
-            request: req.body().clone(),
+            request_text_bytes: req.text_bytes(),
         }
     }
 

@@ -29,6 +29,9 @@ pub struct ChatRequest {
     has_seed: bool,
     cache: super::cache::CacheDirectives,
     max_tokens: Option<u64>,
+    /// Bytes inside the body's strings, `data:` URLs left out: the text a prompt estimate
+    /// starts from when Poe's usage is missing.
+    text_bytes: u64,
 }
 
 /// Longest `model` accepted. Poe's bot names are a few dozen characters.
@@ -40,7 +43,7 @@ impl ChatRequest {
         let text = std::str::from_utf8(&body).map_err(|e| {
             GatewayError::bad_request(format!("request body is not valid UTF-8: {e}"))
         })?;
-        check_depth(&body)?;
+        let text_bytes = check_depth(&body)?;
         let mut de = serde_json::Deserializer::from_str(text);
         let fields = TopLevel::deserialize(&mut de).map_err(|e| json_error(&e))?;
         de.end().map_err(|e| json_error(&e))?;
@@ -149,8 +152,14 @@ impl ChatRequest {
             has_seed,
             cache: Default::default(),
             max_tokens,
+            text_bytes,
             body,
         })
+    }
+
+    /// Bytes of text in the request (its strings, `data:` URLs left out).
+    pub fn text_bytes(&self) -> u64 {
+        self.text_bytes
     }
 
     /// The model name as the client asked for it.
@@ -255,8 +264,12 @@ impl ChatRequest {
 /// passed on; one pass over the bytes, skipping strings.
 const MAX_DEPTH: usize = 128;
 
-fn check_depth(body: &[u8]) -> Result<(), GatewayError> {
+/// It also returns the bytes inside strings (keys and values, escapes as written) except
+/// those of `data:` URLs, which are attachments, not text: the prompt estimate's input, had
+/// for free on this pass.
+fn check_depth(body: &[u8]) -> Result<u64, GatewayError> {
     let mut depth = 0usize;
+    let mut text = 0u64;
     let mut i = 0;
     while i < body.len() {
         match body[i] {
@@ -264,6 +277,7 @@ fn check_depth(body: &[u8]) -> Result<(), GatewayError> {
                 // Skip the string: to the next quote not escaped. A prompt is mostly string
                 // bytes, so they are skipped with memchr rather than looked at one by one.
                 i += 1;
+                let start = i;
                 while let Some(j) = memchr::memchr2(b'"', b'\\', body.get(i..).unwrap_or(&[])) {
                     if body[i + j] == b'"' {
                         i += j;
@@ -273,6 +287,9 @@ fn check_depth(body: &[u8]) -> Result<(), GatewayError> {
                 }
                 if i >= body.len() || body[i] != b'"' {
                     break; // unterminated: the parser names the error
+                }
+                if !body[start..i].starts_with(b"data:") {
+                    text += (i - start) as u64;
                 }
             }
             b'[' | b'{' => {
@@ -288,7 +305,7 @@ fn check_depth(body: &[u8]) -> Result<(), GatewayError> {
         }
         i += 1;
     }
-    Ok(())
+    Ok(text)
 }
 
 fn json_error(e: &serde_json::Error) -> GatewayError {

@@ -225,7 +225,7 @@ impl Tap<ReplayBody> {
             cache_hit: false,
             span: tracing::Span::none(),
             request_body: None,
-            request: Bytes::new(),
+            request_text_bytes: 0,
         };
         let mut tap = Tap::new(
             ReplayBody::new(frames, Duration::ZERO),
