@@ -517,7 +517,14 @@ async fn admin_key_bodies_are_bounded_and_checked() {
         r#"{"name":"a","rpm":82.5}"#,
         r#"{"name":"a","rpm":-3}"#,
         r#"{"name":"a","rpm":4294967296}"#,
+        // Fits a u32, not Postgres's integer column (it wrapped to a negative limit).
+        r#"{"name":"a","rpm":4294967295}"#,
         r#"{"name":"a","rpm":"82"}"#,
+        // An empty list would mean every model; a comma would split a name once stored.
+        r#"{"name":"a","models":[]}"#,
+        r#"{"name":"a","models":[" "]}"#,
+        r#"{"name":"a","models":["gpt",""]}"#,
+        r#"{"name":"a","models":["a,b"]}"#,
     ] {
         expect_error(
             request(

@@ -69,6 +69,9 @@ pub struct NewKey {
 /// A count given as any JSON number with no fractional part: `82` or `82.0`. JSON Schema
 /// (and so the OpenAPI document) calls both integers, and some clients write every number
 /// as a float.
+/// The largest per-key `rpm`.
+const MAX_RPM: u32 = 1_000_000;
+
 fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     use serde::de::Error;
     let Some(n) = <Option<serde_json::Number> as serde::Deserialize>::deserialize(d)? else {
@@ -119,15 +122,28 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
             "`budget_usd` must be a non-negative number",
         ));
     }
-    if new.rpm == Some(0) {
-        return Err(GatewayError::bad_param("rpm", "`rpm` must be at least 1"));
+    // Stored as a 32-bit signed integer on Postgres: past that it would wrap.
+    if new.rpm.is_some_and(|r| r == 0 || r > MAX_RPM) {
+        return Err(GatewayError::bad_param(
+            "rpm",
+            format!("`rpm` must be between 1 and {MAX_RPM}"),
+        ));
     }
-    let models = new.models.map(|m| {
-        m.iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>()
-    });
+    let models = match new.models {
+        None => None,
+        Some(m) => {
+            let m: Vec<String> = m.iter().map(|s| s.trim().to_string()).collect();
+            // An empty list would read as "every model", the opposite of what was meant; a
+            // comma would split one name into two once stored (the list is kept joined).
+            if m.is_empty() || m.iter().any(|s| s.is_empty() || s.contains(',')) {
+                return Err(GatewayError::bad_param(
+                    "models",
+                    "`models` must be a non-empty list of model names without commas (leave it out to allow every model)",
+                ));
+            }
+            Some(m)
+        }
+    };
     let key = generate_key();
     let rec = KeyRecord {
         id: format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
@@ -138,7 +154,7 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
         budget_usd: new.budget_usd,
         period: new.period.unwrap_or(Period::Month),
         rpm: new.rpm,
-        models: models.filter(|m| !m.is_empty()),
+        models,
     };
     store
         .create_key(&rec)
