@@ -267,7 +267,8 @@ impl Ledger {
     }
 
     /// Waits until every row queued before this call is written (at once if the writer is
-    /// gone, say with the runtime it ran on).
+    /// gone, say with the runtime it ran on), or [`FLUSH_WAIT`] has passed: a report or a
+    /// shutdown must not hang on a database that stopped answering.
     pub async fn flush(&self) {
         let (ack, done) = oneshot::channel();
         {
@@ -278,9 +279,17 @@ impl Ledger {
             pending.acks.push(ack);
         }
         self.queue.wake.notify_one();
-        let _ = done.await;
+        if tokio::time::timeout(FLUSH_WAIT, done).await.is_err() {
+            tracing::warn!(
+                wait_s = FLUSH_WAIT.as_secs(),
+                "the ledger did not finish writing in time; going on without it"
+            );
+        }
     }
 }
+
+/// The longest [`Ledger::flush`] waits.
+pub const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Held by the writer task. However the writer ends (a runtime shutting down drops it, even
 /// before its first poll), later rows are refused as "writer stopped" and no flush waits.

@@ -2,6 +2,7 @@
 //! replaced when the connection drops, so a database restart heals without a gateway restart.
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
@@ -206,17 +207,42 @@ fn key_row(r: &Row) -> Result<KeyRecord, LedgerError> {
     })
 }
 
+/// Connects with bounds the URL does not set itself: a connect timeout, TCP keepalives that
+/// notice a dead server within about a minute, and a statement timeout. Without them a
+/// black-holed host held the writer (and every key look-up waiting on the reconnect) for the
+/// operating system's TCP timeout, minutes, while the queue filled and dropped rows.
 async fn connect(url: &str) -> Result<Client, LedgerError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|e| LedgerError::Other(format!("cannot connect to {}: {e}", redact_url(url))))?;
+    let cannot = |e: &dyn std::fmt::Display| {
+        LedgerError::Other(format!("cannot connect to {}: {e}", redact_url(url)))
+    };
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| cannot(&e))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30));
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| cannot(&e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "postgres connection closed");
         }
     });
+    let options = config.get_options().unwrap_or("");
+    if !options.contains("statement_timeout") {
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                STATEMENT_TIMEOUT.as_millis()
+            ))
+            .await
+            .map_err(|e| cannot(&e))?;
+    }
     Ok(client)
 }
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn migrate(client: &Client) -> Result<(), LedgerError> {
     client
