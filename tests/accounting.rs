@@ -656,3 +656,70 @@ async fn rejected_requests_are_accounted() {
     assert_eq!(r.totals.requests, 1);
     assert_eq!(r.totals.errors, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_wait_out_a_failing_database_instead_of_being_lost() {
+    // The usage table goes away for a while (as a database that is down, locked or full
+    // would fail every write): the rows are held and written once it is back.
+    let db = databases().await.remove(0);
+    let path = db
+        .strip_prefix("sqlite://")
+        .expect("SQLite first")
+        .to_string();
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+    let side = rusqlite::Connection::open(&path).unwrap();
+    side.execute_batch("ALTER TABLE usage RENAME TO usage_away")
+        .unwrap();
+    for _ in 0..3 {
+        let _ = body_bytes(post(&gw, &chat_body("gpt", false), &[]).await).await;
+    }
+    core.flush().await;
+    side.execute_batch("ALTER TABLE usage_away RENAME TO usage")
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if report(&core, None).await.totals.requests == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held rows never reached the ledger"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_row_the_database_refuses_does_not_sink_its_batch() {
+    // Postgres cannot store a NUL in text. The request parser refuses such a model name, but
+    // a row the database refuses for any reason must cost only itself.
+    for db in databases().await {
+        let ledger = poe_gateway::ledger::Ledger::open(&db, None).await.unwrap();
+        for model in ["a", "b\u{0}", "c"] {
+            ledger.record(poe_gateway::ledger::UsageRow {
+                ts_ms: 1,
+                request_id: model.into(),
+                model: model.into(),
+                bot: model.into(),
+                status: 200,
+                outcome: "completed",
+                ..Default::default()
+            });
+        }
+        ledger.flush().await;
+        let r = ledger
+            .store()
+            .report(&ReportQuery {
+                since_ms: 0,
+                until_ms: i64::MAX,
+                key_id: None,
+                group_by: None,
+            })
+            .await
+            .unwrap();
+        let want = if db.starts_with("postgres") { 2 } else { 3 };
+        assert_eq!(r.totals.requests, want, "{db}");
+    }
+}

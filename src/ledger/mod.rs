@@ -47,6 +47,27 @@ pub enum LedgerError {
     Other(String),
 }
 
+impl LedgerError {
+    /// The database answered and refused these rows (a value it cannot store): writing them
+    /// again as they are cannot help. Anything else (no connection, a timeout, a full disk,
+    /// a locked file) may pass on a later try.
+    fn is_refusal(&self) -> bool {
+        match self {
+            // SQLSTATE class 22 (data exception) and 23 (integrity constraint violation).
+            LedgerError::Postgres(e) => e
+                .code()
+                .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
+            LedgerError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => matches!(
+                f.code,
+                rusqlite::ErrorCode::ConstraintViolation
+                    | rusqlite::ErrorCode::TooBig
+                    | rusqlite::ErrorCode::TypeMismatch
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// One request, as accounted.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct UsageRow {
@@ -310,8 +331,17 @@ async fn writer(
     gone: Gone,
 ) {
     let queue = &*gone.0;
+    // Rows a failing database could not take yet, oldest first, tried again each round.
+    let mut held: Vec<UsageRow> = Vec::new();
     loop {
-        queue.wake.notified().await;
+        if held.is_empty() {
+            queue.wake.notified().await;
+        } else {
+            tokio::select! {
+                _ = queue.wake.notified() => {}
+                _ = tokio::time::sleep(HELD_RETRY) => {}
+            }
+        }
         let urgent = {
             let p = queue.lock();
             p.closed || !p.acks.is_empty() || p.rows.len() >= BATCH_MAX
@@ -334,16 +364,42 @@ async fn writer(
                 p.closed,
             )
         };
+        // The hook (budget charges) sees each row once, when it is first taken from the
+        // queue, not again when a held row is retried.
+        let mut fresh = Vec::new();
         for mut batch in into_batches(rows) {
             if let Some(h) = &hook {
                 h.before_write(&mut batch).await;
             }
-            write_batch(&store, Arc::new(batch), &stats).await;
+            fresh.push(batch);
+        }
+        let mut pending = into_batches(std::mem::take(&mut held));
+        pending.extend(fresh);
+        for batch in pending {
+            held.extend(write_batch(&store, batch, &stats).await);
+        }
+        if held.len() > QUEUE_CAPACITY {
+            let lost = held.len() - QUEUE_CAPACITY;
+            held.drain(..lost);
+            stats.write_errors.fetch_add(lost as u64, Ordering::Relaxed);
+            tracing::error!(
+                rows = lost,
+                "ledger rows lost: the database has been failing and the rows waiting for it are over the queue's capacity"
+            );
         }
         for ack in acks {
             let _ = ack.send(());
         }
         if closed {
+            if !held.is_empty() {
+                stats
+                    .write_errors
+                    .fetch_add(held.len() as u64, Ordering::Relaxed);
+                tracing::error!(
+                    rows = held.len(),
+                    "ledger rows lost at shutdown: the database did not take them"
+                );
+            }
             return;
         }
         // A row pushed while this batch was written found the queue empty and left a
@@ -370,31 +426,61 @@ fn into_batches(rows: Vec<UsageRow>) -> Vec<Vec<UsageRow>> {
     .collect()
 }
 
-/// Writes one batch, retrying a failing database a few times before counting the rows lost.
-async fn write_batch(store: &Store, batch: Arc<Vec<UsageRow>>, stats: &LedgerStats) {
+/// Writes one batch, retrying a failing database a few times. Returns the rows to hold for a
+/// later round: all of them while the database is unreachable. When the database refuses the
+/// batch (a value it cannot store), the rows are written one by one, so that one bad row does
+/// not sink the others; the ones it refuses are counted lost.
+async fn write_batch(store: &Store, batch: Vec<UsageRow>, stats: &LedgerStats) -> Vec<UsageRow> {
+    let batch = Arc::new(batch);
     let mut delay = Duration::from_millis(100);
-    for attempt in 1..=5 {
+    let mut attempt = 1;
+    let err = loop {
         match store.insert_usage(&batch).await {
             Ok(()) => {
                 stats
                     .written
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                return;
+                return Vec::new();
             }
-            Err(e) if attempt < 5 => {
+            Err(e) if attempt < WRITE_TRIES && !e.is_refusal() => {
                 tracing::warn!(error = %e, rows = batch.len(), attempt, "ledger write failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
+                attempt += 1;
+            }
+            Err(e) => break e,
+        }
+    };
+    let rows = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+    if !err.is_refusal() {
+        tracing::error!(error = %err, rows = rows.len(), "ledger write failed; holding the rows to try again");
+        return rows;
+    }
+    let mut rest = rows.into_iter();
+    while let Some(row) = rest.next() {
+        match store.insert_usage(&Arc::new(vec![row.clone()])).await {
+            Ok(()) => {
+                stats.written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.is_refusal() => {
+                stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, request_id = %row.request_id, "the database refused a ledger row; it is lost");
             }
             Err(e) => {
-                stats
-                    .write_errors
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                tracing::error!(error = %e, rows = batch.len(), "ledger write failed; rows lost");
+                tracing::error!(error = %e, "ledger write failed; holding the rows to try again");
+                let mut held = vec![row];
+                held.extend(rest);
+                return held;
             }
         }
     }
+    Vec::new()
 }
+
+/// Tries of one batch within a round, before its rows are held for the next.
+const WRITE_TRIES: u32 = 3;
+/// How soon rows held back by a failing database are tried again.
+const HELD_RETRY: Duration = Duration::from_secs(5);
 
 /// Unix time now in milliseconds.
 pub fn now_ms() -> i64 {
