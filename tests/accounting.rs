@@ -723,3 +723,49 @@ async fn a_row_the_database_refuses_does_not_sink_its_batch() {
         assert_eq!(r.totals.requests, want, "{db}");
     }
 }
+
+#[tokio::test]
+async fn a_client_gone_before_poes_head_still_gets_its_row() {
+    // The client hangs up while the gateway waits on Poe's head: no reply ever exists, and
+    // the row (and its charge) came only with a reply.
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.push(Reply::hang());
+        let policy = "[aliases]\n[pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\n";
+        let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let body = chat_body("gpt-5", false);
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while up.chat_calls() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the request never reached Poe"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(sock);
+        loop {
+            let r = report(&core, None).await;
+            if r.totals.requests == 1 {
+                // The request's strings are 41 bytes: ceil(41/4) prompt tokens, estimated.
+                assert_eq!(r.totals.prompt_tokens, 11, "{db}");
+                assert!(
+                    (r.totals.cost_usd - 0.011).abs() < 1e-9,
+                    "{db}: {}",
+                    r.totals.cost_usd
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{db}: no row for the cancelled request"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -63,8 +63,9 @@ impl Accountant {
     }
 
     fn price_row(&self, row: &mut UsageRow) {
-        // Failed calls cost nothing; a cache hit costs nothing but saves its price.
-        if row.status >= 400 || row.outcome == "rejected" {
+        // Failed calls cost nothing; a cache hit costs nothing but saves its price. A request
+        // cancelled before Poe's head (499) is priced: Poe was called.
+        if (row.status >= 400 && row.outcome != "cancelled") || row.outcome == "rejected" {
             row.cost_usd = Some(0.0);
             return;
         }

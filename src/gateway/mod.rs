@@ -617,7 +617,7 @@ impl Gateway {
     }
 
     /// The upstream call with retries and fallbacks. `plan` is the cache's, when the answer
-    /// may be stored.
+    /// may be stored. A request dropped before it has a reply still gets its ledger row.
     async fn fetch(
         &self,
         caller: &Caller,
@@ -633,6 +633,18 @@ impl Gateway {
                 GatewayError::Internal("the gateway has no POE_API_KEY configured".into())
             })?,
             Credential::Poe(k) => k.clone(),
+        };
+        // Disarmed at each way out below, which records its own row (the reply's, an
+        // error's, a rejection's); dropped armed, it records a cancelled one.
+        let mut watch = Unanswered {
+            gateway: self,
+            caller,
+            req,
+            alias: route.alias(),
+            started,
+            bot: bots.first().map_or(req.model(), String::as_str),
+            attempts: 0,
+            armed: true,
         };
         inner.budget.deposit(Instant::now(), inner.epoch);
         let retry = &inner.policy.retry;
@@ -673,11 +685,14 @@ impl Gateway {
                     // ledger records, not a rejection with no attempts.
                     Err(_) if last.is_some() => break 'bots,
                     Err(e) => {
+                        watch.armed = false;
                         self.record_rejection(caller, req.model(), req.stream(), &e, started);
                         return Err(e);
                     }
                 };
                 attempts += 1;
+                watch.bot = bot;
+                watch.attempts = attempts;
                 let mut trace_headers = HeaderMap::new();
                 crate::telemetry::inject_context(&attempt_span, &mut trace_headers);
                 let mut sent = inner
@@ -717,6 +732,7 @@ impl Gateway {
                             false,
                         );
                         inner.acct.metrics.upstream_ok.inc();
+                        watch.armed = false;
                         return Ok(self.stream_reply(
                             resp,
                             info,
@@ -790,6 +806,7 @@ impl Gateway {
         // allocated and moved whole on each request).
         let mut reply =
             Box::pin(self.error_reply(caller, req, route, failure, bot, attempts, started)).await;
+        watch.armed = false;
         // A cacheable request that failed was still a miss (errors are never stored).
         if plan.is_some() {
             reply.cache = CacheStatus::Miss;
@@ -1077,6 +1094,61 @@ async fn read_error_body(body: upstream::Body, idle: std::time::Duration) -> Res
         Ok(Ok(c)) => Ok(c.to_bytes()),
         Ok(Err(e)) => Err(format!("reading upstream error body: {e}")),
         Err(_) => Err("upstream error body timed out".into()),
+    }
+}
+
+/// A request between its first look at Poe and its reply. Dropped while still armed (the
+/// client hung up while the gateway waited on Poe's head or a retry's backoff; a shutdown
+/// that ran out of grace), it records a `cancelled` row: every chat request is one row, and
+/// Poe, once called, charges the prompt whether or not anyone reads the answer.
+struct Unanswered<'a> {
+    gateway: &'a Gateway,
+    caller: &'a Caller,
+    req: &'a ChatRequest,
+    alias: Option<&'a str>,
+    started: Instant,
+    /// The bot last called (or about to be).
+    bot: &'a str,
+    attempts: u32,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Called at least once: the prompt is estimated as in any row without Poe's usage.
+        let prompt = (self.attempts > 0).then(|| self.req.text_bytes().div_ceil(4) as i64);
+        let row = UsageRow {
+            ts_ms: now_ms(),
+            request_id: self.caller.request_id.to_string(),
+            key_id: self.caller.key_id.as_deref().map(String::from),
+            alias: self.alias.map(String::from),
+            model: self.req.model().to_string(),
+            bot: self.bot.to_string(),
+            stream: self.req.stream(),
+            // nginx's "client closed request": no status was sent.
+            status: 499,
+            outcome: "cancelled",
+            prompt_tokens: prompt,
+            completion_tokens: prompt.map(|_| 0),
+            total_tokens: prompt,
+            tokens_estimated: prompt.is_some(),
+            attempts: self.attempts as i32,
+            latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            ..UsageRow::default()
+        };
+        let acct = &self.gateway.inner.acct;
+        acct.metrics
+            .requests
+            .with_label_values(&[
+                row.bot.as_str(),
+                &row.status.to_string(),
+                row.key_id.as_deref().unwrap_or(""),
+            ])
+            .inc();
+        acct.ledger.record(row);
     }
 }
 
