@@ -637,7 +637,9 @@ fn decode(mut raw: Bytes, scope: Option<Arc<str>>) -> Option<Entry> {
         bytes,
         usage: (flags & 2 != 0).then_some(usage),
         bot,
-        expires_at: Instant::now() + Duration::from_millis(left),
+        // A lifetime too long for an `Instant` (where its range is narrower than Linux's) is
+        // corrupt data, not a reason to panic.
+        expires_at: Instant::now().checked_add(Duration::from_millis(left))?,
     })
 }
 
