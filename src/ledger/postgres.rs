@@ -254,6 +254,11 @@ async fn migrate(client: &Client) -> Result<(), LedgerError> {
                 "CREATE TABLE IF NOT EXISTS poe_gateway_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
             )
             .await?;
+        let applied: Option<i64> = client
+            .query_one("SELECT MAX(version) FROM poe_gateway_migrations", &[])
+            .await?
+            .get(0);
+        store::check_schema_version(applied, Dialect::Postgres)?;
         for (version, sql) in store::migrations(Dialect::Postgres) {
             let done = client
                 .query_opt("SELECT version FROM poe_gateway_migrations WHERE version = $1", &[&version])
@@ -270,8 +275,15 @@ async fn migrate(client: &Client) -> Result<(), LedgerError> {
         Ok::<_, LedgerError>(())
     }
     .await;
-    client
+    if result.is_err() {
+        // A failed migration leaves its transaction aborted, and the unlock below would
+        // fail with that instead of the real error.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    let unlocked = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
-        .await?;
-    result
+        .await;
+    result?;
+    unlocked?;
+    Ok(())
 }

@@ -261,9 +261,27 @@ fn configure(c: &Connection) -> Result<(), LedgerError> {
     // WAL: readers never block the writer, and a committed batch survives the process dying.
     // synchronous=NORMAL in WAL mode is durable against a process crash (kill -9); only a
     // power loss can take the last transactions.
-    c.pragma_update(None, "journal_mode", "WAL")?;
-    c.pragma_update(None, "synchronous", "NORMAL")?;
+    // The wait for a lock first: switching a new file to WAL needs it, and another process
+    // may be opening the same file at that moment.
     c.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Switching to WAL fails at once (no busy wait) while another connection is opening the
+    // same new file; WAL is a property of the file, so the first to switch serves all.
+    for attempt in 0.. {
+        let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if mode.eq_ignore_ascii_case("wal") {
+            break;
+        }
+        match c.pragma_update(None, "journal_mode", "WAL") {
+            Ok(()) => break,
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::DatabaseBusy && attempt < 50 =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    c.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(())
 }
 
@@ -271,24 +289,38 @@ fn migrate(c: &Connection) -> Result<(), LedgerError> {
     c.execute_batch(
         "CREATE TABLE IF NOT EXISTS poe_gateway_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL)",
     )?;
+    let applied: Option<i64> =
+        c.query_row("SELECT MAX(version) FROM poe_gateway_migrations", [], |r| r.get(0))?;
+    store::check_schema_version(applied, Dialect::Sqlite)?;
     for (version, sql) in store::migrations(Dialect::Sqlite) {
-        let done: Option<i64> = c
-            .query_row(
-                "SELECT version FROM poe_gateway_migrations WHERE version = ?1",
-                params![version],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if done.is_some() {
-            continue;
+        // The check and the change in one write transaction, taken up front: two processes
+        // opening a new file at once (`serve` and `keys create`) take turns, and the second
+        // finds the version applied instead of failing on "table already exists".
+        c.execute_batch("BEGIN IMMEDIATE")?;
+        let step = (|| {
+            let done: Option<i64> = c
+                .query_row(
+                    "SELECT version FROM poe_gateway_migrations WHERE version = ?1",
+                    params![version],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if done.is_none() {
+                c.execute_batch(&sql)?;
+                c.execute(
+                    "INSERT INTO poe_gateway_migrations (version, applied_ms) VALUES (?1, ?2)",
+                    params![version, super::now_ms()],
+                )?;
+            }
+            Ok::<_, rusqlite::Error>(())
+        })();
+        match step {
+            Ok(()) => c.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = c.execute_batch("ROLLBACK");
+                return Err(e.into());
+            }
         }
-        let tx = c.unchecked_transaction()?;
-        tx.execute_batch(&sql)?;
-        tx.execute(
-            "INSERT INTO poe_gateway_migrations (version, applied_ms) VALUES (?1, ?2)",
-            params![version, super::now_ms()],
-        )?;
-        tx.commit()?;
     }
     Ok(())
 }
@@ -296,6 +328,45 @@ fn migrate(c: &Connection) -> Result<(), LedgerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_opening_a_new_file_at_once_all_succeed() {
+        let dir = std::env::temp_dir().join(format!("poe-gw-mig-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ledger.db");
+        let barrier = Arc::new(std::sync::Barrier::new(4));
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    // Every thread reaches the barrier, whatever fails first.
+                    let c = Connection::open(&path).map_err(LedgerError::from);
+                    barrier.wait();
+                    let c = c.map_err(|e| e.to_string())?;
+                    configure(&c).map_err(|e| format!("configure: {e}"))?;
+                    migrate(&c).map_err(|e| format!("migrate: {e}"))
+                })
+            })
+            .collect();
+        for r in runs {
+            r.join().unwrap().unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_schema_newer_than_the_binary_is_refused() {
+        let c = Connection::open_in_memory().unwrap();
+        migrate(&c).unwrap();
+        migrate(&c).unwrap();
+        c.execute(
+            "INSERT INTO poe_gateway_migrations (version, applied_ms) VALUES (999, 0)",
+            [],
+        )
+        .unwrap();
+        let e = migrate(&c).unwrap_err().to_string();
+        assert!(e.contains("newer"), "{e}");
+    }
 
     /// The key index leaves out rows with no key (migration 2), and the budget check and
     /// per-key reports, which all ask for `key_id = ?`, still search it instead of the table.

@@ -23,6 +23,18 @@ impl Dialect {
 }
 
 /// Versioned migrations, applied in order at start; each runs once.
+/// Refuses a ledger whose schema is newer than this binary's migrations: an older gateway
+/// would write rows a newer one's columns or indexes do not expect.
+pub(crate) fn check_schema_version(applied: Option<i64>, d: Dialect) -> Result<(), LedgerError> {
+    let known = migrations(d).iter().map(|(v, _)| *v).max().unwrap_or(0);
+    match applied {
+        Some(v) if v > known => Err(LedgerError::Other(format!(
+            "the ledger's schema is at version {v}, newer than this poe-gateway knows ({known}): run a newer poe-gateway"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
     let (id, int, big, boolean, real) = match d {
         Dialect::Sqlite => (
