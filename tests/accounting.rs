@@ -769,3 +769,30 @@ async fn a_client_gone_before_poes_head_still_gets_its_row() {
         }
     }
 }
+
+#[tokio::test]
+async fn made_up_model_names_do_not_grow_the_metrics() {
+    // Poe answers 404 to names it does not know; each such name as a label would be a new
+    // series for good. They are counted as `other`; a real bot keeps its name.
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::json(404, poe_error(404, "not_found_error")));
+    let (gw, _core) = TestGateway::with_ledger(&up, ALIASES, &[], &databases().await[0]).await;
+    for i in 0..5 {
+        let body = chat_body(&format!("made-up-{i}"), false);
+        let _ = body_bytes(post(&gw, &body, &[]).await).await;
+    }
+    let _ = body_bytes(post(&gw, &chat_body("gpt", false), &[]).await).await;
+    let text = String::from_utf8(body_bytes(get(&gw, "/metrics").await).await.to_vec()).unwrap();
+    assert!(!text.contains("made-up-"), "{text}");
+    let requests = |bot: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("poe_gateway_requests_total{")
+                    && l.contains(&format!("bot=\"{bot}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
+    assert_eq!(requests("other"), 5.0, "{text}");
+    assert_eq!(requests("gpt-5"), 1.0, "{text}");
+}

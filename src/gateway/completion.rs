@@ -33,10 +33,17 @@ pub struct RequestInfo {
     pub span: tracing::Span,
     /// Set only when `log.bodies = true`: the request as the client sent it.
     pub request_body: Option<bytes::Bytes>,
+    /// The bot is not one the gateway knows of (no alias names it, the catalogue does not
+    /// list it) and Poe did not answer it: its metrics go under `other`, so that names a client
+    /// makes up cannot grow the metric series without bound. The row keeps the name.
+    pub unlisted: bool,
     /// Bytes of the request's text ([`super::ChatRequest::text_bytes`]): the prompt estimate
     /// when Poe's usage is missing.
     pub request_text_bytes: u64,
 }
+
+/// The metric label for bots the gateway does not know of ([`RequestInfo::unlisted`]).
+pub const UNLISTED: &str = "other";
 
 pub struct Completion {
     info: RequestInfo,
@@ -73,7 +80,9 @@ impl Completion {
         if self.info.stream {
             m.streams_in_flight.dec();
         }
+        let unlisted = self.info.unlisted;
         let row = usage_row(&mut self.info, observed, &outcome);
+        let bot = if unlisted { UNLISTED } else { row.bot.as_str() };
         // The code's digits from http's table, so no allocation per request.
         let code = http::StatusCode::from_u16(row.status);
         let status = match &code {
@@ -81,20 +90,16 @@ impl Completion {
             Err(_) => std::borrow::Cow::Owned(row.status.to_string()),
         };
         m.requests
-            .with_label_values(&[
-                row.bot.as_str(),
-                &status,
-                row.key_id.as_deref().unwrap_or(""),
-            ])
+            .with_label_values(&[bot, &status, row.key_id.as_deref().unwrap_or("")])
             .inc();
         if let Some(t) = row.prompt_tokens {
             m.prompt_tokens
-                .with_label_values(&[row.bot.as_str()])
+                .with_label_values(&[bot])
                 .inc_by(t.max(0) as u64);
         }
         if let Some(t) = row.completion_tokens {
             m.completion_tokens
-                .with_label_values(&[row.bot.as_str()])
+                .with_label_values(&[bot])
                 .inc_by(t.max(0) as u64);
         }
         let s = usize::from(row.stream);

@@ -436,12 +436,33 @@ impl Gateway {
         let m = &self.inner.acct.metrics;
         m.requests
             .with_label_values(&[
-                row.bot.as_str(),
+                self.metric_bot(&row.bot),
                 &row.status.to_string(),
                 row.key_id.as_deref().unwrap_or(""),
             ])
             .inc();
         self.inner.acct.ledger.record(row);
+    }
+
+    /// Whether `bot` is a name the gateway knows of: an alias, a bot an alias names, or a
+    /// bot in the last catalogue fetched. Asked only where Poe did not answer the name.
+    fn known_bot(&self, bot: &str) -> bool {
+        let inner = &*self.inner;
+        inner.aliases.iter().any(|(name, bots)| {
+            name.eq_ignore_ascii_case(bot) || bots.iter().any(|b| b.eq_ignore_ascii_case(bot))
+        }) || inner
+            .models
+            .snapshot()
+            .is_some_and(|c| c.entry(bot).is_some())
+    }
+
+    /// The `bot` label of a request Poe did not answer (see [`RequestInfo::unlisted`]).
+    fn metric_bot<'a>(&self, bot: &'a str) -> &'a str {
+        if self.known_bot(bot) {
+            bot
+        } else {
+            completion::UNLISTED
+        }
     }
 
     /// The model catalogue with aliases, from cache or upstream.
@@ -893,7 +914,7 @@ impl Gateway {
                 (err.status(), h, err.to_json())
             }
         };
-        let info = self.request_info(
+        let mut info = self.request_info(
             caller,
             req,
             route,
@@ -903,6 +924,7 @@ impl Gateway {
             started,
             false,
         );
+        info.unlisted = !self.known_bot(bot);
         let observed = Observed {
             bytes: body.len() as u64,
             ..Observed::default()
@@ -985,6 +1007,7 @@ impl Gateway {
             span: tracing::Span::current(),
             request_body: self.logged_body(req),
             request_text_bytes: req.text_bytes(),
+            unlisted: false,
         }
     }
 
@@ -1143,7 +1166,7 @@ impl Drop for Unanswered<'_> {
         acct.metrics
             .requests
             .with_label_values(&[
-                row.bot.as_str(),
+                self.gateway.metric_bot(&row.bot),
                 &row.status.to_string(),
                 row.key_id.as_deref().unwrap_or(""),
             ])

@@ -290,7 +290,9 @@ fn migrate(c: &Connection) -> Result<(), LedgerError> {
         "CREATE TABLE IF NOT EXISTS poe_gateway_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL)",
     )?;
     let applied: Option<i64> =
-        c.query_row("SELECT MAX(version) FROM poe_gateway_migrations", [], |r| r.get(0))?;
+        c.query_row("SELECT MAX(version) FROM poe_gateway_migrations", [], |r| {
+            r.get(0)
+        })?;
     store::check_schema_version(applied, Dialect::Sqlite)?;
     for (version, sql) in store::migrations(Dialect::Sqlite) {
         // The check and the change in one write transaction, taken up front: two processes
