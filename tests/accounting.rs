@@ -796,3 +796,38 @@ async fn made_up_model_names_do_not_grow_the_metrics() {
     assert_eq!(requests("other"), 5.0, "{text}");
     assert_eq!(requests("gpt-5"), 1.0, "{text}");
 }
+
+#[tokio::test]
+async fn a_key_with_a_budget_reaches_only_priced_bots() {
+    // An unpriced row costs nothing against a budget, so an unpriced bot would be spending
+    // without a limit.
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("mystery-bot", "ok"));
+    let policy = "[auth]\nmode = \"keys\"\n[aliases]\n[pricing.priced-bot]\nprompt = 0.001\n";
+    let (gw, _core) = TestGateway::with_ledger(&up, policy, &[], &databases().await[0]).await;
+    // The catalogue is read (a listing does), so what it lacks is known to be unpriced.
+    assert_eq!(get(&gw, "/v1/models").await.status(), 200);
+    let (_, budgeted) = create_key(&gw, r#"{"name":"b","budget_usd":5}"#).await;
+    let (_, unlimited) = create_key(&gw, r#"{"name":"u"}"#).await;
+    let ask = |key: &str, model: &str| {
+        let auth = format!("Bearer {key}");
+        let body = chat_body(model, false);
+        let gw = &gw;
+        async move { post(gw, &body, &[("authorization", &auth)]).await }
+    };
+    let e = expect_error(ask(&budgeted, "mystery-bot").await, 403, "permission_error").await;
+    assert!(
+        e["message"].as_str().unwrap().contains("no known price"),
+        "{e}"
+    );
+    // Priced by the catalogue, or by [pricing]: allowed.
+    for model in ["claude-sonnet-4.5", "priced-bot"] {
+        let resp = ask(&budgeted, model).await;
+        assert_eq!(resp.status(), 200, "{model}");
+        let _ = body_bytes(resp).await;
+    }
+    // No budget, nothing to protect.
+    let resp = ask(&unlimited, "mystery-bot").await;
+    assert_eq!(resp.status(), 200);
+    let _ = body_bytes(resp).await;
+}

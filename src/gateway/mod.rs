@@ -167,6 +167,8 @@ struct Inner {
     limits: UpstreamLimits,
     budget: RetryBudget,
     keys: Arc<KeyRing>,
+    /// Prices, also read here: a key with a budget may only reach bots with a known price.
+    accountant: Arc<Accountant>,
     acct: Arc<Accounting>,
     cache: Arc<ResponseCache>,
     /// Poe's point balance for the server key, last read (`i64::MIN`: not read yet).
@@ -269,7 +271,8 @@ impl Gateway {
             metrics: metrics.clone(),
             last_fetch: std::sync::Mutex::new(None),
         };
-        let ledger = Ledger::start(store, Some(Arc::new(accountant)));
+        let accountant = Arc::new(accountant);
+        let ledger = Ledger::start(store, Some(accountant.clone()));
         Ok(Gateway {
             inner: Arc::new(Inner {
                 limits: UpstreamLimits::with_shared(
@@ -293,6 +296,7 @@ impl Gateway {
                 aliases,
                 models,
                 keys,
+                accountant,
                 upstream,
                 server_key,
                 admin_key,
@@ -444,6 +448,30 @@ impl Gateway {
         self.inner.acct.ledger.record(row);
     }
 
+    /// A key with a budget may only reach bots with a known price (Poe's catalogue or
+    /// `[pricing]`): an unpriced row costs nothing against the budget, so one unpriced bot
+    /// would be spending without a limit. Before any catalogue has been read, requests go
+    /// through (an outage of the catalogue must not stop every budgeted key).
+    fn check_priced(
+        &self,
+        rec: &crate::ledger::KeyRecord,
+        bots: &[String],
+    ) -> Result<(), GatewayError> {
+        if rec.budget_usd.is_none() || self.inner.models.snapshot().is_none() {
+            return Ok(());
+        }
+        match bots
+            .iter()
+            .find(|b| self.inner.accountant.price(b).is_none())
+        {
+            None => Ok(()),
+            Some(bot) => Err(GatewayError::Forbidden(format!(
+                "this key has a budget, and `{bot}` has no known price, so its cost could not be counted against it; \
+                 an admin can price it with a [pricing.\"{bot}\"] table"
+            ))),
+        }
+    }
+
     /// Whether `bot` is a name the gateway knows of: an alias, a bot an alias names, or a
     /// bot in the last catalogue fetched. Asked only where Poe did not answer the name.
     fn known_bot(&self, bot: &str) -> bool {
@@ -547,6 +575,7 @@ impl Gateway {
         if let Some(rec) = &caller.key {
             let checked = async {
                 inner.keys.check_model(rec, req.model(), bots)?;
+                self.check_priced(rec, bots)?;
                 inner.keys.check_rpm(rec).await?;
                 inner.keys.check_budget(rec).await
             }
