@@ -258,15 +258,7 @@ async fn broken_and_cancelled_streams_are_recorded_with_estimates() {
         // Both rows: outcome and estimated completion tokens (text bytes / 4, rounded up).
         core.flush().await;
         let store = core.ledger().store();
-        let all = store
-            .report(&ReportQuery {
-                since_ms: 0,
-                until_ms: i64::MAX,
-                key_id: None,
-                group_by: None,
-            })
-            .await
-            .unwrap();
+        let all = store.report(&everything()).await.unwrap();
         assert_eq!(all.totals.requests, 2, "{db}");
         assert_eq!(
             all.totals.errors, 2,
@@ -678,16 +670,25 @@ async fn rows_wait_out_a_failing_database_instead_of_being_lost() {
     core.flush().await;
     side.execute_batch("ALTER TABLE usage_away RENAME TO usage")
         .unwrap();
+    let r = report_once(&core, 3, "the held rows never reached the ledger").await;
+    assert_eq!(r.totals.requests, 3);
+}
+
+/// The report once it counts `rows` requests, polled for up to a minute: rows that wait on
+/// something outside the test's control (a writer's retry, a hang-up noticed).
+async fn report_once(
+    core: &poe_gateway::Gateway,
+    rows: i64,
+    what: &str,
+) -> poe_gateway::ledger::Report {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        if report(&core, None).await.totals.requests == 3 {
-            break;
+        let r = report(core, None).await;
+        if r.totals.requests == rows {
+            return r;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the held rows never reached the ledger"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -709,16 +710,7 @@ async fn a_row_the_database_refuses_does_not_sink_its_batch() {
             });
         }
         ledger.flush().await;
-        let r = ledger
-            .store()
-            .report(&ReportQuery {
-                since_ms: 0,
-                until_ms: i64::MAX,
-                key_id: None,
-                group_by: None,
-            })
-            .await
-            .unwrap();
+        let r = ledger.store().report(&everything()).await.unwrap();
         let want = if db.starts_with("postgres") { 2 } else { 3 };
         assert_eq!(r.totals.requests, want, "{db}");
     }
@@ -749,24 +741,14 @@ async fn a_client_gone_before_poes_head_still_gets_its_row() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         drop(sock);
-        loop {
-            let r = report(&core, None).await;
-            if r.totals.requests == 1 {
-                // The request's strings are 41 bytes: ceil(41/4) prompt tokens, estimated.
-                assert_eq!(r.totals.prompt_tokens, 11, "{db}");
-                assert!(
-                    (r.totals.cost_usd - 0.011).abs() < 1e-9,
-                    "{db}: {}",
-                    r.totals.cost_usd
-                );
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{db}: no row for the cancelled request"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let r = report_once(&core, 1, "no row for the cancelled request").await;
+        // The request's strings are 41 bytes: ceil(41/4) prompt tokens, estimated.
+        assert_eq!(r.totals.prompt_tokens, 11, "{db}");
+        assert!(
+            (r.totals.cost_usd - 0.011).abs() < 1e-9,
+            "{db}: {}",
+            r.totals.cost_usd
+        );
     }
 }
 

@@ -7,7 +7,6 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use poe_gateway::ledger::ReportQuery;
 use support::*;
 
 fn det_body(model: &str, stream: bool) -> String {
@@ -346,17 +345,7 @@ async fn hits_are_accounted_as_savings_and_purge_works() {
     assert_eq!(call(&gw, &det_body("claude", false), &[]).await.0, "MISS");
     assert_eq!(call(&gw, &det_body("claude", false), &[]).await.0, "HIT");
     core.flush().await;
-    let r = core
-        .ledger()
-        .store()
-        .report(&ReportQuery {
-            since_ms: 0,
-            until_ms: i64::MAX,
-            key_id: None,
-            group_by: None,
-        })
-        .await
-        .unwrap();
+    let r = core.ledger().store().report(&everything()).await.unwrap();
     let price = 7.0 * 0.000003 + 3.0 * 0.000015;
     assert_eq!(r.totals.requests, 2);
     assert_eq!(r.totals.cache_hits, 1);

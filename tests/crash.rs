@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use poe_gateway::ledger::{ReportQuery, Store};
+use poe_gateway::ledger::Store;
 use support::*;
 
 #[tokio::test]
@@ -29,15 +29,7 @@ async fn kill_9_loses_nothing_older_than_a_second() {
         assert!(!status.success());
 
         let store = Store::open(&db).await.unwrap();
-        let r = store
-            .report(&ReportQuery {
-                since_ms: 0,
-                until_ms: i64::MAX,
-                key_id: None,
-                group_by: None,
-            })
-            .await
-            .unwrap();
+        let r = store.report(&everything()).await.unwrap();
         assert_eq!(r.totals.requests, N as i64, "{db}");
         assert_eq!(r.totals.prompt_tokens, 7 * N as i64, "{db}");
     }

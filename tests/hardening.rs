@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use poe_gateway::ledger::ReportQuery;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -93,12 +92,7 @@ async fn totals(core: &poe_gateway::Gateway) -> poe_gateway::ledger::Totals {
     core.flush().await;
     core.ledger()
         .store()
-        .report(&ReportQuery {
-            since_ms: 0,
-            until_ms: i64::MAX,
-            key_id: None,
-            group_by: None,
-        })
+        .report(&everything())
         .await
         .unwrap()
         .totals

@@ -825,3 +825,13 @@ pub async fn otlp_receiver() -> (SocketAddr, Exported) {
     });
     (addr, got)
 }
+
+/// A report over every row, whoever's and whenever.
+pub fn everything() -> poe_gateway::ledger::ReportQuery {
+    poe_gateway::ledger::ReportQuery {
+        since_ms: 0,
+        until_ms: i64::MAX,
+        key_id: None,
+        group_by: None,
+    }
+}
