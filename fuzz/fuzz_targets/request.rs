@@ -161,7 +161,9 @@ fuzz_target!(|data: &[u8]| {
     for bot in [
         model.as_str(),
         "Claude-Sonnet-4.5",
-        "we\"ird\\bot \u{e9}\u{2028}\u{1f600}\n",
+        // Every kind of character JSON escapes or may escape, but no control character:
+        // the gateway refuses a model name with one (a NUL broke the ledger's batch).
+        "we\"ird\\bot \u{e9}\u{2028}\u{1f600}/",
     ] {
         check_upstream(&req, bot);
     }
