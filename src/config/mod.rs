@@ -717,6 +717,20 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
         if target.bots().iter().any(|b| b.trim().is_empty()) {
             return Err((key, "bot names must not be empty".into()));
         }
+        // The names a request may use, by the same rule (a client's `model` with a control
+        // character is refused; a bot name with one would reach the ledger and the logs).
+        let max = crate::gateway::request::MAX_MODEL_LEN;
+        if std::iter::once(alias)
+            .chain(target.bots())
+            .any(|n| n.len() > max || n.chars().any(char::is_control))
+        {
+            return Err((
+                key,
+                format!(
+                    "alias and bot names must be at most {max} bytes, without control characters"
+                ),
+            ));
+        }
     }
     match (p.auth.mode, p.server.listen.ip().is_loopback()) {
         (None | Some(AuthMode::Open), false) if !p.auth.allow_open_on_network => Err((
@@ -898,6 +912,19 @@ mod tests {
             Some("POE_GATEWAY_RETRY__MAX_ATTEMPTS"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn alias_and_bot_names_are_printable() {
+        for text in [
+            "[aliases]\n\"a\\nb\" = \"gpt-5\"\n",
+            "[aliases]\nok = \"gpt\\u0000\"\n",
+            "[aliases]\nok = [\"gpt-5\", \"x\\ty\"]\n",
+        ] {
+            let e = parse("p.toml", text, env(&[])).unwrap_err();
+            assert!(e.key.starts_with("aliases."), "{text}: {e}");
+            assert!(e.reason.contains("control characters"), "{text}: {e}");
+        }
     }
 
     #[test]

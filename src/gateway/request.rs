@@ -35,7 +35,7 @@ pub struct ChatRequest {
 }
 
 /// Longest `model` accepted. Poe's bot names are a few dozen characters.
-const MAX_MODEL_LEN: usize = 256;
+pub(crate) const MAX_MODEL_LEN: usize = 256;
 
 impl ChatRequest {
     /// Parses and checks a chat completion body. Errors are 400s that name the field.
