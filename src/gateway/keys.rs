@@ -66,12 +66,12 @@ pub struct NewKey {
     pub models: Option<Vec<String>>,
 }
 
-/// A count given as any JSON number with no fractional part: `82` or `82.0`. JSON Schema
-/// (and so the OpenAPI document) calls both integers, and some clients write every number
-/// as a float.
 /// The largest per-key `rpm`.
 const MAX_RPM: u32 = 1_000_000;
 
+/// A count given as any JSON number with no fractional part: `82` or `82.0`. JSON Schema
+/// (and so the OpenAPI document) calls both integers, and some clients write every number
+/// as a float.
 fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     use serde::de::Error;
     let Some(n) = <Option<serde_json::Number> as serde::Deserialize>::deserialize(d)? else {

@@ -22,7 +22,6 @@ impl Dialect {
     }
 }
 
-/// Versioned migrations, applied in order at start; each runs once.
 /// Refuses a ledger whose schema is newer than this binary's migrations: an older gateway
 /// would write rows a newer one's columns or indexes do not expect.
 pub(crate) fn check_schema_version(applied: Option<i64>, d: Dialect) -> Result<(), LedgerError> {
@@ -35,6 +34,7 @@ pub(crate) fn check_schema_version(applied: Option<i64>, d: Dialect) -> Result<(
     }
 }
 
+/// Versioned migrations, applied in order at start; each runs once.
 pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
     let (id, int, big, boolean, real) = match d {
         Dialect::Sqlite => (
