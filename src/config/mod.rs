@@ -717,12 +717,11 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
         if target.bots().iter().any(|b| b.trim().is_empty()) {
             return Err((key, "bot names must not be empty".into()));
         }
-        // The names a request may use, by the same rule (a client's `model` with a control
-        // character is refused; a bot name with one would reach the ledger and the logs).
+        // The names a request may use, by the same rule as a client's `model`.
         let max = crate::gateway::request::MAX_MODEL_LEN;
-        if std::iter::once(alias)
+        if !std::iter::once(alias)
             .chain(target.bots())
-            .any(|n| n.len() > max || n.chars().any(char::is_control))
+            .all(|n| crate::gateway::request::is_bot_name(n))
         {
             return Err((
                 key,

@@ -37,6 +37,14 @@ pub struct ChatRequest {
 /// Longest `model` accepted. Poe's bot names are a few dozen characters.
 pub(crate) const MAX_MODEL_LEN: usize = 256;
 
+/// Whether `name` may be a model or bot name: short and printable. The name goes into the
+/// ledger, logs and metrics: a NUL is refused by Postgres (the whole batch of rows with it),
+/// and a control character would forge log lines. Requests and the policy's aliases both
+/// follow it.
+pub(crate) fn is_bot_name(name: &str) -> bool {
+    name.len() <= MAX_MODEL_LEN && !name.chars().any(char::is_control)
+}
+
 impl ChatRequest {
     /// Parses and checks a chat completion body. Errors are 400s that name the field.
     pub fn parse(body: Bytes) -> Result<ChatRequest, GatewayError> {
@@ -66,10 +74,7 @@ impl ChatRequest {
                 "`model` must not be empty",
             ));
         }
-        // A bot name is a short, printable name. The name goes into the ledger, logs and
-        // metrics: a NUL is refused by Postgres (the whole batch of rows with it), and a
-        // control character would forge log lines.
-        if model.len() > MAX_MODEL_LEN || model.chars().any(char::is_control) {
+        if !is_bot_name(&model) {
             return Err(GatewayError::bad_param(
                 "model",
                 format!(
