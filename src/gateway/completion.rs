@@ -42,6 +42,12 @@ pub struct RequestInfo {
     pub request_text_bytes: u64,
 }
 
+/// Tokens in `bytes` of text, estimated (a token per 4 bytes, rounded up) where Poe gave no
+/// usage.
+pub fn estimated_tokens(bytes: u64) -> i64 {
+    bytes.div_ceil(4) as i64
+}
+
 /// The metric label for bots the gateway does not know of ([`RequestInfo::unlisted`]).
 pub const UNLISTED: &str = "other";
 
@@ -195,8 +201,8 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
             false,
         ),
         None if !i.cache_hit && (200..300).contains(&i.status) => {
-            let prompt = i.request_text_bytes.div_ceil(4) as i64;
-            let completion = o.text_bytes.div_ceil(4) as i64;
+            let prompt = estimated_tokens(i.request_text_bytes);
+            let completion = estimated_tokens(o.text_bytes);
             (
                 Some(prompt),
                 Some(completion),

@@ -437,15 +437,22 @@ impl Gateway {
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             ..UsageRow::default()
         };
-        let m = &self.inner.acct.metrics;
-        m.requests
+        self.record_unreplied(row);
+    }
+
+    /// Counts and queues the row of a request that has no reply to do it (refused, or
+    /// dropped before Poe's head): the rows of replies are written by their [`Completion`].
+    fn record_unreplied(&self, row: UsageRow) {
+        let acct = &self.inner.acct;
+        acct.metrics
+            .requests
             .with_label_values(&[
                 self.metric_bot(&row.bot),
                 &row.status.to_string(),
                 row.key_id.as_deref().unwrap_or(""),
             ])
             .inc();
-        self.inner.acct.ledger.record(row);
+        acct.ledger.record(row);
     }
 
     /// A key with a budget may only reach bots with a known price (Poe's catalogue or
@@ -1171,7 +1178,8 @@ impl Drop for Unanswered<'_> {
             return;
         }
         // Called at least once: the prompt is estimated as in any row without Poe's usage.
-        let prompt = (self.attempts > 0).then(|| self.req.text_bytes().div_ceil(4) as i64);
+        let prompt =
+            (self.attempts > 0).then(|| completion::estimated_tokens(self.req.text_bytes()));
         let row = UsageRow {
             ts_ms: now_ms(),
             request_id: self.caller.request_id.to_string(),
@@ -1191,16 +1199,7 @@ impl Drop for Unanswered<'_> {
             latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             ..UsageRow::default()
         };
-        let acct = &self.gateway.inner.acct;
-        acct.metrics
-            .requests
-            .with_label_values(&[
-                self.gateway.metric_bot(&row.bot),
-                &row.status.to_string(),
-                row.key_id.as_deref().unwrap_or(""),
-            ])
-            .inc();
-        acct.ledger.record(row);
+        self.gateway.record_unreplied(row);
     }
 }
 
