@@ -49,6 +49,12 @@ pub struct McpHttp {
 /// rmcp's session header.
 const SESSION_ID: &str = "mcp-session-id";
 
+/// A session id as the owners map keys it, the same whether read from a request or from
+/// rmcp's answer.
+fn session_id(v: &HeaderValue) -> Arc<str> {
+    Arc::from(String::from_utf8_lossy(v.as_bytes()))
+}
+
 /// Sessions remembered at most, and for how long after their last request. rmcp ends an idle
 /// session after 5 minutes; a client's open `GET /mcp` stream can keep one longer.
 const MAX_SESSIONS: u64 = 100_000;
@@ -101,10 +107,7 @@ impl McpHttp {
             Err(e) => return error(&e),
         };
         let scope = Scope::of(&caller);
-        let session = parts
-            .headers
-            .get(SESSION_ID)
-            .map(|v| Arc::<str>::from(String::from_utf8_lossy(v.as_bytes())));
+        let session = parts.headers.get(SESSION_ID).map(session_id);
         if let Some(id) = &session
             && self.owners.get(id) != Some(scope)
         {
@@ -122,8 +125,7 @@ impl McpHttp {
         match &session {
             None => {
                 if let Some(id) = resp.headers().get(SESSION_ID) {
-                    let id = Arc::<str>::from(String::from_utf8_lossy(id.as_bytes()));
-                    self.owners.insert(id, scope);
+                    self.owners.insert(session_id(id), scope);
                 }
             }
             Some(id) if ending && resp.status().is_success() => self.owners.invalidate(id),
