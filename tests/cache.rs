@@ -175,6 +175,43 @@ async fn concurrent_identical_requests_make_one_call() {
     assert_eq!(up.chat_calls(), 1);
 }
 
+/// When the request making a coalesced call is cancelled (its client hangs up), the requests
+/// waiting on it do not all go to Poe at once: one of them takes the call over for the rest.
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_leader_hands_the_call_to_one_follower() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "once more").head_delay(Duration::from_secs(5)));
+    let gw = std::sync::Arc::new(TestGateway::default(&up).await);
+    let body = det_body("gpt", false);
+    let leader = {
+        let (gw, body) = (gw.clone(), body.clone());
+        tokio::spawn(async move { post(&gw, &body, &[]).await })
+    };
+    while up.chat_calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let followers: Vec<_> = (0..4)
+        .map(|_| {
+            let (gw, body) = (gw.clone(), body.clone());
+            tokio::spawn(async move { call(&gw, &body, &[]).await })
+        })
+        .collect();
+    // They reach the gateway and wait on the leader's call.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(up.chat_calls(), 1, "the followers wait, they do not call");
+    leader.abort();
+    let mut answers = Vec::new();
+    for f in followers {
+        answers.push(f.await.expect("a follower's answer"));
+    }
+    assert!(answers.iter().all(|(_, b)| b == &answers[0].1));
+    assert_eq!(
+        up.chat_calls(),
+        2,
+        "one call for the cancelled leader and one taken over for all four followers"
+    );
+}
+
 /// A cacheable non-stream miss that nobody else waits for is passed on as it arrives, not read
 /// whole first: the client has the head and the first bytes while upstream is still sending,
 /// and the answer is stored once it is complete.

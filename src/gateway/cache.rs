@@ -186,7 +186,27 @@ pub struct Shared {
     pub usage: Option<Usage>,
 }
 
-type Waiters = watch::Receiver<Option<Arc<Shared>>>;
+/// What a coalesced call's followers see of it: nothing yet, its answer, or that it failed.
+/// A sender dropped while `Pending` means the leader was cancelled (its client went away).
+#[derive(Clone)]
+pub enum Progress {
+    Pending,
+    Answered(Arc<Shared>),
+    Failed,
+}
+
+type Waiters = watch::Receiver<Progress>;
+
+/// How the leader a follower waited for ended.
+pub enum Waited {
+    Answered(Arc<Shared>),
+    /// The leader's call failed before Poe answered (its own error, not Poe's answer): the
+    /// follower makes its own call.
+    Failed,
+    /// The leader was cancelled before its answer: the followers coalesce again, so one of
+    /// them makes the call for the rest instead of each calling Poe at once.
+    Cancelled,
+}
 
 pub enum Coalesced {
     /// This request makes the call; publish its answer through the guard.
@@ -326,7 +346,7 @@ impl ResponseCache {
         {
             return Coalesced::Follower(rx.clone());
         }
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = watch::channel(Progress::Pending);
         map.insert(key, rx);
         Coalesced::Leader(LeaderGuard {
             key,
@@ -436,11 +456,11 @@ impl ResponseCache {
     }
 }
 
-/// Publishes the leader's answer to its followers; dropping it unanswered releases them to
-/// make their own calls.
+/// Publishes the leader's answer to its followers, or its failure ([`LeaderGuard::fail`]).
+/// Dropped with neither (the leader was cancelled), its followers elect a new leader.
 pub struct LeaderGuard {
     key: CacheKey,
-    tx: Option<watch::Sender<Option<Arc<Shared>>>>,
+    tx: Option<watch::Sender<Progress>>,
     map: Arc<Mutex<HashMap<CacheKey, Waiters, KeyHash>>>,
 }
 
@@ -452,7 +472,14 @@ impl LeaderGuard {
 
     pub fn publish(mut self, shared: Arc<Shared>) {
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Some(shared));
+            let _ = tx.send(Progress::Answered(shared));
+        }
+    }
+
+    /// The call failed without an answer to share: each follower makes its own.
+    pub fn fail(mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Progress::Failed);
         }
     }
 }
@@ -463,14 +490,21 @@ impl Drop for LeaderGuard {
     }
 }
 
-/// Waits for a leader's answer; `None` if the leader went away without one.
-pub async fn wait_for_leader(mut rx: Waiters) -> Option<Arc<Shared>> {
+/// Waits for the leader to answer, fail, or go away.
+pub async fn wait_for_leader(mut rx: Waiters) -> Waited {
     loop {
-        if let Some(s) = rx.borrow_and_update().clone() {
-            return Some(s);
+        match rx.borrow_and_update().clone() {
+            Progress::Answered(s) => return Waited::Answered(s),
+            Progress::Failed => return Waited::Failed,
+            Progress::Pending => {}
         }
         if rx.changed().await.is_err() {
-            return rx.borrow().clone();
+            // Sent just before the sender went: still read it.
+            return match rx.borrow().clone() {
+                Progress::Answered(s) => Waited::Answered(s),
+                Progress::Failed => Waited::Failed,
+                Progress::Pending => Waited::Cancelled,
+            };
         }
     }
 }

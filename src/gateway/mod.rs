@@ -39,7 +39,7 @@ use crate::shared_state::SharedState;
 use crate::upstream::{self, Secret, Upstream, UpstreamError};
 use accounting::Accountant;
 use alias::{Aliases, Route};
-use cache::{CacheStatus, Coalesced, ResponseCache, Shared};
+use cache::{CacheStatus, Coalesced, ResponseCache, Shared, Waited};
 use completion::{Accounting, Completion, RequestInfo};
 use keys::KeyRing;
 use limits::{TokioClock, UpstreamLimits};
@@ -620,56 +620,71 @@ impl Gateway {
                 .fetch(caller, &req, route, bots, started, Some(&plan))
                 .await;
         }
-        match cache.coalesce(plan.key) {
-            Coalesced::Follower(waiting) => match cache::wait_for_leader(waiting).await {
-                Some(shared) => Ok(self.shared_reply(caller, &req, route, shared, started)),
-                // The leader went away without an answer: make our own call.
-                None => {
-                    self.fetch(caller, &req, route, bots, started, Some(&plan))
-                        .await
+        loop {
+            let guard = match cache.coalesce(plan.key) {
+                Coalesced::Leader(guard) => guard,
+                Coalesced::Follower(waiting) => match cache::wait_for_leader(waiting).await {
+                    Waited::Answered(shared) => {
+                        return Ok(self.shared_reply(caller, &req, route, shared, started));
+                    }
+                    // The leader's call failed on the gateway's side: make our own.
+                    Waited::Failed => {
+                        return self
+                            .fetch(caller, &req, route, bots, started, Some(&plan))
+                            .await;
+                    }
+                    // Its client went away: one of those still waiting takes over.
+                    Waited::Cancelled => continue,
+                },
+            };
+            let reply = match self
+                .fetch(caller, &req, route, bots, started, Some(&plan))
+                .await
+            {
+                Ok(reply) => reply,
+                Err(e) => {
+                    guard.fail();
+                    return Err(e);
                 }
-            },
-            Coalesced::Leader(guard) => {
-                let reply = self
-                    .fetch(caller, &req, route, bots, started, Some(&plan))
-                    .await?;
-                // Usually nobody waits on this answer (the window is the upstream's time to
-                // its head, which is where a non-stream answer spends its seconds): then it
-                // streams through the tap like any other, never buffered here. One that joins
-                // after this check makes its own call, or hits the answer once it is stored.
-                if !guard.has_followers() {
-                    return Ok(reply);
-                }
-                // Others wait: read the answer whole so they can share it.
-                let Reply {
-                    status,
-                    headers,
-                    body,
-                    bot,
-                    attempts,
-                    cache: cache_status,
-                } = reply;
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| GatewayError::UpstreamUnreachable(e.to_string()))?
-                    .to_bytes();
-                guard.publish(Arc::new(Shared {
-                    status,
-                    headers: headers.clone(),
-                    body: bytes.clone(),
-                    bot: bot.clone(),
-                    usage: tap::json_usage(&bytes),
-                }));
-                Ok(Reply {
-                    status,
-                    headers,
-                    body: ReplyBody::Full { data: Some(bytes) },
-                    bot,
-                    attempts,
-                    cache: cache_status,
-                })
+            };
+            // Usually nobody waits on this answer (the window is the upstream's time to
+            // its head, which is where a non-stream answer spends its seconds): then it
+            // streams through the tap like any other, never buffered here. One that joins
+            // after this check makes its own call, or hits the answer once it is stored.
+            if !guard.has_followers() {
+                return Ok(reply);
             }
+            // Others wait: read the answer whole so they can share it.
+            let Reply {
+                status,
+                headers,
+                body,
+                bot,
+                attempts,
+                cache: cache_status,
+            } = reply;
+            let bytes = match body.collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    guard.fail();
+                    return Err(GatewayError::UpstreamUnreachable(e.to_string()));
+                }
+            };
+            guard.publish(Arc::new(Shared {
+                status,
+                headers: headers.clone(),
+                body: bytes.clone(),
+                bot: bot.clone(),
+                usage: tap::json_usage(&bytes),
+            }));
+            return Ok(Reply {
+                status,
+                headers,
+                body: ReplyBody::Full { data: Some(bytes) },
+                bot,
+                attempts,
+                cache: cache_status,
+            });
         }
     }
 
