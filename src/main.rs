@@ -428,9 +428,13 @@ async fn usage_command(
             return ExitCode::from(2);
         }
     };
-    let store = match open_store(&database_url).await {
+    // Read-only: a report never creates a ledger or changes its schema.
+    let store = match Store::open_existing(&database_url).await {
         Ok(s) => s,
-        Err(code) => return code,
+        Err(e) => {
+            eprintln!("poe-gateway: ledger: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let q = ReportQuery {
         since_ms,

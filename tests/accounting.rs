@@ -813,3 +813,50 @@ async fn a_key_with_a_budget_reaches_only_priced_bots() {
     assert_eq!(resp.status(), 200);
     let _ = body_bytes(resp).await;
 }
+
+/// `poe-gateway usage` reads the ledger without changing it: against a database no gateway
+/// has served with it is an error (a mistyped SQLite path used to become a new, empty
+/// ledger and a report of nothing), and against a served ledger it reports what was served.
+#[tokio::test]
+async fn the_usage_command_reads_a_ledger_and_creates_none() {
+    fn usage(db: &str) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+            .args(["usage", "--format", "json"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("POE_GATEWAY_DATABASE_URL", db)
+            .output()
+            .expect("the binary runs")
+    }
+    for db in databases().await {
+        let out = usage(&db);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{db}: {stderr}");
+        assert!(
+            stderr.contains("no ledger file at") || stderr.contains("no poe-gateway ledger"),
+            "{db}: {stderr}"
+        );
+        if let Some(path) = db.strip_prefix("sqlite://") {
+            assert!(!std::path::Path::new(path).exists(), "{path} was created");
+        }
+
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::completion("gpt-5", "counted"));
+        let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+        for _ in 0..3 {
+            let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+            assert_eq!(resp.status(), 200);
+            body_bytes(resp).await;
+        }
+        core.flush().await;
+        let out = usage(&db);
+        assert!(
+            out.status.success(),
+            "{db}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+        assert_eq!(r["totals"]["requests"], 3, "{db}: {r}");
+        assert_eq!(r["totals"]["prompt_tokens"], 21, "{db}: {r}");
+    }
+}

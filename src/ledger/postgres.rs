@@ -32,6 +32,32 @@ impl Postgres {
         })
     }
 
+    /// An existing ledger, read without migrating (see [`super::Store::open_existing`]).
+    pub async fn open_existing(url: &str) -> Result<Postgres, LedgerError> {
+        let client = connect(url).await?;
+        let has_table: bool = client
+            .query_one(
+                "SELECT to_regclass('poe_gateway_migrations') IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        let applied: Option<i64> = if has_table {
+            client
+                .query_one("SELECT MAX(version) FROM poe_gateway_migrations", &[])
+                .await?
+                .get(0)
+        } else {
+            None
+        };
+        store::check_readable(applied, Dialect::Postgres)?;
+        Ok(Postgres {
+            url: url.into(),
+            client: Arc::new(RwLock::new(Arc::new(client))),
+            reconnect: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
     async fn client(&self) -> Result<Arc<Client>, LedgerError> {
         let current = self.client.read().expect("pg client lock").clone();
         if !current.is_closed() {

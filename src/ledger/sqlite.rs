@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::{Arc, LazyLock, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::report::{Group, ReportQuery, Totals};
 use super::store::{self, Dialect, KEY_COLUMNS, USAGE_COLUMNS};
@@ -72,6 +72,41 @@ impl Sqlite {
             Ok(Sqlite {
                 write: Arc::new(Mutex::new(write)),
                 read: Arc::new(Mutex::new(read)),
+            })
+        })
+        .await
+        .map_err(|e| LedgerError::Other(e.to_string()))?
+    }
+
+    /// An existing ledger file, opened read-only (see [`super::Store::open_existing`]).
+    pub async fn open_existing(path: &str) -> Result<Sqlite, LedgerError> {
+        let path = path.to_string();
+        tokio::task::spawn_blocking(move || {
+            if !Path::new(&path).is_file() {
+                return Err(LedgerError::Other(format!("no ledger file at {path}")));
+            }
+            let c = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            c.busy_timeout(std::time::Duration::from_secs(5))?;
+            let has_table: bool = c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'poe_gateway_migrations')",
+                [],
+                |r| r.get(0),
+            )?;
+            let applied: Option<i64> = if has_table {
+                c.query_row("SELECT MAX(version) FROM poe_gateway_migrations", [], |r| {
+                    r.get(0)
+                })?
+            } else {
+                None
+            };
+            store::check_readable(applied, Dialect::Sqlite)?;
+            let c = Arc::new(Mutex::new(c));
+            Ok(Sqlite {
+                write: c.clone(),
+                read: c,
             })
         })
         .await

@@ -34,6 +34,17 @@ pub(crate) fn check_schema_version(applied: Option<i64>, d: Dialect) -> Result<(
     }
 }
 
+/// For a reader that does not migrate (`poe-gateway usage`): the ledger must have a schema,
+/// and not one newer than this binary's. `applied` is `None` with no migrations table.
+pub(crate) fn check_readable(applied: Option<i64>, d: Dialect) -> Result<(), LedgerError> {
+    match applied {
+        None => Err(LedgerError::Other(
+            "this database holds no poe-gateway ledger yet: `poe-gateway serve` creates it".into(),
+        )),
+        v => check_schema_version(v, d),
+    }
+}
+
 /// Versioned migrations, applied in order at start; each runs once.
 pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
     let (id, int, big, boolean, real) = match d {
@@ -149,6 +160,20 @@ impl Store {
         if let Some(path) = url.strip_prefix("sqlite://") {
             return Ok(Store::Sqlite(Sqlite::open(path).await?));
         }
+        Err(LedgerError::BadUrl(redact_url(url)))
+    }
+
+    /// Opens an existing ledger to read it (reports), without creating or migrating
+    /// anything: a mistyped SQLite path is an error rather than a new, empty ledger, and a
+    /// report run from an operator's machine never changes a shared database's schema.
+    pub async fn open_existing(url: &str) -> Result<Store, LedgerError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Store::Postgres(Postgres::open_existing(url).await?));
+        }
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            return Ok(Store::Sqlite(Sqlite::open_existing(path).await?));
+        }
+        // `sqlite::memory:` would be a new, empty ledger: nothing to read.
         Err(LedgerError::BadUrl(redact_url(url)))
     }
 
