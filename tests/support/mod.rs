@@ -670,8 +670,10 @@ pub fn _unused(_: Infallible) {}
 /// database when `POE_GATEWAY_TEST_POSTGRES_URL` names a server (scripts/test.sh starts one).
 /// In CI a missing server is an error, not a skip.
 pub async fn databases() -> Vec<String> {
-    let dir = std::env::temp_dir().join(format!(
-        "poe-gateway-test-{}",
+    // Under the target dir (cargo's scratch space for integration tests), not /tmp: the
+    // files outlive the test, and `cargo clean` is what takes them away.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "ledger-{}",
         uuid::Uuid::new_v4().simple()
     ));
     let mut out = vec![format!("sqlite://{}/ledger.db", dir.display())];
