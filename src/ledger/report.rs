@@ -228,8 +228,15 @@ fn rows(report: &Report) -> Vec<Group> {
     rows
 }
 
+/// One CSV cell. Group names come from clients (a model name is recorded even for a refused
+/// request), so a name that a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, or a
+/// leading tab or carriage return) is prefixed with `'` and quoted: the admin who opens the
+/// export sees the text and runs nothing.
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
+    let formula = s.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if formula {
+        format!("\"'{}\"", s.replace('"', "\"\""))
+    } else if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_string()
