@@ -29,6 +29,9 @@ pub enum GatewayError {
     MethodNotAllowed(String),
     #[error("{0}")]
     Forbidden(String),
+    /// Open mode and a web page the policy does not trust (see `http::browser`).
+    #[error("{0}")]
+    ForeignOrigin(String),
     /// An admin-only route (the admin API, or `/metrics` with `server.metrics_require_admin`)
     /// while no admin key is configured: nothing the client sends can unlock it.
     #[error("{0}")]
@@ -94,7 +97,9 @@ impl GatewayError {
             GatewayError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::Forbidden(_) | GatewayError::AdminDisabled(_) => StatusCode::FORBIDDEN,
+            GatewayError::Forbidden(_)
+            | GatewayError::ForeignOrigin(_)
+            | GatewayError::AdminDisabled(_) => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. } | GatewayError::QuotaExceeded(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -117,7 +122,9 @@ impl GatewayError {
             | GatewayError::NotFound(_)
             | GatewayError::MethodNotAllowed(_) => "invalid_request_error",
             GatewayError::Unauthorized(_) => "authentication_error",
-            GatewayError::Forbidden(_) | GatewayError::AdminDisabled(_) => "permission_error",
+            GatewayError::Forbidden(_)
+            | GatewayError::ForeignOrigin(_)
+            | GatewayError::AdminDisabled(_) => "permission_error",
             GatewayError::QuotaExceeded(_) => "insufficient_quota",
             GatewayError::RateLimited { .. } => "rate_limit_error",
             GatewayError::Overloaded(_)
@@ -136,6 +143,7 @@ impl GatewayError {
             GatewayError::Unauthorized(_) => "invalid_api_key",
             GatewayError::RequestTimeout(_) => "request_timeout",
             GatewayError::Forbidden(_) => "model_not_allowed",
+            GatewayError::ForeignOrigin(_) => "origin_not_allowed",
             GatewayError::AdminDisabled(_) => "admin_disabled",
             GatewayError::QuotaExceeded(_) => "insufficient_quota",
             GatewayError::NotFound(_) => "not_found",
@@ -148,6 +156,16 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::Internal(_) => "internal_error",
         }
+    }
+
+    /// A failure inside the gateway (a database or Redis error). Its detail may name hosts,
+    /// files or SQL, so it goes to the log, inside the request's span; the client gets what
+    /// failed and the request id to quote (sent as `x-request-id`).
+    pub fn internal(what: &str, detail: &dyn std::fmt::Display) -> GatewayError {
+        tracing::error!(error = %detail, "{what} failed");
+        GatewayError::Internal(format!(
+            "{what} failed inside the gateway; its log has the details under this request's x-request-id"
+        ))
     }
 
     pub fn retry_after(&self) -> Option<Duration> {

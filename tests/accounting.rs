@@ -239,7 +239,7 @@ async fn broken_and_cancelled_streams_are_recorded_with_estimates() {
         let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
         let body = chat_body("gpt", true);
         let req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
         sock.write_all(req.as_bytes()).await.unwrap();
@@ -728,7 +728,7 @@ async fn a_client_gone_before_poes_head_still_gets_its_row() {
         let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
         let body = chat_body("gpt-5", false);
         let req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
         sock.write_all(req.as_bytes()).await.unwrap();
@@ -746,6 +746,46 @@ async fn a_client_gone_before_poes_head_still_gets_its_row() {
         assert_eq!(r.totals.prompt_tokens, 11, "{db}");
         assert!(
             (r.totals.cost_usd - 0.011).abs() < 1e-9,
+            "{db}: {}",
+            r.totals.cost_usd
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_gone_while_queued_for_the_limiter_is_not_charged() {
+    // The request waits for the upstream rate limiter and its client hangs up first: Poe was
+    // never called, so not even the per-request price is owed.
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::completion("gpt-5", "ok"));
+        let policy = "[aliases]\n[limits]\nupstream_rpm = 1\nqueue_timeout = \"120s\"\n\
+                      [pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\nrequest = 0.5\n";
+        let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+        let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+
+        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let body = chat_body("gpt-5", false);
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        // Paused time moves on only once the gateway is idle, holding the request in the
+        // limiter's queue (the next slot is a minute away).
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(sock);
+        let r = report_once(&core, 2, "no row for the request cancelled in the queue").await;
+        assert_eq!(up.chat_calls(), 1, "{db}");
+        assert_eq!(
+            r.totals.errors, 1,
+            "{db}: the cancelled request is an error row"
+        );
+        // 7 prompt and 3 completion tokens for the completed call, plus its request price.
+        assert!(
+            (r.totals.cost_usd - (0.007 + 0.006 + 0.5)).abs() < 1e-9,
             "{db}: {}",
             r.totals.cost_usd
         );
@@ -858,5 +898,36 @@ async fn the_usage_command_reads_a_ledger_and_creates_none() {
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
         assert_eq!(r["totals"]["requests"], 3, "{db}: {r}");
         assert_eq!(r["totals"]["prompt_tokens"], 21, "{db}: {r}");
+
+        // Model names come from clients. One that a spreadsheet would run as a formula
+        // reaches the CSV export as inert text.
+        for model in ["=HYPERLINK(\"http://x\",\"y\")", "@SUM(1)", "-1+2"] {
+            let resp = post(&gw, &chat_body(model, false), &[]).await;
+            body_bytes(resp).await;
+        }
+        core.flush().await;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+            .args(["usage", "--format", "csv", "--by", "model"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("POE_GATEWAY_DATABASE_URL", &db)
+            .output()
+            .expect("the binary runs");
+        let csv = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{db}: {csv}");
+        let cells: Vec<&str> = csv
+            .lines()
+            .skip(1)
+            .map(|l| l.rsplitn(10, ',').last().unwrap())
+            .collect();
+        assert!(
+            cells.contains(&"\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\""),
+            "{db}: {csv}"
+        );
+        assert!(cells.contains(&"\"'@SUM(1)\""), "{db}: {csv}");
+        assert!(cells.contains(&"\"'-1+2\""), "{db}: {csv}");
+        for cell in &cells {
+            assert!(!cell.starts_with(['=', '+', '-', '@']), "{db}: {csv}");
+        }
     }
 }

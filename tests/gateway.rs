@@ -392,7 +392,7 @@ async fn client_disconnect_closes_the_upstream_stream() {
     let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let body = chat_body("gpt", true);
     let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
         body.len(),
         body
     );
@@ -513,7 +513,7 @@ async fn connections_past_the_cap_wait_to_be_accepted() {
     let _b = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     // A third connects (the kernel's backlog) but is not served while the others are open.
     let mut c = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    c.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .await
         .unwrap();
     let mut buf = [0u8; 256];

@@ -571,7 +571,7 @@ async fn oversized_bodies_get_413_declared_or_chunked() {
     // before any byte of the body is read, on a raw socket.
     let raw = raw_exchange(
         &gw,
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 99999999999\r\nconnection: close\r\n\r\n{\"model\":",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 99999999999\r\nconnection: close\r\n\r\n{\"model\":",
     )
     .await;
     let (status, headers, body) = parse_head(&raw);
@@ -794,7 +794,7 @@ async fn unsafe_request_ids_are_never_echoed() {
     let body = chat_body("gpt", false);
     let raw = |id_line: &[u8]| {
         let mut r = Vec::new();
-        r.extend_from_slice(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\n");
+        r.extend_from_slice(b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\nconnection: close\r\n");
         r.extend_from_slice(id_line);
         r.extend_from_slice(format!("content-length: {}\r\n\r\n{body}", body.len()).as_bytes());
         r
@@ -1147,7 +1147,7 @@ async fn hostile_paths_and_methods_get_json_errors() {
     // An unknown method token.
     let out = raw_exchange(
         &gw,
-        b"BREW /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"BREW /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
     )
     .await;
     let (status, headers, body) = parse_head(&out);
@@ -1250,4 +1250,135 @@ fn an_environment_variable_that_is_not_utf8_is_no_panic() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Open mode on loopback: a web page the user happens to open must not spend the Poe key
+/// (a cross-site `text/plain` POST needs no CORS preflight) or read answers through a name
+/// rebound to 127.0.0.1. Real clients send no `Origin` and a loopback `Host`.
+#[tokio::test]
+async fn open_mode_refuses_web_pages_and_rebound_names() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "hi"));
+    let gw = TestGateway::start(&up, "", &[]).await;
+    let body = chat_body("gpt-5", false);
+
+    let refused: [&[(&str, &str)]; 4] = [
+        &[("origin", "https://evil.example")],
+        &[("origin", "null")],
+        &[
+            ("content-type", "text/plain"),
+            ("origin", "http://localhost:3000"),
+        ],
+        &[("host", "evil.example:8080")],
+    ];
+    for headers in refused {
+        let resp = request(&gw, "POST", "/v1/chat/completions", headers, &body).await;
+        assert_eq!(resp.status(), 403, "{headers:?}");
+        let e = body_json(resp).await;
+        assert_eq!(e["error"]["code"], "origin_not_allowed", "{headers:?}: {e}");
+        assert_eq!(e["error"]["type"], "permission_error");
+    }
+    let resp = request(&gw, "GET", "/v1/models", &[("host", "rebound.example")], "").await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(up.chat_calls(), 0, "a refused page reached Poe");
+
+    // curl, the SDKs: no Origin, the loopback Host the client derives from the URL.
+    for host in [format!("127.0.0.1:{}", gw.addr.port()), "localhost".into()] {
+        let resp = post(&gw, &body, &[("host", &host)]).await;
+        assert_eq!(resp.status(), 200, "{host}");
+        body_bytes(resp).await;
+    }
+
+    // Origins and names the policy trusts.
+    let gw = TestGateway::start(
+        &up,
+        "[mcp]\nallowed_origins = [\"http://localhost:*\", \"https://app.example.com\"]\n\
+         allowed_hosts = [\"gw.example.com\"]\n",
+        &[],
+    )
+    .await;
+    for headers in [
+        [
+            ("origin", "http://localhost:5173"),
+            ("host", "localhost:8080"),
+        ],
+        [
+            ("origin", "https://app.example.com"),
+            ("host", "gw.example.com"),
+        ],
+    ] {
+        let resp = post(&gw, &body, &headers).await;
+        assert_eq!(resp.status(), 200, "{headers:?}");
+        body_bytes(resp).await;
+    }
+    let resp = post(&gw, &body, &[("origin", "https://app.example.com:8443")]).await;
+    assert_eq!(resp.status(), 403);
+
+    // With gateway keys the key is the guard: a page cannot send one it does not have.
+    let gw = TestGateway::start(&up, "[auth]\nmode = \"passthrough\"\n", &[]).await;
+    let resp = post(
+        &gw,
+        &body,
+        &[
+            ("origin", "https://evil.example"),
+            ("authorization", "Bearer poe-user-key"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+}
+
+/// A database error can name tables, files, hosts or SQL: the client sees what failed and
+/// its request id, and the detail goes to the log.
+#[tokio::test]
+async fn database_failures_reach_clients_without_their_detail() {
+    let db = databases().await.remove(0);
+    let path = db
+        .strip_prefix("sqlite://")
+        .expect("SQLite first")
+        .to_string();
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, _core) = TestGateway::with_ledger(&up, "[auth]\nmode = \"keys\"\n", &[], &db).await;
+    let side = rusqlite::Connection::open(&path).unwrap();
+    side.execute_batch(
+        "ALTER TABLE gateway_keys RENAME TO keys_away; ALTER TABLE usage RENAME TO usage_away",
+    )
+    .unwrap();
+
+    let leaks = |msg: &str| {
+        ["keys_away", "gateway_keys", "no such table", "usage", &path]
+            .iter()
+            .any(|s| msg.contains(s))
+    };
+    let resp = post(
+        &gw,
+        &chat_body("gpt-5", false),
+        &[("authorization", "Bearer pgw_not-a-key-the-database-holds")],
+    )
+    .await;
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let e = expect_error(resp, 500, "server_error").await;
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("key look-up") && msg.contains("x-request-id"),
+        "{msg}"
+    );
+    assert!(!leaks(msg), "{msg}");
+    assert!(!id.is_empty());
+
+    let resp = request(
+        &gw,
+        "GET",
+        "/admin/usage",
+        &[("authorization", &bearer(ADMIN_KEY))],
+        "",
+    )
+    .await;
+    let e = expect_error(resp, 500, "server_error").await;
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("usage report"), "{msg}");
+    assert!(!leaks(msg.trim_start_matches("the usage report")), "{msg}");
+    assert_eq!(up.chat_calls(), 0);
 }

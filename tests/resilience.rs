@@ -102,6 +102,8 @@ async fn persistent_500_makes_exactly_max_attempts_calls() {
     let resp = post(&gw, &chat_body("gpt", false), &[]).await;
     assert_eq!(resp.status(), 500);
     assert_eq!(resp.headers()["x-poe-gateway-attempts"], "3");
+    // The gateway has retried: the SDKs must not retry on top.
+    assert_eq!(resp.headers()["x-should-retry"], "false");
     assert_eq!(
         body_bytes(resp).await,
         Bytes::from(body),
@@ -176,6 +178,7 @@ async fn fallback_chain_moves_on_after_its_own_retries() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-poe-gateway-bot"], "second-bot");
     assert_eq!(resp.headers()["x-poe-gateway-attempts"], "3");
+    assert!(resp.headers().get("x-should-retry").is_none(), "a success");
     let _ = body_bytes(resp).await;
 }
 

@@ -64,8 +64,13 @@ impl Accountant {
 
     fn price_row(&self, row: &mut UsageRow) {
         // Failed calls cost nothing; a cache hit costs nothing but saves its price. A request
-        // cancelled before Poe's head (499) is priced: Poe was called.
-        if (row.status >= 400 && row.outcome != "cancelled") || row.outcome == "rejected" {
+        // cancelled before Poe's head (499) is priced: Poe was called. One cancelled before
+        // any attempt (queued for the limiter) is not: Poe never was.
+        let never_sent = row.attempts == 0 && !row.cache_hit;
+        if (row.status >= 400 && row.outcome != "cancelled")
+            || row.outcome == "rejected"
+            || never_sent
+        {
             row.cost_usd = Some(0.0);
             return;
         }

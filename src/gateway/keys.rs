@@ -159,7 +159,7 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
     store
         .create_key(&rec)
         .await
-        .map_err(|e| GatewayError::Internal(format!("storing the key failed: {e}")))?;
+        .map_err(|e| GatewayError::internal("storing the key", &e))?;
     Ok((rec, key))
 }
 
@@ -211,7 +211,7 @@ impl KeyRing {
                 store.key_by_hash(&h).await.map(|r| r.map(Arc::new))
             })
             .await
-            .map_err(|e| GatewayError::Internal(format!("key look-up failed: {e}")))?;
+            .map_err(|e| GatewayError::internal("the key look-up", &e))?;
         let rec = found.ok_or_else(invalid)?;
         if !bool::from(rec.hash.as_bytes().ct_eq(hash.as_bytes())) {
             return Err(invalid());
@@ -245,9 +245,11 @@ impl KeyRing {
                 Ok(None) => return Ok(()),
                 Ok(Some(wait)) => return Err(over(wait)),
                 Err(e) if self.limits_on_error == FailurePolicy::FailClosed => {
-                    return Err(GatewayError::StateUnavailable(format!(
-                        "per-key rate limits are unavailable ({e}); retry shortly"
-                    )));
+                    tracing::error!(error = %e, "per-key rate limits are unavailable");
+                    return Err(GatewayError::StateUnavailable(
+                        "per-key rate limits are unavailable (shared state is down); retry shortly"
+                            .into(),
+                    ));
                 }
                 // fail_open: this replica's own limiter stands in until Redis is back.
                 Err(_) => {}
@@ -343,10 +345,12 @@ impl KeyRing {
                 Ok(Some(usd))
             }
             Err(e) if self.budgets_on_error == FailurePolicy::FailClosed => {
-                Err(GatewayError::StateUnavailable(format!(
-                    "budgets are unavailable ({e}); redis.budgets_on_error = \"fail_closed\" \
-                     refuses calls from keys with a budget until Redis is back"
-                )))
+                tracing::error!(error = %e, "budgets are unavailable");
+                Err(GatewayError::StateUnavailable(
+                    "budgets are unavailable (shared state is down); redis.budgets_on_error = \
+                     \"fail_closed\" refuses calls from keys with a budget until Redis is back"
+                        .into(),
+                ))
             }
             Err(_) => Ok(None),
         }
@@ -383,7 +387,7 @@ impl KeyRing {
         self.store
             .spent_since(&rec.id, start)
             .await
-            .map_err(|e| GatewayError::Internal(format!("budget look-up failed: {e}")))
+            .map_err(|e| GatewayError::internal("the budget look-up", &e))
     }
 
     /// Adds a batch of finished requests' costs (key id, USD, finish time) to their keys'

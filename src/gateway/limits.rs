@@ -129,9 +129,12 @@ impl UpstreamLimits {
                     tokio::time::sleep(wait + jitter).await;
                 }
                 Err(e) if self.on_error == FailurePolicy::FailClosed => {
-                    return Err(GatewayError::StateUnavailable(format!(
-                        "the shared upstream rate limiter is unavailable ({e}); retry shortly"
-                    )));
+                    tracing::error!(error = %e, "the shared upstream rate limiter is unavailable");
+                    return Err(GatewayError::StateUnavailable(
+                        "the shared upstream rate limiter is unavailable (shared state is down); \
+                         retry shortly"
+                            .into(),
+                    ));
                 }
                 Err(_) => return Ok(false),
             }

@@ -407,7 +407,7 @@ impl Gateway {
             .store()
             .report(&query)
             .await
-            .map_err(|e| GatewayError::Internal(format!("usage report failed: {e}")))
+            .map_err(|e| GatewayError::internal("the usage report", &e))
     }
 
     /// Waits until every usage row so far is written (graceful shutdown, tests).

@@ -44,7 +44,7 @@ pub(crate) async fn handle(
                 .store()
                 .list_keys()
                 .await
-                .map_err(|e| GatewayError::Internal(format!("listing keys failed: {e}")))?;
+                .map_err(|e| GatewayError::internal("listing keys", &e))?;
             Ok(json_value(
                 StatusCode::OK,
                 &serde_json::json!({"object": "list", "data": keys}),
@@ -120,7 +120,7 @@ async fn revoke(app: &App, which: &str) -> Result<Vec<KeyRecord>, GatewayError> 
         .store()
         .revoke_key(which, now_ms())
         .await
-        .map_err(|e| GatewayError::Internal(format!("revoking failed: {e}")))?;
+        .map_err(|e| GatewayError::internal("revoking the key", &e))?;
     for k in &revoked {
         app.gateway.keys().invalidate(&k.hash).await;
     }
@@ -154,7 +154,7 @@ async fn report(app: &App, q: &ReportQuery) -> Result<HttpResponse, GatewayError
         .store()
         .report(q)
         .await
-        .map_err(|e| GatewayError::Internal(format!("usage report failed: {e}")))?;
+        .map_err(|e| GatewayError::internal("the usage report", &e))?;
     Ok(json_value(StatusCode::OK, &report))
 }
 

@@ -4,6 +4,7 @@
 //! work is done by the [`Gateway`] core.
 
 mod admin;
+mod browser;
 mod routes;
 
 pub(crate) use routes::read_body_of;
@@ -34,6 +35,8 @@ pub(crate) struct App {
     pub draining: AtomicBool,
     /// `server.max_connections`, shared by every accept loop.
     slots: Arc<tokio::sync::Semaphore>,
+    /// Open mode only: refuses web pages (see `browser`).
+    browser: Option<browser::BrowserGuard>,
 }
 
 /// A running server: its address, and a way to stop it.
@@ -170,7 +173,10 @@ pub async fn serve_threads(
 impl App {
     fn new(gateway: Gateway) -> Arc<App> {
         let max_connections = gateway.policy().server.max_connections as usize;
+        let browser = (gateway.policy().auth_mode() == crate::config::AuthMode::Open)
+            .then(|| browser::BrowserGuard::new(gateway.policy()));
         Arc::new(App {
+            browser,
             mcp: McpHttp::new(McpCore::new(gateway.clone())),
             gateway,
             draining: AtomicBool::new(false),

@@ -25,6 +25,10 @@ pub type HttpResponse = Response<HttpBody>;
 // A `HeaderName` constant: inserting a custom name given as `&str` copies it into a new
 // allocation on every response.
 const CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache");
+/// The OpenAI SDKs retry 408, 409, 429 and 5xx answers twice by default unless this says
+/// `false`. It does where a retry cannot help (a spent budget) and where the gateway has
+/// already retried: the SDK's retries would multiply its attempts at Poe.
+const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpResponse {
     let request_id = request_id(req.headers());
@@ -44,6 +48,12 @@ async fn route(
     request_id: &Arc<str>,
 ) -> Result<HttpResponse, GatewayError> {
     let path = req.uri().path();
+    // `/mcp` has the same check from rmcp.
+    if let Some(guard) = &app.browser
+        && path != "/mcp"
+    {
+        guard.check(req.headers())?;
+    }
     match (req.method(), path) {
         (&Method::POST, "/v1/chat/completions") => chat(app, req, request_id).await,
         // The other routes' futures are boxed for the same reason as the chat call (see
@@ -184,6 +194,9 @@ async fn chat(
     }
     h.insert(ATTEMPTS_HEADER, HeaderValue::from(reply.attempts));
     h.insert(CACHE_STATUS, HeaderValue::from_static(reply.cache.as_str()));
+    if reply.attempts > 1 && (reply.status.is_client_error() || reply.status.is_server_error()) {
+        h.insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+    }
     Ok(resp)
 }
 
@@ -316,6 +329,10 @@ pub(crate) fn error_response(e: &GatewayError) -> HttpResponse {
         // RFC 9110: a 401 names the scheme the client should use.
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if matches!(e, GatewayError::QuotaExceeded(_)) {
+        resp.headers_mut()
+            .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     if let Some(after) = e.retry_after() {
         // Whole seconds, rounded up, as Retry-After requires.

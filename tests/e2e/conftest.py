@@ -205,6 +205,8 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
                     _poe_error(429, "rate_limit_error", "Rate limit exceeded, retry later"),
                     {"Retry-After": "1"},
                 )
+            elif model == "always-503":
+                self._send_json(503, _poe_error(503, "overloaded_error", "Poe is overloaded"))
             elif model == "gpt-image-1":
                 self._complete(model, IMAGE_MARKDOWN)
             elif body.get("stream"):

@@ -8,6 +8,7 @@ import subprocess
 import urllib.error
 import urllib.request
 
+import httpx
 import openai
 import pytest
 
@@ -82,6 +83,21 @@ def test_budget_is_enforced_as_rate_limit_error(keys_gateway):
         ask(client)
     assert e.value.code == "insufficient_quota"
     assert e.value.body["type"] == "insufficient_quota"
+    assert e.value.response.headers["x-should-retry"] == "false"
+
+    # The SDK's own retries (two by default) honour `x-should-retry`: a spent budget is asked
+    # for once, not three times.
+    sent = []
+    retrying = openai.OpenAI(
+        base_url=f"{keys_gateway.base_url}/v1",
+        api_key=client.api_key,
+        timeout=20.0,
+        http_client=httpx.Client(event_hooks={"request": [sent.append]}),
+    )
+    assert retrying.max_retries == 2
+    with pytest.raises(openai.RateLimitError):
+        ask(retrying)
+    assert len(sent) == 1, sent
 
 
 def test_rpm_limit_is_a_rate_limit_error_with_retry_after(keys_gateway):

@@ -193,6 +193,22 @@ def test_rate_limited_then_success_is_retried_by_gateway(client, upstream):
     assert upstream.models_seen() == ["flaky-429", "flaky-429"]
 
 
+def test_the_sdk_does_not_retry_on_top_of_the_gateway(gateway, upstream):
+    """The gateway retried a 503 three times (its `retry.max_attempts`); the SDK, left at its
+    default of two retries, would make that nine calls to Poe. `x-should-retry: false` on
+    the final answer stops it."""
+    import openai
+
+    retrying = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", timeout=20.0)
+    assert retrying.max_retries == 2
+    with pytest.raises(openai.InternalServerError) as e:
+        retrying.chat.completions.create(model="always-503", messages=MESSAGES)
+    assert e.value.status_code == 503
+    assert e.value.response.headers["x-should-retry"] == "false"
+    assert e.value.response.headers["x-poe-gateway-attempts"] == "3"
+    assert upstream.models_seen() == ["always-503"] * 3
+
+
 def test_fallback_chain_moves_on_after_404(client, upstream):
     raw = client.chat.completions.with_raw_response.create(model="resilient", messages=MESSAGES)
     assert raw.status_code == 200

@@ -672,10 +672,8 @@ pub fn _unused(_: Infallible) {}
 pub async fn databases() -> Vec<String> {
     // Under the target dir (cargo's scratch space for integration tests), not /tmp: the
     // files outlive the test, and `cargo clean` is what takes them away.
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "ledger-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("ledger-{}", uuid::Uuid::new_v4().simple()));
     let mut out = vec![format!("sqlite://{}/ledger.db", dir.display())];
     match std::env::var("POE_GATEWAY_TEST_POSTGRES_URL") {
         Ok(base) => out.push(fresh_postgres(&base).await),

@@ -1,0 +1,153 @@
+//! Browser guard for open mode.
+//!
+//! In open mode the gateway spends its Poe key for anyone who reaches the socket, and on
+//! loopback "anyone" includes every web page the user opens: a page may POST a `text/plain`
+//! body to `http://127.0.0.1:8080/v1/chat/completions` without a CORS preflight (spending the
+//! key), and a page whose name is rebound to 127.0.0.1 reads the answers as same-origin. The
+//! OpenAI SDKs, curl and MCP clients send no `Origin` and a loopback `Host`, so refusing
+//! foreign origins and, on loopback, foreign host names stops the pages and no real client.
+//! `/mcp` gets the same checks from rmcp, with the same lists (`mcp.allowed_origins` and
+//! `mcp.allowed_hosts`).
+
+use http::HeaderMap;
+use http::header;
+
+use crate::config::Policy;
+use crate::error::GatewayError;
+
+pub(crate) struct BrowserGuard {
+    /// `Host` names accepted (each with an optional port); `None`: any, because the
+    /// gateway listens on the network, where its name is not known.
+    hosts: Option<Vec<(String, Option<u16>)>>,
+    /// Trusted browser origins: scheme, host, and a port (`None`: any, written `:*`).
+    origins: Vec<(String, String, Option<u16>)>,
+    allow_null_origin: bool,
+}
+
+impl BrowserGuard {
+    pub(crate) fn new(policy: &Policy) -> BrowserGuard {
+        let hosts = policy.server.listen.ip().is_loopback().then(|| {
+            let mut hosts: Vec<(String, Option<u16>)> = ["localhost", "127.0.0.1", "::1"]
+                .iter()
+                .map(|h| (h.to_string(), None))
+                .collect();
+            // Validation has checked that each entry parses as an authority.
+            for h in &policy.mcp.allowed_hosts {
+                if let Ok(a) = h.trim().parse::<http::uri::Authority>() {
+                    hosts.push((normal_host(a.host()), a.port_u16()));
+                }
+            }
+            hosts
+        });
+        let mut origins = Vec::new();
+        let mut allow_null_origin = false;
+        for o in &policy.mcp.allowed_origins {
+            let o = o.trim();
+            if o == "null" {
+                allow_null_origin = true;
+            } else if let Some(parsed) = parse_origin(o, true) {
+                origins.push(parsed);
+            }
+        }
+        BrowserGuard {
+            hosts,
+            origins,
+            allow_null_origin,
+        }
+    }
+
+    /// Refuses a request from a browser page the policy does not trust.
+    pub(crate) fn check(&self, headers: &HeaderMap) -> Result<(), GatewayError> {
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let text = origin.to_str().unwrap_or("").trim();
+            let trusted = if text == "null" {
+                self.allow_null_origin
+            } else {
+                parse_origin(text, false).is_some_and(|(scheme, host, port)| {
+                    self.origins
+                        .iter()
+                        .any(|(s, h, p)| *s == scheme && *h == host && (p.is_none() || *p == port))
+                })
+            };
+            if !trusted {
+                return Err(GatewayError::ForeignOrigin(format!(
+                    "this gateway runs in open mode and refuses requests from web pages \
+                     (Origin: {}); list the origin in mcp.allowed_origins to trust it",
+                    shown(text)
+                )));
+            }
+        }
+        if let (Some(hosts), Some(host)) = (&self.hosts, headers.get(header::HOST)) {
+            let text = host.to_str().unwrap_or("").trim();
+            let known = text.parse::<http::uri::Authority>().is_ok_and(|a| {
+                let name = normal_host(a.host());
+                hosts
+                    .iter()
+                    .any(|(h, p)| *h == name && (p.is_none() || *p == a.port_u16()))
+            });
+            if !known {
+                return Err(GatewayError::ForeignOrigin(format!(
+                    "this gateway listens on loopback in open mode and answers only to its \
+                     loopback names (Host: {}); list a public name in mcp.allowed_hosts",
+                    shown(text)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A header value for an error message: bounded, printable.
+fn shown(s: &str) -> String {
+    s.chars()
+        .take(100)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+fn normal_host(h: &str) -> String {
+    h.trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+}
+
+/// `scheme://host[:port]` to its parts, with the scheme's default port filled in. With
+/// `wildcard`, `:*` means any port (`None`).
+fn parse_origin(s: &str, wildcard: bool) -> Option<(String, String, Option<u16>)> {
+    let (scheme, rest) = s.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let rest = rest.trim_end_matches('/');
+    if wildcard && let Some(host) = rest.strip_suffix(":*") {
+        return Some((scheme, normal_host(host), None));
+    }
+    let a = rest.parse::<http::uri::Authority>().ok()?;
+    let port = a.port_u16().or(match scheme.as_str() {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    });
+    Some((scheme, normal_host(a.host()), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins() {
+        assert_eq!(
+            parse_origin("https://App.example.com", false),
+            Some(("https".into(), "app.example.com".into(), Some(443)))
+        );
+        assert_eq!(
+            parse_origin("http://localhost:*", true),
+            Some(("http".into(), "localhost".into(), None))
+        );
+        assert_eq!(
+            parse_origin("http://[::1]:3000", false),
+            Some(("http".into(), "::1".into(), Some(3000)))
+        );
+        assert_eq!(parse_origin("localhost", false), None);
+    }
+}
