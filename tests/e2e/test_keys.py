@@ -8,7 +8,6 @@ import subprocess
 import urllib.error
 import urllib.request
 
-import httpx
 import openai
 import pytest
 
@@ -92,7 +91,7 @@ def test_budget_is_enforced_as_rate_limit_error(keys_gateway):
         base_url=f"{keys_gateway.base_url}/v1",
         api_key=client.api_key,
         timeout=20.0,
-        http_client=httpx.Client(event_hooks={"request": [sent.append]}),
+        http_client=openai.DefaultHttpxClient(event_hooks={"request": [sent.append]}),
     )
     assert retrying.max_retries == 2
     with pytest.raises(openai.RateLimitError):
