@@ -258,6 +258,44 @@ async fn poe_errors_pass_through_unchanged() {
     assert_eq!(up.chat_calls(), 1, "402 is not retried");
 }
 
+/// Headers that speak for Poe's origin would apply to the gateway's: a CDN cookie, an HTTP/3
+/// endpoint, an HSTS pin, a CORS grant that lets web pages read answers.
+#[tokio::test]
+async fn headers_for_poes_origin_are_not_passed_on() {
+    let up = MockUpstream::start().await;
+    let origin_bound = [
+        ("set-cookie", "__cf_bm=abc; path=/; domain=.poe.com"),
+        ("alt-svc", "h3=\":443\"; ma=86400"),
+        ("strict-transport-security", "max-age=31536000"),
+        ("access-control-allow-origin", "*"),
+        ("access-control-allow-credentials", "true"),
+    ];
+    for stream in [false, true] {
+        let mut reply = if stream {
+            Reply::stream("gpt-5", &["hi"])
+        } else {
+            Reply::completion("gpt-5", "hi")
+        };
+        for (k, v) in origin_bound {
+            reply = reply.header(k, v);
+        }
+        up.push(reply.header("x-ratelimit-remaining-requests", "498"));
+    }
+    let gw = TestGateway::default(&up).await;
+    for stream in [false, true] {
+        let resp = post(&gw, &chat_body("gpt", stream), &[]).await;
+        assert_eq!(resp.status(), 200);
+        for (k, _) in origin_bound {
+            assert!(
+                !resp.headers().contains_key(k),
+                "{k} passed (stream: {stream})"
+            );
+        }
+        assert_eq!(resp.headers()["x-ratelimit-remaining-requests"], "498");
+        body_bytes(resp).await;
+    }
+}
+
 #[tokio::test]
 async fn gateway_errors_are_openai_shaped() {
     let up = MockUpstream::start().await;

@@ -1240,24 +1240,35 @@ fn unread_error_body(head: &mut http::response::Parts, why: &str) -> Bytes {
     )
 }
 
-/// Upstream response headers minus hop-by-hop ones (RFC 9110 section 7.6.1).
+/// Upstream response headers minus hop-by-hop ones (RFC 9110 section 7.6.1) and those that
+/// speak for Poe's origin, which the client would apply to the gateway's: cookies set by
+/// Poe's CDN, `Alt-Svc` (an HTTP/3 endpoint the gateway does not have), HSTS (it would pin
+/// the gateway's name to HTTPS), and CORS grants (they would let web pages read answers).
 fn passthrough_headers(mut headers: HeaderMap) -> HeaderMap {
-    const HOP: [HeaderName; 6] = [
+    const DROP: [HeaderName; 9] = [
         header::CONNECTION,
         header::TRANSFER_ENCODING,
         header::TE,
         header::TRAILER,
         header::UPGRADE,
         header::PROXY_AUTHENTICATE,
+        header::SET_COOKIE,
+        header::ALT_SVC,
+        header::STRICT_TRANSPORT_SECURITY,
     ];
     // hyper frames the body itself: a JSON body's exact size comes through the tap's size
     // hint, and a body the gateway edits (a suggestion, an error event) must not keep the old length.
     headers.remove(header::CONTENT_LENGTH);
     // Usually one of them at most is there (`Connection` from an HTTP/1.1 upstream): one look
     // over the few names present, then a removal (a hash and a probe) only for those found.
-    let mut hop: Vec<HeaderName> = headers
+    let mut strip: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| HOP.contains(k) || k.as_str() == "keep-alive")
+        .filter(|k| {
+            DROP.contains(k)
+                || k.as_str() == "keep-alive"
+                || k.as_str() == "clear-site-data"
+                || k.as_str().starts_with("access-control-")
+        })
         .cloned()
         .collect();
     // So are the headers `Connection` names (`Connection: close, x-hop`). Its usual values
@@ -1267,10 +1278,10 @@ fn passthrough_headers(mut headers: HeaderMap) -> HeaderMap {
             if name.eq_ignore_ascii_case("keep-alive") || name.eq_ignore_ascii_case("close") {
                 continue;
             }
-            hop.extend(HeaderName::from_bytes(name.as_bytes()).ok());
+            strip.extend(HeaderName::from_bytes(name.as_bytes()).ok());
         }
     }
-    for h in hop {
+    for h in strip {
         headers.remove(h);
     }
     headers
