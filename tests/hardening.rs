@@ -519,6 +519,11 @@ async fn admin_key_bodies_are_bounded_and_checked() {
         r#"{"name":"a","models":[" "]}"#,
         r#"{"name":"a","models":["gpt",""]}"#,
         r#"{"name":"a","models":["a,b"]}"#,
+        // Control characters; names that read as a key id or as a key.
+        r#"{"name":"a\u001b[2Jb"}"#,
+        r#"{"name":"line\nbreak"}"#,
+        r#"{"name":"key_0123456789abcdef"}"#,
+        r#"{"name":"pgw_0123456789abcdef"}"#,
     ] {
         expect_error(
             request(
@@ -546,6 +551,22 @@ async fn admin_key_bodies_are_bounded_and_checked() {
     assert!(resp.status().is_success(), "{}", resp.status());
     let created = body_json(resp).await;
     assert_eq!(created["rpm"], 82, "{created}");
+
+    // One active key per name; a revoked key's name is free again.
+    let auth = [("authorization", admin.as_str())];
+    let again = || request(&gw, "POST", "/admin/keys", &auth, r#"{"name":"floaty"}"#);
+    let e = expect_error(again().await, 400, "invalid_request_error").await;
+    assert_eq!(e["param"], "name", "{e}");
+    let resp = request(
+        &gw,
+        "DELETE",
+        "/admin/keys/floaty",
+        &[("authorization", &admin)],
+        "",
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(again().await.status(), 201);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -110,10 +110,35 @@ pub fn generate_key() -> String {
 /// Creates and stores a key; returns the record and the key (shown once, never stored).
 pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String), GatewayError> {
     let name = new.name.trim().to_string();
-    if name.is_empty() || name.chars().count() > 200 {
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
         return Err(GatewayError::bad_param(
             "name",
-            "`name` must be 1 to 200 characters",
+            "`name` must be 1 to 200 characters, none of them control characters",
+        ));
+    }
+    // Revocation takes an id or a name, so a name must not read as an id; and a name that
+    // reads as a gateway key is most likely one pasted in the wrong field, which listings
+    // would then show to every admin.
+    if name.starts_with("key_") || name.starts_with(KEY_PREFIX) {
+        return Err(GatewayError::bad_param(
+            "name",
+            format!("`name` must not start with `key_` (key ids do) or `{KEY_PREFIX}` (keys do)"),
+        ));
+    }
+    // Two active keys of one name could not be told apart in reports or revoked one at a
+    // time. (A revoked key's name may be reused.)
+    let taken = store
+        .list_keys()
+        .await
+        .map_err(|e| GatewayError::internal("checking the key name", &e))?
+        .iter()
+        .any(|k| k.revoked_ms.is_none() && k.name == name);
+    if taken {
+        return Err(GatewayError::bad_param(
+            "name",
+            format!(
+                "an active key is already named {name:?}; revoke it first or choose another name"
+            ),
         ));
     }
     if new.budget_usd.is_some_and(|b| !b.is_finite() || b < 0.0) {
