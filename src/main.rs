@@ -428,6 +428,10 @@ async fn usage_command(
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = report::check_window(since_ms, until_ms) {
+        eprintln!("poe-gateway: --until: {e}");
+        return ExitCode::from(2);
+    }
     // Read-only: a report never creates a ledger or changes its schema.
     let store = match Store::open_existing(&database_url).await {
         Ok(s) => s,

@@ -405,14 +405,18 @@ async fn a_model_list_covers_a_fallback_chain_only_whole() {
         let policy =
             "[auth]\nmode = \"keys\"\n[aliases]\npair = [\"claude-sonnet-4.5\", \"gpt-5\"]\n";
         let (gw, _core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
-        for (models, allowed) in [
+        for (i, (models, allowed)) in [
             // One bot of the chain: the chain would also call the other.
             (r#"["claude-sonnet-4.5"]"#, false),
             (r#"["claude-sonnet-4.5","gpt-5"]"#, true),
             // The alias itself, named by the admin.
             (r#"["pair"]"#, true),
-        ] {
-            let (_, key) = create_key(&gw, &format!(r#"{{"name":"k","models":{models}}}"#)).await;
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let body = format!(r#"{{"name":"k{i}","models":{models}}}"#);
+            let (_, key) = create_key(&gw, &body).await;
             let auth = format!("Bearer {key}");
             let resp = post(&gw, &chat_body("pair", false), &[("authorization", &auth)]).await;
             if allowed {
@@ -575,19 +579,38 @@ async fn admin_api_needs_the_admin_key() {
         "invalid_request_error",
     )
     .await;
-    expect_error(
-        request(
-            &gw,
-            "GET",
-            "/admin/usage?since=whenever",
-            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
-            "",
+    for (query, param) in [
+        ("since=whenever", "since"),
+        // An empty or backwards window is a mistake, not an empty report.
+        ("since=2026-11-02&until=2026-11-01", "until"),
+        ("since=2026-11-01&until=2026-11-01", "until"),
+    ] {
+        let e = expect_error(
+            request(
+                &gw,
+                "GET",
+                &format!("/admin/usage?{query}"),
+                &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+                "",
+            )
+            .await,
+            400,
+            "invalid_request_error",
         )
-        .await,
-        400,
-        "invalid_request_error",
+        .await;
+        assert_eq!(e["param"], param, "{query}: {e}");
+    }
+    // An unescaped `+` offset reads as a space in a query string, and still works.
+    let resp = request(
+        &gw,
+        "GET",
+        "/admin/usage?since=2026-11-01T00:00:00+01:00",
+        &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+        "",
     )
     .await;
+    let r = body_json(resp).await;
+    assert_eq!(r["since_ms"], 1_793_487_600_000i64, "{r}");
 }
 
 #[tokio::test]

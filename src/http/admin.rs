@@ -168,6 +168,8 @@ fn report_query(query: Option<&str>) -> Result<ReportQuery, GatewayError> {
     };
     let since_ms = when("since", now - DEFAULT_WINDOW_MS)?;
     let until_ms = when("until", now + 1)?;
+    crate::ledger::report::check_window(since_ms, until_ms)
+        .map_err(|e| GatewayError::bad_param("until", e))?;
     let group_by = match query_param(query, "group_by") {
         None => None,
         Some(g) => Some(GroupBy::parse(&g).ok_or_else(|| {

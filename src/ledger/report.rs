@@ -84,6 +84,10 @@ pub(crate) fn assemble(q: &ReportQuery, mut groups: Vec<Group>) -> Report {
             g.group = day_name(&g.group);
         }
     }
+    // By bytes, here rather than in SQL: Postgres orders text by the database's collation
+    // (locale-dependent, case-folding) and SQLite by bytes, and one ledger may move between
+    // them. Dates as `YYYY-MM-DD` sort in time order.
+    groups.sort_unstable_by(|a, b| a.group.cmp(&b.group));
     let mut totals = Totals::default();
     for g in &groups {
         totals.add(&g.totals);
@@ -138,7 +142,7 @@ pub(crate) fn sql(d: Dialect, q: &ReportQuery) -> String {
     };
     format!(
         "SELECT {group} AS g, {requests}, {prompt}, {completion}, {total}, {cost}, {hits}, {saved}, {errors}, {unpriced} \
-         FROM usage WHERE ts_ms >= {p1} AND ts_ms < {p2}{key_filter} GROUP BY 1 ORDER BY 1",
+         FROM usage WHERE ts_ms >= {p1} AND ts_ms < {p2}{key_filter} GROUP BY 1",
         requests = int("COUNT(*)"),
         prompt = int("SUM(prompt_tokens)"),
         completion = int("SUM(completion_tokens)"),
@@ -266,6 +270,13 @@ pub fn parse_when(s: &str, now_ms: i64) -> Result<i64, String> {
     if let Ok(t) = time::OffsetDateTime::parse(s, &rfc3339) {
         return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
     }
+    // A `+01:00` offset written unescaped in a query string arrives as ` 01:00` (form
+    // encoding reads `+` as a space); RFC 3339 has no other place for a space.
+    if let Some((at, offset)) = s.rsplit_once(' ')
+        && let Ok(t) = time::OffsetDateTime::parse(&format!("{at}+{offset}"), &rfc3339)
+    {
+        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    }
     let day = time::macros::format_description!("[year]-[month]-[day]");
     if let Ok(d) = time::Date::parse(s, &day) {
         return Ok(d.midnight().assume_utc().unix_timestamp() * 1000);
@@ -273,6 +284,16 @@ pub fn parse_when(s: &str, now_ms: i64) -> Result<i64, String> {
     Err(format!(
         "cannot read {s:?} as a time: use unix seconds, YYYY-MM-DD, RFC 3339, or an age like 7d"
     ))
+}
+
+/// A report window must be `[since, until)` with `since` first.
+pub fn check_window(since_ms: i64, until_ms: i64) -> Result<(), String> {
+    if until_ms <= since_ms {
+        return Err(format!(
+            "`until` ({until_ms} ms) must be later than `since` ({since_ms} ms): the window is [since, until)"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -285,6 +306,9 @@ mod tests {
         assert_eq!(parse_when("7d", now).unwrap(), now - 7 * 86_400_000);
         assert_eq!(parse_when("2026-11-01", now).unwrap(), 1_793_491_200_000);
         assert_eq!(parse_when("2026-11-22T16:50:00Z", now).unwrap(), now);
+        assert_eq!(parse_when("2026-11-22T17:50:00+01:00", now).unwrap(), now);
+        // The same, after a query string's `+` became a space.
+        assert_eq!(parse_when("2026-11-22T17:50:00 01:00", now).unwrap(), now);
         assert_eq!(parse_when("1795366200", now).unwrap(), now);
         assert!(parse_when("yesterday-ish", now).is_err());
         // An age past i64 milliseconds saturates rather than overflowing (it panicked).
