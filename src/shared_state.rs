@@ -114,18 +114,32 @@ impl SharedState {
     /// finds the connection broken is made once more: the first failure is what makes the
     /// connection manager reconnect, so without the retry every outage would cost one more
     /// failed request after Redis is back.
+    ///
+    /// The second try may repeat a command that did run (its answer was what got lost). That
+    /// is harmless for reads, seeds (`SET NX`) and deletes, and costs a rate limiter at most one
+    /// extra slot; a charge is never repeated (see `charge`).
     async fn run<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
         cmd: redis::Cmd,
     ) -> Result<T, Unavailable> {
+        self.call(op, cmd, true).await
+    }
+
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: redis::Cmd,
+        retry: bool,
+    ) -> Result<T, Unavailable> {
         let mut conn = self.conn.clone();
         let attempt = async {
             match cmd.query_async(&mut conn).await {
                 Err(e)
-                    if e.is_io_error()
-                        || e.is_connection_dropped()
-                        || e.is_connection_refusal() =>
+                    if retry
+                        && (e.is_io_error()
+                            || e.is_connection_dropped()
+                            || e.is_connection_refusal()) =>
                 {
                     cmd.query_async(&mut conn).await
                 }
@@ -205,7 +219,9 @@ impl SharedState {
         self.run("spend", cmd).await
     }
 
-    /// Adds to a key's spend in the period (if a replica has seeded it).
+    /// Adds to a key's spend in the period (if a replica has seeded it). Tried once: a failed
+    /// charge may or may not have been applied, so the caller does not repeat it but drops
+    /// the counter (`forget_spend`) for a fresh seed from the ledger, which has the rows.
     pub async fn charge(
         &self,
         key_id: &str,
@@ -214,7 +230,20 @@ impl SharedState {
     ) -> Result<(), Unavailable> {
         let key = self.key(&["spend", key_id, &period_start_ms.to_string()]);
         let _: Option<f64> = self
-            .run("charge", eval(CHARGE, &key).arg(usd).to_owned())
+            .call("charge", eval(CHARGE, &key).arg(usd).to_owned(), false)
+            .await?;
+        Ok(())
+    }
+
+    /// Drops a key's spend counter, so the next budget check seeds it from the ledger again.
+    pub async fn forget_spend(
+        &self,
+        key_id: &str,
+        period_start_ms: i64,
+    ) -> Result<(), Unavailable> {
+        let key = self.key(&["spend", key_id, &period_start_ms.to_string()]);
+        let _: i64 = self
+            .run("spend", redis::cmd("DEL").arg(&key).to_owned())
             .await?;
         Ok(())
     }

@@ -497,3 +497,137 @@ async fn a_cache_hit_on_one_replica_serves_the_other() {
     let r = post(&c.a.gw, body, &[("authorization", &auth)]).await;
     assert_eq!(r.headers()["x-cache"], "MISS");
 }
+
+/// A TCP relay in front of Redis that can be cut: while cut it swallows what either side
+/// sends (a network partition, with Redis keeping its data), and healing resets the
+/// connections it held, as a partition that ends usually does.
+struct Partition {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Partition {
+    async fn start(redis_port: u16) -> Partition {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, list) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let cut = c.clone();
+                let task = tokio::spawn(async move {
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                    else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::select! {
+                        _ = relay(cr, sw, cut.clone()) => {}
+                        _ = relay(sr, cw, cut) => {}
+                    }
+                });
+                list.lock().unwrap().push(task);
+            }
+        });
+        Partition { port, cut, conns }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn heal(&self) {
+        for t in self.conns.lock().unwrap().drain(..) {
+            t.abort();
+        }
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies one direction of a relayed connection; while cut, what arrives is dropped.
+async fn relay(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if !cut.load(std::sync::atomic::Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn charges_lost_in_a_partition_are_recounted_from_the_ledger() {
+    // Redis keeps its data through a partition, so the spend counter outlives the charges
+    // that never reached it; left alone it would stay that far short for the whole period.
+    let Some(db) = databases()
+        .await
+        .into_iter()
+        .find(|d| d.starts_with("postgres"))
+    else {
+        eprintln!("no Postgres: replica tests skipped");
+        return;
+    };
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let net = Partition::start(redis.port).await;
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let path =
+        std::env::temp_dir().join(format!("pgw-policy-{}.toml", uuid::Uuid::new_v4().simple()));
+    // Budgets fail open, so the calls in the partition are served (and owed).
+    let policy =
+        format!("{POLICY}\n[redis]\ntimeout = \"200ms\"\nbudgets_on_error = \"fail_open\"\n");
+    std::fs::write(&path, policy).unwrap();
+    let _policy = tempfile_path::TempPath(path.clone());
+    let a = spawn_replica(&up, &db, &net.url(), &path, &[]);
+    let b = spawn_replica(&up, &db, &redis.url(), &path, &[]);
+
+    // Each call costs 1e-4; the budget lets five through.
+    let (id, key) = create_key(
+        &a.gw,
+        r#"{"name":"team","budget_usd":0.00045,"period":"day"}"#,
+    )
+    .await;
+    assert_eq!(chat(&a.gw, &key).await.0, 200);
+    settle(&b.gw, &id, 1).await;
+
+    net.cut();
+    for n in 2..=3 {
+        assert_eq!(chat(&a.gw, &key).await.0, 200);
+        settle(&b.gw, &id, n).await;
+    }
+    net.heal();
+
+    // Two more are within the budget (the ledger holds three); the charges that missed the
+    // counter would otherwise have let four through.
+    let mut admitted = 3;
+    for _ in 0..6 {
+        let (status, body) = chat(&a.gw, &key).await;
+        if status != 200 {
+            assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+            break;
+        }
+        admitted += 1;
+        settle(&b.gw, &id, admitted).await;
+    }
+    assert_eq!(admitted, 5, "calls admitted against a 4.5e-4 budget");
+    // The other replica reads the same counter.
+    assert_eq!(chat(&b.gw, &key).await.0, 429);
+}

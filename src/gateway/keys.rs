@@ -5,7 +5,7 @@
 //! are cached for a few seconds: a revocation through the admin API takes effect at once on
 //! this replica, and one made elsewhere (the CLI, another replica) within `CACHE_TTL`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +35,10 @@ pub struct KeyRing {
     limiters: Mutex<HashMap<String, (u32, Arc<KeyLimiter>)>>,
     /// Spend in the current budget period, per key id.
     spend: Mutex<HashMap<String, Spend>>,
+    /// Shared spend counters (key id, period start) that missed a charge while Redis was
+    /// unreachable: each is dropped and seeded from the ledger again once Redis answers, or
+    /// they would stay short of the ledger for the rest of the period.
+    stale: Mutex<HashSet<(String, i64)>>,
     clock: TokioClock,
     /// Replicas share RPM and spend through Redis when it is configured.
     shared: Option<Arc<SharedState>>,
@@ -217,6 +221,7 @@ impl KeyRing {
                 .build(),
             limiters: Mutex::new(HashMap::new()),
             spend: Mutex::new(HashMap::new()),
+            stale: Mutex::new(HashSet::new()),
             clock,
         }
     }
@@ -433,10 +438,33 @@ impl KeyRing {
             }
         }
         if let Some(shared) = &self.shared {
+            // Counters that missed a charge are dropped first, here rather than at the next
+            // budget check: the rows of the batch whose charge failed were written after it,
+            // so a seed from now on includes them.
+            let stale: Vec<(String, i64)> = self
+                .stale
+                .lock()
+                .expect("stale lock")
+                .iter()
+                .cloned()
+                .collect();
+            for (key_id, period_start) in stale {
+                if shared.forget_spend(&key_id, period_start).await.is_ok() {
+                    self.stale
+                        .lock()
+                        .expect("stale lock")
+                        .remove(&(key_id, period_start));
+                }
+            }
             for ((key_id, period_start), usd) in shared_sums {
-                // A failure is counted and logged there; the ledger rows still have the cost,
-                // and a counter seeded after Redis returns includes it.
-                let _ = shared.charge(key_id, period_start, usd).await;
+                // A failure is counted and logged there. The ledger rows have the cost, and
+                // the counter is seeded from them again once Redis answers.
+                if shared.charge(key_id, period_start, usd).await.is_err() {
+                    self.stale
+                        .lock()
+                        .expect("stale lock")
+                        .insert((key_id.to_string(), period_start));
+                }
             }
         }
     }
