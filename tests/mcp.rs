@@ -883,6 +883,43 @@ async fn http_sessions_use_and_are_scoped_to_the_callers_key() {
 }
 
 #[tokio::test]
+async fn one_key_cannot_crowd_out_the_others_sessions() {
+    async fn ask(client: &Client, session: Option<String>) -> CallToolResult {
+        let mut args = json!({"bot": "gpt", "prompt": "hi"});
+        if let Some(id) = session {
+            args["session_id"] = json!(id);
+        }
+        call(client, "ask_poe", args).await
+    }
+    let upstream = MockUpstream::start().await;
+    upstream.set_fallback(Reply::stream("gpt-5", &["fine"]));
+    let mut env = passthrough().to_vec();
+    env.push(("POE_GATEWAY_MCP__MAX_SESSIONS_PER_KEY", "2"));
+    let gw = TestGateway::start(&upstream, config::DEFAULT_POLICY, &env).await;
+    let (alice, bob) = (
+        remote(&gw, Some("poe-key-alice")).await,
+        remote(&gw, Some("poe-key-bob")).await,
+    );
+    let id = |r: &CallToolResult| ok(r)["session_id"].as_str().unwrap().to_string();
+    let bobs = id(&ask(&bob, None).await);
+    let first = id(&ask(&alice, None).await);
+    let second = id(&ask(&alice, None).await);
+    // Using the first makes the second the least recently used: the third pushes it out.
+    id(&ask(&alice, Some(first.clone())).await);
+    let _third = id(&ask(&alice, None).await);
+    let e = err(&ask(&alice, Some(second)).await);
+    assert!(e.contains("unknown session_id"), "{e}");
+    assert_eq!(id(&ask(&alice, Some(first.clone())).await), first);
+    // Alice's churn never touched Bob's session.
+    for _ in 0..3 {
+        id(&ask(&alice, None).await);
+    }
+    assert_eq!(id(&ask(&bob, Some(bobs.clone())).await), bobs);
+    let _ = alice.cancel().await;
+    let _ = bob.cancel().await;
+}
+
+#[tokio::test]
 async fn http_attachment_paths_need_configured_roots() {
     let upstream = MockUpstream::start().await;
     upstream.set_fallback(Reply::stream("claude-sonnet-4.5", &["seen"]));

@@ -238,6 +238,10 @@ pub struct McpPolicy {
     pub session_ttl: Duration,
     /// Sessions kept at once (all callers together); the least useful go first.
     pub max_sessions: u64,
+    /// Sessions kept at once for one caller (gateway key, Poe key, or the server's own): past
+    /// it the caller's least recently used session ends, so one caller cannot push everyone
+    /// else's sessions out of `max_sessions`.
+    pub max_sessions_per_key: usize,
     /// Messages kept per session besides the system message; the oldest turns are trimmed.
     pub max_session_messages: usize,
     /// Bytes of history kept per session (attachments included); the oldest turns are trimmed.
@@ -258,6 +262,7 @@ impl Default for McpPolicy {
             max_attachment_bytes: ByteSize(20 * 1024 * 1024),
             session_ttl: Duration::from_secs(60 * 60),
             max_sessions: 1000,
+            max_sessions_per_key: 100,
             max_session_messages: 100,
             max_session_bytes: ByteSize(8 * 1024 * 1024),
             progress_interval: Duration::from_secs(10),
@@ -754,6 +759,9 @@ fn validate_mcp(m: &McpPolicy) -> Result<(), (String, String)> {
     }
     if m.max_sessions == 0 {
         return bad("max_sessions", "must be at least 1".into());
+    }
+    if m.max_sessions_per_key == 0 {
+        return bad("max_sessions_per_key", "must be at least 1".into());
     }
     if m.max_session_messages < 2 {
         return bad(

@@ -9,10 +9,11 @@
 //! its id: a caller asking for another caller's session finds nothing, exactly as for an id
 //! that never existed.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use moka::future::Cache;
+use moka::notification::RemovalCause;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -63,6 +64,10 @@ struct Limits {
 /// All sessions of one gateway.
 pub struct Sessions {
     cache: Cache<(Scope, Uuid), Arc<Mutex<History>>>,
+    /// Each caller's live sessions, least recently used first. The cache's eviction listener
+    /// takes out what expires or is evicted, so a caller's count is of live sessions only.
+    by_scope: Arc<std::sync::Mutex<HashMap<Scope, VecDeque<Uuid>>>>,
+    per_scope: usize,
     limits: Limits,
 }
 
@@ -109,11 +114,28 @@ impl std::fmt::Display for SessionError {
 
 impl Sessions {
     pub fn new(policy: &McpPolicy) -> Sessions {
+        let by_scope: Arc<std::sync::Mutex<HashMap<Scope, VecDeque<Uuid>>>> = Arc::default();
+        let index = by_scope.clone();
         Sessions {
             cache: Cache::builder()
                 .max_capacity(policy.max_sessions)
                 .time_to_idle(policy.session_ttl)
+                .eviction_listener(move |key: Arc<(Scope, Uuid)>, _, cause| {
+                    if cause == RemovalCause::Replaced {
+                        return;
+                    }
+                    let (scope, id) = *key;
+                    let mut index = index.lock().expect("session index");
+                    if let Some(ids) = index.get_mut(&scope) {
+                        ids.retain(|i| *i != id);
+                        if ids.is_empty() {
+                            index.remove(&scope);
+                        }
+                    }
+                })
                 .build(),
+            by_scope,
+            per_scope: policy.max_sessions_per_key,
             limits: Limits {
                 max_messages: policy.max_session_messages,
                 max_bytes: usize::try_from(policy.max_session_bytes.0).unwrap_or(usize::MAX),
@@ -141,6 +163,13 @@ impl Sessions {
             .get(&(scope, id))
             .await
             .ok_or_else(|| SessionError::Unknown(id.to_string()))?;
+        // Now the caller's most recently used.
+        if let Some(ids) = self.by_scope.lock().expect("session index").get_mut(&scope)
+            && let Some(at) = ids.iter().position(|i| *i == id)
+        {
+            ids.remove(at);
+            ids.push_back(id);
+        }
         Ok(Session {
             id,
             key: (scope, id),
@@ -172,6 +201,18 @@ impl Sessions {
         drop(history);
         if is_new {
             self.cache.insert(key, shared).await;
+            let (scope, id) = key;
+            let over: Vec<Uuid> = {
+                let mut index = self.by_scope.lock().expect("session index");
+                let ids = index.entry(scope).or_default();
+                ids.push_back(id);
+                let n = ids.len().saturating_sub(self.per_scope);
+                ids.drain(..n).collect()
+            };
+            // Outside the index lock: the eviction listener takes it.
+            for old in over {
+                self.cache.invalidate(&(scope, old)).await;
+            }
         }
     }
 
