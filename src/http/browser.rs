@@ -79,11 +79,11 @@ impl BrowserGuard {
         }
         if let (Some(hosts), Some(host)) = (&self.hosts, headers.get(header::HOST)) {
             let text = host.to_str().unwrap_or("").trim();
-            let known = text.parse::<http::uri::Authority>().is_ok_and(|a| {
-                let name = normal_host(a.host());
+            // Every request passes here in open mode: no allocation.
+            let known = split_authority(text).is_some_and(|(name, port)| {
                 hosts
                     .iter()
-                    .any(|(h, p)| *h == name && (p.is_none() || *p == a.port_u16()))
+                    .any(|(h, p)| h.eq_ignore_ascii_case(name) && (p.is_none() || *p == port))
             });
             if !known {
                 return Err(GatewayError::ForeignOrigin(format!(
@@ -103,6 +103,24 @@ fn shown(s: &str) -> String {
         .take(100)
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
+}
+
+/// `host[:port]` or `[v6][:port]` to the host (no brackets, no trailing dot) and port.
+fn split_authority(s: &str) -> Option<(&str, Option<u16>)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        match after {
+            "" => (host, None),
+            p => (host, Some(p.strip_prefix(':')?.parse().ok()?)),
+        }
+    } else {
+        match s.split_once(':') {
+            None => (s, None),
+            Some((host, p)) => (host, Some(p.parse().ok()?)),
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    (!host.is_empty()).then_some((host, port))
 }
 
 fn normal_host(h: &str) -> String {
@@ -149,5 +167,24 @@ mod tests {
             Some(("http".into(), "::1".into(), Some(3000)))
         );
         assert_eq!(parse_origin("localhost", false), None);
+    }
+
+    #[test]
+    fn authorities() {
+        assert_eq!(split_authority("localhost"), Some(("localhost", None)));
+        assert_eq!(
+            split_authority("127.0.0.1:8080"),
+            Some(("127.0.0.1", Some(8080)))
+        );
+        assert_eq!(split_authority("[::1]:80"), Some(("::1", Some(80))));
+        assert_eq!(split_authority("[::1]"), Some(("::1", None)));
+        assert_eq!(
+            split_authority("Gw.Example.com."),
+            Some(("Gw.Example.com", None))
+        );
+        assert_eq!(split_authority("evil.example:x"), None);
+        assert_eq!(split_authority("a:1:2"), None);
+        assert_eq!(split_authority(":80"), None);
+        assert_eq!(split_authority("[::1]x"), None);
     }
 }
