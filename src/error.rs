@@ -18,6 +18,9 @@ pub enum GatewayError {
     },
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: u64 },
+    /// A request body in a form the gateway does not read (a `Content-Encoding`).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("{0}")]
     Unauthorized(String),
     /// The client was too slow sending its request.
@@ -93,6 +96,7 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -118,6 +122,7 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest { .. }
             | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::UnsupportedMediaType(_)
             | GatewayError::RequestTimeout(_)
             | GatewayError::NotFound(_)
             | GatewayError::MethodNotAllowed(_) => "invalid_request_error",
@@ -140,6 +145,7 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest { .. } => "invalid_request",
             GatewayError::PayloadTooLarge { .. } => "request_too_large",
+            GatewayError::UnsupportedMediaType(_) => "unsupported_content_encoding",
             GatewayError::Unauthorized(_) => "invalid_api_key",
             GatewayError::RequestTimeout(_) => "request_timeout",
             GatewayError::Forbidden(_) => "model_not_allowed",

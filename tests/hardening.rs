@@ -574,6 +574,49 @@ async fn admin_key_bodies_are_bounded_and_checked() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
+async fn compressed_bodies_get_415_saying_so() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, core) = ledger_gateway(&up, "").await;
+    // Gzip's magic bytes: read as JSON this was a confusing "invalid JSON" 400.
+    let gzip = Bytes::from_static(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03");
+    for (path, auth) in [
+        ("/v1/chat/completions", String::new()),
+        ("/admin/keys", bearer(ADMIN_KEY)),
+    ] {
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ];
+        if !auth.is_empty() {
+            headers.push(("authorization", &auth));
+        }
+        let resp = request_bytes(&gw, "POST", path, &headers, gzip.clone()).await;
+        let e = expect_error(resp, 415, "invalid_request_error").await;
+        assert_eq!(e["code"], "unsupported_content_encoding", "{path}: {e}");
+        assert!(e["message"].as_str().unwrap().contains("gzip"), "{e}");
+    }
+    // `identity` is no encoding at all.
+    let resp = request(
+        &gw,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", "identity"),
+        ],
+        &chat_body("gpt-5", false),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    assert_eq!(up.chat_calls(), 1);
+    // The refused chat request has its rejected row; only the good one is a success.
+    let t = totals(&core).await;
+    assert_eq!((t.requests, t.errors), (2, 1), "{t:?}");
+}
+
+#[tokio::test]
 async fn oversized_bodies_get_413_declared_or_chunked() {
     let up = MockUpstream::start().await;
     let (gw, core) = ledger_gateway(&up, "[server]\nmax_body_bytes = 4096\n").await;

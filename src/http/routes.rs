@@ -279,6 +279,19 @@ pub(crate) async fn read_body_of(
     if declared.is_some_and(|n| n > limit) {
         return Err(GatewayError::PayloadTooLarge { limit });
     }
+    // A compressed body would otherwise fail as "invalid JSON", which sends the client
+    // looking in the wrong place.
+    if let Some(enc) = headers.get(header::CONTENT_ENCODING)
+        && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(GatewayError::UnsupportedMediaType(format!(
+            "request bodies are read uncompressed; this one has Content-Encoding: {}",
+            String::from_utf8_lossy(enc.as_bytes())
+                .chars()
+                .take(40)
+                .collect::<String>()
+        )));
+    }
     let limited = Limited::new(body, limit.try_into().unwrap_or(usize::MAX));
     match tokio::time::timeout(timeout, limited.collect()).await {
         Err(_) => Err(GatewayError::RequestTimeout(format!(
