@@ -310,7 +310,10 @@ async fn gateway_errors_are_openai_shaped() {
         (r#"{"model":"gpt"}"#, Some("messages")),
         (r#"{"model":7,"messages":[]}"#, Some("model")),
     ] {
-        let e = expect_error(post(&gw, body, &[]).await, 400, "invalid_request_error").await;
+        let resp = post(&gw, body, &[]).await;
+        // Chat completion answers always say what the cache did, refusals included.
+        assert_eq!(resp.headers()["x-cache"], "BYPASS", "{body}");
+        let e = expect_error(resp, 400, "invalid_request_error").await;
         if let Some(p) = param {
             assert_eq!(e["param"], p, "{body}");
         }

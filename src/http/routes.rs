@@ -55,7 +55,16 @@ async fn route(
         guard.check(req.headers())?;
     }
     match (req.method(), path) {
-        (&Method::POST, "/v1/chat/completions") => chat(app, req, request_id).await,
+        // Every chat completion answer says what the cache did: one refused before the
+        // cache was consulted (auth, limits, a bad body) did not use it.
+        (&Method::POST, "/v1/chat/completions") => {
+            Ok(chat(app, req, request_id).await.unwrap_or_else(|e| {
+                let mut resp = error_response(&e);
+                resp.headers_mut()
+                    .insert(CACHE_STATUS, HeaderValue::from_static("BYPASS"));
+                resp
+            }))
+        }
         // The other routes' futures are boxed for the same reason as the chat call (see
         // `chat`): the request's future is boxed and copied whole on every request, sized
         // for the largest route, so one big route would cost every request.
