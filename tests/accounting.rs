@@ -236,13 +236,7 @@ async fn broken_and_cancelled_streams_are_recorded_with_estimates() {
         let _ = body_bytes(post(&gw, &chat_body("gpt", true), &[]).await).await;
 
         // Cancelled: read the first event on a raw socket, then hang up.
-        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        let body = chat_body("gpt", true);
-        let req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        sock.write_all(req.as_bytes()).await.unwrap();
+        let mut sock = raw_chat(&gw, &chat_body("gpt", true)).await;
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
         while !String::from_utf8_lossy(&seen).contains("eight ch") {
@@ -310,15 +304,30 @@ async fn a_cut_off_streams_prompt_is_estimated_and_priced() {
     }
 }
 
+/// A chat request written on a raw connection, so the test can hang up whenever it likes.
+async fn raw_chat(gw: &TestGateway, body: &str) -> tokio::net::TcpStream {
+    let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    sock
+}
+
+/// A request with the admin key.
+async fn as_admin(
+    gw: &TestGateway,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> http::Response<hyper::body::Incoming> {
+    let auth = format!("Bearer {ADMIN_KEY}");
+    request(gw, method, path, &[("authorization", &auth)], body).await
+}
+
 async fn create_key(gw: &TestGateway, body: &str) -> (String, String) {
-    let resp = request(
-        gw,
-        "POST",
-        "/admin/keys",
-        &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
-        body,
-    )
-    .await;
+    let resp = as_admin(gw, "POST", "/admin/keys", body).await;
     assert_eq!(resp.status(), 201);
     let v = body_json(resp).await;
     (
@@ -377,14 +386,7 @@ async fn gateway_keys_authenticate_and_revoke() {
         assert_eq!(v["totals"]["requests"], 1, "{db}: {v}");
         assert_eq!(v["groups"][0]["group"], "gpt-5");
 
-        let resp = request(
-            &gw,
-            "DELETE",
-            &format!("/admin/keys/{id}"),
-            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
-            "",
-        )
-        .await;
+        let resp = as_admin(&gw, "DELETE", &format!("/admin/keys/{id}"), "").await;
         assert_eq!(resp.status(), 200);
         let e = expect_error(
             post(&gw, &chat_body("gpt", false), &[("authorization", &auth)]).await,
@@ -550,31 +552,14 @@ async fn admin_api_needs_the_admin_key() {
         "authentication_error",
     )
     .await;
-    let v = body_json(
-        request(
-            &gw,
-            "GET",
-            "/admin/keys",
-            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
-            "",
-        )
-        .await,
-    )
-    .await;
+    let v = body_json(as_admin(&gw, "GET", "/admin/keys", "").await).await;
     assert_eq!(v["data"][0]["name"], "dave");
     assert!(
         v["data"][0].get("hash").is_none() && v["data"][0].get("key").is_none(),
         "{v}"
     );
     expect_error(
-        request(
-            &gw,
-            "POST",
-            "/admin/keys",
-            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
-            r#"{"name":""}"#,
-        )
-        .await,
+        as_admin(&gw, "POST", "/admin/keys", r#"{"name":""}"#).await,
         400,
         "invalid_request_error",
     )
@@ -586,14 +571,7 @@ async fn admin_api_needs_the_admin_key() {
         ("since=2026-11-01&until=2026-11-01", "until"),
     ] {
         let e = expect_error(
-            request(
-                &gw,
-                "GET",
-                &format!("/admin/usage?{query}"),
-                &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
-                "",
-            )
-            .await,
+            as_admin(&gw, "GET", &format!("/admin/usage?{query}"), "").await,
             400,
             "invalid_request_error",
         )
@@ -601,11 +579,10 @@ async fn admin_api_needs_the_admin_key() {
         assert_eq!(e["param"], param, "{query}: {e}");
     }
     // An unescaped `+` offset reads as a space in a query string, and still works.
-    let resp = request(
+    let resp = as_admin(
         &gw,
         "GET",
         "/admin/usage?since=2026-11-01T00:00:00+01:00",
-        &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
         "",
     )
     .await;
@@ -631,17 +608,7 @@ async fn admin_usage_sees_everyone_and_metrics_are_exported() {
         )
         .await;
     }
-    let v = body_json(
-        request(
-            &gw,
-            "GET",
-            "/admin/usage?group_by=key&since=1d",
-            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
-            "",
-        )
-        .await,
-    )
-    .await;
+    let v = body_json(as_admin(&gw, "GET", "/admin/usage?group_by=key&since=1d", "").await).await;
     assert_eq!(v["totals"]["requests"], 2, "{v}");
     assert_eq!(v["groups"].as_array().unwrap().len(), 2, "{v}");
 
@@ -676,11 +643,7 @@ async fn rejected_requests_are_accounted() {
 async fn rows_wait_out_a_failing_database_instead_of_being_lost() {
     // The usage table goes away for a while (as a database that is down, locked or full
     // would fail every write): the rows are held and written once it is back.
-    let db = databases().await.remove(0);
-    let path = db
-        .strip_prefix("sqlite://")
-        .expect("SQLite first")
-        .to_string();
+    let (db, path) = sqlite_database().await;
     let up = MockUpstream::start().await;
     up.set_fallback(Reply::completion("gpt-5", "ok"));
     let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
@@ -748,13 +711,7 @@ async fn a_client_gone_before_poes_head_still_gets_its_row() {
         up.push(Reply::hang());
         let policy = "[aliases]\n[pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\n";
         let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
-        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        let body = chat_body("gpt-5", false);
-        let req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        sock.write_all(req.as_bytes()).await.unwrap();
+        let sock = raw_chat(&gw, &chat_body("gpt-5", false)).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while up.chat_calls() == 0 {
             assert!(
@@ -789,13 +746,7 @@ async fn a_client_gone_while_queued_for_the_limiter_is_not_charged() {
         assert_eq!(resp.status(), 200);
         body_bytes(resp).await;
 
-        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        let body = chat_body("gpt-5", false);
-        let req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        sock.write_all(req.as_bytes()).await.unwrap();
+        let sock = raw_chat(&gw, &chat_body("gpt-5", false)).await;
         // Paused time moves on only once the gateway is idle, holding the request in the
         // limiter's queue (the next slot is a minute away).
         tokio::time::sleep(Duration::from_secs(5)).await;

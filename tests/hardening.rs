@@ -1397,11 +1397,7 @@ async fn open_mode_refuses_web_pages_and_rebound_names() {
 /// its request id, and the detail goes to the log.
 #[tokio::test]
 async fn database_failures_reach_clients_without_their_detail() {
-    let db = databases().await.remove(0);
-    let path = db
-        .strip_prefix("sqlite://")
-        .expect("SQLite first")
-        .to_string();
+    let (db, path) = sqlite_database().await;
     let up = MockUpstream::start().await;
     up.set_fallback(Reply::completion("gpt-5", "ok"));
     let (gw, _core) = TestGateway::with_ledger(&up, "[auth]\nmode = \"keys\"\n", &[], &db).await;

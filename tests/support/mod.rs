@@ -687,6 +687,16 @@ pub async fn databases() -> Vec<String> {
     out
 }
 
+/// A fresh SQLite ledger: its URL and its file's path, for tests that reach into the file.
+pub async fn sqlite_database() -> (String, String) {
+    let db = databases().await.remove(0);
+    let path = db
+        .strip_prefix("sqlite://")
+        .expect("SQLite first")
+        .to_string();
+    (db, path)
+}
+
 async fn fresh_postgres(base: &str) -> String {
     let (client, conn) = tokio_postgres::connect(base, tokio_postgres::NoTls)
         .await
