@@ -236,8 +236,13 @@ pub struct McpPolicy {
     /// A session is forgotten after this long without use.
     #[serde(with = "values::duration")]
     pub session_ttl: Duration,
-    /// Sessions kept at once (all callers together); the least useful go first.
+    /// Sessions kept at once (all callers together); past it the caller holding the most
+    /// loses its least recently used one.
     pub max_sessions: u64,
+    /// Bytes of session history kept at once (all callers together): past it the sessions
+    /// unused longest end. Without it, `max_sessions` full sessions could hold
+    /// `max_sessions * max_session_bytes`.
+    pub max_sessions_bytes: ByteSize,
     /// Sessions kept at once for one caller (gateway key, Poe key, or the server's own): past
     /// it the caller's least recently used session ends, so one caller cannot push everyone
     /// else's sessions out of `max_sessions`.
@@ -263,6 +268,7 @@ impl Default for McpPolicy {
             session_ttl: Duration::from_secs(60 * 60),
             max_sessions: 1000,
             max_sessions_per_key: 100,
+            max_sessions_bytes: ByteSize(256 * 1024 * 1024),
             max_session_messages: 100,
             max_session_bytes: ByteSize(8 * 1024 * 1024),
             progress_interval: Duration::from_secs(10),
@@ -763,6 +769,12 @@ fn validate_mcp(m: &McpPolicy) -> Result<(), (String, String)> {
     if m.max_sessions_per_key == 0 {
         return bad("max_sessions_per_key", "must be at least 1".into());
     }
+    if m.max_sessions_bytes.0 < m.max_session_bytes.0 {
+        return bad(
+            "max_sessions_bytes",
+            "must be at least mcp.max_session_bytes (one full session)".into(),
+        );
+    }
     if m.max_session_messages < 2 {
         return bad(
             "max_session_messages",
@@ -993,6 +1005,14 @@ mod tests {
                 "mcp.max_session_messages",
             ),
             ("[mcp]\nsession_tll = \"1m\"\n", "mcp.session_tll"),
+            (
+                "[mcp]\nmax_sessions_per_key = 0\n",
+                "mcp.max_sessions_per_key",
+            ),
+            (
+                "[mcp]\nmax_sessions_bytes = \"1MiB\"\n",
+                "mcp.max_sessions_bytes",
+            ),
         ] {
             let e = parse("p.toml", text, env(&[])).unwrap_err();
             assert_eq!(e.key, key, "{text}: {e}");

@@ -1,9 +1,11 @@
 //! Conversation sessions for the MCP tools.
 //!
 //! A session is the history of one conversation in the OpenAI message format: an optional
-//! system message, then user and assistant turns. Sessions live in moka with an idle TTL and
-//! a cap on their number; each keeps at most `max_session_messages` messages and
-//! `max_session_bytes` bytes, trimming its oldest turns (never the system message).
+//! system message, then user and assistant turns. Sessions live in moka with an idle TTL,
+//! weighed by their bytes (`max_sessions_bytes` in all), and counted per caller
+//! (`max_sessions_per_key`) and in all (`max_sessions`). Each keeps at most
+//! `max_session_messages` messages and `max_session_bytes` bytes, trimming its oldest turns
+//! (never the system message).
 //!
 //! Ids are random UUID v4s, and every session is keyed by its caller's [`Scope`] as well as
 //! its id: a caller asking for another caller's session finds nothing, exactly as for an id
@@ -14,6 +16,8 @@ use std::sync::Arc;
 
 use moka::future::Cache;
 use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
+use moka::policy::EvictionPolicy;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -63,12 +67,71 @@ struct Limits {
 
 /// All sessions of one gateway.
 pub struct Sessions {
-    cache: Cache<(Scope, Uuid), Arc<Mutex<History>>>,
+    cache: Cache<(Scope, Uuid), Stored>,
     /// Each caller's live sessions, least recently used first. The cache's eviction listener
-    /// takes out what expires or is evicted, so a caller's count is of live sessions only.
-    by_scope: Arc<std::sync::Mutex<HashMap<Scope, VecDeque<Uuid>>>>,
+    /// takes out what expires or is evicted, so the counts are of live sessions only.
+    index: Arc<std::sync::Mutex<Index>>,
     per_scope: usize,
+    max_sessions: usize,
     limits: Limits,
+}
+
+/// A stored session: its history, and its size when last stored, which is its weight in
+/// the cache (`mcp.max_sessions_bytes` bounds the sum).
+#[derive(Clone)]
+struct Stored {
+    history: Arc<Mutex<History>>,
+    weight: u32,
+}
+
+#[derive(Default)]
+struct Index {
+    scopes: HashMap<Scope, VecDeque<Uuid>>,
+    total: usize,
+}
+
+impl Index {
+    fn remove(&mut self, scope: Scope, id: Uuid) {
+        if let Some(ids) = self.scopes.get_mut(&scope)
+            && let Some(at) = ids.iter().position(|i| *i == id)
+        {
+            ids.remove(at);
+            self.total -= 1;
+            if ids.is_empty() {
+                self.scopes.remove(&scope);
+            }
+        }
+    }
+
+    /// Adds a new session and takes out the ones it pushes past the caps: the caller's own
+    /// least recently used past `per_scope`, and past `max` in all, the least recently used
+    /// of whichever caller holds the most.
+    fn add(&mut self, scope: Scope, id: Uuid, per_scope: usize, max: usize) -> Vec<(Scope, Uuid)> {
+        let ids = self.scopes.entry(scope).or_default();
+        ids.push_back(id);
+        self.total += 1;
+        let mut out = Vec::new();
+        while ids.len() > per_scope {
+            if let Some(old) = ids.pop_front() {
+                self.total -= 1;
+                out.push((scope, old));
+            }
+        }
+        while self.total > max {
+            let Some((&busiest, _)) = self.scopes.iter().max_by_key(|(_, ids)| ids.len()) else {
+                break;
+            };
+            let ids = self.scopes.get_mut(&busiest).expect("just found");
+            if let Some(old) = ids.pop_front() {
+                self.total -= 1;
+                out.push((busiest, old));
+            }
+            if ids.is_empty() {
+                self.scopes.remove(&busiest);
+            }
+        }
+        out
+    }
 }
 
 /// A session held for one tool call: its history is locked until the handle is dropped, so
@@ -114,28 +177,25 @@ impl std::fmt::Display for SessionError {
 
 impl Sessions {
     pub fn new(policy: &McpPolicy) -> Sessions {
-        let by_scope: Arc<std::sync::Mutex<HashMap<Scope, VecDeque<Uuid>>>> = Arc::default();
-        let index = by_scope.clone();
+        let index: Arc<std::sync::Mutex<Index>> = Arc::default();
+        let listener = index.clone();
         Sessions {
             cache: Cache::builder()
-                .max_capacity(policy.max_sessions)
+                .max_capacity(policy.max_sessions_bytes.0)
+                .weigher(|_, v: &Stored| v.weight)
+                // New sessions are always kept; the ones unused longest make room.
+                .eviction_policy(EvictionPolicy::lru())
                 .time_to_idle(policy.session_ttl)
                 .eviction_listener(move |key: Arc<(Scope, Uuid)>, _, cause| {
-                    if cause == RemovalCause::Replaced {
-                        return;
-                    }
-                    let (scope, id) = *key;
-                    let mut index = index.lock().expect("session index");
-                    if let Some(ids) = index.get_mut(&scope) {
-                        ids.retain(|i| *i != id);
-                        if ids.is_empty() {
-                            index.remove(&scope);
-                        }
+                    if cause != RemovalCause::Replaced {
+                        let (scope, id) = *key;
+                        listener.lock().expect("session index").remove(scope, id);
                     }
                 })
                 .build(),
-            by_scope,
+            index,
             per_scope: policy.max_sessions_per_key,
+            max_sessions: usize::try_from(policy.max_sessions).unwrap_or(usize::MAX),
             limits: Limits {
                 max_messages: policy.max_session_messages,
                 max_bytes: usize::try_from(policy.max_session_bytes.0).unwrap_or(usize::MAX),
@@ -162,9 +222,15 @@ impl Sessions {
             .cache
             .get(&(scope, id))
             .await
-            .ok_or_else(|| SessionError::Unknown(id.to_string()))?;
+            .ok_or_else(|| SessionError::Unknown(id.to_string()))?
+            .history;
         // Now the caller's most recently used.
-        if let Some(ids) = self.by_scope.lock().expect("session index").get_mut(&scope)
+        if let Some(ids) = self
+            .index
+            .lock()
+            .expect("session index")
+            .scopes
+            .get_mut(&scope)
             && let Some(at) = ids.iter().position(|i| *i == id)
         {
             ids.remove(at);
@@ -191,6 +257,7 @@ impl Sessions {
             session.history.system = Some(system);
         }
         session.history.push_turn(user, assistant, self.limits);
+        let weight = session.history.weight();
         let Session {
             key,
             history,
@@ -199,20 +266,39 @@ impl Sessions {
             ..
         } = session;
         drop(history);
+        let stored = Stored {
+            history: shared,
+            weight,
+        };
         if is_new {
-            self.cache.insert(key, shared).await;
             let (scope, id) = key;
-            let over: Vec<Uuid> = {
-                let mut index = self.by_scope.lock().expect("session index");
-                let ids = index.entry(scope).or_default();
-                ids.push_back(id);
-                let n = ids.len().saturating_sub(self.per_scope);
-                ids.drain(..n).collect()
-            };
+            // Indexed before it is stored: the cache may evict it at once, and its listener
+            // must find it.
+            let over = self.index.lock().expect("session index").add(
+                scope,
+                id,
+                self.per_scope,
+                self.max_sessions,
+            );
+            self.cache.insert(key, stored).await;
             // Outside the index lock: the eviction listener takes it.
             for old in over {
-                self.cache.invalidate(&(scope, old)).await;
+                self.cache.invalidate(&old).await;
             }
+        } else {
+            // Stored again for its new weight, unless it ended (cleared, evicted) meanwhile:
+            // putting it back then would bring it back unindexed.
+            let _ = self
+                .cache
+                .entry(key)
+                .and_compute_with(|found| {
+                    let op = match found {
+                        Some(_) => Op::Put(stored),
+                        None => Op::Nop,
+                    };
+                    std::future::ready(op)
+                })
+                .await;
         }
     }
 
@@ -280,6 +366,13 @@ impl History {
 
     pub fn is_empty(&self) -> bool {
         self.turns.is_empty()
+    }
+
+    /// Its size for the cache's byte cap: the kept turns, the system message, and a little
+    /// for the entry itself.
+    fn weight(&self) -> u32 {
+        let bytes = self.bytes + self.system.as_ref().map_or(0, String::len) + 512;
+        u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 
     fn push_turn(&mut self, user: Value, assistant: Value, limits: Limits) {
@@ -420,6 +513,64 @@ mod tests {
             sessions.open(me, Some("../etc")).await,
             Err(SessionError::Malformed(_))
         ));
+    }
+
+    async fn new_session(sessions: &Sessions, scope: Scope, text: &str) -> String {
+        let s = sessions.open(scope, None).await.unwrap();
+        let id = s.id.to_string();
+        sessions.commit(s, None, user(text), assistant("ok")).await;
+        id
+    }
+
+    async fn alive(sessions: &Sessions, scope: Scope, id: &str) -> bool {
+        sessions.open(scope, Some(id)).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn past_max_sessions_the_busiest_caller_gives_way() {
+        let policy = McpPolicy {
+            max_sessions: 3,
+            ..McpPolicy::default()
+        };
+        let sessions = Sessions::new(&policy);
+        let a = Scope::of(&caller(Credential::Poe(Secret::new("a"))));
+        let b = Scope::of(&caller(Credential::Poe(Secret::new("b"))));
+        let a1 = new_session(&sessions, a, "1").await;
+        let a2 = new_session(&sessions, a, "2").await;
+        let a3 = new_session(&sessions, a, "3").await;
+        let b1 = new_session(&sessions, b, "1").await;
+        assert_eq!(sessions.count().await, 3);
+        assert!(!alive(&sessions, a, &a1).await);
+        for (scope, id) in [(a, &a2), (a, &a3), (b, &b1)] {
+            assert!(alive(&sessions, scope, id).await, "{id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn all_history_together_is_capped_by_bytes() {
+        let policy = McpPolicy {
+            max_session_bytes: crate::config::ByteSize(10_000),
+            max_sessions_bytes: crate::config::ByteSize(20_000),
+            ..McpPolicy::default()
+        };
+        let sessions = Sessions::new(&policy);
+        let me = Scope::of(&caller(Credential::Poe(Secret::new("me"))));
+        let big = "x".repeat(4_000);
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            ids.push(new_session(&sessions, me, &big).await);
+        }
+        // About 4.6 KB each: four fit in 20,000 bytes, and the oldest went first.
+        assert_eq!(sessions.count().await, 4);
+        assert!(!alive(&sessions, me, &ids[0]).await);
+        assert!(!alive(&sessions, me, &ids[1]).await);
+        assert!(alive(&sessions, me, &ids[5]).await);
+
+        // A session that grows is weighed again: another makes room for it.
+        let s = sessions.open(me, Some(&ids[5])).await.unwrap();
+        sessions.commit(s, None, user(&big), assistant("ok")).await;
+        assert_eq!(sessions.count().await, 3);
+        assert!(alive(&sessions, me, &ids[5]).await);
     }
 
     #[test]
