@@ -236,6 +236,8 @@ async fn metrics_are_open_by_default() {
 
 /// Every (method, path) the router in src/http/routes.rs and src/http/admin.rs answers,
 /// written out by hand: adding a route without documenting it fails here.
+/// HEAD is answered wherever GET is outside `/admin` and `/mcp` (RFC 9110: GET without the
+/// body), and is not listed as operations of its own.
 const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/chat/completions"),
     ("get", "/v1/models"),
@@ -434,13 +436,13 @@ async fn unknown_paths_get_404_and_wrong_methods_405_with_allow() {
         assert_eq!(e["code"], "not_found", "{path}");
     }
     for (method, path, allow) in [
-        ("POST", "/healthz", "GET"),
-        ("PUT", "/readyz", "GET"),
-        ("POST", "/metrics", "GET"),
-        ("DELETE", "/openapi.json", "GET"),
-        ("POST", "/v1/usage", "GET"),
-        ("POST", "/v1/models", "GET"),
-        ("DELETE", "/v1/models/gpt-5", "GET"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("PUT", "/readyz", "GET, HEAD"),
+        ("POST", "/metrics", "GET, HEAD"),
+        ("DELETE", "/openapi.json", "GET, HEAD"),
+        ("POST", "/v1/usage", "GET, HEAD"),
+        ("POST", "/v1/models", "GET, HEAD"),
+        ("DELETE", "/v1/models/gpt-5", "GET, HEAD"),
         ("GET", "/v1/chat/completions", "POST"),
         ("PATCH", "/admin/keys", "GET, POST"),
         ("GET", "/admin/keys/key_123", "DELETE"),
@@ -480,6 +482,22 @@ async fn unknown_paths_get_404_and_wrong_methods_405_with_allow() {
     )
     .await;
     assert_eq!(e["code"], "not_found");
+
+    // HEAD is GET without the body (uptime monitors, `curl -I`).
+    for path in ["/healthz", "/readyz", "/openapi.json", "/v1/models"] {
+        let got = body_bytes(get(&gw, path).await).await;
+        let resp = request(&gw, "HEAD", path, &[], "").await;
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(
+            resp.headers()["content-length"],
+            got.len().to_string().as_str(),
+            "{path}"
+        );
+        assert!(body_bytes(resp).await.is_empty(), "{path}");
+    }
+    let resp = request(&gw, "HEAD", "/v1/chat/completions", &[], "").await;
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "POST");
 }
 
 #[tokio::test]

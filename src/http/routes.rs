@@ -54,7 +54,14 @@ async fn route(
     {
         guard.check(req.headers())?;
     }
-    match (req.method(), path) {
+    // HEAD is GET without the body (hyper sends none for it): uptime monitors and `curl -I`
+    // use it on the health and catalogue routes.
+    let method = if req.method() == Method::HEAD {
+        &Method::GET
+    } else {
+        req.method()
+    };
+    match (method, path) {
         // Every chat completion answer says what the cache did: one refused before the
         // cache was consulted (auth, limits, a bad body) did not use it.
         (&Method::POST, "/v1/chat/completions") => {
@@ -128,10 +135,11 @@ async fn route(
                 ))
             }
         }
-        (m, p) => match allowed_methods(p) {
-            Some(allow) => Ok(method_not_allowed(m, p, allow)),
+        (_, p) => match allowed_methods(p) {
+            Some(allow) => Ok(method_not_allowed(req.method(), p, allow)),
             None => Err(GatewayError::NotFound(format!(
-                "Unknown request URL: {m} {p}"
+                "Unknown request URL: {} {p}",
+                req.method()
             ))),
         },
     }
@@ -145,9 +153,9 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
     match path {
         "/v1/chat/completions" => Some("POST"),
         "/v1/models" | "/v1/usage" | "/healthz" | "/readyz" | "/metrics" | "/openapi.json" => {
-            Some("GET")
+            Some("GET, HEAD")
         }
-        p if p.starts_with("/v1/models/") => Some("GET"),
+        p if p.starts_with("/v1/models/") => Some("GET, HEAD"),
         _ => None,
     }
 }
