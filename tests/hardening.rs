@@ -1388,6 +1388,11 @@ async fn open_mode_refuses_web_pages_and_rebound_names() {
             ("origin", "https://app.example.com"),
             ("host", "gw.example.com"),
         ],
+        // Names compare without regard to ASCII case, as DNS does.
+        [
+            ("origin", "HTTPS://App.Example.com"),
+            ("host", "GW.example.com:8080"),
+        ],
     ] {
         let resp = post(&gw, &body, &headers).await;
         assert_eq!(resp.status(), 200, "{headers:?}");

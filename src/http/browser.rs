@@ -31,10 +31,10 @@ impl BrowserGuard {
                 .iter()
                 .map(|h| (h.to_string(), None))
                 .collect();
-            // Validation has checked that each entry parses as an authority.
+            // Read with the parser that reads `Host`, so both sides agree on what a name is.
             for h in &policy.mcp.allowed_hosts {
-                if let Ok(a) = h.trim().parse::<http::uri::Authority>() {
-                    hosts.push((normal_host(a.host()), a.port_u16()));
+                if let Some((name, port)) = split_authority(h.trim()) {
+                    hosts.push((name.to_string(), port));
                 }
             }
             hosts
@@ -45,8 +45,8 @@ impl BrowserGuard {
             let o = o.trim();
             if o == "null" {
                 allow_null_origin = true;
-            } else if let Some(parsed) = parse_origin(o, true) {
-                origins.push(parsed);
+            } else if let Some((scheme, host, port)) = parse_origin(o, true) {
+                origins.push((scheme.to_string(), host.to_string(), port));
             }
         }
         BrowserGuard {
@@ -64,9 +64,11 @@ impl BrowserGuard {
                 self.allow_null_origin
             } else {
                 parse_origin(text, false).is_some_and(|(scheme, host, port)| {
-                    self.origins
-                        .iter()
-                        .any(|(s, h, p)| *s == scheme && *h == host && (p.is_none() || *p == port))
+                    self.origins.iter().any(|(s, h, p)| {
+                        s.eq_ignore_ascii_case(scheme)
+                            && h.eq_ignore_ascii_case(host)
+                            && (p.is_none() || *p == port)
+                    })
                 })
             };
             if !trusted {
@@ -98,7 +100,7 @@ impl BrowserGuard {
 }
 
 /// A header value for an error message: bounded, printable.
-fn shown(s: &str) -> String {
+pub(super) fn shown(s: &str) -> String {
     s.chars()
         .take(100)
         .map(|c| if c.is_control() { '?' } else { c })
@@ -123,29 +125,23 @@ fn split_authority(s: &str) -> Option<(&str, Option<u16>)> {
     (!host.is_empty()).then_some((host, port))
 }
 
-fn normal_host(h: &str) -> String {
-    h.trim_start_matches('[')
-        .trim_end_matches(']')
-        .trim_end_matches('.')
-        .to_ascii_lowercase()
-}
-
 /// `scheme://host[:port]` to its parts, with the scheme's default port filled in. With
-/// `wildcard`, `:*` means any port (`None`).
-fn parse_origin(s: &str, wildcard: bool) -> Option<(String, String, Option<u16>)> {
+/// `wildcard`, `:*` means any port (`None`). Compared without regard to ASCII case.
+fn parse_origin(s: &str, wildcard: bool) -> Option<(&str, &str, Option<u16>)> {
     let (scheme, rest) = s.split_once("://")?;
-    let scheme = scheme.to_ascii_lowercase();
     let rest = rest.trim_end_matches('/');
     if wildcard && let Some(host) = rest.strip_suffix(":*") {
-        return Some((scheme, normal_host(host), None));
+        return Some((scheme, split_authority(host)?.0, None));
     }
-    let a = rest.parse::<http::uri::Authority>().ok()?;
-    let port = a.port_u16().or(match scheme.as_str() {
-        "http" => Some(80),
-        "https" => Some(443),
-        _ => None,
+    let (host, port) = split_authority(rest)?;
+    let port = port.or(if scheme.eq_ignore_ascii_case("http") {
+        Some(80)
+    } else if scheme.eq_ignore_ascii_case("https") {
+        Some(443)
+    } else {
+        None
     });
-    Some((scheme, normal_host(a.host()), port))
+    Some((scheme, host, port))
 }
 
 #[cfg(test)]
@@ -156,15 +152,15 @@ mod tests {
     fn origins() {
         assert_eq!(
             parse_origin("https://App.example.com", false),
-            Some(("https".into(), "app.example.com".into(), Some(443)))
+            Some(("https", "App.example.com", Some(443)))
         );
         assert_eq!(
             parse_origin("http://localhost:*", true),
-            Some(("http".into(), "localhost".into(), None))
+            Some(("http", "localhost", None))
         );
         assert_eq!(
             parse_origin("http://[::1]:3000", false),
-            Some(("http".into(), "::1".into(), Some(3000)))
+            Some(("http", "::1", Some(3000)))
         );
         assert_eq!(parse_origin("localhost", false), None);
     }

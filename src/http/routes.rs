@@ -303,10 +303,7 @@ pub(crate) async fn read_body_of(
     {
         return Err(GatewayError::UnsupportedMediaType(format!(
             "request bodies are read uncompressed; this one has Content-Encoding: {}",
-            String::from_utf8_lossy(enc.as_bytes())
-                .chars()
-                .take(40)
-                .collect::<String>()
+            super::browser::shown(&String::from_utf8_lossy(enc.as_bytes()))
         )));
     }
     let limited = Limited::new(body, limit.try_into().unwrap_or(usize::MAX));
