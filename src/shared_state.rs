@@ -110,6 +110,11 @@ impl SharedState {
         k
     }
 
+    /// `<prefix>spend:<key id>:<period start>`: one counter per key and budget period.
+    fn spend_key(&self, key_id: &str, period_start_ms: i64) -> String {
+        self.key(&["spend", key_id, &period_start_ms.to_string()])
+    }
+
     /// Runs one call with the timeout, and keeps the up/down state and metrics. A call that
     /// finds the connection broken is made once more: the first failure is what makes the
     /// connection manager reconnect, so without the retry every outage would cost one more
@@ -197,7 +202,7 @@ impl SharedState {
         key_id: &str,
         period_start_ms: i64,
     ) -> Result<Option<f64>, Unavailable> {
-        let key = self.key(&["spend", key_id, &period_start_ms.to_string()]);
+        let key = self.spend_key(key_id, period_start_ms);
         self.run("spend", redis::cmd("GET").arg(&key).to_owned())
             .await
     }
@@ -211,7 +216,7 @@ impl SharedState {
         usd: f64,
         ttl: Duration,
     ) -> Result<f64, Unavailable> {
-        let key = self.key(&["spend", key_id, &period_start_ms.to_string()]);
+        let key = self.spend_key(key_id, period_start_ms);
         let cmd = eval(SEED, &key)
             .arg(usd)
             .arg(ttl.as_millis().max(1) as u64)
@@ -228,7 +233,7 @@ impl SharedState {
         period_start_ms: i64,
         usd: f64,
     ) -> Result<(), Unavailable> {
-        let key = self.key(&["spend", key_id, &period_start_ms.to_string()]);
+        let key = self.spend_key(key_id, period_start_ms);
         let _: Option<f64> = self
             .call("charge", eval(CHARGE, &key).arg(usd).to_owned(), false)
             .await?;
@@ -241,7 +246,7 @@ impl SharedState {
         key_id: &str,
         period_start_ms: i64,
     ) -> Result<(), Unavailable> {
-        let key = self.key(&["spend", key_id, &period_start_ms.to_string()]);
+        let key = self.spend_key(key_id, period_start_ms);
         let _: i64 = self
             .run("spend", redis::cmd("DEL").arg(&key).to_owned())
             .await?;

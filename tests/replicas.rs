@@ -11,6 +11,8 @@ mod support;
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::*;
@@ -503,16 +505,16 @@ async fn a_cache_hit_on_one_replica_serves_the_other() {
 /// connections it held, as a partition that ends usually does.
 struct Partition {
     port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Partition {
     async fn start(redis_port: u16) -> Partition {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Mutex::new(Vec::new()));
         let (c, list) = (cut.clone(), conns.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -541,14 +543,14 @@ impl Partition {
     }
 
     fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut.store(true, Ordering::SeqCst);
     }
 
     fn heal(&self) {
         for t in self.conns.lock().unwrap().drain(..) {
             t.abort();
         }
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.store(false, Ordering::SeqCst);
     }
 }
 
@@ -556,7 +558,7 @@ impl Partition {
 async fn relay(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<AtomicBool>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -565,7 +567,7 @@ async fn relay(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if !cut.load(std::sync::atomic::Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
+        if !cut.load(Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }

@@ -492,19 +492,18 @@ impl Drop for LeaderGuard {
 
 /// Waits for the leader to answer, fail, or go away.
 pub async fn wait_for_leader(mut rx: Waiters) -> Waited {
+    let settled = |p: &Progress| match p {
+        Progress::Answered(s) => Some(Waited::Answered(s.clone())),
+        Progress::Failed => Some(Waited::Failed),
+        Progress::Pending => None,
+    };
     loop {
-        match rx.borrow_and_update().clone() {
-            Progress::Answered(s) => return Waited::Answered(s),
-            Progress::Failed => return Waited::Failed,
-            Progress::Pending => {}
+        if let Some(w) = settled(&rx.borrow_and_update()) {
+            return w;
         }
         if rx.changed().await.is_err() {
             // Sent just before the sender went: still read it.
-            return match rx.borrow().clone() {
-                Progress::Answered(s) => Waited::Answered(s),
-                Progress::Failed => Waited::Failed,
-                Progress::Pending => Waited::Cancelled,
-            };
+            return settled(&rx.borrow()).unwrap_or(Waited::Cancelled);
         }
     }
 }

@@ -25,6 +25,8 @@ use crate::shared_state::SharedState;
 const CACHE_TTL: Duration = Duration::from_secs(5);
 /// Prefix of every gateway key, so secret scanners and people can tell what one is.
 pub const KEY_PREFIX: &str = "pgw_";
+/// What every key id starts with (ids are shown in reports and revoke keys too).
+const KEY_ID_PREFIX: &str = "key_";
 
 type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
@@ -123,10 +125,12 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
     // Revocation takes an id or a name, so a name must not read as an id; and a name that
     // reads as a gateway key is most likely one pasted in the wrong field, which listings
     // would then show to every admin.
-    if name.starts_with("key_") || name.starts_with(KEY_PREFIX) {
+    if name.starts_with(KEY_ID_PREFIX) || name.starts_with(KEY_PREFIX) {
         return Err(GatewayError::bad_param(
             "name",
-            format!("`name` must not start with `key_` (key ids do) or `{KEY_PREFIX}` (keys do)"),
+            format!(
+                "`name` must not start with `{KEY_ID_PREFIX}` (key ids do) or `{KEY_PREFIX}` (keys do)"
+            ),
         ));
     }
     // Two active keys of one name could not be told apart in reports or revoked one at a
@@ -175,7 +179,10 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
     };
     let key = generate_key();
     let rec = KeyRecord {
-        id: format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
+        id: format!(
+            "{KEY_ID_PREFIX}{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..16]
+        ),
         name,
         hash: hash_key(&key),
         created_ms: now_ms(),
@@ -441,19 +448,13 @@ impl KeyRing {
             // Counters that missed a charge are dropped first, here rather than at the next
             // budget check: the rows of the batch whose charge failed were written after it,
             // so a seed from now on includes them.
-            let stale: Vec<(String, i64)> = self
-                .stale
-                .lock()
-                .expect("stale lock")
-                .iter()
-                .cloned()
-                .collect();
+            let stale = std::mem::take(&mut *self.stale.lock().expect("stale lock"));
             for (key_id, period_start) in stale {
-                if shared.forget_spend(&key_id, period_start).await.is_ok() {
+                if shared.forget_spend(&key_id, period_start).await.is_err() {
                     self.stale
                         .lock()
                         .expect("stale lock")
-                        .remove(&(key_id, period_start));
+                        .insert((key_id, period_start));
                 }
             }
             for ((key_id, period_start), usd) in shared_sums {

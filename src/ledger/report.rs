@@ -266,15 +266,16 @@ pub fn parse_when(s: &str, now_ms: i64) -> Result<i64, String> {
         let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
         return Ok(now_ms.saturating_sub(age));
     }
-    let rfc3339 = time::format_description::well_known::Rfc3339;
-    if let Ok(t) = time::OffsetDateTime::parse(s, &rfc3339) {
-        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
-    }
+    let rfc3339 = |s: &str| {
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+    };
     // A `+01:00` offset written unescaped in a query string arrives as ` 01:00` (form
     // encoding reads `+` as a space); RFC 3339 has no other place for a space.
-    if let Some((at, offset)) = s.rsplit_once(' ')
-        && let Ok(t) = time::OffsetDateTime::parse(&format!("{at}+{offset}"), &rfc3339)
-    {
+    let rfc3339_time = rfc3339(s).or_else(|| {
+        let (at, offset) = s.rsplit_once(' ')?;
+        rfc3339(&format!("{at}+{offset}"))
+    });
+    if let Some(t) = rfc3339_time {
         return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
     }
     let day = time::macros::format_description!("[year]-[month]-[day]");

@@ -87,7 +87,6 @@ struct Stored {
 #[derive(Default)]
 struct Index {
     scopes: HashMap<Scope, VecDeque<Uuid>>,
-    total: usize,
 }
 
 impl Index {
@@ -96,10 +95,17 @@ impl Index {
             && let Some(at) = ids.iter().position(|i| *i == id)
         {
             ids.remove(at);
-            self.total -= 1;
-            if ids.is_empty() {
-                self.scopes.remove(&scope);
-            }
+            self.remove_if_empty(scope);
+        }
+    }
+
+    /// Makes a session its caller's most recently used.
+    fn touch(&mut self, scope: Scope, id: Uuid) {
+        if let Some(ids) = self.scopes.get_mut(&scope)
+            && let Some(at) = ids.iter().position(|i| *i == id)
+        {
+            ids.remove(at);
+            ids.push_back(id);
         }
     }
 
@@ -109,28 +115,25 @@ impl Index {
     fn add(&mut self, scope: Scope, id: Uuid, per_scope: usize, max: usize) -> Vec<(Scope, Uuid)> {
         let ids = self.scopes.entry(scope).or_default();
         ids.push_back(id);
-        self.total += 1;
-        let mut out = Vec::new();
-        while ids.len() > per_scope {
-            if let Some(old) = ids.pop_front() {
-                self.total -= 1;
-                out.push((scope, old));
-            }
-        }
-        while self.total > max {
+        let over = ids.len().saturating_sub(per_scope);
+        let mut out: Vec<(Scope, Uuid)> = ids.drain(..over).map(|old| (scope, old)).collect();
+        // One new session puts the total at most one past `max`: this runs once at most.
+        while self.scopes.values().map(VecDeque::len).sum::<usize>() > max {
             let Some((&busiest, _)) = self.scopes.iter().max_by_key(|(_, ids)| ids.len()) else {
                 break;
             };
-            let ids = self.scopes.get_mut(&busiest).expect("just found");
-            if let Some(old) = ids.pop_front() {
-                self.total -= 1;
+            if let Some(old) = self.scopes.get_mut(&busiest).and_then(VecDeque::pop_front) {
                 out.push((busiest, old));
             }
-            if ids.is_empty() {
-                self.scopes.remove(&busiest);
-            }
+            self.remove_if_empty(busiest);
         }
         out
+    }
+
+    fn remove_if_empty(&mut self, scope: Scope) {
+        if self.scopes.get(&scope).is_some_and(VecDeque::is_empty) {
+            self.scopes.remove(&scope);
+        }
     }
 }
 
@@ -224,18 +227,7 @@ impl Sessions {
             .await
             .ok_or_else(|| SessionError::Unknown(id.to_string()))?
             .history;
-        // Now the caller's most recently used.
-        if let Some(ids) = self
-            .index
-            .lock()
-            .expect("session index")
-            .scopes
-            .get_mut(&scope)
-            && let Some(at) = ids.iter().position(|i| *i == id)
-        {
-            ids.remove(at);
-            ids.push_back(id);
-        }
+        self.index.lock().expect("session index").touch(scope, id);
         Ok(Session {
             id,
             key: (scope, id),
