@@ -9,6 +9,7 @@
 #   bash benches/run.sh perf         # perf (cpu-clock samples, kernel included) at 32 connections
 #   bash benches/run.sh syscalls     # system calls per request (strace -c), gateway and nginx proxy
 #   bash benches/run.sh cpu          # CPU time per request (user and kernel) of nginx, the floor and the gateway
+#   bash benches/run.sh train        # the training load of scripts/pgo-build.sh (measures nothing)
 #
 # Knobs (env): ROUNDS (3), DURATION seconds per run (4), WARMUP (1), CONNS (32),
 #   HOLD_STREAMS (10000), SOAK_RATE req/s per target (300), SOAK_CONNS (8), KEEP_TMP=1,
@@ -39,8 +40,8 @@ log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 
 case "$MODE" in
-  all|compare|memory|soak|profile|perf|syscalls|cpu|serial-perf) ;;
-  *) die "unknown mode '$MODE' (all, compare, memory, soak [DUR], profile, perf, syscalls, cpu, serial-perf)" ;;
+  all|compare|memory|soak|profile|perf|syscalls|cpu|serial-perf|train) ;;
+  *) die "unknown mode '$MODE' (all, compare, memory, soak [DUR], profile, perf, syscalls, cpu, serial-perf, train)" ;;
 esac
 
 duration_secs() { # 600 | 120s | 2m | 1h
@@ -76,13 +77,16 @@ if [ "$MODE" = syscalls ] && ! command -v strace >/dev/null; then apt_install st
 # and two per stream in the gateway.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-log "building (release): poe-gateway, benches/load.rs and benches/floor.rs"
-BUILD_OUT=$(cargo build --release --bin poe-gateway --bench load --bench floor --message-format=json-render-diagnostics) \
+# GATEWAY_BIN=<path> measures that gateway binary instead, and then it is not built here (its
+# fat-LTO link is minutes on two cores).
+GW_TARGET=(--bin poe-gateway)
+[ -z "${GATEWAY_BIN:-}" ] || GW_TARGET=()
+log "building (release): ${GW_TARGET:+poe-gateway, }benches/load.rs and benches/floor.rs"
+BUILD_OUT=$(cargo build --release "${GW_TARGET[@]}" --bench load --bench floor --message-format=json-render-diagnostics) \
   || die "cargo build failed"
 GW_BIN=$(grep -o '"executable":"[^"]*/poe-gateway"' <<<"$BUILD_OUT" | tail -1 | cut -d'"' -f4)
 LOAD_BIN=$(grep -o '"executable":"[^"]*/load-[0-9a-f]*"' <<<"$BUILD_OUT" | tail -1 | cut -d'"' -f4)
 FLOOR_BIN=$(grep -o '"executable":"[^"]*/floor-[0-9a-f]*"' <<<"$BUILD_OUT" | tail -1 | cut -d'"' -f4)
-# GATEWAY_BIN=<path> measures that gateway binary instead of the one just built.
 GW_BIN=${GATEWAY_BIN:-$GW_BIN}
 [ -x "$GW_BIN" ] && [ -x "$LOAD_BIN" ] && [ -x "$FLOOR_BIN" ] || die "build artifacts not found"
 
@@ -775,6 +779,31 @@ run_serial_perf() {
   log "perf data: $TMP (KEEP_TMP=1 keeps it)"
 }
 
+# The training load of scripts/pgo-build.sh: every path a deployed gateway runs hot, so that
+# profile-guided optimisation does not treat one of them as cold code. The benchmark's own
+# load (JSON and SSE stored misses over HTTP/1.1, at RUST_LOG=warn and info), cache hits, and
+# Poe's path: SSE streams from a TLS upstream over HTTP/2, at 32 connections.
+run_train() {
+  ONLY="json:gateway sse:gateway json:gateway-info sse:gateway-info" run_compare
+  log "train: cache hits (one request body, sent again and again)"
+  start_gateway gw-train-hits "http://127.0.0.1:$P_UP_JSON" info
+  local i
+  for i in $(seq 1 300); do
+    curl -sS --max-time 5 -H 'content-type: application/json' --data-binary "@$TMP/req-json.json" \
+      "${GW_URL[gw-train-hits]}$CHAT" -o /dev/null || die "train: hit request failed"
+  done
+  stop_gateway gw-train-hits
+  log "train: SSE over TLS and HTTP/2 (Poe's path), no gaps between events"
+  local tls_url
+  tls_url=$(start_slow_upstream train-tls --tls-cert "$ROOT/tests/data/localhost.cert.pem" \
+    --tls-key "$ROOT/tests/data/localhost.key.pem" --h2-max-streams 100 --drip-gap-ms 0)
+  start_gateway gw-train-tls "$tls_url" info POE_GATEWAY_UPSTREAM__CA_FILE="$ROOT/tests/data/localhost.cert.pem"
+  "$LOAD_BIN" compare --rounds "$ROUNDS" --duration "$DURATION" --warmup 0 --conns "$CONNS" --no-serial \
+    --body-json "$TMP/req-json.json" --body-sse "$TMP/req-drip.json" \
+    --target "sse:gateway-tls=${GW_URL[gw-train-tls]}$CHAT"
+  stop_gateway gw-train-tls
+}
+
 # --- run ----------------------------------------------------------------------------------------
 start_upstream_nginx
 SLOW_URL=$(start_slow_upstream slow)
@@ -800,5 +829,6 @@ case "$MODE" in
   syscalls) run_syscalls ;;
   cpu) run_cpu ;;
   serial-perf) run_serial_perf ;;
+  train) run_train ;;
 esac
 log "done"
