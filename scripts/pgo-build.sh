@@ -10,7 +10,8 @@
 #   3. merge the counters with llvm-profdata and build again with -Cprofile-use in target/pgo.
 #
 # Prints the optimised binary's path on its last line. Takes about three release builds'
-# time (about 20 minutes on two cores). Measured in benches/README.md (session 19).
+# time: 17 min 45 s on two cores with the benchmark tools already built. What it gains is
+# measured in benches/README.md (session 19).
 #
 # llvm-profdata must come from the same LLVM major version rustc is built on (`rustc -vV`),
 # or it cannot read the counters. In order, the script takes LLVM_PROFDATA, rustup's
