@@ -105,7 +105,14 @@ struct CompareArgs {
     pin_pids: Option<String>,
     #[arg(long, default_value_t = 0)]
     pin_cpu: usize,
+    /// The bearer token every request carries: a gateway key for a gateway in
+    /// `auth.mode = "keys"`, so the key's look-up and limits are on the measured path.
+    #[arg(long, default_value = BENCH_TOKEN)]
+    bearer: String,
 }
+
+/// What requests carry when no gateway key is asked for: open-mode gateways ignore it.
+const BENCH_TOKEN: &str = "bench-not-a-key";
 
 #[derive(clap::Args)]
 struct SlowArgs {
@@ -282,6 +289,7 @@ struct Target {
     /// Origin-form URI for HTTP/1.1.
     path: Uri,
     host: HeaderValue,
+    authorization: HeaderValue,
 }
 
 impl Target {
@@ -310,6 +318,7 @@ impl Target {
             addr: SocketAddr::new(ip, port),
             path: pq.parse().map_err(|e| format!("{url}: {e}"))?,
             host: HeaderValue::from_str(&authority).map_err(|e| format!("{url}: {e}"))?,
+            authorization: bearer(BENCH_TOKEN)?,
             uri,
         })
     }
@@ -330,12 +339,16 @@ impl Target {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer bench-not-a-key"),
-        );
+        h.insert(header::AUTHORIZATION, self.authorization.clone());
         req
     }
+}
+
+fn bearer(token: &str) -> Result<HeaderValue, String> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| "--bearer: not a valid header value".to_string())?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 /// `KIND:LABEL=URL`
@@ -784,8 +797,10 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
             .unwrap_or_default()
     };
     let mut rows = Vec::new();
+    let authorization = bearer(&a.bearer)?;
     for spec in &a.targets {
-        let (kind, label, target) = parse_spec(spec)?;
+        let (kind, label, mut target) = parse_spec(spec)?;
+        target.authorization = authorization.clone();
         if kind == Kind::DripCancel {
             return Err("drip-cancel is for soak only".into());
         }

@@ -781,8 +781,9 @@ run_serial_perf() {
 
 # The training load of scripts/pgo-build.sh: every path a deployed gateway runs hot, so that
 # profile-guided optimisation does not treat one of them as cold code. The benchmark's own
-# load (JSON and SSE stored misses over HTTP/1.1, at RUST_LOG=warn and info), cache hits, and
-# Poe's path: SSE streams from a TLS upstream over HTTP/2, at 32 connections.
+# load (JSON and SSE stored misses over HTTP/1.1, at RUST_LOG=warn and info), cache hits, a
+# team's gateway (gateway keys with a budget and a rate limit), and Poe's path: SSE streams
+# from a TLS upstream over HTTP/2, at 32 connections.
 run_train() {
   ONLY="json:gateway sse:gateway json:gateway-info sse:gateway-info" run_compare
   log "train: cache hits (one request body, sent again and again)"
@@ -793,6 +794,20 @@ run_train() {
       "${GW_URL[gw-train-hits]}$CHAT" -o /dev/null || die "train: hit request failed"
   done
   stop_gateway gw-train-hits
+  log "train: a team's gateway (auth.mode = keys; the key has a budget and a rate limit)"
+  local kind port key
+  for kind in json sse; do
+    port=$P_UP_JSON
+    [ $kind = sse ] && port=$P_UP_SSE
+    key=$(cd "$ROOT" && POE_GATEWAY_DATABASE_URL="sqlite://$TMP/gw-train-keys-$kind.db" \
+      "$GW_BIN" keys create --name bench --budget-usd 1000000 --period month --rpm 1000000 | tail -1)
+    [[ $key == pgw_* ]] || die "train: keys create printed no key"
+    start_gateway "gw-train-keys-$kind" "http://127.0.0.1:$port" info POE_GATEWAY_AUTH__MODE=keys
+    "$LOAD_BIN" compare --rounds "$ROUNDS" --duration "$DURATION" --warmup 0 --conns "$CONNS" \
+      --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" --bearer "$key" \
+      --target "$kind:gateway-keys=${GW_URL[gw-train-keys-$kind]}$CHAT"
+    stop_gateway "gw-train-keys-$kind"
+  done
   log "train: SSE over TLS and HTTP/2 (Poe's path), no gaps between events"
   local tls_url
   tls_url=$(start_slow_upstream train-tls --tls-cert "$ROOT/tests/data/localhost.cert.pem" \
