@@ -66,7 +66,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct CompareArgs {
-    /// KIND:LABEL=URL; labels `direct`, `nginx`, `gateway` get ratios; `gateway-info` is compared with `gateway`.
+    /// KIND:LABEL=URL; labels `direct`, `nginx`, `gateway` get ratios; `gateway-info`,
+    /// `gateway-keys` and `gateway-base` are compared with `gateway`.
     #[arg(long = "target", required = true)]
     targets: Vec<String>,
     #[arg(long)]
@@ -1062,23 +1063,30 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
         ));
         md.push_str(&floor_lines);
     }
-    // What a feature costs: the access log (RUST_LOG=info against warn), and whatever an older
-    // build ("gateway-base") did not have.
+    // What a feature costs: the access log (RUST_LOG=info against warn), gateway keys (a key's
+    // look-up, rate limit and budget against open mode), and whatever an older build
+    // ("gateway-base") did not have.
     let mut cost_lines = String::new();
     for k in [Kind::Json, Kind::Sse] {
         let g = find(k, "gateway");
-        let (info_rps, info_p50) = ratio(find(k, "gateway-info"), g);
-        let (base_rps, base_p50) = ratio(g, find(k, "gateway-base"));
-        if g.is_some() && (find(k, "gateway-info").is_some() || find(k, "gateway-base").is_some()) {
+        let (info, keys, base) = (
+            find(k, "gateway-info"),
+            find(k, "gateway-keys"),
+            find(k, "gateway-base"),
+        );
+        if g.is_some() && (info.is_some() || keys.is_some() || base.is_some()) {
+            let (info_rps, info_p50) = ratio(info, g);
+            let (keys_rps, keys_p50) = ratio(keys, g);
+            let (base_rps, base_p50) = ratio(g, base);
             cost_lines.push_str(&format!(
-                "| {} | {info_rps} | {info_p50} | {base_rps} | {base_p50} |\n",
+                "| {} | {info_rps} | {info_p50} | {keys_rps} | {keys_p50} | {base_rps} | {base_p50} |\n",
                 k.name()
             ));
         }
     }
     if !cost_lines.is_empty() {
         md.push_str(&format!(
-            "\n| payload | RUST_LOG=info / warn: req/s @{c} | RUST_LOG=info / warn: p50 @1 | gateway / gateway-base: req/s @{c} | gateway / gateway-base: p50 @1 |\n|---|---:|---:|---:|---:|\n"
+            "\n| payload | RUST_LOG=info / warn: req/s @{c} | RUST_LOG=info / warn: p50 @1 | keys / open: req/s @{c} | keys / open: p50 @1 | gateway / gateway-base: req/s @{c} | gateway / gateway-base: p50 @1 |\n|---|---:|---:|---:|---:|---:|---:|\n"
         ));
         md.push_str(&cost_lines);
     }

@@ -369,6 +369,21 @@ run_compare() {
     base_targets=("json:gateway-base=${GW_URL[gw-json-base]}$CHAT" "sse:gateway-base=${GW_URL[gw-sse-base]}$CHAT")
     log "baseline gateway: $BASE_BIN ${BASELINE_REV:+($BASELINE_REV)}"
   fi
+  # A team's gateway (auth.mode = keys): every request carries a gateway key, which has a
+  # budget and a rate limit, so the key's look-up and both checks are on the path. One key,
+  # made with the CLI, in both ledgers (the file is copied: keys are random).
+  local keys_targets=() keys_args=()
+  if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *":gateway-keys "* ]]; then
+    local key
+    key=$(cd "$ROOT" && POE_GATEWAY_DATABASE_URL="sqlite://$TMP/gw-json-keys.db" \
+      "$GW_BIN" keys create --name bench --budget-usd 1000000 --period month --rpm 1000000 | tail -1)
+    [[ $key == pgw_* ]] || die "keys create printed no key"
+    cp "$TMP/gw-json-keys.db" "$TMP/gw-sse-keys.db"
+    start_gateway gw-json-keys "http://127.0.0.1:$P_UP_JSON" warn POE_GATEWAY_AUTH__MODE=keys
+    start_gateway gw-sse-keys "http://127.0.0.1:$P_UP_SSE" warn POE_GATEWAY_AUTH__MODE=keys
+    keys_targets=("json:gateway-keys=${GW_URL[gw-json-keys]}$CHAT" "sse:gateway-keys=${GW_URL[gw-sse-keys]}$CHAT")
+    keys_args=(--bearer "$key")
+  fi
   # Other work on the machine skews every number: say how busy it was.
   log "load average before the comparison: $(cut -d' ' -f1-3 /proc/loadavg)"
   # Fresh gateways, before any request.
@@ -385,6 +400,7 @@ run_compare() {
     "sse:gateway-info=${GW_URL[gw-sse-info]}$CHAT"
     "sse:hyper=${FLOOR_URL[floor-sse]}$CHAT"
     "${base_targets[@]}"
+    "${keys_targets[@]}"
     "drip:direct=$SLOW_URL$CHAT"
     "drip:nginx=http://127.0.0.1:$P_PX_DRIP$CHAT"
     "drip:gateway=${GW_URL[gw-drip]}$CHAT"
@@ -401,7 +417,7 @@ run_compare() {
   "$LOAD_BIN" compare \
     --rounds "$ROUNDS" --duration "$DURATION" --warmup "$WARMUP" --conns "$CONNS" \
     --body-json "$bj" --body-sse "$bs" --body-drip "$TMP/req-drip.json" \
-    "${targets[@]}" \
+    "${targets[@]}" "${keys_args[@]}" \
     --pin-pids "$(server_pids)" --pin-cpu 0 \
     --markdown-out "$TMP/compare.md"
   log "load average after the comparison: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -785,7 +801,7 @@ run_serial_perf() {
 # team's gateway (gateway keys with a budget and a rate limit), and Poe's path: SSE streams
 # from a TLS upstream over HTTP/2, at 32 connections.
 run_train() {
-  ONLY="json:gateway sse:gateway json:gateway-info sse:gateway-info" run_compare
+  ONLY="json:gateway sse:gateway json:gateway-info sse:gateway-info json:gateway-keys sse:gateway-keys" run_compare
   log "train: cache hits (one request body, sent again and again)"
   start_gateway gw-train-hits "http://127.0.0.1:$P_UP_JSON" info
   local i
@@ -794,20 +810,6 @@ run_train() {
       "${GW_URL[gw-train-hits]}$CHAT" -o /dev/null || die "train: hit request failed"
   done
   stop_gateway gw-train-hits
-  log "train: a team's gateway (auth.mode = keys; the key has a budget and a rate limit)"
-  local kind port key
-  for kind in json sse; do
-    port=$P_UP_JSON
-    [ $kind = sse ] && port=$P_UP_SSE
-    key=$(cd "$ROOT" && POE_GATEWAY_DATABASE_URL="sqlite://$TMP/gw-train-keys-$kind.db" \
-      "$GW_BIN" keys create --name bench --budget-usd 1000000 --period month --rpm 1000000 | tail -1)
-    [[ $key == pgw_* ]] || die "train: keys create printed no key"
-    start_gateway "gw-train-keys-$kind" "http://127.0.0.1:$port" info POE_GATEWAY_AUTH__MODE=keys
-    "$LOAD_BIN" compare --rounds "$ROUNDS" --duration "$DURATION" --warmup 0 --conns "$CONNS" \
-      --body-json "$TMP/req-json.json" --body-sse "$TMP/req-sse.json" --bearer "$key" \
-      --target "$kind:gateway-keys=${GW_URL[gw-train-keys-$kind]}$CHAT"
-    stop_gateway "gw-train-keys-$kind"
-  done
   log "train: SSE over TLS and HTTP/2 (Poe's path), no gaps between events"
   local tls_url
   tls_url=$(start_slow_upstream train-tls --tls-cert "$ROOT/tests/data/localhost.cert.pem" \
