@@ -4,14 +4,16 @@
 #
 #   1. build an instrumented gateway (-Cprofile-generate) in target/pgo-gen;
 #   2. train it: `benches/run.sh train` drives it with the benchmark's load (JSON and SSE
-#      stored misses against a Poe-shaped nginx upstream, at RUST_LOG=warn and info), cache
-#      hits, and SSE streams from a TLS, HTTP/2 upstream (Poe's path), so that none of those
-#      paths is laid out as cold code; each gateway writes its counters when it is stopped;
+#      stored misses against a Poe-shaped nginx upstream, at RUST_LOG=warn and info), a
+#      team's gateway (auth.mode = keys, a key with a budget and a rate limit), cache hits,
+#      and SSE streams from a TLS, HTTP/2 upstream (Poe's path), so that none of those paths
+#      is laid out as cold code; each gateway writes its counters when it is stopped;
 #   3. merge the counters with llvm-profdata and build again with -Cprofile-use in target/pgo.
 #
 # Prints the optimised binary's path on its last line. Takes about three release builds'
-# time: 17 min 45 s on two cores with the benchmark tools already built. What it gains is
-# measured in benches/README.md (session 19).
+# time: 17 min 45 s on two cores with the benchmark tools already built, 9 min 35 s the
+# second time (its two target dirs keep their dependencies; the gateway is built twice).
+# What it gains is measured in benches/README.md (session 19).
 #
 # llvm-profdata must come from the same LLVM major version rustc is built on (`rustc -vV`),
 # or it cannot read the counters. In order, the script takes LLVM_PROFDATA, rustup's
