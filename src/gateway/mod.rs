@@ -106,15 +106,16 @@ pub struct Reply {
     pub cache: CacheStatus,
 }
 
-pin_project_lite::pin_project! {
-    /// The body of a [`Reply`]: live from upstream through the tap, or already complete
-    /// (an upstream error, read to be classified).
-    #[project = ReplyBodyProj]
-    pub enum ReplyBody {
-        Stream { #[pin] tap: Tap<upstream::Body> },
-        Replay { #[pin] tap: Tap<ReplayBody> },
-        Full { data: Option<Bytes> },
-    }
+/// The body of a [`Reply`]: live from upstream through the tap, or already complete
+/// (an upstream error, read to be classified).
+///
+/// The taps are boxed: a tap is about 800 bytes, and a reply is moved by value through
+/// every layer between the upstream call and hyper (and sits in the futures that hold one),
+/// so inline it was copied whole several times per request.
+pub enum ReplyBody {
+    Stream { tap: Box<Tap<upstream::Body>> },
+    Replay { tap: Box<Tap<ReplayBody>> },
+    Full { data: Option<Bytes> },
 }
 
 impl Body for ReplyBody {
@@ -125,10 +126,10 @@ impl Body for ReplyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project() {
-            ReplyBodyProj::Stream { tap } => tap.poll_frame(cx),
-            ReplyBodyProj::Replay { tap } => tap.poll_frame(cx),
-            ReplyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        match self.get_mut() {
+            ReplyBody::Stream { tap } => Pin::new(&mut **tap).poll_frame(cx),
+            ReplyBody::Replay { tap } => Pin::new(&mut **tap).poll_frame(cx),
+            ReplyBody::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
@@ -925,7 +926,7 @@ impl Gateway {
         Reply {
             status: head.status,
             headers: passthrough_headers(head.headers),
-            body: ReplyBody::Stream { tap },
+            body: ReplyBody::Stream { tap: Box::new(tap) },
             bot,
             attempts,
             cache: cache_status,
@@ -1091,7 +1092,7 @@ impl Gateway {
                 completion,
                 None,
             );
-            ReplyBody::Replay { tap }
+            ReplyBody::Replay { tap: Box::new(tap) }
         } else {
             let data = entry.frames.first().cloned().unwrap_or_default();
             let observed = Observed {
