@@ -536,8 +536,11 @@ profile_one() { # $1 label, $2 kind (json|sse), $3 "gateway", "floor" or "nginx:
   local bj=$TMP/req-json.json bs=$TMP/req-sse.json
   # CACHEABLE=0: requests the cache skips, as in compare and perf.
   if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; fi
+  # A team's gateway is sent its gateway key (PROFILE_BEARER, set by run_profile for it).
+  local bearer=()
+  [ -z "${PROFILE_BEARER:-}" ] || bearer=(--bearer "$PROFILE_BEARER")
   "$LOAD_BIN" compare --rounds 1 --duration 20 --warmup 0 --serial-only --max-requests 200 \
-    --body-json "$bj" --body-sse "$bs" \
+    --body-json "$bj" --body-sse "$bs" "${bearer[@]}" \
     --target "$kind:$label=$url$CHAT" >/dev/null 2>&1 || die "$label: warm-up requests failed"
   if [ "$urlsrc" = gateway ]; then
     # The model catalogue (fetched once per models_ttl, for pricing) and the warm-up's
@@ -548,7 +551,7 @@ profile_one() { # $1 label, $2 kind (json|sse), $3 "gateway", "floor" or "nginx:
   fi
   callgrind_control -z "$pid" >/dev/null 2>&1 || die "callgrind_control -z failed"
   "$LOAD_BIN" compare --rounds 1 --duration 120 --warmup 0 --serial-only --max-requests 1000 \
-    --body-json "$bj" --body-sse "$bs" \
+    --body-json "$bj" --body-sse "$bs" "${bearer[@]}" \
     --target "$kind:$label=$url$CHAT" >/dev/null 2>&1 || die "$label: profiled requests failed"
   # Dumped before the process exits, so shutdown (dropping a full cache, the ledger's last
   # flush) is not counted as request work.
@@ -600,6 +603,20 @@ EOF
     profile_one "gateway-$kind" $kind gateway POE_API_KEY=bench-not-a-key POE_BASE_URL="http://127.0.0.1:$port" \
       POE_GATEWAY_LISTEN=127.0.0.1:0 POE_GATEWAY_LIMITS__UPSTREAM_RPM=100000000 RUST_LOG=warn \
       POE_GATEWAY_DATABASE_URL="sqlite://$TMP/prof-$kind.db" $GATEWAY_ENV "$GW_BIN" serve
+    # A team's gateway, as `gateway-keys` in compare: auth.mode = keys, and every request
+    # carries a key with a budget and a rate limit, so the key's look-up and both checks are
+    # counted. PROFILE_KEYS=0 skips it.
+    if [ "${PROFILE_KEYS:-1}" != 0 ]; then
+      local key
+      key=$(cd "$ROOT" && POE_GATEWAY_DATABASE_URL="sqlite://$TMP/prof-keys-$kind.db" \
+        "$GW_BIN" keys create --name bench --budget-usd 1000000 --period month --rpm 1000000 | tail -1)
+      [[ $key == pgw_* ]] || die "keys create printed no key"
+      log "profile ($kind): a team's gateway (auth.mode = keys) under callgrind"
+      PROFILE_BEARER=$key profile_one "gateway-keys-$kind" $kind gateway POE_API_KEY=bench-not-a-key \
+        POE_BASE_URL="http://127.0.0.1:$port" POE_GATEWAY_LISTEN=127.0.0.1:0 POE_GATEWAY_AUTH__MODE=keys \
+        POE_GATEWAY_LIMITS__UPSTREAM_RPM=100000000 RUST_LOG=warn \
+        POE_GATEWAY_DATABASE_URL="sqlite://$TMP/prof-keys-$kind.db" $GATEWAY_ENV "$GW_BIN" serve
+    fi
   done
   log "callgrind files and annotations: $TMP (KEEP_TMP=1 keeps them)"
 }

@@ -16,6 +16,7 @@ use governor::{Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::cache::KeyHash;
 use super::limits::TokioClock;
 use crate::config::FailurePolicy;
 use crate::error::GatewayError;
@@ -32,7 +33,10 @@ type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddlewar
 
 pub struct KeyRing {
     store: Store,
-    cache: moka::future::Cache<String, Option<Arc<KeyRecord>>>,
+    /// Key records by the SHA-256 of the key (`None`: no such key), for [`CACHE_TTL`]. Keyed
+    /// by the digest's bytes, not its hex: a look-up on every request then needs no string
+    /// made and no SipHash over 64 characters.
+    cache: moka::future::Cache<KeyDigest, Option<Arc<KeyRecord>>, KeyHash>,
     /// Per-key RPM limiters, made on first use with the key's own quota.
     limiters: Mutex<HashMap<String, (u32, Arc<KeyLimiter>)>>,
     /// Spend in the current budget period, per key id.
@@ -101,9 +105,15 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D
         })
 }
 
-/// SHA-256 of a key, hex.
+/// SHA-256 of a key, hex (what the ledger stores).
 pub fn hash_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
+    hex::encode(key_digest(key))
+}
+
+type KeyDigest = [u8; 32];
+
+fn key_digest(key: &str) -> KeyDigest {
+    Sha256::digest(key.as_bytes()).into()
 }
 
 /// A new random key: the prefix and 256 bits from the OS generator, as hex.
@@ -225,7 +235,7 @@ impl KeyRing {
             cache: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(CACHE_TTL)
-                .build(),
+                .build_with_hasher(KeyHash::new()),
             limiters: Mutex::new(HashMap::new()),
             spend: Mutex::new(HashMap::new()),
             stale: Mutex::new(HashSet::new()),
@@ -239,20 +249,28 @@ impl KeyRing {
         if !presented.starts_with(KEY_PREFIX) {
             return Err(invalid());
         }
-        let hash = hash_key(presented);
-        let store = self.store.clone();
-        let h = hash.clone();
-        let found = self
-            .cache
-            .try_get_with(hash.clone(), async move {
-                store.key_by_hash(&h).await.map(|r| r.map(Arc::new))
-            })
-            .await
-            .map_err(|e| GatewayError::internal("the key look-up", &e))?;
+        let digest = key_digest(presented);
+        // The usual case, a key seen within the last few seconds, is a plain look-up: the
+        // loader below (a future and a boxed call in moka) is only made on a miss.
+        let found = match self.cache.get(&digest).await {
+            Some(found) => found,
+            None => {
+                let store = self.store.clone();
+                self.cache
+                    .try_get_with(digest, async move {
+                        let hash = hex::encode(digest);
+                        // Only a record whose stored hash is this key's is ever cached, so a
+                        // hit (the full digest matched) needs no second comparison.
+                        store.key_by_hash(&hash).await.map(|rec| {
+                            rec.filter(|r| bool::from(r.hash.as_bytes().ct_eq(hash.as_bytes())))
+                                .map(Arc::new)
+                        })
+                    })
+                    .await
+                    .map_err(|e| GatewayError::internal("the key look-up", &e))?
+            }
+        };
         let rec = found.ok_or_else(invalid)?;
-        if !bool::from(rec.hash.as_bytes().ct_eq(hash.as_bytes())) {
-            return Err(invalid());
-        }
         if rec.revoked_ms.is_some() {
             return Err(GatewayError::Unauthorized(
                 "this gateway key has been revoked".into(),
@@ -263,7 +281,10 @@ impl KeyRing {
 
     /// Forgets a cached record (after a revocation through this process).
     pub async fn invalidate(&self, hash: &str) {
-        self.cache.invalidate(hash).await;
+        let mut digest = KeyDigest::default();
+        if hex::decode_to_slice(hash, &mut digest).is_ok() {
+            self.cache.invalidate(&digest).await;
+        }
     }
 
     /// Per-key requests per minute; a 429 with the wait when the key is over. With Redis the
