@@ -334,6 +334,17 @@ start_floor() { # $1 name, $2 upstream port
   FLOOR_URL[$1]=$url
 }
 
+# A gateway key for a team's gateway (auth.mode = keys) in the SQLite ledger $1: a budget and
+# an rpm limit, both far above what a run spends, so their checks run and never refuse. Prints
+# the key.
+bench_key() {
+  local key
+  key=$(cd "$ROOT" && POE_GATEWAY_DATABASE_URL="sqlite://$1" \
+    "$GW_BIN" keys create --name bench --budget-usd 1000000 --period month --rpm 1000000 | tail -1)
+  [[ $key == pgw_* ]] || die "keys create printed no key"
+  echo "$key"
+}
+
 stop_gateway() { kill "${GW_PID[$1]}" 2>/dev/null || true; wait "${GW_PID[$1]}" 2>/dev/null || true; }
 
 # Every live process this script started, and their children (nginx workers), comma-separated.
@@ -375,9 +386,7 @@ run_compare() {
   local keys_targets=() keys_args=()
   if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *":gateway-keys "* ]]; then
     local key
-    key=$(cd "$ROOT" && POE_GATEWAY_DATABASE_URL="sqlite://$TMP/gw-json-keys.db" \
-      "$GW_BIN" keys create --name bench --budget-usd 1000000 --period month --rpm 1000000 | tail -1)
-    [[ $key == pgw_* ]] || die "keys create printed no key"
+    key=$(bench_key "$TMP/gw-json-keys.db")
     cp "$TMP/gw-json-keys.db" "$TMP/gw-sse-keys.db"
     start_gateway gw-json-keys "http://127.0.0.1:$P_UP_JSON" warn POE_GATEWAY_AUTH__MODE=keys
     start_gateway gw-sse-keys "http://127.0.0.1:$P_UP_SSE" warn POE_GATEWAY_AUTH__MODE=keys
@@ -608,9 +617,7 @@ EOF
     # counted. PROFILE_KEYS=0 skips it.
     if [ "${PROFILE_KEYS:-1}" != 0 ]; then
       local key
-      key=$(cd "$ROOT" && POE_GATEWAY_DATABASE_URL="sqlite://$TMP/prof-keys-$kind.db" \
-        "$GW_BIN" keys create --name bench --budget-usd 1000000 --period month --rpm 1000000 | tail -1)
-      [[ $key == pgw_* ]] || die "keys create printed no key"
+      key=$(bench_key "$TMP/prof-keys-$kind.db")
       log "profile ($kind): a team's gateway (auth.mode = keys) under callgrind"
       PROFILE_BEARER=$key profile_one "gateway-keys-$kind" $kind gateway POE_API_KEY=bench-not-a-key \
         POE_BASE_URL="http://127.0.0.1:$port" POE_GATEWAY_LISTEN=127.0.0.1:0 POE_GATEWAY_AUTH__MODE=keys \
