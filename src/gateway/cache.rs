@@ -40,9 +40,9 @@ use crate::shared_state::SharedState;
 pub type CacheKey = [u8; 32];
 
 /// Hashes a [`CacheKey`] (or any other SHA-256 digest: the key ring's look-ups are keyed by
-/// one too), from its first 8 bytes and a
-/// per-process secret instead of running SipHash over all 32: moka hashes a key several
-/// times per operation, and SipHash was about 5 % of a stored miss's CPU time (perf). The
+/// one too) from its first 8 bytes and a per-process secret instead of running SipHash over
+/// all 32: moka hashes a key several times per operation, and SipHash was about 5 % of a
+/// stored miss's CPU time (perf). The
 /// secret, mixed in before the finaliser, keeps bucket positions unpredictable, so requests
 /// crafted to share digest bits still cannot pile into one bucket.
 #[derive(Clone)]
