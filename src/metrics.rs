@@ -3,7 +3,7 @@
 
 use prometheus::{
     CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, Opts, Registry, TextEncoder,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -16,6 +16,8 @@ pub struct Metrics {
     pub ttfb: HistogramVec,
     pub in_flight: IntGauge,
     pub streams_in_flight: IntGauge,
+    /// Client connections open, by serving thread (`http::balance` places new ones by it).
+    pub open_connections: IntGaugeVec,
     pub upstream_attempts: IntCounterVec,
     /// `duration` and `ttfb` for `stream="false"` and `stream="true"`, in that order.
     pub duration_by_stream: [Histogram; 2],
@@ -119,6 +121,13 @@ impl Metrics {
                 "streams_in_flight",
                 "Open streamed responses."
             ))),
+            open_connections: reg!(IntGaugeVec::new(
+                opts(
+                    "open_connections",
+                    "Client connections open, by serving thread."
+                ),
+                &["thread"]
+            )),
             upstream_attempts,
             ledger_queue_depth: reg!(IntGauge::with_opts(opts(
                 "ledger_queue_depth",

@@ -572,3 +572,59 @@ async fn connections_past_the_cap_wait_to_be_accepted() {
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 }
+
+/// `poe-gateway serve` with two serving threads spreads a burst of keep-alive connections
+/// over both, whichever thread accepts them. Before, the thread that woke first could take the
+/// whole burst and leave the other core idle (`src/http/balance.rs`).
+#[tokio::test]
+async fn a_burst_of_connections_is_spread_over_the_serving_threads() {
+    let up = MockUpstream::start().await;
+    let (db, _) = sqlite_database().await;
+    let mut cmd = binary_command(&up.url(), &db);
+    cmd.env("POE_GATEWAY_SERVER__THREADS", "2");
+    let (mut child, gw) = spawn_binary(&mut cmd);
+
+    // Ten connections opened at once, each kept open after one request.
+    const N: usize = 10;
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..N {
+        let addr = gw.addr;
+        opening.spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(
+                buf[..n].starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+            s
+        });
+    }
+    let held = opening.join_all().await;
+
+    let metrics = String::from_utf8(body_bytes(get(&gw, "/metrics").await).await.to_vec()).unwrap();
+    let open: Vec<i64> = (0..2)
+        .map(|t| {
+            let name = format!("poe_gateway_open_connections{{thread=\"{t}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name.as_str()))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /metrics"))
+        })
+        .collect();
+    // The ten held, and the one asking for the metrics.
+    assert_eq!(open.iter().sum::<i64>(), N as i64 + 1, "{open:?}");
+    assert!(
+        open.iter().all(|n| *n >= N as i64 / 2),
+        "unbalanced: {open:?}"
+    );
+
+    drop(held);
+    child.kill().unwrap();
+    let _ = child.wait();
+}

@@ -4,6 +4,7 @@
 //! work is done by the [`Gateway`] core.
 
 mod admin;
+mod balance;
 mod browser;
 mod routes;
 
@@ -25,6 +26,7 @@ use tokio::sync::watch;
 use crate::gateway::Gateway;
 use crate::mcp::McpCore;
 use crate::mcp::http::McpHttp;
+use balance::{Balancer, Handoff, Inbox};
 
 /// State shared by every connection.
 pub(crate) struct App {
@@ -92,14 +94,21 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
             app.begin_drain();
         }
     };
-    accept_loop(listener, app.clone(), stopping).await;
+    let (balancer, mut inboxes) = Balancer::new(1, app.gateway.metrics());
+    let lane = Lane {
+        index: 0,
+        balancer,
+        inbox: inboxes.remove(0),
+    };
+    accept_loop(listener, app.clone(), lane, stopping).await;
     // Every finished request's usage row is on disk before the process exits.
     app.gateway.flush().await;
 }
 
 /// Serves on `listener` with `threads` threads, each running its own single-threaded runtime
 /// and accept loop on the shared socket (like nginx's workers), until `shutdown` resolves;
-/// then drains them all. Called from the main runtime, which keeps the background work
+/// then drains them all. A thread that accepts a connection while another has fewer open
+/// hands it over ([`balance`]). Called from the main runtime, which keeps the background work
 /// (ledger writer, refreshes, exporters).
 ///
 /// Why: on a work-stealing runtime a request, its connection and the upstream connection it
@@ -115,8 +124,15 @@ pub async fn serve_threads(
     listener.set_nonblocking(true)?;
     let app = App::new(gateway);
     let (stop, stopped) = watch::channel(false);
+    let threads = threads.max(1);
+    let (balancer, inboxes) = Balancer::new(threads, app.gateway.metrics());
     let mut finished = Vec::with_capacity(threads);
-    for index in 0..threads.max(1) {
+    for (index, inbox) in inboxes.into_iter().enumerate() {
+        let lane = Lane {
+            index,
+            balancer: balancer.clone(),
+            inbox,
+        };
         let listener = listener.try_clone()?;
         let app = app.clone();
         let mut stopped = stopped.clone();
@@ -151,7 +167,7 @@ pub async fn serve_threads(
                         let _ = stopped.wait_for(|s| *s).await;
                         ticker.abort();
                     };
-                    accept_loop(listener, app, stopping).await;
+                    accept_loop(listener, app, lane, stopping).await;
                 });
                 // Tasks still alive on this runtime (a stream past the grace) end here.
                 drop(runtime);
@@ -160,6 +176,7 @@ pub async fn serve_threads(
         finished.push(finished_rx);
     }
     drop(listener);
+    drop(balancer);
     shutdown.await;
     app.begin_drain();
     let _ = stop.send(true);
@@ -199,9 +216,38 @@ impl App {
     }
 }
 
+/// One serving thread's place among the others: its index, the shared connection counts,
+/// and the connections other threads accepted for it.
+struct Lane {
+    index: usize,
+    balancer: Arc<Balancer>,
+    inbox: Inbox,
+}
+
+/// Waits for room under `server.max_connections`, then for a connection.
+async fn accept_one(
+    listener: &TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> (
+    std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+    tokio::sync::OwnedSemaphorePermit,
+) {
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    (listener.accept().await, slot)
+}
+
 /// One accept loop. Returns once `shutdown` has resolved and this loop's connections have
 /// drained (or the grace period ran out).
-async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    app: Arc<App>,
+    mut lane: Lane,
+    shutdown: impl Future<Output = ()>,
+) {
     let policy = app.gateway.policy().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -227,25 +273,46 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: impl Future
     loop {
         // At the cap, stop accepting: new connections wait in the kernel's backlog instead of
         // costing memory and descriptors here.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-            _ = &mut shutdown => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
+        let (stream, peer, slot, seat) = tokio::select! {
+            handoff = lane.inbox.recv() => {
+                let Handoff { stream, peer, slot, seat } = handoff;
+                match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => (stream, peer, slot, seat),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot register a handed-over connection");
+                        continue;
+                    }
+                }
+            }
+            (accepted, slot) = accept_one(&listener, &slots) => match accepted {
+                Ok((stream, peer)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "set_nodelay failed");
+                    }
+                    let seat = lane.balancer.place(lane.index);
+                    if seat.thread() != lane.index {
+                        // Another thread has fewer connections: it serves this one. A failed
+                        // hand-off (that thread is shutting down) closes the connection.
+                        match stream.into_std() {
+                            Ok(stream) => {
+                                let _ = lane.balancer.send(Handoff { stream, peer, slot, seat });
+                            }
+                            Err(e) => tracing::debug!(error = %e, "cannot hand a connection over"),
+                        }
+                        continue;
+                    }
+                    (stream, peer, slot, seat)
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
+                    drop(slot);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = &mut shutdown => break,
         };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "set_nodelay failed");
-        }
         let app = app.clone();
         // Told when the connection's first request reaches the service.
         let first_request = Arc::new(tokio::sync::Notify::new());
@@ -306,7 +373,7 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: impl Future
                     _ = timer.as_mut(), if !(closing && served) => {
                         if !served {
                             tracing::debug!(%peer, "closing a connection that sent no request within server.header_read_timeout");
-                            drop(slot);
+                            drop((slot, seat));
                             return;
                         }
                         let last = base + Duration::from_millis(last_request.load(Ordering::Relaxed));
@@ -324,7 +391,7 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, shutdown: impl Future
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            drop(slot);
+            drop((slot, seat));
         });
     }
 
