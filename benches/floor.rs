@@ -4,7 +4,8 @@
 //! Issue 8 asks the gateway for 0.8 × nginx's throughput. This proxy does nothing a gateway
 //! does (no parse, no auth, no cache, no ledger, no tap) and is laid out the way the gateway is
 //! at its cheapest: one single-threaded runtime and accept loop per thread on a shared socket,
-//! hyper-util's auto server with the gateway's HTTP/1.1 settings, the request body read whole
+//! each new connection served by the thread with the fewest open (the gateway's
+//! `http::balance`), hyper-util's auto server with the gateway's HTTP/1.1 settings, the request body read whole
 //! (the gateway must read it to parse it), and per thread a stack of idle
 //! `hyper::client::conn::http1` senders, a connection going back when its response body ends.
 //! What it reaches is the most any gateway on these crates can reach on this machine: the gap
@@ -20,6 +21,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,7 +34,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use poe_gateway::http::balance::{self, Accepted, Lane};
+use poe_gateway::metrics::Metrics;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 type Sender = http1::SendRequest<Full<Bytes>>;
 
@@ -114,9 +119,15 @@ fn run() -> Result<(), String> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let host = HeaderValue::from_str(&args.upstream.to_string()).map_err(|e| e.to_string())?;
+    let metrics = Metrics::new();
+    let slots = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
     let mut threads = Vec::new();
-    for i in 0..args.threads {
+    for (i, lane) in balance::lanes(args.threads, &metrics)
+        .into_iter()
+        .enumerate()
+    {
         let listener = listener.try_clone().map_err(|e| e.to_string())?;
+        let slots = slots.clone();
         let (upstream, host) = (args.upstream, host.clone());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -124,7 +135,7 @@ fn run() -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let thread = std::thread::Builder::new()
             .name(format!("floor-{i}"))
-            .spawn(move || runtime.block_on(accept_loop(listener, upstream, host)))
+            .spawn(move || runtime.block_on(accept_loop(listener, lane, slots, upstream, host)))
             .map_err(|e| e.to_string())?;
         threads.push(thread);
     }
@@ -133,7 +144,13 @@ fn run() -> Result<(), String> {
     Ok(())
 }
 
-async fn accept_loop(listener: std::net::TcpListener, upstream: SocketAddr, host: HeaderValue) {
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    mut lane: Lane,
+    slots: Arc<Semaphore>,
+    upstream: SocketAddr,
+    host: HeaderValue,
+) {
     let listener = TcpListener::from_std(listener).expect("register the listener");
     // The gateway's trick, for the same reason: an earlier timer deadline kept registered
     // spares each request's header-read timer a wake-up of the runtime's driver.
@@ -151,11 +168,13 @@ async fn accept_loop(listener: std::net::TcpListener, upstream: SocketAddr, host
         .max_buf_size(8 * 1024)
         .keep_alive(true);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok(Accepted {
+            stream, slot, seat, ..
+        }) = lane.next(&listener, &slots).await
+        else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let host = host.clone();
         let service = hyper::service::service_fn(move |req| {
             let host = host.clone();
@@ -168,6 +187,7 @@ async fn accept_loop(listener: std::net::TcpListener, upstream: SocketAddr, host
         );
         tokio::spawn(async move {
             let _ = conn.await;
+            drop((slot, seat));
         });
     }
 }

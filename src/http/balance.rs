@@ -16,20 +16,30 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus::IntGauge;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::metrics::Metrics;
 
 /// Open connections per serving thread, and a way to send each thread a connection.
-pub(crate) struct Balancer {
+struct Balancer {
     open: Box<[IntGauge]>,
     inboxes: Box<[mpsc::UnboundedSender<Handoff>]>,
 }
 
 /// A connection accepted on one thread for another, with its place in
 /// `server.max_connections` and in its thread's count.
-pub(crate) struct Handoff {
-    pub stream: std::net::TcpStream,
+struct Handoff {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    seat: Seat,
+}
+
+/// A connection this thread serves, with what it holds while open: a place under the
+/// connection cap and one in the thread's count. Drop them when the connection ends.
+pub struct Accepted {
+    pub stream: TcpStream,
     pub peer: SocketAddr,
     pub slot: OwnedSemaphorePermit,
     pub seat: Seat,
@@ -37,36 +47,45 @@ pub(crate) struct Handoff {
 
 /// One connection counted on `thread`; dropping it (when the connection ends, or when a
 /// hand-off fails) takes it off the count.
-pub(crate) struct Seat {
+pub struct Seat {
     balancer: Arc<Balancer>,
     thread: usize,
 }
 
-impl Balancer {
-    /// A balancer for `threads` serving threads, and each thread's inbox.
-    pub fn new(threads: usize, metrics: &Metrics) -> (Arc<Balancer>, Vec<Inbox>) {
-        let threads = threads.max(1);
-        let (inboxes, receivers): (Vec<_>, Vec<_>) =
-            (0..threads).map(|_| mpsc::unbounded_channel()).unzip();
-        let open = (0..threads)
-            .map(|i| {
-                let g = metrics
-                    .open_connections
-                    .with_label_values(&[i.to_string().as_str()]);
-                g.set(0);
-                g
-            })
-            .collect();
-        let balancer = Arc::new(Balancer {
-            open,
-            inboxes: inboxes.into(),
-        });
-        (balancer, receivers.into_iter().map(Inbox).collect())
-    }
+/// One lane for each of `threads` serving threads, sharing one set of counts (the
+/// `poe_gateway_open_connections{thread}` gauges of `metrics`, reset to 0).
+pub fn lanes(threads: usize, metrics: &Metrics) -> Vec<Lane> {
+    let threads = threads.max(1);
+    let (inboxes, receivers): (Vec<_>, Vec<_>) =
+        (0..threads).map(|_| mpsc::unbounded_channel()).unzip();
+    let open = (0..threads)
+        .map(|i| {
+            let g = metrics
+                .open_connections
+                .with_label_values(&[i.to_string().as_str()]);
+            g.set(0);
+            g
+        })
+        .collect();
+    let balancer = Arc::new(Balancer {
+        open,
+        inboxes: inboxes.into(),
+    });
+    receivers
+        .into_iter()
+        .enumerate()
+        .map(|(index, inbox)| Lane {
+            index,
+            balancer: balancer.clone(),
+            inbox,
+        })
+        .collect()
+}
 
+impl Balancer {
     /// Where a connection accepted on thread `here` is served, counted there: `here` unless
     /// another thread has fewer connections open (the first such, on a tie).
-    pub fn place(self: &Arc<Self>, here: usize) -> Seat {
+    fn place(self: &Arc<Self>, here: usize) -> Seat {
         let mut thread = here;
         let mut fewest = self.open[here].get();
         for (i, open) in self.open.iter().enumerate() {
@@ -83,11 +102,11 @@ impl Balancer {
         }
     }
 
-    /// Sends a connection to its thread. Fails only once that thread has stopped accepting
-    /// (shutdown); the connection is then closed and uncounted as the hand-off drops.
-    pub fn send(&self, handoff: Handoff) -> Result<(), Handoff> {
+    /// Sends a connection to its thread. Fails only once that thread has stopped (shutdown);
+    /// the connection is then closed and uncounted as the hand-off drops.
+    fn send(&self, handoff: Handoff) {
         let to = handoff.seat.thread;
-        self.inboxes[to].send(handoff).map_err(|e| e.0)
+        let _ = self.inboxes[to].send(handoff);
     }
 }
 
@@ -103,18 +122,71 @@ impl Drop for Seat {
     }
 }
 
-/// The connections other threads accepted for this one.
-pub(crate) struct Inbox(mpsc::UnboundedReceiver<Handoff>);
+/// One serving thread's place among the others: its index, the shared counts, and the
+/// connections other threads accepted for it.
+pub struct Lane {
+    index: usize,
+    balancer: Arc<Balancer>,
+    inbox: mpsc::UnboundedReceiver<Handoff>,
+}
 
-impl Inbox {
-    /// The next connection handed over. Pending for ever once every sender is gone, so it
-    /// can sit in a `select!` beside the accept.
-    pub async fn recv(&mut self) -> Handoff {
-        match self.0.recv().await {
-            Some(h) => h,
-            None => std::future::pending().await,
+impl Lane {
+    /// The next connection this thread serves: one another thread handed over, or one
+    /// accepted here while no other thread has fewer open (any other is handed over on the
+    /// way). Waits for room under `slots` before accepting, so at the cap new connections
+    /// wait in the kernel's backlog. Cancel-safe: it only waits in the accept and the inbox.
+    pub async fn next(
+        &mut self,
+        listener: &TcpListener,
+        slots: &Arc<Semaphore>,
+    ) -> std::io::Result<Accepted> {
+        loop {
+            tokio::select! {
+                handoff = self.inbox.recv() => {
+                    // The lane holds a sender to its own inbox, so it never closes.
+                    let Some(Handoff { stream, peer, slot, seat }) = handoff else {
+                        continue;
+                    };
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => return Ok(Accepted { stream, peer, slot, seat }),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot register a handed-over connection");
+                        }
+                    }
+                }
+                (accepted, slot) = accept_one(listener, slots) => {
+                    let (stream, peer) = accepted?;
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "set_nodelay failed");
+                    }
+                    let seat = self.balancer.place(self.index);
+                    if seat.thread == self.index {
+                        return Ok(Accepted { stream, peer, slot, seat });
+                    }
+                    match stream.into_std() {
+                        Ok(stream) => self.balancer.send(Handoff { stream, peer, slot, seat }),
+                        Err(e) => tracing::debug!(error = %e, "cannot hand a connection over"),
+                    }
+                }
+            }
         }
     }
+}
+
+/// Waits for room under the connection cap, then for a connection.
+async fn accept_one(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> (
+    std::io::Result<(TcpStream, SocketAddr)>,
+    OwnedSemaphorePermit,
+) {
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    (listener.accept().await, slot)
 }
 
 #[cfg(test)]
@@ -126,7 +198,8 @@ mod tests {
     #[test]
     fn connections_go_to_the_least_busy_thread() {
         let metrics = Metrics::new();
-        let (b, _inboxes) = Balancer::new(2, &metrics);
+        let lanes = lanes(2, &metrics);
+        let b = lanes[0].balancer.clone();
         let open = |b: &Balancer| (b.open[0].get(), b.open[1].get());
         // A burst all accepted on thread 0 alternates between the threads.
         let mut seats: Vec<Seat> = (0..6).map(|_| b.place(0)).collect();

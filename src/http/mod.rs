@@ -4,7 +4,7 @@
 //! work is done by the [`Gateway`] core.
 
 mod admin;
-mod balance;
+pub mod balance;
 mod browser;
 mod routes;
 
@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use crate::gateway::Gateway;
 use crate::mcp::McpCore;
 use crate::mcp::http::McpHttp;
-use balance::{Balancer, Handoff, Inbox};
+use balance::{Accepted, Lane};
 
 /// State shared by every connection.
 pub(crate) struct App {
@@ -94,12 +94,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
             app.begin_drain();
         }
     };
-    let (balancer, mut inboxes) = Balancer::new(1, app.gateway.metrics());
-    let lane = Lane {
-        index: 0,
-        balancer,
-        inbox: inboxes.remove(0),
-    };
+    let lane = balance::lanes(1, app.gateway.metrics()).remove(0);
     accept_loop(listener, app.clone(), lane, stopping).await;
     // Every finished request's usage row is on disk before the process exits.
     app.gateway.flush().await;
@@ -125,14 +120,11 @@ pub async fn serve_threads(
     let app = App::new(gateway);
     let (stop, stopped) = watch::channel(false);
     let threads = threads.max(1);
-    let (balancer, inboxes) = Balancer::new(threads, app.gateway.metrics());
     let mut finished = Vec::with_capacity(threads);
-    for (index, inbox) in inboxes.into_iter().enumerate() {
-        let lane = Lane {
-            index,
-            balancer: balancer.clone(),
-            inbox,
-        };
+    for (index, lane) in balance::lanes(threads, app.gateway.metrics())
+        .into_iter()
+        .enumerate()
+    {
         let listener = listener.try_clone()?;
         let app = app.clone();
         let mut stopped = stopped.clone();
@@ -176,7 +168,6 @@ pub async fn serve_threads(
         finished.push(finished_rx);
     }
     drop(listener);
-    drop(balancer);
     shutdown.await;
     app.begin_drain();
     let _ = stop.send(true);
@@ -216,30 +207,6 @@ impl App {
     }
 }
 
-/// One serving thread's place among the others: its index, the shared connection counts,
-/// and the connections other threads accepted for it.
-struct Lane {
-    index: usize,
-    balancer: Arc<Balancer>,
-    inbox: Inbox,
-}
-
-/// Waits for room under `server.max_connections`, then for a connection.
-async fn accept_one(
-    listener: &TcpListener,
-    slots: &Arc<tokio::sync::Semaphore>,
-) -> (
-    std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
-    tokio::sync::OwnedSemaphorePermit,
-) {
-    let slot = slots
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("the semaphore is never closed");
-    (listener.accept().await, slot)
-}
-
 /// One accept loop. Returns once `shutdown` has resolved and this loop's connections have
 /// drained (or the grace period ran out).
 async fn accept_loop(
@@ -273,40 +240,17 @@ async fn accept_loop(
     loop {
         // At the cap, stop accepting: new connections wait in the kernel's backlog instead of
         // costing memory and descriptors here.
-        let (stream, peer, slot, seat) = tokio::select! {
-            handoff = lane.inbox.recv() => {
-                let Handoff { stream, peer, slot, seat } = handoff;
-                match tokio::net::TcpStream::from_std(stream) {
-                    Ok(stream) => (stream, peer, slot, seat),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot register a handed-over connection");
-                        continue;
-                    }
-                }
-            }
-            (accepted, slot) = accept_one(&listener, &slots) => match accepted {
-                Ok((stream, peer)) => {
-                    if let Err(e) = stream.set_nodelay(true) {
-                        tracing::debug!(error = %e, "set_nodelay failed");
-                    }
-                    let seat = lane.balancer.place(lane.index);
-                    if seat.thread() != lane.index {
-                        // Another thread has fewer connections: it serves this one. A failed
-                        // hand-off (that thread is shutting down) closes the connection.
-                        match stream.into_std() {
-                            Ok(stream) => {
-                                let _ = lane.balancer.send(Handoff { stream, peer, slot, seat });
-                            }
-                            Err(e) => tracing::debug!(error = %e, "cannot hand a connection over"),
-                        }
-                        continue;
-                    }
-                    (stream, peer, slot, seat)
-                }
+        let Accepted {
+            stream,
+            peer,
+            slot,
+            seat,
+        } = tokio::select! {
+            next = lane.next(&listener, &slots) => match next {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    drop(slot);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
