@@ -52,19 +52,17 @@ pub struct Seat {
     thread: usize,
 }
 
-/// One lane for each of `threads` serving threads, sharing one set of counts (the
-/// `poe_gateway_open_connections{thread}` gauges of `metrics`, reset to 0).
+/// One lane for each of `threads` serving threads, sharing one set of counts: the
+/// `poe_gateway_open_connections{thread}` gauges of `metrics`.
 pub fn lanes(threads: usize, metrics: &Metrics) -> Vec<Lane> {
     let threads = threads.max(1);
     let (inboxes, receivers): (Vec<_>, Vec<_>) =
         (0..threads).map(|_| mpsc::unbounded_channel()).unzip();
     let open = (0..threads)
         .map(|i| {
-            let g = metrics
+            metrics
                 .open_connections
-                .with_label_values(&[i.to_string().as_str()]);
-            g.set(0);
-            g
+                .with_label_values(&[i.to_string().as_str()])
         })
         .collect();
     let balancer = Arc::new(Balancer {
@@ -102,8 +100,8 @@ impl Balancer {
         }
     }
 
-    /// Sends a connection to its thread. Fails only once that thread has stopped (shutdown);
-    /// the connection is then closed and uncounted as the hand-off drops.
+    /// Sends a connection to its thread. If that thread has stopped (shutdown), the hand-off
+    /// is dropped: the connection closes and leaves the counts.
     fn send(&self, handoff: Handoff) {
         let to = handoff.seat.thread;
         let _ = self.inboxes[to].send(handoff);
