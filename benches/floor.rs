@@ -5,8 +5,8 @@
 //! does (no parse, no auth, no cache, no ledger, no tap) and is laid out the way the gateway is
 //! at its cheapest: one single-threaded runtime and accept loop per thread on a shared socket,
 //! each new connection served by the thread with the fewest open (the gateway's
-//! `http::balance`), hyper-util's auto server with the gateway's HTTP/1.1 settings, the request body read whole
-//! (the gateway must read it to parse it), and per thread a stack of idle
+//! `http::balance`), hyper-util's auto server with the gateway's HTTP/1.1 settings, the
+//! request body read whole (the gateway must read it to parse it), and per thread a stack of idle
 //! `hyper::client::conn::http1` senders, a connection going back when its response body ends.
 //! What it reaches is the most any gateway on these crates can reach on this machine: the gap
 //! between it and nginx is hyper's, the gap between it and the gateway is ours.
