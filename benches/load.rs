@@ -110,6 +110,10 @@ struct CompareArgs {
     /// `auth.mode = "keys"`, so the key's look-up and limits are on the measured path.
     #[arg(long, default_value = BENCH_TOKEN)]
     bearer: String,
+    /// Every request opens a connection of its own and closes it after the response, as
+    /// curl in a loop or a client without a pool does. Latency then includes the connect.
+    #[arg(long)]
+    new_conn: bool,
 }
 
 /// What requests carry when no gateway key is asked for: open-mode gateways ignore it.
@@ -538,10 +542,12 @@ struct Plan {
     issued: AtomicU64,
     /// Per-connection pacing interval, when the run is rate limited.
     interval: Option<Duration>,
+    /// A connection per request (`compare --new-conn`).
+    new_conn: bool,
 }
 
-/// `conns` keep-alive HTTP/1.1 connections, each sending requests back to back (or paced),
-/// until `warmup + duration` has passed or `max_requests` have been issued.
+/// `conns` keep-alive HTTP/1.1 connections (or `conns` clients that connect per request),
+/// each sending requests back to back (or paced), until `warmup + duration` has passed or `max_requests` have been issued.
 #[allow(clippy::too_many_arguments)]
 async fn run_load(
     target: &Target,
@@ -552,6 +558,7 @@ async fn run_load(
     duration: Duration,
     max_requests: u64,
     rate: Option<f64>,
+    new_conn: bool,
 ) -> RunResult {
     let start = Instant::now();
     let plan = Arc::new(Plan {
@@ -560,6 +567,7 @@ async fn run_load(
         max_requests,
         issued: AtomicU64::new(0),
         interval: rate.map(|r| Duration::from_secs_f64(conns as f64 / r)),
+        new_conn,
     });
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..conns {
@@ -631,6 +639,7 @@ async fn conn_loop(
         {
             break;
         }
+        let t_connect = Instant::now();
         if sender.as_ref().is_none_or(|s| s.is_closed()) {
             match connect_h1(target.addr).await {
                 Ok(s) => sender = Some(s),
@@ -651,13 +660,21 @@ async fn conn_loop(
         let req = target.request(&template.next(), false);
         match tokio::time::timeout(request_timeout, one_request(s, req, kind)).await {
             Ok(Ok(sample)) => {
-                if kind == Kind::DripCancel {
+                // The connect counts too when every request pays for one.
+                let connect = if plan.new_conn {
+                    t0 - t_connect
+                } else {
+                    Duration::ZERO
+                };
+                if kind == Kind::DripCancel || plan.new_conn {
                     sender = None;
                 }
                 if t0 >= plan.measure_from && Instant::now() <= plan.end {
                     r.ok += 1;
-                    let _ = r.latency.record(sample.latency.as_nanos() as u64);
-                    let _ = r.ttfb.record(sample.ttfb.as_nanos() as u64);
+                    let _ = r
+                        .latency
+                        .record((connect + sample.latency).as_nanos() as u64);
+                    let _ = r.ttfb.record((connect + sample.ttfb).as_nanos() as u64);
                 }
             }
             Ok(Err(e)) => {
@@ -880,6 +897,7 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
                             duration,
                             a.max_requests,
                             None,
+                            a.new_conn,
                         )
                         .await;
                         if pinned {
@@ -903,6 +921,7 @@ async fn compare(a: CompareArgs) -> Result<(), String> {
                         duration,
                         a.max_requests,
                         None,
+                        a.new_conn,
                     )
                     .await;
                     line(round, row, &format!("{} conns", a.conns), &m);
@@ -1632,6 +1651,7 @@ async fn soak(a: SoakArgs) -> Result<(), String> {
                 duration,
                 max,
                 Some(rate),
+                false,
             )
             .await;
             (kind, label, r)

@@ -21,6 +21,8 @@
 #   ONLY="KIND:LABEL ..." (compare) measures only those targets, e.g. ONLY="json:nginx json:gateway";
 #   SOAK_CACHEABLE=1 (soak) sends unique cacheable requests: every answer is a stored cache miss;
 #   CACHEABLE=0 (compare, perf, profile, cpu) sends plain requests the cache skips (BYPASS) instead of unique misses.
+#   NEW_CONN=1 (compare): every request opens a connection of its own and closes it after the
+#   response, as curl in a loop does (latency includes the connect).
 # Every server binds 127.0.0.1 only; every load loop is bounded in time and count.
 set -euo pipefail
 
@@ -423,10 +425,12 @@ run_compare() {
   # CACHEABLE=0: plain requests the cache does not look at (x-cache: BYPASS) instead of misses.
   local bj=$TMP/req-json.json bs=$TMP/req-sse.json
   if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; log "requests are not cacheable (CACHEABLE=0)"; fi
+  local conn_args=()
+  if [ "${NEW_CONN:-0}" = 1 ]; then conn_args=(--new-conn); log "a connection per request (NEW_CONN=1)"; fi
   "$LOAD_BIN" compare \
     --rounds "$ROUNDS" --duration "$DURATION" --warmup "$WARMUP" --conns "$CONNS" \
     --body-json "$bj" --body-sse "$bs" --body-drip "$TMP/req-drip.json" \
-    "${targets[@]}" "${keys_args[@]}" \
+    "${targets[@]}" "${keys_args[@]}" "${conn_args[@]}" \
     --pin-pids "$(server_pids)" --pin-cpu 0 \
     --markdown-out "$TMP/compare.md"
   log "load average after the comparison: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -635,6 +639,8 @@ run_perf() {
   local kind port bj bs
   bj=$TMP/req-json.json bs=$TMP/req-sse.json
   if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; log "requests are not cacheable (CACHEABLE=0)"; fi
+  local conn_args=()
+  if [ "${NEW_CONN:-0}" = 1 ]; then conn_args=(--new-conn); log "a connection per request (NEW_CONN=1)"; fi
   for kind in json sse; do
     port=$P_UP_JSON
     [ $kind = sse ] && port=$P_UP_SSE
@@ -780,6 +786,8 @@ run_serial_perf() {
   command -v perf >/dev/null || die "perf is needed"
   local kind port pport label url p bj=$TMP/req-json.json bs=$TMP/req-sse.json
   if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; log "requests are not cacheable (CACHEABLE=0)"; fi
+  local conn_args=()
+  if [ "${NEW_CONN:-0}" = 1 ]; then conn_args=(--new-conn); log "a connection per request (NEW_CONN=1)"; fi
   for kind in json sse; do
     port=$P_UP_JSON pport=$P_PX_JSON
     [ $kind = sse ] && port=$P_UP_SSE pport=$P_PX_SSE
