@@ -639,8 +639,6 @@ run_perf() {
   local kind port bj bs
   bj=$TMP/req-json.json bs=$TMP/req-sse.json
   if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; log "requests are not cacheable (CACHEABLE=0)"; fi
-  local conn_args=()
-  if [ "${NEW_CONN:-0}" = 1 ]; then conn_args=(--new-conn); log "a connection per request (NEW_CONN=1)"; fi
   for kind in json sse; do
     port=$P_UP_JSON
     [ $kind = sse ] && port=$P_UP_SSE
@@ -786,8 +784,6 @@ run_serial_perf() {
   command -v perf >/dev/null || die "perf is needed"
   local kind port pport label url p bj=$TMP/req-json.json bs=$TMP/req-sse.json
   if [ "${CACHEABLE:-1}" = 0 ]; then bj=$TMP/soak-json.json bs=$TMP/soak-sse.json; log "requests are not cacheable (CACHEABLE=0)"; fi
-  local conn_args=()
-  if [ "${NEW_CONN:-0}" = 1 ]; then conn_args=(--new-conn); log "a connection per request (NEW_CONN=1)"; fi
   for kind in json sse; do
     port=$P_UP_JSON pport=$P_PX_JSON
     [ $kind = sse ] && port=$P_UP_SSE pport=$P_PX_SSE
