@@ -547,7 +547,8 @@ struct Plan {
 }
 
 /// `conns` keep-alive HTTP/1.1 connections (or `conns` clients that connect per request),
-/// each sending requests back to back (or paced), until `warmup + duration` has passed or `max_requests` have been issued.
+/// each sending requests back to back (or paced), until `warmup + duration` has passed or
+/// `max_requests` have been issued.
 #[allow(clippy::too_many_arguments)]
 async fn run_load(
     target: &Target,
