@@ -108,12 +108,6 @@ impl Balancer {
     }
 }
 
-impl Seat {
-    pub fn thread(&self) -> usize {
-        self.thread
-    }
-}
-
 impl Drop for Seat {
     fn drop(&mut self) {
         self.balancer.open[self.thread].dec();
@@ -201,25 +195,21 @@ mod tests {
         let open = |b: &Balancer| (b.open[0].get(), b.open[1].get());
         // A burst all accepted on thread 0 alternates between the threads.
         let mut seats: Vec<Seat> = (0..6).map(|_| b.place(0)).collect();
-        let on: Vec<usize> = seats.iter().map(Seat::thread).collect();
+        let on: Vec<usize> = seats.iter().map(|s| s.thread).collect();
         assert_eq!(on, [0, 1, 0, 1, 0, 1]);
         assert_eq!(open(&b), (3, 3));
         // Thread 1's connections close: the next one goes there, whoever accepted it.
-        seats.retain(|s| s.thread() == 0);
+        seats.retain(|s| s.thread == 0);
         assert_eq!(open(&b), (3, 0));
         seats.push(b.place(0));
-        assert_eq!(seats.last().map(Seat::thread), Some(1));
+        assert_eq!(seats.last().map(|s| s.thread), Some(1));
         // A thread no busier than any other keeps what it accepts, a tie included.
         for _ in 0..3 {
             seats.push(b.place(1));
-            assert_eq!(seats.last().map(Seat::thread), Some(1));
+            assert_eq!(seats.last().map(|s| s.thread), Some(1));
         }
         assert_eq!(open(&b), (3, 4));
-        assert_eq!(
-            b.place(1).thread(),
-            0,
-            "thread 1 has more open than thread 0"
-        );
+        assert_eq!(b.place(1).thread, 0, "thread 1 has more open than thread 0");
         assert_eq!(open(&b), (3, 4), "a dropped seat is uncounted");
         drop(seats);
         assert_eq!(open(&b), (0, 0));
