@@ -555,3 +555,176 @@ async fn a_retry_the_limiter_refuses_returns_poes_answer() {
     assert_eq!(body_bytes(resp).await, Bytes::from(body));
     assert_eq!(up.chat_calls(), 1);
 }
+
+/// A TCP relay in front of an upstream whose open connections can be made to go dark: from
+/// [`Relay::darken`] on, their bytes are swallowed both ways and their sockets stay open, as
+/// when a NAT mapping expires or a load balancer goes away without closing anything.
+/// Connections made after that relay as usual.
+struct Relay {
+    port: u16,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>>>,
+}
+
+impl Relay {
+    async fn start(to: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Arc, Mutex};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let conns = open.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let dark = Arc::new(AtomicBool::new(false));
+                conns.lock().unwrap().push(dark.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    // Time is paused in these tests: a write Nagle held back for a delayed
+                    // ACK would let the clock run on to the keep-alive's deadline.
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(pipe(cr, sw, dark.clone()), pipe(sr, cw, dark));
+                });
+            }
+        });
+        Relay { port, open }
+    }
+
+    /// The upstream's URL through the relay (the test certificate is for `localhost`).
+    fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    fn darken(&self) {
+        for dark in self.open.lock().unwrap().iter() {
+            dark.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    dark: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if dark.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    if !dark.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = to.shutdown().await;
+    }
+}
+
+/// A gateway on the default policy that reaches the TLS `up` through `relay`.
+async fn gateway_through(up: &MockUpstream, relay: &Relay) -> TestGateway {
+    TestGateway::start(
+        up,
+        "",
+        &[
+            ("POE_BASE_URL", &relay.url()),
+            ("POE_GATEWAY_UPSTREAM__CA_FILE", TEST_CA_FILE),
+        ],
+    )
+    .await
+}
+
+/// The pooled HTTP/2 connection to Poe goes dark while idle. The next request goes out on it;
+/// with no answer to the PING sent after `upstream.keepalive_interval` (30 s) the connection is
+/// closed after `upstream.keepalive_timeout` (20 s), and the request is retried on a new
+/// connection. Without the PING it waited out `timeouts.first_byte` (600 s), and so did every
+/// request after it on that connection.
+#[tokio::test(start_paused = true)]
+async fn a_request_on_a_connection_gone_dark_is_retried_on_a_new_one() {
+    let up = MockUpstream::start_tls(100).await;
+    let relay = Relay::start(up.addr).await;
+    let gw = gateway_through(&up, &relay).await;
+    up.push(Reply::completion("gpt-5", "before"));
+    let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+
+    relay.darken();
+    up.push(Reply::completion("gpt-5", "after the dark"));
+    let resp = tokio::time::timeout(
+        Duration::from_secs(120),
+        post(&gw, &chat_body("gpt-5", false), &[]),
+    )
+    .await
+    .expect("the request waited on the dead connection (no keep-alive PING?)");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
+    assert!(String::from_utf8_lossy(&body_bytes(resp).await).contains("after the dark"));
+    assert_eq!(
+        up.chat_calls(),
+        2,
+        "the dark attempt never reached the upstream"
+    );
+    assert!(
+        up.chats()
+            .iter()
+            .all(|r| r.version == http::Version::HTTP_2)
+    );
+
+    // The dead connection is gone from the pool: the next request goes straight through.
+    up.push(Reply::completion("gpt-5", "and again"));
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        post(&gw, &chat_body("gpt-5", false), &[]),
+    )
+    .await
+    .expect("the next request hung");
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "1");
+}
+
+/// A stream whose connection goes dark mid-response ends with the error event once the PING
+/// goes unanswered (about 50 s here), not after `timeouts.idle` (300 s).
+#[tokio::test(start_paused = true)]
+async fn a_stream_whose_connection_goes_dark_ends_at_the_keepalive_not_the_idle_timeout() {
+    let up = MockUpstream::start_tls(100).await;
+    let relay = Relay::start(up.addr).await;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "first"))
+            .gate(&gate)
+            .send(finish_chunk("gpt-5"))
+            .send("data: [DONE]\n\n"),
+    );
+    let gw = gateway_through(&up, &relay).await;
+    let resp = post(&gw, &chat_body("gpt-5", true), &[]).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = next_data(&mut body, 20).await.expect("first event");
+    assert!(String::from_utf8_lossy(&first).contains("first"));
+
+    relay.darken();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    while let Some(d) = next_data(&mut body, 400).await {
+        rest.extend_from_slice(&d);
+    }
+    let text = String::from_utf8_lossy(&rest);
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert!(text.contains("upstream connection broke"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(300),
+        "the stream ended at timeouts.idle, not at the keep-alive: {:?}",
+        started.elapsed()
+    );
+    gate.add_permits(1);
+}

@@ -108,6 +108,15 @@ pub struct UpstreamPolicy {
     /// connection opens. At most the upstream's own stream limit (RFC 9113 recommends it be
     /// at least 100): hyper queues requests past that limit inside the connection.
     pub http2_max_streams: u32,
+    /// A connection to the upstream that falls silent is checked after this long: an HTTP/2
+    /// PING while a request is open on it, TCP keep-alive probes while it is idle.
+    #[serde(with = "values::duration")]
+    pub keepalive_interval: Duration,
+    /// A check, or data sent, left unanswered this long closes the connection. A request
+    /// caught on a dead connection then fails and is retried on a new one, instead of waiting
+    /// out `timeouts.first_byte` (a dropped NAT mapping, a load balancer gone without a FIN).
+    #[serde(with = "values::duration")]
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for UpstreamPolicy {
@@ -117,6 +126,8 @@ impl Default for UpstreamPolicy {
             models_ttl: Duration::from_secs(600),
             ca_file: None,
             http2_max_streams: 100,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -666,6 +677,8 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
         ("timeouts.connect", p.timeouts.connect),
         ("timeouts.first_byte", p.timeouts.first_byte),
         ("timeouts.idle", p.timeouts.idle),
+        ("upstream.keepalive_interval", p.upstream.keepalive_interval),
+        ("upstream.keepalive_timeout", p.upstream.keepalive_timeout),
     ] {
         if d.is_zero() {
             return bad(name, "must be greater than zero");

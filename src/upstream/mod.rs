@@ -167,7 +167,15 @@ impl Upstream {
         http.set_nodelay(true);
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect));
-        http.set_keepalive(Some(Duration::from_secs(60)));
+        // A dead path to the upstream is noticed by the kernel too: probes on an idle
+        // connection, and a cap on how long sent data may go unacknowledged (which an HTTP/1.1
+        // connection has no PING for). Keep-alive takes whole seconds.
+        let whole_secs = |d: Duration| Duration::from_secs(d.as_secs_f64().ceil().max(1.0) as u64);
+        http.set_keepalive(Some(whole_secs(policy.keepalive_interval)));
+        http.set_keepalive_interval(Some(whole_secs(policy.keepalive_timeout / 3)));
+        http.set_keepalive_retries(Some(3));
+        #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+        http.set_tcp_user_timeout(Some(policy.keepalive_timeout));
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &policy.ca_file {
@@ -192,16 +200,14 @@ impl Upstream {
             .enable_http2()
             .wrap_connector(http);
         let origin = uri("/")?;
-        let h2_max_streams = policy.http2_max_streams as usize;
+        let h2 = pool::H2Settings {
+            max_streams: policy.http2_max_streams as usize,
+            keepalive_interval: policy.keepalive_interval,
+            keepalive_timeout: policy.keepalive_timeout,
+        };
         let pools = (0..=serving_threads)
             .map(|_| {
-                Pool::new(
-                    https.clone(),
-                    origin.clone(),
-                    Duration::from_secs(90),
-                    h2_max_streams,
-                )
-                .map(Arc::new)
+                Pool::new(https.clone(), origin.clone(), Duration::from_secs(90), h2).map(Arc::new)
             })
             .collect::<Result<_, _>>()?;
         Ok(Upstream {

@@ -40,6 +40,28 @@ type ReqBody = Full<Bytes>;
 /// Idle HTTP/1.1 connections kept per pool at most (the legacy client's limit was the same).
 const MAX_IDLE: usize = 1024;
 
+/// How the pool's HTTP/2 connections behave.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct H2Settings {
+    /// Requests one connection carries at once; past it, another connection opens.
+    pub max_streams: usize,
+    /// With a request open and nothing read for this long, a PING goes out...
+    pub keepalive_interval: Duration,
+    /// ...and with no answer in this long the connection is closed, failing its requests
+    /// (which are retried) rather than leaving them to wait out the first-byte timeout.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        H2Settings {
+            max_streams: 100,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
 /// The connections of one serving thread to the upstream origin.
 pub(super) struct Pool {
     connector: HttpsConnector<HttpConnector>,
@@ -49,8 +71,7 @@ pub(super) struct Pool {
     host: HeaderValue,
     /// An idle connection older than this is closed instead of reused.
     idle_timeout: Duration,
-    /// Requests one HTTP/2 connection carries at once; past it, another connection opens.
-    h2_max_streams: usize,
+    h2: H2Settings,
     idle: Mutex<Idle>,
     /// Whether the task that closes idle connections nobody came back for is running.
     reaping: AtomicBool,
@@ -100,7 +121,7 @@ impl Pool {
         connector: HttpsConnector<HttpConnector>,
         origin: Uri,
         idle_timeout: Duration,
-        h2_max_streams: usize,
+        h2: H2Settings,
     ) -> Result<Self, String> {
         let authority = origin
             .authority()
@@ -112,7 +133,10 @@ impl Pool {
             origin,
             host,
             idle_timeout,
-            h2_max_streams: h2_max_streams.max(1),
+            h2: H2Settings {
+                max_streams: h2.max_streams.max(1),
+                ..h2
+            },
             idle: Mutex::new(Idle::default()),
             reaping: AtomicBool::new(false),
         })
@@ -201,7 +225,7 @@ impl Pool {
         let mut idle = self.lock_idle();
         if !idle.h2.is_empty() {
             idle.h2.retain(|c| !c.tx.is_closed());
-            let max = self.h2_max_streams;
+            let max = self.h2.max_streams;
             if let Some(c) = idle
                 .h2
                 .iter_mut()
@@ -310,8 +334,13 @@ impl Pool {
             .await
             .map_err(|e| connect_error(&*e))?;
         if io.connected().is_negotiated_h2() {
+            // PINGs only while a request is open: an idle connection is left to TCP's own
+            // keep-alive, since some servers close connections that ping with nothing open.
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .keep_alive_interval(self.h2.keepalive_interval)
+                .keep_alive_timeout(self.h2.keepalive_timeout)
+                .keep_alive_while_idle(false)
                 .handshake(io)
                 .await
                 .map_err(|e| connect_error(&e))?;
@@ -488,7 +517,7 @@ mod tests {
         tls_pool(port, Duration::from_secs(90), 100)
     }
 
-    fn tls_pool(port: u16, idle_timeout: Duration, h2_max_streams: usize) -> Arc<Pool> {
+    fn tls_pool(port: u16, idle_timeout: Duration, max_streams: usize) -> Arc<Pool> {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(CERT.as_bytes()).unwrap())
@@ -509,7 +538,11 @@ mod tests {
             .enable_http2()
             .wrap_connector(http);
         let origin = format!("https://localhost:{port}/").parse().unwrap();
-        Arc::new(Pool::new(https, origin, idle_timeout, h2_max_streams).unwrap())
+        let h2 = H2Settings {
+            max_streams,
+            ..H2Settings::default()
+        };
+        Arc::new(Pool::new(https, origin, idle_timeout, h2).unwrap())
     }
 
     /// Connections left idle past the idle timeout are closed by the pool's own task, with no
@@ -544,7 +577,15 @@ mod tests {
             .enable_http1()
             .wrap_connector(HttpConnector::new());
         let origin: Uri = format!("http://{addr}/").parse().unwrap();
-        let pool = Arc::new(Pool::new(https, origin, Duration::from_millis(100), 100).unwrap());
+        let pool = Arc::new(
+            Pool::new(
+                https,
+                origin,
+                Duration::from_millis(100),
+                H2Settings::default(),
+            )
+            .unwrap(),
+        );
         let resp = pool
             .send(
                 Request::get(format!("http://{addr}/v1/models"))
