@@ -659,14 +659,14 @@ async fn a_request_on_a_connection_gone_dark_is_retried_on_a_new_one() {
     body_bytes(resp).await;
 
     relay.darken();
-    up.push(Reply::completion("gpt-5", "after the dark"));
-    let resp = tokio::time::timeout(
-        Duration::from_secs(120),
-        post(&gw, &chat_body("gpt-5", false), &[]),
+    let resp = answer(
+        &up,
+        &gw,
+        "after the dark",
+        120,
+        "the request waited on the dead connection (no keep-alive PING?)",
     )
-    .await
-    .expect("the request waited on the dead connection (no keep-alive PING?)");
-    assert_eq!(resp.status(), 200);
+    .await;
     assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
     assert!(String::from_utf8_lossy(&body_bytes(resp).await).contains("after the dark"));
     assert_eq!(
@@ -681,14 +681,27 @@ async fn a_request_on_a_connection_gone_dark_is_retried_on_a_new_one() {
     );
 
     // The dead connection is gone from the pool: the next request goes straight through.
-    up.push(Reply::completion("gpt-5", "and again"));
+    let resp = answer(&up, &gw, "and again", 5, "the next request hung").await;
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "1");
+}
+
+/// A non-stream request answered with `text`, within `secs` of paused time (a hang guard).
+async fn answer(
+    up: &MockUpstream,
+    gw: &TestGateway,
+    text: &str,
+    secs: u64,
+    hung: &str,
+) -> http::Response<hyper::body::Incoming> {
+    up.push(Reply::completion("gpt-5", text));
     let resp = tokio::time::timeout(
-        Duration::from_secs(5),
-        post(&gw, &chat_body("gpt-5", false), &[]),
+        Duration::from_secs(secs),
+        post(gw, &chat_body("gpt-5", false), &[]),
     )
     .await
-    .expect("the next request hung");
-    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "1");
+    .expect(hung);
+    assert_eq!(resp.status(), 200);
+    resp
 }
 
 /// A stream whose connection goes dark mid-response ends with the error event once the PING
