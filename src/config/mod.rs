@@ -112,9 +112,10 @@ pub struct UpstreamPolicy {
     /// PING while a request is open on it, TCP keep-alive probes while it is idle.
     #[serde(with = "values::duration")]
     pub keepalive_interval: Duration,
-    /// A check, or data sent, left unanswered this long closes the connection. A request
-    /// caught on a dead connection then fails and is retried on a new one, instead of waiting
-    /// out `timeouts.first_byte` (a dropped NAT mapping, a load balancer gone without a FIN).
+    /// A check left unanswered this long closes the connection (so does data sent and not
+    /// acknowledged for the interval and this together). A request caught on a dead
+    /// connection then fails and is retried on a new one, instead of waiting out
+    /// `timeouts.first_byte` (a dropped NAT mapping, a load balancer gone without a FIN).
     #[serde(with = "values::duration")]
     pub keepalive_timeout: Duration,
 }

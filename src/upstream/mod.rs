@@ -167,15 +167,18 @@ impl Upstream {
         http.set_nodelay(true);
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect));
-        // A dead path to the upstream is noticed by the kernel too: probes on an idle
-        // connection, and a cap on how long sent data may go unacknowledged (which an HTTP/1.1
-        // connection has no PING for). Keep-alive takes whole seconds.
+        // A dead path to the upstream is noticed by the kernel too, on the PING's schedule:
+        // probes on an idle connection after the interval, three within the timeout; and a
+        // cap on how long sent data may go unacknowledged (an HTTP/1.1 connection has no
+        // PING). The cap also ends keep-alive: Linux gives up once a probe is out and nothing
+        // has been heard for it, so it is interval + timeout, or one lost probe would close a
+        // healthy idle connection. Keep-alive takes whole seconds.
         let whole_secs = |d: Duration| Duration::from_secs(d.as_secs_f64().ceil().max(1.0) as u64);
         http.set_keepalive(Some(whole_secs(policy.keepalive_interval)));
         http.set_keepalive_interval(Some(whole_secs(policy.keepalive_timeout / 3)));
         http.set_keepalive_retries(Some(3));
         #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-        http.set_tcp_user_timeout(Some(policy.keepalive_timeout));
+        http.set_tcp_user_timeout(Some(policy.keepalive_interval + policy.keepalive_timeout));
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &policy.ca_file {
