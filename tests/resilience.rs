@@ -653,9 +653,7 @@ async fn a_request_on_a_connection_gone_dark_is_retried_on_a_new_one() {
     let up = MockUpstream::start_tls(100).await;
     let relay = Relay::start(up.addr).await;
     let gw = gateway_through(&up, &relay).await;
-    up.push(Reply::completion("gpt-5", "before"));
-    let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
-    assert_eq!(resp.status(), 200);
+    let resp = answer(&up, &gw, "before", 5, "the first request hung").await;
     body_bytes(resp).await;
 
     relay.darken();

@@ -203,11 +203,7 @@ impl Upstream {
             .enable_http2()
             .wrap_connector(http);
         let origin = uri("/")?;
-        let h2 = pool::H2Settings {
-            max_streams: policy.http2_max_streams as usize,
-            keepalive_interval: policy.keepalive_interval,
-            keepalive_timeout: policy.keepalive_timeout,
-        };
+        let h2 = pool::H2Settings::from(policy);
         let pools = (0..=serving_threads)
             .map(|_| {
                 Pool::new(https.clone(), origin.clone(), Duration::from_secs(90), h2).map(Arc::new)

@@ -34,6 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service as _;
 
 use super::{UpstreamError, error_chain};
+use crate::config::UpstreamPolicy;
 
 type ReqBody = Full<Bytes>;
 
@@ -52,12 +53,12 @@ pub(super) struct H2Settings {
     pub keepalive_timeout: Duration,
 }
 
-impl Default for H2Settings {
-    fn default() -> Self {
+impl From<&UpstreamPolicy> for H2Settings {
+    fn from(p: &UpstreamPolicy) -> Self {
         H2Settings {
-            max_streams: 100,
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(20),
+            max_streams: p.http2_max_streams as usize,
+            keepalive_interval: p.keepalive_interval,
+            keepalive_timeout: p.keepalive_timeout,
         }
     }
 }
@@ -540,7 +541,7 @@ mod tests {
         let origin = format!("https://localhost:{port}/").parse().unwrap();
         let h2 = H2Settings {
             max_streams,
-            ..H2Settings::default()
+            ..H2Settings::from(&UpstreamPolicy::default())
         };
         Arc::new(Pool::new(https, origin, idle_timeout, h2).unwrap())
     }
@@ -582,7 +583,7 @@ mod tests {
                 https,
                 origin,
                 Duration::from_millis(100),
-                H2Settings::default(),
+                H2Settings::from(&UpstreamPolicy::default()),
             )
             .unwrap(),
         );
