@@ -461,3 +461,42 @@ async fn a_scoped_purge_drops_only_that_scope() {
     assert_eq!(up.chat_calls(), 2);
     assert_eq!(evictions(&gw).await, 0);
 }
+
+/// Poe fails a stream that started well with an error event. Even with `[DONE]` after it,
+/// that is not an answer: it is not stored (the next identical request goes upstream again)
+/// and it is accounted as incomplete, not completed.
+#[tokio::test]
+async fn a_stream_with_an_error_event_is_not_stored_even_when_done_follows() {
+    let up = MockUpstream::start().await;
+    let failed = || {
+        Reply::sse()
+            .send(chunk("gpt-5", "half an answer"))
+            .send("data: {\"error\":{\"code\":500,\"type\":\"provider_error\",\"message\":\"provider died\"}}\n\n")
+            .send("data: [DONE]\n\n")
+    };
+    up.push(failed());
+    up.push(failed());
+    let (gw, core) = TestGateway::with_ledger(
+        &up,
+        poe_gateway::config::DEFAULT_POLICY,
+        &[],
+        "sqlite::memory:",
+    )
+    .await;
+    for _ in 0..2 {
+        let (x, body) = call(&gw, &det_body("gpt", true), &[]).await;
+        assert_eq!(x, "MISS", "the failed stream was stored");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        // The client gets the stream as Poe sent it, with nothing added after `[DONE]`.
+        assert!(body.contains("provider died"), "{body}");
+        assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    }
+    assert_eq!(up.chat_calls(), 2);
+    core.flush().await;
+    let all = core.ledger().store().report(&everything()).await.unwrap();
+    assert_eq!(all.totals.requests, 2);
+    assert_eq!(
+        all.totals.errors, 2,
+        "a stream that failed counts as an error"
+    );
+}

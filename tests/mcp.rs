@@ -1040,6 +1040,11 @@ fn error_type(body: &str) -> String {
     v["error"]["type"].as_str().unwrap().to_string()
 }
 
+fn error_code(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v["error"]["code"].as_str().unwrap_or_default().to_string()
+}
+
 #[tokio::test]
 async fn an_mcp_session_answers_only_the_caller_who_opened_it() {
     let upstream = MockUpstream::start().await;
@@ -1114,6 +1119,7 @@ async fn http_checks_auth_host_and_origin() {
     .await;
     assert_eq!(status, 403);
     assert_eq!(error_type(&body), "permission_error");
+    assert_eq!(error_code(&body), "origin_not_allowed", "{body}");
     let (status, body) = raw_mcp_post(
         &gw,
         &[
@@ -1124,6 +1130,7 @@ async fn http_checks_auth_host_and_origin() {
     .await;
     assert_eq!(status, 403);
     assert_eq!(error_type(&body), "permission_error");
+    assert_eq!(error_code(&body), "origin_not_allowed", "{body}");
     let (status, _, body) = raw_mcp(
         &gw,
         "POST",
@@ -1208,6 +1215,8 @@ async fn get_usage_reports_the_callers_own_usage() {
     ok(&call(&client, "ask_poe", json!({"bot": "claude", "prompt": "hi"})).await);
     let usage = ok(&call(&client, "get_usage", json!({"group_by": "model"})).await);
     assert_eq!(usage["report"]["totals"]["requests"], 1, "{usage}");
+    // The tool stops reading at `[DONE]`: the answer was whole, so it is no error.
+    assert_eq!(usage["report"]["totals"]["errors"], 0, "{usage}");
     assert_eq!(usage["report"]["totals"]["prompt_tokens"], 7);
     assert_eq!(usage["report"]["groups"][0]["group"], "claude-sonnet-4.5");
     let e = err(&call(&client, "get_usage", json!({"since": "last tuesday"})).await);
@@ -1229,4 +1238,23 @@ async fn get_usage_reports_the_callers_own_usage() {
     assert_eq!(ua["report"]["totals"]["requests"], 2, "{ua}");
     assert_eq!(ub["report"]["totals"]["requests"], 1, "{ub}");
     assert!(ua["point_balance"].is_null());
+}
+
+/// A deterministic question asked twice through the tools is answered once by Poe: the
+/// streamed answer the tool read up to `[DONE]` was stored like any other.
+#[tokio::test]
+async fn a_deterministic_ask_is_answered_from_the_cache_the_second_time() {
+    let upstream = MockUpstream::start().await;
+    upstream.set_fallback(Reply::stream("claude-sonnet-4.5", &["the ", "answer"]));
+    let (client, _) = local(gateway(&upstream, &[])).await;
+    let ask = json!({"bot": "claude", "prompt": "the same question", "temperature": 0});
+    for _ in 0..2 {
+        let answer = ok(&call(&client, "ask_poe", ask.clone()).await);
+        assert_eq!(answer["text"], "the answer", "{answer}");
+    }
+    assert_eq!(
+        chat_requests(&upstream).len(),
+        1,
+        "the second ask went to Poe"
+    );
 }

@@ -81,6 +81,10 @@ pub struct Observed {
     pub finish_reasons: Vec<String>,
     /// Bytes of `content` text streamed, for a token estimate when no usage arrives.
     pub text_bytes: u64,
+    /// An event of the stream was an error object (`{"error": ...}`): Poe's way to fail a
+    /// stream that started well. Such a stream is not a completed answer, even when `[DONE]`
+    /// follows, and is never stored.
+    pub stream_error: bool,
     /// The finish reasons go only to the request's span: with no span (traces off), the
     /// search for them in every event is skipped.
     pub skip_finish_reasons: bool,
@@ -160,7 +164,16 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(c) = this.completion.take() {
-                c.finish(this.observed, Outcome::Cancelled);
+                // A reader may stop at `[DONE]` without waiting for the body's end (the MCP
+                // tools do): the answer was whole, so it counts, and is stored, as completed.
+                let outcome = match this.mode {
+                    Mode::Sse { .. } if this.observed.saw_done => settled(this.observed),
+                    _ => Outcome::Cancelled,
+                };
+                if let (Outcome::Completed, Some(r)) = (&outcome, this.recorder.take()) {
+                    r.commit(this.observed.usage);
+                }
+                c.finish(this.observed, outcome);
             }
         }
     }
@@ -372,24 +385,33 @@ fn end(
     completion: &mut Option<Completion>,
     recorder: &mut Option<Recorder>,
 ) -> Option<Bytes> {
-    let outcome = match mode {
-        Mode::Sse { .. } if observed.saw_done => Outcome::Completed,
-        Mode::Sse { .. } => Outcome::Incomplete("upstream ended the stream without [DONE]".into()),
+    const NO_DONE: &str = "upstream ended the stream without [DONE]";
+    let (outcome, broke) = match mode {
+        // The client has the whole stream, an error event in it included: nothing to add.
+        Mode::Sse { .. } if observed.saw_done => (settled(observed), None),
+        Mode::Sse { .. } => (Outcome::Incomplete(NO_DONE.into()), Some(NO_DONE)),
         Mode::Json { frames, .. } => {
             read_json_usage(frames, observed);
-            Outcome::Completed
+            (Outcome::Completed, None)
         }
     };
-    let last = match &outcome {
-        Outcome::Incomplete(reason) => end_frame(mode, Some(reason)),
-        _ => end_frame(mode, None),
-    };
+    let last = end_frame(mode, broke);
     // Only a complete answer is stored; on any other end the recording is dropped.
     if let (Outcome::Completed, Some(r)) = (&outcome, recorder.take()) {
         r.commit(observed.usage);
     }
     finish(completion, observed, outcome);
     last
+}
+
+/// How a stream that reached `[DONE]` ended: completed, unless an event was an error. The
+/// reason names no upstream text, which may quote anything (a key included).
+fn settled(observed: &Observed) -> Outcome {
+    if observed.stream_error {
+        Outcome::Incomplete("upstream sent an error event in the stream".into())
+    } else {
+        Outcome::Completed
+    }
 }
 
 /// Reads one frame on the side and returns the bytes to forward. An error ends the stream.
@@ -629,6 +651,9 @@ fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
         observed.saw_done = true;
         return false;
     }
+    if opens_with_error(data) {
+        observed.stream_error = true;
+    }
     observed.text_bytes += content_len(data) as u64;
     read_usage_and_finish(data, observed)
 }
@@ -678,6 +703,15 @@ fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
         }
     }
     seen
+}
+
+/// Whether an event's object opens with an `"error"` member, as Poe's and OpenAI's error
+/// objects do (`{"error": {...}}`). Only the first member is looked at, so a chunk costs a
+/// few comparisons rather than another search.
+fn opens_with_error(data: &[u8]) -> bool {
+    data.trim_ascii_start()
+        .strip_prefix(b"{")
+        .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"\"error\""))
 }
 
 /// Bytes of `"content":"..."` string values in a chunk, escapes counted as written.

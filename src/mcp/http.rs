@@ -163,7 +163,8 @@ async fn as_openai_error(resp: Response<McpBody>) -> Response<McpBody> {
         text
     };
     let e = match parts.status.as_u16() {
-        403 => GatewayError::Forbidden(message),
+        // rmcp refuses with 403 only for a Host or an Origin it does not allow.
+        403 => GatewayError::ForeignOrigin(message),
         404 => GatewayError::NotFound(message),
         405 => GatewayError::MethodNotAllowed(message),
         500.. => GatewayError::Internal(message),
