@@ -114,6 +114,7 @@ fn tap(c: &mut Criterion) {
     let acct = Arc::new(Accounting {
         metrics: Arc::new(Metrics::new()),
         ledger: Ledger::start(Store::memory().unwrap(), None),
+        charger: None,
     });
     let mut g = c.benchmark_group("tap");
     g.throughput(Throughput::Elements(frames.len() as u64));

@@ -42,6 +42,7 @@ fn row(i: usize, now: i64) -> UsageRow {
         attempts: 1,
         latency_ms: 250.0,
         ttfb_ms: Some(40.0),
+        charged: false,
     }
 }
 

@@ -470,7 +470,9 @@ async fn key_rpm_model_list_and_budget() {
         assert_eq!(e["code"], "rate_limit_exceeded");
 
         // A budget of 0.0001 USD: one claude call (7*3e-6 + 3*15e-6 = 6.6e-5) fits, the next
-        // still fits (checked before, charged after), the third is refused.
+        // still fits (checked before, charged after), the third is refused. A client sending
+        // one request after another: each is charged as it ends, before its last bytes go out,
+        // so the third is refused at once (not a ledger batch later).
         let (_, key) = create_key(
             &gw,
             r#"{"name":"carol","budget_usd":0.0001,"period":"day"}"#,
@@ -487,29 +489,19 @@ async fn key_rpm_model_list_and_budget() {
             assert_eq!(r.status(), 200, "{db}");
             let _ = body_bytes(r).await;
         }
-        let mut refused = None;
-        for _ in 0..50 {
-            // Charging happens when the ledger writes the row; give it a moment.
-            let r = post(
-                &gw,
-                &chat_body("claude", false),
-                &[("authorization", &auth)],
-            )
-            .await;
-            if r.status() == 429 {
-                refused = Some(r);
-                break;
-            }
-            let _ = body_bytes(r).await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let e = expect_error(
-            refused.expect("budget never enforced"),
-            429,
-            "insufficient_quota",
+        let r = post(
+            &gw,
+            &chat_body("claude", false),
+            &[("authorization", &auth)],
         )
         .await;
+        let e = expect_error(r, 429, "insufficient_quota").await;
         assert_eq!(e["code"], "insufficient_quota");
+        assert_eq!(
+            up.chat_calls(),
+            2 + 2,
+            "{db}: the refused call never reached Poe"
+        );
     }
 }
 
@@ -763,6 +755,34 @@ async fn a_client_gone_while_queued_for_the_limiter_is_not_charged() {
             "{db}: {}",
             r.totals.cost_usd
         );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_gone_during_a_retrys_backoff_is_not_charged() {
+    // Poe answered 429 and asked for 10 s; the client hangs up while the gateway waits to
+    // retry. Every call so far failed, and failed calls cost nothing: no prompt estimate, no
+    // request price.
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.set_fallback(
+            Reply::json(429, poe_error(429, "rate_limit_error")).header("retry-after", "10"),
+        );
+        let policy =
+            "[aliases]\n[pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\nrequest = 0.5\n";
+        let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+        let sock = raw_chat(&gw, &chat_body("gpt-5", false)).await;
+        while up.chat_calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Well inside the 10 s wait, with Poe's answer read.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(sock);
+        let r = report_once(&core, 1, "no row for the request cancelled in its backoff").await;
+        assert_eq!(up.chat_calls(), 1, "{db}: the retry was made");
+        assert_eq!(r.totals.errors, 1, "{db}");
+        assert_eq!(r.totals.prompt_tokens, 0, "{db}");
+        assert_eq!(r.totals.cost_usd, 0.0, "{db}");
     }
 }
 

@@ -131,6 +131,7 @@ fn run(frames: Vec<Bytes>, strip: bool) -> (Vec<u8>, Option<Usage>) {
         let acct = Arc::new(Accounting {
             metrics: Arc::new(Metrics::new()),
             ledger: Ledger::start(Store::memory().unwrap(), None),
+            charger: None,
         });
         let mut tap = Tap::over_frames(frames.into(), strip, acct);
         let mut out = Vec::new();

@@ -395,7 +395,14 @@ async fn the_binary_writes_one_json_access_line_per_request() {
             }
         }
     }
-    // The third line may still be held: a graceful stop writes it out.
+    // A refused request has its line too (no reply wrote it: the refusal did).
+    let refused = post(&gw, "{\"model\":", &[]).await;
+    assert_eq!(refused.status(), 400);
+    let refused_id = refused.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    // The last lines may still be held: a graceful stop writes them out.
     let pid = child.id().to_string();
     let term = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -416,7 +423,15 @@ async fn the_binary_writes_one_json_access_line_per_request() {
         .iter()
         .filter(|l| l["target"] == "poe_gateway::access")
         .collect();
-    assert_eq!(access.len(), 3, "{stderr}");
+    assert_eq!(access.len(), 4, "{stderr}");
+    let last = access[3];
+    assert_eq!(last["request_id"], refused_id.as_str());
+    assert_eq!(last["status"], 400);
+    assert_eq!(last["outcome"], "rejected");
+    assert!(
+        last["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{last}"
+    );
     for (line, (id, stream)) in access.iter().zip(ids.iter().zip([false, true, false])) {
         assert_eq!(line["level"], "INFO");
         assert_eq!(line["message"], "request finished");

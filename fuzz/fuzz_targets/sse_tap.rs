@@ -49,6 +49,7 @@ static ENV: LazyLock<Env> = LazyLock::new(|| {
         Arc::new(Accounting {
             metrics: Arc::new(Metrics::new()),
             ledger: Ledger::start(Store::memory().expect("sqlite"), None),
+            charger: None,
         })
     };
     Env { rt, acct }

@@ -1,5 +1,7 @@
 //! Pricing and budget charging, done by the ledger writer on each batch, off the request path:
-//! the price needs Poe's catalogue, which a request must never wait for.
+//! the price needs Poe's catalogue, which a request must never wait for. The one exception is
+//! a gateway key with a budget: its rows are priced and charged as the request ends
+//! ([`Accountant::charge_now`]), from the catalogue already in memory.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -39,7 +41,9 @@ impl Accountant {
         self.models.snapshot()?.price(bot)
     }
 
-    async fn ensure_catalogue(&self) {
+    /// Reads Poe's catalogue if none has been read yet (at most one try a minute, each
+    /// bounded to 10 s), so rows can be priced.
+    pub(crate) async fn ensure_catalogue(&self) {
         if self.models.snapshot().is_some() {
             return;
         }
@@ -59,6 +63,24 @@ impl Accountant {
             Err(_) => {
                 tracing::warn!("model catalogue fetch timed out; pricing from [pricing] only")
             }
+        }
+    }
+
+    /// Prices a row of a key whose budget this process tracks, and charges it to the key's
+    /// spend at once, as its request ends (before the response's last bytes go out). The
+    /// writer takes rows only every 200 ms: a client sending one request after another would
+    /// otherwise be let through with its last requests' cost missing from the check. A row
+    /// that cannot be priced yet (no catalogue read) is left to the writer, like every other.
+    pub fn charge_now(&self, row: &mut UsageRow) {
+        let Some(keys) = &self.keys else {
+            return;
+        };
+        if !row.key_id.as_deref().is_some_and(|k| keys.tracks_spend(k)) {
+            return;
+        }
+        self.price_row(row);
+        if let (Some(cost), Some(key_id)) = (row.cost_usd.filter(|c| *c > 0.0), &row.key_id) {
+            row.charged = keys.charge_now(key_id, cost, row.ts_ms);
         }
     }
 
@@ -97,7 +119,10 @@ impl BatchHook for Accountant {
         Box::pin(async move {
             self.ensure_catalogue().await;
             for row in rows.iter_mut() {
-                self.price_row(row);
+                // Rows priced as their request ended ([`charge_now`]) keep that price.
+                if row.cost_usd.is_none() {
+                    self.price_row(row);
+                }
                 if let Some(cost) = row.cost_usd.filter(|c| *c > 0.0) {
                     self.metrics
                         .cost_usd
@@ -108,7 +133,7 @@ impl BatchHook for Accountant {
             if let Some(keys) = &self.keys {
                 let charges = rows.iter().filter_map(|row| {
                     let cost = row.cost_usd.filter(|c| *c > 0.0)?;
-                    Some((row.key_id.as_deref()?, cost, row.ts_ms))
+                    Some((row.key_id.as_deref()?, cost, row.ts_ms, row.charged))
                 });
                 keys.charge(charges).await;
             }

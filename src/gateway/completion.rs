@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::accounting::Accountant;
 use super::tap::{Observed, Outcome};
 use crate::ledger::{Ledger, UsageRow, now_ms};
 use crate::metrics::Metrics;
@@ -14,6 +15,9 @@ use crate::metrics::Metrics;
 pub struct Accounting {
     pub metrics: Arc<Metrics>,
     pub ledger: Ledger,
+    /// Charges the rows of keys with a budget as they finish (the gateway's pricing);
+    /// `None` where nothing is priced (benchmarks, property tests).
+    pub charger: Option<Arc<Accountant>>,
 }
 
 /// Facts about a request known before its body ends.
@@ -87,7 +91,7 @@ impl Completion {
             m.streams_in_flight.dec();
         }
         let unlisted = self.info.unlisted;
-        let row = usage_row(&mut self.info, observed, &outcome);
+        let mut row = usage_row(&mut self.info, observed, &outcome);
         let bot = if unlisted { UNLISTED } else { row.bot.as_str() };
         // The code's digits from http's table, so no allocation per request.
         let code = http::StatusCode::from_u16(row.status);
@@ -123,30 +127,10 @@ impl Completion {
             .request_body
             .as_ref()
             .map(|b| String::from_utf8_lossy(&b[..b.len().min(64 * 1024)]).into_owned());
-        // One access line per request. Never bodies, never keys: only the key's id. Strings
-        // go as `&str`, not `%`: a `Display` field is formatted, then escaped, on every line.
-        tracing::info!(
-            target: "poe_gateway::access",
-            request_id = row.request_id.as_str(),
-            key_id = row.key_id.as_deref().unwrap_or(""),
-            model = row.model.as_str(),
-            alias = row.alias.as_deref().unwrap_or(""),
-            bot = row.bot.as_str(),
-            stream = row.stream,
-            status = row.status,
-            attempts = row.attempts,
-            outcome = row.outcome,
-            reason,
-            cache_hit = row.cache_hit,
-            latency_ms = row.latency_ms,
-            ttfb_ms = row.ttfb_ms,
-            prompt_tokens = row.prompt_tokens,
-            completion_tokens = row.completion_tokens,
-            tokens_estimated = row.tokens_estimated,
-            bytes = observed.bytes,
-            request_body,
-            "request finished"
-        );
+        log_access(&row, reason, observed.bytes, request_body.as_deref());
+        if let Some(a) = &self.acct.charger {
+            a.charge_now(&mut row);
+        }
         self.acct.ledger.record(row);
     }
 }
@@ -192,6 +176,35 @@ fn record_span(span: &tracing::Span, row: &UsageRow, o: &Observed, outcome: &Out
 /// `data:` attachments not), the completion from the text received. Poe charges a cut-off
 /// request's prompt in full, and a budget must too. The request's names move into the row:
 /// the request is over.
+/// One access line per request: every request that ends writes one, a refused one too. Never
+/// bodies (but `request_body`, which only `log.bodies = true` sets), never keys: only the
+/// key's id. Strings go as `&str`, not `%`: a `Display` field is formatted, then escaped, on
+/// every line.
+pub(crate) fn log_access(row: &UsageRow, reason: &str, bytes: u64, request_body: Option<&str>) {
+    tracing::info!(
+        target: "poe_gateway::access",
+        request_id = row.request_id.as_str(),
+        key_id = row.key_id.as_deref().unwrap_or(""),
+        model = row.model.as_str(),
+        alias = row.alias.as_deref().unwrap_or(""),
+        bot = row.bot.as_str(),
+        stream = row.stream,
+        status = row.status,
+        attempts = row.attempts,
+        outcome = row.outcome,
+        reason,
+        cache_hit = row.cache_hit,
+        latency_ms = row.latency_ms,
+        ttfb_ms = row.ttfb_ms,
+        prompt_tokens = row.prompt_tokens,
+        completion_tokens = row.completion_tokens,
+        tokens_estimated = row.tokens_estimated,
+        bytes,
+        request_body,
+        "request finished"
+    );
+}
+
 fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
     let (prompt, completion, total, estimated) = match o.usage {
         Some(u) => (
@@ -234,5 +247,6 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
         ttfb_ms: o
             .first_byte
             .map(|t| t.duration_since(i.started).as_secs_f64() * 1000.0),
+        charged: false,
     }
 }

@@ -59,6 +59,10 @@ const SPEND_TTL: Duration = Duration::from_secs(35 * 24 * 3600);
 struct Spend {
     period_start: i64,
     usd: f64,
+    /// Charged as requests ended ([`KeyRing::charge_now`]) and not yet added to the shared
+    /// counter, which the ledger writer does with its next batch: a budget check adds it to
+    /// Redis's figure, so this replica's own last requests are never missing from it.
+    unshared: f64,
 }
 
 /// What `keys create` asks for.
@@ -393,14 +397,17 @@ impl KeyRing {
                 // Remember the period, so charges know where to go; and the figure, for a
                 // fail_open fallback.
                 let mut map = self.spend.lock().expect("spend lock");
-                map.insert(
-                    rec.id.clone(),
-                    Spend {
-                        period_start: start,
-                        usd,
-                    },
-                );
-                Ok(Some(usd))
+                let s = map.entry(rec.id.clone()).or_insert(Spend {
+                    period_start: start,
+                    usd,
+                    unshared: 0.0,
+                });
+                if s.period_start != start {
+                    s.period_start = start;
+                    s.unshared = 0.0;
+                }
+                s.usd = usd;
+                Ok(Some(usd + s.unshared))
             }
             Err(e) if self.budgets_on_error == FailurePolicy::FailClosed => {
                 tracing::error!(error = %e, "budgets are unavailable");
@@ -431,11 +438,13 @@ impl KeyRing {
         let entry = map.entry(rec.id.clone()).or_insert(Spend {
             period_start: start,
             usd: from_db,
+            unshared: 0.0,
         });
         if entry.period_start != start {
             *entry = Spend {
                 period_start: start,
                 usd: from_db,
+                unshared: 0.0,
             };
         }
         Ok(entry.usd)
@@ -448,19 +457,49 @@ impl KeyRing {
             .map_err(|e| GatewayError::internal("the budget look-up", &e))
     }
 
-    /// Adds a batch of finished requests' costs (key id, USD, finish time) to their keys'
-    /// running spend: this replica's, and the shared counters when there are any, with one
-    /// Redis call per key and period rather than one per request. Only keys with a budget have
-    /// an entry to charge.
-    pub async fn charge<'a>(&self, charges: impl IntoIterator<Item = (&'a str, f64, i64)>) {
+    /// Whether this process tracks the key's spend: the key has a budget, checked in the
+    /// current period. Only such keys are charged.
+    pub fn tracks_spend(&self, key_id: &str) -> bool {
+        self.spend.lock().expect("spend lock").contains_key(key_id)
+    }
+
+    /// Charges one finished request's cost (USD, finish time) to its key's spend at once, as
+    /// the request ends, so that the key's next budget check sees it. Returns whether it was
+    /// charged (the key's spend is tracked, in the request's period); the writer's
+    /// [`charge`](Self::charge) then only passes it on to the shared counter.
+    pub fn charge_now(&self, key_id: &str, usd: f64, ts_ms: i64) -> bool {
+        let mut map = self.spend.lock().expect("spend lock");
+        match map.get_mut(key_id) {
+            Some(s) if ts_ms >= s.period_start => {
+                s.usd += usd;
+                if self.shared.is_some() {
+                    s.unshared += usd;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds a batch of finished requests' costs (key id, USD, finish time, already charged
+    /// by [`charge_now`](Self::charge_now)) to their keys' running spend: this replica's, and
+    /// the shared counters when there are any, with one Redis call per key and period rather
+    /// than one per request. Only keys with a budget have an entry to charge.
+    pub async fn charge<'a>(&self, charges: impl IntoIterator<Item = (&'a str, f64, i64, bool)>) {
         let mut shared_sums: HashMap<(&'a str, i64), f64> = HashMap::new();
         {
             let mut map = self.spend.lock().expect("spend lock");
-            for (key_id, usd, ts_ms) in charges {
+            for (key_id, usd, ts_ms, charged) in charges {
                 if let Some(s) = map.get_mut(key_id)
                     && ts_ms >= s.period_start
                 {
-                    s.usd += usd;
+                    if charged {
+                        // On its way to the shared counter now, whether Redis takes it or not
+                        // (a failed charge has the counter seeded from the ledger again).
+                        s.unshared = (s.unshared - usd).max(0.0);
+                    } else {
+                        s.usd += usd;
+                    }
                     *shared_sums.entry((key_id, s.period_start)).or_default() += usd;
                 }
             }

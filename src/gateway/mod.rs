@@ -291,7 +291,11 @@ impl Gateway {
                     metrics.clone(),
                     shared.filter(|s| s.cache_tier),
                 )),
-                acct: Arc::new(Accounting { metrics, ledger }),
+                acct: Arc::new(Accounting {
+                    metrics,
+                    ledger,
+                    charger: Some(accountant.clone()),
+                }),
                 balance: std::sync::atomic::AtomicI64::new(i64::MIN),
                 epoch: Instant::now(),
                 aliases,
@@ -438,13 +442,17 @@ impl Gateway {
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             ..UsageRow::default()
         };
-        self.record_unreplied(row);
+        self.record_unreplied(row, &err.to_string());
     }
 
-    /// Counts and queues the row of a request that has no reply to do it (refused, or
+    /// Counts, logs and queues the row of a request that has no reply to do it (refused, or
     /// dropped before Poe's head): the rows of replies are written by their [`Completion`].
-    fn record_unreplied(&self, row: UsageRow) {
+    fn record_unreplied(&self, mut row: UsageRow, reason: &str) {
         let acct = &self.inner.acct;
+        completion::log_access(&row, reason, 0, None);
+        if let Some(a) = &acct.charger {
+            a.charge_now(&mut row);
+        }
         acct.metrics
             .requests
             .with_label_values(&[
@@ -458,7 +466,7 @@ impl Gateway {
 
     /// A key with a budget may only reach bots with a known price (Poe's catalogue or
     /// `[pricing]`): an unpriced row costs nothing against the budget, so one unpriced bot
-    /// would be spending without a limit. Before any catalogue has been read, requests go
+    /// would be spending without a limit. When no catalogue could be read, requests go
     /// through (an outage of the catalogue must not stop every budgeted key).
     fn check_priced(
         &self,
@@ -581,6 +589,11 @@ impl Gateway {
             }
         };
         if let Some(rec) = &caller.key {
+            if rec.budget_usd.is_some() {
+                // A budget needs prices, for the checks below and to charge the request as it
+                // ends: the first budgeted request waits for the catalogue (once, bounded).
+                inner.accountant.ensure_catalogue().await;
+            }
             let checked = async {
                 inner.keys.check_model(rec, req.model(), bots)?;
                 self.check_priced(rec, bots)?;
@@ -717,6 +730,7 @@ impl Gateway {
             started,
             bot: bots.first().map_or(req.model(), String::as_str),
             attempts: 0,
+            in_flight: false,
             armed: true,
         };
         inner.budget.deposit(Instant::now(), inner.epoch);
@@ -768,11 +782,15 @@ impl Gateway {
                 watch.attempts = attempts;
                 let mut trace_headers = HeaderMap::new();
                 crate::telemetry::inject_context(&attempt_span, &mut trace_headers);
+                watch.in_flight = true;
                 let mut sent = inner
                     .upstream
                     .chat(body.clone(), &key, &caller.request_id, trace_headers)
                     .instrument(attempt_span.clone())
                     .await;
+                // A failed call costs nothing: a client that leaves from here on (reading
+                // Poe's error body, a backoff) is not charged for it.
+                watch.in_flight = false;
                 // Poe may echo the key it was called with (an error message quoting the
                 // Authorization value, a debug header). It must reach neither the client, nor
                 // the logs and spans, nor an MCP answer.
@@ -1185,6 +1203,10 @@ struct Unanswered<'a> {
     /// The bot last called (or about to be).
     bot: &'a str,
     attempts: u32,
+    /// An attempt is out and its head not back: Poe may be answering, and charges for it.
+    /// Between attempts (a retry's backoff) every call so far failed, and failed calls cost
+    /// nothing.
+    in_flight: bool,
     armed: bool,
 }
 
@@ -1193,9 +1215,11 @@ impl Drop for Unanswered<'_> {
         if !self.armed {
             return;
         }
-        // Called at least once: the prompt is estimated as in any row without Poe's usage.
-        let prompt =
-            (self.attempts > 0).then(|| completion::estimated_tokens(self.req.text_bytes()));
+        // Left while Poe had the call: the prompt is estimated as in any row without Poe's
+        // usage, and priced.
+        let prompt = self
+            .in_flight
+            .then(|| completion::estimated_tokens(self.req.text_bytes()));
         let row = UsageRow {
             ts_ms: now_ms(),
             request_id: self.caller.request_id.to_string(),
@@ -1211,11 +1235,18 @@ impl Drop for Unanswered<'_> {
             completion_tokens: prompt.map(|_| 0),
             total_tokens: prompt,
             tokens_estimated: prompt.is_some(),
+            // Left during a backoff or before any call: nothing Poe would charge.
+            cost_usd: (!self.in_flight).then_some(0.0),
             attempts: self.attempts as i32,
             latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             ..UsageRow::default()
         };
-        self.gateway.record_unreplied(row);
+        let reason = if self.in_flight {
+            "the client went away before Poe's answer began"
+        } else {
+            "the client went away before the call to Poe was made or retried"
+        };
+        self.gateway.record_unreplied(row, reason);
     }
 }
 

@@ -97,6 +97,10 @@ pub struct UsageRow {
     pub attempts: i32,
     pub latency_ms: f64,
     pub ttfb_ms: Option<f64>,
+    /// Priced and charged to its key's budget as the request ended: the writer passes the
+    /// charge on to the shared counter but does not add it again. Not stored.
+    #[serde(skip)]
+    pub charged: bool,
 }
 
 /// A gateway key as stored: the key itself is never kept, only its SHA-256.
@@ -569,6 +573,7 @@ mod tests {
                 attempts: 1,
                 latency_ms: 10.0,
                 ttfb_ms: Some(5.0),
+                charged: false,
             })
             .collect();
         let rows = Arc::new(rows);
