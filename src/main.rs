@@ -77,7 +77,7 @@ enum KeysCommand {
     },
     /// List keys (never the keys themselves).
     List {
-        #[arg(long, default_value = "table")]
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
         format: String,
     },
     /// Revoke a key by id or name.
@@ -267,11 +267,39 @@ async fn open_store(database_url: &str) -> Result<Store, ExitCode> {
     })
 }
 
+/// The file a `sqlite://` URL names, when there is none there yet. The default path is
+/// relative, so a CLI run from another directory than the gateway's (or a mistyped path)
+/// would otherwise work on a new, empty ledger the gateway never reads.
+fn missing_sqlite_file(database_url: &str) -> Option<std::path::PathBuf> {
+    let path = std::path::Path::new(database_url.strip_prefix("sqlite://")?);
+    (!path.exists()).then(|| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
+}
+
 async fn keys_command(cmd: KeysCommand, database_url: String) -> ExitCode {
+    let missing = missing_sqlite_file(&database_url);
+    if let Some(path) = &missing
+        && !matches!(cmd, KeysCommand::Create { .. })
+    {
+        eprintln!(
+            "poe-gateway: ledger: no ledger file at {}; point POE_GATEWAY_DATABASE_URL (or \
+             --database-url) at the gateway's ledger",
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    }
     let store = match open_store(&database_url).await {
         Ok(s) => s,
         Err(code) => return code,
     };
+    if let Some(path) = &missing {
+        // A first key before the gateway ever ran is fine; a new ledger by mistake is not,
+        // so say where it went.
+        eprintln!(
+            "poe-gateway: no ledger was at {}: created a new one there (a gateway reading \
+             another ledger will not know this key)",
+            path.display()
+        );
+    }
     match cmd {
         KeysCommand::Create {
             name,

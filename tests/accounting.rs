@@ -925,3 +925,48 @@ async fn the_usage_command_reads_a_ledger_and_creates_none() {
         }
     }
 }
+
+/// `poe-gateway keys` against a SQLite path with no ledger: `list` and `revoke` refuse
+/// (naming the path) and create nothing; `create` makes the ledger but says so, since a
+/// gateway reading another one would not know the key. A bad `--format` is refused.
+#[tokio::test]
+async fn the_keys_command_says_when_there_is_no_ledger() {
+    fn keys(db: &str, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+            .arg("keys")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("POE_GATEWAY_DATABASE_URL", db)
+            .output()
+            .expect("the binary runs")
+    }
+    let (db, path) = sqlite_database().await;
+    for args in [&["list"][..], &["revoke", "alice"][..]] {
+        let out = keys(&db, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("no ledger file at"), "{args:?}: {stderr}");
+        assert!(stderr.contains(&path), "{args:?}: {stderr}");
+        assert!(
+            !std::path::Path::new(&path).exists(),
+            "{args:?} created {path}"
+        );
+    }
+    let out = keys(&db, &["create", "--name", "alice"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("created a new one"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pgw_"));
+    // Now there is one: no word about it, and the key is listed.
+    let out = keys(&db, &["list", "--format", "json"]);
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"alice\""));
+    let out = keys(&db, &["list", "--format", "yaml"]);
+    assert_eq!(out.status.code(), Some(2), "clap's usage error");
+}
