@@ -1258,3 +1258,44 @@ async fn a_deterministic_ask_is_answered_from_the_cache_the_second_time() {
         "the second ask went to Poe"
     );
 }
+
+/// Agents fill optional text fields with `""` as often as they leave them out: a blank one
+/// counts as not given, rather than as a session id, a system prompt, a second attachment
+/// or a model name.
+#[tokio::test]
+async fn blank_optional_arguments_count_as_not_given() {
+    let upstream = MockUpstream::start().await;
+    upstream.set_fallback(Reply::stream("claude-sonnet-4.5", &["ok"]));
+    let (client, _) = local(gateway(&upstream, &[])).await;
+    let answer = ok(&call(
+        &client,
+        "ask_poe",
+        json!({"bot": "claude", "prompt": "hi", "session_id": "", "system": " ",
+               "reasoning_effort": ""}),
+    )
+    .await);
+    assert_eq!(answer["text"], "ok");
+    ok(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "what is it?", "attachment_path": "",
+               "attachment_url": "https://example.com/a.png", "attachment_base64": "",
+               "mime_type": "", "filename": "", "session_id": ""}),
+    )
+    .await);
+    ok(&call(&client, "get_usage", json!({"since": "", "group_by": ""})).await);
+    ok(&call(&client, "list_models", json!({"filter": ""})).await);
+    let reqs = chat_requests(&upstream);
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(
+        reqs[0]["messages"],
+        json!([{"role": "user", "content": "hi"}]),
+        "a blank system prompt was sent"
+    );
+    assert!(reqs[0].get("reasoning_effort").is_none(), "{}", reqs[0]);
+    assert_eq!(
+        reqs[1]["messages"][0]["content"][1]["image_url"]["url"], "https://example.com/a.png",
+        "{}",
+        reqs[1]
+    );
+}

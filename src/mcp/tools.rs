@@ -57,6 +57,12 @@ pub struct PoeTools {
 
 // ----- arguments -----
 
+/// Reads an optional text argument, taking a blank one as not given: agents fill optional
+/// fields with `""` about as often as they leave them out.
+fn blank_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.trim().is_empty()))
+}
+
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AskPoeArgs {
@@ -67,8 +73,12 @@ pub struct AskPoeArgs {
     pub prompt: String,
     /// Continue this conversation: the `session_id` from an earlier answer. Omit it to start a
     /// new session (its id comes back with the answer).
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub session_id: Option<String>,
     /// A system prompt. It sets (or replaces) the session's system message.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub system: Option<String>,
     /// Sampling temperature, 0 to 2.
     pub temperature: Option<f64>,
@@ -77,6 +87,8 @@ pub struct AskPoeArgs {
     /// Thinking budget in tokens, for bots that think before answering (Claude: 0 to 31999).
     pub thinking_budget: Option<u32>,
     /// Reasoning effort, for bots that support it: `minimal`, `low`, `medium` or `high`.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub reasoning_effort: Option<String>,
     /// Other bot parameters, sent as top-level request fields, e.g. `{"web_search": true}`.
     /// `list_models` shows a bot's parameters where Poe publishes them.
@@ -93,20 +105,34 @@ pub struct AskWithAttachmentArgs {
     /// A local file to attach: an absolute path (or `~/...`). Over stdio any file you can
     /// read; over HTTP only files inside the gateway's configured attachment directories
     /// (a relative path is looked up in them).
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub attachment_path: Option<String>,
     /// An http(s) URL Poe fetches itself (the gateway never downloads it).
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub attachment_url: Option<String>,
     /// The file's content as base64 (or a `data:` URL). Give `mime_type` or `filename` when
     /// the content is not a common image, PDF, audio or video format.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub attachment_base64: Option<String>,
     /// The attachment's MIME type, e.g. `image/png`, `application/pdf`. Detected from the
     /// content when possible.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub mime_type: Option<String>,
     /// The file name shown to the bot. Defaults to the path's or URL's file name.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub filename: Option<String>,
     /// Continue this conversation (the `session_id` from an earlier answer); omit to start a new one.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub session_id: Option<String>,
     /// A system prompt. It sets (or replaces) the session's system message.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub system: Option<String>,
     /// Other bot parameters, sent as top-level request fields.
     pub params: Option<Map<String, Value>>,
@@ -141,8 +167,12 @@ pub struct AskWithToolsArgs {
     /// Whether the bot may request several calls at once.
     pub parallel_tool_calls: Option<bool>,
     /// Continue this conversation (the `session_id` from an earlier answer); omit to start a new one.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub session_id: Option<String>,
     /// A system prompt. It sets (or replaces) the session's system message.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub system: Option<String>,
 }
 
@@ -152,10 +182,16 @@ pub struct GenerateImageArgs {
     /// What to draw.
     pub prompt: String,
     /// The image bot or alias. Default: the gateway's `image` alias.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub model: Option<String>,
     /// Aspect ratio, for bots that take one (GPT-Image-1: `1:1`, `3:2`, `2:3`).
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub aspect: Option<String>,
     /// Quality, for bots that take one (e.g. `low`, `medium`, `high`).
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub quality: Option<String>,
     /// Other bot parameters, sent as top-level request fields (e.g. `negative_prompt`).
     pub params: Option<Map<String, Value>>,
@@ -167,8 +203,12 @@ pub struct GenerateVideoArgs {
     /// What the video shows.
     pub prompt: String,
     /// The video bot or alias. Default: the gateway's `video` alias.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub model: Option<String>,
     /// Aspect ratio, for bots that take one (e.g. `16:9`, `9:16`).
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub aspect_ratio: Option<String>,
     /// Length, as the bot expects it: seconds (e.g. `8`) or a string (e.g. `"8s"`).
     pub duration: Option<Value>,
@@ -201,6 +241,8 @@ pub enum Capability {
 #[serde(deny_unknown_fields)]
 pub struct ListModelsArgs {
     /// Keep models whose id, name or description contains this (case-insensitive).
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub filter: Option<String>,
     /// Keep models with this capability.
     pub capability: Option<Capability>,
@@ -211,8 +253,12 @@ pub struct ListModelsArgs {
 pub struct GetUsageArgs {
     /// Start of the period: an age such as `7d` or `24h`, a date `YYYY-MM-DD`, an RFC 3339
     /// time, or unix seconds. Default: 30 days ago.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub since: Option<String>,
     /// Split the totals by `model`, `day` or `key`. Default: totals only.
+    #[serde(default, deserialize_with = "blank_is_none")]
+    #[schemars(with = "Option<String>")]
     pub group_by: Option<String>,
 }
 
