@@ -92,6 +92,16 @@ fn echoing_error(status: u16, key: &str) -> Reply {
     .header("x-echo-authorization", &format!("Bearer {key}"))
 }
 
+/// A stream Poe fails part way with an error event quoting the key, then ends with `[DONE]`.
+fn echoing_stream_error(key: &str) -> Reply {
+    Reply::sse()
+        .send(chunk("claude-sonnet-4.5", "half"))
+        .send(format!(
+            "data: {{\"error\":{{\"code\":401,\"type\":\"authentication_error\",\"message\":\"key revoked: Bearer {key}\"}}}}\n\n"
+        ))
+        .send("data: [DONE]\n\n")
+}
+
 fn det_body(model: &str, stream: bool) -> String {
     json!({"model": model, "messages": [{"role": "user", "content": "q"}], "temperature": 0, "stream": stream})
         .to_string()
@@ -219,6 +229,17 @@ async fn no_key_leaks_on_any_path() {
         .await;
     assert_eq!(s, 200);
     assert!(String::from_utf8_lossy(&body).contains("data: {\"error\""));
+    // A stream Poe failed with an error event quoting the key.
+    up.push(echoing_stream_error(UPSTREAM_KEY));
+    let (s, body) = seen
+        .take(
+            "stream error event",
+            chat(chat_body("claude", true), alice.clone()).await,
+            false,
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert!(String::from_utf8_lossy(&body).contains("key revoked: Bearer [redacted]"));
 
     // The cache: a miss, then a hit.
     up.push(Reply::completion("claude-sonnet-4.5", "cached"));
@@ -305,7 +326,8 @@ async fn no_key_leaks_on_any_path() {
     let client = ().serve(transport).await.expect("MCP client connects");
     up.push(Reply::completion("claude-sonnet-4.5", "from mcp"));
     up.push(echoing_error(401, UPSTREAM_KEY));
-    for what in ["mcp answer", "mcp upstream error"] {
+    up.push(echoing_stream_error(UPSTREAM_KEY));
+    for what in ["mcp answer", "mcp upstream error", "mcp stream error event"] {
         let args = json!({"bot": "claude", "prompt": "hello"});
         let result = tokio::time::timeout(
             Duration::from_secs(30),
@@ -380,7 +402,7 @@ async fn no_key_leaks_on_any_path() {
     assert!(!spans.is_empty(), "spans exported");
     assert!(String::from_utf8_lossy(&metrics).contains("poe_gateway_requests_total"));
     assert!(!ledger.is_empty(), "ledger file read");
-    assert_eq!(up.chat_calls(), 14, "every scripted upstream call was made");
+    assert_eq!(up.chat_calls(), 16, "every scripted upstream call was made");
 
     let secrets: Vec<(&str, &str)> = vec![
         ("upstream key", UPSTREAM_KEY),

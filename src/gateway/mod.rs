@@ -831,6 +831,7 @@ impl Gateway {
                             attempts,
                             req.injects_usage(),
                             plan,
+                            &key,
                         ));
                     }
                     Ok(resp) => {
@@ -905,6 +906,7 @@ impl Gateway {
         Ok(reply)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn stream_reply(
         &self,
         resp: http::Response<upstream::Body>,
@@ -913,6 +915,7 @@ impl Gateway {
         attempts: u32,
         strip_usage: bool,
         plan: Option<&cache::Plan>,
+        key: &Secret,
     ) -> Reply {
         let (head, body) = resp.into_parts();
         let sse = head
@@ -933,7 +936,7 @@ impl Gateway {
                 r
             });
         let completion = Completion::new(info, self.inner.acct.clone(), Some(permit));
-        let tap = Tap::new(
+        let mut tap = Tap::new(
             body,
             sse,
             sse && strip_usage,
@@ -941,6 +944,9 @@ impl Gateway {
             completion,
             recorder,
         );
+        if sse {
+            tap = tap.redacting(key.clone());
+        }
         Reply {
             status: head.status,
             headers: passthrough_headers(head.headers),

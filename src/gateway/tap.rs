@@ -34,6 +34,7 @@ use super::json::{TopLevel, span_in};
 use super::jsonscan::{KeyFinder, parse_usage};
 use super::sse::SseScanner;
 use crate::error::GatewayError;
+use crate::upstream::Secret;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -158,6 +159,9 @@ pin_project_lite::pin_project! {
         completion: Option<Completion>,
         // Keeps the upstream frames for the response cache, when the request is cacheable.
         recorder: Option<Recorder>,
+        // The key Poe was called with. An error event may quote it (as an error body may):
+        // from the first error event on, frames are searched for it and it is cut out.
+        redact: Option<Secret>,
     }
 
     impl<B> PinnedDrop for Tap<B> {
@@ -212,7 +216,14 @@ impl<B> Tap<B> {
             },
             completion: Some(completion),
             recorder,
+            redact: None,
         }
+    }
+
+    /// Cuts `key` out of what follows an error event in the stream (see `redact`).
+    pub fn redacting(mut self, key: Secret) -> Self {
+        self.redact = Some(key);
+        self
     }
 }
 
@@ -295,6 +306,13 @@ where
                         r.push(&data);
                     }
                     let out = match scan(this.mode, this.observed, data) {
+                        // Rare, and never on a good stream's path: only once an error event
+                        // came. A key cut by a frame boundary is not found (Poe's events
+                        // arrive whole in practice).
+                        Ok(out) if this.observed.stream_error => match this.redact.as_ref() {
+                            Some(k) => crate::error::redact_secrets(out, &[k.expose()]),
+                            None => out,
+                        },
                         Ok(out) => out,
                         Err(reason) => {
                             let last = end_frame(this.mode, Some(&reason));
