@@ -589,10 +589,11 @@ impl Gateway {
             }
         };
         if let Some(rec) = &caller.key {
-            if rec.budget_usd.is_some() {
+            if rec.budget_usd.is_some() && inner.models.snapshot().is_none() {
                 // A budget needs prices, for the checks below and to charge the request as it
                 // ends: the first budgeted request waits for the catalogue (once, bounded).
-                inner.accountant.ensure_catalogue().await;
+                // Boxed: the fetch's state would otherwise grow every request's future.
+                Box::pin(inner.accountant.ensure_catalogue()).await;
             }
             let checked = async {
                 inner.keys.check_model(rec, req.model(), bots)?;
