@@ -180,6 +180,8 @@ async fn a_stream_span_ends_when_the_stream_ends() {
         traces.chats().is_empty(),
         "the span ended while the stream was open"
     );
+    // Its end time too: an exporter takes it from the span's last exit, not its drop.
+    let mid_stream = std::time::SystemTime::now();
     gate.add_permits(1);
     while next_data(&mut body, 10).await.is_some() {}
     // The tap finishes the request when the body ends; give the span a moment to export.
@@ -192,6 +194,10 @@ async fn a_stream_span_ends_when_the_stream_ends() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let chat = chat.expect("chat span exported after the stream ended");
+    assert!(
+        chat.end_time > mid_stream,
+        "the span's end time is the response head's, not the stream's end"
+    );
     assert_eq!(attr(&chat, "poe_gateway.stream").as_deref(), Some("true"));
     assert_eq!(
         attr(&chat, "gen_ai.usage.output_tokens").as_deref(),

@@ -168,6 +168,10 @@ fn record_span(span: &tracing::Span, row: &UsageRow, o: &Observed, outcome: &Out
     } else if let Outcome::Incomplete(_) | Outcome::Cancelled = outcome {
         span.record("error.type", row.outcome);
     }
+    // The OpenTelemetry layer ends a span at its last exit, not when it is dropped: the
+    // request's span was last entered while the response head was made, so a stream's span
+    // would end there. Entered once more here, it ends with the body.
+    drop(span.enter());
 }
 
 /// The ledger row for a finished request. Without Poe's usage (a stream that broke or was
