@@ -6,6 +6,29 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// The `bot` label of a bot name. Poe reads names case-insensitively and lists them in lower
+/// case, so every spelling of one bot is one series (a client varying the case of a name
+/// would otherwise add series without end). No allocation for a name already in lower case.
+pub fn bot_label(bot: &str) -> std::borrow::Cow<'_, str> {
+    if bot.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(bot.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(bot)
+    }
+}
+
+/// The `key` label of a request's key id: a gateway key's id, which an admin made, so there
+/// are few. A passthrough caller's id is a hash of whatever token the client sent, which
+/// anyone could vary without end: those requests go under `passthrough`. (The ledger keeps
+/// the ids; usage per caller is a report, not a metric.)
+pub fn key_label(key_id: Option<&str>) -> &str {
+    match key_id {
+        Some(id) if id.starts_with(crate::gateway::keys::PASSTHROUGH_ID_PREFIX) => "passthrough",
+        Some(id) => id,
+        None => "",
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,

@@ -798,8 +798,13 @@ async fn made_up_model_names_do_not_grow_the_metrics() {
         let _ = body_bytes(post(&gw, &body, &[]).await).await;
     }
     let _ = body_bytes(post(&gw, &chat_body("gpt", false), &[]).await).await;
+    // Nor do spellings of a real one: Poe reads names case-insensitively.
+    for name in ["GPT-5", "gPt-5"] {
+        let _ = body_bytes(post(&gw, &chat_body(name, false), &[]).await).await;
+    }
     let text = String::from_utf8(body_bytes(get(&gw, "/metrics").await).await.to_vec()).unwrap();
     assert!(!text.contains("made-up-"), "{text}");
+    assert!(!text.contains("GPT-5") && !text.contains("gPt-5"), "{text}");
     let requests = |bot: &str| {
         text.lines()
             .filter(|l| {
@@ -810,7 +815,49 @@ async fn made_up_model_names_do_not_grow_the_metrics() {
             .sum::<f64>()
     };
     assert_eq!(requests("other"), 5.0, "{text}");
-    assert_eq!(requests("gpt-5"), 1.0, "{text}");
+    assert_eq!(requests("gpt-5"), 3.0, "{text}");
+}
+
+/// In passthrough mode a caller's id is a hash of the token it sent, so a client could make
+/// up ids without end: the metrics count those requests under one `key` label. The ledger
+/// keeps each caller's id.
+#[tokio::test]
+async fn passthrough_callers_do_not_grow_the_metrics() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::json(401, poe_error(401, "authentication_error")));
+    let (gw, core) = TestGateway::with_ledger(
+        &up,
+        "[auth]\nmode = \"passthrough\"\n",
+        &[],
+        &databases().await[0],
+    )
+    .await;
+    for i in 0..3 {
+        let auth = format!("Bearer made-up-token-{i}");
+        let resp = post(&gw, &chat_body("gpt-5", false), &[("authorization", &auth)]).await;
+        assert_eq!(resp.status(), 401);
+        let _ = body_bytes(resp).await;
+    }
+    let text = String::from_utf8(body_bytes(get(&gw, "/metrics").await).await.to_vec()).unwrap();
+    assert!(!text.contains("pt_"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("poe_gateway_requests_total{")
+                && l.contains("key=\"passthrough\"")
+                && l.ends_with(" 3")),
+        "{text}"
+    );
+    core.flush().await;
+    let by_key = core
+        .ledger()
+        .store()
+        .report(&poe_gateway::ledger::ReportQuery {
+            group_by: Some(poe_gateway::ledger::GroupBy::Key),
+            ..everything()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_key.groups.len(), 3, "the ledger keeps each caller");
 }
 
 #[tokio::test]

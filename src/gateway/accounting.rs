@@ -126,7 +126,7 @@ impl BatchHook for Accountant {
                 if let Some(cost) = row.cost_usd.filter(|c| *c > 0.0) {
                     self.metrics
                         .cost_usd
-                        .with_label_values(&[row.bot.as_str()])
+                        .with_label_values(&[&crate::metrics::bot_label(&row.bot)])
                         .inc_by(cost);
                 }
             }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::accounting::Accountant;
 use super::tap::{Observed, Outcome};
 use crate::ledger::{Ledger, UsageRow, now_ms};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, key_label};
 
 /// Where completions report to.
 pub struct Accounting {
@@ -92,7 +92,12 @@ impl Completion {
         }
         let unlisted = self.info.unlisted;
         let mut row = usage_row(&mut self.info, observed, &outcome);
-        let bot = if unlisted { UNLISTED } else { row.bot.as_str() };
+        let bot = if unlisted {
+            std::borrow::Cow::Borrowed(UNLISTED)
+        } else {
+            crate::metrics::bot_label(&row.bot)
+        };
+        let bot = &*bot;
         // The code's digits from http's table, so no allocation per request.
         let code = http::StatusCode::from_u16(row.status);
         let status = match &code {
@@ -100,7 +105,7 @@ impl Completion {
             Err(_) => std::borrow::Cow::Owned(row.status.to_string()),
         };
         m.requests
-            .with_label_values(&[bot, &status, row.key_id.as_deref().unwrap_or("")])
+            .with_label_values(&[bot, &status, key_label(row.key_id.as_deref())])
             .inc();
         if let Some(t) = row.prompt_tokens {
             m.prompt_tokens

@@ -28,6 +28,8 @@ const CACHE_TTL: Duration = Duration::from_secs(5);
 pub const KEY_PREFIX: &str = "pgw_";
 /// What every key id starts with (ids are shown in reports and revoke keys too).
 const KEY_ID_PREFIX: &str = "key_";
+/// How a passthrough caller's id starts: `pt_` and a hash of its Poe key.
+pub const PASSTHROUGH_ID_PREFIX: &str = "pt_";
 
 type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 

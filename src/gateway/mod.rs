@@ -456,9 +456,9 @@ impl Gateway {
         acct.metrics
             .requests
             .with_label_values(&[
-                self.metric_bot(&row.bot),
+                &*self.metric_bot(&row.bot),
                 &row.status.to_string(),
-                row.key_id.as_deref().unwrap_or(""),
+                crate::metrics::key_label(row.key_id.as_deref()),
             ])
             .inc();
         acct.ledger.record(row);
@@ -501,11 +501,11 @@ impl Gateway {
     }
 
     /// The `bot` label of a request Poe did not answer (see [`RequestInfo::unlisted`]).
-    fn metric_bot<'a>(&self, bot: &'a str) -> &'a str {
+    fn metric_bot<'a>(&self, bot: &'a str) -> std::borrow::Cow<'a, str> {
         if self.known_bot(bot) {
-            bot
+            crate::metrics::bot_label(bot)
         } else {
-            completion::UNLISTED
+            std::borrow::Cow::Borrowed(completion::UNLISTED)
         }
     }
 

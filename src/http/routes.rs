@@ -237,7 +237,8 @@ pub(crate) async fn authenticate(
             })?;
             // A stable id for the caller's own usage report; the key itself is never stored.
             let id = crate::gateway::keys::hash_key(key.expose());
-            caller.key_id = Some(Arc::from(format!("pt_{}", &id[..16])));
+            let prefix = crate::gateway::keys::PASSTHROUGH_ID_PREFIX;
+            caller.key_id = Some(Arc::from(format!("{prefix}{}", &id[..16])));
             caller.credential = Credential::Poe(key);
         }
         AuthMode::Keys => {
