@@ -131,6 +131,9 @@ def test_dockerfile_copies_what_the_build_needs():
     # Every bench target in Cargo.toml must exist in the build context, or cargo refuses.
     assert "benches" in sources and "src" in sources and "Cargo.lock" in sources
     assert "USER nonroot" in text and "HEALTHCHECK" in text
+    # The slim build image has gcc but no make, which jemalloc's build script runs.
+    build_stage = text.split("\nFROM ")[1]
+    assert re.search(r"apt-get install[^\n]*\bmake\b", build_stage), "the build stage must install make"
 
 
 def test_systemd_unit_runs_check_before_serve():
