@@ -234,18 +234,52 @@ impl Store {
     }
 }
 
-/// A database URL for messages: the password, if any, is replaced.
+/// A database URL for messages: the password, if any, is replaced, whether it is in the
+/// URL's user part (`user:pass@`), in a query parameter (`?password=...`, `sslpassword=`) or
+/// in a libpq keyword string (`host=... password=...`).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+    let url = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => url.to_string(),
+            },
+            None => url.to_string(),
+        },
         None => url.to_string(),
+    };
+    redact_password_params(&url)
+}
+
+/// Replaces the value of every `...password=value` in `text`: up to the next `&` or space,
+/// or the closing quote of a quoted value.
+fn redact_password_params(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while let Some(i) = lower[at..].find("password") {
+        let key_end = at + i + "password".len();
+        let rest = &text[key_end..];
+        let after_spaces = rest.len() - rest.trim_start().len();
+        if !rest.trim_start().starts_with('=') {
+            out.push_str(&text[at..key_end]);
+            at = key_end;
+            continue;
+        }
+        let value_start = key_end + after_spaces + 1;
+        let value = &text[value_start..];
+        let value = &value[value.len() - value.trim_start().len()..];
+        let value_start = text.len() - value.len();
+        let value_end = match value.strip_prefix('\'') {
+            Some(quoted) => value_start + 1 + quoted.find('\'').map_or(quoted.len(), |j| j + 1),
+            None => value_start + value.find(['&', ' ']).unwrap_or(value.len()),
+        };
+        out.push_str(&text[at..value_start]);
+        out.push_str("***");
+        at = value_end;
     }
+    out.push_str(&text[at..]);
+    out
 }
 
 pub(crate) fn models_to_text(models: &Option<Vec<String>>) -> Option<String> {
@@ -272,5 +306,18 @@ mod tests {
             "postgres://app:***@db:5432/poe"
         );
         assert_eq!(redact_url("sqlite://./x.db"), "sqlite://./x.db");
+        assert_eq!(
+            redact_url("postgres://poe@db/poe?password=s3cret&sslmode=require"),
+            "postgres://poe@db/poe?password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://db/poe?user=u&PASSWORD=s3cret"),
+            "postgres://db/poe?user=u&PASSWORD=***"
+        );
+        assert_eq!(
+            redact_url("host=db password = 's3 cret' sslpassword=k3y user=u"),
+            "host=db password = *** sslpassword=*** user=u"
+        );
+        assert_eq!(redact_url("mysql://x?pass=1"), "mysql://x?pass=1");
     }
 }
