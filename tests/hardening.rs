@@ -815,7 +815,8 @@ async fn model_of_the_wrong_type_is_a_400_naming_model() {
 async fn a_huge_messages_array_is_forwarded_cleanly() {
     let up = MockUpstream::start().await;
     up.push(Reply::completion("gpt-5", "that was a lot"));
-    let (gw, core) = ledger_gateway(&up, "").await;
+    // No aliases: `gpt` goes to Poe as it is, so the body is forwarded unchanged.
+    let (gw, core) = ledger_gateway(&up, "[aliases]\n").await;
     // 200,000 small messages: about 6 MB, under the default 50 MiB limit.
     let mut body = String::from(r#"{"model":"gpt","messages":["#);
     for i in 0..200_000 {

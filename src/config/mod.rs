@@ -507,6 +507,16 @@ where
         err("", format!("{at}invalid TOML: {}", e.message()), None)
     })?;
 
+    // Settings left out take the shipped policy's values; the code's defaults are the same
+    // for every section but the aliases, a table of the shipped file alone. A file with no
+    // `[aliases]` gets those; an empty `[aliases]` means none.
+    if !table.contains_key("aliases")
+        && let Ok(mut shipped) = toml::from_str::<toml::Table>(DEFAULT_POLICY)
+        && let Some(aliases) = shipped.remove("aliases")
+    {
+        table.insert("aliases".into(), aliases);
+    }
+
     // Remember which keys came from env (the variable, and its text when it was read as a
     // TOML value), so an error can point at the variable.
     let mut from_env: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
@@ -867,6 +877,25 @@ mod tests {
         for alias in ["claude", "gpt", "gemini", "grok", "image", "video"] {
             assert!(p.aliases.contains_key(alias), "{alias}");
         }
+    }
+
+    /// A policy file with no `[aliases]` keeps the shipped ones, as every other setting
+    /// left out keeps the shipped value; an empty `[aliases]` (or one of its own) is exactly
+    /// that. An env override adds to whichever applies.
+    #[test]
+    fn aliases_left_out_are_the_shipped_ones() {
+        let shipped = parse("default.toml", DEFAULT_POLICY, env(&[]))
+            .unwrap()
+            .aliases;
+        let p = parse("p.toml", "[cache]\nmode = \"off\"\n", env(&[])).unwrap();
+        assert_eq!(p.aliases.len(), shipped.len());
+        assert!(p.aliases.contains_key("claude"));
+        let p = parse("p.toml", "[aliases]\n", env(&[])).unwrap();
+        assert!(p.aliases.is_empty());
+        let p = parse("p.toml", "[aliases]\nmine = \"gpt-5\"\n", env(&[])).unwrap();
+        assert_eq!(p.aliases.keys().collect::<Vec<_>>(), ["mine"]);
+        let p = parse("p.toml", "", env(&[("POE_GATEWAY_ALIASES__MINE", "gpt-5")])).unwrap();
+        assert_eq!(p.aliases.len(), shipped.len() + 1);
     }
 
     #[test]
