@@ -215,6 +215,25 @@ async fn pricing_overrides_win() {
     }
 }
 
+/// A `[pricing]` table with only some fields keeps Poe's price for the others: a per-request
+/// fee added to a bot Poe prices per token does not make its tokens free.
+#[tokio::test]
+async fn a_partial_pricing_table_keeps_poes_other_prices() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("claude-sonnet-4.5", "hello"));
+    let policy = "[aliases]\n[pricing.\"claude-sonnet-4.5\"]\nrequest = 0.5\n";
+    let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &databases().await[0]).await;
+    let _ = body_bytes(post(&gw, &chat_body("claude-sonnet-4.5", false), &[]).await).await;
+    let r = report(&core, None).await;
+    // Poe's 3e-6 per prompt token and 15e-6 per completion token, plus the table's fee.
+    let want = 7.0 * 0.000003 + 3.0 * 0.000015 + 0.5;
+    assert!(
+        (r.totals.cost_usd - want).abs() < 1e-9,
+        "{}",
+        r.totals.cost_usd
+    );
+}
+
 #[tokio::test]
 async fn broken_and_cancelled_streams_are_recorded_with_estimates() {
     for db in databases().await {

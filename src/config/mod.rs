@@ -39,7 +39,7 @@ pub struct Policy {
     pub log: LogPolicy,
     pub redis: RedisPolicy,
     /// Prices for bots Poe's catalogue does not price (or to override it), USD per token.
-    pub pricing: BTreeMap<String, crate::gateway::models::Price>,
+    pub pricing: BTreeMap<String, crate::gateway::models::PriceOverride>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -736,7 +736,7 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
             ("completion", price.completion),
             ("request", price.request),
         ] {
-            if !v.is_finite() || v < 0.0 {
+            if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
                 return Err((
                     format!("pricing.{bot}.{field}"),
                     "must be a non-negative number (USD per token, or per request)".into(),

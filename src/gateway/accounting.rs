@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::alias::Aliases;
 use super::keys::KeyRing;
-use super::models::{Models, Price};
+use super::models::{Models, Price, PriceOverride};
 use crate::ledger::{BatchHook, UsageRow};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -26,19 +26,24 @@ pub struct Accountant {
     pub(crate) upstream: Arc<Upstream>,
     pub(crate) aliases: Arc<Aliases>,
     /// `[pricing]` overrides, by lower-cased bot name: they win over Poe's catalogue.
-    pub(crate) overrides: HashMap<String, Price>,
+    pub(crate) overrides: HashMap<String, PriceOverride>,
     pub(crate) keys: Option<Arc<KeyRing>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) last_fetch: Mutex<Option<Instant>>,
 }
 
 impl Accountant {
-    /// The price of a bot: the policy's override, else Poe's catalogue; `None` if unknown.
+    /// The price of a bot: Poe's catalogue, with the policy's `[pricing]` fields over it;
+    /// `None` if neither prices it.
     pub fn price(&self, bot: &str) -> Option<Price> {
-        if let Some(p) = self.overrides.get(&bot.to_ascii_lowercase()) {
-            return Some(*p);
+        let poe = self.models.snapshot().and_then(|c| c.price(bot));
+        if self.overrides.is_empty() {
+            return poe;
         }
-        self.models.snapshot()?.price(bot)
+        match self.overrides.get(&bot.to_ascii_lowercase()) {
+            Some(o) => Some(o.over(poe)),
+            None => poe,
+        }
     }
 
     /// Reads Poe's catalogue if none has been read yet (at most one try a minute, each

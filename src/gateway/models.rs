@@ -118,9 +118,31 @@ fn makes_media(entry: &Value) -> bool {
         .is_some_and(|m| m.iter().any(|m| m.as_str().is_some_and(|m| m != "text")))
 }
 
-/// USD per prompt token, per completion token, and per request.
+/// A `[pricing."bot"]` table: USD per prompt token, per completion token, per request. A
+/// field left out keeps Poe's catalogue price for it (0 when Poe has none), so a table that
+/// only adds a per-request fee does not zero the token prices.
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct PriceOverride {
+    pub prompt: Option<f64>,
+    pub completion: Option<f64>,
+    pub request: Option<f64>,
+}
+
+impl PriceOverride {
+    /// This table over Poe's price for the bot, field by field.
+    pub fn over(&self, poe: Option<Price>) -> Price {
+        let poe = poe.unwrap_or_default();
+        Price {
+            prompt: self.prompt.unwrap_or(poe.prompt),
+            completion: self.completion.unwrap_or(poe.completion),
+            request: self.request.unwrap_or(poe.request),
+        }
+    }
+}
+
+/// USD per prompt token, per completion token, and per request.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Price {
     pub prompt: f64,
     pub completion: f64,
