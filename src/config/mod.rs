@@ -989,6 +989,29 @@ mod tests {
         }
     }
 
+    /// Durations past what the timers take are a config error naming the key, not a panic
+    /// at start (a moka lifetime over 1,000 years) or on a request (an instant overflow).
+    #[test]
+    fn durations_over_ten_years_are_refused() {
+        for (text, key) in [
+            (
+                "[upstream]\nmodels_ttl = \"1001y\"\n",
+                "upstream.models_ttl",
+            ),
+            (
+                "[limits]\nqueue_timeout = 9223372036854775807\n",
+                "limits.queue_timeout",
+            ),
+        ] {
+            let e = parse("p.toml", text, env(&[])).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.reason.contains("at most 10 years"), "{e}");
+        }
+        let e = parse("p.toml", "", env(&[("POE_GATEWAY_CACHE__TTL", "11y")])).unwrap_err();
+        assert_eq!(e.key, "cache.ttl", "{e}");
+        assert!(parse("p.toml", "[cache]\nttl = \"3650days\"\n", env(&[])).is_ok());
+    }
+
     #[test]
     fn zero_read_timeouts_are_refused() {
         for key in ["header_read_timeout", "body_read_timeout"] {

@@ -2,10 +2,17 @@
 
 use serde::{Deserialize, Deserializer, de};
 
-/// Durations are humantime strings ("250ms", "30s", "10m"), or a whole number of seconds.
+/// Durations are humantime strings ("250ms", "30s", "10m"), or a whole number of seconds,
+/// at most [`MAX`](duration::MAX).
 pub mod duration {
     use super::*;
     use std::time::Duration;
+
+    /// The longest duration any setting takes: ten years. Longer ones mean "never" to whoever
+    /// writes them, but the clocks and timers they reach have limits of their own (a cache's
+    /// lifetime of over 1,000 years, an instant past the end of time), which would stop the
+    /// gateway at start or on a request rather than at the check.
+    pub const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         #[derive(Deserialize)]
@@ -14,18 +21,24 @@ pub mod duration {
             Secs(u64),
             Text(String),
         }
-        match Raw::deserialize(d).map_err(|_| {
+        let d = match Raw::deserialize(d).map_err(|_| {
             de::Error::custom(
                 "expected a duration such as \"30s\" or \"250ms\", or a number of seconds",
             )
         })? {
-            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Secs(s) => Duration::from_secs(s),
             Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
                 de::Error::custom(format!(
                     "invalid duration {t:?} ({e}); use e.g. \"30s\" or \"250ms\""
                 ))
-            }),
+            })?,
+        };
+        if d > MAX {
+            return Err(de::Error::custom(
+                "a duration may be at most 10 years (\"3650days\")",
+            ));
         }
+        Ok(d)
     }
 }
 
