@@ -520,10 +520,26 @@ where
     // Remember which keys came from env (the variable, and its text when it was read as a
     // TOML value), so an error can point at the variable.
     let mut from_env: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
+    // Two variables name some keys (`POE_GATEWAY_LISTEN` and `POE_GATEWAY_SERVER__LISTEN`):
+    // both set, to different values, is refused, rather than the environment's order
+    // deciding.
+    let mut seen: BTreeMap<String, (String, String)> = BTreeMap::new();
     for (name, value) in env {
         let Some((section, key)) = env_key(&name) else {
             continue;
         };
+        let dotted = format!("{section}.{key}");
+        if let Some((other, other_value)) = seen.get(&dotted)
+            && *other != name
+            && *other_value != value
+        {
+            return Err(err(
+                &dotted,
+                format!("is set by both {other} and {name}, to different values; set one"),
+                Some(name),
+            ));
+        }
+        seen.insert(dotted, (name.clone(), value.clone()));
         let section_table = table
             .entry(section.clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -987,6 +1003,23 @@ mod tests {
             assert!(e.key.starts_with("aliases."), "{text}: {e}");
             assert!(e.reason.contains("control characters"), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn a_key_set_by_two_variables_to_different_values_is_refused() {
+        let both = |a: &str, b: &str| {
+            parse(
+                "f.toml",
+                "",
+                env(&[("POE_GATEWAY_LISTEN", a), ("POE_GATEWAY_SERVER__LISTEN", b)]),
+            )
+        };
+        let e = both("127.0.0.1:1", "127.0.0.1:2").unwrap_err();
+        assert_eq!(e.key, "server.listen", "{e}");
+        assert!(e.reason.contains("POE_GATEWAY_LISTEN"), "{e}");
+        assert!(e.reason.contains("POE_GATEWAY_SERVER__LISTEN"), "{e}");
+        let p = both("127.0.0.1:3", "127.0.0.1:3").unwrap();
+        assert_eq!(p.server.listen.port(), 3);
     }
 
     /// Durations past what the timers take are a config error naming the key, not a panic
