@@ -147,6 +147,14 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
+            if let Err(e) = poe_gateway::ledger::Store::check_url(&cli.database_url) {
+                eprintln!("poe-gateway: ledger: {e}");
+                return ExitCode::from(2);
+            }
+            if let Err(e) = telemetry::check_env() {
+                eprintln!("poe-gateway: {e}");
+                return ExitCode::from(2);
+            }
             println!(
                 "ok: {} (listen {}, auth {}, upstream {}, {} aliases)",
                 loaded.source.name(),

@@ -54,9 +54,32 @@ impl Telemetry {
     }
 }
 
+/// What `check` finds wrong with the logging variables: `POE_GATEWAY_LOG_FORMAT` other than
+/// `json` or `pretty`, a `RUST_LOG` that is not a filter. (`serve` says so and goes on with
+/// the defaults: a typo in how to log should not keep the gateway down.)
+pub fn check_env() -> Result<(), String> {
+    if let Ok(f) = std::env::var("POE_GATEWAY_LOG_FORMAT")
+        && f != "json"
+        && f != "pretty"
+    {
+        return Err(format!(
+            "POE_GATEWAY_LOG_FORMAT is {f:?}: use json or pretty"
+        ));
+    }
+    if let Err(e) = EnvFilter::try_from_default_env()
+        && std::env::var_os("RUST_LOG").is_some()
+    {
+        return Err(format!("RUST_LOG is not a log filter: {e}"));
+    }
+    Ok(())
+}
+
 /// Installs the global subscriber: logs, and traces when an OTLP endpoint is configured.
 /// Must run inside a tokio runtime (the batch exporter is a task). Safe to call once only.
 pub fn init() -> Telemetry {
+    if let Err(e) = check_env() {
+        eprintln!("poe-gateway: {e}; logging with the defaults");
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match std::env::var("POE_GATEWAY_LOG_FORMAT").as_deref() {
         Ok("json") => true,

@@ -149,8 +149,22 @@ macro_rules! dispatch {
 }
 
 impl Store {
+    /// Whether `url` is a database URL the ledger takes, without opening it (`check`).
+    pub fn check_url(url: &str) -> Result<(), LedgerError> {
+        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        match url.strip_prefix("sqlite://") {
+            Some("") => Err(LedgerError::Other(
+                "database URL sqlite:// names no file: use sqlite://PATH".into(),
+            )),
+            Some(_) => Ok(()),
+            None if postgres || url == "sqlite::memory:" => Ok(()),
+            None => Err(LedgerError::BadUrl(redact_url(url))),
+        }
+    }
+
     /// Opens `sqlite://PATH`, `sqlite::memory:` or `postgres://...`, and runs migrations.
     pub async fn open(url: &str) -> Result<Store, LedgerError> {
+        Store::check_url(url)?;
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(Store::Postgres(Postgres::open(url).await?));
         }
