@@ -182,6 +182,28 @@ async fn fallback_chain_moves_on_after_its_own_retries() {
     let _ = body_bytes(resp).await;
 }
 
+/// The retry budget stops retry storms; it must not stop a chain from moving on. With no
+/// budget at all, a failing first bot is not retried, and the next bot still gets its call
+/// (its first attempt is not a retry).
+#[tokio::test(start_paused = true)]
+async fn a_spent_retry_budget_still_lets_a_chain_reach_its_next_bot() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::json(503, poe_error(503, "upstream_error")));
+    up.push(Reply::completion("second-bot", "from the second"));
+    let policy = format!("{CHAIN}budget_ratio = 0.0\nbudget_min_per_second = 0\n");
+    let gw = TestGateway::start(&up, &policy, &[]).await;
+    let resp = post(&gw, &chat_body("resilient", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-poe-gateway-bot"], "second-bot");
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
+    let sent: Vec<String> = up
+        .received()
+        .iter()
+        .map(|r| r.json()["model"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(sent, ["first-bot", "second-bot"], "first-bot was retried");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_whole_chain_failing_returns_the_last_error() {
     let up = MockUpstream::start().await;

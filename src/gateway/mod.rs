@@ -738,18 +738,11 @@ impl Gateway {
         let retry = &inner.policy.retry;
         let mut attempts = 0u32;
         let mut last: Option<(Failure, &str)> = None;
-        // Only a retry after a retryable failure spends the budget; moving past a bot that
-        // does not exist is not what the budget guards against.
-        let mut retrying = false;
 
         'bots: for (i, bot) in bots.iter().enumerate() {
             let has_next = i + 1 < bots.len();
             let body = req.upstream_body(bot);
             for try_no in 1..=retry.max_attempts {
-                if retrying && !inner.budget.try_withdraw(Instant::now(), inner.epoch) {
-                    tracing::warn!(request_id = %caller.request_id, bot, "retry budget spent; not retrying");
-                    break 'bots;
-                }
                 let attempt_span = if crate::telemetry::traces_enabled() {
                     tracing::info_span!(
                         "upstream attempt",
@@ -865,9 +858,7 @@ impl Gateway {
                     status = failure_status(&failure),
                     "upstream attempt failed"
                 );
-                retrying = failure.retryable();
                 if failure.wrong_bot() && has_next {
-                    retrying = false;
                     last = Some((failure, bot));
                     continue 'bots;
                 }
@@ -890,6 +881,13 @@ impl Gateway {
                     Some(w) => w,
                     None => retry::backoff(retry, try_no - 1),
                 };
+                // Only a retry of the same bot spends the budget, and a spent budget moves
+                // on to the chain's next bot: its first attempt is not a retry, and a chain
+                // must reach a healthy bot even when a dead one has spent the budget.
+                if !inner.budget.try_withdraw(Instant::now(), inner.epoch) {
+                    tracing::warn!(request_id = %caller.request_id, bot, "retry budget spent; not retrying");
+                    continue 'bots;
+                }
                 tokio::time::sleep(wait).await;
             }
         }
