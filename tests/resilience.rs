@@ -57,6 +57,48 @@ async fn retry_after_beyond_the_cap_goes_back_to_the_client() {
     assert_eq!(up.chat_calls(), 1);
 }
 
+/// Poe's request-window reset may ride on any answer. On a 503 it says nothing about the
+/// server error: the 503 is retried after the usual backoff, not handed back because the
+/// window resets in 45 s.
+#[tokio::test(start_paused = true)]
+async fn a_window_reset_on_a_server_error_does_not_stop_its_retry() {
+    let up = MockUpstream::start().await;
+    up.push(
+        Reply::json(503, poe_error(503, "upstream_error"))
+            .header("x-ratelimit-reset-requests", "45s"),
+    );
+    up.push(Reply::completion("gpt-5", "ok"));
+    let gw = TestGateway::default(&up).await;
+    let started = Instant::now();
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "waited for the window"
+    );
+}
+
+/// A 429 whose wait is longer than the gateway holds a client goes back at once, with a
+/// `Retry-After` (made from Poe's window reset when that is all Poe gave), and without
+/// `x-should-retry: false` even after earlier attempts: the client may schedule it.
+#[tokio::test(start_paused = true)]
+async fn a_long_429_goes_back_schedulable_after_earlier_attempts() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::json(500, poe_error(500, "provider_error")));
+    up.push(
+        Reply::json(429, poe_error(429, "rate_limit_error"))
+            .header("x-ratelimit-reset-requests", "1m30s"),
+    );
+    let gw = TestGateway::default(&up).await;
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
+    assert_eq!(resp.headers()["retry-after"], "90");
+    assert!(resp.headers().get("x-should-retry").is_none());
+    assert_eq!(up.chat_calls(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_absurd_retry_after_goes_back_to_the_client_instead_of_panicking() {
     // Too long for a Duration: reading it as seconds used to panic the connection's task.

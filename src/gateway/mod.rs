@@ -867,7 +867,9 @@ impl Gateway {
                     break 'bots;
                 }
                 let asked = match &failure {
-                    Failure::Status { head, .. } => retry::requested_wait(&head.headers),
+                    Failure::Status { head, .. } => {
+                        retry::requested_wait(head.status, &head.headers)
+                    }
                     Failure::Transport(_) => None,
                 };
                 last = Some((failure, bot));
@@ -974,7 +976,17 @@ impl Gateway {
                 } else {
                     body
                 };
-                (head.status, passthrough_headers(head.headers), body)
+                let mut headers = passthrough_headers(head.headers);
+                // A 429 goes back with a `Retry-After` the client's SDK understands, also
+                // when Poe gave only its window reset.
+                if head.status == StatusCode::TOO_MANY_REQUESTS
+                    && !headers.contains_key(header::RETRY_AFTER)
+                    && let Some(wait) = retry::requested_wait(head.status, &headers)
+                {
+                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                    headers.insert(header::RETRY_AFTER, http::HeaderValue::from(secs));
+                }
+                (head.status, headers, body)
             }
             Failure::Transport(e) => {
                 let err = match e {

@@ -257,7 +257,7 @@ fn catalogue_refused(head: &http::response::Parts, body: &[u8]) -> GatewayError 
     match head.status.as_u16() {
         429 => GatewayError::RateLimited {
             message,
-            retry_after: super::retry::requested_wait(&head.headers),
+            retry_after: super::retry::requested_wait(head.status, &head.headers),
         },
         503 | 529 => GatewayError::Overloaded(message),
         _ => GatewayError::UpstreamUnreachable(message),

@@ -25,9 +25,12 @@ pub fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
     cap.mul_f64(fastrand::f64())
 }
 
-/// How long the upstream asked us to wait: `Retry-After` (seconds or an HTTP date), else
-/// Poe's `x-ratelimit-reset-requests` (seconds, or a duration such as `1s` or `6m0s`).
-pub fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
+/// How long the upstream asked us to wait before trying again after a `status` answer:
+/// `Retry-After` (seconds or an HTTP date), else, for a 429 only, Poe's
+/// `x-ratelimit-reset-requests` (seconds, or a duration such as `1s` or `6m0s`). That header
+/// says when the key's request window resets: it may come with any answer, and it is no
+/// reason to hold back the retry of a 500 or a 503.
+pub fn requested_wait(status: http::StatusCode, headers: &HeaderMap) -> Option<Duration> {
     let text = |name: &str| {
         headers
             .get(name)
@@ -44,6 +47,9 @@ pub fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
                     .unwrap_or(Duration::ZERO),
             );
         }
+    }
+    if status != http::StatusCode::TOO_MANY_REQUESTS {
+        return None;
     }
     let v = text("x-ratelimit-reset-requests")?;
     seconds(v).or_else(|| humantime::parse_duration(v).ok())
@@ -137,6 +143,7 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
+        let requested_wait = |h: &HeaderMap| requested_wait(http::StatusCode::TOO_MANY_REQUESTS, h);
         let mut h = HeaderMap::new();
         h.insert("retry-after", "2".parse().unwrap());
         assert_eq!(requested_wait(&h), Some(Duration::from_secs(2)));
@@ -159,6 +166,23 @@ mod tests {
         h.clear();
         h.insert("retry-after", "-1".parse().unwrap());
         assert_eq!(requested_wait(&h), None);
+    }
+
+    /// Poe's request-window reset may ride on any answer; only a 429 is held to it.
+    #[test]
+    fn the_window_reset_only_holds_back_a_429() {
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-reset-requests", "45s".parse().unwrap());
+        for status in [500, 503, 529] {
+            let status = http::StatusCode::from_u16(status).unwrap();
+            assert_eq!(super::requested_wait(status, &h), None, "{status}");
+        }
+        h.insert("retry-after", "3".parse().unwrap());
+        let unavailable = http::StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(
+            super::requested_wait(unavailable, &h),
+            Some(Duration::from_secs(3))
+        );
     }
 
     #[test]

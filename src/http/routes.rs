@@ -211,7 +211,12 @@ async fn chat(
     }
     h.insert(ATTEMPTS_HEADER, HeaderValue::from(reply.attempts));
     h.insert(CACHE_STATUS, HeaderValue::from_static(reply.cache.as_str()));
-    if reply.attempts > 1 && (reply.status.is_client_error() || reply.status.is_server_error()) {
+    // The gateway has retried already: the SDK should not again, unless the answer says when
+    // it may (a 429 whose wait was longer than the gateway holds a client).
+    if reply.attempts > 1
+        && (reply.status.is_client_error() || reply.status.is_server_error())
+        && !h.contains_key(header::RETRY_AFTER)
+    {
         h.insert(SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     Ok(resp)
