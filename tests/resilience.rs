@@ -803,3 +803,31 @@ async fn a_stream_whose_connection_goes_dark_ends_at_the_keepalive_not_the_idle_
     );
     gate.add_permits(1);
 }
+
+/// A TLS upstream that takes the TCP connection and then says nothing (an overloaded load
+/// balancer): the attempt ends at `timeouts.connect`, which covers TLS and the HTTP/2
+/// handshake too, not at `timeouts.first_byte` (here ten minutes).
+#[tokio::test]
+async fn a_silent_tls_server_fails_the_attempt_at_the_connect_timeout() {
+    let up = MockUpstream::start().await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let base = format!("https://{addr}");
+    let policy = "[retry]\nmax_attempts = 1\n[timeouts]\nconnect = \"1s\"\nfirst_byte = \"600s\"\n";
+    let gw = TestGateway::start(&up, policy, &[("POE_BASE_URL", &base)]).await;
+    let resp = tokio::time::timeout(
+        Duration::from_secs(120),
+        post(&gw, &chat_body("gpt", false), &[]),
+    )
+    .await
+    .expect("the attempt waited for timeouts.first_byte");
+    let e = expect_error(resp, 502, "upstream_error").await;
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("timeouts.connect"), "{message}");
+}

@@ -206,7 +206,8 @@ impl Upstream {
         let h2 = pool::H2Settings::from(policy);
         let pools = (0..=serving_threads)
             .map(|_| {
-                Pool::new(https.clone(), origin.clone(), Duration::from_secs(90), h2).map(Arc::new)
+                Pool::new(https.clone(), origin.clone(), Duration::from_secs(90), h2)
+                    .map(|p| Arc::new(p.with_connect_timeout(connect)))
             })
             .collect::<Result<_, _>>()?;
         Ok(Upstream {

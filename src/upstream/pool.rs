@@ -63,6 +63,9 @@ impl From<&UpstreamPolicy> for H2Settings {
     }
 }
 
+/// [`Pool::connect_timeout`] until [`Pool::with_connect_timeout`] sets it.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The connections of one serving thread to the upstream origin.
 pub(super) struct Pool {
     connector: HttpsConnector<HttpConnector>,
@@ -72,6 +75,10 @@ pub(super) struct Pool {
     host: HeaderValue,
     /// An idle connection older than this is closed instead of reused.
     idle_timeout: Duration,
+    /// The longest a new connection may take, TCP, TLS and the HTTP/2 handshake together
+    /// (`timeouts.connect`): a server that takes the TCP connection and then says nothing
+    /// would otherwise hold the request until `timeouts.first_byte`.
+    connect_timeout: Duration,
     h2: H2Settings,
     idle: Mutex<Idle>,
     /// Whether the task that closes idle connections nobody came back for is running.
@@ -134,6 +141,7 @@ impl Pool {
             origin,
             host,
             idle_timeout,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             h2: H2Settings {
                 max_streams: h2.max_streams.max(1),
                 ..h2
@@ -322,8 +330,27 @@ impl Pool {
         });
     }
 
-    /// Opens a connection (TCP, TLS with ALPN) and starts its task on this thread's runtime.
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    pub(super) fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Opens a connection (TCP, TLS with ALPN), within the connect timeout, and starts its
+    /// task on this thread's runtime.
     async fn connect(self: &Arc<Self>) -> Result<Sender, UpstreamError> {
+        let limit = self.connect_timeout;
+        tokio::time::timeout(limit, self.open())
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Connect(format!(
+                    "no connection within {}s (timeouts.connect)",
+                    limit.as_secs_f64()
+                )))
+            })
+    }
+
+    async fn open(self: &Arc<Self>) -> Result<Sender, UpstreamError> {
         self.start_reaping();
         let connect_error = |e: &dyn std::error::Error| UpstreamError::Connect(error_chain(e));
         let mut connector = self.connector.clone();
