@@ -805,6 +805,46 @@ async fn a_client_gone_during_a_retrys_backoff_is_not_charged() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_coalesced_follower_gone_before_the_answer_still_gets_its_row() {
+    // An identical request waits on the first one's call, and its client hangs up: it has
+    // its row (cancelled, at no cost: it called nobody), as every chat request does.
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::completion("gpt-5", "shared").head_delay(Duration::from_secs(5)));
+        let policy =
+            "[aliases]\n[pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\nrequest = 0.5\n";
+        let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+        let gw = std::sync::Arc::new(gw);
+        let body = serde_json::json!({"model": "gpt-5", "temperature": 0,
+            "messages": [{"role": "user", "content": "the same"}]})
+        .to_string();
+        let leader = {
+            let (gw, body) = (gw.clone(), body.clone());
+            tokio::spawn(async move {
+                let resp = post(&gw, &body, &[]).await;
+                assert_eq!(resp.status(), 200);
+                body_bytes(resp).await
+            })
+        };
+        while up.chat_calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let follower = raw_chat(&gw, &body).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(follower);
+        leader.await.unwrap();
+        let r = report_once(&core, 2, "no row for the follower that left").await;
+        assert_eq!(up.chat_calls(), 1, "{db}");
+        assert_eq!(r.totals.errors, 1, "{db}: the follower's row is cancelled");
+        assert!(
+            (r.totals.cost_usd - (0.007 + 0.006 + 0.5)).abs() < 1e-9,
+            "{db}: only the leader's call costs: {}",
+            r.totals.cost_usd
+        );
+    }
+}
+
 #[tokio::test]
 async fn made_up_model_names_do_not_grow_the_metrics() {
     // Poe answers 404 to names it does not know; each such name as a label would be a new

@@ -173,6 +173,12 @@ async fn concurrent_identical_requests_make_one_call() {
     assert!(results.iter().all(|(_, b)| b == first));
     assert_eq!(results.iter().filter(|(x, _)| x == "MISS").count(), 1);
     assert_eq!(up.chat_calls(), 1);
+    // The metrics agree with the headers: one miss, nine answered without a call.
+    assert_eq!(
+        metric(&gw, "poe_gateway_cache_misses_total").await,
+        Some(1.0)
+    );
+    assert_eq!(metric(&gw, "poe_gateway_cache_hits_total").await, Some(9.0));
 }
 
 /// When the request making a coalesced call is cancelled (its client hangs up), the requests

@@ -300,7 +300,9 @@ impl ResponseCache {
         })
     }
 
-    /// A live entry for the plan, if there is one.
+    /// A live entry for the plan, if there is one. A hit is counted here; a miss is counted
+    /// by the caller ([`count_miss`](Self::count_miss)) once it is one: a non-stream request
+    /// that finds nothing may still be answered by an identical one in flight.
     pub async fn get(&self, plan: &Plan) -> Option<Arc<Entry>> {
         if !plan.read {
             return None;
@@ -312,21 +314,25 @@ impl ResponseCache {
             }
             Some(_) => {
                 self.remove(&plan.key);
-                self.metrics.cache_misses.inc();
                 None
             }
-            None => match self.get_shared(plan).await {
-                Some(e) => {
-                    self.metrics.cache_hits.inc();
-                    self.metrics.cache_shared_hits.inc();
-                    Some(e)
-                }
-                None => {
-                    self.metrics.cache_misses.inc();
-                    None
-                }
-            },
+            None => {
+                let e = self.get_shared(plan).await?;
+                self.metrics.cache_hits.inc();
+                self.metrics.cache_shared_hits.inc();
+                Some(e)
+            }
         }
+    }
+
+    /// Counts a cacheable request that went to Poe.
+    pub fn count_miss(&self) {
+        self.metrics.cache_misses.inc();
+    }
+
+    /// Counts a request answered by an identical one in flight (a coalesced follower).
+    pub fn count_shared_answer(&self) {
+        self.metrics.cache_hits.inc();
     }
 
     /// Looks in the Redis tier after a local miss, and keeps what it finds locally.

@@ -631,6 +631,7 @@ impl Gateway {
         }
         if req.stream() {
             // A stream miss is recorded by the tap as it goes to the client, never buffered.
+            cache.count_miss();
             return self
                 .fetch(caller, &req, route, bots, started, Some(&plan))
                 .await;
@@ -638,20 +639,45 @@ impl Gateway {
         loop {
             let guard = match cache.coalesce(plan.key) {
                 Coalesced::Leader(guard) => guard,
-                Coalesced::Follower(waiting) => match cache::wait_for_leader(waiting).await {
-                    Waited::Answered(shared) => {
-                        return Ok(self.shared_reply(caller, &req, route, shared, started));
+                Coalesced::Follower(waiting) => {
+                    // A follower's client may leave while it waits: its row is recorded then
+                    // (cancelled, at no cost), as every chat request has one.
+                    let mut watch = Unanswered {
+                        gateway: self,
+                        caller,
+                        req: &req,
+                        alias: route.alias(),
+                        started,
+                        bot: bots.first().map_or(req.model(), String::as_str),
+                        attempts: 0,
+                        in_flight: false,
+                        armed: true,
+                    };
+                    let waited = cache::wait_for_leader(waiting).await;
+                    watch.armed = false;
+                    match waited {
+                        Waited::Answered(shared) => {
+                            if shared.status.is_success() {
+                                cache.count_shared_answer();
+                                span.record("poe_gateway.cache", "HIT");
+                            } else {
+                                cache.count_miss();
+                            }
+                            return Ok(self.shared_reply(caller, &req, route, shared, started));
+                        }
+                        // The leader's call failed on the gateway's side: make our own.
+                        Waited::Failed => {
+                            cache.count_miss();
+                            return self
+                                .fetch(caller, &req, route, bots, started, Some(&plan))
+                                .await;
+                        }
+                        // Its client went away: one of those still waiting takes over.
+                        Waited::Cancelled => continue,
                     }
-                    // The leader's call failed on the gateway's side: make our own.
-                    Waited::Failed => {
-                        return self
-                            .fetch(caller, &req, route, bots, started, Some(&plan))
-                            .await;
-                    }
-                    // Its client went away: one of those still waiting takes over.
-                    Waited::Cancelled => continue,
-                },
+                }
             };
+            cache.count_miss();
             let reply = match self
                 .fetch(caller, &req, route, bots, started, Some(&plan))
                 .await
