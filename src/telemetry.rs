@@ -216,7 +216,10 @@ impl OtelSettings {
         )
         .build();
         let mut resource = Resource::builder();
-        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        if !names_the_service(
+            std::env::var("OTEL_SERVICE_NAME").ok().as_deref(),
+            std::env::var("OTEL_RESOURCE_ATTRIBUTES").ok().as_deref(),
+        ) {
             resource = resource.with_service_name("poe-gateway");
         }
         Ok(SdkTracerProvider::builder()
@@ -224,6 +227,19 @@ impl OtelSettings {
             .with_resource(resource.build())
             .build())
     }
+}
+
+/// Whether the standard variables name the service already: `OTEL_SERVICE_NAME`, or a
+/// `service.name` in `OTEL_RESOURCE_ATTRIBUTES` (which the resource's own detector reads; a
+/// default set over it would win).
+fn names_the_service(service_name: Option<&str>, attributes: Option<&str>) -> bool {
+    service_name.is_some_and(|n| !n.trim().is_empty())
+        || attributes.is_some_and(|a| {
+            a.split(',').any(|kv| {
+                kv.split_once('=')
+                    .is_some_and(|(k, v)| k.trim() == "service.name" && !v.trim().is_empty())
+            })
+        })
 }
 
 /// The trace context a caller sent (`traceparent`), to parent the request's span.
@@ -248,6 +264,21 @@ pub fn inject_context(span: &tracing::Span, headers: &mut http::HeaderMap) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_service_name_from_the_resource_attributes_is_kept() {
+        assert!(!names_the_service(None, None));
+        assert!(names_the_service(Some("gw"), None));
+        assert!(names_the_service(
+            None,
+            Some("deployment.environment=prod,service.name=my-gw")
+        ));
+        assert!(!names_the_service(
+            None,
+            Some("deployment.environment=prod")
+        ));
+        assert!(!names_the_service(Some(" "), Some("service.name=")));
+    }
+
     use super::*;
 
     fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
