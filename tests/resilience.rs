@@ -831,3 +831,43 @@ async fn a_silent_tls_server_fails_the_attempt_at_the_connect_timeout() {
     let message = e["message"].as_str().unwrap();
     assert!(message.contains("timeouts.connect"), "{message}");
 }
+
+/// A request that times out waiting for a concurrency slot never called Poe, so it must not
+/// have spent a slot of the upstream rate limiter either: the next request still fits.
+#[tokio::test(start_paused = true)]
+async fn a_request_refused_for_concurrency_spends_no_rate_slot() {
+    let up = MockUpstream::start().await;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "held"))
+            .gate(&gate)
+            .send("data: [DONE]\n\n"),
+    );
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    // A burst of 2 (a tenth of 20), one call at a time, a second of queueing.
+    let policy =
+        "[limits]\nupstream_rpm = 20\nmax_concurrent_upstream = 1\nqueue_timeout = \"1s\"\n";
+    let gw = TestGateway::start(&up, policy, &[]).await;
+    let held = post(&gw, &chat_body("gpt", true), &[]).await;
+    assert_eq!(held.status(), 200);
+    let mut held = held.into_body();
+    next_data(&mut held, 10)
+        .await
+        .expect("the held stream's first event");
+    expect_error(
+        post(&gw, &chat_body("gpt", false), &[]).await,
+        503,
+        "overloaded_error",
+    )
+    .await;
+    gate.add_permits(1);
+    while next_data(&mut held, 10).await.is_some() {}
+    let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "the refused request spent the burst's second slot"
+    );
+    assert_eq!(up.chat_calls(), 2);
+}

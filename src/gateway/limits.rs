@@ -96,18 +96,30 @@ impl UpstreamLimits {
 
     /// Waits for a slot to call upstream with `key`. The permit is held for as long as the
     /// upstream response lives (a stream holds it to its end).
+    ///
+    /// The concurrency slot comes first, the rate slot last: a rate slot is spent when taken,
+    /// and one taken by a request that then timed out waiting for concurrency (or whose client
+    /// left meanwhile) would hold back requests that Poe never saw.
     pub async fn admit(&self, key: &Secret) -> Result<OwnedSemaphorePermit, GatewayError> {
         let deadline = Instant::now() + self.queue_timeout;
+        let permit = match tokio::time::timeout_at(
+            deadline,
+            self.concurrency.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err(GatewayError::Overloaded(
+                        "too many concurrent upstream requests (limits.max_concurrent_upstream); retry shortly"
+                            .into(),
+                    ));
+            }
+        };
         if !self.admit_shared(key, deadline).await? {
             self.admit_local(key, deadline).await?;
         }
-        match tokio::time::timeout_at(deadline, self.concurrency.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(GatewayError::Overloaded(
-                "too many concurrent upstream requests (limits.max_concurrent_upstream); retry shortly"
-                    .into(),
-            )),
-        }
+        Ok(permit)
     }
 
     /// Takes a slot from the limiter all replicas share. `Ok(false)`: there is none (no Redis,
