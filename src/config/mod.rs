@@ -556,6 +556,8 @@ where
         from_env.insert(format!("{section}.{key}"), (name, raw));
     }
 
+    // What a key read as TOML failed with, before it was tried as text.
+    let mut as_toml: BTreeMap<String, String> = BTreeMap::new();
     let policy: Policy = loop {
         match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
             Ok(p) => break p,
@@ -569,10 +571,17 @@ where
                 {
                     let text = raw.take().expect("matched Some");
                     t.insert(field.to_string(), toml::Value::String(text));
+                    as_toml.insert(key, e.into_inner().message().to_string());
                     continue;
                 }
                 let env = env_for(&from_env, &key).map(|(_, (name, _))| name.clone());
-                return Err(err(&key, e.into_inner().message().to_string(), env));
+                // Not a string setting either: the first reading's reason is the one that
+                // fits (`-1` for a count is a negative number, not "a string").
+                let reason = match as_toml.remove(&key) {
+                    Some(first) => first,
+                    None => e.into_inner().message().to_string(),
+                };
+                return Err(err(&key, reason, env));
             }
         }
     };
@@ -990,6 +999,15 @@ mod tests {
             Some("POE_GATEWAY_RETRY__MAX_ATTEMPTS"),
             "{e}"
         );
+        // A number out of range is said to be one, not "a string".
+        let e = parse(
+            "f.toml",
+            "",
+            env(&[("POE_GATEWAY_RETRY__MAX_ATTEMPTS", "-1")]),
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("-1"), "{e}");
+        assert!(!e.reason.contains("string"), "{e}");
     }
 
     #[test]
