@@ -506,3 +506,18 @@ async fn a_stream_with_an_error_event_is_not_stored_even_when_done_follows() {
         "a stream that failed counts as an error"
     );
 }
+
+/// One request written two ways (Python's SDK writes `0.0` where JavaScript's writes `0`, and
+/// a stream flag may be left out or `false`) is one cache entry.
+#[tokio::test]
+async fn spellings_of_one_request_share_an_entry() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("gpt-5", "once"));
+    let gw = TestGateway::default(&up).await;
+    let (x1, b1) = call(&gw, &det_body("gpt", false), &[]).await;
+    let respelled = r#"{"messages":[{"role":"user","content":"the same question"}],"temperature":0.0,"model":"gpt"}"#;
+    let (x2, b2) = call(&gw, respelled, &[]).await;
+    assert_eq!((x1.as_str(), x2.as_str()), ("MISS", "HIT"));
+    assert_eq!(b1, b2);
+    assert_eq!(up.chat_calls(), 1);
+}

@@ -16,6 +16,9 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 /// Top-level members the key leaves out: they do not change the answer.
 const IGNORED: [&str; 2] = ["stream_options", "user"];
 
+/// Below this, every whole float is exactly an integer (2^53).
+const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
+
 /// Appends the canonical form of the JSON object `body` to `out`, with the top-level
 /// `model` replaced by `model` and [`IGNORED`] members left out. `None` if `body` is not a
 /// JSON object.
@@ -121,8 +124,14 @@ impl<'de> Visitor<'de> for Canon<'_, '_> {
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        // As `Value` does: a float is written back by serde_json's own formatter.
-        write_scalar(self.out, &serde_json::Number::from_f64(v));
+        if v.fract() == 0.0 && v.abs() < MAX_EXACT {
+            // A whole number written as a float is that integer: `0.0` and `0` (Python's and
+            // JavaScript's SDKs write a temperature of 0 each their own way) ask the same.
+            write_scalar(self.out, &(v as i64));
+        } else {
+            // As `Value` does: a float is written back by serde_json's own formatter.
+            write_scalar(self.out, &serde_json::Number::from_f64(v));
+        }
         Ok(())
     }
 
@@ -169,6 +178,15 @@ impl<'de> Visitor<'de> for Canon<'_, '_> {
             if let Some(model) = self.top {
                 if IGNORED.contains(&&*key) {
                     map.next_value::<de::IgnoredAny>()?;
+                    continue;
+                }
+                if key == "stream" {
+                    // Only `true` changes the answer's shape: left out, `false` and `null`
+                    // are one request.
+                    if map.next_value::<Option<bool>>()? == Some(true) {
+                        self.out.extend_from_slice(b"\"stream\":true,");
+                        members.push((key, from..self.out.len()));
+                    }
                     continue;
                 }
                 if key == "model" {
@@ -228,6 +246,13 @@ mod tests {
         for k in IGNORED {
             m.remove(k);
         }
+        match m.get("stream") {
+            None | Some(serde_json::Value::Bool(true)) => {}
+            Some(serde_json::Value::Bool(false) | serde_json::Value::Null) => {
+                m.remove("stream");
+            }
+            Some(_) => return None,
+        }
         m.insert("model".into(), serde_json::Value::String(model.into()));
         let mut out = Vec::new();
         walk(&serde_json::Value::Object(m), &mut out);
@@ -256,6 +281,13 @@ mod tests {
                     out.push(b',');
                 }
                 out.push(b']');
+            }
+            Value::Number(n)
+                if n.is_f64()
+                    && n.as_f64()
+                        .is_some_and(|f| f.fract() == 0.0 && f.abs() < MAX_EXACT) =>
+            {
+                write_scalar(out, &(n.as_f64().unwrap() as i64))
             }
             other => write_scalar(out, other),
         }
@@ -287,6 +319,23 @@ mod tests {
         }
     }
 
+    /// Spellings of one request are one key: a whole float and its integer, and a stream
+    /// flag left out, `false` or `null`.
+    #[test]
+    fn spellings_of_one_request_are_one_key() {
+        let same = |a: &str, b: &str| assert_eq!(canon(a, "m"), canon(b, "m"), "{a} / {b}");
+        same(r#"{"temperature":0}"#, r#"{"temperature":0.0}"#);
+        same(r#"{"temperature":0}"#, r#"{"temperature":-0.0}"#);
+        same(r#"{"max_tokens":100}"#, r#"{"max_tokens":1e2}"#);
+        same(r#"{"a":1}"#, r#"{"a":1,"stream":false}"#);
+        same(r#"{"a":1}"#, r#"{"stream":null,"a":1}"#);
+        assert_ne!(
+            canon(r#"{"a":1}"#, "m"),
+            canon(r#"{"a":1,"stream":true}"#, "m")
+        );
+        assert_ne!(canon(r#"{"t":0.5}"#, "m"), canon(r#"{"t":0}"#, "m"));
+    }
+
     #[test]
     fn not_an_object_or_not_json() {
         for body in ["[1,2]", "\"x\"", "{\"model\":", "{\"a\":1} trailing", ""] {
@@ -313,6 +362,7 @@ mod tests {
                 "\\u00e9",
                 "k\\\"q",
                 "stream_options",
+                "stream",
             ];
             let leaf = prop_oneof![
                 Just("null".to_string()),
