@@ -286,6 +286,29 @@ async fn drop_mid_stream_ends_with_an_error_event_not_done() {
     );
 }
 
+/// A stream Poe ends with its own error event (then a clean end, or a dropped connection)
+/// already tells the client why: the gateway adds no second, generic error event after it.
+#[tokio::test(start_paused = true)]
+async fn poes_own_error_event_is_the_only_one() {
+    let poes = "data: {\"error\":{\"code\":500,\"type\":\"provider_error\",\"message\":\"bot crashed\"}}\n\n";
+    let up = MockUpstream::start().await;
+    up.push(Reply::sse().send(chunk("gpt-5", "partial")).send(poes));
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "partial"))
+            .send(poes)
+            .drop_connection(),
+    );
+    let gw = TestGateway::default(&up).await;
+    for how in ["a clean end", "a dropped connection"] {
+        let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+        assert_eq!(resp.status(), 200);
+        let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+        assert_eq!(text.matches("\"error\"").count(), 1, "{how}: {text}");
+        assert!(text.ends_with(poes), "{how}: {text}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_gap_past_the_limit_ends_with_an_error_event() {
     let up = MockUpstream::start().await;

@@ -359,7 +359,11 @@ where
                     )
                 }
             };
-            let last = end_frame(this.mode, Some(&broke));
+            // After Poe's own error event, the client knows the stream failed, and why.
+            let last = end_frame(
+                this.mode,
+                (!this.observed.stream_error).then_some(broke.as_str()),
+            );
             finish(
                 this.completion,
                 this.observed,
@@ -370,6 +374,8 @@ where
                 Some(e) => Poll::Ready(Some(Ok(Frame::data(e)))),
                 // A JSON body cannot carry an error after its start: fail the body, so the
                 // client sees a truncated response rather than a short one that parses.
+                // A stream whose own error event came already ends there, cleanly.
+                None if matches!(this.mode, Mode::Sse { .. }) => Poll::Ready(None),
                 None => Poll::Ready(Some(Err(broke.into()))),
             };
         }
@@ -407,6 +413,8 @@ fn end(
     let (outcome, broke) = match mode {
         // The client has the whole stream, an error event in it included: nothing to add.
         Mode::Sse { .. } if observed.saw_done => (settled(observed), None),
+        // Poe's own error event said why it ended: the gateway adds none of its own.
+        Mode::Sse { .. } if observed.stream_error => (settled(observed), None),
         Mode::Sse { .. } => (Outcome::Incomplete(NO_DONE.into()), Some(NO_DONE)),
         Mode::Json { frames, .. } => {
             read_json_usage(frames, observed);
