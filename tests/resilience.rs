@@ -53,6 +53,8 @@ async fn retry_after_beyond_the_cap_goes_back_to_the_client() {
     let resp = post(&gw, &chat_body("gpt", false), &[]).await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after"], "120");
+    // Two minutes: longer than the OpenAI SDKs wait, so they are told not to retry.
+    assert_eq!(resp.headers()["x-should-retry"], "false");
     assert_eq!(body_bytes(resp).await, Bytes::from(body));
     assert_eq!(up.chat_calls(), 1);
 }
@@ -80,23 +82,51 @@ async fn a_window_reset_on_a_server_error_does_not_stop_its_retry() {
 }
 
 /// A 429 whose wait is longer than the gateway holds a client goes back at once, with a
-/// `Retry-After` (made from Poe's window reset when that is all Poe gave), and without
-/// `x-should-retry: false` even after earlier attempts: the client may schedule it.
+/// `Retry-After` (made from Poe's window reset when that is all Poe gave). Under a minute,
+/// which the OpenAI SDKs wait for, the client may schedule it: no `x-should-retry: false`,
+/// even after earlier attempts. A minute or more, which the SDKs would not wait for (they
+/// retry within a second or two), is marked not to retry.
 #[tokio::test(start_paused = true)]
-async fn a_long_429_goes_back_schedulable_after_earlier_attempts() {
+async fn a_long_429_goes_back_schedulable_when_the_sdk_would_wait() {
     let up = MockUpstream::start().await;
-    up.push(Reply::json(500, poe_error(500, "provider_error")));
-    up.push(
-        Reply::json(429, poe_error(429, "rate_limit_error"))
-            .header("x-ratelimit-reset-requests", "1m30s"),
+    let gw = TestGateway::default(&up).await;
+    for (reset, retry_after, should_retry) in [("45s", "45", None), ("1m30s", "90", Some("false"))]
+    {
+        up.push(Reply::json(500, poe_error(500, "provider_error")));
+        up.push(
+            Reply::json(429, poe_error(429, "rate_limit_error"))
+                .header("x-ratelimit-reset-requests", reset),
+        );
+        let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
+        assert_eq!(resp.headers()["retry-after"], retry_after);
+        assert_eq!(
+            resp.headers()
+                .get("x-should-retry")
+                .map(|v| v.to_str().unwrap()),
+            should_retry,
+            "{reset}"
+        );
+    }
+    assert_eq!(up.chat_calls(), 4);
+}
+
+/// A 429 the gateway waited out and retried, to the last attempt, carries its short
+/// `Retry-After` and still `x-should-retry: false`: the SDK's own retries would each be the
+/// gateway's three.
+#[tokio::test(start_paused = true)]
+async fn a_429_retried_by_the_gateway_is_not_retried_by_the_sdk() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(
+        Reply::json(429, poe_error(429, "rate_limit_error")).header("retry-after", "1"),
     );
     let gw = TestGateway::default(&up).await;
     let resp = post(&gw, &chat_body("gpt", false), &[]).await;
     assert_eq!(resp.status(), 429);
-    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
-    assert_eq!(resp.headers()["retry-after"], "90");
-    assert!(resp.headers().get("x-should-retry").is_none());
-    assert_eq!(up.chat_calls(), 2);
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "3");
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(resp.headers()["x-should-retry"], "false");
 }
 
 #[tokio::test(start_paused = true)]

@@ -211,15 +211,40 @@ async fn chat(
     }
     h.insert(ATTEMPTS_HEADER, HeaderValue::from(reply.attempts));
     h.insert(CACHE_STATUS, HeaderValue::from_static(reply.cache.as_str()));
-    // The gateway has retried already: the SDK should not again, unless the answer says when
-    // it may (a 429 whose wait was longer than the gateway holds a client).
-    if reply.attempts > 1
-        && (reply.status.is_client_error() || reply.status.is_server_error())
-        && !h.contains_key(header::RETRY_AFTER)
+    if (reply.status.is_client_error() || reply.status.is_server_error())
+        && !sdk_should_retry(
+            reply.status,
+            h,
+            reply.attempts,
+            app.gateway.policy().retry.max_retry_after,
+        )
     {
         h.insert(SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     Ok(resp)
+}
+
+/// The longest `Retry-After` the OpenAI SDKs wait for; past it they retry after their own
+/// short backoff, within a second or two.
+const SDK_RETRY_AFTER_CAP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether a client's SDK may try an error answer again by itself, or should be told not to
+/// (`x-should-retry: false`). After the gateway's own retries (attempts above 1) it should not:
+/// its tries would each be the gateway's several. The exception is a wait the gateway would
+/// not hold the client for (over `retry.max_retry_after`) and the SDK honours (under a
+/// minute): the SDK may schedule that. A longer wait, which the SDKs would not honour, is
+/// never retried by them, whoever made the attempts.
+fn sdk_should_retry(
+    status: StatusCode,
+    headers: &HeaderMap,
+    attempts: u32,
+    max_retry_after: std::time::Duration,
+) -> bool {
+    match crate::gateway::retry::requested_wait(status, headers) {
+        Some(w) if w >= SDK_RETRY_AFTER_CAP => false,
+        Some(w) if w > max_retry_after => true,
+        _ => attempts <= 1,
+    }
 }
 
 /// Establishes who is calling and who pays for the upstream call.
