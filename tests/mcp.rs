@@ -1299,3 +1299,61 @@ async fn blank_optional_arguments_count_as_not_given() {
         reqs[1]
     );
 }
+
+/// Each MCP client over HTTP holds a session (a task and its buffers) until it ends it or
+/// idles out, so their number is capped: per caller, and in all. Past a cap a new client gets
+/// 429 with Retry-After; ending a session makes room.
+#[tokio::test]
+async fn mcp_clients_over_http_are_capped_per_key_and_in_all() {
+    let upstream = MockUpstream::start().await;
+    let mut env = passthrough().to_vec();
+    env.push(("POE_GATEWAY_MCP__MAX_CLIENTS_PER_KEY", "2"));
+    env.push(("POE_GATEWAY_MCP__MAX_CLIENTS", "3"));
+    let gw = TestGateway::start(&upstream, config::DEFAULT_POLICY, &env).await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}});
+    let open = |key: &'static str| {
+        let (gw, init) = (&gw, init.clone());
+        async move {
+            let auth = format!("Bearer {key}");
+            raw_mcp(gw, "POST", &[("authorization", &auth)], Some(init)).await
+        }
+    };
+    let (s1, h1, _) = open("poe-key-a").await;
+    let (s2, _, _) = open("poe-key-a").await;
+    assert_eq!((s1, s2), (200, 200));
+    let (status, headers, body) = open("poe-key-a").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("mcp.max_clients_per_key"), "{body}");
+    assert!(headers.contains_key("retry-after"));
+    // Another key has its own room, up to the cap for all.
+    assert_eq!(open("poe-key-b").await.0, 200);
+    let (status, _, body) = open("poe-key-c").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("mcp.max_clients"), "{body}");
+    // Ending one of a's sessions makes room again.
+    let id = h1["mcp-session-id"].to_str().unwrap().to_string();
+    let (status, _, _) = raw_mcp(
+        &gw,
+        "DELETE",
+        &[
+            ("authorization", "Bearer poe-key-a"),
+            ("mcp-session-id", &id),
+        ],
+        None,
+    )
+    .await;
+    assert!((200..300).contains(&status), "{status}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = open("poe-key-c").await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no room after a DELETE: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

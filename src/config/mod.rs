@@ -259,6 +259,12 @@ pub struct McpPolicy {
     /// it the caller's least recently used session ends, so one caller cannot push everyone
     /// else's sessions out of `max_sessions`.
     pub max_sessions_per_key: usize,
+    /// MCP clients connected over HTTP at once (each an `Mcp-Session-Id`, open until the
+    /// client ends it or it is idle for 5 minutes): each holds a task and its buffers, so an
+    /// unbounded number would let clients (any bearer, in passthrough mode) exhaust memory.
+    pub max_clients: usize,
+    /// Of those, for one caller.
+    pub max_clients_per_key: usize,
     /// Messages kept per session besides the system message; the oldest turns are trimmed.
     pub max_session_messages: usize,
     /// Bytes of history kept per session (attachments included); the oldest turns are trimmed.
@@ -281,6 +287,8 @@ impl Default for McpPolicy {
             max_sessions: 1000,
             max_sessions_per_key: 100,
             max_sessions_bytes: ByteSize(256 * 1024 * 1024),
+            max_clients: 1000,
+            max_clients_per_key: 20,
             max_session_messages: 100,
             max_session_bytes: ByteSize(8 * 1024 * 1024),
             progress_interval: Duration::from_secs(10),
@@ -817,6 +825,12 @@ fn validate_mcp(m: &McpPolicy) -> Result<(), (String, String)> {
     }
     if m.max_sessions_per_key == 0 {
         return bad("max_sessions_per_key", "must be at least 1".into());
+    }
+    if m.max_clients == 0 {
+        return bad("max_clients", "must be at least 1".into());
+    }
+    if m.max_clients_per_key == 0 {
+        return bad("max_clients_per_key", "must be at least 1".into());
     }
     if m.max_sessions_bytes.0 < m.max_session_bytes.0 {
         return bad(

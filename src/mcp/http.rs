@@ -40,6 +40,9 @@ pub struct McpHttp {
     service: Service,
     /// Holds the service's cancellation token, for [`McpHttp::shutdown`].
     config: StreamableHttpServerConfig,
+    /// rmcp's live sessions (it drops one when its client ends it or it idles out): counted
+    /// against `mcp.max_clients` before a new one is opened.
+    sessions: Arc<LocalSessionManager>,
     /// Who opened each MCP session (`Mcp-Session-Id`). rmcp knows only the id, and replays a
     /// session's answers to whoever presents it, so a request for a session another caller
     /// opened is answered as if the session did not exist.
@@ -65,15 +68,17 @@ impl McpHttp {
         let policy = core.gateway().policy();
         let factory_core = core.clone();
         let config = http_config(policy);
+        let sessions = Arc::new(LocalSessionManager::default());
         let service = StreamableHttpService::new(
             move || Ok(factory_core.http_server()),
-            Arc::new(LocalSessionManager::default()),
+            sessions.clone(),
             config.clone(),
         );
         McpHttp {
             core,
             service: TowerToHyperService::new(service),
             config,
+            sessions,
             owners: moka::sync::Cache::builder()
                 .max_capacity(MAX_SESSIONS)
                 .time_to_idle(SESSION_IDLE)
@@ -89,6 +94,40 @@ impl McpHttp {
 
     pub fn core(&self) -> &McpCore {
         &self.core
+    }
+
+    /// Whether a new client (a request without `Mcp-Session-Id`, which opens a session) fits
+    /// under `mcp.max_clients`, and under `mcp.max_clients_per_key` for its caller. Checked
+    /// before rmcp opens the session, so clients opened at the same moment may pass it
+    /// together: the caps hold to within those.
+    async fn room_for_a_client(&self, scope: Scope) -> Result<(), GatewayError> {
+        let policy = &self.core.gateway().policy().mcp;
+        let live = self.sessions.sessions.read().await;
+        if live.len() >= policy.max_clients {
+            return Err(GatewayError::RateLimited {
+                message: format!(
+                    "the gateway has {} MCP clients connected, its limit (mcp.max_clients); \
+                     retry when one has ended",
+                    live.len()
+                ),
+                retry_after: Some(std::time::Duration::from_secs(30)),
+            });
+        }
+        let mine = live
+            .keys()
+            .filter(|id| self.owners.get(*id) == Some(scope))
+            .count();
+        if mine >= policy.max_clients_per_key {
+            return Err(GatewayError::RateLimited {
+                message: format!(
+                    "this key has {mine} MCP clients connected, its limit \
+                     (mcp.max_clients_per_key); end one (DELETE /mcp with its Mcp-Session-Id) \
+                     or wait for an idle one to expire"
+                ),
+                retry_after: Some(std::time::Duration::from_secs(30)),
+            });
+        }
+        Ok(())
     }
 
     /// Serves one `/mcp` request from an authenticated `caller`.
@@ -114,6 +153,12 @@ impl McpHttp {
             return error(&GatewayError::NotFound(
                 "no such MCP session (Mcp-Session-Id); start one with initialize".into(),
             ));
+        }
+        if session.is_none()
+            && parts.method == http::Method::POST
+            && let Err(e) = self.room_for_a_client(scope).await
+        {
+            return error(&e);
         }
         let ending = parts.method == http::Method::DELETE;
         parts.extensions.insert(caller);
@@ -225,5 +270,10 @@ fn error(e: &GatewayError) -> Response<McpBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    if let Some(after) = e.retry_after() {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     resp
 }
