@@ -16,6 +16,11 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 /// Top-level members the key leaves out: they do not change the answer.
 const IGNORED: [&str; 2] = ["stream_options", "user"];
 
+/// Most members and array elements a body's key is made of. Real requests have a few
+/// thousand at most; a body of millions (which the parser takes, nested below the top level)
+/// would cost a serving thread about a second to key. Past it the request is not cached.
+const MAX_VALUES: usize = 100_000;
+
 /// Below this, every whole float is exactly an integer (2^53).
 const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
 
@@ -26,9 +31,11 @@ pub(crate) fn write_request(body: &[u8], model: &str, out: &mut Vec<u8>) -> Opti
     let mut de = serde_json::Deserializer::from_slice(body);
     // Sized for the body, so reordering members never regrows it.
     let mut scratch = Vec::with_capacity(body.len() + model.len() + 16);
+    let mut left = MAX_VALUES;
     let seed = Canon {
         out,
         scratch: &mut scratch,
+        left: &mut left,
         top: Some(model),
     };
     seed.deserialize(&mut de).ok()?;
@@ -40,6 +47,8 @@ struct Canon<'a, 'm> {
     out: &'a mut Vec<u8>,
     /// Where an object's members are put in order; reused at every level.
     scratch: &'a mut Vec<u8>,
+    /// Values still allowed in the whole body (see [`MAX_VALUES`]).
+    left: &'a mut usize,
     top: Option<&'m str>,
 }
 
@@ -47,6 +56,10 @@ impl<'de> DeserializeSeed<'de> for Canon<'_, '_> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        if *self.left == 0 {
+            return Err(de::Error::custom("too many values to key"));
+        }
+        *self.left -= 1;
         if self.top.is_some() {
             // The request itself must be an object.
             d.deserialize_map(self)
@@ -156,6 +169,7 @@ impl<'de> Visitor<'de> for Canon<'_, '_> {
             .next_element_seed(Canon {
                 out: &mut *self.out,
                 scratch: &mut *self.scratch,
+                left: &mut *self.left,
                 top: None,
             })?
             .is_some()
@@ -208,6 +222,7 @@ impl<'de> Visitor<'de> for Canon<'_, '_> {
             map.next_value_seed(Canon {
                 out: &mut *self.out,
                 scratch: &mut *self.scratch,
+                left: &mut *self.left,
                 top: None,
             })?;
             self.out.push(b',');
@@ -334,6 +349,19 @@ mod tests {
             canon(r#"{"a":1,"stream":true}"#, "m")
         );
         assert_ne!(canon(r#"{"t":0.5}"#, "m"), canon(r#"{"t":0}"#, "m"));
+    }
+
+    /// A body of more values than [`MAX_VALUES`] is not keyed (so not cached), rather than
+    /// holding a serving thread for as long as it takes.
+    #[test]
+    fn a_flood_of_values_is_not_keyed() {
+        let values = |n: usize| {
+            let members: Vec<String> = (0..n).map(|i| format!("\"k{i}\":0")).collect();
+            format!("{{\"a\":{{{}}}}}", members.join(","))
+        };
+        // The object itself and `a` count too.
+        assert!(canon(&values(MAX_VALUES - 2), "m").is_some());
+        assert_eq!(canon(&values(MAX_VALUES - 1), "m"), None);
     }
 
     #[test]

@@ -11,6 +11,11 @@ use serde_json::value::RawValue;
 /// Keys checked for duplicates by a linear scan before switching to a set.
 const SET_AFTER: usize = 16;
 
+/// Most top-level members an object may have. A chat request has a few dozen (OpenAI's
+/// fields and a bot's parameters); a body of millions of keys cost seconds of a serving
+/// thread and over ten times its size in memory before this limit.
+pub const MAX_MEMBERS: usize = 1024;
+
 /// The top-level object as (key, raw value) pairs borrowed from the body, in order.
 /// Duplicate keys are refused: two `model` fields would let the gateway and Poe disagree
 /// on which bot is being asked.
@@ -36,6 +41,11 @@ impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
                     };
                     if duplicate {
                         return Err(de::Error::custom(format!("duplicate key `{k}`")));
+                    }
+                    if fields.len() == MAX_MEMBERS {
+                        return Err(de::Error::custom(format!(
+                            "more than {MAX_MEMBERS} top-level members"
+                        )));
                     }
                     let v: &'de RawValue = map.next_value()?;
                     fields.push((k, v));
