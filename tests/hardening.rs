@@ -1486,3 +1486,62 @@ async fn database_failures_reach_clients_without_their_detail() {
     assert!(!leaks(msg.trim_start_matches("the usage report")), "{msg}");
     assert_eq!(up.chat_calls(), 0);
 }
+
+/// Each request body is read whole, so their total is bounded too (`server.max_bodies_bytes`):
+/// slow clients holding large bodies cannot exhaust the gateway's memory. Past the total a
+/// request gets 503 with Retry-After at once, and the room comes back when those bodies go.
+#[tokio::test]
+async fn request_bodies_in_memory_are_bounded_in_all() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let policy = "[server]\nmax_body_bytes = \"1MiB\"\nmax_bodies_bytes = \"2MiB\"\n";
+    let (gw, _core) = ledger_gateway(&up, policy).await;
+    // Two clients declare a whole 1 MiB body each and send only the start of it.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{{\"model\":\"gpt-5\",",
+            1024 * 1024
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        slow.push(sock);
+    }
+    // Until both are being read, a third may still fit: wait for the refusal.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+        if resp.status() == 503 {
+            break resp;
+        }
+        let _ = body_bytes(resp).await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bodies' total was never reached"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let e = expect_error(refused, 503, "overloaded_error").await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("server.max_bodies_bytes"),
+        "{e}"
+    );
+    // The slow clients go away: their share comes back.
+    drop(slow);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the room never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -47,6 +47,9 @@ pub struct Policy {
 pub struct ServerPolicy {
     pub listen: SocketAddr,
     pub max_body_bytes: ByteSize,
+    /// Request bodies held in memory at once, all requests together: each is read whole
+    /// (a retry resends it), so without a total many large ones at once could exhaust memory.
+    pub max_bodies_bytes: ByteSize,
     #[serde(with = "values::duration")]
     pub shutdown_grace: Duration,
     /// Longest time a client may take to send its request body (slow-loris guard).
@@ -84,6 +87,7 @@ impl Default for ServerPolicy {
         ServerPolicy {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: ByteSize(50 * 1024 * 1024),
+            max_bodies_bytes: ByteSize(512 * 1024 * 1024),
             shutdown_grace: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(120),
             header_read_timeout: Duration::from_secs(30),
@@ -748,6 +752,12 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
     }
     if p.server.max_body_bytes.0 == 0 {
         return bad("server.max_body_bytes", "must be greater than zero");
+    }
+    if p.server.max_bodies_bytes.0 < p.server.max_body_bytes.0 {
+        return bad(
+            "server.max_bodies_bytes",
+            "must be at least server.max_body_bytes (one whole body)",
+        );
     }
     validate_mcp(&p.mcp)?;
     if let Some(url) = &p.redis.url

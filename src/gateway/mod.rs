@@ -174,6 +174,8 @@ struct Inner {
     cache: Arc<ResponseCache>,
     /// Poe's point balance for the server key, last read (`i64::MIN`: not read yet).
     balance: std::sync::atomic::AtomicI64,
+    /// KiB of request bodies the front ends may hold at once (`server.max_bodies_bytes`).
+    bodies: Arc<tokio::sync::Semaphore>,
     epoch: Instant,
 }
 
@@ -297,6 +299,11 @@ impl Gateway {
                     charger: Some(accountant.clone()),
                 }),
                 balance: std::sync::atomic::AtomicI64::new(i64::MIN),
+                bodies: Arc::new(tokio::sync::Semaphore::new(
+                    usize::try_from(policy.server.max_bodies_bytes.0 / 1024)
+                        .unwrap_or(usize::MAX)
+                        .min(tokio::sync::Semaphore::MAX_PERMITS),
+                )),
                 epoch: Instant::now(),
                 aliases,
                 models,
@@ -312,6 +319,13 @@ impl Gateway {
 
     pub fn policy(&self) -> &Policy {
         &self.inner.policy
+    }
+
+    /// The KiB of request bodies still free to be held (`server.max_bodies_bytes`): a front
+    /// end takes what a body needs while reading it, and gives it back when the request is
+    /// done with it.
+    pub fn body_budget(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.bodies
     }
 
     pub fn aliases(&self) -> &Aliases {

@@ -439,12 +439,12 @@ mod hostile {
     #[test]
     fn many_distinct_keys_then_a_duplicate() {
         let mut body = String::from(r#"{"model":"a","messages":[{}]"#);
-        for i in 0..50_000 {
+        for i in 0..1000 {
             body.push_str(&format!(",\"k{i}\":{i}"));
         }
         let ok = format!("{body}}}");
         assert!(ChatRequest::parse(Bytes::from(ok)).is_ok());
-        for dup in ["k0", "k49999", "model"] {
+        for dup in ["k0", "k999", "model"] {
             let bad = format!("{body},\"{dup}\":1}}");
             let e = ChatRequest::parse(Bytes::from(bad)).unwrap_err();
             assert!(

@@ -52,7 +52,8 @@ pub(crate) async fn handle(
         }
         (Method::POST, "/admin/keys") => {
             let timeout = app.gateway.policy().server.body_read_timeout;
-            let body = read_body(req, NEW_KEY_BODY_LIMIT, timeout).await?;
+            let (body, _held) =
+                read_body(req, NEW_KEY_BODY_LIMIT, timeout, app.gateway.body_budget()).await?;
             let new: NewKey = serde_json::from_slice(&body)
                 .map_err(|e| GatewayError::bad_request(format!("invalid key request: {e}")))?;
             let (rec, key) = keys::create_key(app.gateway.ledger().store(), new).await?;

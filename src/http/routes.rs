@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::App;
 use crate::config::AuthMode;
@@ -179,14 +180,20 @@ async fn chat(
     let started = tokio::time::Instant::now();
     let directives = CacheDirectives::from_headers(req.headers());
     let policy = app.gateway.policy();
+    // The body's share of `server.max_bodies_bytes` is held until the request is done with it.
+    let mut _held = None;
     let parsed = match read_body(
         req,
         policy.server.max_body_bytes.0,
         policy.server.body_read_timeout,
+        app.gateway.body_budget(),
     )
     .await
     {
-        Ok(body) => ChatRequest::parse(body),
+        Ok((body, held)) => {
+            _held = Some(held);
+            ChatRequest::parse(body)
+        }
         Err(e) => Err(e),
     };
     let mut chat = match parsed {
@@ -308,18 +315,23 @@ pub(crate) async fn read_body(
     req: Request<Incoming>,
     limit: u64,
     timeout: std::time::Duration,
-) -> Result<Bytes, GatewayError> {
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, OwnedSemaphorePermit), GatewayError> {
     let (parts, body) = req.into_parts();
-    read_body_of(body, &parts.headers, limit, timeout).await
+    read_body_of(body, &parts.headers, limit, timeout, budget).await
 }
 
-/// [`read_body`] for a request already split into its parts (MCP keeps the head).
+/// [`read_body`] for a request already split into its parts (MCP keeps the head). The body
+/// is held against `budget` (KiB, `server.max_bodies_bytes`), taken as it arrives (all of a
+/// declared length at once): the permit returned gives it back when dropped, so keep it as
+/// long as the body. With the budget spent the request is refused with 503, not queued.
 pub(crate) async fn read_body_of(
-    body: Incoming,
+    mut body: Incoming,
     headers: &HeaderMap,
     limit: u64,
     timeout: std::time::Duration,
-) -> Result<Bytes, GatewayError> {
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, OwnedSemaphorePermit), GatewayError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -337,20 +349,67 @@ pub(crate) async fn read_body_of(
             super::browser::shown(&String::from_utf8_lossy(enc.as_bytes()))
         )));
     }
-    let limited = Limited::new(body, limit.try_into().unwrap_or(usize::MAX));
-    match tokio::time::timeout(timeout, limited.collect()).await {
+    let mut held = take_budget(budget, None, declared.unwrap_or(0))?;
+    let read = async move {
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                GatewayError::bad_request(format!("could not read the request body: {e}"))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            let total = (buf.len() + data.len()) as u64;
+            if total > limit {
+                return Err(GatewayError::PayloadTooLarge { limit });
+            }
+            held = take_budget(budget, Some(held), total)?;
+            if buf.is_empty() {
+                buf.reserve(declared.unwrap_or(0).max(total) as usize);
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok((buf.freeze(), held))
+    };
+    match tokio::time::timeout(timeout, read).await {
         Err(_) => Err(GatewayError::RequestTimeout(format!(
             "request body not received within {}s (server.body_read_timeout)",
             timeout.as_secs()
         ))),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(GatewayError::PayloadTooLarge { limit })
-        }
-        Ok(Err(e)) => Err(GatewayError::bad_request(format!(
-            "could not read the request body: {e}"
-        ))),
+        Ok(read) => read,
     }
+}
+
+/// Grows `held` to cover `bytes` of body from `budget` (in KiB), without waiting.
+fn take_budget(
+    budget: &Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+    bytes: u64,
+) -> Result<OwnedSemaphorePermit, GatewayError> {
+    let want = bytes.div_ceil(1024).max(1) as usize;
+    let have = held.as_ref().map_or(0, |p| p.num_permits());
+    let busy = || {
+        GatewayError::Overloaded(
+            "the gateway holds as many request bodies as server.max_bodies_bytes allows; \
+             retry shortly"
+                .into(),
+        )
+    };
+    if want <= have {
+        return held.ok_or_else(busy);
+    }
+    let more = u32::try_from(want - have).map_err(|_| busy())?;
+    let more = budget
+        .clone()
+        .try_acquire_many_owned(more)
+        .map_err(|_| busy())?;
+    Ok(match held {
+        Some(mut p) => {
+            p.merge(more);
+            p
+        }
+        None => more,
+    })
 }
 
 /// The client's request id when it is a sane token, else a new UUID. Only visible ASCII

@@ -134,11 +134,13 @@ impl McpHttp {
     pub async fn handle(&self, caller: Caller, req: Request<Incoming>) -> Response<McpBody> {
         let policy = self.core.gateway().policy();
         let (mut parts, body) = req.into_parts();
-        let body = match read_body_of(
+        // The body's share of `server.max_bodies_bytes` is held until rmcp has answered.
+        let (body, _held) = match read_body_of(
             body,
             &parts.headers,
             policy.server.max_body_bytes.0,
             policy.server.body_read_timeout,
+            self.core.gateway().body_budget(),
         )
         .await
         {
