@@ -20,7 +20,7 @@ pub enum Route<'a> {
     Direct(&'a str),
 }
 
-impl Route<'_> {
+impl<'a> Route<'a> {
     pub fn bots(&self) -> &[String] {
         match self {
             Route::Alias { bots, .. } => bots,
@@ -28,8 +28,8 @@ impl Route<'_> {
         }
     }
 
-    pub fn alias(&self) -> Option<&str> {
-        match self {
+    pub fn alias(&self) -> Option<&'a str> {
+        match *self {
             Route::Alias { name, .. } => Some(name),
             Route::Direct(_) => None,
         }

@@ -656,17 +656,7 @@ impl Gateway {
                 Coalesced::Follower(waiting) => {
                     // A follower's client may leave while it waits: its row is recorded then
                     // (cancelled, at no cost), as every chat request has one.
-                    let mut watch = Unanswered {
-                        gateway: self,
-                        caller,
-                        req: &req,
-                        alias: route.alias(),
-                        started,
-                        bot: bots.first().map_or(req.model(), String::as_str),
-                        attempts: 0,
-                        in_flight: false,
-                        armed: true,
-                    };
+                    let mut watch = Unanswered::new(self, caller, &req, route, bots, started);
                     let waited = cache::wait_for_leader(waiting).await;
                     watch.armed = false;
                     match waited {
@@ -763,17 +753,7 @@ impl Gateway {
         };
         // Disarmed at each way out below, which records its own row (the reply's, an
         // error's, a rejection's); dropped armed, it records a cancelled one.
-        let mut watch = Unanswered {
-            gateway: self,
-            caller,
-            req,
-            alias: route.alias(),
-            started,
-            bot: bots.first().map_or(req.model(), String::as_str),
-            attempts: 0,
-            in_flight: false,
-            armed: true,
-        };
+        let mut watch = Unanswered::new(self, caller, req, route, bots, started);
         inner.budget.deposit(Instant::now(), inner.epoch);
         let retry = &inner.policy.retry;
         let mut attempts = 0u32;
@@ -1265,6 +1245,30 @@ struct Unanswered<'a> {
     /// nothing.
     in_flight: bool,
     armed: bool,
+}
+
+impl<'a> Unanswered<'a> {
+    /// Armed, before any attempt, for the chain's first bot.
+    fn new(
+        gateway: &'a Gateway,
+        caller: &'a Caller,
+        req: &'a ChatRequest,
+        route: Route<'a>,
+        bots: &'a [String],
+        started: Instant,
+    ) -> Self {
+        Unanswered {
+            gateway,
+            caller,
+            req,
+            alias: route.alias(),
+            started,
+            bot: bots.first().map_or(req.model(), String::as_str),
+            attempts: 0,
+            in_flight: false,
+            armed: true,
+        }
+    }
 }
 
 impl Drop for Unanswered<'_> {
