@@ -334,6 +334,17 @@ async fn raw_chat(gw: &TestGateway, body: &str) -> tokio::net::TcpStream {
     sock
 }
 
+/// [`raw_chat`] with a gateway key.
+async fn raw_chat_as(gw: &TestGateway, body: &str, key: &str) -> tokio::net::TcpStream {
+    let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    sock
+}
+
 /// A request with the admin key.
 async fn as_admin(
     gw: &TestGateway,
@@ -782,15 +793,31 @@ async fn a_client_gone_during_a_retrys_backoff_is_not_charged() {
     // Poe answered 429 and asked for 10 s; the client hangs up while the gateway waits to
     // retry. Every call so far failed, and failed calls cost nothing: no prompt estimate, no
     // request price.
-    for db in databases().await {
+    // Both open (no key) and with a key whose budget is charged as requests end.
+    for (db, keyed) in databases()
+        .await
+        .into_iter()
+        .flat_map(|db| [(db.clone(), false), (db, true)])
+    {
         let up = MockUpstream::start().await;
         up.set_fallback(
             Reply::json(429, poe_error(429, "rate_limit_error")).header("retry-after", "10"),
         );
-        let policy =
-            "[aliases]\n[pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\nrequest = 0.5\n";
-        let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
-        let sock = raw_chat(&gw, &chat_body("gpt-5", false)).await;
+        let policy = format!(
+            "{}[aliases]\n[pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\nrequest = 0.5\n",
+            if keyed {
+                "[auth]\nmode = \"keys\"\n"
+            } else {
+                ""
+            }
+        );
+        let (gw, core) = TestGateway::with_ledger(&up, &policy, &[], &db).await;
+        let sock = if keyed {
+            let (_, key) = create_key(&gw, r#"{"name":"b","budget_usd":100}"#).await;
+            raw_chat_as(&gw, &chat_body("gpt-5", false), &key).await
+        } else {
+            raw_chat(&gw, &chat_body("gpt-5", false)).await
+        };
         while up.chat_calls() == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -798,10 +825,10 @@ async fn a_client_gone_during_a_retrys_backoff_is_not_charged() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         drop(sock);
         let r = report_once(&core, 1, "no row for the request cancelled in its backoff").await;
-        assert_eq!(up.chat_calls(), 1, "{db}: the retry was made");
-        assert_eq!(r.totals.errors, 1, "{db}");
-        assert_eq!(r.totals.prompt_tokens, 0, "{db}");
-        assert_eq!(r.totals.cost_usd, 0.0, "{db}");
+        assert_eq!(up.chat_calls(), 1, "{db} {keyed}: the retry was made");
+        assert_eq!(r.totals.errors, 1, "{db} {keyed}");
+        assert_eq!(r.totals.prompt_tokens, 0, "{db} {keyed}");
+        assert_eq!(r.totals.cost_usd, 0.0, "{db} {keyed}");
     }
 }
 

@@ -112,6 +112,20 @@ async fn a_long_429_goes_back_schedulable_when_the_sdk_would_wait() {
     assert_eq!(up.chat_calls(), 4);
 }
 
+/// A 5xx whose `Retry-After` is longer than the gateway waits moves a chain on; after the
+/// whole chain the SDK is told not to retry it (only a 429 is left for the client to
+/// schedule).
+#[tokio::test(start_paused = true)]
+async fn a_5xx_after_a_whole_chain_is_not_left_to_the_sdk() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::json(503, poe_error(503, "upstream_error")).header("retry-after", "45"));
+    let gw = TestGateway::start(&up, CHAIN, &[]).await;
+    let resp = post(&gw, &chat_body("resilient", false), &[]).await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-poe-gateway-attempts"], "2");
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+}
+
 /// A 429 the gateway waited out and retried, to the last attempt, carries its short
 /// `Retry-After` and still `x-should-retry: false`: the SDK's own retries would each be the
 /// gateway's three.

@@ -83,7 +83,11 @@ impl Accountant {
         if !row.key_id.as_deref().is_some_and(|k| keys.tracks_spend(k)) {
             return;
         }
-        self.price_row(row);
+        // A row priced already keeps its price (one that cost nothing says so itself: a
+        // client gone during a retry's backoff).
+        if row.cost_usd.is_none() {
+            self.price_row(row);
+        }
         if let (Some(cost), Some(key_id)) = (row.cost_usd.filter(|c| *c > 0.0), &row.key_id) {
             row.charged = keys.charge_now(key_id, cost, row.ts_ms);
         }

@@ -59,6 +59,7 @@ const SPEND_TTL: Duration = Duration::from_secs(35 * 24 * 3600);
 
 #[derive(Debug, Clone, Copy)]
 struct Spend {
+    period: Period,
     period_start: i64,
     usd: f64,
     /// Charged as requests ended ([`KeyRing::charge_now`]) and not yet added to the shared
@@ -400,11 +401,13 @@ impl KeyRing {
                 // fail_open fallback.
                 let mut map = self.spend.lock().expect("spend lock");
                 let s = map.entry(rec.id.clone()).or_insert(Spend {
+                    period: rec.period,
                     period_start: start,
                     usd,
                     unshared: 0.0,
                 });
                 if s.period_start != start {
+                    s.period = rec.period;
                     s.period_start = start;
                     s.unshared = 0.0;
                 }
@@ -438,12 +441,14 @@ impl KeyRing {
         let from_db = self.ledger_spend(rec, start).await?;
         let mut map = self.spend.lock().expect("spend lock");
         let entry = map.entry(rec.id.clone()).or_insert(Spend {
+            period: rec.period,
             period_start: start,
             usd: from_db,
             unshared: 0.0,
         });
         if entry.period_start != start {
             *entry = Spend {
+                period: rec.period,
                 period_start: start,
                 usd: from_db,
                 unshared: 0.0,
@@ -472,7 +477,10 @@ impl KeyRing {
     pub fn charge_now(&self, key_id: &str, usd: f64, ts_ms: i64) -> bool {
         let mut map = self.spend.lock().expect("spend lock");
         match map.get_mut(key_id) {
-            Some(s) if ts_ms >= s.period_start => {
+            // Only into the period the request ended in: one that ended just past the
+            // boundary is left to the writer, by when the entry may have been seeded afresh
+            // for the new period from a ledger that did not have the row yet.
+            Some(s) if s.period.start_ms(ts_ms) == s.period_start => {
                 s.usd += usd;
                 if self.shared.is_some() {
                     s.unshared += usd;

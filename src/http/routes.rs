@@ -249,7 +249,7 @@ fn sdk_should_retry(
 ) -> bool {
     match crate::gateway::retry::requested_wait(status, headers) {
         Some(w) if w >= SDK_RETRY_AFTER_CAP => false,
-        Some(w) if w > max_retry_after => true,
+        Some(w) if w > max_retry_after && status == StatusCode::TOO_MANY_REQUESTS => true,
         _ => attempts <= 1,
     }
 }
