@@ -1545,3 +1545,39 @@ async fn request_bodies_in_memory_are_bounded_in_all() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Clients that make one request per connection and then hold it idle would keep every
+/// `server.max_connections` slot for the whole `server.idle_timeout` (300 s) and lock others
+/// out. While few slots are free the gateway closes connections idle for 10 s instead, so a
+/// new client gets in well before the idle timeout.
+#[tokio::test(start_paused = true)]
+async fn idle_connections_make_room_when_the_slots_run_out() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&up, "[server]\nmax_connections = 8\n", &[]).await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        held.push(tokio::spawn(conn));
+        let req = http::Request::get(gw.url("/healthz"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let _ = body_bytes(resp).await;
+        held.push(tokio::spawn(async move {
+            // Keeps the connection's sender, so only the gateway can end it.
+            let _send = send;
+            std::future::pending::<Result<(), hyper::Error>>().await
+        }));
+    }
+    // All slots are taken by idle connections; a ninth client waits for one.
+    let resp = tokio::time::timeout(Duration::from_secs(60), get(&gw, "/healthz"))
+        .await
+        .expect("no room before server.idle_timeout: idle connections kept every slot");
+    assert_eq!(resp.status(), 200);
+}

@@ -28,6 +28,10 @@ use crate::mcp::McpCore;
 use crate::mcp::http::McpHttp;
 use balance::{Accepted, Lane};
 
+/// How long a served connection may stay without a new request while the server is crowded
+/// (few connection slots free), instead of `server.idle_timeout`.
+const BUSY_IDLE: Duration = Duration::from_secs(10);
+
 /// State shared by every connection.
 pub(crate) struct App {
     pub gateway: Gateway,
@@ -37,6 +41,9 @@ pub(crate) struct App {
     pub draining: AtomicBool,
     /// `server.max_connections`, shared by every accept loop.
     slots: Arc<tokio::sync::Semaphore>,
+    /// Set while few connection slots are free (see [`App::update_crowded`]): idle
+    /// connections are then closed after [`BUSY_IDLE`] instead of `server.idle_timeout`.
+    crowded: watch::Sender<bool>,
     /// Open mode only: refuses web pages (see `browser`).
     browser: Option<browser::BrowserGuard>,
 }
@@ -189,7 +196,19 @@ impl App {
             gateway,
             draining: AtomicBool::new(false),
             slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            crowded: watch::channel(false).0,
         })
+    }
+
+    /// Marks the server crowded while an eighth or less of its connection slots are free
+    /// (told to every connection only when that changes). A client that sends one request
+    /// per connection and then holds it idle would otherwise keep its slot for the whole
+    /// `server.idle_timeout`, and enough of them would lock everyone else out.
+    fn update_crowded(&self) {
+        let max = self.gateway.policy().server.max_connections as usize;
+        let now = self.slots.available_permits() <= max / 8;
+        self.crowded
+            .send_if_modified(|c| std::mem::replace(c, now) != now);
     }
 
     /// Marks the server as draining (once): `/readyz` fails from now on, and MCP sessions end.
@@ -257,6 +276,9 @@ async fn accept_loop(
             },
             _ = &mut shutdown => break,
         };
+        app.update_crowded();
+        let mut crowded = app.crowded.subscribe();
+        let app_for_close = app.clone();
         let app = app.clone();
         // Told when the connection's first request reaches the service.
         let first_request = Arc::new(tokio::sync::Notify::new());
@@ -301,13 +323,28 @@ async fn accept_loop(
             tokio::pin!(timer);
             let mut served = false;
             let mut closing = false;
+            // How long a served connection may go without a new request: shorter while the
+            // server is crowded.
+            let idle_limit = |crowded: &watch::Receiver<bool>| {
+                if *crowded.borrow() {
+                    idle_timeout.min(BUSY_IDLE)
+                } else {
+                    idle_timeout
+                }
+            };
             let result = loop {
                 tokio::select! {
                     biased;
                     r = conn.as_mut() => break r,
                     _ = first_request.notified(), if !served => {
                         served = true;
-                        timer.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                        timer.as_mut().reset(tokio::time::Instant::now() + idle_limit(&crowded));
+                    }
+                    // Crowded or not any more: the idle limit changed; the timer branch below
+                    // then closes the connection if it is past it.
+                    Ok(()) = crowded.changed(), if served && !closing => {
+                        let last = base + Duration::from_millis(last_request.load(Ordering::Relaxed));
+                        timer.as_mut().reset(last + idle_limit(&crowded));
                     }
                     _ = stopping.wait_for(|s| *s), if !closing => {
                         closing = true;
@@ -318,14 +355,15 @@ async fn accept_loop(
                         if !served {
                             tracing::debug!(%peer, "closing a connection that sent no request within server.header_read_timeout");
                             drop((slot, seat));
+                            app_for_close.update_crowded();
                             return;
                         }
                         let last = base + Duration::from_millis(last_request.load(Ordering::Relaxed));
-                        let due = last + idle_timeout;
+                        let due = last + idle_limit(&crowded);
                         if tokio::time::Instant::now() < due {
                             timer.as_mut().reset(due);
                         } else {
-                            tracing::debug!(%peer, "closing a connection with no request within server.idle_timeout");
+                            tracing::debug!(%peer, "closing a connection with no request within server.idle_timeout (shorter while crowded)");
                             closing = true;
                             conn.as_mut().graceful_shutdown();
                         }
@@ -336,6 +374,7 @@ async fn accept_loop(
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop((slot, seat));
+            app_for_close.update_crowded();
         });
     }
 
