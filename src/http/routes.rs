@@ -351,7 +351,10 @@ pub(crate) async fn read_body_of(
     }
     let mut held = take_budget(budget, None, declared.unwrap_or(0))?;
     let read = async move {
+        // The usual body comes in one frame: kept as it is. A second frame starts a copy.
+        let mut first: Option<Bytes> = None;
         let mut buf = bytes::BytesMut::new();
+        let mut total = 0u64;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
                 GatewayError::bad_request(format!("could not read the request body: {e}"))
@@ -359,17 +362,25 @@ pub(crate) async fn read_body_of(
             let Ok(data) = frame.into_data() else {
                 continue; // trailers
             };
-            let total = (buf.len() + data.len()) as u64;
+            if data.is_empty() {
+                continue;
+            }
+            total += data.len() as u64;
             if total > limit {
                 return Err(GatewayError::PayloadTooLarge { limit });
             }
             held = take_budget(budget, Some(held), total)?;
-            if buf.is_empty() {
-                buf.reserve(declared.unwrap_or(0).max(total) as usize);
+            match first.take() {
+                None if buf.is_empty() => first = Some(data),
+                None => buf.extend_from_slice(&data),
+                Some(f) => {
+                    buf.reserve(declared.unwrap_or(0).max(total) as usize);
+                    buf.extend_from_slice(&f);
+                    buf.extend_from_slice(&data);
+                }
             }
-            buf.extend_from_slice(&data);
         }
-        Ok((buf.freeze(), held))
+        Ok((first.unwrap_or_else(|| buf.freeze()), held))
     };
     match tokio::time::timeout(timeout, read).await {
         Err(_) => Err(GatewayError::RequestTimeout(format!(
