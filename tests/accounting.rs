@@ -325,20 +325,18 @@ async fn a_cut_off_streams_prompt_is_estimated_and_priced() {
 
 /// A chat request written on a raw connection, so the test can hang up whenever it likes.
 async fn raw_chat(gw: &TestGateway, body: &str) -> tokio::net::TcpStream {
-    let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    sock.write_all(req.as_bytes()).await.unwrap();
-    sock
+    raw_chat_with(gw, body, "").await
 }
 
 /// [`raw_chat`] with a gateway key.
 async fn raw_chat_as(gw: &TestGateway, body: &str, key: &str) -> tokio::net::TcpStream {
+    raw_chat_with(gw, body, &format!("authorization: Bearer {key}\r\n")).await
+}
+
+async fn raw_chat_with(gw: &TestGateway, body: &str, headers: &str) -> tokio::net::TcpStream {
     let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n{headers}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
     sock.write_all(req.as_bytes()).await.unwrap();
