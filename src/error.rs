@@ -174,6 +174,7 @@ impl GatewayError {
         ))
     }
 
+    /// How long the client should wait before trying again, when the error says.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             GatewayError::RateLimited { retry_after, .. } => *retry_after,
@@ -215,6 +216,15 @@ impl GatewayError {
 
 /// What a secret is replaced with in anything relayed from upstream.
 pub const REDACTED: &str = "[redacted]";
+
+/// A `Retry-After` value for a wait: whole seconds, rounded up, at least 1, as the header
+/// requires.
+pub fn retry_after_value(wait: Duration) -> http::HeaderValue {
+    let secs = wait
+        .as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0));
+    http::HeaderValue::from(secs.max(1))
+}
 
 /// Secrets shorter than this are not searched for: they would match ordinary text.
 const MIN_SECRET_LEN: usize = 8;

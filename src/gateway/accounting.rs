@@ -83,17 +83,19 @@ impl Accountant {
         if !row.key_id.as_deref().is_some_and(|k| keys.tracks_spend(k)) {
             return;
         }
-        // A row priced already keeps its price (one that cost nothing says so itself: a
-        // client gone during a retry's backoff).
-        if row.cost_usd.is_none() {
-            self.price_row(row);
-        }
+        self.price_row(row);
         if let (Some(cost), Some(key_id)) = (row.cost_usd.filter(|c| *c > 0.0), &row.key_id) {
             row.charged = keys.charge_now(key_id, cost, row.ts_ms);
         }
     }
 
+    /// Sets the row's cost (and what a hit saved), unless it has one already: a row priced
+    /// as its request ended ([`charge_now`](Self::charge_now)), or one that says itself it
+    /// cost nothing (a client gone during a retry's backoff).
     fn price_row(&self, row: &mut UsageRow) {
+        if row.cost_usd.is_some() {
+            return;
+        }
         // Failed calls cost nothing; a cache hit costs nothing but saves its price. A request
         // cancelled before Poe's head (499) is priced: Poe was called. One cancelled before
         // any attempt (queued for the limiter) is not: Poe never was.
@@ -128,10 +130,7 @@ impl BatchHook for Accountant {
         Box::pin(async move {
             self.ensure_catalogue().await;
             for row in rows.iter_mut() {
-                // Rows priced as their request ended ([`charge_now`]) keep that price.
-                if row.cost_usd.is_none() {
-                    self.price_row(row);
-                }
+                self.price_row(row);
                 if let Some(cost) = row.cost_usd.filter(|c| *c > 0.0) {
                     self.metrics
                         .cost_usd

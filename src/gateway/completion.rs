@@ -91,7 +91,7 @@ impl Completion {
             m.streams_in_flight.dec();
         }
         let unlisted = self.info.unlisted;
-        let mut row = usage_row(&mut self.info, observed, &outcome);
+        let row = usage_row(&mut self.info, observed, &outcome);
         let bot = if unlisted {
             std::borrow::Cow::Borrowed(UNLISTED)
         } else {
@@ -132,11 +132,26 @@ impl Completion {
             .request_body
             .as_ref()
             .map(|b| String::from_utf8_lossy(&b[..b.len().min(64 * 1024)]).into_owned());
-        log_access(&row, reason, observed.bytes, request_body.as_deref());
-        if let Some(a) = &self.acct.charger {
+        self.acct
+            .close(row, reason, observed.bytes, request_body.as_deref());
+    }
+}
+
+impl Accounting {
+    /// The end of every request, answered or not: its access line, its charge to a budget,
+    /// and its ledger row.
+    pub(crate) fn close(
+        &self,
+        mut row: UsageRow,
+        reason: &str,
+        bytes: u64,
+        request_body: Option<&str>,
+    ) {
+        log_access(&row, reason, bytes, request_body);
+        if let Some(a) = &self.charger {
             a.charge_now(&mut row);
         }
-        self.acct.ledger.record(row);
+        self.ledger.record(row);
     }
 }
 
@@ -179,17 +194,11 @@ fn record_span(span: &tracing::Span, row: &UsageRow, o: &Observed, outcome: &Out
     drop(span.enter());
 }
 
-/// The ledger row for a finished request. Without Poe's usage (a stream that broke or was
-/// cancelled, or an answer that came without it), the tokens are estimated, a token per 4
-/// bytes, and flagged as estimated: the prompt from the request's strings (keys included,
-/// `data:` attachments not), the completion from the text received. Poe charges a cut-off
-/// request's prompt in full, and a budget must too. The request's names move into the row:
-/// the request is over.
 /// One access line per request: every request that ends writes one, a refused one too. Never
 /// bodies (but `request_body`, which only `log.bodies = true` sets), never keys: only the
 /// key's id. Strings go as `&str`, not `%`: a `Display` field is formatted, then escaped, on
 /// every line.
-pub(crate) fn log_access(row: &UsageRow, reason: &str, bytes: u64, request_body: Option<&str>) {
+fn log_access(row: &UsageRow, reason: &str, bytes: u64, request_body: Option<&str>) {
     tracing::info!(
         target: "poe_gateway::access",
         request_id = row.request_id.as_str(),
@@ -214,6 +223,12 @@ pub(crate) fn log_access(row: &UsageRow, reason: &str, bytes: u64, request_body:
     );
 }
 
+/// The ledger row for a finished request. Without Poe's usage (a stream that broke or was
+/// cancelled, or an answer that came without it), the tokens are estimated, a token per 4
+/// bytes, and flagged as estimated: the prompt from the request's strings (keys included,
+/// `data:` attachments not), the completion from the text received. Poe charges a cut-off
+/// request's prompt in full, and a budget must too. The request's names move into the row:
+/// the request is over.
 fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
     let (prompt, completion, total, estimated) = match o.usage {
         Some(u) => (

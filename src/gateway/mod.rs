@@ -461,12 +461,8 @@ impl Gateway {
 
     /// Counts, logs and queues the row of a request that has no reply to do it (refused, or
     /// dropped before Poe's head): the rows of replies are written by their [`Completion`].
-    fn record_unreplied(&self, mut row: UsageRow, reason: &str) {
+    fn record_unreplied(&self, row: UsageRow, reason: &str) {
         let acct = &self.inner.acct;
-        completion::log_access(&row, reason, 0, None);
-        if let Some(a) = &acct.charger {
-            a.charge_now(&mut row);
-        }
         acct.metrics
             .requests
             .with_label_values(&[
@@ -475,7 +471,7 @@ impl Gateway {
                 crate::metrics::key_label(row.key_id.as_deref()),
             ])
             .inc();
-        acct.ledger.record(row);
+        acct.close(row, reason, 0, None);
     }
 
     /// A key with a budget may only reach bots with a known price (Poe's catalogue or
@@ -1003,8 +999,7 @@ impl Gateway {
                     && !headers.contains_key(header::RETRY_AFTER)
                     && let Some(wait) = retry::requested_wait(head.status, &headers)
                 {
-                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                    headers.insert(header::RETRY_AFTER, http::HeaderValue::from(secs));
+                    headers.insert(header::RETRY_AFTER, crate::error::retry_after_value(wait));
                 }
                 (head.status, headers, body)
             }

@@ -174,10 +174,7 @@ pin_project_lite::pin_project! {
                     Mode::Sse { .. } if this.observed.saw_done => settled(this.observed),
                     _ => Outcome::Cancelled,
                 };
-                if let (Outcome::Completed, Some(r)) = (&outcome, this.recorder.take()) {
-                    r.commit(this.observed.usage);
-                }
-                c.finish(this.observed, outcome);
+                conclude(c, this.recorder, this.observed, outcome);
             }
         }
     }
@@ -422,16 +419,29 @@ fn end(
         }
     };
     let last = end_frame(mode, broke);
-    // Only a complete answer is stored; on any other end the recording is dropped.
-    if let (Outcome::Completed, Some(r)) = (&outcome, recorder.take()) {
-        r.commit(observed.usage);
+    if let Some(c) = completion.take() {
+        conclude(c, recorder, observed, outcome);
     }
-    finish(completion, observed, outcome);
     last
 }
 
-/// How a stream that reached `[DONE]` ended: completed, unless an event was an error. The
-/// reason names no upstream text, which may quote anything (a key included).
+/// Hands a finished request to its completion, storing the recording first when the
+/// answer is complete: on any other end the recording is dropped.
+fn conclude(
+    completion: Completion,
+    recorder: &mut Option<Recorder>,
+    observed: &Observed,
+    outcome: Outcome,
+) {
+    if let (Outcome::Completed, Some(r)) = (&outcome, recorder.take()) {
+        r.commit(observed.usage);
+    }
+    completion.finish(observed, outcome);
+}
+
+/// How a stream ended that reached `[DONE]` or carried Poe's own error event: completed,
+/// unless an event was an error. The reason names no upstream text, which may quote anything
+/// (a key included).
 fn settled(observed: &Observed) -> Outcome {
     if observed.stream_error {
         Outcome::Incomplete("upstream sent an error event in the stream".into())

@@ -463,12 +463,8 @@ pub(crate) fn error_response(e: &GatewayError) -> HttpResponse {
             .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     if let Some(after) = e.retry_after() {
-        // Whole seconds, rounded up, as Retry-After requires.
-        let secs = after
-            .as_secs()
-            .saturating_add(u64::from(after.subsec_nanos() > 0));
         resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            .insert(header::RETRY_AFTER, crate::error::retry_after_value(after));
     }
     resp
 }

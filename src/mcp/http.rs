@@ -273,9 +273,8 @@ fn error(e: &GatewayError) -> Response<McpBody> {
         HeaderValue::from_static("application/json"),
     );
     if let Some(after) = e.retry_after() {
-        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
         resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            .insert(header::RETRY_AFTER, crate::error::retry_after_value(after));
     }
     resp
 }
