@@ -325,6 +325,8 @@ async fn accept_loop(
             let mut closing = false;
             // How long a served connection may go without a new request: shorter while the
             // server is crowded.
+            let last_request_at =
+                || base + Duration::from_millis(last_request.load(Ordering::Relaxed));
             let idle_limit = |crowded: &watch::Receiver<bool>| {
                 if *crowded.borrow() {
                     idle_timeout.min(BUSY_IDLE)
@@ -343,7 +345,7 @@ async fn accept_loop(
                     // Crowded or not any more: the idle limit changed; the timer branch below
                     // then closes the connection if it is past it.
                     Ok(()) = crowded.changed(), if served && !closing => {
-                        let last = base + Duration::from_millis(last_request.load(Ordering::Relaxed));
+                        let last = last_request_at();
                         timer.as_mut().reset(last + idle_limit(&crowded));
                     }
                     _ = stopping.wait_for(|s| *s), if !closing => {
@@ -358,7 +360,7 @@ async fn accept_loop(
                             app_for_close.update_crowded();
                             return;
                         }
-                        let last = base + Duration::from_millis(last_request.load(Ordering::Relaxed));
+                        let last = last_request_at();
                         let due = last + idle_limit(&crowded);
                         if tokio::time::Instant::now() < due {
                             timer.as_mut().reset(due);
