@@ -693,7 +693,11 @@ async fn report_once(
         if r.totals.requests == rows {
             return r;
         }
-        assert!(std::time::Instant::now() < deadline, "{what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} ({} rows)",
+            r.totals.requests
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -792,11 +796,12 @@ async fn a_client_gone_during_a_retrys_backoff_is_not_charged() {
     // retry. Every call so far failed, and failed calls cost nothing: no prompt estimate, no
     // request price.
     // Both open (no key) and with a key whose budget is charged as requests end.
-    for (db, keyed) in databases()
-        .await
-        .into_iter()
-        .flat_map(|db| [(db.clone(), false), (db, true)])
-    {
+    // A fresh database for each: a row left by the other run would be counted too.
+    let mut runs = Vec::new();
+    for keyed in [false, true] {
+        runs.extend(databases().await.into_iter().map(|db| (db, keyed)));
+    }
+    for (db, keyed) in runs {
         let up = MockUpstream::start().await;
         up.set_fallback(
             Reply::json(429, poe_error(429, "rate_limit_error")).header("retry-after", "10"),
