@@ -1437,6 +1437,107 @@ async fn open_mode_refuses_web_pages_and_rebound_names() {
     body_bytes(resp).await;
 }
 
+/// A page at an origin the policy lists may call the gateway from a browser, in either auth
+/// mode: its preflight is answered, and every answer (errors too) carries the headers the
+/// browser needs before it hands the answer to the page. Other pages get no CORS headers, and
+/// their preflights are refused. Headers as Chrome sends them before the OpenAI SDK's POST.
+#[tokio::test]
+async fn listed_origins_get_cors_and_others_do_not() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "hi"));
+    let body = chat_body("gpt-5", false);
+    let asked = "authorization,content-type,x-stainless-lang,x-stainless-retry-count";
+    let page = "http://localhost:5173";
+    let preflight = |origin: &'static str| {
+        [
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", asked),
+        ]
+    };
+    for mode in ["open", "keys"] {
+        let policy = format!(
+            "[auth]\nmode = \"{mode}\"\n[mcp]\nallowed_origins = [\"http://localhost:*\"]\n"
+        );
+        let (gw, _core) = ledger_gateway(&up, &policy).await;
+        let auth = if mode == "keys" {
+            bearer(&create_key(&gw, "web-app").await)
+        } else {
+            bearer("unused")
+        };
+        let calls = up.chat_calls();
+
+        let resp = request(&gw, "OPTIONS", "/v1/chat/completions", &preflight(page), "").await;
+        assert_eq!(resp.status(), 204, "{mode}");
+        let h = resp.headers();
+        assert_eq!(h["access-control-allow-origin"], page, "{mode}");
+        assert!(
+            h["access-control-allow-methods"]
+                .to_str()
+                .unwrap()
+                .contains("POST")
+        );
+        assert_eq!(h["access-control-allow-headers"], asked);
+        assert!(h.contains_key("access-control-max-age"));
+        assert_eq!(up.chat_calls(), calls, "a preflight reached Poe");
+
+        // The page's request, and an error answer: both readable by the page.
+        let resp = post(&gw, &body, &[("origin", page), ("authorization", &auth)]).await;
+        assert_eq!(resp.status(), 200, "{mode}");
+        let h = resp.headers().clone();
+        body_bytes(resp).await;
+        assert_eq!(h["access-control-allow-origin"], page);
+        let exposed = h["access-control-expose-headers"].to_str().unwrap();
+        for name in ["x-request-id", "x-cache", "retry-after", "mcp-session-id"] {
+            assert!(exposed.contains(name), "{name} not exposed: {exposed}");
+        }
+        assert!(
+            h.get_all("vary").iter().any(|v| v == "Origin"),
+            "{:?}",
+            h.get_all("vary")
+        );
+        let resp = request(
+            &gw,
+            "GET",
+            "/v1/models/no-such-bot",
+            &[("origin", page), ("authorization", &auth)],
+            "",
+        )
+        .await;
+        assert_eq!(resp.status(), 404);
+        assert_eq!(resp.headers()["access-control-allow-origin"], page);
+
+        // Another page: its preflight is refused and nothing it gets is readable.
+        let evil = "https://evil.example";
+        let resp = request(&gw, "OPTIONS", "/v1/chat/completions", &preflight(evil), "").await;
+        assert_eq!(resp.status(), 403, "{mode}");
+        assert!(!resp.headers().contains_key("access-control-allow-origin"));
+        assert_eq!(body_json(resp).await["error"]["code"], "origin_not_allowed");
+        let resp = post(&gw, &body, &[("origin", evil), ("authorization", &auth)]).await;
+        // Open mode refuses the page; with keys, the key is the guard and the browser
+        // withholds the answer.
+        assert_eq!(resp.status(), if mode == "open" { 403 } else { 200 });
+        assert!(!resp.headers().contains_key("access-control-allow-origin"));
+        body_bytes(resp).await;
+
+        // curl and the SDKs send no Origin and get no CORS headers.
+        let resp = post(&gw, &body, &[("authorization", &auth)]).await;
+        assert_eq!(resp.status(), 200);
+        assert!(!resp.headers().contains_key("access-control-allow-origin"));
+        body_bytes(resp).await;
+    }
+
+    // No origins listed (the default): every preflight is refused.
+    let gw = TestGateway::start(&up, "", &[]).await;
+    let resp = request(&gw, "OPTIONS", "/v1/chat/completions", &preflight(page), "").await;
+    assert_eq!(resp.status(), 403);
+    assert!(!resp.headers().contains_key("access-control-allow-origin"));
+    // A plain OPTIONS (no preflight) still learns the route's methods.
+    let resp = request(&gw, "OPTIONS", "/v1/chat/completions", &[], "").await;
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "POST");
+}
+
 /// A database error can name tables, files, hosts or SQL: the client sees what failed and
 /// its request id, and the detail goes to the log.
 #[tokio::test]

@@ -1165,6 +1165,78 @@ async fn http_checks_auth_host_and_origin() {
     assert_eq!(status, 200, "{body}");
     let (status, _) = raw_mcp_post(&gw, &[("host", "other.example.com")]).await;
     assert_eq!(status, 403);
+
+    // A browser MCP client at that origin: the preflight of its POST (and of the DELETE that
+    // ends its session) is answered, and it may read the session id it must send back.
+    for method in ["POST", "DELETE"] {
+        let (status, headers, body) = raw_mcp(
+            &gw,
+            "OPTIONS",
+            &[
+                ("host", "gw.example.com"),
+                ("origin", "https://app.example.com"),
+                ("access-control-request-method", method),
+                (
+                    "access-control-request-headers",
+                    "authorization,content-type,mcp-protocol-version,mcp-session-id",
+                ),
+            ],
+            None,
+        )
+        .await;
+        assert_eq!(status, 204, "{body}");
+        assert_eq!(
+            headers["access-control-allow-origin"],
+            "https://app.example.com"
+        );
+        let allowed = headers["access-control-allow-methods"].to_str().unwrap();
+        assert!(allowed.contains(method), "{allowed}");
+        assert!(
+            headers["access-control-allow-headers"]
+                .to_str()
+                .unwrap()
+                .contains("mcp-session-id")
+        );
+    }
+    let (status, headers, body) = raw_mcp(
+        &gw,
+        "POST",
+        &[
+            ("host", "gw.example.com"),
+            ("origin", "https://app.example.com"),
+        ],
+        Some(json!({
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "page", "version": "1"}}
+        })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(headers.contains_key("mcp-session-id"));
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert!(
+        headers["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .contains("mcp-session-id")
+    );
+    // rmcp refuses the other origins itself; the refusal carries no CORS headers.
+    let (status, headers, _) = raw_mcp(
+        &gw,
+        "OPTIONS",
+        &[
+            ("origin", "https://evil.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(!headers.contains_key("access-control-allow-origin"));
 }
 
 #[tokio::test]

@@ -242,6 +242,7 @@ pub struct McpPolicy {
     pub allowed_hosts: Vec<String>,
     /// Browser origins allowed to call `/mcp` (`https://app.example.com:443`, `http://localhost:*`).
     /// A request carrying any other `Origin` is refused; a request without one passes.
+    /// Pages at these origins get CORS on every route (`http::browser::Cors`).
     pub allowed_origins: Vec<String>,
     /// Directories `attachment_path` may read from when the tool is called over HTTP.
     /// Empty (the default) refuses local paths over HTTP; stdio may read any file the user can.

@@ -9,8 +9,8 @@
 //! `/mcp` gets the same checks from rmcp, with the same lists (`mcp.allowed_origins` and
 //! `mcp.allowed_hosts`).
 
-use http::HeaderMap;
 use http::header;
+use http::{HeaderMap, HeaderValue};
 
 use crate::config::Policy;
 use crate::error::GatewayError;
@@ -19,9 +19,48 @@ pub(crate) struct BrowserGuard {
     /// `Host` names accepted (each with an optional port); `None`: any, because the
     /// gateway listens on the network, where its name is not known.
     hosts: Option<Vec<(String, Option<u16>)>>,
-    /// Trusted browser origins: scheme, host, and a port (`None`: any, written `:*`).
-    origins: Vec<(String, String, Option<u16>)>,
-    allow_null_origin: bool,
+    origins: Origins,
+}
+
+/// The browser origins the policy trusts (`mcp.allowed_origins`).
+pub(crate) struct Origins {
+    /// Scheme, host, and a port (`None`: any, written `:*`).
+    list: Vec<(String, String, Option<u16>)>,
+    allow_null: bool,
+}
+
+impl Origins {
+    pub(crate) fn new(policy: &Policy) -> Origins {
+        let mut list = Vec::new();
+        let mut allow_null = false;
+        for o in &policy.mcp.allowed_origins {
+            let o = o.trim();
+            if o == "null" {
+                allow_null = true;
+            } else if let Some((scheme, host, port)) = parse_origin(o, true) {
+                list.push((scheme.to_string(), host.to_string(), port));
+            }
+        }
+        Origins { list, allow_null }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty() && !self.allow_null
+    }
+
+    /// Whether a request's `Origin` (as sent) is one the policy lists.
+    fn trusts(&self, text: &str) -> bool {
+        if text == "null" {
+            return self.allow_null;
+        }
+        parse_origin(text, false).is_some_and(|(scheme, host, port)| {
+            self.list.iter().any(|(s, h, p)| {
+                s.eq_ignore_ascii_case(scheme)
+                    && h.eq_ignore_ascii_case(host)
+                    && (p.is_none() || *p == port)
+            })
+        })
+    }
 }
 
 impl BrowserGuard {
@@ -39,20 +78,9 @@ impl BrowserGuard {
             }
             hosts
         });
-        let mut origins = Vec::new();
-        let mut allow_null_origin = false;
-        for o in &policy.mcp.allowed_origins {
-            let o = o.trim();
-            if o == "null" {
-                allow_null_origin = true;
-            } else if let Some((scheme, host, port)) = parse_origin(o, true) {
-                origins.push((scheme.to_string(), host.to_string(), port));
-            }
-        }
         BrowserGuard {
             hosts,
-            origins,
-            allow_null_origin,
+            origins: Origins::new(policy),
         }
     }
 
@@ -60,18 +88,7 @@ impl BrowserGuard {
     pub(crate) fn check(&self, headers: &HeaderMap) -> Result<(), GatewayError> {
         if let Some(origin) = headers.get(header::ORIGIN) {
             let text = origin.to_str().unwrap_or("").trim();
-            let trusted = if text == "null" {
-                self.allow_null_origin
-            } else {
-                parse_origin(text, false).is_some_and(|(scheme, host, port)| {
-                    self.origins.iter().any(|(s, h, p)| {
-                        s.eq_ignore_ascii_case(scheme)
-                            && h.eq_ignore_ascii_case(host)
-                            && (p.is_none() || *p == port)
-                    })
-                })
-            };
-            if !trusted {
+            if !self.origins.trusts(text) {
                 return Err(GatewayError::ForeignOrigin(format!(
                     "this gateway runs in open mode and refuses requests from web pages \
                      (Origin: {}); list the origin in mcp.allowed_origins to trust it",
@@ -96,6 +113,82 @@ impl BrowserGuard {
             }
         }
         Ok(())
+    }
+}
+
+/// CORS for the origins the policy lists, in every auth mode: a page at a listed origin (a
+/// team's web app, an MCP client running in a browser) may call the gateway and read its
+/// answers. Any other page gets no CORS headers, so its browser withholds the answers, and in
+/// open mode `BrowserGuard` refuses it outright.
+pub(crate) struct Cors {
+    origins: Origins,
+}
+
+/// What a page may read besides the CORS-safelisted headers: the ids, cache and retry
+/// signals the SDKs and MCP clients act on.
+const EXPOSED: HeaderValue = HeaderValue::from_static(
+    "x-request-id, x-cache, x-poe-gateway-bot, x-poe-gateway-attempts, x-should-retry, \
+     retry-after, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, \
+     x-ratelimit-reset-requests, mcp-session-id, mcp-protocol-version, www-authenticate",
+);
+
+impl Cors {
+    pub(crate) fn new(policy: &Policy) -> Cors {
+        Cors {
+            origins: Origins::new(policy),
+        }
+    }
+
+    /// The request's `Origin` when the policy lists it. With no origins listed (the default)
+    /// this is one branch per request.
+    pub(crate) fn allowed(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+        if self.origins.is_empty() {
+            return None;
+        }
+        let origin = headers.get(header::ORIGIN)?;
+        self.origins
+            .trusts(origin.to_str().ok()?.trim())
+            .then(|| origin.clone())
+    }
+
+    /// A browser asks before a request that is not "simple" (a JSON body, an
+    /// `Authorization` header, DELETE): `OPTIONS` with `Origin` and
+    /// `Access-Control-Request-Method`.
+    pub(crate) fn is_preflight(method: &http::Method, headers: &HeaderMap) -> bool {
+        method == http::Method::OPTIONS
+            && headers.contains_key(header::ORIGIN)
+            && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    }
+
+    /// The headers of a successful preflight's answer (the origin's are added with every
+    /// answer's, by `expose`): the methods the routes use, and the request headers asked for.
+    /// Those are echoed because the SDKs send their own (`x-stainless-*`, `mcp-*`), and a
+    /// wildcard would not cover `Authorization`.
+    pub(crate) fn preflight_headers(request: &HeaderMap, answer: &mut HeaderMap) {
+        answer.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, HEAD, POST, DELETE"),
+        );
+        if let Some(asked) = request.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+            answer.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+        }
+        answer.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        answer.append(
+            header::VARY,
+            HeaderValue::from_static(
+                "Access-Control-Request-Method, Access-Control-Request-Headers",
+            ),
+        );
+    }
+
+    /// Lets the page at `origin` read this answer.
+    pub(crate) fn expose(origin: HeaderValue, answer: &mut HeaderMap) {
+        answer.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        answer.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, EXPOSED);
+        answer.append(header::VARY, HeaderValue::from_static("Origin"));
     }
 }
 

@@ -46,6 +46,8 @@ pub(crate) struct App {
     crowded: watch::Sender<bool>,
     /// Open mode only: refuses web pages (see `browser`).
     browser: Option<browser::BrowserGuard>,
+    /// CORS for the origins the policy lists, in every mode.
+    cors: browser::Cors,
 }
 
 /// A running server: its address, and a way to stop it.
@@ -192,6 +194,7 @@ impl App {
             .then(|| browser::BrowserGuard::new(gateway.policy()));
         Arc::new(App {
             browser,
+            cors: browser::Cors::new(gateway.policy()),
             mcp: McpHttp::new(McpCore::new(gateway.clone())),
             gateway,
             draining: AtomicBool::new(false),

@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::App;
+use super::browser::Cors;
 use crate::config::AuthMode;
 use crate::error::GatewayError;
 use crate::gateway::cache::CacheDirectives;
@@ -33,14 +34,48 @@ const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpResponse {
     let request_id = request_id(req.headers());
-    let mut resp = match route(&app, req, &request_id).await {
-        Ok(resp) => resp,
-        Err(e) => error_response(&e),
+    let cors = app.cors.allowed(req.headers());
+    let answer = if Cors::is_preflight(req.method(), req.headers()) {
+        preflight(&app, &req, cors.is_some())
+    } else {
+        route(&app, req, &request_id).await
     };
+    let mut resp = answer.unwrap_or_else(|e| error_response(&e));
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
+    if let Some(origin) = cors {
+        Cors::expose(origin, resp.headers_mut());
+    }
     resp
+}
+
+/// A browser's preflight, on any path: 204 for a listed origin (the page's request then
+/// gets the route's own answer), 403 for any other.
+fn preflight(
+    app: &App,
+    req: &Request<Incoming>,
+    listed: bool,
+) -> Result<HttpResponse, GatewayError> {
+    if let Some(guard) = &app.browser {
+        // A listed origin through a rebound name is still refused.
+        guard.check(req.headers())?;
+    }
+    if !listed {
+        return Err(GatewayError::ForeignOrigin(format!(
+            "web pages at this origin may not call the gateway (Origin: {}); list it in \
+             mcp.allowed_origins to allow them",
+            super::browser::shown(&String::from_utf8_lossy(
+                req.headers()
+                    .get(header::ORIGIN)
+                    .map_or(&b""[..], |v| v.as_bytes())
+            ))
+        )));
+    }
+    let mut resp = Response::new(HttpBody::Left(ReplyBody::Full { data: None }));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    Cors::preflight_headers(req.headers(), resp.headers_mut());
+    Ok(resp)
 }
 
 async fn route(
