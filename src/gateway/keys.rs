@@ -558,4 +558,39 @@ mod tests {
         assert_ne!(a, generate_key());
         assert_eq!(hash_key(&a).len(), 64);
     }
+
+    /// A cost is counted at once only in the period its request ended in. One that ended past
+    /// the boundary is the writer's to pass on: the new period's figure is seeded from the
+    /// ledger, and counting it here too would charge it twice, or into the wrong period.
+    #[tokio::test]
+    async fn a_charge_counts_only_in_the_period_its_request_ended_in() {
+        let store = Store::open("sqlite::memory:").await.unwrap();
+        let ring = KeyRing::new(store, TokioClock::new());
+        let rec = KeyRecord {
+            id: "k1".into(),
+            name: "team".into(),
+            hash: String::new(),
+            created_ms: 0,
+            revoked_ms: None,
+            budget_usd: Some(1.0),
+            period: Period::Month,
+            rpm: None,
+            models: None,
+        };
+        assert!(
+            !ring.charge_now("k1", 0.4, now_ms()),
+            "not tracked before a check"
+        );
+        ring.check_budget(&rec).await.unwrap();
+        let now = now_ms();
+        let start = Period::Month.start_ms(now);
+        assert!(ring.charge_now("k1", 0.4, now));
+        // Ended in the next month, or in the last one (a request begun before the boundary).
+        assert!(!ring.charge_now("k1", 0.4, start + 32 * 86_400_000));
+        assert!(!ring.charge_now("k1", 0.4, start - 1));
+        ring.check_budget(&rec).await.expect("0.4 of 1.0 spent");
+        assert!(ring.charge_now("k1", 0.7, now));
+        let e = ring.check_budget(&rec).await.unwrap_err();
+        assert!(e.to_string().contains("spent $1.1000"), "{e}");
+    }
 }
