@@ -1106,3 +1106,150 @@ async fn the_keys_command_says_when_there_is_no_ledger() {
     let out = keys(&db, &["list", "--format", "yaml"]);
     assert_eq!(out.status.code(), Some(2), "clap's usage error");
 }
+
+/// What Poe's Responses API sends: a `response` object, its usage in the API's own names.
+fn response_object(model: &str, text: &str, status: &str, usage: &str) -> String {
+    format!(
+        r#"{{"id":"resp_1","object":"response","created_at":1,"status":"{status}","model":"{model}","output":[{{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{{"type":"output_text","text":"{text}","annotations":[]}}]}}],"usage":{usage}}}"#
+    )
+}
+
+const RESPONSES_USAGE: &str = r#"{"input_tokens":11,"input_tokens_details":{"cached_tokens":0},"output_tokens":7,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":18}"#;
+
+fn responses_event(kind: &str, data: &str) -> String {
+    format!("event: {kind}\ndata: {data}\n\n")
+}
+
+/// The Responses API (`client.responses.create`) goes to Poe's `/v1/responses` through the
+/// aliases, is accounted from the usage in its own names, never comes from the cache, and a
+/// stream counts as whole at `response.completed`, which ends it where chat has `[DONE]`.
+#[tokio::test]
+async fn the_responses_api_is_proxied_and_accounted() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+    let body_for = |stream: bool| {
+        format!(r#"{{"model":"claude","input":"Say hi","temperature":0,"stream":{stream}}}"#)
+    };
+    let responses = |body: String| {
+        let gw = &gw;
+        async move {
+            request(
+                gw,
+                "POST",
+                "/v1/responses",
+                &[("content-type", "application/json")],
+                &body,
+            )
+            .await
+        }
+    };
+
+    // Not streamed, twice: both reach Poe (no cache), each accounted.
+    let answer = response_object("claude-sonnet-4.5", "Hi!", "completed", RESPONSES_USAGE);
+    up.push(Reply::json(200, answer.clone()));
+    up.push(Reply::json(200, answer.clone()));
+    for _ in 0..2 {
+        let resp = responses(body_for(false)).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-cache"], "BYPASS");
+        assert_eq!(resp.headers()["x-poe-gateway-bot"], "claude-sonnet-4.5");
+        assert_eq!(body_bytes(resp).await, Bytes::from(answer.clone()));
+    }
+    // Poe's `/v1/models` and balance are fetched beside them.
+    let sent: Vec<_> = up
+        .received()
+        .into_iter()
+        .filter(|r| r.path == "/v1/responses")
+        .collect();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].json()["model"], "claude-sonnet-4.5");
+    assert_eq!(sent[0].json()["input"], "Say hi");
+    let r = report(&core, None).await;
+    assert_eq!((r.totals.requests, r.totals.errors), (2, 0));
+    assert_eq!(r.totals.prompt_tokens, 22);
+    assert_eq!(r.totals.completion_tokens, 14);
+
+    // Streamed: the events reach the client as Poe sent them, nothing added.
+    let done = response_object("claude-sonnet-4.5", "Hi!", "completed", RESPONSES_USAGE);
+    let events = [
+        responses_event(
+            "response.created",
+            &format!(
+                r#"{{"type":"response.created","sequence_number":0,"response":{}}}"#,
+                response_object("claude-sonnet-4.5", "", "in_progress", "null")
+            ),
+        ),
+        responses_event(
+            "response.output_text.delta",
+            r#"{"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hi"}"#,
+        ),
+        responses_event(
+            "response.output_text.delta",
+            r#"{"type":"response.output_text.delta","sequence_number":2,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"!"}"#,
+        ),
+        responses_event(
+            "response.completed",
+            &format!(r#"{{"type":"response.completed","sequence_number":3,"response":{done}}}"#),
+        ),
+    ];
+    let mut reply = Reply::sse();
+    for e in &events {
+        reply = reply.send(e.clone());
+    }
+    up.push(reply);
+    let resp = responses(body_for(true)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body_bytes(resp).await, Bytes::from(events.concat()));
+    assert!(
+        up.received()
+            .last()
+            .unwrap()
+            .json()
+            .get("stream_options")
+            .is_none(),
+        "no usage is asked for: the last event carries it"
+    );
+    let r = report(&core, None).await;
+    assert_eq!((r.totals.requests, r.totals.errors), (3, 0), "completed");
+    assert_eq!(r.totals.prompt_tokens, 33);
+
+    // Cut before `response.completed`: the client is told, and the row is an error with
+    // estimated tokens (the deltas' 3 bytes: 1 token).
+    up.push(
+        Reply::sse()
+            .send(events[1].clone())
+            .send(events[2].clone())
+            .drop_connection(),
+    );
+    let got = body_bytes(responses(body_for(true)).await).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with(&events[1]), "{text}");
+    assert!(text.contains(r#"data: {"error":"#), "{text}");
+    // Poe's own failure event ends the stream with no error added.
+    let failed = responses_event(
+        "response.failed",
+        &format!(
+            r#"{{"type":"response.failed","sequence_number":2,"response":{}}}"#,
+            response_object("claude-sonnet-4.5", "", "failed", "null")
+        ),
+    );
+    up.push(Reply::sse().send(events[1].clone()).send(failed.clone()));
+    let got = body_bytes(responses(body_for(true)).await).await;
+    assert_eq!(got, Bytes::from([events[1].clone(), failed].concat()));
+    let r = report(&core, None).await;
+    assert_eq!((r.totals.requests, r.totals.errors), (5, 2));
+    assert_eq!(r.totals.completion_tokens, 21 + 1 + 1);
+
+    // A Responses body needs a model, and only that.
+    let resp = responses(r#"{"input":"hi"}"#.into()).await;
+    let e = expect_error(resp, 400, "invalid_request_error").await;
+    assert_eq!(e["param"], "model");
+    assert_eq!(
+        up.received()
+            .iter()
+            .filter(|r| r.path == "/v1/responses")
+            .count(),
+        5
+    );
+}

@@ -240,6 +240,7 @@ async fn metrics_are_open_by_default() {
 /// body), and is not listed as operations of its own.
 const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/chat/completions"),
+    ("post", "/v1/responses"),
     ("get", "/v1/models"),
     ("get", "/v1/models/{id}"),
     ("get", "/v1/usage"),

@@ -276,6 +276,11 @@ impl ResponseCache {
     /// Decides whether and how the cache takes part in a request. `None` means bypass.
     pub fn plan(&self, caller: &Caller, req: &ChatRequest, bots: &[String]) -> Option<Plan> {
         let d = req.cache_directives();
+        // A Responses request asks Poe to store its answer (`store` defaults to true) for
+        // later requests to build on (`previous_response_id`): it always goes to Poe.
+        if req.endpoint() != super::Endpoint::ChatCompletions {
+            return None;
+        }
         let eligible = match self.policy.mode {
             CacheMode::Off => false,
             CacheMode::All => true,

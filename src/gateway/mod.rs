@@ -44,7 +44,7 @@ use completion::{Accounting, Completion, RequestInfo};
 use keys::KeyRing;
 use limits::{TokioClock, UpstreamLimits};
 use models::{Catalogue, Models};
-pub use request::ChatRequest;
+pub use request::{ChatRequest, Endpoint};
 use retry::RetryBudget;
 use tap::{BoxError, Observed, Outcome, ReplayBody, Tap};
 
@@ -765,8 +765,8 @@ impl Gateway {
                         otel.name = "POST",
                         otel.kind = "client",
                         http.request.method = "POST",
-                        url.full = %inner.upstream.chat_uri(),
-                        server.address = inner.upstream.chat_uri().host().unwrap_or(""),
+                        url.full = %inner.upstream.uri(req.endpoint()),
+                        server.address = inner.upstream.uri(req.endpoint()).host().unwrap_or(""),
                         gen_ai.request.model = %bot,
                         poe_gateway.attempt = attempts + 1,
                         http.response.status_code = tracing::field::Empty,
@@ -795,7 +795,13 @@ impl Gateway {
                 watch.in_flight = true;
                 let mut sent = inner
                     .upstream
-                    .chat(body.clone(), &key, &caller.request_id, trace_headers)
+                    .chat(
+                        req.endpoint(),
+                        body.clone(),
+                        &key,
+                        &caller.request_id,
+                        trace_headers,
+                    )
                     .instrument(attempt_span.clone())
                     .await;
                 // A failed call costs nothing: a client that leaves from here on (reading
@@ -834,15 +840,7 @@ impl Gateway {
                         );
                         inner.acct.metrics.upstream_ok.inc();
                         watch.armed = false;
-                        return Ok(self.stream_reply(
-                            resp,
-                            info,
-                            permit,
-                            attempts,
-                            req.injects_usage(),
-                            plan,
-                            &key,
-                        ));
+                        return Ok(self.stream_reply(resp, info, permit, attempts, req, plan, &key));
                     }
                     Ok(resp) => {
                         let (mut head, body) = resp.into_parts();
@@ -930,7 +928,7 @@ impl Gateway {
         info: RequestInfo,
         permit: tokio::sync::OwnedSemaphorePermit,
         attempts: u32,
-        strip_usage: bool,
+        req: &ChatRequest,
         plan: Option<&cache::Plan>,
         key: &Secret,
     ) -> Reply {
@@ -956,11 +954,12 @@ impl Gateway {
         let mut tap = Tap::new(
             body,
             sse,
-            sse && strip_usage,
+            sse && req.injects_usage(),
             self.inner.policy.timeouts.idle,
             completion,
             recorder,
-        );
+        )
+        .answering(req.endpoint());
         if sse {
             tap = tap.redacting(key.clone());
         }

@@ -15,9 +15,31 @@ use super::json::TopLevel;
 
 use crate::error::GatewayError;
 
+/// The OpenAI API a request speaks. Both go to Poe's route of the same name, through the
+/// same aliases, limits, retries and accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    ChatCompletions,
+    /// `POST /v1/responses`, the Responses API (what the OpenAI Agents SDK and Codex speak).
+    /// Never answered from the cache: Poe stores each response for later ones to build on.
+    Responses,
+}
+
+impl Endpoint {
+    /// The path, as the client and Poe both know it.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Responses => "/v1/responses",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
     body: Bytes,
+    endpoint: Endpoint,
     /// Where the `model` value (quotes included) sits in `body`.
     model_span: Range<usize>,
     model: String,
@@ -48,6 +70,13 @@ pub(crate) fn is_bot_name(name: &str) -> bool {
 impl ChatRequest {
     /// Parses and checks a chat completion body. Errors are 400s that name the field.
     pub fn parse(body: Bytes) -> Result<ChatRequest, GatewayError> {
+        ChatRequest::parse_for(Endpoint::ChatCompletions, body)
+    }
+
+    /// Parses and checks a body for `endpoint`. A Responses body needs only `model` (its
+    /// input may be `input`, a stored prompt or a previous response); its `stream_options`
+    /// are its own, so no usage is asked for (its last event carries it anyway).
+    pub fn parse_for(endpoint: Endpoint, body: Bytes) -> Result<ChatRequest, GatewayError> {
         let text = std::str::from_utf8(&body).map_err(|e| {
             GatewayError::bad_request(format!("request body is not valid UTF-8: {e}"))
         })?;
@@ -82,20 +111,23 @@ impl ChatRequest {
                 ),
             ));
         }
-        let messages = find("messages").ok_or_else(|| {
-            GatewayError::bad_param("messages", "you must provide a `messages` parameter")
-        })?;
-        if !messages.get().starts_with('[') {
-            return Err(GatewayError::bad_param(
-                "messages",
-                "`messages` must be an array",
-            ));
-        }
-        if messages.get()[1..].trim_start().starts_with(']') {
-            return Err(GatewayError::bad_param(
-                "messages",
-                "`messages` must not be empty",
-            ));
+        let chat = endpoint == Endpoint::ChatCompletions;
+        if chat {
+            let messages = find("messages").ok_or_else(|| {
+                GatewayError::bad_param("messages", "you must provide a `messages` parameter")
+            })?;
+            if !messages.get().starts_with('[') {
+                return Err(GatewayError::bad_param(
+                    "messages",
+                    "`messages` must be an array",
+                ));
+            }
+            if messages.get()[1..].trim_start().starts_with(']') {
+                return Err(GatewayError::bad_param(
+                    "messages",
+                    "`messages` must not be empty",
+                ));
+            }
         }
         let stream = match find("stream") {
             None => false,
@@ -104,6 +136,7 @@ impl ChatRequest {
                 .map_err(|_| GatewayError::bad_param("stream", "`stream` must be a boolean"))?,
         };
         let (stream_options_span, include_usage) = match find("stream_options") {
+            _ if !chat => (None, false),
             None => (None, false),
             Some(raw) if raw.get() == "null" => (Some(span_of(raw)), false),
             Some(raw) => {
@@ -141,13 +174,17 @@ impl ChatRequest {
         let temperature = number("temperature")?;
         let has_seed = find("seed").is_some_and(|raw| raw.get() != "null");
         // Both are checked, whichever is used: a mistyped one must not slip through to Poe.
-        let max_completion_tokens = number("max_completion_tokens")?;
-        let max_tokens = max_completion_tokens
-            .or(number("max_tokens")?)
-            .map(|n| n as u64);
+        let max_tokens = if chat {
+            let max_completion_tokens = number("max_completion_tokens")?;
+            max_completion_tokens.or(number("max_tokens")?)
+        } else {
+            number("max_output_tokens")?
+        }
+        .map(|n| n as u64);
 
         let model_span = span_of(model_raw);
         Ok(ChatRequest {
+            endpoint,
             model_span,
             model,
             stream,
@@ -165,6 +202,10 @@ impl ChatRequest {
     /// Bytes of text in the request (its strings, `data:` URLs left out).
     pub fn text_bytes(&self) -> u64 {
         self.text_bytes
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint
     }
 
     /// The model name as the client asked for it.
@@ -214,7 +255,7 @@ impl ChatRequest {
     /// True when the client streams without asking for usage: the gateway then asks Poe for
     /// it (to account the request) and the tap removes it again before the client sees it.
     pub fn injects_usage(&self) -> bool {
-        self.stream && !self.include_usage
+        self.stream && !self.include_usage && self.endpoint == Endpoint::ChatCompletions
     }
 
     /// The body to send upstream: the client's bytes with `model` set to `bot`, and

@@ -41,9 +41,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Token counts as Poe reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct Usage {
-    #[serde(default)]
+    // The Responses API's names for the same counts.
+    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: u64,
     #[serde(default)]
     pub total_tokens: u64,
@@ -89,6 +90,10 @@ pub struct Observed {
     /// The finish reasons go only to the request's span: with no span (traces off), the
     /// search for them in every event is skipped.
     pub skip_finish_reasons: bool,
+    /// The body is a Responses API stream. It ends with a `response.completed` (or
+    /// `response.incomplete`) event rather than `[DONE]`, which then counts as its end;
+    /// `response.failed` and `error` events fail it; its text comes in `delta`s.
+    pub responses: bool,
 }
 
 // Key searchers, built once: constructing one costs more than a search (it was a quarter
@@ -101,6 +106,8 @@ static USAGE_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"usag
 static FINISH_REASON: LazyLock<KeyFinder> =
     LazyLock::new(|| KeyFinder::new(b"\"finish_reason\":", (6, 7)));
 static CONTENT_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"content\":", (3, 9)));
+static DELTA_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"delta\":", (1, 4)));
+static TEXT_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"text\":", (1, 4)));
 
 /// Largest non-stream body the tap keeps handles to for reading `usage` at the end.
 const JSON_KEEP_LIMIT: usize = 8 * 1024 * 1024;
@@ -220,6 +227,12 @@ impl<B> Tap<B> {
     /// Cuts `key` out of what follows an error event in the stream (see `redact`).
     pub fn redacting(mut self, key: Secret) -> Self {
         self.redact = Some(key);
+        self
+    }
+
+    /// Reads the body as the answer to a request for `endpoint` (see `Observed::responses`).
+    pub fn answering(mut self, endpoint: super::Endpoint) -> Self {
+        self.observed.responses = endpoint == super::Endpoint::Responses;
         self
     }
 }
@@ -690,8 +703,51 @@ fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
     if opens_with_error(data) {
         observed.stream_error = true;
     }
-    observed.text_bytes += content_len(data) as u64;
+    if observed.responses {
+        on_responses_event(observed, data);
+    } else {
+        observed.text_bytes += string_len(&CONTENT_KEY, data) as u64;
+    }
     read_usage_and_finish(data, observed)
+}
+
+/// A Responses stream's event, by its `type`: the last one (`response.completed`, or
+/// `response.incomplete` when a limit cut the answer short) ends the stream as `[DONE]`
+/// ends a chat stream; `response.failed` and `error` fail it.
+fn on_responses_event(observed: &mut Observed, data: &[u8]) {
+    match event_type(data).as_deref() {
+        Some(b"response.output_text.delta") => {
+            observed.text_bytes += string_len(&DELTA_KEY, data) as u64;
+        }
+        Some(b"response.completed" | b"response.incomplete") => observed.saw_done = true,
+        Some(b"response.failed" | b"error") => observed.stream_error = true,
+        _ => {}
+    }
+}
+
+/// The `type` of an event's object. OpenAI writes it as the first member, which is read in
+/// place; any other layout is parsed (skipping the rest of the object).
+fn event_type(data: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    let first = data
+        .trim_ascii_start()
+        .strip_prefix(b"{")?
+        .trim_ascii_start()
+        .strip_prefix(b"\"type\"")
+        .and_then(|r| r.trim_ascii_start().strip_prefix(b":"))
+        .and_then(|r| r.trim_ascii_start().strip_prefix(b"\""));
+    if let Some(rest) = first
+        && let Some(end) = memchr::memchr2(b'"', b'\\', rest)
+        && rest[end] == b'"'
+    {
+        return Some(std::borrow::Cow::Borrowed(&rest[..end]));
+    }
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    let typed: Typed = serde_json::from_slice(data).ok()?;
+    typed.kind.map(|k| std::borrow::Cow::Owned(k.into_bytes()))
 }
 
 /// Reads the usage and the finish reasons of one JSON document (a chat.completion body, or
@@ -750,12 +806,12 @@ fn opens_with_error(data: &[u8]) -> bool {
         .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"\"error\""))
 }
 
-/// Bytes of `"content":"..."` string values in a chunk, escapes counted as written.
-fn content_len(data: &[u8]) -> usize {
+/// Bytes of the string values of `key` (`"content":`) in a chunk, escapes counted as written.
+fn string_len(key: &KeyFinder, data: &[u8]) -> usize {
     let mut total = 0;
     let mut at = 0;
-    while let Some(i) = CONTENT_KEY.find(&data[at..]) {
-        let mut j = at + i + CONTENT_KEY.needle_len();
+    while let Some(i) = key.find(&data[at..]) {
+        let mut j = at + i + key.needle_len();
         while data.get(j).is_some_and(u8::is_ascii_whitespace) {
             j += 1;
         }
@@ -801,7 +857,13 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
     // A rough figure for the estimate, needed only when no usage was found (another pass
     // over the whole body otherwise).
     if observed.usage.is_none() {
-        observed.text_bytes = content_len(&body) as u64;
+        // A Responses answer's text is in `output[].content[].text`.
+        let key = if observed.responses {
+            &TEXT_KEY
+        } else {
+            &CONTENT_KEY
+        };
+        observed.text_bytes = string_len(key, &body) as u64;
     }
 }
 
@@ -930,6 +992,53 @@ mod tests {
         let mut obs = Observed::default();
         assert!(read_usage_and_finish(doc, &mut obs));
         assert_eq!(obs.usage.map(|u| u.total_tokens), Some(5));
+    }
+
+    #[test]
+    fn responses_events_are_told_by_their_type() {
+        let t = |d: &[u8]| event_type(d).map(|t| String::from_utf8(t.into_owned()).unwrap());
+        assert_eq!(
+            t(br#"{"type":"response.completed","response":{}}"#).as_deref(),
+            Some("response.completed")
+        );
+        assert_eq!(
+            t(br#" { "type" : "error" ,"code":"x"}"#).as_deref(),
+            Some("error")
+        );
+        // Not the first member: found by a parse, not taken from a nested object.
+        assert_eq!(
+            t(br#"{"response":{"output":[{"type":"message"}]},"type":"response.failed"}"#)
+                .as_deref(),
+            Some("response.failed")
+        );
+        assert_eq!(t(br#"{"choices":[]}"#), None);
+        assert_eq!(t(b"[DONE]"), None);
+
+        let mut obs = Observed {
+            responses: true,
+            ..Observed::default()
+        };
+        on_event(
+            &mut obs,
+            br#"{"type":"response.output_text.delta","delta":"Hi \"x\""}"#,
+        );
+        assert_eq!(obs.text_bytes, 8);
+        assert!(!obs.saw_done && !obs.stream_error);
+        on_event(
+            &mut obs,
+            br#"{"type":"response.completed","response":{"usage":{"input_tokens":4,"output_tokens":2,"total_tokens":6}}}"#,
+        );
+        assert!(obs.saw_done && !obs.stream_error);
+        assert_eq!(
+            obs.usage,
+            Some(Usage {
+                prompt_tokens: 4,
+                completion_tokens: 2,
+                total_tokens: 6
+            })
+        );
+        on_event(&mut obs, br#"{"type":"response.failed","response":{}}"#);
+        assert!(obs.stream_error);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use crate::config::AuthMode;
 use crate::error::GatewayError;
 use crate::gateway::cache::CacheDirectives;
 use crate::gateway::{
-    ATTEMPTS_HEADER, BOT_HEADER, Caller, ChatRequest, Credential, REQUEST_ID_HEADER, ReplyBody,
+    ATTEMPTS_HEADER, BOT_HEADER, Caller, ChatRequest, Credential, Endpoint, REQUEST_ID_HEADER,
+    ReplyBody,
 };
 use crate::upstream::Secret;
 
@@ -100,13 +101,20 @@ async fn route(
     match (method, path) {
         // Every chat completion answer says what the cache did: one refused before the
         // cache was consulted (auth, limits, a bad body) did not use it.
-        (&Method::POST, "/v1/chat/completions") => {
-            Ok(chat(app, req, request_id).await.unwrap_or_else(|e| {
-                let mut resp = error_response(&e);
-                resp.headers_mut()
-                    .insert(CACHE_STATUS, HeaderValue::from_static("BYPASS"));
-                resp
-            }))
+        (&Method::POST, "/v1/chat/completions" | "/v1/responses") => {
+            let endpoint = if path == "/v1/responses" {
+                Endpoint::Responses
+            } else {
+                Endpoint::ChatCompletions
+            };
+            Ok(chat(app, req, request_id, endpoint)
+                .await
+                .unwrap_or_else(|e| {
+                    let mut resp = error_response(&e);
+                    resp.headers_mut()
+                        .insert(CACHE_STATUS, HeaderValue::from_static("BYPASS"));
+                    resp
+                }))
         }
         // The other routes' futures are boxed for the same reason as the chat call (see
         // `chat`): the request's future is boxed and copied whole on every request, sized
@@ -187,7 +195,7 @@ pub(crate) const OPENAPI: &str = include_str!("openapi.json");
 /// The methods a known path answers (outside `/admin` and `/mcp`), for 405 and `Allow`.
 fn allowed_methods(path: &str) -> Option<&'static str> {
     match path {
-        "/v1/chat/completions" => Some("POST"),
+        "/v1/chat/completions" | "/v1/responses" => Some("POST"),
         "/v1/models" | "/v1/usage" | "/healthz" | "/readyz" | "/metrics" | "/openapi.json" => {
             Some("GET, HEAD")
         }
@@ -210,6 +218,7 @@ async fn chat(
     app: &App,
     req: Request<Incoming>,
     request_id: &Arc<str>,
+    endpoint: Endpoint,
 ) -> Result<HttpResponse, GatewayError> {
     let caller = authenticate(app, req.headers(), request_id).await?;
     let started = tokio::time::Instant::now();
@@ -227,7 +236,7 @@ async fn chat(
     {
         Ok((body, held)) => {
             _held = Some(held);
-            ChatRequest::parse(body)
+            ChatRequest::parse_for(endpoint, body)
         }
         Err(e) => Err(e),
     };

@@ -15,6 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri};
+
+use crate::gateway::Endpoint;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::CertificateDer;
@@ -140,6 +142,7 @@ pub struct Upstream {
     /// One pool per serving thread ([`use_pool`]).
     pools: Box<[Arc<Pool>]>,
     chat_uri: Uri,
+    responses_uri: Uri,
     models_uri: Uri,
     balance_uri: Uri,
     first_byte: Duration,
@@ -212,7 +215,8 @@ impl Upstream {
             .collect::<Result<_, _>>()?;
         Ok(Upstream {
             pools,
-            chat_uri: uri("/v1/chat/completions")?,
+            chat_uri: uri(Endpoint::ChatCompletions.path())?,
+            responses_uri: uri(Endpoint::Responses.path())?,
             models_uri: uri("/v1/models")?,
             balance_uri: uri("/usage/current_balance")?,
             first_byte,
@@ -223,9 +227,10 @@ impl Upstream {
         })
     }
 
-    /// Sends one chat completion request and waits for the response head.
+    /// Sends one chat completion (or Responses) request and waits for the response head.
     pub async fn chat(
         &self,
+        endpoint: Endpoint,
         body: Bytes,
         key: &Secret,
         request_id: &str,
@@ -235,7 +240,7 @@ impl Upstream {
         // call and checks each `&str` value again.
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = Method::POST;
-        *req.uri_mut() = self.chat_uri.clone();
+        *req.uri_mut() = self.uri(endpoint).clone();
         let h = req.headers_mut();
         h.reserve(8);
         h.insert(
@@ -259,9 +264,12 @@ impl Upstream {
         self.send(req).await
     }
 
-    /// Where chat completions go.
-    pub fn chat_uri(&self) -> &Uri {
-        &self.chat_uri
+    /// Where requests to `endpoint` go.
+    pub fn uri(&self, endpoint: Endpoint) -> &Uri {
+        match endpoint {
+            Endpoint::ChatCompletions => &self.chat_uri,
+            Endpoint::Responses => &self.responses_uri,
+        }
     }
 
     /// Fetches Poe's model catalogue (no auth needed), up to `limit` bytes, waiting at most

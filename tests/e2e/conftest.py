@@ -63,6 +63,14 @@ UPSTREAM_MODELS = [
 STREAM_PIECES = ["Hello", ", ", "world"]
 FULL_TEXT = "".join(STREAM_PIECES)
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+# The Responses API's usage: the same counts under its own names.
+RESPONSES_USAGE = {
+    "input_tokens": 9,
+    "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens": 3,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 12,
+}
 # What Poe's image bots answer: markdown, then the bare URL.
 IMAGE_URL = "https://pfst.cf2.poecdn.net/base/image/abc?w=1024&h=1024"
 IMAGE_MARKDOWN = f"![image.png]({IMAGE_URL})\n\n{IMAGE_URL}"
@@ -124,6 +132,33 @@ def _poe_error(code: int, type_: str, message: str) -> dict:
     return {"error": {"code": code, "type": type_, "message": message, "metadata": {}}}
 
 
+def _response_object(model: str, text: str, status: str, usage: dict | None) -> dict:
+    """A Responses API `response` object, as Poe returns it."""
+    output = []
+    if text:
+        output.append(
+            {
+                "type": "message",
+                "id": "msg_fake",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        )
+    return {
+        "id": "resp_fake_0001",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": usage,
+    }
+
+
 def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -175,7 +210,8 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:  # noqa: N802
             raw = self._read_body()
-            if self.path.split("?", 1)[0] != "/v1/chat/completions":
+            route = self.path.split("?", 1)[0]
+            if route not in ("/v1/chat/completions", "/v1/responses"):
                 self._send_json(404, _poe_error(404, "not_found_error", f"No route {self.path}"))
                 return
             try:
@@ -207,6 +243,10 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
                 )
             elif model == "always-503":
                 self._send_json(503, _poe_error(503, "overloaded_error", "Poe is overloaded"))
+            elif route == "/v1/responses" and body.get("stream"):
+                self._respond_stream(model)
+            elif route == "/v1/responses":
+                self._send_json(200, _response_object(model, FULL_TEXT, "completed", RESPONSES_USAGE))
             elif model == "gpt-image-1":
                 self._complete(model, IMAGE_MARKDOWN)
             elif body.get("stream"):
@@ -232,6 +272,34 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
                     "usage": USAGE,
                 },
             )
+
+        def _respond_stream(self, model: str) -> None:
+            """A Responses API stream: named events, the last `response.completed`, no [DONE]."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            seq = iter(range(100))
+
+            def event(kind: str, **fields: Any) -> bytes:
+                obj = {"type": kind, "sequence_number": next(seq), **fields}
+                return f"event: {kind}\ndata: {json.dumps(obj)}\n\n".encode()
+
+            self._write_chunk(event("response.created", response=_response_object(model, "", "in_progress", None)))
+            for piece in STREAM_PIECES:
+                self._write_chunk(
+                    event(
+                        "response.output_text.delta",
+                        item_id="msg_fake",
+                        output_index=0,
+                        content_index=0,
+                        delta=piece,
+                    )
+                )
+            done = _response_object(model, FULL_TEXT, "completed", RESPONSES_USAGE)
+            self._write_chunk(event("response.completed", response=done))
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
 
         def _stream(self, model: str, body: dict) -> None:
             self.send_response(200)

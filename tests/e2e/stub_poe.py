@@ -8,6 +8,8 @@ Run as ``python tests/e2e/stub_poe.py``: it listens on an ephemeral loopback por
 * ``POST /v1/chat/completions``    -> a completion echoing the model name; an event stream
   (with a usage chunk when ``stream_options.include_usage`` is true) when ``stream`` is true;
   Poe's 400 when the body is not a JSON object
+* ``POST /v1/responses``           -> a Responses API ``response``; its event stream (ending
+  with ``response.completed``) when ``stream`` is true; the same 400
 * anything else                    -> Poe's 404
 
 Stdlib only (the same shapes as the pytest fixture in conftest.py, without pytest).
@@ -75,7 +77,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         raw = self._read_body()
-        if self.path.split("?", 1)[0] != "/v1/chat/completions":
+        route = self.path.split("?", 1)[0]
+        if route not in ("/v1/chat/completions", "/v1/responses"):
             self._json(404, poe_error(404, "not_found_error", "no such endpoint"))
             return
         try:
@@ -87,6 +90,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         model = str(body.get("model"))
         created = int(time.time())
+        if route == "/v1/responses":
+            self._respond(model, created, bool(body.get("stream")))
+            return
         if not body.get("stream"):
             self._json(
                 200,
@@ -119,6 +125,34 @@ class Handler(BaseHTTPRequestHandler):
         if isinstance(opts, dict) and opts.get("include_usage"):
             self._chunk(event([], usage=USAGE))
         self._chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+
+    def _respond(self, model: str, created: int, stream: bool) -> None:
+        def response(status: str, text: str, usage) -> dict:
+            content = [{"type": "output_text", "text": text, "annotations": []}]
+            output = [{"type": "message", "id": "msg_stub", "status": "completed", "role": "assistant",
+                       "content": content}] if text else []
+            return {"id": "resp_stub", "object": "response", "created_at": created, "status": status,
+                    "model": model, "output": output, "usage": usage}
+
+        usage = {"input_tokens": USAGE["prompt_tokens"], "output_tokens": USAGE["completion_tokens"],
+                 "total_tokens": USAGE["total_tokens"]}
+        if not stream:
+            self._json(200, response("completed", "Hello", usage))
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for n, (kind, fields) in enumerate([
+            ("response.created", {"response": response("in_progress", "", None)}),
+            ("response.output_text.delta", {"item_id": "msg_stub", "output_index": 0, "content_index": 0,
+                                            "delta": "Hello"}),
+            ("response.completed", {"response": response("completed", "Hello", usage)}),
+        ]):
+            data = json.dumps({"type": kind, "sequence_number": n, **fields})
+            self._chunk(f"event: {kind}\ndata: {data}\n\n".encode())
         self.wfile.write(b"0\r\n\r\n")
 
 

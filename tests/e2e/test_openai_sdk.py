@@ -14,7 +14,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import FULL_TEXT, TEST_API_KEY, USAGE
+from conftest import FULL_TEXT, RESPONSES_USAGE, STREAM_PIECES, TEST_API_KEY, USAGE
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -207,6 +207,57 @@ def test_the_sdk_does_not_retry_on_top_of_the_gateway(gateway, upstream):
     assert e.value.response.headers["x-should-retry"] == "false"
     assert e.value.response.headers["x-poe-gateway-attempts"] == "3"
     assert upstream.models_seen() == ["always-503"] * 3
+
+
+def test_responses_api_via_alias(client, upstream):
+    raw = client.responses.with_raw_response.create(
+        model="claude",
+        input="Say hello",
+        extra_body={"thinking_budget": 1024},
+    )
+    resp = raw.parse()
+    assert resp.output_text == FULL_TEXT
+    assert resp.model == "claude-sonnet-4.5"
+    assert resp.usage is not None and resp.usage.input_tokens == RESPONSES_USAGE["input_tokens"]
+    assert raw.headers.get("x-poe-gateway-bot") == "claude-sonnet-4.5"
+    assert raw.headers.get("x-cache") == "BYPASS"
+
+    (up,) = upstream.requests()
+    assert up.path == "/v1/responses"
+    assert up.body["model"] == "claude-sonnet-4.5"
+    assert up.body["input"] == "Say hello"
+    assert up.body["thinking_budget"] == 1024
+
+
+def test_responses_api_streaming(client, upstream):
+    deltas: list[str] = []
+    completed = None
+    kinds: list[str] = []
+    with client.responses.create(model="claude", input="Say hello", stream=True) as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+            elif event.type == "response.completed":
+                completed = event.response
+    assert deltas == STREAM_PIECES
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert completed is not None and completed.output_text == FULL_TEXT
+    assert completed.usage.total_tokens == RESPONSES_USAGE["total_tokens"]
+
+    (up,) = upstream.requests()
+    assert up.path == "/v1/responses"
+    assert up.body["stream"] is True
+    # The usage comes in the last event: nothing is added to the request for it.
+    assert "stream_options" not in up.body
+
+
+def test_responses_api_errors_raise_the_sdks_exceptions(client, upstream):
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="missing-bot", input="hi")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="", input="hi")
+    assert "model" in str(e.value)
 
 
 def test_fallback_chain_moves_on_after_404(client, upstream):
