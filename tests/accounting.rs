@@ -1253,3 +1253,210 @@ async fn the_responses_api_is_proxied_and_accounted() {
         5
     );
 }
+
+/// Every event of an SSE body, parsed: what an SDK reads (an event's `data` lines, joined).
+fn sse_events(body: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            e.lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect()
+}
+
+/// Odd but possible stream endings. An error event that carries usage reaches a client that
+/// did not ask for usage (it was dropped as the usage-only chunk, and the SDK saw success).
+/// An upstream that breaks mid-event leaves the client whole events and then the error event,
+/// never a half event (the SDK raised a JSON decoding error, not its API error). A stream
+/// whose `data: [DONE]` has no blank line after it is whole.
+#[tokio::test]
+async fn odd_stream_endings_reach_the_client_as_whole_events() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+    let with_usage = r#"{"model":"gpt","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":true}}"#;
+
+    // 1. Poe's error event with usage on it, the client not asking for usage.
+    let error_event = r#"data: {"error":{"message":"moderation","type":"moderation_error"},"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "Hel"))
+            .send(format!("{error_event}\n\n"))
+            .send("data: [DONE]\n\n"),
+    );
+    let got = body_bytes(post(&gw, &chat_body("gpt", true), &[]).await).await;
+    let events = sse_events(&got);
+    assert_eq!(events.len(), 3, "{events:?}");
+    let err: serde_json::Value = serde_json::from_str(&events[1]).unwrap();
+    assert_eq!(err["error"]["message"], "moderation", "{events:?}");
+    assert!(
+        err.get("usage").is_none(),
+        "the usage asked for by the gateway is cut"
+    );
+
+    // 2. A break in the middle of an event, in both modes: whole events, then the error.
+    for body in [chat_body("gpt", true), with_usage.to_string()] {
+        let first = chunk("gpt-5", "Hel");
+        let second = chunk("gpt-5", "lo");
+        up.push(
+            Reply::sse()
+                .send(first.clone())
+                .send(second[..20].to_string())
+                .drop_connection(),
+        );
+        let got = body_bytes(post(&gw, &body, &[]).await).await;
+        let events = sse_events(&got);
+        assert_eq!(events.len(), 2, "{body}: {events:?}");
+        assert_eq!(events[0], first.trim_end()["data: ".len()..]);
+        let err: serde_json::Value = serde_json::from_str(&events[1]).unwrap();
+        assert_eq!(err["error"]["type"], "upstream_error", "{body}: {events:?}");
+    }
+
+    // 3. `[DONE]` with no blank line after it, in both modes: whole, nothing added.
+    for body in [chat_body("gpt", true), with_usage.to_string()] {
+        up.push(
+            Reply::sse()
+                .send(chunk("gpt-5", "Hi"))
+                .send(usage_chunk(4, 1))
+                .send("data: [DONE]"),
+        );
+        let got = body_bytes(post(&gw, &body, &[]).await).await;
+        let events = sse_events(&got);
+        assert_eq!(events.last().unwrap(), "[DONE]", "{body}: {events:?}");
+        assert!(got.ends_with(b"data: [DONE]\n\n"), "{got:?}");
+        assert!(
+            !events.iter().any(|e| e.contains("\"error\"")),
+            "{events:?}"
+        );
+    }
+
+    let r = report(&core, None).await;
+    assert_eq!(r.totals.requests, 5);
+    assert_eq!(r.totals.errors, 3, "the error event and the two breaks");
+}
+
+/// An upstream answer's media type is read without regard to case, and a stream asked for
+/// and answered with no type is read as one: otherwise the usage chunk the gateway asked for
+/// reached the client, and a cut stream was stored and replayed as whole.
+#[tokio::test]
+async fn a_stream_is_known_whatever_the_case_of_its_content_type() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+    for content_type in [Some("Text/Event-Stream; charset=utf-8"), None] {
+        let mut reply = Reply::new(200);
+        if let Some(ct) = content_type {
+            reply = reply.header("content-type", ct);
+        }
+        up.push(
+            reply
+                .send(chunk("gpt-5", "Hi"))
+                .send(usage_chunk(4, 1))
+                .send("data: [DONE]\n\n"),
+        );
+        let got = body_bytes(post(&gw, &chat_body("gpt", true), &[]).await).await;
+        assert_eq!(
+            got,
+            Bytes::from([chunk("gpt-5", "Hi"), "data: [DONE]\n\n".into()].concat()),
+            "{content_type:?}"
+        );
+    }
+    // Cut off, with the cache on (temperature 0): an error event, nothing stored.
+    let cacheable = r#"{"model":"gpt","messages":[{"role":"user","content":"x"}],"stream":true,"temperature":0}"#;
+    up.push(
+        Reply::new(200)
+            .header("content-type", "TEXT/EVENT-STREAM")
+            .send(chunk("gpt-5", "Hi"))
+            .drop_connection(),
+    );
+    up.push(Reply::stream("gpt-5", &["whole"]));
+    let got = body_bytes(post(&gw, cacheable, &[]).await).await;
+    assert!(String::from_utf8_lossy(&got).contains("\"error\""));
+    let resp = post(&gw, cacheable, &[]).await;
+    assert_eq!(
+        resp.headers()["x-cache"],
+        "MISS",
+        "the cut stream was not stored"
+    );
+    body_bytes(resp).await;
+    let r = report(&core, None).await;
+    assert_eq!((r.totals.requests, r.totals.errors), (4, 1));
+}
+
+/// Non-stream answers: a 200 whose body is an error object is neither stored nor counted as
+/// an answer; a body past the 8 MiB the tap keeps still has its usage read (it is at the end);
+/// Poe is asked for an uncompressed answer, and a compressed one is not stored.
+#[tokio::test]
+async fn odd_json_answers_are_accounted_and_not_stored() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+    let cacheable = r#"{"model":"gpt","messages":[{"role":"user","content":"x"}],"temperature":0}"#;
+
+    up.push(Reply::json(
+        200,
+        r#"{"error":{"message":"bot overloaded","type":"provider_error"}}"#,
+    ));
+    up.push(Reply::completion("gpt-5", "fine"));
+    let resp = post(&gw, cacheable, &[]).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    let resp = post(&gw, cacheable, &[]).await;
+    assert_eq!(
+        resp.headers()["x-cache"],
+        "MISS",
+        "the error object was stored"
+    );
+    assert!(String::from_utf8_lossy(&body_bytes(resp).await).contains("fine"));
+    let r = report(&core, None).await;
+    assert_eq!((r.totals.requests, r.totals.errors), (2, 1));
+
+    // 9 MiB of content, then the usage.
+    let text = "a".repeat(1024 * 1024);
+    let mut reply = Reply::new(200)
+        .header("content-type", "application/json")
+        .send(r#"{"id":"chatcmpl-big","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":""#);
+    for _ in 0..9 {
+        reply = reply.send(text.clone());
+    }
+    up.push(reply.send(
+        r#""},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":22,"total_tokens":33}}"#,
+    ));
+    let got = body_bytes(post(&gw, &chat_body("gpt", false), &[]).await).await;
+    assert!(got.len() > 9 * 1024 * 1024);
+    let r = report(&core, None).await;
+    assert_eq!(r.totals.requests, 3);
+    assert_eq!(
+        r.totals.completion_tokens,
+        3 + 22,
+        "read, not estimated from 9 MiB"
+    );
+
+    // Compressed against the gateway's wish: passed on with its coding, not stored.
+    let other = r#"{"model":"gpt","messages":[{"role":"user","content":"y"}],"temperature":0}"#;
+    for _ in 0..2 {
+        up.push(
+            Reply::json(200, completion_json("gpt-5", "zipped")).header("content-encoding", "br"),
+        );
+    }
+    for _ in 0..2 {
+        let resp = post(&gw, other, &[]).await;
+        assert_eq!(resp.headers()["x-cache"], "MISS");
+        assert_eq!(resp.headers()["content-encoding"], "br");
+        body_bytes(resp).await;
+    }
+    let asked = up.chats();
+    assert!(
+        asked.iter().all(|r| r
+            .headers
+            .get("accept-encoding")
+            .is_some_and(|v| v == "identity")),
+        "{:?}",
+        asked[0].headers
+    );
+}

@@ -4,8 +4,10 @@
 //! those lengths in turn (0: the rest of the stream in one frame); `n = 0` sends it whole.
 //!
 //! Checked, as tests/tap_props.rs does for modelled streams:
-//! - pass-through: the client gets the stream byte for byte (plus the one error event a
-//!   stream without `[DONE]` ends with, unless one of its own events was an error object);
+//! - pass-through: the client gets the stream byte for byte, as whole events. A stream
+//!   without `[DONE]` loses its unfinished last event and ends with one error event, unless
+//!   one of its own events was an error object; one whose unfinished last event is
+//!   `data: [DONE]` gets the blank line that completes it;
 //! - usage stripping: the cut makes no difference (the same bytes and the same usage as the
 //!   stream sent in one frame), and the output is a well-formed rewrite: its events are the
 //!   stream's events in order, a usage chunk dropped or a chunk's `usage` member cut out,
@@ -104,6 +106,16 @@ fn cut(stream: &[u8], lens: &[u8]) -> Vec<Bytes> {
     frames
 }
 
+/// Where the stream's last event (or blank line) ends: what follows is an unfinished event.
+fn last_bound(stream: &[u8]) -> usize {
+    let mut scanner = SseScanner::default();
+    let mut last = 0;
+    scanner
+        .feed_bounds(stream, &mut |_: Option<&[u8]>, end: usize| last = end)
+        .expect("fuzz inputs are far below the line limit");
+    last
+}
+
 /// The events of a stream, as data payloads, and whether a line or event was left open.
 fn events(stream: &[u8]) -> (Vec<Vec<u8>>, bool) {
     let mut scanner = SseScanner::default();
@@ -139,7 +151,7 @@ fn members(data: &[u8]) -> Option<Vec<(String, String)>> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
     Keep,
-    /// A usage-only chunk: a usage value, and no choices.
+    /// A usage-only chunk: a usage value, no choices and no error.
     Drop,
     /// The same top-level members in the same order, the `usage` member left out.
     Rewrite,
@@ -162,7 +174,8 @@ fn expect(input: &[u8]) -> Expect {
         c == "null"
             || serde_json::from_str::<Vec<serde::de::IgnoredAny>>(c).is_ok_and(|v| v.is_empty())
     });
-    if no_choices && usage != "null" {
+    // An error event is kept, its usage cut out, so the client learns its stream failed.
+    if no_choices && usage != "null" && get("error").is_none() {
         Expect::Drop
     } else {
         Expect::Rewrite
@@ -184,8 +197,18 @@ fuzz_target!(|data: &[u8]| {
     let (lens, stream) = rest.split_at(n);
     let frames = cut(stream, lens);
 
-    let (in_events, open) = events(stream);
-    let saw_done = in_events.iter().any(|e| e == b"[DONE]");
+    let (mut in_events, open) = events(stream);
+    let mut saw_done = in_events.iter().any(|e| e == b"[DONE]");
+    // An unfinished last event that a blank line would make `[DONE]`.
+    let (completed, _) = events(&[stream, b"\n\n"].concat());
+    let eof_done = !saw_done
+        && open
+        && completed.len() > in_events.len()
+        && completed.last().is_some_and(|e| e == b"[DONE]");
+    if eof_done {
+        in_events = completed;
+        saw_done = true;
+    }
     // Poe's own error event (an object opening with `"error"`) says why a stream ended: the
     // tap adds none of its own after it.
     let own_error = in_events.iter().any(|e| {
@@ -201,10 +224,10 @@ fuzz_target!(|data: &[u8]| {
     // Pass-through: the same bytes, and the error event when `[DONE]` never came.
     let (passed, seen) = run(frames.clone(), false);
     let mut want = stream.to_vec();
-    if !ended {
-        if open {
-            want.extend_from_slice(b"\n\n");
-        }
+    if eof_done {
+        want.extend_from_slice(b"\n\n");
+    } else if !ended {
+        want.truncate(last_bound(stream));
         want.extend_from_slice(&error_event);
     }
     assert_eq!(passed, want, "pass-through changed the stream");

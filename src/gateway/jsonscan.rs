@@ -69,15 +69,45 @@ impl KeyFinder {
 /// usage is three integer members, which are read here directly; any other shape (another
 /// member, an escape, a number that is not a plain integer) goes to serde.
 pub(crate) fn parse_usage(value: &[u8]) -> Option<Usage> {
-    flat_usage(value).or_else(|| serde_usage(value))
+    let mut u = flat_usage(value).or_else(|| serde_usage(value))?;
+    if u.total_tokens == 0 {
+        u.total_tokens = u.prompt_tokens.saturating_add(u.completion_tokens);
+    }
+    Some(u)
 }
 
-/// The one usage value `value` starts with, through serde's derived reader.
+/// The one usage value `value` starts with, through serde: any layout and other members
+/// (`*_details`), the Responses API's names (`input_tokens`, `output_tokens`), and counts
+/// written as `3.0` or `null` (0; the other counts are kept).
 fn serde_usage(value: &[u8]) -> Option<Usage> {
-    serde_json::Deserializer::from_slice(value)
-        .into_iter::<Usage>()
+    #[derive(serde::Deserialize)]
+    struct Lenient {
+        #[serde(default, alias = "input_tokens")]
+        prompt_tokens: Option<serde_json::Number>,
+        #[serde(default, alias = "output_tokens")]
+        completion_tokens: Option<serde_json::Number>,
+        #[serde(default)]
+        total_tokens: Option<serde_json::Number>,
+    }
+    let raw = serde_json::Deserializer::from_slice(value)
+        .into_iter::<Lenient>()
         .next()?
-        .ok()
+        .ok()?;
+    let count = |n: Option<serde_json::Number>| {
+        n.and_then(|n| {
+            n.as_u64().or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && (0.0..1e15).contains(f))
+                    .map(|f| f as u64)
+            })
+        })
+        .unwrap_or(0)
+    };
+    Some(Usage {
+        prompt_tokens: count(raw.prompt_tokens),
+        completion_tokens: count(raw.completion_tokens),
+        total_tokens: count(raw.total_tokens),
+    })
 }
 
 /// `value` read as `{"prompt_tokens":N,...}` with only the three known members, each at most
@@ -202,15 +232,41 @@ mod tests {
             b"[1]",
         ];
         for c in cases {
-            assert_eq!(
-                parse_usage(c),
-                serde_usage(c),
-                "{}",
-                String::from_utf8_lossy(c)
-            );
+            if let Some(direct) = flat_usage(c) {
+                assert_eq!(
+                    Some(direct),
+                    serde_usage(c),
+                    "{}",
+                    String::from_utf8_lossy(c)
+                );
+            }
         }
         assert!(flat_usage(cases[0]).is_some());
         assert!(flat_usage(cases[1]).is_some());
+    }
+
+    /// Shapes a provider may send beside the plain one: the Responses API's names, counts
+    /// written as floats or `null`, no total.
+    #[test]
+    fn other_usage_shapes_are_read() {
+        let u = |s: &str| {
+            parse_usage(s.as_bytes())
+                .map(|u| (u.prompt_tokens, u.completion_tokens, u.total_tokens))
+        };
+        assert_eq!(
+            u(r#"{"input_tokens":3,"output_tokens":4}"#),
+            Some((3, 4, 7))
+        );
+        assert_eq!(
+            u(r#"{"prompt_tokens":1.0,"completion_tokens":null,"total_tokens":2}"#),
+            Some((1, 0, 2))
+        );
+        assert_eq!(
+            u(r#"{"prompt_tokens":-1,"completion_tokens":2.5}"#),
+            Some((0, 0, 0))
+        );
+        assert_eq!(u(r#"{"prompt_tokens":"3"}"#), None);
+        assert_eq!(u("null"), None);
     }
 
     #[test]

@@ -933,18 +933,30 @@ impl Gateway {
         key: &Secret,
     ) -> Reply {
         let (head, body) = resp.into_parts();
-        let sse = head
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        // Media types compare without regard to case; a stream asked for and answered with
+        // no type is read as the stream it is.
+        let sse = match head.headers.get(header::CONTENT_TYPE) {
+            Some(ct) => ct
+                .as_bytes()
+                .trim_ascii_start()
+                .get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream")),
+            None => req.stream(),
+        };
         let bot = info.bot.clone();
         let cache_status = if plan.is_some() {
             CacheStatus::Miss
         } else {
             CacheStatus::Bypass
         };
+        // A compressed answer (asked for `identity`, but sent anyway) is not stored: a replay
+        // does not carry its coding.
+        let encoded = head
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
         let recorder = plan
+            .filter(|_| !encoded)
             .and_then(|p| self.inner.cache.recorder(p, sse, &bot))
             .map(|mut r| {
                 r.set_content_type(head.headers.get(header::CONTENT_TYPE).cloned());
@@ -960,6 +972,7 @@ impl Gateway {
             recorder,
         )
         .answering(req.endpoint());
+        // Only a stream: a JSON body's length is in its head, sent before the body is read.
         if sse {
             tap = tap.redacting(key.clone());
         }

@@ -10,7 +10,7 @@ use memchr::{memchr, memchr2};
 /// letting one upstream grow the gateway's memory without bound.
 pub const DEFAULT_MAX_LINE: usize = 16 * 1024 * 1024;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SseScanner {
     /// A line cut by a frame boundary, carried to the next frame.
     line: Vec<u8>,

@@ -4,12 +4,16 @@
 //! remembers a JSON body's frames, which are cheap `Bytes` handles) to learn the usage, whether
 //! the stream finished with `[DONE]`, how much text streamed, and when the first byte came.
 //!
+//! An event stream is forwarded as whole events: a frame that ends mid-event keeps its tail
+//! until the event completes. A partial event is of no use to an SSE client, and one cut off by
+//! a break would reach it as broken JSON instead of the error event that follows (the SDKs
+//! then raise a decoding error, not their API error). A frame of whole events is forwarded as
+//! the same `Bytes`, uncopied.
+//!
 //! One rewrite is made on purpose: when the gateway asked Poe for usage that the client did not
 //! ask for ([`ChatRequest::injects_usage`](super::ChatRequest::injects_usage)), the usage-only
 //! chunk is dropped and a `usage` field riding on a content chunk is cut out, so the client sees
-//! the stream it asked for. In that mode frames are forwarded as whole events: a frame that ends
-//! mid-event keeps its tail until the event completes (a partial event is of no use to an SSE
-//! client anyway). A frame with nothing to change is forwarded as the same `Bytes`, uncopied.
+//! the stream it asked for.
 //!
 //! The tap also owns the idle timer between frames, and turns an upstream break after the
 //! first byte into one final OpenAI-shaped error event, never a faked `[DONE]`. When the body
@@ -25,7 +29,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
 use super::cache::Recorder;
@@ -38,15 +41,11 @@ use crate::upstream::Secret;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Token counts as Poe reports them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+/// Token counts as Poe reports them (read by `jsonscan::parse_usage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
-    // The Responses API's names for the same counts.
-    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: u64,
-    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: u64,
-    #[serde(default)]
     pub total_tokens: u64,
 }
 
@@ -109,21 +108,23 @@ static CONTENT_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"co
 static DELTA_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"delta\":", (1, 4)));
 static TEXT_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"text\":", (1, 4)));
 
-/// Largest non-stream body the tap keeps handles to for reading `usage` at the end.
+/// How much of the end of a non-stream body the tap keeps handles to, for reading `usage`
+/// (its last member) when the body ends.
 const JSON_KEEP_LIMIT: usize = 8 * 1024 * 1024;
 
 enum Mode {
     Sse {
         scanner: SseScanner,
-        /// Set when the client did not ask for usage.
-        strip: Option<Strip>,
+        events: Events,
+        /// Set when the client did not ask for usage: the usage is cut out.
+        strip_usage: bool,
     },
     /// Frames of a JSON body (refcounted handles, not copies), read once at the end.
     Json { frames: Vec<Bytes>, kept: usize },
 }
 
-/// Strip mode's state between frames.
-struct Strip {
+/// The cut of a stream into whole events, between frames.
+struct Events {
     /// The bytes of an event not yet complete.
     held: BytesMut,
     /// The last frame ended exactly where an event ended, on a `\r`: a `\n` opening the next
@@ -133,9 +134,9 @@ struct Strip {
     pieces: Vec<Piece>,
 }
 
-impl Default for Strip {
+impl Default for Events {
     fn default() -> Self {
-        Strip {
+        Events {
             held: BytesMut::new(),
             ended_on_cr: None,
             // A frame from Poe usually carries a handful of events; growing from empty cost
@@ -205,7 +206,8 @@ impl<B> Tap<B> {
             mode: if sse {
                 Mode::Sse {
                     scanner: SseScanner::default(),
-                    strip: strip_usage.then(Strip::default),
+                    events: Events::default(),
+                    strip_usage,
                 }
             } else {
                 Mode::Json {
@@ -420,6 +422,7 @@ fn end(
     recorder: &mut Option<Recorder>,
 ) -> Option<Bytes> {
     const NO_DONE: &str = "upstream ended the stream without [DONE]";
+    let completed_done = done_at_eof(mode, observed);
     let (outcome, broke) = match mode {
         // The client has the whole stream, an error event in it included: nothing to add.
         Mode::Sse { .. } if observed.saw_done => (settled(observed), None),
@@ -428,10 +431,18 @@ fn end(
         Mode::Sse { .. } => (Outcome::Incomplete(NO_DONE.into()), Some(NO_DONE)),
         Mode::Json { frames, .. } => {
             read_json_usage(frames, observed);
-            (Outcome::Completed, None)
+            if observed.stream_error {
+                let why = "upstream answered 200 with an error object";
+                (Outcome::Incomplete(why.into()), None)
+            } else {
+                (Outcome::Completed, None)
+            }
         }
     };
-    let last = end_frame(mode, broke);
+    let mut last = end_frame(mode, broke);
+    if completed_done {
+        last = join(last.unwrap_or_default(), Some(Bytes::from_static(b"\n\n")));
+    }
     if let Some(c) = completion.take() {
         conclude(c, recorder, observed, outcome);
     }
@@ -469,23 +480,13 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
     match mode {
         Mode::Sse {
             scanner,
-            strip: None,
-        } => {
-            scanner
-                .feed(&data, &mut |event: &[u8]| {
-                    on_event(observed, event);
-                })
-                .map_err(|_| TOO_LONG.to_string())?;
-            Ok(data)
-        }
-        Mode::Sse {
-            scanner,
-            strip:
-                Some(Strip {
+            events:
+                Events {
                     held,
                     ended_on_cr,
                     pieces,
-                }),
+                },
+            strip_usage,
         } => {
             let lead = std::mem::take(ended_on_cr).filter(|_| data.first() == Some(&b'\n'));
             // First pass: cut the frame into whole events and decide each one, copying nothing.
@@ -501,7 +502,7 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
                 .feed_bounds(&data, &mut |event: Option<&[u8]>, end: usize| {
                     let piece = match event.map(|d| {
                         let has_usage = on_event(observed, d);
-                        if has_usage {
+                        if has_usage && *strip_usage {
                             usage_edit(d)
                         } else {
                             UsageEdit::Keep
@@ -552,16 +553,22 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
             Ok(out.freeze())
         }
         Mode::Json { frames, kept } => {
-            if *kept + data.len() <= JSON_KEEP_LIMIT {
-                *kept += data.len();
-                frames.push(data.clone());
+            // A 200 whose body is an error object is no answer: not stored, not completed.
+            if observed.bytes == data.len() as u64 && opens_with_error(&data) {
+                observed.stream_error = true;
+            }
+            // The last `JSON_KEEP_LIMIT` bytes: the usage is at the body's end.
+            *kept += data.len();
+            frames.push(data.clone());
+            while *kept > JSON_KEEP_LIMIT && frames.len() > 1 {
+                *kept -= frames.remove(0).len();
             }
             Ok(data)
         }
     }
 }
 
-/// One whole event of a frame in strip mode.
+/// One whole event of a frame.
 enum Piece {
     Keep(Range<usize>),
     Replace(Bytes),
@@ -643,7 +650,9 @@ fn usage_edit(data: &[u8]) -> UsageEdit {
             || c.strip_prefix('[')
                 .is_some_and(|c| c.trim_start().starts_with(']'))
     });
-    if no_choices && usage.get() != "null" {
+    // An error event may carry usage too: it is kept (without the usage), so the client
+    // learns its stream failed.
+    if no_choices && usage.get() != "null" && fields.get("error").is_none() {
         return UsageEdit::Drop;
     }
     // Cut `"usage": value` and one neighbouring comma out of the text.
@@ -867,34 +876,45 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
     }
 }
 
-/// The last bytes of a body: in strip mode, a held partial event (sent as is when the
-/// stream ends normally, dropped before an error); then the error event, if `error` is set.
-/// `None` when there is nothing to send, and always for a JSON body.
+/// The last bytes of a body: a held partial event (sent as is when the stream ends normally,
+/// dropped before an error), then the error event, if `error` is set. `None` when there is
+/// nothing to send, and always for a JSON body.
 fn end_frame(mode: &mut Mode, error: Option<&str>) -> Option<Bytes> {
-    let Mode::Sse { scanner, strip } = mode else {
+    let Mode::Sse { events, .. } = mode else {
         return None;
     };
     let mut out = BytesMut::new();
-    let partial_sent = match strip {
-        Some(Strip { held, .. }) => {
-            if error.is_none() {
-                out.extend_from_slice(held);
-            }
-            held.clear();
-            false
-        }
-        None => scanner.in_progress(),
-    };
+    if error.is_none() {
+        out.extend_from_slice(&events.held);
+    }
+    events.held.clear();
     if let Some(reason) = error {
-        if partial_sent {
-            // Close the half-sent line and event first, so the error is an event of its own.
-            out.extend_from_slice(b"\n\n");
-        }
         out.extend_from_slice(
             &GatewayError::UpstreamUnreachable(reason.to_string()).to_sse_event(),
         );
     }
     (!out.is_empty()).then(|| out.freeze())
+}
+
+/// Whether a stream that ended without a blank line after its last event was ending with
+/// `data: [DONE]`: the answer was whole, only its last line ending is missing (the SSE spec
+/// has such an event dropped, so the client gets the two line ends it lacks). Asked of a copy
+/// of the scanner, so a stream that was cut elsewhere is told apart as before.
+fn done_at_eof(mode: &Mode, observed: &mut Observed) -> bool {
+    let Mode::Sse { scanner, .. } = mode else {
+        return false;
+    };
+    if observed.saw_done || !scanner.in_progress() {
+        return false;
+    }
+    let mut probe = scanner.clone();
+    let mut done = false;
+    let _ = probe.feed(b"\n\n", &mut |event: &[u8]| done |= event == b"[DONE]");
+    if done {
+        observed.events += 1;
+        observed.saw_done = true;
+    }
+    done
 }
 
 fn join(a: Bytes, b: Option<Bytes>) -> Option<Bytes> {
@@ -1138,7 +1158,8 @@ mod tests {
     fn a_multi_line_event_is_rewritten_line_by_line() {
         let mut mode = Mode::Sse {
             scanner: SseScanner::default(),
-            strip: Some(Strip::default()),
+            events: Events::default(),
+            strip_usage: true,
         };
         let frame = b"data: {\"id\":\"a\",\ndata: \"choices\":[],\"usage\":null}\n\n";
         let out = scan(

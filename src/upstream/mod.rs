@@ -252,6 +252,12 @@ impl Upstream {
             HeaderValue::from_static("application/json, text/event-stream"),
         );
         h.insert(header::USER_AGENT, self.user_agent.clone());
+        // No `Accept-Encoding` would allow any coding (RFC 9110): a compressed answer could
+        // not be read for usage, and the client may not have asked for one.
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         if let Some(auth) = key.bearer() {
             req.headers_mut().insert(header::AUTHORIZATION, auth);
         }
@@ -283,6 +289,7 @@ impl Upstream {
             .method(Method::GET)
             .uri(self.models_uri.clone())
             .header(header::ACCEPT, "application/json")
+            .header(header::ACCEPT_ENCODING, "identity")
             .header(header::USER_AGENT, self.user_agent.clone())
             .body(Full::new(Bytes::new()))
             .map_err(|e| UpstreamError::Broken(e.to_string()))?;
@@ -306,6 +313,7 @@ impl Upstream {
             .method(Method::GET)
             .uri(self.balance_uri.clone())
             .header(header::ACCEPT, "application/json")
+            .header(header::ACCEPT_ENCODING, "identity")
             .header(header::USER_AGENT, self.user_agent.clone())
             .body(Full::new(Bytes::new()))
             .map_err(|e| e.to_string())?;
