@@ -181,6 +181,8 @@ impl GatewayError {
             GatewayError::Overloaded(_) | GatewayError::ShuttingDown(_) => {
                 Some(Duration::from_secs(1))
             }
+            // Shared state or the key store is down; they are retried every few seconds.
+            GatewayError::StateUnavailable(_) => Some(Duration::from_secs(5)),
             _ => None,
         }
     }

@@ -1460,3 +1460,61 @@ async fn odd_json_answers_are_accounted_and_not_stored() {
         asked[0].headers
     );
 }
+
+/// The ledger's database failing must not stop a team's gateway: keys in use go on being
+/// answered from memory, a key the gateway cannot check gets a 503 with `Retry-After` (not a
+/// 500), and once the database answers again every key works. (The keys table is renamed
+/// away, as a database that is down would fail every look-up.)
+#[tokio::test]
+async fn keys_in_use_outlive_a_failing_key_store() {
+    let (db, path) = sqlite_database().await;
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+    let (_, used) = create_key(&gw, r#"{"name":"in-use"}"#).await;
+    let (_, unseen) = create_key(&gw, r#"{"name":"not-yet"}"#).await;
+    let ask = |key: String| {
+        let gw = &gw;
+        async move {
+            let auth = format!("Bearer {key}");
+            post(gw, &chat_body("gpt", false), &[("authorization", &auth)]).await
+        }
+    };
+    let resp = ask(used.clone()).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+
+    let side = rusqlite::Connection::open(&path).unwrap();
+    side.execute_batch("ALTER TABLE gateway_keys RENAME TO keys_away")
+        .unwrap();
+    // Past the few seconds a record is trusted without asking the store again.
+    tokio::time::sleep(Duration::from_millis(5_200)).await;
+    for _ in 0..3 {
+        let resp = ask(used.clone()).await;
+        assert_eq!(resp.status(), 200, "a key in use was refused");
+        body_bytes(resp).await;
+    }
+    let resp = ask(unseen.clone()).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let e = body_json(resp).await;
+    assert_eq!(e["error"]["code"], "shared_state_unavailable", "{e}");
+
+    side.execute_batch("ALTER TABLE keys_away RENAME TO gateway_keys")
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = ask(unseen.clone()).await;
+        let status = resp.status();
+        body_bytes(resp).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -4,6 +4,12 @@
 //! the secret itself is never compared (the hash comparison is constant-time as well). Records
 //! are cached for a few seconds: a revocation through the admin API takes effect at once on
 //! this replica, and one made elsewhere (the CLI, another replica) within `CACHE_TTL`.
+//!
+//! The store (the ledger's database) can fail or hang. Then every key look-up would fail or
+//! wait with it, and a team's whole gateway would stop. So a look-up waits at most
+//! `LOOKUP_TIMEOUT`; after a failure the store is left alone for `STORE_BACKOFF`; and
+//! meanwhile keys seen in the last `LAST_KNOWN_TTL` are answered from memory (a revocation
+//! made elsewhere then waits for the store to come back). Other keys get a 503.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
@@ -24,6 +30,12 @@ use crate::ledger::{KeyRecord, Period, Store, now_ms};
 use crate::shared_state::SharedState;
 
 const CACHE_TTL: Duration = Duration::from_secs(5);
+/// How long a key's record is kept to answer from while the store fails.
+const LAST_KNOWN_TTL: Duration = Duration::from_secs(60 * 60);
+/// The longest a look-up waits for the store: a database that hangs must not hang requests.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed look-up, the store is left alone this long (no request waits on it).
+const STORE_BACKOFF: Duration = Duration::from_secs(5);
 /// Prefix of every gateway key, so secret scanners and people can tell what one is.
 pub const KEY_PREFIX: &str = "pgw_";
 /// What every key id starts with (ids are shown in reports and revoke keys too).
@@ -39,6 +51,11 @@ pub struct KeyRing {
     /// by the digest's bytes, not its hex: a look-up on every request then needs no string
     /// made and no SipHash over 64 characters.
     cache: moka::future::Cache<KeyDigest, Option<Arc<KeyRecord>>, KeyHash>,
+    /// Records of keys that were found, for [`LAST_KNOWN_TTL`]: the answer while the store
+    /// fails.
+    last_known: moka::sync::Cache<KeyDigest, Arc<KeyRecord>, KeyHash>,
+    /// Until when the store is left alone after a failure; `None` while it answers.
+    store_down: Mutex<Option<tokio::time::Instant>>,
     /// Per-key RPM limiters, made on first use with the key's own quota.
     limiters: Mutex<HashMap<String, (u32, Arc<KeyLimiter>)>>,
     /// Spend in the current budget period, per key id.
@@ -243,6 +260,11 @@ impl KeyRing {
                 .max_capacity(100_000)
                 .time_to_live(CACHE_TTL)
                 .build_with_hasher(KeyHash::new()),
+            last_known: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(LAST_KNOWN_TTL)
+                .build_with_hasher(KeyHash::new()),
+            store_down: Mutex::new(None),
             limiters: Mutex::new(HashMap::new()),
             spend: Mutex::new(HashMap::new()),
             stale: Mutex::new(HashSet::new()),
@@ -261,20 +283,39 @@ impl KeyRing {
         // loader below (a future and a boxed call in moka) is only made on a miss.
         let found = match self.cache.get(&digest).await {
             Some(found) => found,
+            None if self.store_resting() => Some(self.last_known(&digest)?),
             None => {
                 let store = self.store.clone();
-                self.cache
+                let last_known = self.last_known.clone();
+                let loaded = self
+                    .cache
                     .try_get_with(digest, async move {
                         let hash = hex::encode(digest);
+                        let rec = tokio::time::timeout(LOOKUP_TIMEOUT, store.key_by_hash(&hash))
+                            .await
+                            .map_err(|_| format!("no answer in {}s", LOOKUP_TIMEOUT.as_secs()))?
+                            .map_err(|e| e.to_string())?;
                         // Only a record whose stored hash is this key's is ever cached, so a
                         // hit (the full digest matched) needs no second comparison.
-                        store.key_by_hash(&hash).await.map(|rec| {
-                            rec.filter(|r| bool::from(r.hash.as_bytes().ct_eq(hash.as_bytes())))
-                                .map(Arc::new)
-                        })
+                        let rec = rec
+                            .filter(|r| bool::from(r.hash.as_bytes().ct_eq(hash.as_bytes())))
+                            .map(Arc::new);
+                        if let Some(r) = &rec {
+                            last_known.insert(digest, r.clone());
+                        }
+                        Ok::<_, String>(rec)
                     })
-                    .await
-                    .map_err(|e| GatewayError::internal("the key look-up", &e))?
+                    .await;
+                match loaded {
+                    Ok(found) => {
+                        self.store_answered();
+                        found
+                    }
+                    Err(e) => {
+                        self.store_failed(&e);
+                        Some(self.last_known(&digest)?)
+                    }
+                }
             }
         };
         let rec = found.ok_or_else(invalid)?;
@@ -291,7 +332,55 @@ impl KeyRing {
         let mut digest = KeyDigest::default();
         if hex::decode_to_slice(hash, &mut digest).is_ok() {
             self.cache.invalidate(&digest).await;
+            self.last_known.invalidate(&digest);
         }
+    }
+
+    /// Whether the store failed within the last [`STORE_BACKOFF`].
+    fn store_resting(&self) -> bool {
+        let down = self.store_down.lock().expect("store_down lock");
+        down.is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+
+    /// Leaves the store alone for a while; logs the first failure of an outage only.
+    fn store_failed(&self, why: &dyn std::fmt::Display) {
+        let until = tokio::time::Instant::now() + STORE_BACKOFF;
+        if self
+            .store_down
+            .lock()
+            .expect("store_down lock")
+            .replace(until)
+            .is_none()
+        {
+            tracing::error!(
+                error = %why,
+                "the key store (the ledger's database) failed: keys seen in the last hour are \
+                 answered from memory, others get 503, until it answers again"
+            );
+        }
+    }
+
+    fn store_answered(&self) {
+        if self
+            .store_down
+            .lock()
+            .expect("store_down lock")
+            .take()
+            .is_some()
+        {
+            tracing::warn!("the key store answers again");
+        }
+    }
+
+    /// A key's record from memory, while the store fails.
+    fn last_known(&self, digest: &KeyDigest) -> Result<Arc<KeyRecord>, GatewayError> {
+        self.last_known.get(digest).ok_or_else(|| {
+            GatewayError::StateUnavailable(
+                "the gateway cannot check this key now (its key store is not answering); \
+                 try again shortly"
+                    .into(),
+            )
+        })
     }
 
     /// Per-key requests per minute; a 429 with the wait when the key is over. With Redis the
@@ -458,10 +547,30 @@ impl KeyRing {
     }
 
     async fn ledger_spend(&self, rec: &KeyRecord, start: i64) -> Result<f64, GatewayError> {
-        self.store
-            .spent_since(&rec.id, start)
-            .await
-            .map_err(|e| GatewayError::internal("the budget look-up", &e))
+        let unavailable = || {
+            GatewayError::StateUnavailable(
+                "the gateway cannot check this key's budget now (its ledger is not \
+                 answering); try again shortly"
+                    .into(),
+            )
+        };
+        if self.store_resting() {
+            return Err(unavailable());
+        }
+        match tokio::time::timeout(LOOKUP_TIMEOUT, self.store.spent_since(&rec.id, start)).await {
+            Ok(Ok(usd)) => {
+                self.store_answered();
+                Ok(usd)
+            }
+            Ok(Err(e)) => {
+                self.store_failed(&e);
+                Err(unavailable())
+            }
+            Err(_) => {
+                self.store_failed(&format!("no answer in {}s", LOOKUP_TIMEOUT.as_secs()));
+                Err(unavailable())
+            }
+        }
     }
 
     /// Whether this process tracks the key's spend: the key has a budget, checked in the
