@@ -47,6 +47,7 @@ pub struct Metrics {
     pub ttfb_by_stream: [Histogram; 2],
     /// `upstream_attempts{result="ok"}`.
     pub upstream_ok: IntCounter,
+    pub retries_skipped: IntCounter,
     pub ledger_queue_depth: IntGauge,
     pub ledger_dropped: IntCounter,
     pub ledger_written: IntCounter,
@@ -152,6 +153,10 @@ impl Metrics {
                 &["thread"]
             )),
             upstream_attempts,
+            retries_skipped: reg!(IntCounter::with_opts(opts(
+                "retries_skipped_total",
+                "Retries not made because the retry budget was spent."
+            ))),
             ledger_queue_depth: reg!(IntGauge::with_opts(opts(
                 "ledger_queue_depth",
                 "Usage rows waiting to be written."

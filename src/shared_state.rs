@@ -9,7 +9,7 @@
 //! (not every request) and keeps `poe_gateway_redis_up` current.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -62,9 +62,16 @@ pub struct SharedState {
     prefix: String,
     timeout: Duration,
     up: AtomicBool,
+    /// While Redis fails: until when (ms since `epoch`) calls skip it and report it down at
+    /// once, rather than each waiting out `timeout`. 0 while it answers.
+    rest_until_ms: AtomicU64,
+    epoch: tokio::time::Instant,
     metrics: Arc<Metrics>,
     pub(crate) cache_tier: bool,
 }
+
+/// How long calls skip Redis after a failure; then one call tries it again.
+const REST: Duration = Duration::from_secs(2);
 
 impl SharedState {
     /// Connects lazily: the gateway starts even while Redis is down, and the policy covers
@@ -94,6 +101,8 @@ impl SharedState {
             prefix: policy.key_prefix.clone(),
             timeout: policy.timeout,
             up: AtomicBool::new(true),
+            rest_until_ms: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
             metrics,
             cache_tier: policy.cache,
         }))
@@ -137,6 +146,12 @@ impl SharedState {
         cmd: redis::Cmd,
         retry: bool,
     ) -> Result<T, Unavailable> {
+        if !self.may_call() {
+            return Err(Unavailable(format!(
+                "{op}: redis failed within the last {}s",
+                REST.as_secs()
+            )));
+        }
         let mut conn = self.conn.clone();
         let attempt = async {
             match cmd.query_async(&mut conn).await {
@@ -161,12 +176,15 @@ impl SharedState {
         };
         match &result {
             Ok(_) => {
+                self.rest_until_ms.store(0, Ordering::Relaxed);
                 if !self.up.swap(true, Ordering::Relaxed) {
                     self.metrics.redis_up.set(1);
                     tracing::warn!("redis is reachable again; shared limits and budgets resume");
                 }
             }
             Err(e) => {
+                self.rest_until_ms
+                    .store(self.now_ms() + REST.as_millis() as u64, Ordering::Relaxed);
                 self.metrics.redis_errors.with_label_values(&[op]).inc();
                 if self.up.swap(false, Ordering::Relaxed) {
                     self.metrics.redis_up.set(0);
@@ -175,6 +193,32 @@ impl SharedState {
             }
         }
         result
+    }
+
+    fn now_ms(&self) -> u64 {
+        // At least 1: 0 means "answering".
+        (self.epoch.elapsed().as_millis() as u64).max(1)
+    }
+
+    /// Whether a call may go to Redis: always while it answers; while it fails, only once
+    /// its rest is over, and then only one call (the others keep skipping it) until that
+    /// call has answered or failed.
+    fn may_call(&self) -> bool {
+        let until = self.rest_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let now = self.now_ms();
+        now >= until
+            && self
+                .rest_until_ms
+                .compare_exchange(
+                    until,
+                    now + REST.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// One GCRA step on a shared limiter: `Ok(None)` admitted, `Ok(Some(wait))` refused.

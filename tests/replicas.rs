@@ -396,12 +396,33 @@ async fn redis_down_follows_the_policy_and_recovers() {
         assert_eq!(chat(gw, &rpm_key).await.0, 200);
         assert_eq!(metric(gw, "poe_gateway_redis_up").await, Some(0.0));
     }
+    // After a failure, calls skip Redis for a while instead of each waiting out
+    // `redis.timeout`: 20 requests (two limiter steps each) make a few failed calls, not 40.
+    let errors = r#"poe_gateway_redis_errors_total{op="rate"}"#;
+    let before = metric(&c.a.gw, errors).await.unwrap_or(0.0);
+    for _ in 0..20 {
+        assert_eq!(chat(&c.a.gw, &rpm_key).await.0, 200);
+    }
+    let failed = metric(&c.a.gw, errors).await.unwrap_or(0.0) - before;
+    assert!(
+        failed <= 6.0,
+        "{failed} failed calls to Redis for 20 requests"
+    );
 
     c.redis.resume().unwrap();
-    // The connection comes back on the next call, without a restart: the call that finds the
-    // old connection broken reconnects and is made again.
-    assert_eq!(chat(&c.b.gw, &budget_key).await.0, 200);
-    assert_eq!(chat(&c.a.gw, &budget_key).await.0, 200);
+    // The connection comes back without a restart, once a call tries Redis again (at most
+    // a couple of seconds after the last failure): the call that finds the old connection
+    // broken reconnects and is made again.
+    for gw in [&c.b.gw, &c.a.gw] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while chat(gw, &budget_key).await.0 != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Redis never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     assert_eq!(metric(&c.b.gw, "poe_gateway_redis_up").await, Some(1.0));
 }
 
@@ -424,7 +445,14 @@ async fn budgets_can_fail_open_and_limits_closed() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "shared_state_unavailable", "{body}");
     c.redis.resume().unwrap();
-    assert_eq!(chat(&c.b.gw, &budget_key).await.0, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while chat(&c.b.gw, &budget_key).await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until Redis holds `n` shared cache entries (they are written by a background task
@@ -616,6 +644,8 @@ async fn charges_lost_in_a_partition_are_recounted_from_the_ledger() {
         settle(&b.gw, &id, n).await;
     }
     net.heal();
+    // A replica leaves Redis alone for 2 s after its last failed call (then tries again).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
 
     // Two more are within the budget (the ledger holds three); the charges that missed the
     // counter would otherwise have let four through.

@@ -493,6 +493,16 @@ async fn retry_budget_stops_a_storm() {
     // Without a budget: 60 calls. With 20% of 20 requests: at most 4 retries.
     assert!(calls <= 24, "{calls} upstream calls for 20 requests");
     assert!(calls > 20, "some retries should still be allowed");
+    // A request stops retrying at the first retry the budget refuses; each such stop is
+    // counted (and not logged per request). At most 4 requests had a retry, so at most 2 got
+    // all their 3 attempts.
+    let skipped = metric(&gw, "poe_gateway_retries_skipped_total")
+        .await
+        .unwrap();
+    assert!(
+        (18.0..=20.0).contains(&skipped),
+        "{skipped} skipped, {calls} calls"
+    );
 }
 
 /// One upstream connection carries request after request: JSON, streams, error answers and

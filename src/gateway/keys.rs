@@ -399,7 +399,8 @@ impl KeyRing {
                 Ok(None) => return Ok(()),
                 Ok(Some(wait)) => return Err(over(wait)),
                 Err(e) if self.limits_on_error == FailurePolicy::FailClosed => {
-                    tracing::error!(error = %e, "per-key rate limits are unavailable");
+                    // Redis's failure itself is logged once, by `SharedState`.
+                    tracing::debug!(error = %e, "per-key rate limits are unavailable");
                     return Err(GatewayError::StateUnavailable(
                         "per-key rate limits are unavailable (shared state is down); retry shortly"
                             .into(),
@@ -504,7 +505,7 @@ impl KeyRing {
                 Ok(Some(usd + s.unshared))
             }
             Err(e) if self.budgets_on_error == FailurePolicy::FailClosed => {
-                tracing::error!(error = %e, "budgets are unavailable");
+                tracing::debug!(error = %e, "budgets are unavailable");
                 Err(GatewayError::StateUnavailable(
                     "budgets are unavailable (shared state is down); redis.budgets_on_error = \
                      \"fail_closed\" refuses calls from keys with a budget until Redis is back"

@@ -141,7 +141,7 @@ impl UpstreamLimits {
                     tokio::time::sleep(wait + jitter).await;
                 }
                 Err(e) if self.on_error == FailurePolicy::FailClosed => {
-                    tracing::error!(error = %e, "the shared upstream rate limiter is unavailable");
+                    tracing::debug!(error = %e, "the shared upstream rate limiter is unavailable");
                     return Err(GatewayError::StateUnavailable(
                         "the shared upstream rate limiter is unavailable (shared state is down); \
                          retry shortly"

@@ -901,7 +901,10 @@ impl Gateway {
                 // on to the chain's next bot: its first attempt is not a retry, and a chain
                 // must reach a healthy bot even when a dead one has spent the budget.
                 if !inner.budget.try_withdraw(Instant::now(), inner.epoch) {
-                    tracing::warn!(request_id = %caller.request_id, bot, "retry budget spent; not retrying");
+                    // Counted, not logged at warn: it happens on every request while Poe
+                    // fails, when a log line per request is the last thing wanted.
+                    inner.acct.metrics.retries_skipped.inc();
+                    tracing::debug!(request_id = %caller.request_id, bot, "retry budget spent; not retrying");
                     continue 'bots;
                 }
                 tokio::time::sleep(wait).await;
