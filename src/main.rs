@@ -147,7 +147,9 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            if let Err(e) = poe_gateway::ledger::Store::check_url(&cli.database_url) {
+            if let Err(e) = poe_gateway::ledger::Store::check_url(&cli.database_url)
+                .and_then(|()| poe_gateway::ledger::Store::check_writable(&cli.database_url))
+            {
                 eprintln!("poe-gateway: ledger: {e}");
                 return ExitCode::from(2);
             }
@@ -256,7 +258,23 @@ async fn serve(
     tracing::info!(%addr, policies = %loaded.source.name(), ledger = gateway.ledger().store().backend(), "poe-gateway started");
     let threads = gateway.policy().server.thread_count();
     let served = match listener.into_std() {
-        Ok(listener) => http::serve_threads(listener, gateway, threads, shutdown_signal()).await,
+        Ok(listener) => {
+            let signals = stop_signals();
+            let mut first = signals.clone();
+            let mut second = signals;
+            http::serve_threads(
+                listener,
+                gateway,
+                threads,
+                async move {
+                    let _ = first.wait_for(|n| *n >= 1).await;
+                },
+                async move {
+                    let _ = second.wait_for(|n| *n >= 2).await;
+                },
+            )
+            .await
+        }
         Err(e) => Err(e),
     };
     match served {
@@ -525,25 +543,44 @@ async fn healthcheck(listen: std::net::SocketAddr) -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+/// How many stop signals have come: SIGTERM, SIGINT (Ctrl-C) and SIGHUP. The first starts a
+/// graceful shutdown; a second one ends its drain at once. SIGHUP stops the gateway the same
+/// way (it reloads nothing): left to its default, it would kill the process with no drain
+/// and no last ledger write.
+fn stop_signals() -> tokio::sync::watch::Receiver<u32> {
+    let (tx, rx) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{Signal, SignalKind, signal};
+            async fn next(s: &mut Option<Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+            }
+            let mut term = signal(SignalKind::terminate()).ok();
+            let mut int = signal(SignalKind::interrupt()).ok();
+            let mut hup = signal(SignalKind::hangup()).ok();
+            loop {
+                let name = tokio::select! {
+                    _ = next(&mut term) => "SIGTERM",
+                    _ = next(&mut int) => "SIGINT",
+                    _ = next(&mut hup) => "SIGHUP",
+                };
+                tracing::info!(signal = name, "stop signal received");
+                tx.send_modify(|n| *n += 1);
+            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+        #[cfg(not(unix))]
+        loop {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    rx
 }

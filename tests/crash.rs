@@ -1,5 +1,7 @@
-//! Crash safety of the ledger: the real binary is killed with SIGKILL while serving, and every
-//! request that finished more than a second before is in the ledger afterwards.
+//! The real binary's end. Crash safety of the ledger: killed with SIGKILL while serving, every
+//! request that finished more than a second before is in the ledger afterwards. Stop signals:
+//! `/readyz` fails before the listener closes, a second signal ends the drain at once, and
+//! SIGHUP stops it as gracefully as SIGTERM.
 
 mod support;
 
@@ -33,4 +35,104 @@ async fn kill_9_loses_nothing_older_than_a_second() {
         assert_eq!(r.totals.requests, N as i64, "{db}");
         assert_eq!(r.totals.prompt_tokens, 7 * N as i64, "{db}");
     }
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Waits for the process to exit, for up to `secs` (a bound on a hang, not a speed check).
+async fn exited(child: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not exit within {secs}s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_signal_fails_readyz_first_and_a_second_one_ends_the_drain() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    // A stream that would run for ever.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "first"))
+            .gate(&gate)
+            .send("data: [DONE]\n\n"),
+    );
+    let mut cmd = binary_command(&up.url(), &db);
+    cmd.env("POE_GATEWAY_SERVER__SHUTDOWN_DELAY", "3s")
+        .env("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "300s");
+    let (mut child, gw) = spawn_binary(&mut cmd);
+    let mut stream = post(&gw, &chat_body("gpt-5", true), &[]).await.into_body();
+    assert!(next_data(&mut stream, 10).await.is_some());
+
+    signal(&child, "TERM");
+    // Still serving, new connections included, while /readyz says to go elsewhere.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = get(&gw, "/readyz").await.status();
+        if status == 503 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(std::time::Instant::now() < deadline, "/readyz never failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+    assert_eq!(resp.status(), 200, "a request in the delay was refused");
+    body_bytes(resp).await;
+
+    // The stream holds the drain (its grace is 300 s) until a second signal ends it.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the drain ended early");
+    signal(&child, "TERM");
+    let status = exited(&mut child, 60).await;
+    assert!(status.success(), "{status}");
+
+    // Every request has its row, the stream cut by the second signal included.
+    let r = Store::open(&db)
+        .await
+        .unwrap()
+        .report(&everything())
+        .await
+        .unwrap();
+    assert_eq!(r.totals.requests, 2, "{db}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_stops_the_gateway_gracefully() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (mut child, gw) = spawn_binary(&mut binary_command(&up.url(), &db));
+    for _ in 0..5 {
+        let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+    }
+    signal(&child, "HUP");
+    let status = exited(&mut child, 60).await;
+    assert!(status.success(), "{status}: SIGHUP killed the gateway");
+    // The rows written within the batch window are not lost: the stop wrote them.
+    let r = Store::open(&db)
+        .await
+        .unwrap()
+        .report(&everything())
+        .await
+        .unwrap();
+    assert_eq!(r.totals.requests, 5, "{db}");
 }

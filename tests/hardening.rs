@@ -1324,6 +1324,43 @@ async fn an_idle_h2_connection_is_closed_after_its_stream_finishes() {
     assert_eq!(resp.status(), 200);
 }
 
+/// `check` (a unit's `ExecStartPre`) catches a SQLite ledger that `serve` could not write,
+/// and leaves nothing behind where it can.
+#[test]
+fn check_refuses_a_ledger_path_it_cannot_write() {
+    let check = |url: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+            .arg("check")
+            .env_clear()
+            .env("POE_API_KEY", "test-key-not-real")
+            .env("POE_GATEWAY_DATABASE_URL", url)
+            .output()
+            .expect("the binary runs")
+    };
+    // Not even root may make a file in /proc.
+    let out = check("sqlite:///proc/poe-gateway-check/ledger.db");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("/proc/poe-gateway-check/ledger.db") && err.contains("cannot be written"),
+        "{err}"
+    );
+    let dir = std::env::temp_dir().join(format!("pgw-check-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir(&dir).unwrap();
+    let out = check(&format!("sqlite://{}/sub/ledger.db", dir.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "check left a file"
+    );
+    std::fs::remove_dir(&dir).unwrap();
+}
+
 #[test]
 fn an_environment_variable_that_is_not_utf8_is_no_panic() {
     use std::ffi::OsStr;
@@ -1565,12 +1602,12 @@ async fn database_failures_reach_clients_without_their_detail() {
     )
     .await;
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
-    let e = expect_error(resp, 500, "server_error").await;
+    // A key the gateway cannot check while its store fails: a 503 to retry, not a 500.
+    assert!(resp.headers().contains_key("retry-after"));
+    let e = expect_error(resp, 503, "overloaded_error").await;
     let msg = e["message"].as_str().unwrap();
-    assert!(
-        msg.contains("key look-up") && msg.contains("x-request-id"),
-        "{msg}"
-    );
+    assert_eq!(e["code"], "shared_state_unavailable");
+    assert!(msg.contains("key store"), "{msg}");
     assert!(!leaks(msg), "{msg}");
     assert!(!id.is_empty());
 

@@ -50,6 +50,11 @@ pub struct ServerPolicy {
     /// Request bodies held in memory at once, all requests together: each is read whole
     /// (a retry resends it), so without a total many large ones at once could exhaust memory.
     pub max_bodies_bytes: ByteSize,
+    /// After SIGTERM, how long the gateway goes on serving (and accepting) while `/readyz`
+    /// fails, so a load balancer that polls it stops sending here before the listener
+    /// closes. 0 under Kubernetes, whose preStop hook waits instead.
+    #[serde(with = "values::duration")]
+    pub shutdown_delay: Duration,
     #[serde(with = "values::duration")]
     pub shutdown_grace: Duration,
     /// Longest time a client may take to send its request body (slow-loris guard).
@@ -88,6 +93,7 @@ impl Default for ServerPolicy {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: ByteSize(50 * 1024 * 1024),
             max_bodies_bytes: ByteSize(512 * 1024 * 1024),
+            shutdown_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(120),
             header_read_timeout: Duration::from_secs(30),

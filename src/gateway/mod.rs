@@ -434,6 +434,11 @@ impl Gateway {
         self.inner.acct.ledger.flush().await;
     }
 
+    /// At shutdown: the ledger writes what it holds, for up to `wait`, and takes no more.
+    pub async fn close_ledger(&self, wait: std::time::Duration) {
+        self.inner.acct.ledger.close(wait).await;
+    }
+
     /// Accounts a chat request the gateway refused before calling Poe.
     pub fn record_rejection(
         &self,

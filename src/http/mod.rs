@@ -101,12 +101,42 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
         async move {
             shutdown.await;
             app.begin_drain();
+            app.mcp.shutdown();
         }
     };
     let lane = balance::lanes(1, app.gateway.metrics()).remove(0);
-    accept_loop(listener, app.clone(), lane, stopping).await;
+    let cut = accept_loop(
+        listener,
+        app.clone(),
+        lane,
+        stopping,
+        std::future::pending(),
+    )
+    .await;
+    log_drained(cut);
     // Every finished request's usage row is on disk before the process exits.
     app.gateway.flush().await;
+}
+
+/// How far a shutdown has gone, told to every serving thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stop {
+    Serving,
+    /// Stop accepting; what is in flight gets `server.shutdown_grace`.
+    Draining,
+    /// A second signal: close what is still open now.
+    Hurry,
+}
+
+fn log_drained(cut: usize) {
+    if cut == 0 {
+        tracing::info!("all connections closed");
+    } else {
+        tracing::warn!(
+            open = cut,
+            "closed the connections still open at the end of the drain"
+        );
+    }
 }
 
 /// Serves on `listener` with `threads` threads, each running its own single-threaded runtime
@@ -119,15 +149,21 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
 /// borrows are separate tasks, and their wake-ups cross threads (a futex wake and a context
 /// switch per hop). Here each serving thread has its own upstream pool
 /// ([`crate::upstream::use_pool`]), so one request stays on one thread.
+///
+/// `shutdown` starts a graceful shutdown: `/readyz` fails at once, the listener stays open for
+/// `server.shutdown_delay`, then in-flight requests get `server.shutdown_grace`. `hurry` (a
+/// second signal) closes whatever is still open at once. The ledger then writes what it holds
+/// (for up to [`LEDGER_CLOSE_WAIT`]).
 pub async fn serve_threads(
     listener: std::net::TcpListener,
     gateway: Gateway,
     threads: usize,
     shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let app = App::new(gateway);
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = watch::channel(Stop::Serving);
     let threads = threads.max(1);
     let mut finished = Vec::with_capacity(threads);
     for (index, lane) in balance::lanes(threads, app.gateway.metrics())
@@ -137,7 +173,8 @@ pub async fn serve_threads(
         let listener = listener.try_clone()?;
         let app = app.clone();
         let mut stopped = stopped.clone();
-        let (done, finished_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut hurried = stopped.clone();
+        let (done, finished_rx) = tokio::sync::oneshot::channel::<usize>();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -145,12 +182,12 @@ pub async fn serve_threads(
             .name(format!("poe-gateway-http-{index}"))
             .spawn(move || {
                 crate::upstream::use_pool(index);
-                runtime.block_on(async move {
+                let cut = runtime.block_on(async move {
                     let listener = match TcpListener::from_std(listener) {
                         Ok(l) => l,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot register the listener");
-                            return;
+                            return 0;
                         }
                     };
                     // tokio's timer wakes its own driver (an eventfd write, then one more
@@ -165,27 +202,57 @@ pub async fn serve_threads(
                         }
                     });
                     let stopping = async move {
-                        let _ = stopped.wait_for(|s| *s).await;
+                        let _ = stopped.wait_for(|s| *s >= Stop::Draining).await;
                         ticker.abort();
                     };
-                    accept_loop(listener, app, lane, stopping).await;
+                    let hurry = async move {
+                        let _ = hurried.wait_for(|s| *s == Stop::Hurry).await;
+                    };
+                    accept_loop(listener, app, lane, stopping, hurry).await
                 });
                 // Tasks still alive on this runtime (a stream past the grace) end here.
                 drop(runtime);
-                let _ = done.send(());
+                let _ = done.send(cut);
             })?;
         finished.push(finished_rx);
     }
     drop(listener);
+    tokio::pin!(hurry);
     shutdown.await;
     app.begin_drain();
-    let _ = stop.send(true);
-    for f in finished {
-        let _ = f.await;
+    let delay = app.gateway.policy().server.shutdown_delay;
+    if !delay.is_zero() {
+        // Still serving, and accepting, while `/readyz` fails.
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut hurry => {}
+        }
     }
-    app.gateway.flush().await;
+    app.mcp.shutdown();
+    let _ = stop.send(Stop::Draining);
+    let mut finished = std::pin::pin!(async {
+        let mut cut = 0;
+        for f in finished {
+            cut += f.await.unwrap_or(0);
+        }
+        cut
+    });
+    let cut = tokio::select! {
+        cut = &mut finished => cut,
+        _ = &mut hurry => {
+            tracing::warn!("a second signal: closing what is still open");
+            let _ = stop.send(Stop::Hurry);
+            finished.await
+        }
+    };
+    log_drained(cut);
+    app.gateway.close_ledger(LEDGER_CLOSE_WAIT).await;
     Ok(())
 }
+
+/// The longest the ledger may take to write what it holds at shutdown: a database that does
+/// not answer must not hold the process past its supervisor's stop timeout.
+pub const LEDGER_CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 impl App {
     fn new(gateway: Gateway) -> Arc<App> {
@@ -214,29 +281,31 @@ impl App {
             .send_if_modified(|c| std::mem::replace(c, now) != now);
     }
 
-    /// Marks the server as draining (once): `/readyz` fails from now on, and MCP sessions end.
+    /// Marks the server as draining (once): `/readyz` fails from now on. The caller ends the
+    /// MCP sessions when it stops accepting: MCP clients hold a GET stream open for server
+    /// messages, which would keep the drain waiting for its whole grace period.
     fn begin_drain(&self) {
         if self.draining.swap(true, Ordering::SeqCst) {
             return;
         }
-        // MCP clients hold a GET stream open for server messages; end those sessions so they do
-        // not keep the drain waiting for its whole grace period.
-        self.mcp.shutdown();
+        let server = &self.gateway.policy().server;
         tracing::info!(
-            grace_secs = self.gateway.policy().server.shutdown_grace.as_secs_f64(),
-            "shutting down: draining in-flight requests"
+            delay_secs = server.shutdown_delay.as_secs_f64(),
+            grace_secs = server.shutdown_grace.as_secs_f64(),
+            "shutting down: /readyz fails, then in-flight requests drain"
         );
     }
 }
 
 /// One accept loop. Returns once `shutdown` has resolved and this loop's connections have
-/// drained (or the grace period ran out).
+/// drained (or the grace period ran out, or `hurry` came): how many it had to close.
 async fn accept_loop(
     listener: TcpListener,
     app: Arc<App>,
     mut lane: Lane,
     shutdown: impl Future<Output = ()>,
-) {
+    hurry: impl Future<Output = ()>,
+) -> usize {
     let policy = app.gateway.policy().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -386,18 +455,16 @@ async fn accept_loop(
     drop(listener);
     let _ = stop_all.send(true);
     let grace = policy.server.shutdown_grace;
-    let drained = tokio::time::timeout(grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    match drained {
-        Ok(()) => tracing::info!("all connections closed"),
-        Err(_) => {
-            tracing::warn!(
-                open = connections.len(),
-                "grace period over; closing remaining connections"
-            );
-            connections.abort_all();
-        }
+    let drained = tokio::select! {
+        r = tokio::time::timeout(grace, async {
+            while connections.join_next().await.is_some() {}
+        }) => r.is_ok(),
+        _ = hurry => false,
+    };
+    if drained {
+        return 0;
     }
+    let cut = connections.len();
+    connections.abort_all();
+    cut
 }

@@ -197,8 +197,13 @@ struct Queue {
 struct Pending {
     rows: Vec<UsageRow>,
     acks: Vec<oneshot::Sender<()>>,
-    /// Every [`Ledger`] handle is gone: write what is left and stop.
+    /// Every [`Ledger`] handle is gone, or [`Ledger::close`] was called: write what is left
+    /// and stop.
     closed: bool,
+    /// The writer has ended.
+    stopped: bool,
+    /// Told (dropped) when the writer ends.
+    on_stop: Vec<oneshot::Sender<()>>,
 }
 
 impl Queue {
@@ -313,6 +318,34 @@ impl Ledger {
     }
 }
 
+impl Ledger {
+    /// At shutdown: closes the queue (rows recorded later are refused, and counted as
+    /// dropped) and waits, at most `wait`, for the writer to write what is queued and try the
+    /// rows a failing database left it holding once more. What it cannot write is counted in
+    /// `write_errors` and logged: by the writer, or here when the wait runs out first.
+    pub async fn close(&self, wait: std::time::Duration) {
+        let (tx, stopped) = oneshot::channel::<()>();
+        {
+            let mut p = self.queue.lock();
+            if p.stopped {
+                return;
+            }
+            p.closed = true;
+            p.on_stop.push(tx);
+        }
+        self.queue.wake.notify_one();
+        if tokio::time::timeout(wait, stopped).await.is_err() {
+            let rows = self.stats.depth();
+            self.stats.write_errors.fetch_add(rows, Ordering::Relaxed);
+            tracing::error!(
+                rows,
+                wait_s = wait.as_secs(),
+                "ledger rows lost at shutdown: the database did not take them in time"
+            );
+        }
+    }
+}
+
 /// The longest [`Ledger::flush`] waits.
 pub const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -324,7 +357,9 @@ impl Drop for Gone {
     fn drop(&mut self) {
         let mut p = self.0.lock();
         p.closed = true;
+        p.stopped = true;
         p.acks.clear();
+        p.on_stop.clear();
     }
 }
 

@@ -162,6 +162,51 @@ impl Store {
         }
     }
 
+    /// For `sqlite://PATH`, whether `serve` could write its ledger there: an existing file
+    /// opens for writing (nothing is changed), or else the nearest existing directory on the
+    /// path takes a new file (one is made and removed at once). `poe-gateway check` runs this,
+    /// so a unit's `ExecStartPre` catches a read-only or foreign-owned state directory.
+    pub fn check_writable(url: &str) -> Result<(), LedgerError> {
+        let Some(path) = url.strip_prefix("sqlite://").map(std::path::Path::new) else {
+            return Ok(());
+        };
+        let fail = |what: &std::path::Path, e: std::io::Error| {
+            LedgerError::Other(format!(
+                "the SQLite ledger at {} cannot be written: {}: {e}",
+                path.display(),
+                what.display()
+            ))
+        };
+        if path.exists() {
+            return std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map(drop)
+                .map_err(|e| fail(path, e));
+        }
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            let d = if d.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                d
+            };
+            if d.is_dir() {
+                let probe = d.join(format!(".poe-gateway-check-{}", std::process::id()));
+                return std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&probe)
+                    .map(|_| {
+                        let _ = std::fs::remove_file(&probe);
+                    })
+                    .map_err(|e| fail(d, e));
+            }
+            dir = d.parent();
+        }
+        Ok(())
+    }
+
     /// Opens `sqlite://PATH`, `sqlite::memory:` or `postgres://...`, and runs migrations.
     pub async fn open(url: &str) -> Result<Store, LedgerError> {
         Store::check_url(url)?;

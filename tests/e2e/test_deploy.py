@@ -30,6 +30,13 @@ K8S = DEPLOY / "k8s"
 LABELS = {"app.kubernetes.io/name": "poe-gateway", "app.kubernetes.io/component": "gateway"}
 # The oldest Kubernetes the manifests support (the preStop `sleep` action is on by default from 1.30).
 K8S_MIN_VERSION = "1.30"
+# How long the ledger may take to write at the end of a shutdown, as src/http/mod.rs says.
+LEDGER_CLOSE_WAIT_S = int(
+    re.search(
+        r"LEDGER_CLOSE_WAIT: Duration = Duration::from_secs\((\d+)\)",
+        (REPO_ROOT / "src" / "http" / "mod.rs").read_text(),
+    ).group(1)
+)
 
 
 def _bin() -> str:
@@ -265,10 +272,24 @@ def test_termination_grace_covers_prestop_and_shutdown_grace():
     spec = k8s["Deployment"]["spec"]["template"]["spec"]
     policy = _load_toml(k8s["ConfigMap"]["data"]["policies.toml"])
     grace = _seconds(policy.get("server", {}).get("shutdown_grace", _default_policy()["server"]["shutdown_grace"]))
+    delay = _seconds(policy.get("server", {}).get("shutdown_delay", _default_policy()["server"]["shutdown_delay"]))
     pre_stop = _container(k8s)["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop > 0
     # The period counts from the start of preStop; SIGTERM (and the drain) only follows it.
-    assert spec["terminationGracePeriodSeconds"] > pre_stop + grace
+    # After the drain the ledger may take LEDGER_CLOSE_WAIT (src/http/mod.rs) to write.
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + delay + grace + LEDGER_CLOSE_WAIT_S
+
+
+def test_systemd_and_compose_wait_out_the_shutdown():
+    policy = _default_policy()["server"]
+    needed = _seconds(policy["shutdown_delay"]) + _seconds(policy["shutdown_grace"]) + LEDGER_CLOSE_WAIT_S
+    unit = (DEPLOY / "systemd" / "poe-gateway.service").read_text()
+    (stop,) = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("TimeoutStopSec=")]
+    assert int(stop) > needed
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        if "poe-gateway" in str(service.get("image", "")) or "build" in service:
+            assert _seconds(service["stop_grace_period"]) > needed, name
 
 
 def test_every_secret_ref_names_a_key_of_the_secret():
