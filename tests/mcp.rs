@@ -1429,3 +1429,76 @@ async fn mcp_clients_over_http_are_capped_per_key_and_in_all() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Over stdio (`poe-gateway mcp`), a message over `server.max_body_bytes` gets an error answer
+/// under its own id (it was dropped unanswered, and the client waited out its own timeout),
+/// and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_stdio_message_is_answered_and_the_session_goes_on() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let up = MockUpstream::start().await;
+    let db = support::databases().await.remove(0);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+        .arg("mcp")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("POE_API_KEY", "test-key-not-real")
+        .env("POE_BASE_URL", up.url())
+        .env("POE_GATEWAY_DATABASE_URL", &db)
+        .env("POE_GATEWAY_SERVER__MAX_BODY_BYTES", "16KiB")
+        .env("RUST_LOG", "error")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .expect("a line");
+        serde_json::from_str(&line).unwrap()
+    };
+    let mut send = async |v: Value| {
+        stdin.write_all(format!("{v}\n").as_bytes()).await.unwrap();
+        stdin.flush().await.unwrap();
+    };
+    send(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"}}}),
+    )
+    .await;
+    assert_eq!(next().await["id"], 1);
+    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
+
+    let big = "x".repeat(40_000);
+    send(json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "ask_poe", "arguments": {"prompt": big}}}))
+    .await;
+    let answer = next().await;
+    assert_eq!(answer["id"], 7, "{answer}");
+    assert_eq!(answer["error"]["code"], -32600, "{answer}");
+    let msg = answer["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("max_body_bytes"), "{msg}");
+
+    send(json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list"})).await;
+    let answer = next().await;
+    assert_eq!(answer["id"], 8, "{answer}");
+    assert!(
+        answer["result"]["tools"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty())
+    );
+    assert_eq!(up.chat_calls(), 0);
+    drop(stdin);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -9,7 +9,7 @@
 //! - [`sessions`]: conversation history in moka, scoped to the caller.
 //! - [`attachments`]: files, base64 data and URLs turned into content parts.
 //! - [`reply`]: reading the core's reply (streamed or not), with progress and cancellation.
-//! - [`http`]: `/mcp` on the serve port.
+//! - [`http`]: `/mcp` on the serve port; `stdio`: `poe-gateway mcp`.
 //!
 //! Nothing here runs model output, writes files or fetches URLs: the tools only read
 //! attachments the caller names, within the limits of the policy's `[mcp]` section.
@@ -21,6 +21,7 @@ pub mod http;
 mod media;
 mod reply;
 pub mod sessions;
+mod stdio;
 pub mod tools;
 
 use std::sync::Arc;
@@ -100,9 +101,7 @@ pub async fn serve_stdio(gateway: Gateway) -> Result<(), String> {
     // base64 attachment that works over HTTP works here too.
     let max_line = usize::try_from(gateway.policy().server.max_body_bytes.0).unwrap_or(usize::MAX);
     let server = McpCore::new(gateway).local_server(stdio_caller());
-    let (stdin, stdout) = rmcp::transport::stdio_pipes();
-    let transport = rmcp::transport::async_rw::AsyncRwTransport::new_server(stdin, stdout)
-        .with_max_line_length(max_line);
+    let transport = stdio::LineTransport::new(tokio::io::stdin(), tokio::io::stdout(), max_line);
     let running = server
         .serve(transport)
         .await
