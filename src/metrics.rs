@@ -48,6 +48,7 @@ pub struct Metrics {
     /// `upstream_attempts{result="ok"}`.
     pub upstream_ok: IntCounter,
     pub retries_skipped: IntCounter,
+    pub auth_failures: IntCounterVec,
     pub ledger_queue_depth: IntGauge,
     pub ledger_dropped: IntCounter,
     pub ledger_written: IntCounter,
@@ -153,6 +154,13 @@ impl Metrics {
                 &["thread"]
             )),
             upstream_attempts,
+            auth_failures: reg!(IntCounterVec::new(
+                opts(
+                    "auth_failures_total",
+                    "Requests refused before they had a caller: no key, a bad or revoked key (401), a key that could not be checked (503)."
+                ),
+                &["status"]
+            )),
             retries_skipped: reg!(IntCounter::with_opts(opts(
                 "retries_skipped_total",
                 "Retries not made because the retry budget was spent."

@@ -1499,6 +1499,9 @@ async fn keys_in_use_outlive_a_failing_key_store() {
     assert!(resp.headers().contains_key("retry-after"));
     let e = body_json(resp).await;
     assert_eq!(e["error"]["code"], "shared_state_unavailable", "{e}");
+    // Refused before it had a caller, so in no request count: counted on its own.
+    let refused = metric(&gw, r#"poe_gateway_auth_failures_total{status="503"}"#).await;
+    assert_eq!(refused, Some(1.0));
 
     side.execute_batch("ALTER TABLE keys_away RENAME TO gateway_keys")
         .unwrap();

@@ -299,7 +299,25 @@ fn sdk_should_retry(
 }
 
 /// Establishes who is calling and who pays for the upstream call.
+/// A refusal is counted by status (`auth_failures_total`): it has no caller to account it to,
+/// and an outage of the key store showed up nowhere else.
 pub(crate) async fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    request_id: &Arc<str>,
+) -> Result<Caller, GatewayError> {
+    let who = identify(app, headers, request_id).await;
+    if let Err(e) = &who {
+        app.gateway
+            .metrics()
+            .auth_failures
+            .with_label_values(&[e.status().as_str()])
+            .inc();
+    }
+    who
+}
+
+async fn identify(
     app: &App,
     headers: &HeaderMap,
     request_id: &Arc<str>,
