@@ -63,8 +63,10 @@ pub struct SharedState {
     timeout: Duration,
     up: AtomicBool,
     /// While Redis fails: until when (ms since `epoch`) calls skip it and report it down at
-    /// once, rather than each waiting out `timeout`. 0 while it answers.
-    rest_until_ms: AtomicU64,
+    /// once, rather than each waiting out `timeout`. 0 while it answers. One for the limits
+    /// and budgets, one for the cache tier: a large cache entry slow to move must not rest
+    /// the budgets.
+    rest_until_ms: [AtomicU64; 2],
     epoch: tokio::time::Instant,
     metrics: Arc<Metrics>,
     pub(crate) cache_tier: bool,
@@ -72,6 +74,25 @@ pub struct SharedState {
 
 /// How long calls skip Redis after a failure; then one call tries it again.
 const REST: Duration = Duration::from_secs(2);
+
+/// Whether a call may go to Redis: always while it answers; while it fails, only once its
+/// rest is over, and then only one call (the others keep skipping it) until that call has
+/// answered or failed.
+fn may_call(rest_until_ms: &AtomicU64, now_ms: u64) -> bool {
+    let until = rest_until_ms.load(Ordering::Relaxed);
+    if until == 0 {
+        return true;
+    }
+    now_ms >= until
+        && rest_until_ms
+            .compare_exchange(
+                until,
+                now_ms + REST.as_millis() as u64,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+}
 
 impl SharedState {
     /// Connects lazily: the gateway starts even while Redis is down, and the policy covers
@@ -101,7 +122,7 @@ impl SharedState {
             prefix: policy.key_prefix.clone(),
             timeout: policy.timeout,
             up: AtomicBool::new(true),
-            rest_until_ms: AtomicU64::new(0),
+            rest_until_ms: [AtomicU64::new(0), AtomicU64::new(0)],
             epoch: tokio::time::Instant::now(),
             metrics,
             cache_tier: policy.cache,
@@ -146,7 +167,8 @@ impl SharedState {
         cmd: redis::Cmd,
         retry: bool,
     ) -> Result<T, Unavailable> {
-        if !self.may_call() {
+        let rest = &self.rest_until_ms[usize::from(op.starts_with("cache"))];
+        if !may_call(rest, self.now_ms()) {
             return Err(Unavailable(format!(
                 "{op}: redis failed within the last {}s",
                 REST.as_secs()
@@ -166,27 +188,43 @@ impl SharedState {
                 r => r,
             }
         };
-        let result = match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(Unavailable(format!("{op}: {e}"))),
-            Err(_) => Err(Unavailable(format!(
-                "{op}: no answer within {:?}",
-                self.timeout
-            ))),
+        // Only a Redis that cannot be reached rests: an error it answers with (out of memory,
+        // a wrong type) fails that one call.
+        let (result, unreachable) = match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(v)) => (Ok(v), false),
+            Ok(Err(e)) => {
+                let unreachable = e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout();
+                (Err(Unavailable(format!("{op}: {e}"))), unreachable)
+            }
+            Err(_) => (
+                Err(Unavailable(format!(
+                    "{op}: no answer within {:?}",
+                    self.timeout
+                ))),
+                true,
+            ),
         };
         match &result {
             Ok(_) => {
-                self.rest_until_ms.store(0, Ordering::Relaxed);
+                rest.store(0, Ordering::Relaxed);
                 if !self.up.swap(true, Ordering::Relaxed) {
                     self.metrics.redis_up.set(1);
                     tracing::warn!("redis is reachable again; shared limits and budgets resume");
                 }
             }
             Err(e) => {
-                self.rest_until_ms
-                    .store(self.now_ms() + REST.as_millis() as u64, Ordering::Relaxed);
+                if unreachable {
+                    rest.store(self.now_ms() + REST.as_millis() as u64, Ordering::Relaxed);
+                } else {
+                    rest.store(0, Ordering::Relaxed);
+                }
                 self.metrics.redis_errors.with_label_values(&[op]).inc();
-                if self.up.swap(false, Ordering::Relaxed) {
+                if !unreachable {
+                    tracing::debug!(error = %e, "a redis call failed");
+                } else if self.up.swap(false, Ordering::Relaxed) {
                     self.metrics.redis_up.set(0);
                     tracing::error!(error = %e, "redis is unreachable; limits and budgets follow redis.*_on_error");
                 }
@@ -198,27 +236,6 @@ impl SharedState {
     fn now_ms(&self) -> u64 {
         // At least 1: 0 means "answering".
         (self.epoch.elapsed().as_millis() as u64).max(1)
-    }
-
-    /// Whether a call may go to Redis: always while it answers; while it fails, only once
-    /// its rest is over, and then only one call (the others keep skipping it) until that
-    /// call has answered or failed.
-    fn may_call(&self) -> bool {
-        let until = self.rest_until_ms.load(Ordering::Relaxed);
-        if until == 0 {
-            return true;
-        }
-        let now = self.now_ms();
-        now >= until
-            && self
-                .rest_until_ms
-                .compare_exchange(
-                    until,
-                    now + REST.as_millis() as u64,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
     }
 
     /// One GCRA step on a shared limiter: `Ok(None)` admitted, `Ok(Some(wait))` refused.

@@ -1226,6 +1226,14 @@ async fn the_responses_api_is_proxied_and_accounted() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with(&events[1]), "{text}");
     assert!(text.contains(r#"data: {"error":"#), "{text}");
+    // A bare `[DONE]` does not end a Responses stream: only its last event does.
+    up.push(
+        Reply::sse()
+            .send(events[1].clone())
+            .send("data: [DONE]\n\n"),
+    );
+    let got = body_bytes(responses(body_for(true)).await).await;
+    assert!(String::from_utf8_lossy(&got).contains("without response.completed"));
     // Poe's own failure event ends the stream with no error added.
     let failed = responses_event(
         "response.failed",
@@ -1238,8 +1246,8 @@ async fn the_responses_api_is_proxied_and_accounted() {
     let got = body_bytes(responses(body_for(true)).await).await;
     assert_eq!(got, Bytes::from([events[1].clone(), failed].concat()));
     let r = report(&core, None).await;
-    assert_eq!((r.totals.requests, r.totals.errors), (5, 2));
-    assert_eq!(r.totals.completion_tokens, 21 + 1 + 1);
+    assert_eq!((r.totals.requests, r.totals.errors), (6, 3));
+    assert_eq!(r.totals.completion_tokens, 21 + 1 + 1 + 1);
 
     // A Responses body needs a model, and only that.
     let resp = responses(r#"{"input":"hi"}"#.into()).await;
@@ -1250,7 +1258,7 @@ async fn the_responses_api_is_proxied_and_accounted() {
             .iter()
             .filter(|r| r.path == "/v1/responses")
             .count(),
-        5
+        6
     );
 }
 

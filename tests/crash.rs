@@ -136,3 +136,37 @@ async fn sighup_stops_the_gateway_gracefully() {
         .unwrap();
     assert_eq!(r.totals.requests, 5, "{db}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_in_the_shutdown_delay_stops_at_once() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "first"))
+            .gate(&gate)
+            .send("data: [DONE]\n\n"),
+    );
+    let mut cmd = binary_command(&up.url(), &db);
+    cmd.env("POE_GATEWAY_SERVER__SHUTDOWN_DELAY", "300s");
+    let (mut child, gw) = spawn_binary(&mut cmd);
+    let mut stream = post(&gw, &chat_body("gpt-5", true), &[]).await.into_body();
+    assert!(next_data(&mut stream, 10).await.is_some());
+    signal(&child, "INT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get(&gw, "/readyz").await.status() != 503 {
+        assert!(std::time::Instant::now() < deadline, "/readyz never failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&child, "INT");
+    let status = exited(&mut child, 60).await;
+    assert!(status.success(), "{status}");
+    let r = Store::open(&db)
+        .await
+        .unwrap()
+        .report(&everything())
+        .await
+        .unwrap();
+    assert_eq!(r.totals.requests, 1, "the cut stream's row: {db}");
+}

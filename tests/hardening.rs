@@ -1345,20 +1345,37 @@ fn check_refuses_a_ledger_path_it_cannot_write() {
         err.contains("/proc/poe-gateway-check/ledger.db") && err.contains("cannot be written"),
         "{err}"
     );
+    // A ledger file that opens for writing in a directory that takes no new file: SQLite's
+    // WAL could not make its files beside it. (/proc/self/... files are writable, their
+    // directory is not.)
+    let out = check("sqlite:///proc/self/oom_score_adj");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot be written"), "{err}");
     let dir = std::env::temp_dir().join(format!("pgw-check-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir(&dir).unwrap();
-    let out = check(&format!("sqlite://{}/sub/ledger.db", dir.display()));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ok = |url: String| {
+        let out = check(&url);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(format!("sqlite://{}/sub/ledger.db", dir.display()));
     assert_eq!(
         std::fs::read_dir(&dir).unwrap().count(),
         0,
         "check left a file"
     );
-    std::fs::remove_dir(&dir).unwrap();
+    std::fs::write(dir.join("ledger.db"), b"").unwrap();
+    ok(format!("sqlite://{}/ledger.db", dir.display()));
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "check left a file"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

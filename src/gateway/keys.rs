@@ -8,8 +8,10 @@
 //! The store (the ledger's database) can fail or hang. Then every key look-up would fail or
 //! wait with it, and a team's whole gateway would stop. So a look-up waits at most
 //! `LOOKUP_TIMEOUT`; after a failure the store is left alone for `STORE_BACKOFF`; and
-//! meanwhile keys seen in the last `LAST_KNOWN_TTL` are answered from memory (a revocation
-//! made elsewhere then waits for the store to come back). Other keys get a 503.
+//! meanwhile keys the store confirmed within `LAST_KNOWN_WINDOW` before the outage began are
+//! answered from memory. Keys in use are confirmed every `CACHE_TTL`, so they keep working;
+//! a revocation made elsewhere within that window waits for the store to come back. Other
+//! keys get a 503.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
@@ -30,12 +32,23 @@ use crate::ledger::{KeyRecord, Period, Store, now_ms};
 use crate::shared_state::SharedState;
 
 const CACHE_TTL: Duration = Duration::from_secs(5);
-/// How long a key's record is kept to answer from while the store fails.
-const LAST_KNOWN_TTL: Duration = Duration::from_secs(60 * 60);
+/// How recently before an outage the store must have confirmed a key for it to be answered
+/// from memory during the outage.
+const LAST_KNOWN_WINDOW: Duration = Duration::from_secs(10 * 60);
+/// How long a confirmed record is kept at all: the longest outage keys in use outlive.
+const LAST_KNOWN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// The longest a look-up waits for the store: a database that hangs must not hang requests.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed look-up, the store is left alone this long (no request waits on it).
 const STORE_BACKOFF: Duration = Duration::from_secs(5);
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    /// The first failure.
+    since: tokio::time::Instant,
+    /// The store is left alone until then.
+    until: tokio::time::Instant,
+}
+
 /// Prefix of every gateway key, so secret scanners and people can tell what one is.
 pub const KEY_PREFIX: &str = "pgw_";
 /// What every key id starts with (ids are shown in reports and revoke keys too).
@@ -51,11 +64,11 @@ pub struct KeyRing {
     /// by the digest's bytes, not its hex: a look-up on every request then needs no string
     /// made and no SipHash over 64 characters.
     cache: moka::future::Cache<KeyDigest, Option<Arc<KeyRecord>>, KeyHash>,
-    /// Records of keys that were found, for [`LAST_KNOWN_TTL`]: the answer while the store
-    /// fails.
-    last_known: moka::sync::Cache<KeyDigest, Arc<KeyRecord>, KeyHash>,
-    /// Until when the store is left alone after a failure; `None` while it answers.
-    store_down: Mutex<Option<tokio::time::Instant>>,
+    /// Records of keys that were found, and when the store last confirmed each: the answer
+    /// while the store fails.
+    last_known: moka::sync::Cache<KeyDigest, (Arc<KeyRecord>, tokio::time::Instant), KeyHash>,
+    /// While the store fails; `None` while it answers.
+    store_down: Mutex<Option<Outage>>,
     /// Per-key RPM limiters, made on first use with the key's own quota.
     limiters: Mutex<HashMap<String, (u32, Arc<KeyLimiter>)>>,
     /// Spend in the current budget period, per key id.
@@ -301,7 +314,7 @@ impl KeyRing {
                             .filter(|r| bool::from(r.hash.as_bytes().ct_eq(hash.as_bytes())))
                             .map(Arc::new);
                         if let Some(r) = &rec {
-                            last_known.insert(digest, r.clone());
+                            last_known.insert(digest, (r.clone(), tokio::time::Instant::now()));
                         }
                         Ok::<_, String>(rec)
                     })
@@ -339,23 +352,23 @@ impl KeyRing {
     /// Whether the store failed within the last [`STORE_BACKOFF`].
     fn store_resting(&self) -> bool {
         let down = self.store_down.lock().expect("store_down lock");
-        down.is_some_and(|until| tokio::time::Instant::now() < until)
+        down.is_some_and(|o| tokio::time::Instant::now() < o.until)
     }
 
     /// Leaves the store alone for a while; logs the first failure of an outage only.
     fn store_failed(&self, why: &dyn std::fmt::Display) {
-        let until = tokio::time::Instant::now() + STORE_BACKOFF;
-        if self
-            .store_down
-            .lock()
-            .expect("store_down lock")
-            .replace(until)
-            .is_none()
-        {
+        let now = tokio::time::Instant::now();
+        let until = now + STORE_BACKOFF;
+        let mut down = self.store_down.lock().expect("store_down lock");
+        let first = down.is_none();
+        let since = down.map_or(now, |o| o.since);
+        *down = Some(Outage { since, until });
+        drop(down);
+        if first {
             tracing::error!(
                 error = %why,
-                "the key store (the ledger's database) failed: keys seen in the last hour are \
-                 answered from memory, others get 503, until it answers again"
+                "the key store (the ledger's database) failed: keys it confirmed in the 10 \
+                 minutes before are answered from memory, others get 503, until it answers again"
             );
         }
     }
@@ -372,15 +385,26 @@ impl KeyRing {
         }
     }
 
-    /// A key's record from memory, while the store fails.
+    /// A key's record from memory, while the store fails: one the store confirmed shortly
+    /// before the outage began.
     fn last_known(&self, digest: &KeyDigest) -> Result<Arc<KeyRecord>, GatewayError> {
-        self.last_known.get(digest).ok_or_else(|| {
-            GatewayError::StateUnavailable(
+        let since = self
+            .store_down
+            .lock()
+            .expect("store_down lock")
+            .map_or_else(tokio::time::Instant::now, |o| o.since);
+        match self.last_known.get(digest) {
+            Some((rec, confirmed))
+                if since.saturating_duration_since(confirmed) <= LAST_KNOWN_WINDOW =>
+            {
+                Ok(rec)
+            }
+            _ => Err(GatewayError::StateUnavailable(
                 "the gateway cannot check this key now (its key store is not answering); \
                  try again shortly"
                     .into(),
-            )
-        })
+            )),
+        }
     }
 
     /// Per-key requests per minute; a 429 with the wait when the key is over. With Redis the
@@ -667,6 +691,35 @@ mod tests {
         assert_eq!(a.len(), KEY_PREFIX.len() + 64);
         assert_ne!(a, generate_key());
         assert_eq!(hash_key(&a).len(), 64);
+    }
+
+    /// While the store fails, a key is answered from memory only if the store confirmed it
+    /// shortly before the failure: one last seen long before may have been revoked since.
+    #[tokio::test(start_paused = true)]
+    async fn only_keys_confirmed_shortly_before_an_outage_outlive_it() {
+        let store = Store::open("sqlite::memory:").await.unwrap();
+        let ring = KeyRing::new(store.clone(), TokioClock::new());
+        let new = |name: &str| NewKey {
+            name: name.into(),
+            ..NewKey::default()
+        };
+        let (_, old) = create_key(&store, new("old")).await.unwrap();
+        let (_, recent) = create_key(&store, new("recent")).await.unwrap();
+        ring.authenticate(&old).await.unwrap();
+        tokio::time::advance(Duration::from_secs(11 * 60)).await;
+        ring.authenticate(&recent).await.unwrap();
+        tokio::time::advance(Duration::from_secs(60)).await;
+
+        // The store fails now (as a look-up that failed would record it).
+        ring.cache.invalidate_all();
+        ring.store_failed(&"down");
+        assert!(ring.authenticate(&recent).await.is_ok());
+        let e = ring.authenticate(&old).await.unwrap_err();
+        assert_eq!(e.status(), 503, "{e}");
+        // Keys in use go on being answered through a long outage.
+        tokio::time::advance(Duration::from_secs(60 * 60)).await;
+        ring.store_failed(&"still down");
+        assert!(ring.authenticate(&recent).await.is_ok());
     }
 
     /// A cost is counted at once only in the period its request ended in. One that ended past

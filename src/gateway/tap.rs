@@ -428,7 +428,14 @@ fn end(
         Mode::Sse { .. } if observed.saw_done => (settled(observed), None),
         // Poe's own error event said why it ended: the gateway adds none of its own.
         Mode::Sse { .. } if observed.stream_error => (settled(observed), None),
-        Mode::Sse { .. } => (Outcome::Incomplete(NO_DONE.into()), Some(NO_DONE)),
+        Mode::Sse { .. } => {
+            let why = if observed.responses {
+                "upstream ended the stream without response.completed"
+            } else {
+                NO_DONE
+            };
+            (Outcome::Incomplete(why.into()), Some(why))
+        }
         Mode::Json { frames, .. } => {
             read_json_usage(frames, observed);
             if observed.stream_error {
@@ -706,7 +713,8 @@ fn key_start(bytes: &[u8], value_start: usize) -> Option<usize> {
 fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
     observed.events += 1;
     if data == b"[DONE]" {
-        observed.saw_done = true;
+        // A Responses stream is whole at its `response.completed`, whatever follows.
+        observed.saw_done |= !observed.responses;
         return false;
     }
     if opens_with_error(data) {
@@ -904,7 +912,7 @@ fn done_at_eof(mode: &Mode, observed: &mut Observed) -> bool {
     let Mode::Sse { scanner, .. } = mode else {
         return false;
     };
-    if observed.saw_done || !scanner.in_progress() {
+    if observed.saw_done || observed.responses || !scanner.in_progress() {
         return false;
     }
     let mut probe = scanner.clone();

@@ -221,15 +221,17 @@ pub async fn serve_threads(
     shutdown.await;
     app.begin_drain();
     let delay = app.gateway.policy().server.shutdown_delay;
+    // A future that has resolved must not be polled again: whether `hurry` did is kept here.
+    let mut hurried = false;
     if !delay.is_zero() {
         // Still serving, and accepting, while `/readyz` fails.
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = &mut hurry => {}
+            _ = &mut hurry => hurried = true,
         }
     }
     app.mcp.shutdown();
-    let _ = stop.send(Stop::Draining);
+    let _ = stop.send(if hurried { Stop::Hurry } else { Stop::Draining });
     let mut finished = std::pin::pin!(async {
         let mut cut = 0;
         for f in finished {
@@ -239,7 +241,7 @@ pub async fn serve_threads(
     });
     let cut = tokio::select! {
         cut = &mut finished => cut,
-        _ = &mut hurry => {
+        _ = &mut hurry, if !hurried => {
             tracing::warn!("a second signal: closing what is still open");
             let _ = stop.send(Stop::Hurry);
             finished.await

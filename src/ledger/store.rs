@@ -163,9 +163,10 @@ impl Store {
     }
 
     /// For `sqlite://PATH`, whether `serve` could write its ledger there: an existing file
-    /// opens for writing (nothing is changed), or else the nearest existing directory on the
-    /// path takes a new file (one is made and removed at once). `poe-gateway check` runs this,
-    /// so a unit's `ExecStartPre` catches a read-only or foreign-owned state directory.
+    /// opens for writing (nothing is changed), and the nearest existing directory on the path
+    /// takes a new file (one is made and removed at once), as SQLite's WAL needs its `-wal`
+    /// and `-shm` files beside the ledger. `poe-gateway check` runs this, so a unit's
+    /// `ExecStartPre` catches a read-only or foreign-owned state directory.
     pub fn check_writable(url: &str) -> Result<(), LedgerError> {
         let Some(path) = url.strip_prefix("sqlite://").map(std::path::Path::new) else {
             return Ok(());
@@ -178,11 +179,10 @@ impl Store {
             ))
         };
         if path.exists() {
-            return std::fs::OpenOptions::new()
+            std::fs::OpenOptions::new()
                 .write(true)
                 .open(path)
-                .map(drop)
-                .map_err(|e| fail(path, e));
+                .map_err(|e| fail(path, e))?;
         }
         let mut dir = path.parent();
         while let Some(d) = dir {
