@@ -45,6 +45,55 @@ fn signal(child: &std::process::Child, name: &str) {
     assert!(sent.success());
 }
 
+/// The requests in the ledger, once the binary has exited.
+async fn ledger_rows(db: &str) -> i64 {
+    let store = Store::open(db).await.unwrap();
+    store.report(&everything()).await.unwrap().totals.requests
+}
+
+/// Starts the binary with `env` and a stream through it that would run for ever (its first
+/// event read).
+async fn with_a_held_stream(
+    env: &[(&str, &str)],
+) -> (
+    MockUpstream,
+    String,
+    std::process::Child,
+    TestGateway,
+    hyper::body::Incoming,
+) {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    up.push(
+        Reply::sse()
+            .send(chunk("gpt-5", "first"))
+            .gate(&gate)
+            .send("data: [DONE]\n\n"),
+    );
+    let mut cmd = binary_command(&up.url(), &db);
+    cmd.envs(env.iter().copied());
+    let (child, gw) = spawn_binary(&mut cmd);
+    let mut stream = post(&gw, &chat_body("gpt-5", true), &[]).await.into_body();
+    assert!(next_data(&mut stream, 10).await.is_some());
+    (up, db, child, gw, stream)
+}
+
+/// Polls `/readyz` until it fails (new connections are still accepted meanwhile).
+async fn until_not_ready(gw: &TestGateway) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = get(gw, "/readyz").await.status();
+        if status == 503 {
+            return;
+        }
+        assert_eq!(status, 200);
+        assert!(std::time::Instant::now() < deadline, "/readyz never failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits for the process to exit, for up to `secs` (a bound on a hang, not a speed check).
 async fn exited(child: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
@@ -62,36 +111,14 @@ async fn exited(child: &mut std::process::Child, secs: u64) -> std::process::Exi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_signal_fails_readyz_first_and_a_second_one_ends_the_drain() {
-    let db = databases().await.remove(0);
-    let up = MockUpstream::start().await;
-    up.set_fallback(Reply::completion("gpt-5", "ok"));
-    // A stream that would run for ever.
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    up.push(
-        Reply::sse()
-            .send(chunk("gpt-5", "first"))
-            .gate(&gate)
-            .send("data: [DONE]\n\n"),
-    );
-    let mut cmd = binary_command(&up.url(), &db);
-    cmd.env("POE_GATEWAY_SERVER__SHUTDOWN_DELAY", "3s")
-        .env("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "300s");
-    let (mut child, gw) = spawn_binary(&mut cmd);
-    let mut stream = post(&gw, &chat_body("gpt-5", true), &[]).await.into_body();
-    assert!(next_data(&mut stream, 10).await.is_some());
-
+    let (_up, db, mut child, gw, _stream) = with_a_held_stream(&[
+        ("POE_GATEWAY_SERVER__SHUTDOWN_DELAY", "3s"),
+        ("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "300s"),
+    ])
+    .await;
     signal(&child, "TERM");
     // Still serving, new connections included, while /readyz says to go elsewhere.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = get(&gw, "/readyz").await.status();
-        if status == 503 {
-            break;
-        }
-        assert_eq!(status, 200);
-        assert!(std::time::Instant::now() < deadline, "/readyz never failed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_not_ready(&gw).await;
     let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
     assert_eq!(resp.status(), 200, "a request in the delay was refused");
     body_bytes(resp).await;
@@ -102,15 +129,20 @@ async fn a_stop_signal_fails_readyz_first_and_a_second_one_ends_the_drain() {
     signal(&child, "TERM");
     let status = exited(&mut child, 60).await;
     assert!(status.success(), "{status}");
-
     // Every request has its row, the stream cut by the second signal included.
-    let r = Store::open(&db)
-        .await
-        .unwrap()
-        .report(&everything())
-        .await
-        .unwrap();
-    assert_eq!(r.totals.requests, 2, "{db}");
+    assert_eq!(ledger_rows(&db).await, 2, "{db}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_in_the_shutdown_delay_stops_at_once() {
+    let (_up, db, mut child, gw, _stream) =
+        with_a_held_stream(&[("POE_GATEWAY_SERVER__SHUTDOWN_DELAY", "300s")]).await;
+    signal(&child, "INT");
+    until_not_ready(&gw).await;
+    signal(&child, "INT");
+    let status = exited(&mut child, 60).await;
+    assert!(status.success(), "{status}");
+    assert_eq!(ledger_rows(&db).await, 1, "the cut stream's row: {db}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,45 +160,5 @@ async fn sighup_stops_the_gateway_gracefully() {
     let status = exited(&mut child, 60).await;
     assert!(status.success(), "{status}: SIGHUP killed the gateway");
     // The rows written within the batch window are not lost: the stop wrote them.
-    let r = Store::open(&db)
-        .await
-        .unwrap()
-        .report(&everything())
-        .await
-        .unwrap();
-    assert_eq!(r.totals.requests, 5, "{db}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_signal_in_the_shutdown_delay_stops_at_once() {
-    let db = databases().await.remove(0);
-    let up = MockUpstream::start().await;
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    up.push(
-        Reply::sse()
-            .send(chunk("gpt-5", "first"))
-            .gate(&gate)
-            .send("data: [DONE]\n\n"),
-    );
-    let mut cmd = binary_command(&up.url(), &db);
-    cmd.env("POE_GATEWAY_SERVER__SHUTDOWN_DELAY", "300s");
-    let (mut child, gw) = spawn_binary(&mut cmd);
-    let mut stream = post(&gw, &chat_body("gpt-5", true), &[]).await.into_body();
-    assert!(next_data(&mut stream, 10).await.is_some());
-    signal(&child, "INT");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while get(&gw, "/readyz").await.status() != 503 {
-        assert!(std::time::Instant::now() < deadline, "/readyz never failed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    signal(&child, "INT");
-    let status = exited(&mut child, 60).await;
-    assert!(status.success(), "{status}");
-    let r = Store::open(&db)
-        .await
-        .unwrap()
-        .report(&everything())
-        .await
-        .unwrap();
-    assert_eq!(r.totals.requests, 1, "the cut stream's row: {db}");
+    assert_eq!(ledger_rows(&db).await, 5, "{db}");
 }
