@@ -1224,6 +1224,21 @@ async fn http_checks_auth_host_and_origin() {
             .unwrap()
             .contains("mcp-session-id")
     );
+    // An origin listed without a port is its scheme's default port for rmcp too (rmcp alone
+    // would take any port).
+    let portless = TestGateway::start(
+        &upstream,
+        config::DEFAULT_POLICY,
+        &[(
+            "POE_GATEWAY_MCP__ALLOWED_ORIGINS",
+            "[\"https://app.example.com\"]",
+        )],
+    )
+    .await;
+    let (status, _) = raw_mcp_post(&portless, &[("origin", "https://app.example.com")]).await;
+    assert_eq!(status, 200);
+    let (status, _) = raw_mcp_post(&portless, &[("origin", "https://app.example.com:8443")]).await;
+    assert_eq!(status, 403);
     // rmcp refuses the other origins itself; the refusal carries no CORS headers.
     let (status, headers, _) = raw_mcp(
         &gw,

@@ -192,6 +192,26 @@ impl Cors {
     }
 }
 
+/// A listed origin as rmcp should read it for `/mcp`: with its port written out. rmcp takes
+/// an origin without a port to mean any port, where the rest of the gateway (and rmcp's
+/// announced future) takes the scheme's default port; written out, both agree.
+pub(crate) fn with_port(origin: &str) -> String {
+    let o = origin.trim();
+    match parse_origin(o, true) {
+        Some((scheme, host, Some(port)))
+            if !o.trim_end_matches('/').ends_with(&format!(":{port}")) =>
+        {
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.to_string()
+            };
+            format!("{scheme}://{host}:{port}")
+        }
+        _ => o.to_string(),
+    }
+}
+
 /// A header value for an error message: bounded, printable.
 pub(super) fn shown(s: &str) -> String {
     s.chars()
@@ -256,6 +276,21 @@ mod tests {
             Some(("http", "::1", Some(3000)))
         );
         assert_eq!(parse_origin("localhost", false), None);
+    }
+
+    #[test]
+    fn listed_origins_get_their_port_written_out_for_rmcp() {
+        for (listed, given) in [
+            ("https://app.example.com", "https://app.example.com:443"),
+            ("https://app.example.com/", "https://app.example.com:443"),
+            ("http://[::1]", "http://[::1]:80"),
+            ("https://a.example:8443", "https://a.example:8443"),
+            ("http://localhost:*", "http://localhost:*"),
+            ("null", "null"),
+            ("app://local", "app://local"),
+        ] {
+            assert_eq!(with_port(listed), given, "{listed}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 mod admin;
 pub mod balance;
 mod browser;
+pub(crate) use browser::with_port as browser_origin_with_port;
 mod routes;
 
 pub(crate) use routes::read_body_of;

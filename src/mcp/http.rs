@@ -259,7 +259,7 @@ pub fn http_config(policy: &Policy) -> StreamableHttpServerConfig {
                     .mcp
                     .allowed_origins
                     .iter()
-                    .map(|o| o.trim().to_string()),
+                    .map(|o| crate::http::browser_origin_with_port(o)),
             )
             .enforce_origin_validation()
     }
