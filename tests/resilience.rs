@@ -948,3 +948,50 @@ async fn a_request_refused_for_concurrency_spends_no_rate_slot() {
     );
     assert_eq!(up.chat_calls(), 2);
 }
+
+/// Clients that stop reading big answers must not stall the other requests sharing their
+/// HTTP/2 connection to Poe. What such a client has not read piles up in its stream's
+/// window; with hyper's defaults (2 MiB per stream, 5 MiB per connection) three of them used
+/// up the connection's window, and every other answer on it stopped mid-body.
+#[tokio::test]
+async fn clients_that_stop_reading_do_not_stall_their_http2_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockUpstream::start_tls(100).await;
+    let gw = TestGateway::start(&up, "", &[("POE_GATEWAY_UPSTREAM__CA_FILE", TEST_CA_FILE)]).await;
+    up.push(Reply::completion("gpt-5", "warm"));
+    let warm = post(&gw, &chat_body("gpt-5", false), &[]).await;
+    body_bytes(warm).await;
+    let before = up.connections();
+
+    // Three answers of 24 MiB each, to clients that read their heads and nothing more.
+    let big = Bytes::from(completion_json("gpt-5", &"x".repeat(24 * 1024 * 1024)));
+    let body = chat_body("gpt-5", false);
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        up.push(Reply::json(200, big.clone()));
+        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), sock.read(&mut head))
+            .await
+            .expect("a head")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+        stalled.push(sock);
+    }
+    // Time for what they do not read to fill every buffer on the way.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    up.push(Reply::completion("gpt-5", "still served"));
+    let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+    let got = tokio::time::timeout(Duration::from_secs(20), body_bytes(resp))
+        .await
+        .expect("an answer on the shared connection stalled behind the unread ones");
+    assert!(String::from_utf8_lossy(&got).contains("still served"));
+    assert_eq!(up.connections(), before, "all on the one HTTP/2 connection");
+    drop(stalled);
+}

@@ -53,6 +53,25 @@ pub(super) struct H2Settings {
     pub keepalive_timeout: Duration,
 }
 
+/// Each stream's receive window on an HTTP/2 connection upstream. What a client has not read
+/// stays in its stream's window, so the connection's window holds every stream's whole
+/// window ([`H2Settings::connection_window`]): clients that stop reading cannot take the
+/// room of the others on their connection. (hyper's defaults, 2 MiB per stream and 5 MiB per
+/// connection, let three such clients stall it.) 256 KiB still streams at several MB/s per
+/// answer at Poe's round-trip times.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+impl H2Settings {
+    /// `max_streams` whole stream windows (25 MiB at the default 100 streams), within
+    /// HTTP/2's largest window. Memory is taken only for data received and not yet read.
+    fn connection_window(&self) -> u32 {
+        let streams = u32::try_from(self.max_streams).unwrap_or(u32::MAX);
+        H2_STREAM_WINDOW
+            .saturating_mul(streams)
+            .clamp(H2_STREAM_WINDOW, i32::MAX as u32)
+    }
+}
+
 impl From<&UpstreamPolicy> for H2Settings {
     fn from(p: &UpstreamPolicy) -> Self {
         H2Settings {
@@ -366,6 +385,8 @@ impl Pool {
             // keep-alive, since some servers close connections that ping with nothing open.
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(self.h2.connection_window())
                 .keep_alive_interval(self.h2.keepalive_interval)
                 .keep_alive_timeout(self.h2.keepalive_timeout)
                 .keep_alive_while_idle(false)
