@@ -49,6 +49,7 @@ pub struct Metrics {
     pub upstream_ok: IntCounter,
     pub retries_skipped: IntCounter,
     pub auth_failures: IntCounterVec,
+    pub client_connections_refused: IntCounter,
     pub ledger_queue_depth: IntGauge,
     pub ledger_dropped: IntCounter,
     pub ledger_written: IntCounter,
@@ -161,6 +162,10 @@ impl Metrics {
                 ),
                 &["status"]
             )),
+            client_connections_refused: reg!(IntCounter::with_opts(opts(
+                "client_connections_refused_total",
+                "Connections closed at once because their client address held server.max_connections_per_client."
+            ))),
             retries_skipped: reg!(IntCounter::with_opts(opts(
                 "retries_skipped_total",
                 "Retries not made because the retry budget was spent."

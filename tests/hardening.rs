@@ -1737,3 +1737,76 @@ async fn idle_connections_make_room_when_the_slots_run_out() {
         .expect("no room before server.idle_timeout: idle connections kept every slot");
     assert_eq!(resp.status(), 200);
 }
+
+/// `server.max_connections_per_client`: one address holding its share has its next
+/// connections closed at once, and gets a place again once one of its own ends.
+#[tokio::test]
+async fn one_client_address_holds_at_most_its_share_of_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&up, "[server]\nmax_connections_per_client = 2\n", &[]).await;
+    let healthz = b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    // Answered (bytes read), and kept open: a connection that holds its place. A closed one
+    // reads nothing, or is reset (it was sent a request it never read).
+    let open = async || {
+        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let _ = sock.write_all(healthz).await;
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf))
+            .await
+            .expect("an answer or a close")
+            .unwrap_or(0);
+        (sock, n)
+    };
+    let (first, n) = open().await;
+    assert!(n > 0);
+    let (_second, n) = open().await;
+    assert!(n > 0);
+    let (_third, n) = open().await;
+    assert_eq!(n, 0, "a third connection from the same address was served");
+    // One of its own ends: it gets a place again (once the server has seen the close).
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut again = loop {
+        let (sock, n) = open().await;
+        if n > 0 {
+            break sock;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Counted (read on a connection it holds: a new one would be refused too).
+    again
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let want = "poe_gateway_client_connections_refused_total ";
+    // Until the whole line has come.
+    let whole = |seen: &[u8]| {
+        let text = String::from_utf8_lossy(seen);
+        text.find(want).is_some_and(|at| text[at..].contains('\n'))
+    };
+    while !whole(&seen) {
+        let n = tokio::time::timeout(Duration::from_secs(10), again.read(&mut buf))
+            .await
+            .expect("the metrics")
+            .unwrap();
+        assert!(n > 0, "closed before the metrics came");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    let refused: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(want))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The third, and any tried while the close was not yet seen.
+    assert!(refused >= 1.0, "{refused}");
+}

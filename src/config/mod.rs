@@ -69,6 +69,10 @@ pub struct ServerPolicy {
     pub idle_timeout: Duration,
     /// Open client connections at most; past it, new ones wait in the listen backlog.
     pub max_connections: u32,
+    /// Open connections one client address may hold (0: no limit); past it, its new ones
+    /// are closed at once. Off by default: behind a proxy or load balancer every client
+    /// shares the proxy's address.
+    pub max_connections_per_client: u32,
     /// Put `GET /metrics` behind the admin key (`Authorization: Bearer <admin key>`).
     pub metrics_require_admin: bool,
     /// Threads serving connections, each with its own single-threaded runtime and upstream
@@ -99,6 +103,7 @@ impl Default for ServerPolicy {
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
             max_connections: 16_384,
+            max_connections_per_client: 0,
             metrics_require_admin: false,
             threads: 0,
         }

@@ -6,6 +6,7 @@
 mod admin;
 pub mod balance;
 mod browser;
+mod clients;
 pub(crate) use browser::with_port as browser_origin_with_port;
 mod routes;
 
@@ -49,6 +50,8 @@ pub(crate) struct App {
     browser: Option<browser::BrowserGuard>,
     /// CORS for the origins the policy lists, in every mode.
     cors: browser::Cors,
+    /// `server.max_connections_per_client`, when set.
+    per_client: Option<Arc<clients::ClientCounts>>,
 }
 
 /// A running server: its address, and a way to stop it.
@@ -265,6 +268,9 @@ impl App {
         Arc::new(App {
             browser,
             cors: browser::Cors::new(gateway.policy()),
+            per_client: clients::ClientCounts::new(
+                gateway.policy().server.max_connections_per_client,
+            ),
             mcp: McpHttp::new(McpCore::new(gateway.clone())),
             gateway,
             draining: AtomicBool::new(false),
@@ -351,6 +357,18 @@ async fn accept_loop(
             },
             _ = &mut shutdown => break,
         };
+        let client = match &app.per_client {
+            None => None,
+            Some(counts) => match counts.seat(peer.ip()) {
+                Some(seat) => Some(seat),
+                None => {
+                    // Closed before a byte is read: the address holds its share already.
+                    app.gateway.metrics().client_connections_refused.inc();
+                    tracing::debug!(%peer, "closing a connection over server.max_connections_per_client");
+                    continue;
+                }
+            },
+        };
         app.update_crowded();
         let mut crowded = app.crowded.subscribe();
         let app_for_close = app.clone();
@@ -431,7 +449,7 @@ async fn accept_loop(
                     _ = timer.as_mut(), if !(closing && served) => {
                         if !served {
                             tracing::debug!(%peer, "closing a connection that sent no request within server.header_read_timeout");
-                            drop((slot, seat));
+                            drop((slot, seat, client));
                             app_for_close.update_crowded();
                             return;
                         }
@@ -450,7 +468,7 @@ async fn accept_loop(
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            drop((slot, seat));
+            drop((slot, seat, client));
             app_for_close.update_crowded();
         });
     }
