@@ -111,11 +111,16 @@ async fn exited(child: &mut std::process::Child, secs: u64) -> std::process::Exi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_signal_fails_readyz_first_and_a_second_one_ends_the_drain() {
-    let (_up, db, mut child, gw, _stream) = with_a_held_stream(&[
+    let (_up, db, mut child, gw, stream) = with_a_held_stream(&[
         ("POE_GATEWAY_SERVER__SHUTDOWN_DELAY", "3s"),
         ("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "300s"),
     ])
     .await;
+    // Reads the held stream to its end, as its client would.
+    let rest = tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        stream.collect().await.map(|b| b.to_bytes())
+    });
     signal(&child, "TERM");
     // Still serving, new connections included, while /readyz says to go elsewhere.
     until_not_ready(&gw).await;
@@ -129,6 +134,13 @@ async fn a_stop_signal_fails_readyz_first_and_a_second_one_ends_the_drain() {
     signal(&child, "TERM");
     let status = exited(&mut child, 60).await;
     assert!(status.success(), "{status}");
+    // The cut stream ended as a whole response, with an error event its SDK raises.
+    let rest = rest
+        .await
+        .unwrap()
+        .expect("the stream ended cleanly, not cut mid-body");
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("data: {\"error\""), "{text}");
     // Every request has its row, the stream cut by the second signal included.
     assert_eq!(ledger_rows(&db).await, 2, "{db}");
 }

@@ -485,7 +485,16 @@ async fn accept_loop(
     if drained {
         return 0;
     }
+    // Still open: end this thread's upstream connections, so each stream on them ends with
+    // the tap's error event and a whole HTTP response (a client then knows its answer was
+    // cut, where a connection closed mid-body tells it less). What is still open a moment
+    // later is closed.
     let cut = connections.len();
+    app.gateway.upstream().close_connections();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
     connections.abort_all();
     cut
 }

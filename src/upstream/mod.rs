@@ -270,6 +270,12 @@ impl Upstream {
         self.send(req).await
     }
 
+    /// Closes the connections of the calling serving thread's pool (see [`use_pool`]): a
+    /// shutdown whose grace is over ends what still streams on them.
+    pub fn close_connections(&self) {
+        self.pools[POOL.with(|p| p.get()) % self.pools.len()].close_all();
+    }
+
     /// Where requests to `endpoint` go.
     pub fn uri(&self, endpoint: Endpoint) -> &Uri {
         match endpoint {

@@ -102,6 +102,9 @@ pub(super) struct Pool {
     idle: Mutex<Idle>,
     /// Whether the task that closes idle connections nobody came back for is running.
     reaping: AtomicBool,
+    /// The tasks driving this pool's connections, so a shutdown can end them
+    /// ([`Pool::close_all`]). Finished ones are dropped as new ones come.
+    drives: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 #[derive(Default)]
@@ -167,7 +170,30 @@ impl Pool {
             },
             idle: Mutex::new(Idle::default()),
             reaping: AtomicBool::new(false),
+            drives: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Runs a connection's task, kept where [`close_all`](Self::close_all) can end it.
+    fn drive<F>(&self, conn: F, proto: &'static str)
+    where
+        F: Future<Output = hyper::Result<()>> + Send + 'static,
+    {
+        let task = tokio::spawn(Drive { conn, proto });
+        let mut drives = self.drives.lock().unwrap_or_else(|p| p.into_inner());
+        drives.retain(|d| !d.is_finished());
+        drives.push(task.abort_handle());
+    }
+
+    /// At the end of a shutdown's grace: closes every connection of this pool. The answers
+    /// still streaming on them end, and each tap ends its client's stream with an error
+    /// event (instead of the client's connection being cut mid-body).
+    pub(super) fn close_all(&self) {
+        let drives = std::mem::take(&mut *self.drives.lock().unwrap_or_else(|p| p.into_inner()));
+        for d in drives {
+            d.abort();
+        }
+        *self.lock_idle() = Idle::default();
     }
 
     /// Sends `req` (absolute URI) on an idle connection, or on a new one, and returns the
@@ -393,10 +419,7 @@ impl Pool {
                 .handshake(io)
                 .await
                 .map_err(|e| connect_error(&e))?;
-            tokio::spawn(Drive {
-                conn,
-                proto: "HTTP/2",
-            });
+            self.drive(conn, "HTTP/2");
             let streams = Arc::new(AtomicUsize::new(0));
             let slot = Slot::take(&streams);
             self.lock_idle().h2.push(H2Conn {
@@ -410,10 +433,7 @@ impl Pool {
                 .handshake(io)
                 .await
                 .map_err(|e| connect_error(&e))?;
-            tokio::spawn(Drive {
-                conn,
-                proto: "HTTP/1.1",
-            });
+            self.drive(conn, "HTTP/1.1");
             Ok(Sender::H1(tx))
         }
     }
