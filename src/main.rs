@@ -345,7 +345,7 @@ async fn keys_command(cmd: KeysCommand, database_url: String) -> ExitCode {
                 Ok((rec, key)) => {
                     let budget = rec
                         .budget_usd
-                        .map(|b| format!("${b:.2} per {}", rec.period.as_str()))
+                        .map(|b| format!("${} per {}", keys::usd(b), rec.period.as_str()))
                         .unwrap_or_else(|| "no budget".into());
                     let rpm = rec
                         .rpm
@@ -392,9 +392,7 @@ async fn keys_command(cmd: KeysCommand, database_url: String) -> ExitCode {
                         } else {
                             "active"
                         },
-                        k.budget_usd
-                            .map(|b| format!("{b:.2}"))
-                            .unwrap_or_else(|| "-".into()),
+                        k.budget_usd.map(keys::usd).unwrap_or_else(|| "-".into()),
                         k.period.as_str(),
                         k.rpm.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
                         k.models
@@ -483,7 +481,13 @@ async fn usage_command(
         }
     };
     if let Err(e) = report::check_window(since_ms, until_ms) {
-        eprintln!("poe-gateway: --until: {e}");
+        // The bound that was given (a `--since` in the future is the `--since`'s fault).
+        let given = if args.until.is_some() {
+            "--until"
+        } else {
+            "--since"
+        };
+        eprintln!("poe-gateway: {given}: {e}");
         return ExitCode::from(2);
     }
     // Read-only: a report never creates a ledger or changes its schema.
@@ -494,10 +498,30 @@ async fn usage_command(
             return ExitCode::FAILURE;
         }
     };
+    // `--key` by id or by name; a key that does not exist is an error, not an empty report.
+    let key_id = match args.key {
+        None => None,
+        Some(which) => {
+            let known = match store.list_keys().await {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("poe-gateway: ledger: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match keys::key_id_of(&known, &which) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    eprintln!("poe-gateway: --key: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
     let q = ReportQuery {
         since_ms,
         until_ms,
-        key_id: args.key,
+        key_id,
         group_by: args.by,
     };
     match store.report(&q).await {

@@ -1048,7 +1048,7 @@ async fn the_usage_command_reads_a_ledger_and_creates_none() {
         let cells: Vec<&str> = csv
             .lines()
             .skip(1)
-            .map(|l| l.rsplitn(10, ',').last().unwrap())
+            .map(|l| l.rsplitn(11, ',').last().unwrap())
             .collect();
         assert!(
             cells.contains(&"\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\""),
@@ -1528,4 +1528,103 @@ async fn keys_in_use_outlive_a_failing_key_store() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The operator's view of keys and reports. A name is one active key, even when many ask for
+/// it at once. A report's window, pasted back, means what it said. A filter or parameter
+/// that matches nothing is a 400 naming it, not an empty answer. HEAD works as on other
+/// routes. Estimated tokens are counted apart, and a refused request is reported under its
+/// bot, not its alias. A budget under a cent is shown as it is.
+#[tokio::test]
+async fn admin_reports_answer_what_was_asked_or_say_why_not() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("claude-sonnet-4.5", "ok"));
+    let db = databases().await.remove(0);
+    let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+
+    let mut racing = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let addr = gw.addr;
+        racing.spawn(async move {
+            let gw = TestGateway { addr, handle: None };
+            as_admin(&gw, "POST", "/admin/keys", r#"{"name":"race"}"#)
+                .await
+                .status()
+                .as_u16()
+        });
+    }
+    let mut created = 0;
+    while let Some(status) = racing.join_next().await {
+        match status.unwrap() {
+            201 => created += 1,
+            s => assert_eq!(s, 400),
+        }
+    }
+    assert_eq!(created, 1, "one active key per name");
+
+    let (_, key) = create_key(&gw, r#"{"name":"erin","budget_usd":0.0001,"period":"day"}"#).await;
+    let auth = format!("Bearer {key}");
+    let mut refused = 0;
+    for _ in 0..3 {
+        let resp = post(
+            &gw,
+            &chat_body("claude", false),
+            &[("authorization", &auth)],
+        )
+        .await;
+        let status = resp.status();
+        let body = body_bytes(resp).await;
+        if status == 429 {
+            refused += 1;
+            let text = String::from_utf8_lossy(&body);
+            assert!(text.contains("budget of $0.0001 "), "{text}");
+        }
+    }
+    assert!(refused > 0, "the $0.0001 budget held nothing back");
+    // Refused by its budget: under its bot, with the answered ones. (A budget under a cent
+    // would read "$0.00".)
+    let v =
+        body_json(as_admin(&gw, "GET", "/admin/usage?key_id=erin&group_by=model", "").await).await;
+    let groups = v["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{v}");
+    assert_eq!(groups[0]["group"], "claude-sonnet-4.5", "{v}");
+    assert_eq!(v["totals"]["requests"], 3, "{v}");
+    assert_eq!(v["totals"]["estimated"], 0, "{v}");
+
+    // The window a report prints, pasted back, is the same window.
+    let all = body_json(as_admin(&gw, "GET", "/admin/usage", "").await).await;
+    let again = body_json(
+        as_admin(
+            &gw,
+            "GET",
+            &format!(
+                "/admin/usage?since={}&until={}",
+                all["since_ms"], all["until_ms"]
+            ),
+            "",
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(again["totals"], all["totals"]);
+    assert_eq!(again["since_ms"], all["since_ms"]);
+
+    for (query, param) in [
+        ("key_id=nobody", "key_id"),
+        ("key_id=", "key_id"),
+        ("groupby=key", "null"),
+        ("since=2999-01-01", "since"),
+    ] {
+        let resp = as_admin(&gw, "GET", &format!("/admin/usage?{query}"), "").await;
+        let e = expect_error(resp, 400, "invalid_request_error").await;
+        assert_eq!(
+            e["param"].to_string().trim_matches('"'),
+            param,
+            "{query}: {e}"
+        );
+    }
+    let resp = as_admin(&gw, "DELETE", "/admin/cache?key_id=nobody", "").await;
+    expect_error(resp, 400, "invalid_request_error").await;
+    let resp = as_admin(&gw, "HEAD", "/admin/usage", "").await;
+    assert_eq!(resp.status(), 200);
 }

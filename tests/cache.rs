@@ -452,7 +452,7 @@ async fn a_scoped_purge_drops_only_that_scope() {
             assert_eq!(resp.status(), 200);
         }
     };
-    purge("someone-else").await;
+    purge("pt_0123456789abcdef").await;
     assert_eq!(
         call(&gw, &body, &[]).await.0,
         "HIT",

@@ -113,6 +113,52 @@ pub struct NewKey {
     pub models: Option<Vec<String>>,
 }
 
+/// The id of the key `which` names, by id or by name, among `keys` (as `keys revoke` takes
+/// them). A name several keys have had (revoked ones keep theirs) must be given as an id.
+/// A passthrough caller's id (`pt_...`) and the open mode's cache scope (`open`) are taken
+/// as they are: they are no key's.
+pub fn key_id_of(keys: &[KeyRecord], which: &str) -> Result<String, String> {
+    let which = which.trim();
+    if which.is_empty() {
+        return Err("the key is empty: give its id or name".into());
+    }
+    if which == "open"
+        || which.starts_with(PASSTHROUGH_ID_PREFIX)
+        || keys.iter().any(|k| k.id == which)
+    {
+        return Ok(which.to_string());
+    }
+    let shown: String = which
+        .chars()
+        .take(100)
+        .filter(|c| !c.is_control())
+        .collect();
+    let named: Vec<&KeyRecord> = keys.iter().filter(|k| k.name == which).collect();
+    match named.as_slice() {
+        [one] => Ok(one.id.clone()),
+        [] => Err(format!("no key has the id or name `{shown}`")),
+        several => Err(format!(
+            "{} keys have been named `{shown}`: give one of their ids ({})",
+            several.len(),
+            several
+                .iter()
+                .map(|k| k.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// A dollar amount as people write it: cents, or as many places as a smaller amount needs
+/// (a budget of $0.001 is not "$0.00").
+pub fn usd(v: f64) -> String {
+    if v == 0.0 || v.abs() >= 0.01 {
+        return format!("{v:.2}");
+    }
+    let text = format!("{v:.6}");
+    text.trim_end_matches('0').to_string()
+}
+
 /// The largest per-key `rpm`.
 const MAX_RPM: u32 = 1_000_000;
 
@@ -181,7 +227,10 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
         ));
     }
     // Two active keys of one name could not be told apart in reports or revoked one at a
-    // time. (A revoked key's name may be reused.)
+    // time. (A revoked key's name may be reused.) The check and the insert are one step for
+    // this process: concurrent requests for one name made several keys of it.
+    static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = CREATING.lock().await;
     let taken = store
         .list_keys()
         .await
@@ -488,7 +537,8 @@ impl KeyRing {
         };
         if spent >= budget {
             return Err(GatewayError::QuotaExceeded(format!(
-                "this key has used its budget of ${budget:.2} for the current {} (spent ${spent:.4})",
+                "this key has used its budget of ${} for the current {} (spent ${spent:.4})",
+                usd(budget),
                 rec.period.as_str()
             )));
         }

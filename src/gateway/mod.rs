@@ -464,6 +464,37 @@ impl Gateway {
         self.record_unreplied(row, &err.to_string());
     }
 
+    /// [`record_rejection`](Self::record_rejection) for a request whose route is known: the
+    /// row names the alias and the bot it would have called first, as a reply's row does, so
+    /// a report by model does not split one bot's requests under its alias.
+    fn record_refusal(
+        &self,
+        caller: &Caller,
+        req: &ChatRequest,
+        route: Route<'_>,
+        bots: &[String],
+        err: &GatewayError,
+        started: Instant,
+    ) {
+        let row = UsageRow {
+            ts_ms: now_ms(),
+            request_id: caller.request_id.to_string(),
+            key_id: caller.key_id.as_deref().map(String::from),
+            alias: route.alias().map(String::from),
+            model: req.model().to_string(),
+            bot: bots
+                .first()
+                .map_or_else(|| req.model().to_string(), Clone::clone),
+            stream: req.stream(),
+            status: err.status().as_u16(),
+            outcome: "rejected",
+            attempts: 0,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            ..UsageRow::default()
+        };
+        self.record_unreplied(row, &err.to_string());
+    }
+
     /// Counts, logs and queues the row of a request that has no reply to do it (refused, or
     /// dropped before Poe's head): the rows of replies are written by their [`Completion`].
     fn record_unreplied(&self, row: UsageRow, reason: &str) {
@@ -618,7 +649,7 @@ impl Gateway {
             }
             .await;
             if let Err(e) = checked {
-                self.record_rejection(caller, req.model(), req.stream(), &e, started);
+                self.record_refusal(caller, &req, route, bots, &e, started);
                 return Err(e);
             }
         }
@@ -788,7 +819,7 @@ impl Gateway {
                     Err(_) if last.is_some() => break 'bots,
                     Err(e) => {
                         watch.armed = false;
-                        self.record_rejection(caller, req.model(), req.stream(), &e, started);
+                        self.record_refusal(caller, req, route, bots, &e, started);
                         return Err(e);
                     }
                 };

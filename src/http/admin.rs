@@ -24,7 +24,7 @@ pub(crate) async fn own_usage(
     req: &Request<Incoming>,
     caller: &Caller,
 ) -> Result<HttpResponse, GatewayError> {
-    let q = report_query(req.uri().query())?;
+    let q = report_query(req.uri().query(), &["since", "until", "group_by"])?;
     let report = app.gateway.usage_report(caller, q).await?;
     Ok(json_value(StatusCode::OK, &report))
 }
@@ -36,7 +36,12 @@ pub(crate) async fn handle(
 ) -> Result<HttpResponse, GatewayError> {
     check_admin(app, req.headers(), "the admin API")?;
     let path = req.uri().path().to_string();
-    match (req.method().clone(), path.as_str()) {
+    // HEAD is GET without the body, here as on every other route.
+    let method = match req.method() {
+        &Method::HEAD => Method::GET,
+        m => m.clone(),
+    };
+    match (method, path.as_str()) {
         (Method::GET, "/admin/keys") => {
             let keys = app
                 .gateway
@@ -78,8 +83,12 @@ pub(crate) async fn handle(
             ))
         }
         (Method::DELETE, "/admin/cache") => {
-            // All entries, or one key's (`?key_id=`).
-            let scope = query_param(req.uri().query(), "key_id");
+            // All entries, or one key's (`?key_id=`, an id or a name).
+            only_params(req.uri().query(), &["key_id"])?;
+            let scope = match query_param(req.uri().query(), "key_id") {
+                Some(which) => Some(key_id(app, &which).await?),
+                None => None,
+            };
             app.gateway.cache().purge(scope.as_deref()).await;
             Ok(json_value(
                 StatusCode::OK,
@@ -87,8 +96,11 @@ pub(crate) async fn handle(
             ))
         }
         (Method::GET, "/admin/usage") => {
-            let mut q = report_query(req.uri().query())?;
-            q.key_id = query_param(req.uri().query(), "key_id");
+            let mut q = report_query(req.uri().query(), &["since", "until", "group_by", "key_id"])?;
+            q.key_id = match query_param(req.uri().query(), "key_id") {
+                Some(which) => Some(key_id(app, &which).await?),
+                None => None,
+            };
             report(app, &q).await
         }
         (m, p) => match allowed_methods(p) {
@@ -112,6 +124,20 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
         p if p.starts_with("/admin/keys/") => Some("DELETE"),
         _ => None,
     }
+}
+
+/// The id of the key `which` names, by id or by name (as `keys revoke` takes them): a filter
+/// that matches no key is a 400, not an empty report or a purge of nothing. A name that
+/// several keys have had (revoked ones keep theirs) must be given as an id.
+async fn key_id(app: &App, which: &str) -> Result<String, GatewayError> {
+    let keys = app
+        .gateway
+        .ledger()
+        .store()
+        .list_keys()
+        .await
+        .map_err(|e| GatewayError::internal("listing keys", &e))?;
+    keys::key_id_of(&keys, which).map_err(|e| GatewayError::bad_param("key_id", e))
 }
 
 async fn revoke(app: &App, which: &str) -> Result<Vec<KeyRecord>, GatewayError> {
@@ -159,7 +185,28 @@ async fn report(app: &App, q: &ReportQuery) -> Result<HttpResponse, GatewayError
     Ok(json_value(StatusCode::OK, &report))
 }
 
-fn report_query(query: Option<&str>) -> Result<ReportQuery, GatewayError> {
+/// A parameter the route does not know is a 400: a typo (`groupby`, `key`) would otherwise
+/// give everyone's totals, ungrouped, as if it were the answer.
+fn only_params(query: Option<&str>, known: &[&str]) -> Result<(), GatewayError> {
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if !known.contains(&name) {
+            return Err(GatewayError::bad_request(format!(
+                "unknown query parameter `{}`; this route takes {}",
+                super::browser::shown(name),
+                known
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn report_query(query: Option<&str>, known: &[&str]) -> Result<ReportQuery, GatewayError> {
+    only_params(query, known)?;
     let now = now_ms();
     let when = |name: &'static str, default: i64| -> Result<i64, GatewayError> {
         match query_param(query, name) {
@@ -169,8 +216,15 @@ fn report_query(query: Option<&str>) -> Result<ReportQuery, GatewayError> {
     };
     let since_ms = when("since", now - DEFAULT_WINDOW_MS)?;
     let until_ms = when("until", now + 1)?;
+    // The error names the bound the caller gave (a `since` in the future, with `until` left
+    // to its default, is the `since`'s fault).
+    let given = if query_param(query, "until").is_some() {
+        "until"
+    } else {
+        "since"
+    };
     crate::ledger::report::check_window(since_ms, until_ms)
-        .map_err(|e| GatewayError::bad_param("until", e))?;
+        .map_err(|e| GatewayError::bad_param(given, e))?;
     let group_by = match query_param(query, "group_by") {
         None => None,
         Some(g) => Some(GroupBy::parse(&g).ok_or_else(|| {

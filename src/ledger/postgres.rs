@@ -137,6 +137,7 @@ impl Postgres {
                         saved_usd: r.try_get(7)?,
                         errors: r.try_get(8)?,
                         unpriced: r.try_get(9)?,
+                        estimated: r.try_get(10)?,
                     },
                 })
             })

@@ -44,6 +44,9 @@ pub struct Totals {
     pub errors: i64,
     /// Rows whose bot has no known price: their cost is unknown, not 0.
     pub unpriced: i64,
+    /// Rows whose tokens are the gateway's estimate (Poe sent no usage: a cut stream, a
+    /// client gone), not Poe's count.
+    pub estimated: i64,
 }
 
 impl Totals {
@@ -57,6 +60,7 @@ impl Totals {
         self.saved_usd += o.saved_usd;
         self.errors += o.errors;
         self.unpriced += o.unpriced;
+        self.estimated += o.estimated;
     }
 }
 
@@ -117,7 +121,8 @@ fn day_name(days: &str) -> String {
 }
 
 /// The report query: `[since, until)`, optional key filter, grouped. Columns, in order:
-/// group, requests, prompt, completion, total, cost, cache hits, saved, errors, unpriced.
+/// group, requests, prompt, completion, total, cost, cache hits, saved, errors, unpriced,
+/// estimated.
 pub(crate) fn sql(d: Dialect, q: &ReportQuery) -> String {
     let int = |e: &str| match d {
         Dialect::Sqlite => format!("COALESCE({e}, 0)"),
@@ -141,7 +146,7 @@ pub(crate) fn sql(d: Dialect, q: &ReportQuery) -> String {
         String::new()
     };
     format!(
-        "SELECT {group} AS g, {requests}, {prompt}, {completion}, {total}, {cost}, {hits}, {saved}, {errors}, {unpriced} \
+        "SELECT {group} AS g, {requests}, {prompt}, {completion}, {total}, {cost}, {hits}, {saved}, {errors}, {unpriced}, {estimated} \
          FROM usage WHERE ts_ms >= {p1} AND ts_ms < {p2}{key_filter} GROUP BY 1",
         requests = int("COUNT(*)"),
         prompt = int("SUM(prompt_tokens)"),
@@ -152,6 +157,7 @@ pub(crate) fn sql(d: Dialect, q: &ReportQuery) -> String {
         saved = real("SUM(saved_usd)"),
         errors = int("SUM(CASE WHEN status >= 400 OR outcome <> 'completed' THEN 1 ELSE 0 END)"),
         unpriced = int("SUM(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END)"),
+        estimated = int("SUM(CASE WHEN tokens_estimated THEN 1 ELSE 0 END)"),
         p1 = d.ph(1),
         p2 = d.ph(2),
     )
@@ -163,12 +169,12 @@ pub fn render(report: &Report, format: &str) -> String {
         "json" => serde_json::to_string_pretty(report).unwrap_or_default(),
         "csv" => {
             let mut out = String::from(
-                "group,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd,cache_hits,saved_usd,errors,unpriced\n",
+                "group,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd,cache_hits,saved_usd,errors,unpriced,estimated\n",
             );
             for g in rows(report) {
                 let t = &g.totals;
                 out.push_str(&format!(
-                    "{},{},{},{},{},{:.6},{},{:.6},{},{}\n",
+                    "{},{},{},{},{},{:.6},{},{:.6},{},{},{}\n",
                     csv_field(&g.group),
                     t.requests,
                     t.prompt_tokens,
@@ -178,7 +184,8 @@ pub fn render(report: &Report, format: &str) -> String {
                     t.cache_hits,
                     t.saved_usd,
                     t.errors,
-                    t.unpriced
+                    t.unpriced,
+                    t.estimated
                 ));
             }
             out
@@ -215,6 +222,12 @@ pub fn render(report: &Report, format: &str) -> String {
                 out.push_str(&format!(
                     "note: {} request(s) used bots without a known price; their cost is not included\n",
                     report.totals.unpriced
+                ));
+            }
+            if report.totals.estimated > 0 {
+                out.push_str(&format!(
+                    "note: the tokens of {} request(s) are the gateway's estimate (Poe sent no usage for them)\n",
+                    report.totals.estimated
                 ));
             }
             out
@@ -259,8 +272,14 @@ fn truncate(s: &str, n: usize) -> String {
 /// as `7d` or `36h` meaning that long before `now_ms`. Returns unix milliseconds.
 pub fn parse_when(s: &str, now_ms: i64) -> Result<i64, String> {
     let s = s.trim();
-    if let Ok(secs) = s.parse::<i64>() {
-        return Ok(secs.saturating_mul(1000));
+    if let Ok(n) = s.parse::<i64>() {
+        // Reports print their window in milliseconds, and one pasted back must mean the same
+        // time: a number past 10^11 (the year 5138 in seconds) is milliseconds.
+        return Ok(if n.abs() >= 100_000_000_000 {
+            n
+        } else {
+            n.saturating_mul(1000)
+        });
     }
     if let Ok(age) = humantime::parse_duration(s) {
         let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
@@ -283,7 +302,7 @@ pub fn parse_when(s: &str, now_ms: i64) -> Result<i64, String> {
         return Ok(d.midnight().assume_utc().unix_timestamp() * 1000);
     }
     Err(format!(
-        "cannot read {s:?} as a time: use unix seconds, YYYY-MM-DD, RFC 3339, or an age like 7d"
+        "cannot read {s:?} as a time: use unix seconds or milliseconds, YYYY-MM-DD, RFC 3339, or an age like 7d"
     ))
 }
 
@@ -304,6 +323,9 @@ mod tests {
     #[test]
     fn when_forms() {
         let now = 1_795_366_200_000;
+        assert_eq!(parse_when("1795366200", now).unwrap(), now);
+        // The milliseconds a report prints, pasted back.
+        assert_eq!(parse_when("1795366200000", now).unwrap(), now);
         assert_eq!(parse_when("7d", now).unwrap(), now - 7 * 86_400_000);
         assert_eq!(parse_when("2026-11-01", now).unwrap(), 1_793_491_200_000);
         assert_eq!(parse_when("2026-11-22T16:50:00Z", now).unwrap(), now);

@@ -174,6 +174,7 @@ impl Sqlite {
                         saved_usd: r.get(7)?,
                         errors: r.get(8)?,
                         unpriced: r.get(9)?,
+                        estimated: r.get(10)?,
                     },
                 })
             };
