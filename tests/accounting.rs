@@ -1625,6 +1625,13 @@ async fn admin_reports_answer_what_was_asked_or_say_why_not() {
     }
     let resp = as_admin(&gw, "DELETE", "/admin/cache?key_id=nobody", "").await;
     expect_error(resp, 400, "invalid_request_error").await;
+    // A wrong field of a new key is named; so is the real range of `rpm`.
+    let resp = as_admin(&gw, "POST", "/admin/keys", r#"{"name":"x","rpm":-1}"#).await;
+    let e = expect_error(resp, 400, "invalid_request_error").await;
+    assert_eq!(e["param"], "rpm", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("1000000"), "{e}");
+    let resp = as_admin(&gw, "POST", "/admin/keys", r#"{"name":"y"} trailing"#).await;
+    expect_error(resp, 400, "invalid_request_error").await;
     let resp = as_admin(&gw, "HEAD", "/admin/usage", "").await;
     assert_eq!(resp.status(), 200);
 }

@@ -181,9 +181,9 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D
         .and_then(|u| u32::try_from(u).ok())
         .map(Some)
         .ok_or_else(|| {
+            // The range `rpm` takes (the one field read this way), checked after.
             D::Error::custom(format!(
-                "must be a whole number from 1 to {}, not {n}",
-                u32::MAX
+                "must be a whole number from 1 to {MAX_RPM}, not {n}"
             ))
         })
 }

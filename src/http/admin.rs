@@ -59,7 +59,20 @@ pub(crate) async fn handle(
             let timeout = app.gateway.policy().server.body_read_timeout;
             let (body, _held) =
                 read_body(req, NEW_KEY_BODY_LIMIT, timeout, app.gateway.body_budget()).await?;
-            let new: NewKey = serde_json::from_slice(&body)
+            // Through serde_path_to_error, so a wrong field is named as the error's `param`.
+            let mut de = serde_json::Deserializer::from_slice(&body);
+            let new: NewKey = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+                let message = format!("invalid key request: {}", e.inner());
+                let field = e.path().to_string();
+                match ["name", "budget_usd", "period", "rpm", "models"]
+                    .into_iter()
+                    .find(|f| field == *f || field.starts_with(&format!("{f}[")))
+                {
+                    Some(f) => GatewayError::bad_param(f, message),
+                    None => GatewayError::bad_request(message),
+                }
+            })?;
+            de.end()
                 .map_err(|e| GatewayError::bad_request(format!("invalid key request: {e}")))?;
             let (rec, key) = keys::create_key(app.gateway.ledger().store(), new).await?;
             let mut v = serde_json::to_value(&rec).unwrap_or_default();
