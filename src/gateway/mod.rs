@@ -448,19 +448,7 @@ impl Gateway {
         err: &GatewayError,
         started: Instant,
     ) {
-        let row = UsageRow {
-            ts_ms: now_ms(),
-            request_id: caller.request_id.to_string(),
-            key_id: caller.key_id.as_deref().map(String::from),
-            model: model.to_string(),
-            bot: model.to_string(),
-            stream,
-            status: err.status().as_u16(),
-            outcome: "rejected",
-            attempts: 0,
-            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-            ..UsageRow::default()
-        };
+        let row = rejected_row(caller, model, model, stream, err, started);
         self.record_unreplied(row, &err.to_string());
     }
 
@@ -476,22 +464,9 @@ impl Gateway {
         err: &GatewayError,
         started: Instant,
     ) {
-        let row = UsageRow {
-            ts_ms: now_ms(),
-            request_id: caller.request_id.to_string(),
-            key_id: caller.key_id.as_deref().map(String::from),
-            alias: route.alias().map(String::from),
-            model: req.model().to_string(),
-            bot: bots
-                .first()
-                .map_or_else(|| req.model().to_string(), Clone::clone),
-            stream: req.stream(),
-            status: err.status().as_u16(),
-            outcome: "rejected",
-            attempts: 0,
-            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-            ..UsageRow::default()
-        };
+        let bot = bots.first().map_or(req.model(), String::as_str);
+        let mut row = rejected_row(caller, req.model(), bot, req.stream(), err, started);
+        row.alias = route.alias().map(String::from);
         self.record_unreplied(row, &err.to_string());
     }
 
@@ -1120,6 +1095,30 @@ impl Gateway {
         );
         *msg = serde_json::Value::String(text);
         serde_json::to_vec(&doc).map(Bytes::from).unwrap_or(body)
+    }
+}
+
+/// The row of a request refused before any call to Poe.
+fn rejected_row(
+    caller: &Caller,
+    model: &str,
+    bot: &str,
+    stream: bool,
+    err: &GatewayError,
+    started: Instant,
+) -> UsageRow {
+    UsageRow {
+        ts_ms: now_ms(),
+        request_id: caller.request_id.to_string(),
+        key_id: caller.key_id.as_deref().map(String::from),
+        model: model.to_string(),
+        bot: bot.to_string(),
+        stream,
+        status: err.status().as_u16(),
+        outcome: "rejected",
+        attempts: 0,
+        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        ..UsageRow::default()
     }
 }
 

@@ -43,13 +43,7 @@ pub(crate) async fn handle(
     };
     match (method, path.as_str()) {
         (Method::GET, "/admin/keys") => {
-            let keys = app
-                .gateway
-                .ledger()
-                .store()
-                .list_keys()
-                .await
-                .map_err(|e| GatewayError::internal("listing keys", &e))?;
+            let keys = all_keys(app).await?;
             Ok(json_value(
                 StatusCode::OK,
                 &serde_json::json!({"object": "list", "data": keys}),
@@ -143,14 +137,17 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
 /// that matches no key is a 400, not an empty report or a purge of nothing. A name that
 /// several keys have had (revoked ones keep theirs) must be given as an id.
 async fn key_id(app: &App, which: &str) -> Result<String, GatewayError> {
-    let keys = app
-        .gateway
+    let keys = all_keys(app).await?;
+    keys::key_id_of(&keys, which).map_err(|e| GatewayError::bad_param("key_id", e))
+}
+
+async fn all_keys(app: &App) -> Result<Vec<KeyRecord>, GatewayError> {
+    app.gateway
         .ledger()
         .store()
         .list_keys()
         .await
-        .map_err(|e| GatewayError::internal("listing keys", &e))?;
-    keys::key_id_of(&keys, which).map_err(|e| GatewayError::bad_param("key_id", e))
+        .map_err(|e| GatewayError::internal("listing keys", &e))
 }
 
 async fn revoke(app: &App, which: &str) -> Result<Vec<KeyRecord>, GatewayError> {
