@@ -509,7 +509,7 @@ async fn usage_command(
                     return ExitCode::FAILURE;
                 }
             };
-            match keys::key_id_of(&known, &which) {
+            match keys::key_id_of(&known, &which, false) {
                 Ok(id) => Some(id),
                 Err(e) => {
                     eprintln!("poe-gateway: --key: {e}");

@@ -1609,9 +1609,23 @@ async fn admin_reports_answer_what_was_asked_or_say_why_not() {
     assert_eq!(again["totals"], all["totals"]);
     assert_eq!(again["since_ms"], all["since_ms"]);
 
+    // A key's name is found even when it reads like a passthrough id.
+    let (_, pt_named) = create_key(&gw, r#"{"name":"pt_team"}"#).await;
+    let resp = post(
+        &gw,
+        &chat_body("claude", false),
+        &[("authorization", &format!("Bearer {pt_named}"))],
+    )
+    .await;
+    body_bytes(resp).await;
+    let v = body_json(as_admin(&gw, "GET", "/admin/usage?key_id=pt_team", "").await).await;
+    assert_eq!(v["totals"]["requests"], 1, "{v}");
+
     for (query, param) in [
         ("key_id=nobody", "key_id"),
         ("key_id=", "key_id"),
+        // Open mode's rows have no key: `open` is a cache scope, not a report filter.
+        ("key_id=open", "key_id"),
         ("groupby=key", "null"),
         ("since=2999-01-01", "since"),
     ] {

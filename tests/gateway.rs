@@ -628,3 +628,58 @@ async fn a_burst_of_connections_is_spread_over_the_serving_threads() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// Two servers on one gateway (an embedder's public and internal listeners): one stopping,
+/// its grace over, leaves the other's streams alone. The upstream connections a stopping
+/// server may close are only a serving thread's own (`poe-gateway serve`).
+#[tokio::test]
+async fn a_server_stopping_leaves_another_on_its_gateway_streaming() {
+    let up = MockUpstream::start().await;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    for _ in 0..2 {
+        up.push(
+            Reply::sse()
+                .send(chunk("gpt-5", "first"))
+                .gate(&gate)
+                .send("data: [DONE]\n\n"),
+        );
+    }
+    let policy = test_policy(&up, "[server]\nshutdown_grace = \"1s\"\n", &[]);
+    let core = poe_gateway::Gateway::new(
+        policy,
+        Some(poe_gateway::upstream::Secret::new(UPSTREAM_KEY)),
+    )
+    .unwrap();
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        servers.push(poe_gateway::http::spawn(listener, core.clone()).unwrap());
+    }
+    let mut streams = Vec::new();
+    for s in &servers {
+        let gw = TestGateway {
+            addr: s.local_addr,
+            handle: None,
+        };
+        let mut body = post(&gw, &chat_body("gpt-5", true), &[]).await.into_body();
+        assert!(next_data(&mut body, 10).await.is_some());
+        streams.push(body);
+    }
+    let staying = streams.pop().unwrap();
+    let first = servers.remove(0);
+    tokio::time::timeout(Duration::from_secs(30), first.shutdown())
+        .await
+        .expect("the first server stopped");
+    gate.add_permits(2);
+    let rest = tokio::time::timeout(Duration::from_secs(10), body_bytes_of(staying))
+        .await
+        .expect("the other stream went on");
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!text.contains("\"error\""), "{text}");
+}
+
+async fn body_bytes_of(body: hyper::body::Incoming) -> bytes::Bytes {
+    use http_body_util::BodyExt;
+    body.collect().await.unwrap().to_bytes()
+}

@@ -115,17 +115,14 @@ pub struct NewKey {
 
 /// The id of the key `which` names, by id or by name, among `keys` (as `keys revoke` takes
 /// them). A name several keys have had (revoked ones keep theirs) must be given as an id.
-/// A passthrough caller's id (`pt_...`) and the open mode's cache scope (`open`) are taken
-/// as they are: they are no key's.
-pub fn key_id_of(keys: &[KeyRecord], which: &str) -> Result<String, String> {
+/// Failing those, a passthrough caller's id (`pt_...`) is taken as it is, and so is `open`
+/// (the open mode's cache scope) when `open_scope`: they are no key's.
+pub fn key_id_of(keys: &[KeyRecord], which: &str, open_scope: bool) -> Result<String, String> {
     let which = which.trim();
     if which.is_empty() {
         return Err("the key is empty: give its id or name".into());
     }
-    if which == "open"
-        || which.starts_with(PASSTHROUGH_ID_PREFIX)
-        || keys.iter().any(|k| k.id == which)
-    {
+    if keys.iter().any(|k| k.id == which) {
         return Ok(which.to_string());
     }
     let shown: String = which
@@ -136,6 +133,9 @@ pub fn key_id_of(keys: &[KeyRecord], which: &str) -> Result<String, String> {
     let named: Vec<&KeyRecord> = keys.iter().filter(|k| k.name == which).collect();
     match named.as_slice() {
         [one] => Ok(one.id.clone()),
+        [] if which.starts_with(PASSTHROUGH_ID_PREFIX) || (open_scope && which == "open") => {
+            Ok(which.to_string())
+        }
         [] => Err(format!("no key has the id or name `{shown}`")),
         several => Err(format!(
             "{} keys have been named `{shown}`: give one of their ids ({})",
@@ -155,8 +155,8 @@ pub fn usd(v: f64) -> String {
     if v == 0.0 || v.abs() >= 0.01 {
         return format!("{v:.2}");
     }
-    let text = format!("{v:.6}");
-    text.trim_end_matches('0').to_string()
+    // The shortest decimal that reads back as the same number, never in exponent form.
+    format!("{v}")
 }
 
 /// The largest per-key `rpm`.
@@ -770,6 +770,14 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60 * 60)).await;
         ring.store_failed(&"still down");
         assert!(ring.authenticate(&recent).await.is_ok());
+    }
+
+    #[test]
+    fn dollar_amounts_keep_their_places() {
+        assert_eq!(usd(20.0), "20.00");
+        assert_eq!(usd(0.0), "0.00");
+        assert_eq!(usd(0.001), "0.001");
+        assert_eq!(usd(0.0000001), "0.0000001");
     }
 
     /// A cost is counted at once only in the period its request ended in. One that ended past

@@ -93,7 +93,7 @@ pub(crate) async fn handle(
             // All entries, or one key's (`?key_id=`, an id or a name).
             only_params(req.uri().query(), &["key_id"])?;
             let scope = match query_param(req.uri().query(), "key_id") {
-                Some(which) => Some(key_id(app, &which).await?),
+                Some(which) => Some(key_id(app, &which, true).await?),
                 None => None,
             };
             app.gateway.cache().purge(scope.as_deref()).await;
@@ -105,7 +105,7 @@ pub(crate) async fn handle(
         (Method::GET, "/admin/usage") => {
             let mut q = report_query(req.uri().query(), &["since", "until", "group_by", "key_id"])?;
             q.key_id = match query_param(req.uri().query(), "key_id") {
-                Some(which) => Some(key_id(app, &which).await?),
+                Some(which) => Some(key_id(app, &which, false).await?),
                 None => None,
             };
             report(app, &q).await
@@ -136,9 +136,10 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
 /// The id of the key `which` names, by id or by name (as `keys revoke` takes them): a filter
 /// that matches no key is a 400, not an empty report or a purge of nothing. A name that
 /// several keys have had (revoked ones keep theirs) must be given as an id.
-async fn key_id(app: &App, which: &str) -> Result<String, GatewayError> {
+/// `open_scope`: the open mode's cache scope, `open`, is a scope here too.
+async fn key_id(app: &App, which: &str, open_scope: bool) -> Result<String, GatewayError> {
     let keys = all_keys(app).await?;
-    keys::key_id_of(&keys, which).map_err(|e| GatewayError::bad_param("key_id", e))
+    keys::key_id_of(&keys, which, open_scope).map_err(|e| GatewayError::bad_param("key_id", e))
 }
 
 async fn all_keys(app: &App) -> Result<Vec<KeyRecord>, GatewayError> {

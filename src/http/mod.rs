@@ -109,12 +109,15 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, shutdown: impl Futur
         }
     };
     let lane = balance::lanes(1, app.gateway.metrics()).remove(0);
+    // Its upstream connections are not its own to close (pool 0 serves every thread that is
+    // not a serving thread's: other servers on this gateway, background work).
     let cut = accept_loop(
         listener,
         app.clone(),
         lane,
         stopping,
         std::future::pending(),
+        false,
     )
     .await;
     log_drained(cut);
@@ -212,7 +215,7 @@ pub async fn serve_threads(
                     let hurry = async move {
                         let _ = hurried.wait_for(|s| *s == Stop::Hurry).await;
                     };
-                    accept_loop(listener, app, lane, stopping, hurry).await
+                    accept_loop(listener, app, lane, stopping, hurry, true).await
                 });
                 // Tasks still alive on this runtime (a stream past the grace) end here.
                 drop(runtime);
@@ -308,12 +311,15 @@ impl App {
 
 /// One accept loop. Returns once `shutdown` has resolved and this loop's connections have
 /// drained (or the grace period ran out, or `hurry` came): how many it had to close.
+/// `owns_pool`: this thread's upstream pool is this loop's alone (a serving thread's), so it
+/// may close its connections to end the streams left at the end.
 async fn accept_loop(
     listener: TcpListener,
     app: Arc<App>,
     mut lane: Lane,
     shutdown: impl Future<Output = ()>,
     hurry: impl Future<Output = ()>,
+    owns_pool: bool,
 ) -> usize {
     let policy = app.gateway.policy().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -490,11 +496,13 @@ async fn accept_loop(
     // cut, where a connection closed mid-body tells it less). What is still open a moment
     // later is closed.
     let cut = connections.len();
-    app.gateway.upstream().close_connections();
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
+    if owns_pool {
+        app.gateway.upstream().close_connections();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+    }
     connections.abort_all();
     cut
 }
