@@ -207,20 +207,21 @@ impl SharedState {
                 true,
             ),
         };
+        // Rest only while it cannot be reached; any answer (an error reply too) ends the rest.
+        let until = if unreachable {
+            self.now_ms() + REST.as_millis() as u64
+        } else {
+            0
+        };
+        rest.store(until, Ordering::Relaxed);
         match &result {
             Ok(_) => {
-                rest.store(0, Ordering::Relaxed);
                 if !self.up.swap(true, Ordering::Relaxed) {
                     self.metrics.redis_up.set(1);
                     tracing::warn!("redis is reachable again; shared limits and budgets resume");
                 }
             }
             Err(e) => {
-                if unreachable {
-                    rest.store(self.now_ms() + REST.as_millis() as u64, Ordering::Relaxed);
-                } else {
-                    rest.store(0, Ordering::Relaxed);
-                }
                 self.metrics.redis_errors.with_label_values(&[op]).inc();
                 if !unreachable {
                     tracing::debug!(error = %e, "a redis call failed");

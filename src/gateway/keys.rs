@@ -41,6 +41,16 @@ const LAST_KNOWN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed look-up, the store is left alone this long (no request waits on it).
 const STORE_BACKOFF: Duration = Duration::from_secs(5);
+/// A store call given at most [`LOOKUP_TIMEOUT`]; a failure as the text to log.
+async fn within_lookup<T, E: std::fmt::Display>(
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(LOOKUP_TIMEOUT, call).await {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer in {}s", LOOKUP_TIMEOUT.as_secs())),
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Outage {
     /// The first failure.
@@ -353,10 +363,7 @@ impl KeyRing {
                     .cache
                     .try_get_with(digest, async move {
                         let hash = hex::encode(digest);
-                        let rec = tokio::time::timeout(LOOKUP_TIMEOUT, store.key_by_hash(&hash))
-                            .await
-                            .map_err(|_| format!("no answer in {}s", LOOKUP_TIMEOUT.as_secs()))?
-                            .map_err(|e| e.to_string())?;
+                        let rec = within_lookup(store.key_by_hash(&hash)).await?;
                         // Only a record whose stored hash is this key's is ever cached, so a
                         // hit (the full digest matched) needs no second comparison.
                         let rec = rec
@@ -632,17 +639,13 @@ impl KeyRing {
         if self.store_resting() {
             return Err(unavailable());
         }
-        match tokio::time::timeout(LOOKUP_TIMEOUT, self.store.spent_since(&rec.id, start)).await {
-            Ok(Ok(usd)) => {
+        match within_lookup(self.store.spent_since(&rec.id, start)).await {
+            Ok(usd) => {
                 self.store_answered();
                 Ok(usd)
             }
-            Ok(Err(e)) => {
-                self.store_failed(&e);
-                Err(unavailable())
-            }
-            Err(_) => {
-                self.store_failed(&format!("no answer in {}s", LOOKUP_TIMEOUT.as_secs()));
+            Err(why) => {
+                self.store_failed(&why);
                 Err(unavailable())
             }
         }

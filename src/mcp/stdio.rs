@@ -60,19 +60,20 @@ impl<R: AsyncRead + Unpin, W> LineTransport<R, W> {
             let newline = memchr::memchr(b'\n', available);
             let take = newline.map_or(available.len(), |i| i + 1);
             let chunk = &available[..take];
-            if let Some((start, len)) = &mut self.oversized {
-                let room = ID_WINDOW.saturating_sub(start.len());
-                start.extend_from_slice(&chunk[..room.min(chunk.len())]);
-                *len += chunk.len();
-            } else if self.line.len() + chunk.len() > self.max_line {
-                let len = self.line.len() + chunk.len();
+            if self.oversized.is_none() && self.line.len() + chunk.len() > self.max_line {
+                // Over the limit: from here on only its start is kept, to find its id in.
+                let len = self.line.len();
                 let mut start = std::mem::take(&mut self.line);
                 start.truncate(ID_WINDOW);
-                let room = ID_WINDOW - start.len();
-                start.extend_from_slice(&chunk[..room.min(chunk.len())]);
                 self.oversized = Some((start, len));
-            } else {
-                self.line.extend_from_slice(chunk);
+            }
+            match &mut self.oversized {
+                Some((start, len)) => {
+                    let room = ID_WINDOW.saturating_sub(start.len());
+                    start.extend_from_slice(&chunk[..room.min(chunk.len())]);
+                    *len += chunk.len();
+                }
+                None => self.line.extend_from_slice(chunk),
             }
             self.read.consume(take);
             if newline.is_some() {
@@ -128,10 +129,8 @@ where
                     return None;
                 }
             }
-            let line = std::mem::take(&mut self.line);
-            let text = line.trim_ascii();
+            let text = self.line.trim_ascii();
             if text.is_empty() {
-                self.line = line;
                 self.line.clear();
                 continue;
             }
@@ -140,7 +139,6 @@ where
                 Ok(_) => None,
                 Err(_) => request_id(text),
             };
-            self.line = line;
             self.line.clear();
             match parsed {
                 Ok(message) => return Some(message),
