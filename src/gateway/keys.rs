@@ -41,11 +41,12 @@ const LAST_KNOWN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed look-up, the store is left alone this long (no request waits on it).
 const STORE_BACKOFF: Duration = Duration::from_secs(5);
-/// A store call given at most [`LOOKUP_TIMEOUT`]; a failure as the text to log.
-async fn within_lookup<T, E: std::fmt::Display>(
-    call: impl Future<Output = Result<T, E>>,
+/// What a store call given [`LOOKUP_TIMEOUT`] came to; a failure as the text to log. (A
+/// wrapping future would grow every request's future: the budget check's state is in it.)
+fn looked_up<T, E: std::fmt::Display>(
+    answer: Result<Result<T, E>, tokio::time::error::Elapsed>,
 ) -> Result<T, String> {
-    match tokio::time::timeout(LOOKUP_TIMEOUT, call).await {
+    match answer {
         Ok(answer) => answer.map_err(|e| e.to_string()),
         Err(_) => Err(format!("no answer in {}s", LOOKUP_TIMEOUT.as_secs())),
     }
@@ -363,7 +364,9 @@ impl KeyRing {
                     .cache
                     .try_get_with(digest, async move {
                         let hash = hex::encode(digest);
-                        let rec = within_lookup(store.key_by_hash(&hash)).await?;
+                        let rec = looked_up(
+                            tokio::time::timeout(LOOKUP_TIMEOUT, store.key_by_hash(&hash)).await,
+                        )?;
                         // Only a record whose stored hash is this key's is ever cached, so a
                         // hit (the full digest matched) needs no second comparison.
                         let rec = rec
@@ -639,7 +642,8 @@ impl KeyRing {
         if self.store_resting() {
             return Err(unavailable());
         }
-        match within_lookup(self.store.spent_since(&rec.id, start)).await {
+        let spent = tokio::time::timeout(LOOKUP_TIMEOUT, self.store.spent_since(&rec.id, start));
+        match looked_up(spent.await) {
             Ok(usd) => {
                 self.store_answered();
                 Ok(usd)
