@@ -5,7 +5,7 @@
 #
 # The real binary runs on a free port with auth.mode = keys and an admin key, against a
 # stubbed Poe (tests/e2e/stub_poe.py). Two passes, each bounded by examples and time:
-#   1. the client routes (/v1/chat/completions, /v1/responses, /v1/usage, /mcp) with a gateway key;
+#   1. the client routes (/v1/chat/completions, /v1/responses, /v1/messages, /v1/usage, /mcp) with a gateway key;
 #   2. everything else (admin API, metrics, models, health, this document) with the admin key.
 #
 #   POE_GATEWAY_BIN      gateway binary (default: target/debug/poe-gateway)
@@ -162,7 +162,7 @@ run_pass() {
     failed=$((failed + 1))
   fi
 }
-run_pass "client routes (gateway key)" '^/(v1/chat/completions|v1/responses|v1/usage|mcp)$' "$CLIENT_KEY" "$@"
+run_pass "client routes (gateway key)" '^/(v1/chat/completions|v1/responses|v1/messages|v1/usage|mcp)$' "$CLIENT_KEY" "$@"
 run_pass "admin and operations routes (admin key)" \
   '^/(admin/|metrics$|healthz$|readyz$|openapi\.json$|v1/models)' "$ADMIN_KEY" "$@"
 

@@ -14,6 +14,8 @@ PY="${PYTHON:-python3}"
 # mcp: the official MCP client, for the MCP end-to-end tests (tests/e2e/test_mcp.py).
 PINS=(
   "openai==3.54.0"
+  # The Anthropic SDK, for the Messages API tests (tests/e2e/test_anthropic_sdk.py).
+  "anthropic==2.17.0"
   "mcp==2.3.0"
   "pytest==9.2.0"
   "PyYAML==6.0.3"

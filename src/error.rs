@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde::Serialize;
 
+use crate::gateway::Endpoint;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
     #[error("{message}")]
@@ -65,6 +67,13 @@ pub enum GatewayError {
 
 #[derive(Serialize)]
 struct Envelope<'a> {
+    error: Body<'a>,
+}
+
+#[derive(Serialize)]
+struct AnthropicEnvelope<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
     error: Body<'a>,
 }
 
@@ -207,12 +216,61 @@ impl GatewayError {
     /// The same error as one SSE event, for a stream that already started: the OpenAI SDKs
     /// raise on a `data:` event carrying `error`, so the client can tell it from a clean end.
     pub fn to_sse_event(&self) -> Bytes {
-        let json = self.to_json();
-        let mut out = Vec::with_capacity(json.len() + 10);
+        self.to_sse_event_for(Endpoint::ChatCompletions)
+    }
+
+    /// The error body for a client of `api`. A Messages API client (Anthropic's SDKs, Claude
+    /// Code) reads Anthropic's shape, `{"type":"error","error":{"type","message"}}`, with
+    /// Anthropic's names for the type. The OpenAI members (`param`, `code`) stay in the inner
+    /// object, so a client reading either shape finds what it looks for.
+    pub fn to_json_for(&self, api: Endpoint) -> Bytes {
+        if api != Endpoint::Messages {
+            return self.to_json();
+        }
+        let param = match self {
+            GatewayError::BadRequest { param, .. } => *param,
+            _ => None,
+        };
+        let env = AnthropicEnvelope {
+            kind: "error",
+            error: Body {
+                message: self.to_string(),
+                kind: self.anthropic_kind(),
+                param,
+                code: Some(self.code()),
+            },
+        };
+        Bytes::from(serde_json::to_vec(&env).expect("error envelope serialises"))
+    }
+
+    /// [`to_sse_event`](Self::to_sse_event) for a client of `api`. Anthropic's SDKs raise on
+    /// an event named `error`, so that stream's event has the `event:` line too.
+    pub fn to_sse_event_for(&self, api: Endpoint) -> Bytes {
+        let json = self.to_json_for(api);
+        let mut out = Vec::with_capacity(json.len() + 24);
+        if api == Endpoint::Messages {
+            out.extend_from_slice(b"event: error\n");
+        }
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(&json);
         out.extend_from_slice(b"\n\n");
         Bytes::from(out)
+    }
+
+    /// Anthropic's error type for this error's status (its SDKs pick the exception class from
+    /// the status, as OpenAI's do).
+    fn anthropic_kind(&self) -> &'static str {
+        match self.status().as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            504 => "timeout_error",
+            s if s >= 500 => "api_error",
+            _ => "invalid_request_error",
+        }
     }
 }
 

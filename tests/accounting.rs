@@ -1262,6 +1262,210 @@ async fn the_responses_api_is_proxied_and_accounted() {
     );
 }
 
+/// What Poe's Messages API sends for a Claude bot: Anthropic's `message` object.
+fn message_object(text: &str, usage: &str) -> String {
+    format!(
+        r#"{{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{{"type":"text","text":"{text}"}}],"stop_reason":"end_turn","stop_sequence":null,"usage":{usage}}}"#
+    )
+}
+
+/// One event of a Messages stream, named as Anthropic names them.
+fn messages_event(data: &str) -> String {
+    let kind: serde_json::Value = serde_json::from_str(data).unwrap();
+    format!(
+        "event: {}\ndata: {data}\n\n",
+        kind["type"].as_str().unwrap()
+    )
+}
+
+/// Anthropic's Messages API (the Anthropic SDKs, Claude Code with `ANTHROPIC_BASE_URL`) goes
+/// to Poe's `/v1/messages` with the server's key in `x-api-key`, the client's version and
+/// beta headers passed on. A gateway key is taken from `x-api-key`. Usage is read from the
+/// two events that carry it (cache reads and writes counted in the prompt), `message_stop`
+/// ends a stream, and the gateway's own errors come in Anthropic's shape, a cut stream's as an
+/// `event: error`.
+#[tokio::test]
+async fn the_messages_api_is_proxied_and_accounted() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    let (gw, core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+    let (key_id, key) = create_key(&gw, r#"{"name":"claude-code","budget_usd":50}"#).await;
+    let body_for = |stream: bool| {
+        format!(
+            r#"{{"model":"claude","max_tokens":64,"temperature":0,"messages":[{{"role":"user","content":"Say hi"}}],"stream":{stream}}}"#
+        )
+    };
+    let messages = |body: String, key: Option<&str>| {
+        let gw = &gw;
+        let key = key.map(String::from);
+        async move {
+            let mut headers = vec![
+                ("content-type", "application/json".to_string()),
+                ("anthropic-version", "2023-06-01".to_string()),
+                (
+                    "anthropic-beta",
+                    "fine-grained-tool-streaming-2025-05-14".to_string(),
+                ),
+            ];
+            if let Some(k) = key {
+                headers.push(("x-api-key", k));
+            }
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            request(gw, "POST", "/v1/messages?beta=true", &headers, &body).await
+        }
+    };
+
+    // Not streamed, twice: both reach Poe (no cache), each accounted.
+    let usage = r#"{"input_tokens":11,"cache_creation_input_tokens":0,"cache_read_input_tokens":100,"output_tokens":7}"#;
+    let answer = message_object("Hi!", usage);
+    up.push(Reply::json(200, answer.clone()));
+    up.push(Reply::json(200, answer.clone()));
+    for _ in 0..2 {
+        let resp = messages(body_for(false), Some(&key)).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-cache"], "BYPASS");
+        assert_eq!(resp.headers()["x-poe-gateway-bot"], "claude-sonnet-4.5");
+        assert_eq!(body_bytes(resp).await, Bytes::from(answer.clone()));
+    }
+    let sent: Vec<_> = up
+        .received()
+        .into_iter()
+        .filter(|r| r.path == "/v1/messages")
+        .collect();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].json()["model"], "claude-sonnet-4.5");
+    assert_eq!(sent[0].json()["max_tokens"], 64);
+    let h = &sent[0].headers;
+    assert_eq!(
+        h["x-api-key"], UPSTREAM_KEY,
+        "the server's key, not the caller's"
+    );
+    assert!(h.get("authorization").is_none());
+    assert_eq!(h["anthropic-version"], "2023-06-01");
+    assert_eq!(
+        h["anthropic-beta"],
+        "fine-grained-tool-streaming-2025-05-14"
+    );
+    let r = report(&core, Some(&key_id)).await;
+    assert_eq!((r.totals.requests, r.totals.errors), (2, 0));
+    assert_eq!(r.totals.prompt_tokens, 222);
+    assert_eq!(r.totals.completion_tokens, 14);
+
+    // Streamed: the events reach the client as Poe sent them.
+    let events = [
+        messages_event(
+            r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":11,"cache_creation_input_tokens":20,"cache_read_input_tokens":0,"output_tokens":1}}}"#,
+        ),
+        messages_event(
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+        ),
+        messages_event(r#"{"type":"ping"}"#),
+        messages_event(
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+        ),
+        messages_event(
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"!"}}"#,
+        ),
+        messages_event(r#"{"type":"content_block_stop","index":0}"#),
+        messages_event(
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":9}}"#,
+        ),
+        messages_event(r#"{"type":"message_stop"}"#),
+    ];
+    let mut reply = Reply::sse();
+    for e in &events {
+        reply = reply.send(e.clone());
+    }
+    up.push(reply);
+    let resp = messages(body_for(true), Some(&key)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-cache"], "BYPASS");
+    assert_eq!(body_bytes(resp).await, Bytes::from(events.concat()));
+    let last = up.received().pop().unwrap();
+    assert!(
+        last.json().get("stream_options").is_none(),
+        "no usage is asked for: the stream carries it"
+    );
+    let r = report(&core, Some(&key_id)).await;
+    assert_eq!((r.totals.requests, r.totals.errors), (3, 0), "completed");
+    assert_eq!(r.totals.prompt_tokens, 222 + 31);
+    assert_eq!(r.totals.completion_tokens, 14 + 9);
+
+    // Cut before `message_stop`: the client gets an `error` event the Anthropic SDKs raise,
+    // and the row is an error.
+    up.push(
+        Reply::sse()
+            .send(events[0].clone())
+            .send(events[3].clone())
+            .drop_connection(),
+    );
+    let got = body_bytes(messages(body_for(true), Some(&key)).await).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with(&events[0]), "{text}");
+    let tail = text.rsplit("\n\n").nth(1).unwrap();
+    let data = tail
+        .strip_prefix("event: error\ndata: ")
+        .unwrap_or_else(|| panic!("{text}"));
+    let e: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["error"]["type"], "api_error");
+    // A bare `[DONE]` does not end a Messages stream.
+    up.push(
+        Reply::sse()
+            .send(events[0].clone())
+            .send("data: [DONE]\n\n"),
+    );
+    let got = body_bytes(messages(body_for(true), Some(&key)).await).await;
+    assert!(String::from_utf8_lossy(&got).contains("without message_stop"));
+    // Poe's own error event ends the stream with nothing added.
+    let overloaded = messages_event(
+        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+    );
+    up.push(
+        Reply::sse()
+            .send(events[0].clone())
+            .send(overloaded.clone()),
+    );
+    let got = body_bytes(messages(body_for(true), Some(&key)).await).await;
+    assert_eq!(got, Bytes::from([events[0].clone(), overloaded].concat()));
+    // So does a 200 whose body is Anthropic's error object: not a completed answer.
+    up.push(Reply::json(
+        200,
+        r#"{"type":"error","error":{"type":"api_error","message":"boom"}}"#,
+    ));
+    let resp = messages(body_for(false), Some(&key)).await;
+    assert_eq!(resp.status(), 200);
+    let r = report(&core, Some(&key_id)).await;
+    assert_eq!((r.totals.requests, r.totals.errors), (7, 4));
+
+    // The gateway's own errors, in Anthropic's shape (and OpenAI's members inside).
+    let anthropic_error = |v: serde_json::Value, kind: &str| {
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["type"], kind, "{v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+        v["error"].clone()
+    };
+    let resp = messages(body_for(false), None).await;
+    assert_eq!(resp.status(), 401);
+    let e = anthropic_error(body_json(resp).await, "authentication_error");
+    assert!(e["message"].as_str().unwrap().contains("x-api-key"), "{e}");
+    let resp = messages(r#"{"max_tokens":5,"messages":[]}"#.into(), Some(&key)).await;
+    assert_eq!(resp.status(), 400);
+    let e = anthropic_error(body_json(resp).await, "invalid_request_error");
+    assert_eq!(e["param"], "model");
+    // Chat completions keep OpenAI's shape.
+    let resp = request(&gw, "POST", "/v1/chat/completions", &[], "{}").await;
+    expect_error(resp, 401, "authentication_error").await;
+    assert_eq!(
+        up.received()
+            .iter()
+            .filter(|r| r.path == "/v1/messages")
+            .count(),
+        7
+    );
+}
+
 /// Every event of an SSE body, parsed: what an SDK reads (an event's `data` lines, joined).
 fn sse_events(body: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(body).replace("\r\n", "\n");

@@ -241,6 +241,7 @@ async fn metrics_are_open_by_default() {
 const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/chat/completions"),
     ("post", "/v1/responses"),
+    ("post", "/v1/messages"),
     ("get", "/v1/models"),
     ("get", "/v1/models/{id}"),
     ("get", "/v1/usage"),
@@ -364,8 +365,11 @@ async fn openapi_document_describes_every_route() {
                         .collect(),
                     None => vec![String::new()],
                 };
+                // The Messages API's own errors are Anthropic-shaped (`MessagesError`).
                 assert!(
-                    names.iter().any(|n| n.ends_with("/Error"))
+                    names
+                        .iter()
+                        .any(|n| n.ends_with("/Error") || n.ends_with("/MessagesError"))
                         || schema == deref(&doc, &doc["components"]["schemas"]["Error"])
                         || schema == deref(&doc, &doc["components"]["schemas"]["UpstreamError"]),
                     "{method} {path} {status}: not an error schema: {schema}"
@@ -413,8 +417,13 @@ async fn openapi_document_describes_every_route() {
                 .contains(&serde_json::json!(field))
         );
     }
+    // Keys are bearer tokens, or Anthropic's `x-api-key` header.
     let security = doc["components"]["securitySchemes"].as_object().unwrap();
-    assert!(security.values().all(|s| s["scheme"] == "bearer"));
+    assert!(
+        security
+            .values()
+            .all(|s| s["scheme"] == "bearer" || (s["in"] == "header" && s["name"] == "x-api-key"))
+    );
 }
 
 #[tokio::test]

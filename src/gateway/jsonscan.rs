@@ -76,6 +76,77 @@ pub(crate) fn parse_usage(value: &[u8]) -> Option<Usage> {
     Some(u)
 }
 
+/// The token counts of a Messages API usage object, each `None` where the object leaves it
+/// out: a stream's `message_delta` repeats only the counts that changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MessagesUsage {
+    pub input: Option<u64>,
+    pub cache_creation: Option<u64>,
+    pub cache_read: Option<u64>,
+    pub output: Option<u64>,
+}
+
+impl MessagesUsage {
+    /// Takes the counts `newer` has, keeping the others.
+    pub(crate) fn update(&mut self, newer: MessagesUsage) {
+        self.input = newer.input.or(self.input);
+        self.cache_creation = newer.cache_creation.or(self.cache_creation);
+        self.cache_read = newer.cache_read.or(self.cache_read);
+        self.output = newer.output.or(self.output);
+    }
+
+    /// In chat completions' terms. Anthropic's `input_tokens` leaves out the tokens written
+    /// to and read from its prompt cache; the prompt counts them all, as OpenAI's
+    /// `prompt_tokens` counts its cached tokens.
+    pub(crate) fn as_usage(&self) -> Usage {
+        let prompt = [self.input, self.cache_creation, self.cache_read]
+            .into_iter()
+            .map(|n| n.unwrap_or(0))
+            .fold(0u64, u64::saturating_add);
+        let completion = self.output.unwrap_or(0);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt.saturating_add(completion),
+        }
+    }
+}
+
+/// The Messages API usage object `value` starts with; `None` for `null` or no object.
+/// Counts written as `3.0` are read; `null` or other counts are left out.
+pub(crate) fn parse_messages_usage(value: &[u8]) -> Option<MessagesUsage> {
+    #[derive(serde::Deserialize)]
+    struct Lenient {
+        #[serde(default)]
+        input_tokens: Option<serde_json::Number>,
+        #[serde(default)]
+        cache_creation_input_tokens: Option<serde_json::Number>,
+        #[serde(default)]
+        cache_read_input_tokens: Option<serde_json::Number>,
+        #[serde(default)]
+        output_tokens: Option<serde_json::Number>,
+    }
+    let raw = serde_json::Deserializer::from_slice(value)
+        .into_iter::<Lenient>()
+        .next()?
+        .ok()?;
+    Some(MessagesUsage {
+        input: raw.input_tokens.and_then(count),
+        cache_creation: raw.cache_creation_input_tokens.and_then(count),
+        cache_read: raw.cache_read_input_tokens.and_then(count),
+        output: raw.output_tokens.and_then(count),
+    })
+}
+
+/// A token count: a whole number, written as an integer or as `3.0`.
+fn count(n: serde_json::Number) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..1e15).contains(f))
+            .map(|f| f as u64)
+    })
+}
+
 /// The one usage value `value` starts with, through serde: any layout and other members
 /// (`*_details`), the Responses API's names (`input_tokens`, `output_tokens`), and counts
 /// written as `3.0` or `null` (0; the other counts are kept).
@@ -93,16 +164,7 @@ fn serde_usage(value: &[u8]) -> Option<Usage> {
         .into_iter::<Lenient>()
         .next()?
         .ok()?;
-    let count = |n: Option<serde_json::Number>| {
-        n.and_then(|n| {
-            n.as_u64().or_else(|| {
-                n.as_f64()
-                    .filter(|f| f.fract() == 0.0 && (0.0..1e15).contains(f))
-                    .map(|f| f as u64)
-            })
-        })
-        .unwrap_or(0)
-    };
+    let count = |n: Option<serde_json::Number>| n.and_then(count).unwrap_or(0);
     Some(Usage {
         prompt_tokens: count(raw.prompt_tokens),
         completion_tokens: count(raw.completion_tokens),

@@ -803,6 +803,9 @@ impl Gateway {
                 watch.attempts = attempts;
                 let mut trace_headers = HeaderMap::new();
                 crate::telemetry::inject_context(&attempt_span, &mut trace_headers);
+                if let Some(h) = req.forwarded_headers() {
+                    trace_headers.extend(h.iter().map(|(n, v)| (n.clone(), v.clone())));
+                }
                 watch.in_flight = true;
                 let mut sent = inner
                     .upstream

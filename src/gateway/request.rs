@@ -15,15 +15,21 @@ use super::json::TopLevel;
 
 use crate::error::GatewayError;
 
-/// The OpenAI API a request speaks. Both go to Poe's route of the same name, through the
-/// same aliases, limits, retries and accounting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The API a request speaks. Each goes to Poe's route of the same name, through the same
+/// aliases, limits, retries and accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Endpoint {
     /// `POST /v1/chat/completions`.
+    #[default]
     ChatCompletions,
     /// `POST /v1/responses`, the Responses API (what the OpenAI Agents SDK and Codex speak).
     /// Never answered from the cache: Poe stores each response for later ones to build on.
     Responses,
+    /// `POST /v1/messages`, Anthropic's Messages API (what the Anthropic SDKs and Claude Code
+    /// speak; Poe serves Claude bots on it). Its usage comes in two events, its errors in
+    /// Anthropic's shape. Not cached: prompt caching and tool loops make repeats rare, and a
+    /// replay would need the API's own event names.
+    Messages,
 }
 
 impl Endpoint {
@@ -32,6 +38,17 @@ impl Endpoint {
         match self {
             Endpoint::ChatCompletions => "/v1/chat/completions",
             Endpoint::Responses => "/v1/responses",
+            Endpoint::Messages => "/v1/messages",
+        }
+    }
+
+    /// The endpoint of a request path, if it is one.
+    pub fn of_path(path: &str) -> Option<Endpoint> {
+        match path {
+            "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
+            "/v1/responses" => Some(Endpoint::Responses),
+            "/v1/messages" => Some(Endpoint::Messages),
+            _ => None,
         }
     }
 }
@@ -54,6 +71,30 @@ pub struct ChatRequest {
     /// Bytes inside the body's strings, `data:` URLs left out: the text a prompt estimate
     /// starts from when Poe's usage is missing.
     text_bytes: u64,
+    /// Client headers that go to Poe as they came: the Messages API's version and beta
+    /// flags. Boxed and rare, so a chat request carries one pointer.
+    forward: Option<Box<http::HeaderMap>>,
+}
+
+/// The Messages API's request headers, passed to Poe: the API version the client was
+/// written against, and the beta features it turns on (Claude Code sends several).
+pub const FORWARDED_HEADERS: [&str; 2] = ["anthropic-version", "anthropic-beta"];
+
+/// The headers of `from` that a request to `endpoint` passes on to Poe, if any.
+pub fn forwarded_headers(
+    endpoint: Endpoint,
+    from: &http::HeaderMap,
+) -> Option<Box<http::HeaderMap>> {
+    if endpoint != Endpoint::Messages {
+        return None;
+    }
+    let mut kept = http::HeaderMap::new();
+    for name in FORWARDED_HEADERS {
+        for v in from.get_all(name) {
+            kept.append(name, v.clone());
+        }
+    }
+    (!kept.is_empty()).then(|| Box::new(kept))
 }
 
 /// Longest `model` accepted. Poe's bot names are a few dozen characters.
@@ -112,7 +153,7 @@ impl ChatRequest {
             ));
         }
         let chat = endpoint == Endpoint::ChatCompletions;
-        if chat {
+        if chat || endpoint == Endpoint::Messages {
             let messages = find("messages").ok_or_else(|| {
                 GatewayError::bad_param("messages", "you must provide a `messages` parameter")
             })?;
@@ -174,11 +215,13 @@ impl ChatRequest {
         let temperature = number("temperature")?;
         let has_seed = find("seed").is_some_and(|raw| raw.get() != "null");
         // Both are checked, whichever is used: a mistyped one must not slip through to Poe.
-        let max_tokens = if chat {
-            let max_completion_tokens = number("max_completion_tokens")?;
-            max_completion_tokens.or(number("max_tokens")?)
-        } else {
-            number("max_output_tokens")?
+        let max_tokens = match endpoint {
+            Endpoint::ChatCompletions => {
+                let max_completion_tokens = number("max_completion_tokens")?;
+                max_completion_tokens.or(number("max_tokens")?)
+            }
+            Endpoint::Responses => number("max_output_tokens")?,
+            Endpoint::Messages => number("max_tokens")?,
         }
         .map(|n| n as u64);
 
@@ -196,6 +239,7 @@ impl ChatRequest {
             max_tokens,
             text_bytes,
             body,
+            forward: None,
         })
     }
 
@@ -225,6 +269,16 @@ impl ChatRequest {
     /// The client sent a `seed`: it wants a repeatable answer.
     pub fn has_seed(&self) -> bool {
         self.has_seed
+    }
+
+    /// Client headers to send to Poe with the request (see [`FORWARDED_HEADERS`]).
+    pub fn forwarded_headers(&self) -> Option<&http::HeaderMap> {
+        self.forward.as_deref()
+    }
+
+    /// Sets the client headers that go to Poe (see [`forwarded_headers`]).
+    pub fn set_forwarded_headers(&mut self, headers: Option<Box<http::HeaderMap>>) {
+        self.forward = headers;
     }
 
     /// The client's cache wishes; the HTTP layer reads them from headers.

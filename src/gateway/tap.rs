@@ -31,10 +31,11 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use super::Endpoint;
 use super::cache::Recorder;
 use super::completion::Completion;
 use super::json::{TopLevel, span_in};
-use super::jsonscan::{KeyFinder, parse_usage};
+use super::jsonscan::{KeyFinder, MessagesUsage, parse_messages_usage, parse_usage};
 use super::sse::SseScanner;
 use crate::error::GatewayError;
 use crate::upstream::Secret;
@@ -89,10 +90,14 @@ pub struct Observed {
     /// The finish reasons go only to the request's span: with no span (traces off), the
     /// search for them in every event is skipped.
     pub skip_finish_reasons: bool,
-    /// The body is a Responses API stream. It ends with a `response.completed` (or
-    /// `response.incomplete`) event rather than `[DONE]`, which then counts as its end;
-    /// `response.failed` and `error` events fail it; its text comes in `delta`s.
-    pub responses: bool,
+    /// The API the body answers. A Responses API stream ends with a `response.completed`
+    /// (or `response.incomplete`) event rather than `[DONE]`, which then counts as its end;
+    /// `response.failed` and `error` events fail it; its text comes in `delta`s. A Messages
+    /// API stream ends with `message_stop`, fails with an `error` event, and has its usage in
+    /// two events (`message_start`, then the counts that changed in `message_delta`).
+    pub api: Endpoint,
+    /// The Messages API's counts so far (see `api`); `usage` is made from them.
+    pub(crate) messages_usage: MessagesUsage,
 }
 
 // Key searchers, built once: constructing one costs more than a search (it was a quarter
@@ -104,6 +109,8 @@ pub struct Observed {
 static USAGE_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"usage\"", (1, 4)));
 static FINISH_REASON: LazyLock<KeyFinder> =
     LazyLock::new(|| KeyFinder::new(b"\"finish_reason\":", (6, 7)));
+static STOP_REASON: LazyLock<KeyFinder> =
+    LazyLock::new(|| KeyFinder::new(b"\"stop_reason\":", (3, 4)));
 static CONTENT_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"content\":", (3, 9)));
 static DELTA_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"delta\":", (1, 4)));
 static TEXT_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"text\":", (1, 4)));
@@ -232,9 +239,9 @@ impl<B> Tap<B> {
         self
     }
 
-    /// Reads the body as the answer to a request for `endpoint` (see `Observed::responses`).
-    pub fn answering(mut self, endpoint: super::Endpoint) -> Self {
-        self.observed.responses = endpoint == super::Endpoint::Responses;
+    /// Reads the body as the answer to a request for `endpoint` (see `Observed::api`).
+    pub fn answering(mut self, endpoint: Endpoint) -> Self {
+        self.observed.api = endpoint;
         self
     }
 }
@@ -327,7 +334,7 @@ where
                         },
                         Ok(out) => out,
                         Err(reason) => {
-                            let last = end_frame(this.mode, Some(&reason));
+                            let last = end_frame(this.mode, this.observed.api, Some(&reason));
                             finish(this.completion, this.observed, Outcome::Incomplete(reason));
                             *this.state = State::Done;
                             return Poll::Ready(last.map(|l| Ok(Frame::data(l))));
@@ -374,6 +381,7 @@ where
             // After Poe's own error event, the client knows the stream failed, and why.
             let last = end_frame(
                 this.mode,
+                this.observed.api,
                 (!this.observed.stream_error).then_some(broke.as_str()),
             );
             finish(
@@ -429,10 +437,10 @@ fn end(
         // Poe's own error event said why it ended: the gateway adds none of its own.
         Mode::Sse { .. } if observed.stream_error => (settled(observed), None),
         Mode::Sse { .. } => {
-            let why = if observed.responses {
-                "upstream ended the stream without response.completed"
-            } else {
-                NO_DONE
+            let why = match observed.api {
+                Endpoint::ChatCompletions => NO_DONE,
+                Endpoint::Responses => "upstream ended the stream without response.completed",
+                Endpoint::Messages => "upstream ended the stream without message_stop",
             };
             (Outcome::Incomplete(why.into()), Some(why))
         }
@@ -446,7 +454,7 @@ fn end(
             }
         }
     };
-    let mut last = end_frame(mode, broke);
+    let mut last = end_frame(mode, observed.api, broke);
     if completed_done {
         last = join(last.unwrap_or_default(), Some(Bytes::from_static(b"\n\n")));
     }
@@ -561,7 +569,7 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
         }
         Mode::Json { frames, kept } => {
             // A 200 whose body is an error object is no answer: not stored, not completed.
-            if observed.bytes == data.len() as u64 && opens_with_error(&data) {
+            if observed.bytes == data.len() as u64 && is_error_object(observed.api, &data) {
                 observed.stream_error = true;
             }
             // The last `JSON_KEEP_LIMIT` bytes: the usage is at the body's end.
@@ -713,19 +721,53 @@ fn key_start(bytes: &[u8], value_start: usize) -> Option<usize> {
 fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
     observed.events += 1;
     if data == b"[DONE]" {
-        // A Responses stream is whole at its `response.completed`, whatever follows.
-        observed.saw_done |= !observed.responses;
+        // A Responses or Messages stream is whole at its last event, whatever follows.
+        observed.saw_done |= observed.api == Endpoint::ChatCompletions;
         return false;
     }
     if opens_with_error(data) {
         observed.stream_error = true;
     }
-    if observed.responses {
-        on_responses_event(observed, data);
-    } else {
-        observed.text_bytes += string_len(&CONTENT_KEY, data) as u64;
+    match observed.api {
+        Endpoint::ChatCompletions => {
+            observed.text_bytes += string_len(&CONTENT_KEY, data) as u64;
+        }
+        Endpoint::Responses => on_responses_event(observed, data),
+        Endpoint::Messages => on_messages_event(observed, data),
     }
     read_usage_and_finish(data, observed)
+}
+
+/// A Messages stream's event, by its `type`: `message_stop` ends the stream as `[DONE]`
+/// ends a chat stream, and an `error` event fails it. Text comes in `content_block_delta`s.
+fn on_messages_event(observed: &mut Observed, data: &[u8]) {
+    match event_type(data).as_deref() {
+        Some(b"content_block_delta") => {
+            observed.text_bytes += string_len(&TEXT_KEY, data) as u64;
+        }
+        Some(b"message_stop") => observed.saw_done = true,
+        Some(b"error") => observed.stream_error = true,
+        _ => {}
+    }
+}
+
+/// Whether a whole body (or an event) is an error object: `{"error": ...}` as Poe and
+/// OpenAI write it, or Anthropic's `{"type": "error", ...}` on the Messages API.
+fn is_error_object(api: Endpoint, data: &[u8]) -> bool {
+    opens_with_error(data)
+        || (api == Endpoint::Messages && event_type(data).as_deref() == Some(b"error"))
+}
+
+/// Whether an event's data is the one a stream of `api` ends with.
+fn is_last_event(api: Endpoint, data: &[u8]) -> bool {
+    match api {
+        Endpoint::ChatCompletions => data == b"[DONE]",
+        Endpoint::Responses => matches!(
+            event_type(data).as_deref(),
+            Some(b"response.completed" | b"response.incomplete")
+        ),
+        Endpoint::Messages => event_type(data).as_deref() == Some(b"message_stop"),
+    }
 }
 
 /// A Responses stream's event, by its `type`: the last one (`response.completed`, or
@@ -791,15 +833,26 @@ fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
     }
     if let Some(value) = last_key {
         // `null` is not a usage, and leaves one already read in place.
-        if let Some(u) = parse_usage(value) {
+        if observed.api == Endpoint::Messages {
+            if let Some(u) = parse_messages_usage(value) {
+                observed.messages_usage.update(u);
+                observed.usage = Some(observed.messages_usage.as_usage());
+            }
+        } else if let Some(u) = parse_usage(value) {
             observed.usage = Some(u);
         }
     }
     if observed.skip_finish_reasons {
         return seen;
     }
-    for at in FINISH_REASON.find_iter(doc) {
-        let Some(rest) = doc[at + FINISH_REASON.needle_len()..]
+    // Anthropic calls it the stop reason.
+    let reason_key = if observed.api == Endpoint::Messages {
+        &*STOP_REASON
+    } else {
+        &*FINISH_REASON
+    };
+    for at in reason_key.find_iter(doc) {
+        let Some(rest) = doc[at + reason_key.needle_len()..]
             .trim_ascii_start()
             .strip_prefix(b"\"")
         else {
@@ -874,11 +927,12 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
     // A rough figure for the estimate, needed only when no usage was found (another pass
     // over the whole body otherwise).
     if observed.usage.is_none() {
-        // A Responses answer's text is in `output[].content[].text`.
-        let key = if observed.responses {
-            &TEXT_KEY
-        } else {
+        // A Responses answer's text is in `output[].content[].text`, a Messages answer's in
+        // `content[].text`.
+        let key = if observed.api == Endpoint::ChatCompletions {
             &CONTENT_KEY
+        } else {
+            &TEXT_KEY
         };
         observed.text_bytes = string_len(key, &body) as u64;
     }
@@ -887,7 +941,7 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
 /// The last bytes of a body: a held partial event (sent as is when the stream ends normally,
 /// dropped before an error), then the error event, if `error` is set. `None` when there is
 /// nothing to send, and always for a JSON body.
-fn end_frame(mode: &mut Mode, error: Option<&str>) -> Option<Bytes> {
+fn end_frame(mode: &mut Mode, api: Endpoint, error: Option<&str>) -> Option<Bytes> {
     let Mode::Sse { events, .. } = mode else {
         return None;
     };
@@ -898,31 +952,35 @@ fn end_frame(mode: &mut Mode, error: Option<&str>) -> Option<Bytes> {
     events.held.clear();
     if let Some(reason) = error {
         out.extend_from_slice(
-            &GatewayError::UpstreamUnreachable(reason.to_string()).to_sse_event(),
+            &GatewayError::UpstreamUnreachable(reason.to_string()).to_sse_event_for(api),
         );
     }
     (!out.is_empty()).then(|| out.freeze())
 }
 
 /// Whether a stream that ended without a blank line after its last event was ending with
-/// `data: [DONE]`: the answer was whole, only its last line ending is missing (the SSE spec
-/// has such an event dropped, so the client gets the two line ends it lacks). Asked of a copy
-/// of the scanner, so a stream that was cut elsewhere is told apart as before.
+/// its last event (`data: [DONE]`, or the API's own last event, which is then read like any
+/// other): the answer was whole, only its last line ending is missing (the SSE spec has such
+/// an event dropped, so the client gets the two line ends it lacks). Asked of a copy of the
+/// scanner, so a stream that was cut elsewhere is told apart as before.
 fn done_at_eof(mode: &Mode, observed: &mut Observed) -> bool {
     let Mode::Sse { scanner, .. } = mode else {
         return false;
     };
-    if observed.saw_done || observed.responses || !scanner.in_progress() {
+    if observed.saw_done || !scanner.in_progress() {
         return false;
     }
     let mut probe = scanner.clone();
-    let mut done = false;
-    let _ = probe.feed(b"\n\n", &mut |event: &[u8]| done |= event == b"[DONE]");
-    if done {
-        observed.events += 1;
-        observed.saw_done = true;
+    let mut last = None;
+    let _ = probe.feed(b"\n\n", &mut |event: &[u8]| last = Some(event.to_vec()));
+    match last {
+        Some(event) if is_last_event(observed.api, &event) => {
+            on_event(observed, &event);
+            observed.saw_done = true;
+            true
+        }
+        _ => false,
     }
-    done
 }
 
 fn join(a: Bytes, b: Option<Bytes>) -> Option<Bytes> {
@@ -1022,6 +1080,62 @@ mod tests {
         assert_eq!(obs.usage.map(|u| u.total_tokens), Some(5));
     }
 
+    /// A Messages stream's usage comes in two events: the input counts (cache reads and
+    /// writes counted in the prompt) at the start, the output count at the end.
+    #[test]
+    fn messages_usage_is_gathered_over_its_events() {
+        let mut obs = Observed {
+            api: Endpoint::Messages,
+            skip_finish_reasons: false,
+            ..Observed::default()
+        };
+        on_event(
+            &mut obs,
+            br#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":10,"cache_creation_input_tokens":5,"cache_read_input_tokens":100,"output_tokens":1}}}"#,
+        );
+        on_event(
+            &mut obs,
+            br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}"#,
+        );
+        assert_eq!(obs.text_bytes, 5);
+        assert!(!obs.saw_done);
+        on_event(
+            &mut obs,
+            br#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#,
+        );
+        on_event(&mut obs, br#"{"type":"message_stop"}"#);
+        assert!(obs.saw_done && !obs.stream_error);
+        assert_eq!(
+            obs.usage,
+            Some(Usage {
+                prompt_tokens: 115,
+                completion_tokens: 7,
+                total_tokens: 122
+            })
+        );
+        assert_eq!(obs.finish_reasons, ["end_turn"]);
+        // `[DONE]` is no end here; an error event fails the stream.
+        let mut obs = Observed {
+            api: Endpoint::Messages,
+            ..Observed::default()
+        };
+        on_event(&mut obs, b"[DONE]");
+        assert!(!obs.saw_done);
+        on_event(
+            &mut obs,
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        );
+        assert!(obs.stream_error);
+        assert!(is_error_object(
+            Endpoint::Messages,
+            br#"{"type":"error","error":{}}"#
+        ));
+        assert!(!is_error_object(
+            Endpoint::ChatCompletions,
+            br#"{"type":"error","error":{}}"#
+        ));
+    }
+
     #[test]
     fn responses_events_are_told_by_their_type() {
         let t = |d: &[u8]| event_type(d).map(|t| String::from_utf8(t.into_owned()).unwrap());
@@ -1043,7 +1157,7 @@ mod tests {
         assert_eq!(t(b"[DONE]"), None);
 
         let mut obs = Observed {
-            responses: true,
+            api: Endpoint::Responses,
             ..Observed::default()
         };
         on_event(

@@ -101,16 +101,12 @@ async fn route(
     match (method, path) {
         // Every chat completion answer says what the cache did: one refused before the
         // cache was consulted (auth, limits, a bad body) did not use it.
-        (&Method::POST, "/v1/chat/completions" | "/v1/responses") => {
-            let endpoint = if path == "/v1/responses" {
-                Endpoint::Responses
-            } else {
-                Endpoint::ChatCompletions
-            };
+        (&Method::POST, "/v1/chat/completions" | "/v1/responses" | "/v1/messages") => {
+            let endpoint = Endpoint::of_path(path).unwrap_or_default();
             Ok(chat(app, req, request_id, endpoint)
                 .await
                 .unwrap_or_else(|e| {
-                    let mut resp = error_response(&e);
+                    let mut resp = error_response_for(endpoint, &e);
                     resp.headers_mut()
                         .insert(CACHE_STATUS, HeaderValue::from_static("BYPASS"));
                     resp
@@ -195,7 +191,7 @@ pub(crate) const OPENAPI: &str = include_str!("openapi.json");
 /// The methods a known path answers (outside `/admin` and `/mcp`), for 405 and `Allow`.
 fn allowed_methods(path: &str) -> Option<&'static str> {
     match path {
-        "/v1/chat/completions" | "/v1/responses" => Some("POST"),
+        "/v1/chat/completions" | "/v1/responses" | "/v1/messages" => Some("POST"),
         "/v1/models" | "/v1/usage" | "/healthz" | "/readyz" | "/metrics" | "/openapi.json" => {
             Some("GET, HEAD")
         }
@@ -223,6 +219,7 @@ async fn chat(
     let caller = authenticate(app, req.headers(), request_id).await?;
     let started = tokio::time::Instant::now();
     let directives = CacheDirectives::from_headers(req.headers());
+    let forwarded = crate::gateway::request::forwarded_headers(endpoint, req.headers());
     let policy = app.gateway.policy();
     // The body's share of `server.max_bodies_bytes` is held until the request is done with it.
     let mut _held = None;
@@ -249,6 +246,7 @@ async fn chat(
         }
     };
     chat.set_cache_directives(directives);
+    chat.set_forwarded_headers(forwarded);
     // Boxed: the request's future (`http::accept_loop`) is allocated and copied whole on
     // every request, sized for its largest state; the chat call's state is the big one.
     let reply = Box::pin(app.gateway.chat(&caller, chat)).await?;
@@ -330,7 +328,7 @@ async fn identify(
         AuthMode::Passthrough => {
             let key = bearer(headers).ok_or_else(|| {
                 GatewayError::Unauthorized(
-                    "this gateway forwards your own Poe API key: send `Authorization: Bearer <your Poe key>`"
+                    "this gateway forwards your own Poe API key: send `Authorization: Bearer <your Poe key>` (or `x-api-key: <your Poe key>`)"
                         .into(),
                 )
             })?;
@@ -343,7 +341,7 @@ async fn identify(
         AuthMode::Keys => {
             let key = bearer_token(headers).ok_or_else(|| {
                 GatewayError::Unauthorized(
-                    "send your gateway key as `Authorization: Bearer pgw_...`".into(),
+                    "send your gateway key as `Authorization: Bearer pgw_...` (or `x-api-key: pgw_...`)".into(),
                 )
             })?;
             // Boxed: a key lookup may reach the database and Redis, and its state would
@@ -361,14 +359,27 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<Secret> {
     bearer_token(headers).map(Secret::new)
 }
 
-/// The token of `Authorization: Bearer <token>`. Where the key is only compared or looked up
-/// (gateway keys, the admin key), this skips building a [`Secret`]'s header value and
-/// searcher, which only a key sent upstream needs.
+/// The token of `Authorization: Bearer <token>`, or else of `x-api-key: <token>`, the header
+/// Anthropic's SDKs and Claude Code send their key in. Where the key is only compared or
+/// looked up (gateway keys, the admin key), this skips building a [`Secret`]'s header value
+/// and searcher, which only a key sent upstream needs.
 pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .map(|(scheme, token)| (scheme, token.trim()))
+        .and_then(|(scheme, token)| {
+            (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+        });
+    bearer.or_else(|| {
+        let token = headers
+            .get(crate::upstream::X_API_KEY)?
+            .to_str()
+            .ok()?
+            .trim();
+        (!token.is_empty()).then_some(token)
+    })
 }
 
 /// Reads the whole request body (it is small next to responses, and a retry must resend it),
@@ -514,7 +525,12 @@ pub(crate) fn json(status: StatusCode, body: Bytes) -> HttpResponse {
 }
 
 pub(crate) fn error_response(e: &GatewayError) -> HttpResponse {
-    let mut resp = json(e.status(), e.to_json());
+    error_response_for(Endpoint::ChatCompletions, e)
+}
+
+/// [`error_response`] for a client of `api`, in that API's error shape.
+pub(crate) fn error_response_for(api: Endpoint, e: &GatewayError) -> HttpResponse {
+    let mut resp = json(e.status(), e.to_json_for(api));
     if e.status() == StatusCode::UNAUTHORIZED {
         // RFC 9110: a 401 names the scheme the client should use.
         resp.headers_mut()

@@ -27,6 +27,9 @@ use pool::Pool;
 /// The longest wait for Poe's model catalogue, head and body.
 pub const CATALOGUE_WAIT: Duration = Duration::from_secs(30);
 
+/// Anthropic's key header, which the Messages API takes instead of `Authorization`.
+pub const X_API_KEY: header::HeaderName = header::HeaderName::from_static("x-api-key");
+
 /// A key that must never be printed: `Debug` shows only that it is there.
 #[derive(Clone)]
 pub struct Secret {
@@ -72,6 +75,14 @@ impl Secret {
 
     pub fn expose(&self) -> &str {
         &self.key
+    }
+
+    /// The key as an `x-api-key` value (the Messages API's header), marked sensitive; `None`
+    /// if the key cannot be a header value. Built per call: only Messages requests send it.
+    pub fn api_key_header(&self) -> Option<HeaderValue> {
+        let mut v = HeaderValue::from_str(&self.key).ok()?;
+        v.set_sensitive(true);
+        Some(v)
     }
 
     /// The `Authorization: Bearer` value; `None` if the key cannot be a header value.
@@ -143,6 +154,7 @@ pub struct Upstream {
     pools: Box<[Arc<Pool>]>,
     chat_uri: Uri,
     responses_uri: Uri,
+    messages_uri: Uri,
     models_uri: Uri,
     balance_uri: Uri,
     first_byte: Duration,
@@ -217,6 +229,7 @@ impl Upstream {
             pools,
             chat_uri: uri(Endpoint::ChatCompletions.path())?,
             responses_uri: uri(Endpoint::Responses.path())?,
+            messages_uri: uri(Endpoint::Messages.path())?,
             models_uri: uri("/v1/models")?,
             balance_uri: uri("/usage/current_balance")?,
             first_byte,
@@ -227,7 +240,7 @@ impl Upstream {
         })
     }
 
-    /// Sends one chat completion (or Responses) request and waits for the response head.
+    /// Sends one chat completion (Responses, Messages) request and waits for the response head.
     pub async fn chat(
         &self,
         endpoint: Endpoint,
@@ -258,7 +271,13 @@ impl Upstream {
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
         );
-        if let Some(auth) = key.bearer() {
+        if endpoint == Endpoint::Messages {
+            // How Poe documents its Messages API: Anthropic's SDKs and Claude Code send the
+            // key as `x-api-key`.
+            if let Some(v) = key.api_key_header() {
+                req.headers_mut().insert(X_API_KEY, v);
+            }
+        } else if let Some(auth) = key.bearer() {
             req.headers_mut().insert(header::AUTHORIZATION, auth);
         }
         if let Ok(id) = HeaderValue::from_str(request_id) {
@@ -281,6 +300,7 @@ impl Upstream {
         match endpoint {
             Endpoint::ChatCompletions => &self.chat_uri,
             Endpoint::Responses => &self.responses_uri,
+            Endpoint::Messages => &self.messages_uri,
         }
     }
 

@@ -13,6 +13,10 @@ request's ``model``:
 * anything else    -> a normal completion echoing the model name
   (SSE with hand-written chunked encoding when ``"stream": true``)
 
+``POST /v1/responses`` and ``POST /v1/messages`` (Anthropic's Messages API, answered
+only with ``x-api-key``, as Poe documents it) answer in their own shapes; ``cut-stream``
+on the Messages API breaks its stream after the first text.
+
 The gateway is started once per session as ``$POE_GATEWAY_BIN serve`` and
 stopped with SIGTERM at the end.
 """
@@ -70,6 +74,13 @@ RESPONSES_USAGE = {
     "output_tokens": 3,
     "output_tokens_details": {"reasoning_tokens": 0},
     "total_tokens": 12,
+}
+# The Messages API's usage, for a prompt mostly read from Anthropic's prompt cache.
+MESSAGES_USAGE = {
+    "input_tokens": 9,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 40,
+    "output_tokens": 3,
 }
 # What Poe's image bots answer: markdown, then the bare URL.
 IMAGE_URL = "https://pfst.cf2.poecdn.net/base/image/abc?w=1024&h=1024"
@@ -211,7 +222,7 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             raw = self._read_body()
             route = self.path.split("?", 1)[0]
-            if route not in ("/v1/chat/completions", "/v1/responses"):
+            if route not in ("/v1/chat/completions", "/v1/responses", "/v1/messages"):
                 self._send_json(404, _poe_error(404, "not_found_error", f"No route {self.path}"))
                 return
             try:
@@ -231,7 +242,9 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
                 return
 
             model = str(body.get("model"))
-            if model == "missing-bot":
+            if route == "/v1/messages":
+                self._messages(model, body, req.headers)
+            elif model == "missing-bot":
                 self._send_json(404, _poe_error(404, "not_found_error", "Model missing-bot not found"))
             elif model == "auth-fail":
                 self._send_json(401, _poe_error(401, "authentication_error", "Invalid API key"))
@@ -272,6 +285,60 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
                     "usage": USAGE,
                 },
             )
+
+        def _messages(self, model: str, body: dict, headers: dict[str, str]) -> None:
+            """Anthropic's Messages API: its own error shape, its named events."""
+
+            def error(status: int, kind: str, message: str) -> None:
+                self._send_json(status, {"type": "error", "error": {"type": kind, "message": message}})
+
+            if headers.get("x-api-key") != TEST_API_KEY:
+                return error(401, "authentication_error", "invalid x-api-key")
+            if model == "missing-bot":
+                return error(404, "not_found_error", f"model: {model}")
+            message = {
+                "id": "msg_fake_0001",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": FULL_TEXT}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": MESSAGES_USAGE,
+            }
+            if not body.get("stream"):
+                return self._send_json(200, message)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
+            def event(kind: str, **fields: Any) -> bytes:
+                return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n".encode()
+
+            start = {**message, "content": [], "stop_reason": None, "usage": {**MESSAGES_USAGE, "output_tokens": 1}}
+            self._write_chunk(event("message_start", message=start))
+            self._write_chunk(event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
+            for i, piece in enumerate(STREAM_PIECES):
+                self._write_chunk(
+                    event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
+                )
+                if model == "cut-stream":
+                    # A broken chunked body: the gateway sees the connection break mid-stream.
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+            self._write_chunk(event("content_block_stop", index=0))
+            self._write_chunk(
+                event(
+                    "message_delta",
+                    delta={"stop_reason": "end_turn", "stop_sequence": None},
+                    usage={"output_tokens": MESSAGES_USAGE["output_tokens"]},
+                )
+            )
+            self._write_chunk(event("message_stop"))
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
 
         def _respond_stream(self, model: str) -> None:
             """A Responses API stream: named events, the last `response.completed`, no [DONE]."""

@@ -10,6 +10,8 @@ Run as ``python tests/e2e/stub_poe.py``: it listens on an ephemeral loopback por
   Poe's 400 when the body is not a JSON object
 * ``POST /v1/responses``           -> a Responses API ``response``; its event stream (ending
   with ``response.completed``) when ``stream`` is true; the same 400
+* ``POST /v1/messages``            -> Anthropic's ``message``; its event stream (ending with
+  ``message_stop``) when ``stream`` is true; Anthropic's 400 for a body that is not an object
 * anything else                    -> Poe's 404
 
 Stdlib only (the same shapes as the pytest fixture in conftest.py, without pytest).
@@ -78,7 +80,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         raw = self._read_body()
         route = self.path.split("?", 1)[0]
-        if route not in ("/v1/chat/completions", "/v1/responses"):
+        if route not in ("/v1/chat/completions", "/v1/responses", "/v1/messages"):
             self._json(404, poe_error(404, "not_found_error", "no such endpoint"))
             return
         try:
@@ -86,12 +88,19 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            self._json(400, poe_error(400, "invalid_request_error", "Body is not a JSON object"))
+            if route == "/v1/messages":
+                error = {"type": "invalid_request_error", "message": "Body is not a JSON object"}
+                self._json(400, {"type": "error", "error": error})
+            else:
+                self._json(400, poe_error(400, "invalid_request_error", "Body is not a JSON object"))
             return
         model = str(body.get("model"))
         created = int(time.time())
         if route == "/v1/responses":
             self._respond(model, created, bool(body.get("stream")))
+            return
+        if route == "/v1/messages":
+            self._messages(model, bool(body.get("stream")))
             return
         if not body.get("stream"):
             self._json(
@@ -127,6 +136,30 @@ class Handler(BaseHTTPRequestHandler):
         self._chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
 
+
+    def _messages(self, model: str, stream: bool) -> None:
+        usage = {"input_tokens": USAGE["prompt_tokens"], "output_tokens": USAGE["completion_tokens"]}
+        message = {"id": "msg_stub", "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": "Hello"}], "stop_reason": "end_turn",
+                   "stop_sequence": None, "usage": usage}
+        if not stream:
+            self._json(200, message)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def event(kind: str, **fields) -> bytes:
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n".encode()
+
+        self._chunk(event("message_start", message={**message, "content": [], "stop_reason": None}))
+        self._chunk(event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
+        self._chunk(event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hello"}))
+        self._chunk(event("content_block_stop", index=0))
+        self._chunk(event("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 3}))
+        self._chunk(event("message_stop"))
+        self.wfile.write(b"0\r\n\r\n")
 
     def _respond(self, model: str, created: int, stream: bool) -> None:
         def response(status: str, text: str, usage) -> dict:

@@ -365,9 +365,11 @@ async fn handle(
             .insert("content-type", "application/json".parse().unwrap());
         return Ok(resp);
     }
-    // Chat completions and the Responses API share the script.
-    if !matches!(parts.uri.path(), "/v1/chat/completions" | "/v1/responses")
-        && scripted_models.is_none()
+    // Chat completions, the Responses API and the Messages API share the script.
+    if !matches!(
+        parts.uri.path(),
+        "/v1/chat/completions" | "/v1/responses" | "/v1/messages"
+    ) && scripted_models.is_none()
     {
         let mut resp = Response::new(MockBody::Left(Full::new(Bytes::from_static(
             b"{\"error\":{\"code\":404,\"type\":\"not_found_error\",\"message\":\"no such endpoint\"}}",
