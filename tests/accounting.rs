@@ -1248,6 +1248,14 @@ async fn the_responses_api_is_proxied_and_accounted() {
     let r = report(&core, None).await;
     assert_eq!((r.totals.requests, r.totals.errors), (6, 3));
     assert_eq!(r.totals.completion_tokens, 21 + 1 + 1 + 1);
+    // A 200 whose `response` failed is passed on, and counted as the failure it is.
+    let failed = response_object("claude-sonnet-4.5", "", "failed", RESPONSES_USAGE);
+    up.push(Reply::json(200, failed.clone()));
+    let resp = responses(body_for(false)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body_bytes(resp).await, Bytes::from(failed));
+    let r = report(&core, None).await;
+    assert_eq!((r.totals.requests, r.totals.errors), (7, 4));
 
     // A Responses body needs a model, and only that.
     let resp = responses(r#"{"input":"hi"}"#.into()).await;
@@ -1258,7 +1266,7 @@ async fn the_responses_api_is_proxied_and_accounted() {
             .iter()
             .filter(|r| r.path == "/v1/responses")
             .count(),
-        6
+        7
     );
 }
 

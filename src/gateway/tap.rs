@@ -444,10 +444,15 @@ fn end(
             };
             (Outcome::Incomplete(why.into()), Some(why))
         }
-        Mode::Json { frames, .. } => {
-            read_json_usage(frames, observed);
+        Mode::Json { frames, kept } => {
+            let whole = *kept as u64 == observed.bytes;
+            read_json_usage(frames, observed, whole);
             if observed.stream_error {
-                let why = "upstream answered 200 with an error object";
+                let why = if observed.api == Endpoint::Responses {
+                    "upstream answered 200 with an error object or a failed response"
+                } else {
+                    "upstream answered 200 with an error object"
+                };
                 (Outcome::Incomplete(why.into()), None)
             } else {
                 (Outcome::Completed, None)
@@ -751,6 +756,17 @@ fn on_messages_event(observed: &mut Observed, data: &[u8]) {
     }
 }
 
+/// Whether a Responses API body is a `response` whose `status` is `failed`: Poe's answer
+/// in a 200 for a request that failed after it was accepted. Its top level is read, its
+/// members skipped over unparsed.
+fn is_failed_response(body: &[u8]) -> bool {
+    std::str::from_utf8(body)
+        .ok()
+        .and_then(|text| TopLevel::parse(text).ok())
+        .and_then(|fields| fields.get("status"))
+        .is_some_and(|status| status.get() == "\"failed\"")
+}
+
 /// Whether a whole body (or an event) is an error object: `{"error": ...}` as Poe and
 /// OpenAI write it, or Anthropic's `{"type": "error", ...}` on the Messages API.
 fn is_error_object(api: Endpoint, data: &[u8]) -> bool {
@@ -909,11 +925,12 @@ fn string_len(key: &KeyFinder, data: &[u8]) -> usize {
 /// The `usage` of a complete chat.completion body.
 pub fn json_usage(body: &Bytes) -> Option<Usage> {
     let mut obs = Observed::default();
-    read_json_usage(&mut vec![body.clone()], &mut obs);
+    read_json_usage(&mut vec![body.clone()], &mut obs, true);
     obs.usage
 }
 
-fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
+/// `whole`: the frames are the whole body (not only its last `JSON_KEEP_LIMIT` bytes).
+fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed, whole: bool) {
     let body: Bytes = match frames.len() {
         0 => return,
         1 => frames.pop().expect("one frame"),
@@ -924,6 +941,9 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed) {
         }
     };
     read_usage_and_finish(&body, observed);
+    if whole && observed.api == Endpoint::Responses && is_failed_response(&body) {
+        observed.stream_error = true;
+    }
     // A rough figure for the estimate, needed only when no usage was found (another pass
     // over the whole body otherwise).
     if observed.usage.is_none() {
@@ -1059,7 +1079,7 @@ mod tests {
             Bytes::from_static(&body[40..]),
         ];
         let mut obs = Observed::default();
-        read_json_usage(&mut frames, &mut obs);
+        read_json_usage(&mut frames, &mut obs, true);
         assert_eq!(
             obs.usage,
             Some(Usage {
