@@ -1345,11 +1345,9 @@ async fn the_messages_api_is_proxied_and_accounted() {
     assert_eq!(sent[0].json()["model"], "claude-sonnet-4.5");
     assert_eq!(sent[0].json()["max_tokens"], 64);
     let h = &sent[0].headers;
-    assert_eq!(
-        h["x-api-key"], UPSTREAM_KEY,
-        "the server's key, not the caller's"
-    );
-    assert!(h.get("authorization").is_none());
+    // The server's key, not the caller's, in both headers Poe documents for this API.
+    assert_eq!(h["x-api-key"], UPSTREAM_KEY);
+    assert_eq!(h["authorization"], format!("Bearer {UPSTREAM_KEY}"));
     assert_eq!(h["anthropic-version"], "2023-06-01");
     assert_eq!(
         h["anthropic-beta"],
@@ -1472,6 +1470,54 @@ async fn the_messages_api_is_proxied_and_accounted() {
             .count(),
         7
     );
+
+    // Claude Code names bots by Anthropic's ids, which Poe's Messages API takes too: a key
+    // allowed `claude-sonnet-4.5` may use `claude-sonnet-4-5-20250929`, priced as that bot.
+    let (id2, key2) = create_key(
+        &gw,
+        r#"{"name":"sonnet-only","models":["claude-sonnet-4.5"]}"#,
+    )
+    .await;
+    let usage = r#"{"input_tokens":1000,"output_tokens":100}"#;
+    up.push(Reply::json(200, message_object("Hi!", usage)));
+    let ask = |model: &str| {
+        format!(
+            r#"{{"model":"{model}","max_tokens":64,"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )
+    };
+    // No `anthropic-version` (a hand-written request): Poe requires one, so it gets the default.
+    let headers = [("x-api-key", key2.as_str())];
+    let resp = request(
+        &gw,
+        "POST",
+        "/v1/messages",
+        &headers,
+        &ask("claude-sonnet-4-5-20250929"),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let sent = up.received().pop().unwrap();
+    assert_eq!(sent.json()["model"], "claude-sonnet-4-5-20250929");
+    assert_eq!(sent.headers["anthropic-version"], "2023-06-01");
+    let r = report(&core, Some(&id2)).await;
+    let want = 1000.0 * 0.000003 + 100.0 * 0.000015;
+    assert!(
+        (r.totals.cost_usd - want).abs() < 1e-12,
+        "{}",
+        r.totals.cost_usd
+    );
+    // Another Claude is not the one listed.
+    let resp = request(
+        &gw,
+        "POST",
+        "/v1/messages",
+        &headers,
+        &ask("claude-opus-4-1-20250805"),
+    )
+    .await;
+    assert_eq!(resp.status(), 403);
+    let v = body_json(resp).await;
+    assert_eq!(v["error"]["type"], "permission_error", "{v}");
 }
 
 /// Every event of an SSE body, parsed: what an SDK reads (an event's `data` lines, joined).

@@ -515,10 +515,7 @@ impl Gateway {
         let inner = &*self.inner;
         inner.aliases.iter().any(|(name, bots)| {
             name.eq_ignore_ascii_case(bot) || bots.iter().any(|b| b.eq_ignore_ascii_case(bot))
-        }) || inner
-            .models
-            .snapshot()
-            .is_some_and(|c| c.entry(bot).is_some())
+        }) || inner.models.snapshot().is_some_and(|c| c.lists(bot))
     }
 
     /// The `bot` label of a request Poe did not answer (see [`RequestInfo::unlisted`]).

@@ -12,6 +12,39 @@ use super::alias::Aliases;
 use crate::error::GatewayError;
 use crate::upstream::{Upstream, UpstreamError};
 
+/// The Poe bot id an Anthropic model id stands for, when `name` is one and differs:
+/// `claude-sonnet-4-5-20250929` is `claude-sonnet-4.5`, `claude-3-5-haiku-latest` is
+/// `claude-haiku-3.5`, `claude-opus-4-20250514` is `claude-opus-4`. Poe's Messages API takes
+/// both names for one bot; its catalogue (and so its prices) has only its own.
+pub fn poe_id_of_anthropic_model(name: &str) -> Option<String> {
+    let prefix = name.get(..7)?;
+    if !prefix.eq_ignore_ascii_case("claude-") {
+        return None;
+    }
+    let lower = name.to_ascii_lowercase();
+    let mut parts: Vec<&str> = lower.split('-').skip(1).collect();
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let word = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase());
+    if parts
+        .last()
+        .is_some_and(|p| *p == "latest" || (p.len() == 8 && number(p)))
+    {
+        parts.pop();
+    }
+    let poe = match parts[..] {
+        [major, minor, family] if number(major) && number(minor) && word(family) => {
+            format!("claude-{family}-{major}.{minor}")
+        }
+        [major, family] if number(major) && word(family) => format!("claude-{family}-{major}"),
+        [family, major, minor] if word(family) && number(major) && number(minor) => {
+            format!("claude-{family}-{major}.{minor}")
+        }
+        [family, major] if word(family) && number(major) => format!("claude-{family}-{major}"),
+        _ => return None,
+    };
+    (poe != lower).then_some(poe)
+}
+
 /// Largest catalogue accepted (Poe's is a few hundred entries, well under this).
 const CATALOGUE_LIMIT: usize = 32 * 1024 * 1024;
 
@@ -67,6 +100,18 @@ impl Catalogue {
         }
     }
 
+    /// The bot `id` names: its own entry, or for an Anthropic model id (what Claude Code
+    /// and Anthropic's SDKs send, and Poe's Messages API takes) the Poe bot it stands for.
+    fn named(&self, id: &str) -> Option<&Known> {
+        self.known(id)
+            .or_else(|| self.by_id.get(&poe_id_of_anthropic_model(id)?))
+    }
+
+    /// Whether the catalogue has the bot `id` names (an Anthropic model id included).
+    pub fn lists(&self, id: &str) -> bool {
+        self.named(id).is_some()
+    }
+
     /// One entry by id, case-insensitively.
     pub fn entry(&self, id: &str) -> Option<&Value> {
         self.known(id).map(|k| &self.entries[k.index])
@@ -79,12 +124,12 @@ impl Catalogue {
     /// Whether the catalogue says the bot answers with media. Looked up for every stored
     /// cache miss, so it is worked out once per catalogue.
     pub fn makes_media(&self, bot: &str) -> bool {
-        self.known(bot).is_some_and(|k| k.media)
+        self.named(bot).is_some_and(|k| k.media)
     }
 
     /// Poe's price for a bot (USD per token / per request), when the catalogue has one.
     pub fn price(&self, bot: &str) -> Option<Price> {
-        self.known(bot).and_then(|k| k.price)
+        self.named(bot).and_then(|k| k.price)
     }
 
     /// The closest bot or alias name to `model`, if one is close and not the same name.
@@ -318,6 +363,41 @@ fn alias_entry(name: &str, bots: &[String], catalogue: &[Value]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anthropic_model_ids_name_poe_bots() {
+        let poe = |n: &str| poe_id_of_anthropic_model(n);
+        for (anthropic, bot) in [
+            ("claude-sonnet-4-5-20250929", "claude-sonnet-4.5"),
+            ("claude-opus-4-1-20250805", "claude-opus-4.1"),
+            ("Claude-Haiku-4-5", "claude-haiku-4.5"),
+            ("claude-sonnet-4-20250514", "claude-sonnet-4"),
+            ("claude-3-5-haiku-20241022", "claude-haiku-3.5"),
+            ("claude-3-7-sonnet-latest", "claude-sonnet-3.7"),
+            ("claude-3-opus-20240229", "claude-opus-3"),
+        ] {
+            assert_eq!(poe(anthropic).as_deref(), Some(bot), "{anthropic}");
+        }
+        for name in [
+            "claude-sonnet-4.5",
+            "claude-sonnet-4",
+            "claude",
+            "gpt-5",
+            "claude-x-y-z",
+            "cl",
+        ] {
+            assert_eq!(poe(name), None, "{name}");
+        }
+        let entries = vec![
+            json!({"id": "Claude-Sonnet-4.5", "pricing": {"prompt": "0.000003", "completion": "0.000015"}}),
+        ];
+        let cat = Catalogue::new(Bytes::new(), entries, vec![]);
+        assert!(cat.price("claude-sonnet-4-5-20250929").is_some());
+        assert!(cat.lists("claude-sonnet-4-5"));
+        assert!(!cat.lists("claude-opus-4-5"));
+        // `GET /v1/models/{id}` answers only the catalogue's own ids.
+        assert!(cat.entry("claude-sonnet-4-5").is_none());
+    }
 
     #[test]
     fn entries_and_prices_are_found_by_id_in_any_case_and_the_first_entry_wins() {

@@ -45,9 +45,10 @@ def test_messages_via_alias(gateway, upstream):
     assert up.path == "/v1/messages"
     assert up.body["model"] == "claude-sonnet-4.5"
     assert up.body["max_tokens"] == 64
-    # The server's key goes as `x-api-key`; the client's version and betas go with it.
+    # The server's key goes in both headers Poe documents for this API; the client's version
+    # and betas go with it.
     assert up.headers["x-api-key"] == TEST_API_KEY
-    assert "authorization" not in up.headers
+    assert up.headers["authorization"] == f"Bearer {TEST_API_KEY}"
     assert up.headers["anthropic-version"] == raw.http_request.headers["anthropic-version"]
     assert up.headers["anthropic-beta"] == "interleaved-thinking-2025-05-14"
 
