@@ -680,6 +680,101 @@ async fn rows_wait_out_a_failing_database_instead_of_being_lost() {
     assert_eq!(r.totals.requests, 3);
 }
 
+/// Rows, keys and the migrations table of the SQLite ledger at `path`, read the way a
+/// restarted gateway would: a connection of its own, opened read-only so that a missing file
+/// is an error here instead of a new empty ledger.
+fn ledger_file(path: &str) -> Result<(i64, Vec<String>, String), String> {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("{path}: {e}"))?;
+    let rows = c
+        .query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0))
+        .map_err(|e| format!("{path}: {e}"))?;
+    let mut stmt = c
+        .prepare("SELECT name FROM gateway_keys ORDER BY name")
+        .map_err(|e| format!("{path}: {e}"))?;
+    let keys = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(|r| r.collect::<Result<Vec<String>, _>>())
+        .map_err(|e| format!("{path}: {e}"))?;
+    let check: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(|e| format!("{path}: {e}"))?;
+    Ok((rows, keys, check))
+}
+
+/// An operator deletes the SQLite ledger under a running gateway (its `-wal` and `-shm` left
+/// behind, as `rm ledger.db` leaves them), then rotates it away with `mv`, then restores a
+/// backup by renaming it into place. The gateway notices each time, counts it, and opens the
+/// ledger at its path again: the rows and keys made afterwards are in the file a restart
+/// would read, none twice, and the moved file keeps what it had.
+#[tokio::test]
+async fn a_sqlite_ledger_deleted_or_moved_under_the_gateway_is_made_again() {
+    let (db, path) = sqlite_database().await;
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+    let chat = |n: usize| {
+        let gw = &gw;
+        async move {
+            for _ in 0..n {
+                let resp = post(gw, &chat_body("gpt", false), &[]).await;
+                assert_eq!(resp.status(), 200);
+                let _ = body_bytes(resp).await;
+            }
+        }
+    };
+    chat(2).await;
+    core.flush().await;
+    assert_eq!(ledger_file(&path).unwrap().0, 2);
+
+    // Deleted: the database file only.
+    std::fs::remove_file(&path).unwrap();
+    chat(3).await;
+    let _ = create_key(&gw, r#"{"name":"after-the-delete"}"#).await;
+    core.flush().await;
+    let (rows, keys, check) = ledger_file(&path).expect("a ledger at the path again");
+    assert_eq!(rows, 3, "the rows written after the delete");
+    assert_eq!(keys, ["after-the-delete"]);
+    assert_eq!(check, "ok");
+    // Reports read the new file too.
+    assert_eq!(report(&core, None).await.totals.requests, 3);
+    assert_eq!(
+        metric(&gw, "poe_gateway_ledger_reopened_total").await,
+        Some(1.0)
+    );
+
+    // Moved away (a rotation): the old file keeps its rows, the path gets a new ledger.
+    let moved = format!("{path}.1");
+    std::fs::rename(&path, &moved).unwrap();
+    chat(1).await;
+    core.flush().await;
+    let (rows, keys, check) = ledger_file(&moved).expect("the moved ledger");
+    assert_eq!((rows, keys.len(), check.as_str()), (3, 1, "ok"), "{moved}");
+    let (rows, keys, check) = ledger_file(&path).expect("a ledger at the path again");
+    assert_eq!((rows, keys.len(), check.as_str()), (1, 0, "ok"), "{path}");
+    assert_eq!(report(&core, None).await.totals.requests, 1);
+    assert_eq!(
+        metric(&gw, "poe_gateway_ledger_reopened_total").await,
+        Some(2.0)
+    );
+
+    // Restored from a backup, swapped in with a rename: the gateway goes on in the restored
+    // file, which must not take the pages the replaced file left in the `-wal`.
+    let restored = format!("{path}.restore");
+    std::fs::copy(&moved, &restored).unwrap();
+    std::fs::rename(&restored, &path).unwrap();
+    chat(1).await;
+    core.flush().await;
+    let (rows, keys, check) = ledger_file(&path).expect("the restored ledger");
+    assert_eq!((rows, check.as_str()), (4, "ok"), "{path}");
+    assert_eq!(keys, ["after-the-delete"]);
+    assert_eq!(report(&core, None).await.totals.requests, 4);
+    assert_eq!(
+        metric(&gw, "poe_gateway_ledger_reopened_total").await,
+        Some(3.0)
+    );
+}
+
 /// The report once it counts `rows` requests, polled for up to a minute: rows that wait on
 /// something outside the test's control (a writer's retry, a hang-up noticed).
 async fn report_once(
