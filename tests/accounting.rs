@@ -1202,6 +1202,144 @@ async fn the_keys_command_says_when_there_is_no_ledger() {
     assert_eq!(out.status.code(), Some(2), "clap's usage error");
 }
 
+/// A new key's model list is checked against Poe's catalogue and the aliases: a name that is
+/// neither (a typo) is named in a warning, with the closest known name, and the key is made
+/// all the same (Poe answers bots its catalogue does not list). Known names, in any case,
+/// make no warning. A catalogue that cannot be read is said so, and the key is made.
+#[tokio::test]
+async fn a_new_keys_unknown_model_names_are_warned_about() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+
+    let resp = as_admin(
+        &gw,
+        "POST",
+        "/admin/keys",
+        r#"{"name":"typo","models":["claude","GPT-5","gpt-5o","made-up-bot"]}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let v = body_json(resp).await;
+    assert!(v["key"].as_str().unwrap().starts_with("pgw_"), "{v}");
+    let warnings = v["warnings"].as_array().expect("a warnings list");
+    assert_eq!(warnings.len(), 1, "{v}");
+    let w = warnings[0].as_str().unwrap();
+    assert!(w.contains("`models`"), "{w}");
+    assert!(w.contains("`gpt-5o` (did you mean `gpt-5`?)"), "{w}");
+    assert!(w.contains("`made-up-bot`"), "{w}");
+    assert!(!w.contains("`claude`") && !w.contains("`GPT-5`"), "{w}");
+    // The key was made as asked, and works for the names it has.
+    let auth = format!("Bearer {}", v["key"].as_str().unwrap());
+    let resp = post(&gw, &chat_body("gpt-5", false), &[("authorization", &auth)]).await;
+    assert_eq!(resp.status(), 200);
+    let _ = body_bytes(resp).await;
+
+    let resp = as_admin(
+        &gw,
+        "POST",
+        "/admin/keys",
+        r#"{"name":"known","models":["Claude","gpt-5","grok-4"]}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let v = body_json(resp).await;
+    assert!(v.get("warnings").is_none(), "{v}");
+    // No model list, nothing to check.
+    let v = body_json(as_admin(&gw, "POST", "/admin/keys", r#"{"name":"all"}"#).await).await;
+    assert!(v.get("warnings").is_none(), "{v}");
+
+    // No catalogue to check against.
+    let up = MockUpstream::start().await;
+    up.set_models("not a catalogue");
+    let db = databases().await.remove(0);
+    let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+    let resp = as_admin(
+        &gw,
+        "POST",
+        "/admin/keys",
+        r#"{"name":"unchecked","models":["gpt-5o"]}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let v = body_json(resp).await;
+    let w = v["warnings"][0].as_str().expect("a warning");
+    assert!(w.contains("not checked") && w.contains("catalogue"), "{w}");
+}
+
+/// `poe-gateway keys create --models`: the same check, against the configured upstream, on
+/// stderr; the key is still made and printed. An argument the key cannot have exits 2, as
+/// clap's usage errors do.
+// Two workers: the command is waited for on one while the test upstream answers on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_command_warns_of_unknown_models_and_exits_2_on_bad_arguments() {
+    let (db, _path) = sqlite_database().await;
+    let up = MockUpstream::start().await;
+    let keys = |base: &str, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+            .arg("keys")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("POE_GATEWAY_DATABASE_URL", &db)
+            .env("POE_BASE_URL", base)
+            .env("POE_GATEWAY_POLICIES", "/dev/null")
+            .output()
+            .expect("the binary runs")
+    };
+    let out = keys(
+        &up.url(),
+        &["create", "--name", "typo", "--models", "gpt-5,gpt-5o"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains("`gpt-5o` (did you mean `gpt-5`?)"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().last().unwrap().starts_with("pgw_"),
+        "{stdout}"
+    );
+
+    let out = keys(
+        &up.url(),
+        &["create", "--name", "known", "--models", "GPT-5"],
+    );
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Nothing answers there: the names are taken unchecked, and it says so.
+    let out = keys(
+        "http://127.0.0.1:9",
+        &["create", "--name", "offline", "--models", "gpt-5o"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("not checked"), "{stderr}");
+
+    for args in [
+        &["create", "--name", "r", "--rpm", "0"][..],
+        &["create", "--name", "b", "--budget-usd=-1"][..],
+        &["create", "--name", "m", "--models", ",,"][..],
+        &["create", "--name", "known"][..],
+    ] {
+        let out = keys(&up.url(), args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("pgw_"),
+            "{args:?}"
+        );
+    }
+}
+
 /// What Poe's Responses API sends: a `response` object, its usage in the API's own names.
 fn response_object(model: &str, text: &str, status: &str, usage: &str) -> String {
     format!(
