@@ -7,11 +7,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use poe_gateway::config::{self, AuthMode};
+use poe_gateway::gateway::alias::Aliases;
 use poe_gateway::gateway::keys::{self, NewKey};
+use poe_gateway::gateway::models::{self, Models};
 use poe_gateway::ledger::report::{self, parse_when};
 use poe_gateway::ledger::{self, GroupBy, Period, ReportQuery, Store, now_ms};
 use poe_gateway::upstream::{Secret, Upstream};
-use poe_gateway::{Gateway, http, telemetry};
+use poe_gateway::{Gateway, GatewayError, Policy, http, telemetry};
 
 // jemalloc rather than glibc's malloc. Under load glibc spent 8-13 % of the gateway's CPU
 // samples in malloc, free and their consolidation: a request's few larger allocations (its
@@ -180,7 +182,7 @@ fn main() -> ExitCode {
             let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             code
         }),
-        Command::Keys(cmd) => run(keys_command(cmd, cli.database_url)),
+        Command::Keys(cmd) => run(keys_command(cmd, cli.database_url, loaded.policy)),
         Command::Usage(args) => run(usage_command(args, loaded, server_key, cli.database_url)),
         Command::Healthcheck => run(healthcheck(loaded.policy.server.listen)),
     }
@@ -301,7 +303,7 @@ fn missing_sqlite_file(database_url: &str) -> Option<std::path::PathBuf> {
     (!path.exists()).then(|| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
 }
 
-async fn keys_command(cmd: KeysCommand, database_url: String) -> ExitCode {
+async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) -> ExitCode {
     let missing = missing_sqlite_file(&database_url);
     if let Some(path) = &missing
         && !matches!(cmd, KeysCommand::Create { .. })
@@ -361,7 +363,17 @@ async fn keys_command(cmd: KeysCommand, database_url: String) -> ExitCode {
                         rec.id, rec.name
                     );
                     println!("{key}");
+                    if let Some(names) = &rec.models
+                        && let Some(w) = model_list_warning(&policy, names).await
+                    {
+                        eprintln!("poe-gateway: warning: {w}");
+                    }
                     ExitCode::SUCCESS
+                }
+                // An argument the key cannot have: a usage error, as clap's own are.
+                Err(e @ GatewayError::BadRequest { .. }) => {
+                    eprintln!("poe-gateway: {e}");
+                    ExitCode::from(2)
                 }
                 Err(e) => {
                     eprintln!("poe-gateway: {e}");
@@ -424,6 +436,33 @@ async fn keys_command(cmd: KeysCommand, database_url: String) -> ExitCode {
             }
         },
     }
+}
+
+/// `keys create --models`: the names checked against Poe's catalogue, read from the
+/// configured upstream (no key needed) and waited for at most 10 s. The key is made either
+/// way (see [`models::model_list_warning`]).
+async fn model_list_warning(policy: &Policy, names: &[String]) -> Option<String> {
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+    let aliases = Aliases::new(&policy.aliases);
+    let read = async {
+        let upstream = Upstream::new(
+            &policy.upstream,
+            policy.timeouts.connect,
+            policy.timeouts.connect,
+            1,
+        )
+        .map_err(GatewayError::UpstreamUnreachable)?;
+        Models::new(policy.upstream.models_ttl)
+            .get(&upstream, &aliases)
+            .await
+    };
+    let catalogue = tokio::time::timeout(WAIT, read).await.unwrap_or_else(|_| {
+        Err(GatewayError::UpstreamTimeout(format!(
+            "no answer within {}s",
+            WAIT.as_secs()
+        )))
+    });
+    models::model_list_warning(catalogue.as_deref(), &aliases, names)
 }
 
 async fn usage_command(

@@ -54,6 +54,7 @@ pub struct Metrics {
     pub ledger_dropped: IntCounter,
     pub ledger_written: IntCounter,
     pub ledger_write_errors: IntCounter,
+    pub ledger_reopened: IntCounter,
     pub point_balance: Gauge,
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
@@ -185,6 +186,10 @@ impl Metrics {
             ledger_write_errors: reg!(IntCounter::with_opts(opts(
                 "ledger_write_errors_total",
                 "Usage rows lost to database errors."
+            ))),
+            ledger_reopened: reg!(IntCounter::with_opts(opts(
+                "ledger_reopened_total",
+                "Times the SQLite ledger file was found deleted or replaced under the gateway and opened again at its path."
             ))),
             point_balance: reg!(Gauge::with_opts(opts(
                 "point_balance",

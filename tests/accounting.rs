@@ -680,6 +680,101 @@ async fn rows_wait_out_a_failing_database_instead_of_being_lost() {
     assert_eq!(r.totals.requests, 3);
 }
 
+/// Rows, keys and the migrations table of the SQLite ledger at `path`, read the way a
+/// restarted gateway would: a connection of its own, opened read-only so that a missing file
+/// is an error here instead of a new empty ledger.
+fn ledger_file(path: &str) -> Result<(i64, Vec<String>, String), String> {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("{path}: {e}"))?;
+    let rows = c
+        .query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0))
+        .map_err(|e| format!("{path}: {e}"))?;
+    let mut stmt = c
+        .prepare("SELECT name FROM gateway_keys ORDER BY name")
+        .map_err(|e| format!("{path}: {e}"))?;
+    let keys = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(|r| r.collect::<Result<Vec<String>, _>>())
+        .map_err(|e| format!("{path}: {e}"))?;
+    let check: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(|e| format!("{path}: {e}"))?;
+    Ok((rows, keys, check))
+}
+
+/// An operator deletes the SQLite ledger under a running gateway (its `-wal` and `-shm` left
+/// behind, as `rm ledger.db` leaves them), then rotates it away with `mv`, then restores a
+/// backup by renaming it into place. The gateway notices each time, counts it, and opens the
+/// ledger at its path again: the rows and keys made afterwards are in the file a restart
+/// would read, none twice, and the moved file keeps what it had.
+#[tokio::test]
+async fn a_sqlite_ledger_deleted_or_moved_under_the_gateway_is_made_again() {
+    let (db, path) = sqlite_database().await;
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+    let chat = |n: usize| {
+        let gw = &gw;
+        async move {
+            for _ in 0..n {
+                let resp = post(gw, &chat_body("gpt", false), &[]).await;
+                assert_eq!(resp.status(), 200);
+                let _ = body_bytes(resp).await;
+            }
+        }
+    };
+    chat(2).await;
+    core.flush().await;
+    assert_eq!(ledger_file(&path).unwrap().0, 2);
+
+    // Deleted: the database file only.
+    std::fs::remove_file(&path).unwrap();
+    chat(3).await;
+    let _ = create_key(&gw, r#"{"name":"after-the-delete"}"#).await;
+    core.flush().await;
+    let (rows, keys, check) = ledger_file(&path).expect("a ledger at the path again");
+    assert_eq!(rows, 3, "the rows written after the delete");
+    assert_eq!(keys, ["after-the-delete"]);
+    assert_eq!(check, "ok");
+    // Reports read the new file too.
+    assert_eq!(report(&core, None).await.totals.requests, 3);
+    assert_eq!(
+        metric(&gw, "poe_gateway_ledger_reopened_total").await,
+        Some(1.0)
+    );
+
+    // Moved away (a rotation): the old file keeps its rows, the path gets a new ledger.
+    let moved = format!("{path}.1");
+    std::fs::rename(&path, &moved).unwrap();
+    chat(1).await;
+    core.flush().await;
+    let (rows, keys, check) = ledger_file(&moved).expect("the moved ledger");
+    assert_eq!((rows, keys.len(), check.as_str()), (3, 1, "ok"), "{moved}");
+    let (rows, keys, check) = ledger_file(&path).expect("a ledger at the path again");
+    assert_eq!((rows, keys.len(), check.as_str()), (1, 0, "ok"), "{path}");
+    assert_eq!(report(&core, None).await.totals.requests, 1);
+    assert_eq!(
+        metric(&gw, "poe_gateway_ledger_reopened_total").await,
+        Some(2.0)
+    );
+
+    // Restored from a backup, swapped in with a rename: the gateway goes on in the restored
+    // file, which must not take the pages the replaced file left in the `-wal`.
+    let restored = format!("{path}.restore");
+    std::fs::copy(&moved, &restored).unwrap();
+    std::fs::rename(&restored, &path).unwrap();
+    chat(1).await;
+    core.flush().await;
+    let (rows, keys, check) = ledger_file(&path).expect("the restored ledger");
+    assert_eq!((rows, check.as_str()), (4, "ok"), "{path}");
+    assert_eq!(keys, ["after-the-delete"]);
+    assert_eq!(report(&core, None).await.totals.requests, 4);
+    assert_eq!(
+        metric(&gw, "poe_gateway_ledger_reopened_total").await,
+        Some(3.0)
+    );
+}
+
 /// The report once it counts `rows` requests, polled for up to a minute: rows that wait on
 /// something outside the test's control (a writer's retry, a hang-up noticed).
 async fn report_once(
@@ -1105,6 +1200,144 @@ async fn the_keys_command_says_when_there_is_no_ledger() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"alice\""));
     let out = keys(&db, &["list", "--format", "yaml"]);
     assert_eq!(out.status.code(), Some(2), "clap's usage error");
+}
+
+/// A new key's model list is checked against Poe's catalogue and the aliases: a name that is
+/// neither (a typo) is named in a warning, with the closest known name, and the key is made
+/// all the same (Poe answers bots its catalogue does not list). Known names, in any case,
+/// make no warning. A catalogue that cannot be read is said so, and the key is made.
+#[tokio::test]
+async fn a_new_keys_unknown_model_names_are_warned_about() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+
+    let resp = as_admin(
+        &gw,
+        "POST",
+        "/admin/keys",
+        r#"{"name":"typo","models":["claude","GPT-5","gpt-5o","made-up-bot"]}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let v = body_json(resp).await;
+    assert!(v["key"].as_str().unwrap().starts_with("pgw_"), "{v}");
+    let warnings = v["warnings"].as_array().expect("a warnings list");
+    assert_eq!(warnings.len(), 1, "{v}");
+    let w = warnings[0].as_str().unwrap();
+    assert!(w.contains("`models`"), "{w}");
+    assert!(w.contains("`gpt-5o` (did you mean `gpt-5`?)"), "{w}");
+    assert!(w.contains("`made-up-bot`"), "{w}");
+    assert!(!w.contains("`claude`") && !w.contains("`GPT-5`"), "{w}");
+    // The key was made as asked, and works for the names it has.
+    let auth = format!("Bearer {}", v["key"].as_str().unwrap());
+    let resp = post(&gw, &chat_body("gpt-5", false), &[("authorization", &auth)]).await;
+    assert_eq!(resp.status(), 200);
+    let _ = body_bytes(resp).await;
+
+    let resp = as_admin(
+        &gw,
+        "POST",
+        "/admin/keys",
+        r#"{"name":"known","models":["Claude","gpt-5","grok-4"]}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let v = body_json(resp).await;
+    assert!(v.get("warnings").is_none(), "{v}");
+    // No model list, nothing to check.
+    let v = body_json(as_admin(&gw, "POST", "/admin/keys", r#"{"name":"all"}"#).await).await;
+    assert!(v.get("warnings").is_none(), "{v}");
+
+    // No catalogue to check against.
+    let up = MockUpstream::start().await;
+    up.set_models("not a catalogue");
+    let db = databases().await.remove(0);
+    let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+    let resp = as_admin(
+        &gw,
+        "POST",
+        "/admin/keys",
+        r#"{"name":"unchecked","models":["gpt-5o"]}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let v = body_json(resp).await;
+    let w = v["warnings"][0].as_str().expect("a warning");
+    assert!(w.contains("not checked") && w.contains("catalogue"), "{w}");
+}
+
+/// `poe-gateway keys create --models`: the same check, against the configured upstream, on
+/// stderr; the key is still made and printed. An argument the key cannot have exits 2, as
+/// clap's usage errors do.
+// Two workers: the command is waited for on one while the test upstream answers on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_command_warns_of_unknown_models_and_exits_2_on_bad_arguments() {
+    let (db, _path) = sqlite_database().await;
+    let up = MockUpstream::start().await;
+    let keys = |base: &str, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+            .arg("keys")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("POE_GATEWAY_DATABASE_URL", &db)
+            .env("POE_BASE_URL", base)
+            .env("POE_GATEWAY_POLICIES", "/dev/null")
+            .output()
+            .expect("the binary runs")
+    };
+    let out = keys(
+        &up.url(),
+        &["create", "--name", "typo", "--models", "gpt-5,gpt-5o"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains("`gpt-5o` (did you mean `gpt-5`?)"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().last().unwrap().starts_with("pgw_"),
+        "{stdout}"
+    );
+
+    let out = keys(
+        &up.url(),
+        &["create", "--name", "known", "--models", "GPT-5"],
+    );
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Nothing answers there: the names are taken unchecked, and it says so.
+    let out = keys(
+        "http://127.0.0.1:9",
+        &["create", "--name", "offline", "--models", "gpt-5o"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("not checked"), "{stderr}");
+
+    for args in [
+        &["create", "--name", "r", "--rpm", "0"][..],
+        &["create", "--name", "b", "--budget-usd=-1"][..],
+        &["create", "--name", "m", "--models", ",,"][..],
+        &["create", "--name", "known"][..],
+    ] {
+        let out = keys(&up.url(), args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("pgw_"),
+            "{args:?}"
+        );
+    }
 }
 
 /// What Poe's Responses API sends: a `response` object, its usage in the API's own names.

@@ -37,6 +37,36 @@ async fn kill_9_loses_nothing_older_than_a_second() {
     }
 }
 
+/// The SQLite ledger's write-ahead log deleted under the running binary (the database file
+/// left in place), then `kill -9`: the rows committed to the deleted log before, and those
+/// written after, are all in the ledger at restart. The gateway notices the log is gone,
+/// copies what it held into the database file, and opens the ledger again.
+#[tokio::test]
+async fn kill_9_after_the_wal_was_deleted_loses_nothing_older_than_a_second() {
+    let (db, path) = sqlite_database().await;
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (mut child, gw) = spawn_binary(&mut binary_command(&up.url(), &db));
+    let chat = |n: usize| {
+        let gw = &gw;
+        async move {
+            for _ in 0..n {
+                let resp = post(gw, &chat_body("gpt-5", false), &[]).await;
+                assert_eq!(resp.status(), 200);
+                let _ = body_bytes(resp).await;
+            }
+        }
+    };
+    chat(3).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    std::fs::remove_file(format!("{path}-wal")).unwrap();
+    chat(4).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    child.kill().unwrap();
+    assert!(!child.wait().unwrap().success());
+    assert_eq!(ledger_rows(&db).await, 7, "{db}");
+}
+
 fn signal(child: &std::process::Child, name: &str) {
     let sent = std::process::Command::new("kill")
         .args([&format!("-{name}"), &child.id().to_string()])

@@ -372,6 +372,9 @@ impl Gateway {
             .inc_by(load(&st.written).saturating_sub(m.ledger_written.get()));
         m.ledger_write_errors
             .inc_by(load(&st.write_errors).saturating_sub(m.ledger_write_errors.get()));
+        let reopened = self.inner.acct.ledger.store().reopened();
+        m.ledger_reopened
+            .inc_by(reopened.saturating_sub(m.ledger_reopened.get()));
         m.render()
     }
 

@@ -360,6 +360,49 @@ fn alias_entry(name: &str, bots: &[String], catalogue: &[Value]) -> Value {
     Value::Object(entry)
 }
 
+/// A warning for an admin whose new key's model list names what is neither an alias nor a
+/// bot in Poe's catalogue (case-insensitively, as requests are matched), or whose list could
+/// not be checked: `catalogue` is the catalogue, or why it could not be read. `None` when
+/// every name is known.
+///
+/// A warning, not a refusal: Poe answers bots its catalogue does not list, and a catalogue
+/// read before Poe added a bot would otherwise lock the bot out of every new key. A typo
+/// (`gpt-5o`) is still shown to the admin at once, with the closest known name.
+pub fn model_list_warning(
+    catalogue: Result<&Catalogue, &GatewayError>,
+    aliases: &Aliases,
+    names: &[String],
+) -> Option<String> {
+    let catalogue = match catalogue {
+        Ok(c) => c,
+        Err(e) => {
+            return Some(format!(
+                "`models` was not checked: Poe's model catalogue could not be read ({e}); the key allows the names as given"
+            ));
+        }
+    };
+    let unknown: Vec<String> = names
+        .iter()
+        .filter(|n| aliases.resolve(n).alias().is_none() && catalogue.known(n).is_none())
+        .map(|n| match catalogue.suggest(n, aliases) {
+            Some(near) => format!("`{n}` (did you mean `{near}`?)"),
+            None => format!("`{n}`"),
+        })
+        .collect();
+    if unknown.is_empty() {
+        return None;
+    }
+    let (is, it) = if unknown.len() == 1 {
+        ("is neither an alias nor a bot", "it")
+    } else {
+        ("are neither aliases nor bots", "them")
+    };
+    Some(format!(
+        "`models`: {} {is} in Poe's model catalogue; the key allows {it} as given, and Poe refuses a bot it does not have. If this is a typo, revoke the key and create it again",
+        unknown.join(", ")
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@ use super::routes::{HttpResponse, bearer_token, json, method_not_allowed, read_b
 use crate::error::GatewayError;
 use crate::gateway::Caller;
 use crate::gateway::keys::{self, NewKey};
+use crate::gateway::models;
 use crate::ledger::report::parse_when;
 use crate::ledger::{GroupBy, KeyRecord, ReportQuery, now_ms};
 
@@ -69,9 +70,17 @@ pub(crate) async fn handle(
             de.end()
                 .map_err(|e| GatewayError::bad_request(format!("invalid key request: {e}")))?;
             let (rec, key) = keys::create_key(app.gateway.ledger().store(), new).await?;
+            let warning = match &rec.models {
+                Some(names) => model_list_warning(app, names).await,
+                None => None,
+            };
             let mut v = serde_json::to_value(&rec).unwrap_or_default();
             // The only time the key is ever shown.
             v["key"] = serde_json::Value::String(key);
+            if let Some(w) = warning {
+                tracing::warn!(key_id = %rec.id, "new key: {w}");
+                v["warnings"] = serde_json::json!([w]);
+            }
             Ok(json_value(StatusCode::CREATED, &v))
         }
         (Method::DELETE, p) if p.starts_with("/admin/keys/") => {
@@ -118,6 +127,23 @@ pub(crate) async fn handle(
         },
     }
 }
+
+/// A new key's model list checked against Poe's catalogue (see [`models::model_list_warning`]),
+/// waiting for it at most [`CATALOGUE_CHECK_WAIT`].
+async fn model_list_warning(app: &App, names: &[String]) -> Option<String> {
+    let catalogue = tokio::time::timeout(CATALOGUE_CHECK_WAIT, app.gateway.models())
+        .await
+        .unwrap_or_else(|_| {
+            Err(GatewayError::UpstreamTimeout(format!(
+                "no answer within {}s",
+                CATALOGUE_CHECK_WAIT.as_secs()
+            )))
+        });
+    models::model_list_warning(catalogue.as_deref(), app.gateway.aliases(), names)
+}
+
+/// The longest a new key waits for Poe's catalogue to check its model list.
+const CATALOGUE_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Largest `POST /admin/keys` body.
 const NEW_KEY_BODY_LIMIT: u64 = 64 * 1024;

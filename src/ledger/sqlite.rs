@@ -1,6 +1,8 @@
 //! SQLite storage: WAL mode, one writer connection and one reader, used from blocking threads.
+//! A ledger file deleted or replaced under the gateway is noticed and opened again ([`Watched`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -46,32 +48,32 @@ fn bind_usage(stmt: &mut rusqlite::Statement<'_>, r: &UsageRow) -> rusqlite::Res
     Ok(())
 }
 
+/// A connection, or none while a ledger file that went away could not be opened again.
+type Slot = Arc<Mutex<Option<Connection>>>;
+
 #[derive(Clone)]
 pub struct Sqlite {
-    write: Arc<Mutex<Connection>>,
+    write: Slot,
     /// Reports read here so a long query never holds up the writer (WAL lets both run).
-    read: Arc<Mutex<Connection>>,
+    read: Slot,
+    /// The ledger file that `serve` writes, watched for being deleted or replaced under it.
+    /// `None` for an in-memory ledger and a read-only one.
+    file: Option<Arc<Watched>>,
 }
 
 impl Sqlite {
     pub async fn open(path: &str) -> Result<Sqlite, LedgerError> {
-        let path = path.to_string();
+        let path = PathBuf::from(path);
         tokio::task::spawn_blocking(move || {
-            if let Some(dir) = Path::new(&path).parent()
-                && !dir.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    LedgerError::Other(format!("cannot create {}: {e}", dir.display()))
-                })?;
-            }
-            let write = Connection::open(&path)?;
-            configure(&write)?;
-            migrate(&write)?;
-            let read = Connection::open(&path)?;
-            configure(&read)?;
+            let (write, read, ids) = open_pair(&path)?;
             Ok(Sqlite {
-                write: Arc::new(Mutex::new(write)),
-                read: Arc::new(Mutex::new(read)),
+                write: Arc::new(Mutex::new(Some(write))),
+                read: Arc::new(Mutex::new(Some(read))),
+                file: Some(Arc::new(Watched {
+                    path,
+                    ids: Mutex::new(ids),
+                    reopened: AtomicU64::new(0),
+                })),
             })
         })
         .await
@@ -103,10 +105,11 @@ impl Sqlite {
                 None
             };
             store::check_readable(applied, Dialect::Sqlite)?;
-            let c = Arc::new(Mutex::new(c));
+            let c = Arc::new(Mutex::new(Some(c)));
             Ok(Sqlite {
                 write: c.clone(),
                 read: c,
+                file: None,
             })
         })
         .await
@@ -117,31 +120,48 @@ impl Sqlite {
     pub fn memory() -> Result<Sqlite, LedgerError> {
         let conn = Connection::open_in_memory()?;
         migrate(&conn)?;
-        let conn = Arc::new(Mutex::new(conn));
+        let conn = Arc::new(Mutex::new(Some(conn)));
         Ok(Sqlite {
             write: conn.clone(),
             read: conn,
+            file: None,
         })
     }
 
-    async fn with<T, F>(conn: &Arc<Mutex<Connection>>, f: F) -> Result<T, LedgerError>
+    /// How many times the ledger file was found deleted or replaced and opened again.
+    pub fn reopened(&self) -> u64 {
+        self.file
+            .as_ref()
+            .map_or(0, |f| f.reopened.load(Ordering::Relaxed))
+    }
+
+    /// Runs `f` on the writer (`write`) or the reader, on a blocking thread, once the ledger
+    /// file has been checked to be the one the connections have open.
+    async fn with<T, F>(&self, write: bool, f: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, LedgerError> + Send + 'static,
     {
-        let conn = conn.clone();
+        let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let mut c = conn
+            if let Some(file) = &this.file {
+                file.check(&this.write, &this.read)?;
+            }
+            let slot = if write { &this.write } else { &this.read };
+            let mut c = slot
                 .lock()
                 .map_err(|_| LedgerError::Other("sqlite lock poisoned".into()))?;
-            f(&mut c)
+            match c.as_mut() {
+                Some(c) => f(c),
+                None => Err(not_open(&this.file)),
+            }
         })
         .await
         .map_err(|e| LedgerError::Other(e.to_string()))?
     }
 
     pub async fn insert_usage(&self, rows: Arc<Vec<UsageRow>>) -> Result<(), LedgerError> {
-        Self::with(&self.write, move |c| {
+        self.with(true, move |c| {
             let tx = c.transaction()?;
             {
                 let mut stmt = tx.prepare_cached(&INSERT_ONE)?;
@@ -158,7 +178,7 @@ impl Sqlite {
 
     pub async fn report_rows(&self, q: &ReportQuery) -> Result<Vec<Group>, LedgerError> {
         let q = q.clone();
-        Self::with(&self.read, move |c| {
+        self.with(false, move |c| {
             let sql = super::report::sql(Dialect::Sqlite, &q);
             let mut stmt = c.prepare_cached(&sql)?;
             let map = |r: &rusqlite::Row<'_>| {
@@ -189,7 +209,7 @@ impl Sqlite {
 
     pub async fn spent_since(&self, key_id: &str, since_ms: i64) -> Result<f64, LedgerError> {
         let key_id = key_id.to_string();
-        Self::with(&self.read, move |c| {
+        self.with(false, move |c| {
             Ok(c.query_row(
                 "SELECT COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE key_id = ?1 AND ts_ms >= ?2",
                 params![key_id, since_ms],
@@ -201,7 +221,7 @@ impl Sqlite {
 
     pub async fn create_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
         let rec = rec.clone();
-        Self::with(&self.write, move |c| {
+        self.with(true, move |c| {
             c.execute(
                 &format!("INSERT INTO gateway_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
                 params![
@@ -222,7 +242,7 @@ impl Sqlite {
     }
 
     pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
-        Self::with(&self.read, |c| {
+        self.with(false, |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {KEY_COLUMNS} FROM gateway_keys ORDER BY created_ms, id"
             ))?;
@@ -235,7 +255,7 @@ impl Sqlite {
     pub async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, LedgerError> {
         let hash = hash.to_string();
         // The writer connection: a key created a moment ago must be found at once.
-        Self::with(&self.write, move |c| {
+        self.with(true, move |c| {
             Ok(c.query_row(
                 &format!("SELECT {KEY_COLUMNS} FROM gateway_keys WHERE hash = ?1"),
                 params![hash],
@@ -252,7 +272,7 @@ impl Sqlite {
         now_ms: i64,
     ) -> Result<Vec<KeyRecord>, LedgerError> {
         let which = which.to_string();
-        Self::with(&self.write, move |c| {
+        self.with(true, move |c| {
             let tx = c.transaction()?;
             let found = {
                 let mut stmt = tx.prepare(&format!(
@@ -275,6 +295,236 @@ impl Sqlite {
                 .collect())
         })
         .await
+    }
+}
+
+/// Opens the writer (creating the file and its directory, and migrating) and the reader, and
+/// notes which files they have open.
+fn open_pair(path: &Path) -> Result<(Connection, Connection, Ids), LedgerError> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| LedgerError::Other(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let write = Connection::open(path)?;
+    configure(&write)?;
+    migrate(&write)?;
+    let read = Connection::open(path)?;
+    configure(&read)?;
+    // Both files exist by now: the migration's transactions opened the write-ahead log.
+    let (db, wal) = Ids::now(path);
+    Ok((
+        write,
+        read,
+        Ids {
+            db: db.id(),
+            wal: wal.id(),
+            open: true,
+        },
+    ))
+}
+
+/// The error of a call made while the ledger file could not be opened again.
+fn not_open(file: &Option<Arc<Watched>>) -> LedgerError {
+    let path = file
+        .as_ref()
+        .map(|f| f.path.display().to_string())
+        .unwrap_or_default();
+    LedgerError::Other(format!(
+        "the SQLite ledger at {path} went away and could not be opened again yet"
+    ))
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, LedgerError> {
+    m.lock()
+        .map_err(|_| LedgerError::Other("sqlite lock poisoned".into()))
+}
+
+/// `PATH-wal`: SQLite's write-ahead log beside the database (and `PATH-shm`, its index).
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// A file's identity: its device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+/// What is at a path now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    File(FileId),
+    Missing,
+    /// It could not be looked at (or not on this platform): nothing is concluded.
+    Unknown,
+}
+
+impl Seen {
+    fn at(path: &Path) -> Seen {
+        match std::fs::metadata(path) {
+            Ok(m) => file_id(&m).map_or(Seen::Unknown, Seen::File),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Seen::Missing,
+            Err(_) => Seen::Unknown,
+        }
+    }
+
+    fn id(self) -> Option<FileId> {
+        match self {
+            Seen::File(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(unix)]
+fn file_id(m: &std::fs::Metadata) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    Some(FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
+}
+
+#[cfg(not(unix))]
+fn file_id(_: &std::fs::Metadata) -> Option<FileId> {
+    None
+}
+
+/// The files the connections have open: the database and its write-ahead log.
+#[derive(Clone, Copy, Debug)]
+struct Ids {
+    db: Option<FileId>,
+    wal: Option<FileId>,
+    /// The connections are open (false after a failed reopen: the next call tries again).
+    open: bool,
+}
+
+impl Ids {
+    /// The database file and its `-wal` at the path now: one `stat` each.
+    fn now(path: &Path) -> (Seen, Seen) {
+        (Seen::at(path), Seen::at(&beside(path, "-wal")))
+    }
+
+    /// What happened to the files the connections have open, if anything. A file that could
+    /// not be looked at is taken as unchanged.
+    fn changed(&self, db: Seen, wal: Seen) -> Option<&'static str> {
+        match (self.db, db) {
+            (Some(_), Seen::Missing) => return Some("was deleted"),
+            (Some(had), Seen::File(now)) if had != now => {
+                return Some("was replaced by another file");
+            }
+            _ => {}
+        }
+        match (self.wal, wal) {
+            (Some(_), Seen::Missing) => Some("lost its write-ahead log (-wal), deleted"),
+            (Some(had), Seen::File(now)) if had != now => {
+                Some("had its write-ahead log (-wal) replaced")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The ledger file of a `sqlite://PATH` ledger. SQLite keeps a file open by its inode: one
+/// deleted or moved away under a running gateway (a cleanup, a log rotation, a restore that
+/// swaps the file) would take every row written after it, unseen, and a restart would open
+/// whatever is at the path. So every call first looks at the path (a `stat` of the file and
+/// one of its `-wal`) and, when they are not the files the connections have open, opens the
+/// ledger at the path again.
+struct Watched {
+    path: PathBuf,
+    /// Changed only with the writer's lock held.
+    ids: Mutex<Ids>,
+    reopened: AtomicU64,
+}
+
+impl Watched {
+    fn check(&self, write: &Slot, read: &Slot) -> Result<(), LedgerError> {
+        let (db, wal) = Ids::now(&self.path);
+        {
+            let ids = lock(&self.ids)?;
+            if ids.open && ids.changed(db, wal).is_none() {
+                return Ok(());
+            }
+        }
+        // The writer's lock first (as every call takes it, with nothing else held), then the
+        // reader's: one thread reopens, and no statement runs on the old connections meanwhile.
+        let mut w = lock(write)?;
+        let mut ids = lock(&self.ids)?;
+        let (db, wal) = Ids::now(&self.path);
+        let what = ids.changed(db, wal);
+        if ids.open && what.is_none() {
+            // Another call got here first.
+            return Ok(());
+        }
+        let path = self.path.display().to_string();
+        let mut emptied = true;
+        if let Some(old) = w.as_ref() {
+            tracing::error!(
+                path = %path,
+                "the SQLite ledger file {path} {} while the gateway was running; opening the ledger at {path} again (a new, empty one if no file is there), so that later rows and keys are kept",
+                what.unwrap_or("changed"),
+            );
+            // Rows committed to the old file may still be in its write-ahead log, which is at
+            // `PATH-wal`, the name the new file's log takes. Copy them into the old file
+            // (the one moved away, or with the log gone, the one still at the path) and empty
+            // the log, so the new file never reads another file's pages.
+            emptied = match old.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+                Ok(busy) => busy == 0,
+                Err(e) => {
+                    tracing::warn!(path = %path, error = %e, "checkpointing the old ledger file failed");
+                    false
+                }
+            };
+        }
+        // Both old connections closed before any opens the path: they hold the old `-wal`
+        // and `-shm`, which SQLite shares by file within a process.
+        let mut r = lock(read)?;
+        *r = None;
+        *w = None;
+        let old_wal = ids.wal;
+        ids.open = false;
+        let wal_path = beside(&self.path, "-wal");
+        if !emptied
+            && old_wal.is_some()
+            && Seen::at(&wal_path).id() == old_wal
+            && std::fs::metadata(&wal_path).is_ok_and(|m| m.len() > 0)
+        {
+            // The old log could not be emptied (another process was reading it): set it aside
+            // rather than have the new file read it.
+            let aside = beside(&self.path, &format!("-wal.orphaned-{}", super::now_ms()));
+            let moved = std::fs::rename(&wal_path, &aside);
+            let _ = std::fs::remove_file(beside(&self.path, "-shm"));
+            tracing::error!(
+                path = %path,
+                set_aside = %aside.display(),
+                error = ?moved.err(),
+                "the old ledger file's write-ahead log still held rows and was set aside; they belong to the file that went away"
+            );
+        }
+        match open_pair(&self.path) {
+            Ok((new_w, new_r, new_ids)) => {
+                *w = Some(new_w);
+                *r = Some(new_r);
+                *ids = new_ids;
+                self.reopened.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(path = %path, "the SQLite ledger is open at {path} again");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(path = %path, error = %e, "the SQLite ledger cannot be opened again at {path}; trying again on its next use");
+                Err(LedgerError::Other(format!(
+                    "the SQLite ledger at {path} went away and cannot be opened again: {e}"
+                )))
+            }
+        }
     }
 }
 

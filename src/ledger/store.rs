@@ -248,6 +248,15 @@ impl Store {
         }
     }
 
+    /// How many times a SQLite ledger's file was found deleted or replaced under the gateway
+    /// and opened again at its path (0 for Postgres).
+    pub fn reopened(&self) -> u64 {
+        match self {
+            Store::Sqlite(s) => s.reopened(),
+            Store::Postgres(_) => 0,
+        }
+    }
+
     /// Writes `rows` in one transaction. An `Arc` so the SQLite insert, which runs on a
     /// blocking thread, shares the batch instead of copying it; of a `Vec`, because turning a
     /// `Vec` into an `Arc<[_]>` copies every row.
