@@ -1240,7 +1240,8 @@ async fn a_new_keys_unknown_model_names_are_warned_about() {
         &gw,
         "POST",
         "/admin/keys",
-        r#"{"name":"known","models":["Claude","gpt-5","grok-4"]}"#,
+        // An Anthropic model id is known as the bot it stands for.
+        r#"{"name":"known","models":["Claude","gpt-5","grok-4","claude-sonnet-4-5-20250929"]}"#,
     )
     .await;
     assert_eq!(resp.status(), 201);

@@ -361,9 +361,9 @@ fn alias_entry(name: &str, bots: &[String], catalogue: &[Value]) -> Value {
 }
 
 /// A warning for an admin whose new key's model list names what is neither an alias nor a
-/// bot in Poe's catalogue (case-insensitively, as requests are matched), or whose list could
-/// not be checked: `catalogue` is the catalogue, or why it could not be read. `None` when
-/// every name is known.
+/// bot in Poe's catalogue (case-insensitively, as requests are matched; an Anthropic model id
+/// counts as the bot it stands for), or whose list could not be checked: `catalogue` is the
+/// catalogue, or why it could not be read. `None` when every name is known.
 ///
 /// A warning, not a refusal: Poe answers bots its catalogue does not list, and a catalogue
 /// read before Poe added a bot would otherwise lock the bot out of every new key. A typo
@@ -383,7 +383,7 @@ pub fn model_list_warning(
     };
     let unknown: Vec<String> = names
         .iter()
-        .filter(|n| aliases.resolve(n).alias().is_none() && catalogue.known(n).is_none())
+        .filter(|n| aliases.resolve(n).alias().is_none() && !catalogue.lists(n))
         .map(|n| match catalogue.suggest(n, aliases) {
             Some(near) => format!("`{n}` (did you mean `{near}`?)"),
             None => format!("`{n}`"),

@@ -96,8 +96,9 @@ pub struct Observed {
     /// API stream ends with `message_stop`, fails with an `error` event, and has its usage in
     /// two events (`message_start`, then the counts that changed in `message_delta`).
     pub api: Endpoint,
-    /// The Messages API's counts so far (see `api`); `usage` is made from them.
-    pub(crate) messages_usage: MessagesUsage,
+    /// The Messages API's counts so far (see `api`); `usage` is made from them. Boxed: only
+    /// that API has them, and every request's future holds an `Observed`.
+    pub(crate) messages_usage: Option<Box<MessagesUsage>>,
 }
 
 // Key searchers, built once: constructing one costs more than a search (it was a quarter
@@ -851,8 +852,9 @@ fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
         // `null` is not a usage, and leaves one already read in place.
         if observed.api == Endpoint::Messages {
             if let Some(u) = parse_messages_usage(value) {
-                observed.messages_usage.update(u);
-                observed.usage = Some(observed.messages_usage.as_usage());
+                let counts = observed.messages_usage.get_or_insert_default();
+                counts.update(u);
+                observed.usage = Some(counts.as_usage());
             }
         } else if let Some(u) = parse_usage(value) {
             observed.usage = Some(u);

@@ -246,14 +246,18 @@ impl Upstream {
     }
 
     /// Sends one chat completion (Responses, Messages) request and waits for the response head.
-    pub async fn chat(
+    ///
+    /// The request is built before the future is made, so the future holds only the
+    /// request and the send: it is part of every chat request's future, whose size is
+    /// copied on each request (`the_chat_future_stays_small`).
+    pub fn chat(
         &self,
         endpoint: Endpoint,
         body: Bytes,
         key: &Secret,
         request_id: &str,
         extra: http::HeaderMap,
-    ) -> Result<Response<Body>, UpstreamError> {
+    ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> + '_ {
         // Built in place with static values: the builder moves the request head on every
         // call and checks each `&str` value again.
         let mut req = Request::new(Full::new(body));
@@ -299,7 +303,7 @@ impl Upstream {
         }
         // Trace context for the attempt (`traceparent`), when traces are on.
         req.headers_mut().extend(extra);
-        self.send(req).await
+        self.send(req)
     }
 
     /// Closes the connections of the calling serving thread's pool (see [`use_pool`]): a
