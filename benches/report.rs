@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use poe_gateway::ledger::{GroupBy, ReportQuery, Store, UsageRow, now_ms};
+use poe_gateway::ledger::{Api, GroupBy, ReportQuery, Store, UsageRow, now_ms};
 
 const ROWS: usize = 1_000_000;
 const BATCH: usize = 1_000;
@@ -42,6 +42,7 @@ fn row(i: usize, now: i64) -> UsageRow {
         attempts: 1,
         latency_ms: 250.0,
         ttfb_ms: Some(40.0),
+        api: [Api::Chat, Api::Chat, Api::Responses, Api::Messages][i % 4],
         charged: false,
     }
 }
@@ -102,6 +103,7 @@ async fn bench(name: &str, store: Store) {
         ),
         ("all keys, 30 days, by day", q(31, None, Some(GroupBy::Day))),
         ("all keys, 30 days, by key", q(31, None, Some(GroupBy::Key))),
+        ("all keys, 30 days, by api", q(31, None, Some(GroupBy::Api))),
         (
             "all keys, 1 day, by model",
             q(1, None, Some(GroupBy::Model)),

@@ -96,7 +96,9 @@ struct UsageArgs {
     /// End (exclusive), same forms. Default: now.
     #[arg(long)]
     until: Option<String>,
-    #[arg(long, value_enum)]
+    /// Group by model, key, day or api (`--group-by` is the same, named as the HTTP API's
+    /// `group_by`).
+    #[arg(long, value_enum, visible_alias = "group-by")]
     by: Option<GroupBy>,
     /// Only this key id.
     #[arg(long)]

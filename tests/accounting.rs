@@ -2141,3 +2141,306 @@ async fn admin_reports_answer_what_was_asked_or_say_why_not() {
     let resp = as_admin(&gw, "HEAD", "/admin/usage", "").await;
     assert_eq!(resp.status(), 200);
 }
+
+/// Runs `poe-gateway usage ARGS --format json` against the ledger at `db`, and reads its report.
+fn usage_command(db: &str, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+        .arg("usage")
+        .args(args)
+        .args(["--format", "json"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("POE_GATEWAY_DATABASE_URL", db)
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "{db}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON report")
+}
+
+/// A report's groups as `(group, requests, prompt, completion, errors)`.
+fn group_counts(report: &serde_json::Value) -> Vec<(String, i64, i64, i64, i64)> {
+    report["groups"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no groups: {report}"))
+        .iter()
+        .map(|g| {
+            let n = |f: &str| g[f].as_i64().unwrap_or_else(|| panic!("{f}: {g}"));
+            (
+                g["group"].as_str().unwrap().to_string(),
+                n("requests"),
+                n("prompt_tokens"),
+                n("completion_tokens"),
+                n("errors"),
+            )
+        })
+        .collect()
+}
+
+/// Each row keeps the API its request came in on, and reports group by it: chat completions,
+/// the Responses API and the Messages API, each answered, streamed or refused, are told apart
+/// in `/admin/usage`, in the caller's `/v1/usage` and in `poe-gateway usage`. A body that
+/// cannot be read is the route's API; a request without a valid key writes no row.
+#[tokio::test]
+async fn reports_group_by_the_api_each_request_came_in_on() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        let (gw, core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+        let (_, key) = create_key(&gw, r#"{"name":"mixed"}"#).await;
+        let bearer = format!("Bearer {key}");
+        let send = |path: &'static str, body: String| {
+            let (gw, bearer, key) = (&gw, bearer.clone(), key.clone());
+            async move {
+                let mut headers = vec![("content-type", "application/json".to_string())];
+                if path == "/v1/messages" {
+                    headers.push(("x-api-key", key));
+                    headers.push(("anthropic-version", "2023-06-01".to_string()));
+                } else {
+                    headers.push(("authorization", bearer));
+                }
+                let headers: Vec<(&str, &str)> =
+                    headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let resp = request(gw, "POST", path, &headers, &body).await;
+                let status = resp.status().as_u16();
+                body_bytes(resp).await;
+                status
+            }
+        };
+        let messages_body = |stream: bool| {
+            format!(
+                r#"{{"model":"claude","max_tokens":64,"messages":[{{"role":"user","content":"hi"}}],"stream":{stream}}}"#
+            )
+        };
+
+        // Chat completions, twice: 7 + 3 tokens each.
+        for _ in 0..2 {
+            up.push(Reply::completion("claude-sonnet-4.5", "ok"));
+            assert_eq!(
+                send("/v1/chat/completions", chat_body("claude", false)).await,
+                200
+            );
+        }
+        // The Responses API: one answer (11 + 7), one refused by Poe (an error, no tokens).
+        up.push(Reply::json(
+            200,
+            response_object("claude-sonnet-4.5", "Hi!", "completed", RESPONSES_USAGE),
+        ));
+        up.push(Reply::json(
+            400,
+            r#"{"error":{"message":"bad input","type":"invalid_request_error"}}"#,
+        ));
+        let responses_body = r#"{"model":"claude","input":"hi"}"#.to_string();
+        assert_eq!(send("/v1/responses", responses_body.clone()).await, 200);
+        assert_eq!(send("/v1/responses", responses_body).await, 400);
+        // The Messages API: an answer (11 + 100 cache reads, 7), a stream (11 + 20 cache
+        // writes, 9), and a body that is not JSON (refused by the gateway: an error).
+        let usage = r#"{"input_tokens":11,"cache_creation_input_tokens":0,"cache_read_input_tokens":100,"output_tokens":7}"#;
+        up.push(Reply::json(200, message_object("Hi!", usage)));
+        assert_eq!(send("/v1/messages", messages_body(false)).await, 200);
+        let mut stream = Reply::sse();
+        for e in [
+            r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":11,"cache_creation_input_tokens":20,"cache_read_input_tokens":0,"output_tokens":1}}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":9}}"#,
+            r#"{"type":"message_stop"}"#,
+        ] {
+            stream = stream.send(messages_event(e));
+        }
+        up.push(stream);
+        assert_eq!(send("/v1/messages", messages_body(true)).await, 200);
+        assert_eq!(send("/v1/messages", "{nope".into()).await, 400);
+        // No valid key: refused before it is a request, so no row under any API.
+        let resp = request(
+            &gw,
+            "POST",
+            "/v1/messages",
+            &[
+                ("content-type", "application/json"),
+                ("x-api-key", "pgw_not-a-key"),
+            ],
+            &messages_body(false),
+        )
+        .await;
+        assert_eq!(resp.status(), 401);
+        body_bytes(resp).await;
+
+        let want = vec![
+            ("chat".to_string(), 2, 14, 6, 0),
+            ("messages".to_string(), 3, 111 + 31, 7 + 9, 1),
+            ("responses".to_string(), 2, 11, 7, 1),
+        ];
+        let admin = body_json(as_admin(&gw, "GET", "/admin/usage?group_by=api", "").await).await;
+        assert_eq!(group_counts(&admin), want, "{db}: {admin}");
+        assert_eq!(admin["group_by"], "api", "{db}: {admin}");
+        assert_eq!(admin["totals"]["requests"], 7, "{db}: {admin}");
+        let own = body_json(
+            request(
+                &gw,
+                "GET",
+                "/v1/usage?group_by=api&since=1d",
+                &[("authorization", &bearer)],
+                "",
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(group_counts(&own), want, "{db}: {own}");
+        core.flush().await;
+        for flag in ["--by", "--group-by"] {
+            let cli = usage_command(&db, &[flag, "api"]);
+            assert_eq!(group_counts(&cli), want, "{db} {flag}: {cli}");
+        }
+        // Grouped by model, the three APIs' requests to one bot are still one group.
+        let by_model =
+            body_json(as_admin(&gw, "GET", "/admin/usage?group_by=model", "").await).await;
+        assert_eq!(
+            by_model["groups"].as_array().unwrap().len(),
+            2,
+            "the bot, and the unparsed body's `(invalid request)`: {by_model}"
+        );
+    }
+}
+
+/// The ledger as the gateway's schema version 2 left it (before the `api` column): the
+/// tables of migrations 1 and 2, both recorded, and two chat rows of an hour ago.
+async fn make_version_2_ledger(db: &str) {
+    let now = poe_gateway::ledger::now_ms();
+    let usage = |id: &str, boolean: &str, real: &str, big: &str| {
+        format!(
+            "CREATE TABLE poe_gateway_migrations (version {big} PRIMARY KEY, applied_ms {big} NOT NULL);
+             CREATE TABLE usage (
+                 id {id}, ts_ms {big} NOT NULL, request_id TEXT NOT NULL, key_id TEXT,
+                 alias TEXT, model TEXT NOT NULL, bot TEXT NOT NULL, stream {boolean} NOT NULL,
+                 status INTEGER NOT NULL, outcome TEXT NOT NULL, prompt_tokens {big},
+                 completion_tokens {big}, total_tokens {big}, tokens_estimated {boolean} NOT NULL,
+                 cost_usd {real}, cache_hit {boolean} NOT NULL, saved_usd {real},
+                 attempts INTEGER NOT NULL, latency_ms {real} NOT NULL, ttfb_ms {real});
+             CREATE INDEX usage_ts ON usage (ts_ms);
+             CREATE INDEX usage_key_ts ON usage (key_id, ts_ms, cost_usd);
+             CREATE TABLE gateway_keys (
+                 id TEXT PRIMARY KEY, name TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
+                 created_ms {big} NOT NULL, revoked_ms {big}, budget_usd {real},
+                 period TEXT NOT NULL, rpm INTEGER, models TEXT);
+             INSERT INTO poe_gateway_migrations (version, applied_ms) VALUES (1, 0), (2, 0);
+             INSERT INTO usage (ts_ms, request_id, model, bot, stream, status, outcome,
+                 prompt_tokens, completion_tokens, total_tokens, tokens_estimated, cache_hit,
+                 attempts, latency_ms)
+             VALUES ({t}, 'old-1', 'gpt-5', 'gpt-5', false, 200, 'completed', 5, 4, 9, false, false, 1, 10.0),
+                    ({t}, 'old-2', 'gpt-5', 'gpt-5', true, 200, 'completed', 5, 4, 9, false, false, 1, 10.0);",
+            t = now - 3_600_000,
+        )
+    };
+    match db.strip_prefix("sqlite://") {
+        Some(path) => {
+            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+            let c = rusqlite::Connection::open(path).unwrap();
+            c.execute_batch(&usage("INTEGER PRIMARY KEY", "INTEGER", "REAL", "INTEGER"))
+                .unwrap();
+            c.execute_batch(
+                "DROP INDEX usage_key_ts;
+                 CREATE INDEX usage_key_ts ON usage (key_id, ts_ms, cost_usd) WHERE key_id IS NOT NULL;",
+            )
+            .unwrap();
+        }
+        None => {
+            let (c, conn) = tokio_postgres::connect(db, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            c.batch_execute(&usage(
+                "BIGSERIAL PRIMARY KEY",
+                "BOOLEAN",
+                "DOUBLE PRECISION",
+                "BIGINT",
+            ))
+            .await
+            .unwrap();
+        }
+    }
+}
+
+/// The schema versions a ledger has recorded, highest first.
+async fn schema_versions(db: &str) -> Vec<i64> {
+    let sql = "SELECT version FROM poe_gateway_migrations ORDER BY version DESC";
+    match db.strip_prefix("sqlite://") {
+        Some(path) => {
+            let c = rusqlite::Connection::open(path).unwrap();
+            let mut stmt = c.prepare(sql).unwrap();
+            stmt.query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        }
+        None => {
+            let (c, conn) = tokio_postgres::connect(db, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            c.query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        }
+    }
+}
+
+/// A ledger written before rows had an API: `poe-gateway usage --by api` reads it as it is,
+/// without migrating it, its rows all `chat`; the gateway then adds the column (migration 3),
+/// the old rows stay `chat`, and new rows take their own API.
+#[tokio::test]
+async fn a_ledger_from_before_the_api_column_reads_as_chat_and_is_migrated() {
+    for db in databases().await {
+        make_version_2_ledger(&db).await;
+        let old = usage_command(&db, &["--by", "api"]);
+        assert_eq!(
+            group_counts(&old),
+            vec![("chat".to_string(), 2, 10, 8, 0)],
+            "{db}: {old}"
+        );
+        assert_eq!(
+            schema_versions(&db).await,
+            [2, 1],
+            "{db}: the report migrated"
+        );
+
+        let up = MockUpstream::start().await;
+        let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+        assert_eq!(schema_versions(&db).await, [3, 2, 1], "{db}");
+        up.push(Reply::json(
+            200,
+            response_object("claude-sonnet-4.5", "Hi!", "completed", RESPONSES_USAGE),
+        ));
+        let resp = request(
+            &gw,
+            "POST",
+            "/v1/responses",
+            &[("content-type", "application/json")],
+            r#"{"model":"claude","input":"hi"}"#,
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+        up.push(Reply::completion("gpt-5", "ok"));
+        let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+
+        let want = vec![
+            ("chat".to_string(), 3, 10 + 7, 8 + 3, 0),
+            ("responses".to_string(), 1, 11, 7, 0),
+        ];
+        let r = body_json(as_admin(&gw, "GET", "/admin/usage?group_by=api", "").await).await;
+        assert_eq!(group_counts(&r), want, "{db}: {r}");
+        core.flush().await;
+        assert_eq!(
+            group_counts(&usage_command(&db, &["--by", "api"])),
+            want,
+            "{db}"
+        );
+    }
+}

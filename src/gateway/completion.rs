@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::accounting::Accountant;
 use super::tap::{Observed, Outcome};
-use crate::ledger::{Ledger, UsageRow, now_ms};
+use crate::ledger::{Api, Ledger, UsageRow, now_ms};
 use crate::metrics::{Metrics, key_label};
 
 /// Where completions report to.
@@ -29,6 +29,8 @@ pub struct RequestInfo {
     pub alias: Option<String>,
     pub bot: String,
     pub stream: bool,
+    /// The API the request came in on.
+    pub api: Api,
     pub status: u16,
     pub attempts: u32,
     pub started: Instant,
@@ -207,6 +209,7 @@ fn log_access(row: &UsageRow, reason: &str, bytes: u64, request_body: Option<&st
         alias = row.alias.as_deref().unwrap_or(""),
         bot = row.bot.as_str(),
         stream = row.stream,
+        api = row.api.as_str(),
         status = row.status,
         attempts = row.attempts,
         outcome = row.outcome,
@@ -268,6 +271,7 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
         saved_usd: None,
         attempts: i.attempts as i32,
         latency_ms: i.started.elapsed().as_secs_f64() * 1000.0,
+        api: i.api,
         ttfb_ms: o
             .first_byte
             .map(|t| t.duration_since(i.started).as_secs_f64() * 1000.0),

@@ -442,16 +442,18 @@ impl Gateway {
         self.inner.acct.ledger.close(wait).await;
     }
 
-    /// Accounts a chat request the gateway refused before calling Poe.
+    /// Accounts a request to `endpoint` the gateway refused before calling Poe (its body
+    /// could not be read or parsed).
     pub fn record_rejection(
         &self,
         caller: &Caller,
+        endpoint: Endpoint,
         model: &str,
         stream: bool,
         err: &GatewayError,
         started: Instant,
     ) {
-        let row = rejected_row(caller, model, model, stream, err, started);
+        let row = rejected_row(caller, endpoint, model, model, stream, err, started);
         self.record_unreplied(row, &err.to_string());
     }
 
@@ -468,7 +470,15 @@ impl Gateway {
         started: Instant,
     ) {
         let bot = bots.first().map_or(req.model(), String::as_str);
-        let mut row = rejected_row(caller, req.model(), bot, req.stream(), err, started);
+        let mut row = rejected_row(
+            caller,
+            req.endpoint(),
+            req.model(),
+            bot,
+            req.stream(),
+            err,
+            started,
+        );
         row.alias = route.alias().map(String::from);
         self.record_unreplied(row, &err.to_string());
     }
@@ -1104,6 +1114,7 @@ impl Gateway {
 /// The row of a request refused before any call to Poe.
 fn rejected_row(
     caller: &Caller,
+    endpoint: Endpoint,
     model: &str,
     bot: &str,
     stream: bool,
@@ -1121,6 +1132,7 @@ fn rejected_row(
         outcome: "rejected",
         attempts: 0,
         latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        api: endpoint.api(),
         ..UsageRow::default()
     }
 }
@@ -1155,6 +1167,7 @@ impl Gateway {
             alias: route.alias().map(String::from),
             bot: bot.to_string(),
             stream: req.stream(),
+            api: req.endpoint().api(),
             status,
             attempts,
             started,
@@ -1348,6 +1361,7 @@ impl Drop for Unanswered<'_> {
             cost_usd: (!self.in_flight).then_some(0.0),
             attempts: self.attempts as i32,
             latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            api: self.req.endpoint().api(),
             ..UsageRow::default()
         };
         let reason = if self.in_flight {

@@ -42,6 +42,15 @@ impl Endpoint {
         }
     }
 
+    /// The name its requests' ledger rows are kept under.
+    pub fn api(self) -> crate::ledger::Api {
+        match self {
+            Endpoint::ChatCompletions => crate::ledger::Api::Chat,
+            Endpoint::Responses => crate::ledger::Api::Responses,
+            Endpoint::Messages => crate::ledger::Api::Messages,
+        }
+    }
+
     /// The endpoint of a request path, if it is one.
     pub fn of_path(path: &str) -> Option<Endpoint> {
         match path {

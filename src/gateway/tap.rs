@@ -263,6 +263,7 @@ impl Tap<ReplayBody> {
             alias: None,
             bot: "m".into(),
             stream: true,
+            api: crate::ledger::Api::Chat,
             status: 200,
             attempts: 1,
             started: Instant::now(),

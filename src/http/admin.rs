@@ -265,7 +265,7 @@ fn report_query(query: Option<&str>, known: &[&str]) -> Result<ReportQuery, Gate
     let group_by = match query_param(query, "group_by") {
         None => None,
         Some(g) => Some(GroupBy::parse(&g).ok_or_else(|| {
-            GatewayError::bad_param("group_by", "`group_by` must be model, day or key")
+            GatewayError::bad_param("group_by", "`group_by` must be model, day, key or api")
         })?),
     };
     Ok(ReportQuery {

@@ -240,8 +240,15 @@ async fn chat(
     let mut chat = match parsed {
         Ok(chat) => chat,
         Err(e) => {
-            app.gateway
-                .record_rejection(&caller, "(invalid request)", false, &e, started);
+            // The API is the route's: the body that would have said more was not read.
+            app.gateway.record_rejection(
+                &caller,
+                endpoint,
+                "(invalid request)",
+                false,
+                &e,
+                started,
+            );
             return Err(e);
         }
     };

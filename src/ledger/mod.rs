@@ -97,10 +97,39 @@ pub struct UsageRow {
     pub attempts: i32,
     pub latency_ms: f64,
     pub ttfb_ms: Option<f64>,
+    /// The API the request came in on (`chat`, `responses` or `messages`).
+    pub api: Api,
     /// Priced and charged to its key's budget as the request ended: the writer passes the
     /// charge on to the shared counter but does not add it again. Not stored.
     #[serde(skip)]
     pub charged: bool,
+}
+
+/// The API a usage row's request came in on, stored in the ledger's `api` column by the
+/// names [`Api::as_str`] gives. The names are part of the ledger's format (reports group by
+/// them, operators query them): they do not change. Rows written before the column existed
+/// read as `chat`, the only API there was.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// `POST /v1/chat/completions` (and the MCP tools, which call it).
+    #[default]
+    Chat,
+    /// `POST /v1/responses`, OpenAI's Responses API.
+    Responses,
+    /// `POST /v1/messages`, Anthropic's Messages API.
+    Messages,
+}
+
+impl Api {
+    /// The name stored in the ledger and shown in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Chat => "chat",
+            Api::Responses => "responses",
+            Api::Messages => "messages",
+        }
+    }
 }
 
 /// A gateway key as stored: the key itself is never kept, only its SHA-256.
@@ -608,6 +637,7 @@ mod tests {
                 attempts: 1,
                 latency_ms: 10.0,
                 ttfb_ms: Some(5.0),
+                api: [Api::Chat, Api::Responses, Api::Messages][(i % 3) as usize],
                 charged: false,
             })
             .collect();
@@ -650,6 +680,14 @@ mod tests {
             assert_eq!(g.totals.completion_tokens, 2 * want, "{}", g.group);
         }
         assert_eq!(by_bot.groups.len(), 2);
+        // Row i came in on the API i % 3 names (chat, responses, messages).
+        let by_api = store.report(&report(Some(GroupBy::Api))).await.unwrap();
+        let names: Vec<&str> = by_api.groups.iter().map(|g| g.group.as_str()).collect();
+        assert_eq!(names, ["chat", "messages", "responses"]);
+        for (g, k) in by_api.groups.iter().zip([0, 2, 1]) {
+            let want: i64 = (0..n).filter(|i| i % 3 == k).sum();
+            assert_eq!(g.totals.total_tokens, 3 * want, "{}", g.group);
+        }
         // The time bound reads `ts_ms`: rows 100..123 are at or past 1,100.
         let late = store
             .report(&ReportQuery {

@@ -19,6 +19,9 @@ pub struct Postgres {
     url: Arc<str>,
     client: Arc<RwLock<Arc<Client>>>,
     reconnect: Arc<tokio::sync::Mutex<()>>,
+    /// The schema has the `api` column: always, but in a ledger of an older schema read
+    /// without migrating.
+    api_column: bool,
 }
 
 impl Postgres {
@@ -29,6 +32,7 @@ impl Postgres {
             url: url.into(),
             client: Arc::new(RwLock::new(Arc::new(client))),
             reconnect: Arc::new(tokio::sync::Mutex::new(())),
+            api_column: true,
         })
     }
 
@@ -55,6 +59,7 @@ impl Postgres {
             url: url.into(),
             client: Arc::new(RwLock::new(Arc::new(client))),
             reconnect: Arc::new(tokio::sync::Mutex::new(())),
+            api_column: applied >= Some(store::API_COLUMN_VERSION),
         })
     }
 
@@ -77,6 +82,7 @@ impl Postgres {
         let client = self.client().await?;
         // One multi-row INSERT per batch: atomic, and one round trip.
         let statuses: Vec<i32> = rows.iter().map(|r| r.status as i32).collect();
+        let apis: Vec<&str> = rows.iter().map(|r| r.api.as_str()).collect();
         let mut values = Vec::with_capacity(rows.len());
         let mut params: Vec<&(dyn ToSql + Sync)> =
             Vec::with_capacity(rows.len() * store::USAGE_COLUMN_COUNT);
@@ -106,6 +112,7 @@ impl Postgres {
                 &r.attempts,
                 &r.latency_ms,
                 &r.ttfb_ms,
+                &apis[i],
             ]);
         }
         let sql = format!(
@@ -118,7 +125,7 @@ impl Postgres {
 
     pub async fn report_rows(&self, q: &ReportQuery) -> Result<Vec<Group>, LedgerError> {
         let client = self.client().await?;
-        let sql = super::report::sql(Dialect::Postgres, q);
+        let sql = super::report::sql(Dialect::Postgres, q, self.api_column);
         let rows = match &q.key_id {
             Some(k) => client.query(&sql, &[&q.since_ms, &q.until_ms, k]).await?,
             None => client.query(&sql, &[&q.since_ms, &q.until_ms]).await?,

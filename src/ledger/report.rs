@@ -1,4 +1,4 @@
-//! Usage reports: totals over a time range, optionally grouped by model, day or key.
+//! Usage reports: totals over a time range, optionally grouped by model, day, key or API.
 
 use serde::Serialize;
 
@@ -10,6 +10,8 @@ pub enum GroupBy {
     Model,
     Day,
     Key,
+    /// The API the requests came in on: `chat`, `responses` or `messages`.
+    Api,
 }
 
 impl GroupBy {
@@ -18,6 +20,7 @@ impl GroupBy {
             "model" | "bot" => Some(GroupBy::Model),
             "day" => Some(GroupBy::Day),
             "key" => Some(GroupBy::Key),
+            "api" => Some(GroupBy::Api),
             _ => None,
         }
     }
@@ -66,7 +69,7 @@ impl Totals {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Group {
-    /// The model, day (`YYYY-MM-DD`, UTC) or key id.
+    /// The model, day (`YYYY-MM-DD`, UTC), key id or API.
     pub group: String,
     #[serde(flatten)]
     pub totals: Totals,
@@ -122,8 +125,9 @@ fn day_name(days: &str) -> String {
 
 /// The report query: `[since, until)`, optional key filter, grouped. Columns, in order:
 /// group, requests, prompt, completion, total, cost, cache hits, saved, errors, unpriced,
-/// estimated.
-pub(crate) fn sql(d: Dialect, q: &ReportQuery) -> String {
+/// estimated. `api_column`: the ledger has the `api` column (a ledger read without migrating
+/// may be older: its rows were all chat completions).
+pub(crate) fn sql(d: Dialect, q: &ReportQuery, api_column: bool) -> String {
     let int = |e: &str| match d {
         Dialect::Sqlite => format!("COALESCE({e}, 0)"),
         Dialect::Postgres => format!("COALESCE({e}, 0)::BIGINT"),
@@ -139,6 +143,8 @@ pub(crate) fn sql(d: Dialect, q: &ReportQuery) -> String {
         (Some(GroupBy::Model), _) => "bot".to_string(),
         (Some(GroupBy::Key), _) => "COALESCE(key_id, '')".to_string(),
         (Some(GroupBy::Day), _) => "CAST(ts_ms / 86400000 AS TEXT)".to_string(),
+        (Some(GroupBy::Api), _) if api_column => "api".to_string(),
+        (Some(GroupBy::Api), _) => format!("'{}'", super::Api::Chat.as_str()),
     };
     let key_filter = if q.key_id.is_some() {
         format!(" AND key_id = {}", d.ph(3))

@@ -45,6 +45,7 @@ fn bind_usage(stmt: &mut rusqlite::Statement<'_>, r: &UsageRow) -> rusqlite::Res
     stmt.raw_bind_parameter(17, r.attempts)?;
     stmt.raw_bind_parameter(18, r.latency_ms)?;
     stmt.raw_bind_parameter(19, r.ttfb_ms)?;
+    stmt.raw_bind_parameter(20, r.api.as_str())?;
     Ok(())
 }
 
@@ -59,6 +60,8 @@ pub struct Sqlite {
     /// The ledger file that `serve` writes, watched for being deleted or replaced under it.
     /// `None` for an in-memory ledger and a read-only one.
     file: Option<Arc<Watched>>,
+    /// The schema has the `api` column: always, but in a read-only ledger of an older schema.
+    api_column: bool,
 }
 
 impl Sqlite {
@@ -74,6 +77,7 @@ impl Sqlite {
                     ids: Mutex::new(ids),
                     reopened: AtomicU64::new(0),
                 })),
+                api_column: true,
             })
         })
         .await
@@ -110,6 +114,7 @@ impl Sqlite {
                 write: c.clone(),
                 read: c,
                 file: None,
+                api_column: applied >= Some(store::API_COLUMN_VERSION),
             })
         })
         .await
@@ -125,6 +130,7 @@ impl Sqlite {
             write: conn.clone(),
             read: conn,
             file: None,
+            api_column: true,
         })
     }
 
@@ -178,8 +184,9 @@ impl Sqlite {
 
     pub async fn report_rows(&self, q: &ReportQuery) -> Result<Vec<Group>, LedgerError> {
         let q = q.clone();
+        let api_column = self.api_column;
         self.with(false, move |c| {
-            let sql = super::report::sql(Dialect::Sqlite, &q);
+            let sql = super::report::sql(Dialect::Sqlite, &q, api_column);
             let mut stmt = c.prepare_cached(&sql)?;
             let map = |r: &rusqlite::Row<'_>| {
                 Ok(Group {
@@ -689,7 +696,7 @@ mod tests {
             key_id: Some("k".into()),
             group_by: None,
         };
-        let report = super::super::report::sql(Dialect::Sqlite, &q)
+        let report = super::super::report::sql(Dialect::Sqlite, &q, true)
             .replace("?1", "0")
             .replace("?2", "10")
             .replace("?3", "'k'");

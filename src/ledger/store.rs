@@ -122,13 +122,26 @@ pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
                 Dialect::Postgres => "SELECT 1".to_string(),
             },
         ),
+        (
+            3,
+            // The API each row came in on ([`super::Api`]). Rows from before it were all
+            // chat completions, so they take `chat`, as do rows still written, during a
+            // rolling upgrade, by replicas that started before this migration (they name
+            // their columns and leave this one out). A constant default changes no stored row:
+            // SQLite reads it from the schema, and Postgres (11 and later) from the catalogue,
+            // so the change takes its lock for a moment, not for a rewrite of the table.
+            "ALTER TABLE usage ADD COLUMN api TEXT NOT NULL DEFAULT 'chat'".to_string(),
+        ),
     ]
 }
 
 pub(crate) const USAGE_COLUMNS: &str = "ts_ms, request_id, key_id, alias, model, bot, stream, status, outcome, \
      prompt_tokens, completion_tokens, total_tokens, tokens_estimated, cost_usd, cache_hit, saved_usd, \
-     attempts, latency_ms, ttfb_ms";
-pub(crate) const USAGE_COLUMN_COUNT: usize = 19;
+     attempts, latency_ms, ttfb_ms, api";
+pub(crate) const USAGE_COLUMN_COUNT: usize = 20;
+/// The schema version that added the `api` column: a ledger read without migrating
+/// (`poe-gateway usage`) may be older, and its rows are then all `chat`.
+pub(crate) const API_COLUMN_VERSION: i64 = 3;
 pub(crate) const KEY_COLUMNS: &str =
     "id, name, hash, created_ms, revoked_ms, budget_usd, period, rpm, models";
 

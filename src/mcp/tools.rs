@@ -256,7 +256,8 @@ pub struct GetUsageArgs {
     #[serde(default, deserialize_with = "blank_is_none")]
     #[schemars(with = "Option<String>")]
     pub since: Option<String>,
-    /// Split the totals by `model`, `day` or `key`. Default: totals only.
+    /// Split the totals by `model`, `day`, `key` or `api` (`chat`, `responses`, `messages`).
+    /// Default: totals only.
     #[serde(default, deserialize_with = "blank_is_none")]
     #[schemars(with = "Option<String>")]
     pub group_by: Option<String>,
@@ -486,7 +487,7 @@ impl PoeTools {
     #[tool(
         description = "Your usage and cost through this gateway: requests, tokens, USD (null-priced \
                        bots are counted apart), cache hits and what they saved, and errors, for a period, \
-                       optionally per model, day or key. Also Poe's point balance when it is known.",
+                       optionally per model, day, key or api (the API the requests used). Also Poe's point balance when it is known.",
         output_schema = schema_for_output::<UsageResult>(),
         annotations(title = "Usage and cost", read_only_hint = true, open_world_hint = false)
     )]
@@ -919,7 +920,7 @@ impl PoeTools {
             None => None,
             Some(g) => Some(
                 GroupBy::parse(g)
-                    .ok_or_else(|| "`group_by` must be model, day or key".to_string())?,
+                    .ok_or_else(|| "`group_by` must be model, day, key or api".to_string())?,
             ),
         };
         let gateway = self.core.gateway();
