@@ -43,6 +43,8 @@ fn row(i: usize, now: i64) -> UsageRow {
         latency_ms: 250.0,
         ttfb_ms: Some(40.0),
         api: [Api::Chat, Api::Chat, Api::Responses, Api::Messages][i % 4],
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
         charged: false,
     }
 }

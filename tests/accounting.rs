@@ -1754,6 +1754,135 @@ async fn the_messages_api_is_proxied_and_accounted() {
     assert_eq!(v["error"]["type"], "permission_error", "{v}");
 }
 
+/// Accounting of the Messages API where Claude Code leans on it: a stream cut (or left by the
+/// client) before `message_delta` reported only `message_start`'s output count of 1, so its
+/// output is estimated from the text, thinking and tool input streamed; input counts repeated
+/// as 0 in `message_delta` do not erase `message_start`'s; a `[pricing]` override of a bot
+/// prices its Anthropic ids; key model lists match either name. Errors the gateway makes on
+/// this route are Anthropic-shaped even when Poe is unreachable, and the admin key is taken
+/// only from `Authorization`.
+#[tokio::test]
+async fn messages_accounting_holds_for_cut_streams_and_anthropic_ids() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    let policy = "[auth]\nmode = \"keys\"\n[retry]\nmax_attempts = 1\n\
+                  [pricing.\"claude-opus-4.1\"]\nprompt = 0.001\ncompletion = 0.002\n\
+                  cache_read = 0.0001\n";
+    let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+    let (key_id, key) = create_key(&gw, r#"{"name":"cc"}"#).await;
+    let ask = |model: &str, stream: bool| {
+        format!(
+            r#"{{"model":"{model}","max_tokens":64,"stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )
+    };
+    let send = |key: String, body: String| {
+        let gw = &gw;
+        async move {
+            let headers = [
+                ("x-api-key", key.as_str()),
+                ("anthropic-version", "2023-06-01"),
+            ];
+            request(gw, "POST", "/v1/messages", &headers, &body).await
+        }
+    };
+    let start = messages_event(
+        r#"{"type":"message_start","message":{"id":"m","type":"message","role":"assistant","content":[],"usage":{"input_tokens":100,"cache_read_input_tokens":50,"output_tokens":1}}}"#,
+    );
+    let text = "x".repeat(400);
+    let delta = |kind: &str, field: &str| {
+        messages_event(&format!(
+            r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"{kind}","{field}":"{text}"}}}}"#
+        ))
+    };
+
+    // Cut after 400 bytes each of thinking, tool input and text: about 300 tokens, not 1.
+    up.push(
+        Reply::sse()
+            .send(start.clone())
+            .send(delta("thinking_delta", "thinking"))
+            .send(delta("input_json_delta", "partial_json"))
+            .send(delta("text_delta", "text"))
+            .drop_connection(),
+    );
+    let got = body_bytes(send(key.clone(), ask("claude-sonnet-4.5", true)).await).await;
+    assert!(String::from_utf8_lossy(&got).contains("event: error"));
+    let r = report(&core, Some(&key_id)).await;
+    assert_eq!((r.totals.requests, r.totals.estimated), (1, 1));
+    assert_eq!(r.totals.prompt_tokens, 150, "Poe's input counts stand");
+    assert_eq!(r.totals.completion_tokens, 300);
+
+    // A `message_delta` that repeats the input counts as 0; its output count is final.
+    up.push(
+        Reply::sse()
+            .send(start.clone())
+            .send(delta("text_delta", "text"))
+            .send(messages_event(
+                r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"input_tokens":0,"cache_read_input_tokens":0,"output_tokens":7}}"#,
+            ))
+            .send(messages_event(r#"{"type":"message_stop"}"#)),
+    );
+    let resp = send(key.clone(), ask("claude-sonnet-4.5", true)).await;
+    assert_eq!(resp.status(), 200);
+    body_bytes(resp).await;
+    let before = r.totals.cost_usd;
+    let r = report(&core, Some(&key_id)).await;
+    assert_eq!((r.totals.requests, r.totals.estimated), (2, 1));
+    assert_eq!(r.totals.prompt_tokens, 300);
+    assert_eq!(r.totals.completion_tokens, 307);
+    // Catalogue prices, with the 50 tokens read from the prompt cache at a tenth of the
+    // prompt price (the catalogue has no cache price for this bot).
+    let want = 100.0 * 0.000003 + 50.0 * 0.0000003 + 7.0 * 0.000015;
+    let cost = r.totals.cost_usd - before;
+    assert!((cost - want).abs() < 1e-12, "{cost}");
+
+    // The override of `claude-opus-4.1` prices `claude-opus-4-1-20250805`, which a key
+    // listing the Poe name may use, and a key listing the Anthropic id may use the Poe name.
+    let (opus_id, opus_key) =
+        create_key(&gw, r#"{"name":"opus","models":["claude-opus-4.1"]}"#).await;
+    up.push(Reply::json(
+        200,
+        message_object(
+            "ok",
+            r#"{"input_tokens":1000,"cache_read_input_tokens":1000,"output_tokens":100}"#,
+        ),
+    ));
+    let resp = send(opus_key.clone(), ask("claude-opus-4-1-20250805", false)).await;
+    assert_eq!(resp.status(), 200);
+    let r = report(&core, Some(&opus_id)).await;
+    // The override's cache price for the 1,000 tokens read from the cache.
+    let want = 1000.0 * 0.001 + 1000.0 * 0.0001 + 100.0 * 0.002;
+    assert!(
+        (r.totals.cost_usd - want).abs() < 1e-9,
+        "{}",
+        r.totals.cost_usd
+    );
+    let (_, dated_key) = create_key(
+        &gw,
+        r#"{"name":"dated","models":["claude-sonnet-4-5-20250929"]}"#,
+    )
+    .await;
+    up.push(Reply::json(
+        200,
+        message_object("ok", r#"{"input_tokens":1,"output_tokens":1}"#),
+    ));
+    let resp = send(dated_key.clone(), ask("claude-sonnet-4.5", false)).await;
+    assert_eq!(resp.status(), 200);
+    let resp = send(dated_key, ask("claude-opus-4.1", false)).await;
+    assert_eq!(resp.status(), 403);
+
+    // Poe unreachable: the 502 is in Anthropic's shape too.
+    up.push(Reply::refuse());
+    let resp = send(key.clone(), ask("claude-sonnet-4.5", false)).await;
+    assert_eq!(resp.status(), 502);
+    let v = body_json(resp).await;
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "api_error", "{v}");
+
+    // The admin key works only as a bearer token.
+    let resp = request(&gw, "GET", "/admin/keys", &[("x-api-key", ADMIN_KEY)], "").await;
+    assert_eq!(resp.status(), 401);
+}
+
 /// Every event of an SSE body, parsed: what an SDK reads (an event's `data` lines, joined).
 fn sse_events(body: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(body).replace("\r\n", "\n");

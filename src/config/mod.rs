@@ -790,6 +790,8 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
             ("prompt", price.prompt),
             ("completion", price.completion),
             ("request", price.request),
+            ("cache_read", price.cache_read),
+            ("cache_write", price.cache_write),
         ] {
             if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
                 return Err((

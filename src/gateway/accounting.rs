@@ -40,7 +40,11 @@ impl Accountant {
         if self.overrides.is_empty() {
             return poe;
         }
-        match self.overrides.get(&bot.to_ascii_lowercase()) {
+        // Claude Code names the bot by its Anthropic id; the override names the Poe bot.
+        let o = self.overrides.get(&bot.to_ascii_lowercase()).or_else(|| {
+            super::models::poe_id_of_anthropic_model(bot).and_then(|p| self.overrides.get(&p))
+        });
+        match o {
             Some(o) => Some(o.over(poe)),
             None => poe,
         }
@@ -108,9 +112,11 @@ impl Accountant {
             return;
         }
         let priced = self.price(&row.bot).map(|p| {
-            p.cost(
+            p.cost_with_cache(
                 row.prompt_tokens.unwrap_or(0),
                 row.completion_tokens.unwrap_or(0),
+                row.cache_read_tokens,
+                row.cache_write_tokens,
             )
         });
         if row.cache_hit {

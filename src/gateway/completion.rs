@@ -234,6 +234,17 @@ fn log_access(row: &UsageRow, reason: &str, bytes: u64, request_body: Option<&st
 /// the request is over.
 fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
     let (prompt, completion, total, estimated) = match o.usage {
+        // Poe's prompt count, and the streamed text for the output it did not report.
+        Some(u) if o.output_unreported() => {
+            let completion = (u.completion_tokens as i64).max(estimated_tokens(o.text_bytes));
+            let prompt = u.prompt_tokens as i64;
+            (
+                Some(prompt),
+                Some(completion),
+                Some(prompt + completion),
+                true,
+            )
+        }
         Some(u) => (
             Some(u.prompt_tokens as i64),
             Some(u.completion_tokens as i64),
@@ -252,6 +263,8 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
         }
         None => (None, None, None, false),
     };
+    // The prompt cache's share of the prompt, when Poe reported usage (Messages API).
+    let cache = o.messages_usage.as_deref().filter(|_| o.usage.is_some());
     UsageRow {
         ts_ms: now_ms(),
         request_id: i.request_id.to_string(),
@@ -275,6 +288,8 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
         ttfb_ms: o
             .first_byte
             .map(|t| t.duration_since(i.started).as_secs_f64() * 1000.0),
+        cache_read_tokens: cache.map_or(0, |m| m.cache_read.unwrap_or(0) as i64),
+        cache_write_tokens: cache.map_or(0, |m| m.cache_creation.unwrap_or(0) as i64),
         charged: false,
     }
 }

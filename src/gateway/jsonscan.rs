@@ -84,15 +84,27 @@ pub(crate) struct MessagesUsage {
     pub cache_creation: Option<u64>,
     pub cache_read: Option<u64>,
     pub output: Option<u64>,
+    /// A `message_delta` came: `output` is the answer's count, not `message_start`'s
+    /// placeholder (1) for an answer that had not started.
+    pub final_output: bool,
 }
 
 impl MessagesUsage {
-    /// Takes the counts `newer` has, keeping the others.
+    /// Takes the counts `newer` has, keeping the others. The counts are cumulative, so the
+    /// larger one stands: some upstreams repeat the input counts as 0 in `message_delta`.
     pub(crate) fn update(&mut self, newer: MessagesUsage) {
-        self.input = newer.input.or(self.input);
-        self.cache_creation = newer.cache_creation.or(self.cache_creation);
-        self.cache_read = newer.cache_read.or(self.cache_read);
-        self.output = newer.output.or(self.output);
+        self.input = self.input.max(newer.input);
+        self.cache_creation = self.cache_creation.max(newer.cache_creation);
+        self.cache_read = self.cache_read.max(newer.cache_read);
+        self.output = self.output.max(newer.output);
+    }
+
+    /// Whether any count came.
+    pub(crate) fn usage_seen(&self) -> bool {
+        self.input.is_some()
+            || self.cache_creation.is_some()
+            || self.cache_read.is_some()
+            || self.output.is_some()
     }
 
     /// In chat completions' terms. Anthropic's `input_tokens` leaves out the tokens written
@@ -135,6 +147,7 @@ pub(crate) fn parse_messages_usage(value: &[u8]) -> Option<MessagesUsage> {
         cache_creation: raw.cache_creation_input_tokens.and_then(count),
         cache_read: raw.cache_read_input_tokens.and_then(count),
         output: raw.output_tokens.and_then(count),
+        final_output: false,
     })
 }
 

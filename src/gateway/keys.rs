@@ -511,7 +511,8 @@ impl KeyRing {
     /// May this key use `model`: named in its list as asked (an alias the admin allowed,
     /// with its whole chain), or resolving only to bots its list names? Any one bot of a
     /// fallback chain is not enough: the chain would call the others too. A list naming
-    /// `claude-sonnet-4.5` allows `claude-sonnet-4-5-20250929`, the same bot's Anthropic id.
+    /// `claude-sonnet-4.5` allows `claude-sonnet-4-5-20250929`, the same bot's Anthropic id,
+    /// and the other way round.
     pub fn check_model(
         &self,
         rec: &KeyRecord,
@@ -522,13 +523,7 @@ impl KeyRing {
             return Ok(());
         };
         // An Anthropic model id is the Poe bot it stands for (Poe's Messages API takes both).
-        let listed = |name: &str| {
-            let poe = super::models::poe_id_of_anthropic_model(name);
-            allowed.iter().any(|m| {
-                m.eq_ignore_ascii_case(name)
-                    || poe.as_ref().is_some_and(|p| m.eq_ignore_ascii_case(p))
-            })
-        };
+        let listed = |name: &str| allowed.iter().any(|m| super::models::same_bot(m, name));
         let ok = listed(asked) || (!bots.is_empty() && bots.iter().all(|b| listed(b)));
         if ok {
             Ok(())

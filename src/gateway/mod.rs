@@ -528,7 +528,12 @@ impl Gateway {
         let inner = &*self.inner;
         inner.aliases.iter().any(|(name, bots)| {
             name.eq_ignore_ascii_case(bot) || bots.iter().any(|b| b.eq_ignore_ascii_case(bot))
-        }) || inner.models.snapshot().is_some_and(|c| c.lists(bot))
+            // Exact names only: an Anthropic model id (`lists`) may carry any date, and each
+            // would be a new metric series for a request Poe refused.
+        }) || inner
+            .models
+            .snapshot()
+            .is_some_and(|c| c.entry(bot).is_some())
     }
 
     /// The `bot` label of a request Poe did not answer (see [`RequestInfo::unlisted`]).
@@ -1052,7 +1057,7 @@ impl Gateway {
                     header::CONTENT_TYPE,
                     "application/json".parse().expect("static"),
                 );
-                (err.status(), h, err.to_json())
+                (err.status(), h, err.to_json_for(req.endpoint()))
             }
         };
         let mut info = self.request_info(

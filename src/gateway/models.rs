@@ -31,18 +31,41 @@ pub fn poe_id_of_anthropic_model(name: &str) -> Option<String> {
     {
         parts.pop();
     }
+    // `claude-opus-4-0` is Anthropic's alias of `claude-opus-4`.
+    let version = |major: &str, minor: &str| {
+        if minor == "0" {
+            major.to_string()
+        } else {
+            format!("{major}.{minor}")
+        }
+    };
     let poe = match parts[..] {
         [major, minor, family] if number(major) && number(minor) && word(family) => {
-            format!("claude-{family}-{major}.{minor}")
+            format!("claude-{family}-{}", version(major, minor))
         }
         [major, family] if number(major) && word(family) => format!("claude-{family}-{major}"),
         [family, major, minor] if word(family) && number(major) && number(minor) => {
-            format!("claude-{family}-{major}.{minor}")
+            format!("claude-{family}-{}", version(major, minor))
         }
         [family, major] if word(family) && number(major) => format!("claude-{family}-{major}"),
         _ => return None,
     };
     (poe != lower).then_some(poe)
+}
+
+/// Whether two model names name one bot: the same name in any case, or an Anthropic model
+/// id and the Poe bot it stands for (or two ids of one bot).
+pub fn same_bot(a: &str, b: &str) -> bool {
+    if a.eq_ignore_ascii_case(b) {
+        return true;
+    }
+    let (pa, pb) = (poe_id_of_anthropic_model(a), poe_id_of_anthropic_model(b));
+    if pa.is_none() && pb.is_none() {
+        return false;
+    }
+    pa.as_deref()
+        .unwrap_or(a)
+        .eq_ignore_ascii_case(pb.as_deref().unwrap_or(b))
 }
 
 /// Largest catalogue accepted (Poe's is a few hundred entries, well under this).
@@ -163,15 +186,18 @@ fn makes_media(entry: &Value) -> bool {
         .is_some_and(|m| m.iter().any(|m| m.as_str().is_some_and(|m| m != "text")))
 }
 
-/// A `[pricing."bot"]` table: USD per prompt token, per completion token, per request. A
-/// field left out keeps Poe's catalogue price for it (0 when Poe has none), so a table that
-/// only adds a per-request fee does not zero the token prices.
+/// A `[pricing."bot"]` table: USD per prompt token, per completion token, per request, and
+/// per prompt token read from or written to the bot's prompt cache. A field left out keeps
+/// Poe's catalogue price for it (0 when Poe has none), so a table that only adds a
+/// per-request fee does not zero the token prices.
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PriceOverride {
     pub prompt: Option<f64>,
     pub completion: Option<f64>,
     pub request: Option<f64>,
+    pub cache_read: Option<f64>,
+    pub cache_write: Option<f64>,
 }
 
 impl PriceOverride {
@@ -182,21 +208,51 @@ impl PriceOverride {
             prompt: self.prompt.unwrap_or(poe.prompt),
             completion: self.completion.unwrap_or(poe.completion),
             request: self.request.unwrap_or(poe.request),
+            cache_read: self.cache_read.or(poe.cache_read),
+            cache_write: self.cache_write.or(poe.cache_write),
         }
     }
 }
 
-/// USD per prompt token, per completion token, and per request.
+/// USD per prompt token, per completion token, and per request; and per prompt token read
+/// from or written to a prompt cache, when Poe's catalogue (`input_cache_read`,
+/// `input_cache_write`) or the policy says.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Price {
     pub prompt: f64,
     pub completion: f64,
     pub request: f64,
+    pub cache_read: Option<f64>,
+    pub cache_write: Option<f64>,
 }
+
+/// Anthropic's prices for its prompt cache, as parts of the prompt price: a read costs a
+/// tenth, a (five-minute) write a quarter more. Used for a bot whose cache prices neither
+/// Poe's catalogue nor the policy gives.
+const CACHE_READ_SHARE: f64 = 0.1;
+const CACHE_WRITE_SHARE: f64 = 1.25;
 
 impl Price {
     pub fn cost(&self, prompt_tokens: i64, completion_tokens: i64) -> f64 {
-        self.prompt * prompt_tokens.max(0) as f64
+        self.cost_with_cache(prompt_tokens, completion_tokens, 0, 0)
+    }
+
+    /// The cost of a request whose prompt (`prompt_tokens`, all of it) includes tokens
+    /// read from and written to the bot's prompt cache, each at its own price.
+    pub fn cost_with_cache(
+        &self,
+        prompt_tokens: i64,
+        completion_tokens: i64,
+        cache_read: i64,
+        cache_write: i64,
+    ) -> f64 {
+        let (read, write) = (cache_read.max(0), cache_write.max(0));
+        let uncached = (prompt_tokens.max(0) - read - write).max(0);
+        let read_price = self.cache_read.unwrap_or(self.prompt * CACHE_READ_SHARE);
+        let write_price = self.cache_write.unwrap_or(self.prompt * CACHE_WRITE_SHARE);
+        self.prompt * uncached as f64
+            + read_price * read as f64
+            + write_price * write as f64
             + self.completion * completion_tokens.max(0) as f64
             + self.request
     }
@@ -327,6 +383,8 @@ fn parse_price(entry: &Value) -> Option<Price> {
         prompt: prompt.unwrap_or(0.0),
         completion: completion.unwrap_or(0.0),
         request: request.unwrap_or(0.0),
+        cache_read: num("input_cache_read"),
+        cache_write: num("input_cache_write"),
     })
 }
 
@@ -418,6 +476,7 @@ mod tests {
             ("claude-3-5-haiku-20241022", "claude-haiku-3.5"),
             ("claude-3-7-sonnet-latest", "claude-sonnet-3.7"),
             ("claude-3-opus-20240229", "claude-opus-3"),
+            ("claude-opus-4-0", "claude-opus-4"),
         ] {
             assert_eq!(poe(anthropic).as_deref(), Some(bot), "{anthropic}");
         }
@@ -455,6 +514,8 @@ mod tests {
             prompt: 0.000001,
             completion: 0.00001,
             request: 0.0,
+            cache_read: None,
+            cache_write: None,
         });
         assert_eq!(cat.price("gpt-5"), want);
         assert_eq!(cat.price("Gpt-5"), want);

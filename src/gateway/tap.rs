@@ -101,6 +101,17 @@ pub struct Observed {
     pub(crate) messages_usage: Option<Box<MessagesUsage>>,
 }
 
+impl Observed {
+    /// The usage's output count is a placeholder: a Messages stream that ended (cut, or
+    /// the client gone) before its `message_delta` reported only `message_start`'s count, 1,
+    /// however much it streamed. The streamed text is the better figure then.
+    pub fn output_unreported(&self) -> bool {
+        self.messages_usage
+            .as_ref()
+            .is_some_and(|m| m.usage_seen() && !m.final_output)
+    }
+}
+
 // Key searchers, built once: constructing one costs more than a search (it was a quarter
 // of an SSE request's instructions when built per call). The pairs are the bytes their SIMD
 // loop looks for first (see `KeyFinder`): `n` and `:` of `"content":`, `u` and `g` of
@@ -115,6 +126,10 @@ static STOP_REASON: LazyLock<KeyFinder> =
 static CONTENT_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"content\":", (3, 9)));
 static DELTA_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"delta\":", (1, 4)));
 static TEXT_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"text\":", (1, 4)));
+static THINKING_KEY: LazyLock<KeyFinder> =
+    LazyLock::new(|| KeyFinder::new(b"\"thinking\":", (2, 5)));
+static PARTIAL_JSON_KEY: LazyLock<KeyFinder> =
+    LazyLock::new(|| KeyFinder::new(b"\"partial_json\":", (8, 9)));
 
 /// How much of the end of a non-stream body the tap keeps handles to, for reading `usage`
 /// (its last member) when the body ends.
@@ -749,8 +764,14 @@ fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
 /// ends a chat stream, and an `error` event fails it. Text comes in `content_block_delta`s.
 fn on_messages_event(observed: &mut Observed, data: &[u8]) {
     match event_type(data).as_deref() {
+        // A delta carries one of text, thinking or a tool call's input.
         Some(b"content_block_delta") => {
-            observed.text_bytes += string_len(&TEXT_KEY, data) as u64;
+            observed.text_bytes += (string_len(&TEXT_KEY, data)
+                + string_len(&THINKING_KEY, data)
+                + string_len(&PARTIAL_JSON_KEY, data)) as u64;
+        }
+        Some(b"message_delta") => {
+            observed.messages_usage.get_or_insert_default().final_output = true;
         }
         Some(b"message_stop") => observed.saw_done = true,
         Some(b"error") => observed.stream_error = true,
@@ -944,6 +965,10 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed, whole: bool
         }
     };
     read_usage_and_finish(&body, observed);
+    // A whole message's usage is its final count.
+    if let Some(m) = observed.messages_usage.as_mut() {
+        m.final_output = true;
+    }
     if whole && observed.api == Endpoint::Responses && is_failed_response(&body) {
         observed.stream_error = true;
     }

@@ -7,7 +7,7 @@ use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
 use super::App;
-use super::routes::{HttpResponse, bearer_token, json, method_not_allowed, read_body};
+use super::routes::{HttpResponse, authorization_bearer, json, method_not_allowed, read_body};
 use crate::error::GatewayError;
 use crate::gateway::Caller;
 use crate::gateway::keys::{self, NewKey};
@@ -199,7 +199,9 @@ pub(crate) fn check_admin(app: &App, headers: &HeaderMap, what: &str) -> Result<
             "{what} needs the admin key, and none is configured: set POE_GATEWAY_ADMIN_KEY to enable it"
         )));
     };
-    let presented = bearer_token(headers).map_or(&b""[..], str::as_bytes);
+    // `Authorization` only: the admin key does not belong in an Anthropic client's
+    // `x-api-key`, and proxies in front may guard the admin routes by that header.
+    let presented = authorization_bearer(headers).map_or(&b""[..], str::as_bytes);
     if bool::from(presented.ct_eq(admin.expose().as_bytes())) {
         Ok(())
     } else {

@@ -366,20 +366,20 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<Secret> {
     bearer_token(headers).map(Secret::new)
 }
 
+/// The token of `Authorization: Bearer <token>` alone (the admin key comes only there).
+pub(crate) fn authorization_bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The token of `Authorization: Bearer <token>`, or else of `x-api-key: <token>`, the header
 /// Anthropic's SDKs and Claude Code send their key in. Where the key is only compared or
 /// looked up (gateway keys, the admin key), this skips building a [`Secret`]'s header value
 /// and searcher, which only a key sent upstream needs.
 pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .map(|(scheme, token)| (scheme, token.trim()))
-        .and_then(|(scheme, token)| {
-            (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-        });
-    bearer.or_else(|| {
+    authorization_bearer(headers).or_else(|| {
         let token = headers
             .get(crate::upstream::X_API_KEY)?
             .to_str()

@@ -99,6 +99,12 @@ pub struct UsageRow {
     pub ttfb_ms: Option<f64>,
     /// The API the request came in on (`chat`, `responses` or `messages`).
     pub api: Api,
+    /// Of `prompt_tokens`, those read from and written to the bot's prompt cache (the
+    /// Messages API reports them), priced at the cache's prices. Not stored.
+    #[serde(skip)]
+    pub cache_read_tokens: i64,
+    #[serde(skip)]
+    pub cache_write_tokens: i64,
     /// Priced and charged to its key's budget as the request ended: the writer passes the
     /// charge on to the shared counter but does not add it again. Not stored.
     #[serde(skip)]
@@ -638,6 +644,8 @@ mod tests {
                 latency_ms: 10.0,
                 ttfb_ms: Some(5.0),
                 api: [Api::Chat, Api::Responses, Api::Messages][(i % 3) as usize],
+                cache_read_tokens: 0,
+                cache_write_tokens: 0,
                 charged: false,
             })
             .collect();

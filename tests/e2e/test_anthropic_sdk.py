@@ -118,11 +118,13 @@ def keys_gateway(upstream, tmp_path_factory):
 
 def test_gateway_keys_are_taken_from_x_api_key(keys_gateway, upstream):
     """A team member's gateway key as ANTHROPIC_API_KEY: the SDK sends it as `x-api-key`.
-    The request is accounted to the key (cache reads priced as prompt tokens), and its budget
+    The request is accounted to the key (cache reads counted as prompt tokens, priced at a
+    tenth of the prompt price), and its budget
     refuses the next request with the error the SDK raises for rate limits."""
-    key = new_key(keys_gateway, name="claude-code", budget_usd=0.005, period="day")
+    key = new_key(keys_gateway, name="claude-code", budget_usd=0.004, period="day")
     client = claude(keys_gateway, key)
-    # 49 prompt tokens at $0.0001 and 3 completion tokens at $0.001: $0.0079.
+    # 9 prompt tokens at $0.0001, 40 read from the prompt cache at a tenth of that, and 3
+    # completion tokens at $0.001: $0.0043.
     assert client.messages.create(model="claude", max_tokens=64, messages=MESSAGES).content[0].text == FULL_TEXT
     (up,) = upstream.requests()
     assert up.headers["x-api-key"] == TEST_API_KEY, "the server's key, never the caller's"
@@ -133,7 +135,7 @@ def test_gateway_keys_are_taken_from_x_api_key(keys_gateway, upstream):
     assert report["totals"]["requests"] == 1
     assert report["totals"]["prompt_tokens"] == PROMPT_TOKENS
     assert report["totals"]["completion_tokens"] == MESSAGES_USAGE["output_tokens"]
-    assert abs(report["totals"]["cost_usd"] - 0.0079) < 1e-9
+    assert abs(report["totals"]["cost_usd"] - 0.0043) < 1e-9
 
     with pytest.raises(anthropic.RateLimitError) as e:
         client.messages.create(model="claude", max_tokens=64, messages=MESSAGES)
