@@ -1878,6 +1878,17 @@ async fn messages_accounting_holds_for_cut_streams_and_anthropic_ids() {
     assert_eq!(v["type"], "error", "{v}");
     assert_eq!(v["error"]["type"], "api_error", "{v}");
 
+    // Other methods and paths under the route answer in the same shape.
+    for (method, path, status) in [
+        ("GET", "/v1/messages", 405),
+        ("POST", "/v1/messages/count_tokens", 404),
+    ] {
+        let resp = request(&gw, method, path, &[("x-api-key", key.as_str())], "{}").await;
+        assert_eq!(resp.status(), status);
+        let v = body_json(resp).await;
+        assert_eq!(v["type"], "error", "{v}");
+    }
+
     // The admin key works only as a bearer token.
     let resp = request(&gw, "GET", "/admin/keys", &[("x-api-key", ADMIN_KEY)], "").await;
     assert_eq!(resp.status(), 401);

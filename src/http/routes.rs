@@ -177,6 +177,12 @@ async fn route(
         }
         (_, p) => match allowed_methods(p) {
             Some(allow) => Ok(method_not_allowed(req.method(), p, allow)),
+            // Under the Messages API's path (Claude Code also asks for
+            // `/v1/messages/count_tokens`), in its error shape.
+            None if p.starts_with("/v1/messages/") => Ok(error_response_for(
+                Endpoint::Messages,
+                &GatewayError::NotFound(format!("Unknown request URL: {} {p}", req.method())),
+            )),
             None => Err(GatewayError::NotFound(format!(
                 "Unknown request URL: {} {p}",
                 req.method()
@@ -202,9 +208,11 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
 
 /// 405 with the `Allow` header listing what the path does answer.
 pub(crate) fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> HttpResponse {
-    let mut resp = error_response(&GatewayError::MethodNotAllowed(format!(
-        "{method} is not allowed on {path}; use {allow}"
-    )));
+    let api = Endpoint::of_path(path).unwrap_or_default();
+    let mut resp = error_response_for(
+        api,
+        &GatewayError::MethodNotAllowed(format!("{method} is not allowed on {path}; use {allow}")),
+    );
     resp.headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allow));
     resp
