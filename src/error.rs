@@ -198,19 +198,24 @@ impl GatewayError {
 
     /// `{"error":{"message","type","param","code"}}`
     pub fn to_json(&self) -> Bytes {
+        let env = Envelope {
+            error: self.body(self.kind()),
+        };
+        Bytes::from(serde_json::to_vec(&env).expect("error envelope serialises"))
+    }
+
+    /// The inner error object, with `kind` as its type.
+    fn body(&self, kind: &'static str) -> Body<'static> {
         let param = match self {
             GatewayError::BadRequest { param, .. } => *param,
             _ => None,
         };
-        let env = Envelope {
-            error: Body {
-                message: self.to_string(),
-                kind: self.kind(),
-                param,
-                code: Some(self.code()),
-            },
-        };
-        Bytes::from(serde_json::to_vec(&env).expect("error envelope serialises"))
+        Body {
+            message: self.to_string(),
+            kind,
+            param,
+            code: Some(self.code()),
+        }
     }
 
     /// The same error as one SSE event, for a stream that already started: the OpenAI SDKs
@@ -227,18 +232,9 @@ impl GatewayError {
         if api != Endpoint::Messages {
             return self.to_json();
         }
-        let param = match self {
-            GatewayError::BadRequest { param, .. } => *param,
-            _ => None,
-        };
         let env = AnthropicEnvelope {
             kind: "error",
-            error: Body {
-                message: self.to_string(),
-                kind: self.anthropic_kind(),
-                param,
-                code: Some(self.code()),
-            },
+            error: self.body(self.anthropic_kind()),
         };
         Bytes::from(serde_json::to_vec(&env).expect("error envelope serialises"))
     }
