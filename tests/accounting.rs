@@ -2530,16 +2530,19 @@ async fn schema_versions(db: &str) -> Vec<i64> {
 }
 
 /// A ledger written before rows had an API: `poe-gateway usage --by api` reads it as it is,
-/// without migrating it, its rows all `chat`; the gateway then adds the column (migration 3),
-/// the old rows stay `chat`, and new rows take their own API.
+/// without migrating it, its rows `unknown` (they may have been any API: Responses and
+/// Messages requests came before the column); the gateway then adds the column, the old rows
+/// stay `unknown`, and new rows take their own API. The addition is recorded as -3, so
+/// `MAX(version)`, what an older gateway checks, stays 2: the old replicas of a rolling
+/// upgrade, and a rollback, still start on the ledger.
 #[tokio::test]
-async fn a_ledger_from_before_the_api_column_reads_as_chat_and_is_migrated() {
+async fn a_ledger_from_before_the_api_column_reads_as_unknown_and_is_migrated() {
     for db in databases().await {
         make_version_2_ledger(&db).await;
         let old = usage_command(&db, &["--by", "api"]);
         assert_eq!(
             group_counts(&old),
-            vec![("chat".to_string(), 2, 10, 8, 0)],
+            vec![("unknown".to_string(), 2, 10, 8, 0)],
             "{db}: {old}"
         );
         assert_eq!(
@@ -2550,7 +2553,7 @@ async fn a_ledger_from_before_the_api_column_reads_as_chat_and_is_migrated() {
 
         let up = MockUpstream::start().await;
         let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
-        assert_eq!(schema_versions(&db).await, [3, 2, 1], "{db}");
+        assert_eq!(schema_versions(&db).await, [2, 1, -3], "{db}");
         up.push(Reply::json(
             200,
             response_object("claude-sonnet-4.5", "Hi!", "completed", RESPONSES_USAGE),
@@ -2571,8 +2574,9 @@ async fn a_ledger_from_before_the_api_column_reads_as_chat_and_is_migrated() {
         body_bytes(resp).await;
 
         let want = vec![
-            ("chat".to_string(), 3, 10 + 7, 8 + 3, 0),
+            ("chat".to_string(), 1, 7, 3, 0),
             ("responses".to_string(), 1, 11, 7, 0),
+            ("unknown".to_string(), 2, 10, 8, 0),
         ];
         let r = body_json(as_admin(&gw, "GET", "/admin/usage?group_by=api", "").await).await;
         assert_eq!(group_counts(&r), want, "{db}: {r}");

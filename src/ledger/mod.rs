@@ -41,10 +41,19 @@ pub enum LedgerError {
     BadUrl(String),
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", postgres_message(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("{0}")]
     Other(String),
+}
+
+/// A Postgres error as the server gave it: its message and SQLSTATE ("db error" alone said
+/// nothing). The detail, which may quote row values, is left out.
+fn postgres_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 impl LedgerError {
@@ -113,8 +122,8 @@ pub struct UsageRow {
 
 /// The API a usage row's request came in on, stored in the ledger's `api` column by the
 /// names [`Api::as_str`] gives. The names are part of the ledger's format (reports group by
-/// them, operators query them): they do not change. Rows written before the column existed
-/// read as `chat`, the only API there was.
+/// them, operators query them): they do not change. Rows written before the column existed,
+/// or by older replicas beside newer ones, have none and report as `unknown`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Api {

@@ -55,11 +55,12 @@ impl Postgres {
             None
         };
         store::check_readable(applied, Dialect::Postgres)?;
+        let api_column: bool = client.query_one(store::HAS_API_COLUMN, &[]).await?.get(0);
         Ok(Postgres {
             url: url.into(),
             client: Arc::new(RwLock::new(Arc::new(client))),
             reconnect: Arc::new(tokio::sync::Mutex::new(())),
-            api_column: applied >= Some(store::API_COLUMN_VERSION),
+            api_column,
         })
     }
 
@@ -277,6 +278,11 @@ async fn connect(url: &str) -> Result<Client, LedgerError> {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a migration waits for its table lock at a time, how often it tries, and the
+/// pause between tries: inserts queue behind it for at most the wait.
+const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(2);
+const MIGRATION_LOCK_TRIES: u32 = 30;
+const MIGRATION_LOCK_PAUSE: Duration = Duration::from_secs(1);
 
 async fn migrate(client: &Client) -> Result<(), LedgerError> {
     client
@@ -300,11 +306,35 @@ async fn migrate(client: &Client) -> Result<(), LedgerError> {
             if done.is_some() {
                 continue;
             }
+            // A schema change waits for every session using the table (an analyst's open
+            // transaction, a long report), and while it waits, every replica's inserts and
+            // budget checks queue behind it. So it waits a moment at a time, and lets them
+            // through between tries.
             let batch = format!(
-                "BEGIN; {sql}; INSERT INTO poe_gateway_migrations (version, applied_ms) VALUES ({version}, {}); COMMIT;",
+                "BEGIN; SET LOCAL lock_timeout = '{}ms'; {sql}; INSERT INTO poe_gateway_migrations (version, applied_ms) VALUES ({version}, {}); COMMIT;",
+                MIGRATION_LOCK_WAIT.as_millis(),
                 super::now_ms()
             );
-            client.batch_execute(&batch).await?;
+            let mut tries = 0;
+            loop {
+                match client.batch_execute(&batch).await {
+                    Ok(()) => break,
+                    Err(e)
+                        if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+                            && tries < MIGRATION_LOCK_TRIES =>
+                    {
+                        tries += 1;
+                        let _ = client.batch_execute("ROLLBACK").await;
+                        tracing::warn!(
+                            version,
+                            tries,
+                            "ledger migration: another session is using the usage table; trying again"
+                        );
+                        tokio::time::sleep(MIGRATION_LOCK_PAUSE).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
         Ok::<_, LedgerError>(())
     }

@@ -126,7 +126,11 @@ fn day_name(days: &str) -> String {
 /// The report query: `[since, until)`, optional key filter, grouped. Columns, in order:
 /// group, requests, prompt, completion, total, cost, cache hits, saved, errors, unpriced,
 /// estimated. `api_column`: the ledger has the `api` column (a ledger read without migrating
-/// may be older: its rows were all chat completions).
+/// may be older).
+/// The `api` group of rows that name none: written before the column existed, or by an
+/// older replica beside a newer one.
+pub const UNKNOWN_API: &str = "unknown";
+
 pub(crate) fn sql(d: Dialect, q: &ReportQuery, api_column: bool) -> String {
     let int = |e: &str| match d {
         Dialect::Sqlite => format!("COALESCE({e}, 0)"),
@@ -143,8 +147,8 @@ pub(crate) fn sql(d: Dialect, q: &ReportQuery, api_column: bool) -> String {
         (Some(GroupBy::Model), _) => "bot".to_string(),
         (Some(GroupBy::Key), _) => "COALESCE(key_id, '')".to_string(),
         (Some(GroupBy::Day), _) => "CAST(ts_ms / 86400000 AS TEXT)".to_string(),
-        (Some(GroupBy::Api), _) if api_column => "api".to_string(),
-        (Some(GroupBy::Api), _) => format!("'{}'", super::Api::Chat.as_str()),
+        (Some(GroupBy::Api), _) if api_column => format!("COALESCE(api, '{UNKNOWN_API}')"),
+        (Some(GroupBy::Api), _) => format!("'{UNKNOWN_API}'"),
     };
     let key_filter = if q.key_id.is_some() {
         format!(" AND key_id = {}", d.ph(3))

@@ -109,12 +109,13 @@ impl Sqlite {
                 None
             };
             store::check_readable(applied, Dialect::Sqlite)?;
+            let api_column: bool = c.query_row(store::HAS_API_COLUMN, [], |r| r.get(0))?;
             let c = Arc::new(Mutex::new(Some(c)));
             Ok(Sqlite {
                 write: c.clone(),
                 read: c,
                 file: None,
-                api_column: applied >= Some(store::API_COLUMN_VERSION),
+                api_column,
             })
         })
         .await

@@ -123,25 +123,33 @@ pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
             },
         ),
         (
-            3,
-            // The API each row came in on ([`super::Api`]). Rows from before it were all
-            // chat completions, so they take `chat`, as do rows still written, during a
-            // rolling upgrade, by replicas that started before this migration (they name
-            // their columns and leave this one out). A constant default changes no stored row:
-            // SQLite reads it from the schema, and Postgres (11 and later) from the catalogue,
-            // so the change takes its lock for a moment, not for a rewrite of the table.
-            "ALTER TABLE usage ADD COLUMN api TEXT NOT NULL DEFAULT 'chat'".to_string(),
+            API_COLUMN_MIGRATION,
+            // The API each row came in on ([`super::Api`]). Nullable, with no default: rows
+            // from before it (chat completions, and since sessions before it also Responses
+            // and Messages requests) and rows written beside it by older replicas have none,
+            // and read as `unknown`. Adding a nullable column rewrites no row, so the change
+            // holds its lock for a moment.
+            "ALTER TABLE usage ADD COLUMN api TEXT".to_string(),
         ),
     ]
 }
+
+/// A migration that only adds what older binaries neither read nor write (a nullable
+/// column) is recorded under its number negated. `MAX(version)`, the number every binary
+/// checks against the migrations it knows, then does not rise, so an older gateway still
+/// starts on the ledger: the old replicas of a rolling upgrade (restarted, or scaled up)
+/// and a rollback. A migration older binaries could not live with takes the next positive
+/// number, and they refuse it as before.
+pub(crate) const API_COLUMN_MIGRATION: i64 = -3;
 
 pub(crate) const USAGE_COLUMNS: &str = "ts_ms, request_id, key_id, alias, model, bot, stream, status, outcome, \
      prompt_tokens, completion_tokens, total_tokens, tokens_estimated, cost_usd, cache_hit, saved_usd, \
      attempts, latency_ms, ttfb_ms, api";
 pub(crate) const USAGE_COLUMN_COUNT: usize = 20;
-/// The schema version that added the `api` column: a ledger read without migrating
-/// (`poe-gateway usage`) may be older, and its rows are then all `chat`.
-pub(crate) const API_COLUMN_VERSION: i64 = 3;
+/// Whether a ledger has the `api` column ([`API_COLUMN_MIGRATION`]): one read without
+/// migrating (`poe-gateway usage`) may not, and its rows then read as `unknown`.
+pub(crate) const HAS_API_COLUMN: &str =
+    "SELECT EXISTS (SELECT 1 FROM poe_gateway_migrations WHERE version = -3)";
 pub(crate) const KEY_COLUMNS: &str =
     "id, name, hash, created_ms, revoked_ms, budget_usd, period, rpm, models";
 
