@@ -441,10 +441,11 @@ async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) ->
 }
 
 /// `keys create --models`: the names checked against Poe's catalogue, read from the
-/// configured upstream (no key needed) and waited for at most 10 s. The key is made either
-/// way (see [`models::model_list_warning`]).
+/// configured upstream (no key needed) and waited for at most 3 s, so a script reading the
+/// key is not held up long by an unreachable upstream. The key is made either way (see
+/// [`models::model_list_warning`]).
 async fn model_list_warning(policy: &Policy, names: &[String]) -> Option<String> {
-    const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(3);
     let aliases = Aliases::new(&policy.aliases);
     let read = async {
         let upstream = Upstream::new(

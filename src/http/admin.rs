@@ -69,11 +69,13 @@ pub(crate) async fn handle(
             })?;
             de.end()
                 .map_err(|e| GatewayError::bad_request(format!("invalid key request: {e}")))?;
-            let (rec, key) = keys::create_key(app.gateway.ledger().store(), new).await?;
-            let warning = match &rec.models {
+            // Checked before the key is made: a client that gives up while the catalogue is
+            // read must not leave a key behind whose secret it never saw.
+            let warning = match &new.models {
                 Some(names) => model_list_warning(app, names).await,
                 None => None,
             };
+            let (rec, key) = keys::create_key(app.gateway.ledger().store(), new).await?;
             let mut v = serde_json::to_value(&rec).unwrap_or_default();
             // The only time the key is ever shown.
             v["key"] = serde_json::Value::String(key);
@@ -143,7 +145,7 @@ async fn model_list_warning(app: &App, names: &[String]) -> Option<String> {
 }
 
 /// The longest a new key waits for Poe's catalogue to check its model list.
-const CATALOGUE_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const CATALOGUE_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Largest `POST /admin/keys` body.
 const NEW_KEY_BODY_LIMIT: u64 = 64 * 1024;
