@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -704,11 +705,11 @@ fn ledger_file(path: &str) -> Result<(i64, Vec<String>, String), String> {
 
 /// An operator deletes the SQLite ledger under a running gateway (its `-wal` and `-shm` left
 /// behind, as `rm ledger.db` leaves them), then rotates it away with `mv`, then restores a
-/// backup by renaming it into place. The gateway notices each time, counts it, and opens the
-/// ledger at its path again: the rows and keys made afterwards are in the file a restart
-/// would read, none twice, and the moved file keeps what it had.
+/// backup by renaming it into place. The gateway notices each time and counts it: a file gone
+/// from the path is written back there whole (rows and keys from before and after), a moved
+/// file keeps the rows it had, and a file renamed into place is adopted. None twice.
 #[tokio::test]
-async fn a_sqlite_ledger_deleted_or_moved_under_the_gateway_is_made_again() {
+async fn a_sqlite_ledger_deleted_or_moved_under_the_gateway_is_written_back() {
     let (db, path) = sqlite_database().await;
     let up = MockUpstream::start().await;
     up.set_fallback(Reply::completion("gpt-5", "ok"));
@@ -724,35 +725,37 @@ async fn a_sqlite_ledger_deleted_or_moved_under_the_gateway_is_made_again() {
         }
     };
     chat(2).await;
+    let _ = create_key(&gw, r#"{"name":"before-the-delete"}"#).await;
     core.flush().await;
     assert_eq!(ledger_file(&path).unwrap().0, 2);
 
-    // Deleted: the database file only.
+    // Deleted: the database file only. It is written back, with what it had.
     std::fs::remove_file(&path).unwrap();
     chat(3).await;
     let _ = create_key(&gw, r#"{"name":"after-the-delete"}"#).await;
     core.flush().await;
     let (rows, keys, check) = ledger_file(&path).expect("a ledger at the path again");
-    assert_eq!(rows, 3, "the rows written after the delete");
-    assert_eq!(keys, ["after-the-delete"]);
+    assert_eq!(rows, 5, "the rows from before and after the delete");
+    assert_eq!(keys, ["after-the-delete", "before-the-delete"]);
     assert_eq!(check, "ok");
-    // Reports read the new file too.
-    assert_eq!(report(&core, None).await.totals.requests, 3);
+    assert_eq!(report(&core, None).await.totals.requests, 5);
     assert_eq!(
         metric(&gw, "poe_gateway_ledger_reopened_total").await,
         Some(1.0)
     );
+    assert!(!Path::new(&format!("{path}.copy")).exists());
 
-    // Moved away (a rotation): the old file keeps its rows, the path gets a new ledger.
+    // Moved away (a rotation): the moved file keeps its rows up to the move, the path gets
+    // the whole ledger back and goes on.
     let moved = format!("{path}.1");
     std::fs::rename(&path, &moved).unwrap();
     chat(1).await;
     core.flush().await;
     let (rows, keys, check) = ledger_file(&moved).expect("the moved ledger");
-    assert_eq!((rows, keys.len(), check.as_str()), (3, 1, "ok"), "{moved}");
+    assert_eq!((rows, keys.len(), check.as_str()), (5, 2, "ok"), "{moved}");
     let (rows, keys, check) = ledger_file(&path).expect("a ledger at the path again");
-    assert_eq!((rows, keys.len(), check.as_str()), (1, 0, "ok"), "{path}");
-    assert_eq!(report(&core, None).await.totals.requests, 1);
+    assert_eq!((rows, keys.len(), check.as_str()), (6, 2, "ok"), "{path}");
+    assert_eq!(report(&core, None).await.totals.requests, 6);
     assert_eq!(
         metric(&gw, "poe_gateway_ledger_reopened_total").await,
         Some(2.0)
@@ -766,13 +769,97 @@ async fn a_sqlite_ledger_deleted_or_moved_under_the_gateway_is_made_again() {
     chat(1).await;
     core.flush().await;
     let (rows, keys, check) = ledger_file(&path).expect("the restored ledger");
-    assert_eq!((rows, check.as_str()), (4, "ok"), "{path}");
-    assert_eq!(keys, ["after-the-delete"]);
-    assert_eq!(report(&core, None).await.totals.requests, 4);
+    assert_eq!((rows, check.as_str()), (6, "ok"), "{path}");
+    assert_eq!(keys, ["after-the-delete", "before-the-delete"]);
+    assert_eq!(report(&core, None).await.totals.requests, 6);
     assert_eq!(
         metric(&gw, "poe_gateway_ledger_reopened_total").await,
         Some(3.0)
     );
+}
+
+/// A chat with a gateway key, its status.
+async fn chat_as(gw: &TestGateway, key: &str) -> u16 {
+    let auth = format!("Bearer {key}");
+    let resp = request(
+        gw,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        &chat_body("gpt", false),
+    )
+    .await;
+    let status = resp.status().as_u16();
+    let _ = body_bytes(resp).await;
+    status
+}
+
+/// Keys mode, `rm ledger.db` while serving: the clients' keys keep working, and the keys, the
+/// usage and the spend are in the file at the path afterwards (before, the gateway made an
+/// empty ledger there and every key was refused).
+#[tokio::test]
+async fn keys_mode_survives_rm_of_the_sqlite_ledger() {
+    let (db, path) = sqlite_database().await;
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+    let (_, key) = create_key(&gw, r#"{"name":"client"}"#).await;
+    assert_eq!(chat_as(&gw, &key).await, 200);
+    core.flush().await;
+
+    std::fs::remove_file(&path).unwrap();
+    for _ in 0..3 {
+        assert_eq!(chat_as(&gw, &key).await, 200);
+    }
+    // A key made after the delete works too.
+    let (_, later) = create_key(&gw, r#"{"name":"later"}"#).await;
+    assert_eq!(chat_as(&gw, &later).await, 200);
+    core.flush().await;
+    let (rows, keys, check) = ledger_file(&path).expect("the ledger at its path");
+    assert_eq!((rows, check.as_str()), (5, "ok"));
+    assert_eq!(keys, ["client", "later"]);
+    assert_eq!(report(&core, None).await.totals.requests, 5);
+}
+
+/// Another process holds a read transaction on the ledger (Litestream, a `sqlite3` shell) when
+/// the file is deleted: the gateway does not wait on it to put the ledger back, and key
+/// look-ups and key creation complete (guarded by a generous timeout only).
+#[tokio::test]
+async fn a_reader_of_the_old_sqlite_file_does_not_hold_up_the_gateway() {
+    let (db, path) = sqlite_database().await;
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let (gw, core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+    let (_, key) = create_key(&gw, r#"{"name":"client"}"#).await;
+    assert_eq!(chat_as(&gw, &key).await, 200);
+    core.flush().await;
+
+    let reader = rusqlite::Connection::open(&path).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let seen: i64 = reader
+        .query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(seen, 1);
+    // More rows in the log, which the reader keeps from being checkpointed.
+    assert_eq!(chat_as(&gw, &key).await, 200);
+    core.flush().await;
+
+    std::fs::remove_file(&path).unwrap();
+    let guard = Duration::from_secs(60);
+    for _ in 0..3 {
+        let status = tokio::time::timeout(guard, chat_as(&gw, &key)).await;
+        assert_eq!(status.expect("a key look-up completes"), 200);
+    }
+    let made = tokio::time::timeout(guard, create_key(&gw, r#"{"name":"later"}"#)).await;
+    made.expect("a key is made");
+    core.flush().await;
+    let (rows, keys, check) = ledger_file(&path).expect("the ledger at its path");
+    assert_eq!((rows, check.as_str()), (5, "ok"));
+    assert_eq!(keys, ["client", "later"]);
+    reader.execute_batch("COMMIT").unwrap();
 }
 
 /// The report once it counts `rows` requests, polled for up to a minute: rows that wait on

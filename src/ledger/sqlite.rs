@@ -2,8 +2,9 @@
 //! A ledger file deleted or replaced under the gateway is noticed and opened again ([`Watched`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
@@ -72,11 +73,7 @@ impl Sqlite {
             Ok(Sqlite {
                 write: Arc::new(Mutex::new(Some(write))),
                 read: Arc::new(Mutex::new(Some(read))),
-                file: Some(Arc::new(Watched {
-                    path,
-                    ids: Mutex::new(ids),
-                    reopened: AtomicU64::new(0),
-                })),
+                file: Some(Arc::new(Watched::new(path, ids))),
                 api_column: true,
             })
         })
@@ -151,8 +148,11 @@ impl Sqlite {
     {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
+            let mut write = write;
             if let Some(file) = &this.file {
                 file.check(&this.write, &this.read)?;
+                // The reader is copying the whole file back to its path: read on the writer.
+                write |= file.copying.load(Ordering::Acquire);
             }
             let slot = if write { &this.write } else { &this.read };
             let mut c = slot
@@ -160,7 +160,10 @@ impl Sqlite {
                 .map_err(|_| LedgerError::Other("sqlite lock poisoned".into()))?;
             match c.as_mut() {
                 Some(c) => f(c),
-                None => Err(not_open(&this.file)),
+                None => Err(match &this.file {
+                    Some(f) => f.not_open(),
+                    None => LedgerError::Other("the SQLite ledger is closed".into()),
+                }),
             }
         })
         .await
@@ -333,17 +336,6 @@ fn open_pair(path: &Path) -> Result<(Connection, Connection, Ids), LedgerError> 
     ))
 }
 
-/// The error of a call made while the ledger file could not be opened again.
-fn not_open(file: &Option<Arc<Watched>>) -> LedgerError {
-    let path = file
-        .as_ref()
-        .map(|f| f.path.display().to_string())
-        .unwrap_or_default();
-    LedgerError::Other(format!(
-        "the SQLite ledger at {path} went away and could not be opened again yet"
-    ))
-}
-
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, LedgerError> {
     m.lock()
         .map_err(|_| LedgerError::Other("sqlite lock poisoned".into()))
@@ -408,7 +400,7 @@ fn file_id(_: &std::fs::Metadata) -> Option<FileId> {
 struct Ids {
     db: Option<FileId>,
     wal: Option<FileId>,
-    /// The connections are open (false after a failed reopen: the next call tries again).
+    /// The connections are open (false only after a reopen closed them and then failed).
     open: bool,
 }
 
@@ -420,120 +412,352 @@ impl Ids {
 
     /// What happened to the files the connections have open, if anything. A file that could
     /// not be looked at is taken as unchanged.
-    fn changed(&self, db: Seen, wal: Seen) -> Option<&'static str> {
+    fn changed(&self, db: Seen, wal: Seen) -> Option<Change> {
         match (self.db, db) {
-            (Some(_), Seen::Missing) => return Some("was deleted"),
-            (Some(had), Seen::File(now)) if had != now => {
-                return Some("was replaced by another file");
-            }
+            (Some(_), Seen::Missing) => return Some(Change::Gone),
+            (Some(had), Seen::File(now)) if had != now => return Some(Change::Replaced),
             _ => {}
         }
         match (self.wal, wal) {
-            (Some(_), Seen::Missing) => Some("lost its write-ahead log (-wal), deleted"),
-            (Some(had), Seen::File(now)) if had != now => {
-                Some("had its write-ahead log (-wal) replaced")
-            }
+            (Some(_), Seen::Missing) => Some(Change::LogGone),
+            (Some(had), Seen::File(now)) if had != now => Some(Change::LogGone),
             _ => None,
         }
     }
+}
+
+/// What became of the ledger file the connections have open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    /// Nothing is at the path: the file was deleted, or moved away (a rotation); from the
+    /// path the two look the same.
+    Gone,
+    /// Something else is at the path (a restored backup renamed into place, or worse).
+    Replaced,
+    /// The file is in place but its write-ahead log (`-wal`) was deleted or replaced.
+    LogGone,
+}
+
+/// What is at `path`, in words, for the log.
+fn what_is_at(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => "another file".into(),
+        Ok(m) if m.is_dir() => "a directory".into(),
+        Ok(_) => "something that is not a regular file".into(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "nothing".into(),
+        Err(e) => format!("something that cannot be looked at ({e})"),
+    }
+}
+
+/// How long the old file's write-ahead log is waited for when it is checkpointed during a
+/// reopen (another process reading it holds the checkpoint back). Every ledger call may be
+/// waiting meanwhile, so this is short; a log still busy after it is handled without it.
+const CHECKPOINT_WAIT: Duration = Duration::from_millis(100);
+
+/// How long after a failed reopen the next is tried; calls meanwhile go on with the
+/// connections they have.
+const REOPEN_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a statement waits for another process's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The state of a reopen that has not succeeded yet.
+#[derive(Default)]
+struct Outage {
+    /// The change has been logged, and the reason it could not be dealt with yet.
+    logged: bool,
+    /// No new attempt before this.
+    retry_at: Option<Instant>,
 }
 
 /// The ledger file of a `sqlite://PATH` ledger. SQLite keeps a file open by its inode: one
 /// deleted or moved away under a running gateway (a cleanup, a log rotation, a restore that
 /// swaps the file) would take every row written after it, unseen, and a restart would open
 /// whatever is at the path. So every call first looks at the path (a `stat` of the file and
-/// one of its `-wal`) and, when they are not the files the connections have open, opens the
-/// ledger at the path again.
+/// one of its `-wal`) and, when they are not the files the connections have open, puts the
+/// ledger back at the path: a file gone from the path is written back there from the open
+/// connections (all of it: keys, usage and spend), a file put in its place is adopted.
 struct Watched {
     path: PathBuf,
-    /// Changed only with the writer's lock held.
+    /// The files the connections have open; held only to read or swap them, never across a
+    /// checkpoint or a copy.
     ids: Mutex<Ids>,
+    /// Held by the one thread putting the ledger back (others go on with the connections
+    /// they have), and the state of an attempt that failed.
+    reopen: Mutex<Outage>,
+    /// The reader connection is busy copying the whole database: reads use the writer
+    /// meanwhile, so budget checks do not wait for the copy.
+    copying: AtomicBool,
     reopened: AtomicU64,
 }
 
 impl Watched {
+    fn new(path: PathBuf, ids: Ids) -> Watched {
+        Watched {
+            path,
+            ids: Mutex::new(ids),
+            reopen: Mutex::new(Outage::default()),
+            copying: AtomicBool::new(false),
+            reopened: AtomicU64::new(0),
+        }
+    }
+
+    /// Checks the path before a call; puts the ledger back when it changed. Fails only when
+    /// the connections are closed (a reopen closed them, then could not open the path).
     fn check(&self, write: &Slot, read: &Slot) -> Result<(), LedgerError> {
         let (db, wal) = Ids::now(&self.path);
-        {
-            let ids = lock(&self.ids)?;
-            if ids.open && ids.changed(db, wal).is_none() {
-                return Ok(());
-            }
-        }
-        // The writer's lock first (as every call takes it, with nothing else held), then the
-        // reader's: one thread reopens, and no statement runs on the old connections meanwhile.
-        let mut w = lock(write)?;
-        let mut ids = lock(&self.ids)?;
-        let (db, wal) = Ids::now(&self.path);
-        let what = ids.changed(db, wal);
-        if ids.open && what.is_none() {
-            // Another call got here first.
+        let ids = *lock(&self.ids)?;
+        let Some(change) = ids.changed(db, wal).or((!ids.open).then_some(Change::Gone)) else {
             return Ok(());
+        };
+        let still = |ids: Ids| {
+            if ids.open {
+                Ok(())
+            } else {
+                Err(self.not_open())
+            }
+        };
+        // Another thread is at it: the connections it has not swapped yet still work.
+        let Ok(mut outage) = self.reopen.try_lock() else {
+            return still(ids);
+        };
+        if outage.retry_at.is_some_and(|at| Instant::now() < at) {
+            return still(*lock(&self.ids)?);
         }
         let path = self.path.display().to_string();
-        let mut emptied = true;
-        if let Some(old) = w.as_ref() {
-            tracing::error!(
-                path = %path,
-                "the SQLite ledger file {path} {} while the gateway was running; opening the ledger at {path} again (a new, empty one if no file is there), so that later rows and keys are kept",
-                what.unwrap_or("changed"),
-            );
-            // Rows committed to the old file may still be in its write-ahead log, which is at
-            // `PATH-wal`, the name the new file's log takes. Copy them into the old file
-            // (the one moved away, or with the log gone, the one still at the path) and empty
-            // the log, so the new file never reads another file's pages.
-            emptied = match old.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                r.get::<_, i64>(0)
-            }) {
-                Ok(busy) => busy == 0,
-                Err(e) => {
-                    tracing::warn!(path = %path, error = %e, "checkpointing the old ledger file failed");
-                    false
-                }
+        if !outage.logged {
+            let what = match change {
+                Change::Gone => "was deleted or moved away".to_string(),
+                Change::Replaced => format!("was replaced by {}", what_is_at(&self.path)),
+                Change::LogGone => "lost its write-ahead log (-wal): deleted or replaced".into(),
             };
-        }
-        // Both old connections closed before any opens the path: they hold the old `-wal`
-        // and `-shm`, which SQLite shares by file within a process.
-        let mut r = lock(read)?;
-        *r = None;
-        *w = None;
-        let old_wal = ids.wal;
-        ids.open = false;
-        let wal_path = beside(&self.path, "-wal");
-        if !emptied
-            && old_wal.is_some()
-            && Seen::at(&wal_path).id() == old_wal
-            && std::fs::metadata(&wal_path).is_ok_and(|m| m.len() > 0)
-        {
-            // The old log could not be emptied (another process was reading it): set it aside
-            // rather than have the new file read it.
-            let aside = beside(&self.path, &format!("-wal.orphaned-{}", super::now_ms()));
-            let moved = std::fs::rename(&wal_path, &aside);
-            let _ = std::fs::remove_file(beside(&self.path, "-shm"));
             tracing::error!(
                 path = %path,
-                set_aside = %aside.display(),
-                error = ?moved.err(),
-                "the old ledger file's write-ahead log still held rows and was set aside; they belong to the file that went away"
+                "the SQLite ledger file {path} {what} while the gateway was running; putting the ledger back at {path}",
             );
         }
-        match open_pair(&self.path) {
-            Ok((new_w, new_r, new_ids)) => {
-                *w = Some(new_w);
-                *r = Some(new_r);
-                *ids = new_ids;
+        match self.put_back(write, read) {
+            Ok(()) => {
                 self.reopened.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(path = %path, "the SQLite ledger is open at {path} again");
+                *outage = Outage::default();
                 Ok(())
             }
-            Err(e) => {
-                tracing::error!(path = %path, error = %e, "the SQLite ledger cannot be opened again at {path}; trying again on its next use");
-                Err(LedgerError::Other(format!(
-                    "the SQLite ledger at {path} went away and cannot be opened again: {e}"
-                )))
+            Err(why) => {
+                if !outage.logged {
+                    tracing::error!(
+                        path = %path,
+                        "the SQLite ledger cannot be put back at {path} yet: {why}; the gateway goes on with the file it has open and tries again every {}s (logged once until it succeeds)",
+                        REOPEN_RETRY.as_secs()
+                    );
+                }
+                outage.logged = true;
+                outage.retry_at = Some(Instant::now() + REOPEN_RETRY);
+                still(*lock(&self.ids)?)
             }
         }
     }
+
+    fn not_open(&self) -> LedgerError {
+        let path = self.path.display();
+        LedgerError::Other(format!(
+            "the SQLite ledger at {path} went away and could not be opened again yet"
+        ))
+    }
+
+    /// One attempt to put the ledger back at the path (with the `reopen` lock held).
+    fn put_back(&self, write: &Slot, read: &Slot) -> Result<(), String> {
+        let (db, wal) = Ids::now(&self.path);
+        let ids = *lock(&self.ids).map_err(|e| e.to_string())?;
+        let Some(change) = ids.changed(db, wal) else {
+            return if ids.open {
+                Ok(())
+            } else {
+                self.switch(write, read, &ids)
+            };
+        };
+        self.directory_writable()?;
+        match change {
+            Change::Replaced => {
+                // Adopt the file now at the path, once it is one SQLite can open.
+                let m = std::fs::metadata(&self.path).map_err(|e| e.to_string())?;
+                if !m.is_file() {
+                    return Err(format!(
+                        "{} is {}",
+                        self.path.display(),
+                        what_is_at(&self.path)
+                    ));
+                }
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&self.path)
+                    .map_err(|e| format!("{} cannot be opened: {e}", self.path.display()))?;
+                self.switch(write, read, &ids)
+            }
+            Change::Gone => self.write_back(write, read, &ids, false),
+            Change::LogGone => {
+                // The file is in place and its log is gone: copying the open log into it
+                // is enough, unless another process keeps the checkpoint from finishing.
+                let mut r = lock(read).map_err(|e| e.to_string())?;
+                let mut w = lock(write).map_err(|e| e.to_string())?;
+                if w.as_ref().is_some_and(checkpointed) {
+                    return self.swap(&mut w, &mut r, &ids, None);
+                }
+                drop((w, r));
+                self.write_back(write, read, &ids, true)
+            }
+        }
+    }
+
+    /// The path's directory exists (made, as at start) and a file can be made in it.
+    fn directory_writable(&self) -> Result<(), String> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let probe = beside(&self.path, &format!(".probe-{}", std::process::id()));
+        std::fs::File::create(&probe)
+            .map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(())
+    }
+
+    /// Writes the open database to the path: the whole of it is copied from the reader
+    /// (`VACUUM INTO`, which reads the open `-wal` too) to `PATH.copy` while the writer goes
+    /// on (reads use the writer meanwhile); then, with both connections held, the usage rows
+    /// and key changes committed since are added to the copy, the copy is put at the path,
+    /// and the ledger is opened on it (see [`Watched::swap`] for `replace`).
+    fn write_back(
+        &self,
+        write: &Slot,
+        read: &Slot,
+        ids: &Ids,
+        replace: bool,
+    ) -> Result<(), String> {
+        let copy = beside(&self.path, ".copy");
+        let copy_text = copy
+            .to_str()
+            .ok_or("the ledger path is not UTF-8")?
+            .to_string();
+        let _ = std::fs::remove_file(&copy);
+        let fail = |e: String| {
+            let _ = std::fs::remove_file(beside(&self.path, ".copy"));
+            e
+        };
+        let mut r = lock(read).map_err(|e| e.to_string())?;
+        let Some(reader) = r.as_ref() else {
+            return Err("the ledger's connections are closed".into());
+        };
+        self.copying.store(true, Ordering::Release);
+        let copied = reader.execute("VACUUM INTO ?1", [&copy_text]);
+        let mut w = lock(write).map_err(|e| e.to_string())?;
+        self.copying.store(false, Ordering::Release);
+        copied.map_err(|e| {
+            fail(format!(
+                "copying the open ledger to {copy_text} failed: {e}"
+            ))
+        })?;
+        let Some(writer) = w.as_ref() else {
+            return Err(fail("the ledger's connections are closed".into()));
+        };
+        catch_up(writer, &copy_text)
+            .map_err(|e| fail(format!("completing the copy {copy_text} failed: {e}")))?;
+        // A file moved away keeps the rows its log held, as far as no other process holds
+        // that back; the copy has them all either way.
+        checkpointed(writer);
+        self.swap(&mut w, &mut r, ids, Some((&copy, replace)))
+            .map_err(fail)
+    }
+
+    /// Closes the connections (both held) and opens the ledger at the path.
+    fn switch(&self, write: &Slot, read: &Slot, ids: &Ids) -> Result<(), String> {
+        let mut r = lock(read).map_err(|e| e.to_string())?;
+        let mut w = lock(write).map_err(|e| e.to_string())?;
+        if let Some(writer) = w.as_ref() {
+            checkpointed(writer);
+        }
+        self.swap(&mut w, &mut r, ids, None)
+    }
+
+    /// Closes the connections (both held), puts `copy` at the path if given, and opens the
+    /// ledger there. `replace`: the copy replaces what is at the path (the open file itself,
+    /// whose log is gone); otherwise it goes there only if the path is still empty.
+    fn swap(
+        &self,
+        w: &mut Option<Connection>,
+        r: &mut Option<Connection>,
+        ids: &Ids,
+        copy: Option<(&Path, bool)>,
+    ) -> Result<(), String> {
+        // Both old connections are closed before anything is put at the path: closing the
+        // last one deletes `PATH-wal` and `PATH-shm` by name, which must not be the new
+        // file's.
+        *r = None;
+        *w = None;
+        lock(&self.ids).map_err(|e| e.to_string())?.open = false;
+        // The old log, if still at the path, belongs to the old file: the new one must not
+        // read it. What it held is in the old file (checkpointed) or in the copy.
+        let wal_path = beside(&self.path, "-wal");
+        if ids.wal.is_some() && Seen::at(&wal_path).id() == ids.wal {
+            let _ = std::fs::remove_file(&wal_path);
+            let _ = std::fs::remove_file(beside(&self.path, "-shm"));
+        }
+        if let Some((copy, replace)) = copy {
+            let placed = if replace {
+                std::fs::rename(copy, &self.path)
+            } else {
+                // A link fails if a file appeared at the path meanwhile (a restore): that
+                // file is adopted on the next attempt instead.
+                std::fs::hard_link(copy, &self.path).and_then(|()| std::fs::remove_file(copy))
+            };
+            placed.map_err(|e| {
+                format!(
+                    "putting the copy {} at {} failed: {e}",
+                    copy.display(),
+                    self.path.display()
+                )
+            })?;
+        }
+        let (new_w, new_r, new_ids) = open_pair(&self.path).map_err(|e| e.to_string())?;
+        *w = Some(new_w);
+        *r = Some(new_r);
+        *lock(&self.ids).map_err(|e| e.to_string())? = new_ids;
+        Ok(())
+    }
+}
+
+/// Copies the open log into the open file, waiting at most [`CHECKPOINT_WAIT`] for other
+/// processes' readers; whether all of it went in.
+fn checkpointed(c: &Connection) -> bool {
+    let _ = c.busy_timeout(CHECKPOINT_WAIT);
+    let done = c
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok(r.get::<_, i64>(0)? == 0 && r.get::<_, i64>(1)? == r.get::<_, i64>(2)?)
+        })
+        .unwrap_or(false);
+    let _ = c.busy_timeout(BUSY_TIMEOUT);
+    done
+}
+
+/// Adds to the copy at `copy` what the writer committed after the copy's snapshot: usage rows
+/// (only ever added, with increasing ids) and the keys (few; created or revoked).
+fn catch_up(writer: &Connection, copy: &str) -> rusqlite::Result<()> {
+    writer.execute("ATTACH DATABASE ?1 AS fresh", [copy])?;
+    let done = writer.execute_batch(
+        "BEGIN;
+         INSERT INTO fresh.usage SELECT * FROM main.usage
+             WHERE id > (SELECT COALESCE(MAX(id), 0) FROM fresh.usage);
+         INSERT OR REPLACE INTO fresh.gateway_keys SELECT * FROM main.gateway_keys;
+         COMMIT;",
+    );
+    if done.is_err() {
+        let _ = writer.execute_batch("ROLLBACK");
+    }
+    let detached = writer.execute_batch("DETACH DATABASE fresh");
+    done.and(detached)
 }
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
