@@ -204,3 +204,69 @@ async fn sighup_stops_the_gateway_gracefully() {
     // The rows written within the batch window are not lost: the stop wrote them.
     assert_eq!(ledger_rows(&db).await, 5, "{db}");
 }
+
+/// The SQLite ledger's path made unusable under the running binary in keys mode (the file
+/// deleted and a directory put in its place): the gateway goes on with the file it has open,
+/// logs the trouble a bounded number of times (not once per call), and once the path is free
+/// again writes the ledger back there, keys and rows included.
+#[tokio::test]
+async fn a_ledger_path_that_cannot_be_reopened_keeps_serving_and_logs_once() {
+    let (db, path) = sqlite_database().await;
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let log_path = std::env::temp_dir()
+        .join(format!("poe-gw-reopen-{}.stderr", uuid::Uuid::new_v4()))
+        .display()
+        .to_string();
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = binary_command(&up.url(), &db);
+    cmd.env("POE_GATEWAY_AUTH__MODE", "keys")
+        .env("POE_GATEWAY_ADMIN_KEY", ADMIN_KEY)
+        .stderr(log);
+    let (mut child, gw) = spawn_binary(&mut cmd);
+    let admin = format!("Bearer {ADMIN_KEY}");
+    let resp = request(
+        &gw,
+        "POST",
+        "/admin/keys",
+        &[("authorization", &admin)],
+        r#"{"name":"client"}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let key = body_json(resp).await["key"].as_str().unwrap().to_string();
+    let auth = format!("Bearer {key}");
+    let chat = |n: usize| {
+        let (gw, auth) = (&gw, &auth);
+        async move {
+            for _ in 0..n {
+                let resp = post(gw, &chat_body("gpt-5", false), &[("authorization", auth)]).await;
+                assert_eq!(resp.status(), 200);
+                let _ = body_bytes(resp).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    chat(2).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    // Some 3 s of calls: every one finds the path changed; a few retries are due.
+    chat(30).await;
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    let lines = logged.lines().filter(|l| l.contains(&path)).count();
+    assert!(lines <= 2, "{lines} lines logged:\n{logged}");
+    assert!(logged.contains("directory"), "{logged}");
+
+    std::fs::remove_dir(&path).unwrap();
+    chat(15).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    child.kill().unwrap();
+    assert!(!child.wait().unwrap().success());
+    assert_eq!(ledger_rows(&db).await, 47, "{db}");
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    let lines = logged.lines().filter(|l| l.contains(&path)).count();
+    assert!(lines <= 3, "{lines} lines logged:\n{logged}");
+    let _ = std::fs::remove_file(&log_path);
+}
