@@ -524,12 +524,13 @@ impl Gateway {
 
     /// Whether `bot` is a name the gateway knows of: an alias, a bot an alias names, or a
     /// bot in the last catalogue fetched. Asked only where Poe did not answer the name.
+    ///
+    /// Exact catalogue names only: an Anthropic model id ([`Catalogue::lists`]) may carry any
+    /// date, and each would be a new metric series for a request Poe refused.
     fn known_bot(&self, bot: &str) -> bool {
         let inner = &*self.inner;
         inner.aliases.iter().any(|(name, bots)| {
             name.eq_ignore_ascii_case(bot) || bots.iter().any(|b| b.eq_ignore_ascii_case(bot))
-            // Exact names only: an Anthropic model id (`lists`) may carry any date, and each
-            // would be a new metric series for a request Poe refused.
         }) || inner
             .models
             .snapshot()

@@ -60,9 +60,6 @@ pub fn same_bot(a: &str, b: &str) -> bool {
         return true;
     }
     let (pa, pb) = (poe_id_of_anthropic_model(a), poe_id_of_anthropic_model(b));
-    if pa.is_none() && pb.is_none() {
-        return false;
-    }
     pa.as_deref()
         .unwrap_or(a)
         .eq_ignore_ascii_case(pb.as_deref().unwrap_or(b))

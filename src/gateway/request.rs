@@ -89,6 +89,10 @@ pub struct ChatRequest {
 /// written against, and the beta features it turns on (Claude Code sends several).
 pub const FORWARDED_HEADERS: [&str; 2] = ["anthropic-version", "anthropic-beta"];
 
+/// Sent when the client named no version, which Poe's Messages API requires (the SDKs send
+/// one; a hand-written request may not): the one Anthropic's API has answered since 2023.
+const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
 /// The headers of `from` that a request to `endpoint` passes on to Poe, if any.
 pub fn forwarded_headers(
     endpoint: Endpoint,
@@ -103,7 +107,13 @@ pub fn forwarded_headers(
             kept.append(name, v.clone());
         }
     }
-    (!kept.is_empty()).then(|| Box::new(kept))
+    if !kept.contains_key(FORWARDED_HEADERS[0]) {
+        kept.insert(
+            FORWARDED_HEADERS[0],
+            http::HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
+        );
+    }
+    Some(Box::new(kept))
 }
 
 /// Longest `model` accepted. Poe's bot names are a few dozen characters.

@@ -797,18 +797,6 @@ fn is_error_object(api: Endpoint, data: &[u8]) -> bool {
         || (api == Endpoint::Messages && event_type(data).as_deref() == Some(b"error"))
 }
 
-/// Whether an event's data is the one a stream of `api` ends with.
-fn is_last_event(api: Endpoint, data: &[u8]) -> bool {
-    match api {
-        Endpoint::ChatCompletions => data == b"[DONE]",
-        Endpoint::Responses => matches!(
-            event_type(data).as_deref(),
-            Some(b"response.completed" | b"response.incomplete")
-        ),
-        Endpoint::Messages => event_type(data).as_deref() == Some(b"message_stop"),
-    }
-}
-
 /// A Responses stream's event, by its `type`: the last one (`response.completed`, or
 /// `response.incomplete` when a limit cut the answer short) ends the stream as `[DONE]`
 /// ends a chat stream; `response.failed` and `error` fail it.
@@ -1021,14 +1009,17 @@ fn done_at_eof(mode: &Mode, observed: &mut Observed) -> bool {
     let mut probe = scanner.clone();
     let mut last = None;
     let _ = probe.feed(b"\n\n", &mut |event: &[u8]| last = Some(event.to_vec()));
-    match last {
-        Some(event) if is_last_event(observed.api, &event) => {
-            on_event(observed, &event);
-            observed.saw_done = true;
-            true
-        }
-        _ => false,
+    // Read on a copy: whether the event ends the stream is `on_event`'s to say, and any
+    // other event cut off at the end is not read.
+    let Some(event) = last else {
+        return false;
+    };
+    let mut read = observed.clone();
+    on_event(&mut read, &event);
+    if read.saw_done {
+        *observed = read;
     }
+    observed.saw_done
 }
 
 fn join(a: Bytes, b: Option<Bytes>) -> Option<Bytes> {

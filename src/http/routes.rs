@@ -177,16 +177,17 @@ async fn route(
         }
         (_, p) => match allowed_methods(p) {
             Some(allow) => Ok(method_not_allowed(req.method(), p, allow)),
-            // Under the Messages API's path (Claude Code also asks for
-            // `/v1/messages/count_tokens`), in its error shape.
-            None if p.starts_with("/v1/messages/") => Ok(error_response_for(
-                Endpoint::Messages,
-                &GatewayError::NotFound(format!("Unknown request URL: {} {p}", req.method())),
-            )),
-            None => Err(GatewayError::NotFound(format!(
-                "Unknown request URL: {} {p}",
-                req.method()
-            ))),
+            None => {
+                let e =
+                    GatewayError::NotFound(format!("Unknown request URL: {} {p}", req.method()));
+                // Under the Messages API's path (Claude Code also asks for
+                // `/v1/messages/count_tokens`), in its error shape.
+                if p.starts_with("/v1/messages/") {
+                    Ok(error_response_for(Endpoint::Messages, &e))
+                } else {
+                    Err(e)
+                }
+            }
         },
     }
 }

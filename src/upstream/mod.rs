@@ -30,11 +30,6 @@ pub const CATALOGUE_WAIT: Duration = Duration::from_secs(30);
 /// Anthropic's key header, which the Messages API takes instead of `Authorization`.
 pub const X_API_KEY: header::HeaderName = header::HeaderName::from_static("x-api-key");
 
-/// The Messages API's version header.
-const ANTHROPIC_VERSION: header::HeaderName = header::HeaderName::from_static("anthropic-version");
-/// Sent when the client named no version: the one Anthropic's API has answered since 2023.
-const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
-
 /// A key that must never be printed: `Debug` shows only that it is there.
 #[derive(Clone)]
 pub struct Secret {
@@ -288,13 +283,6 @@ impl Upstream {
             // reference, and Anthropic's SDKs (which send `x-api-key`) in its guide.
             if let Some(v) = key.api_key_header() {
                 req.headers_mut().insert(X_API_KEY, v);
-            }
-            // Required by Poe there. The SDKs send it; a hand-written request may not.
-            if !extra.contains_key(ANTHROPIC_VERSION) {
-                req.headers_mut().insert(
-                    ANTHROPIC_VERSION,
-                    HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
-                );
             }
         }
         if let Ok(id) = HeaderValue::from_str(request_id) {
