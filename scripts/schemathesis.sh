@@ -162,7 +162,7 @@ run_pass() {
     failed=$((failed + 1))
   fi
 }
-run_pass "client routes (gateway key)" '^/(v1/chat/completions|v1/responses|v1/messages|v1/usage|mcp)$' "$CLIENT_KEY" "$@"
+run_pass "client routes (gateway key)" '^/(v1/chat/completions|v1/responses|v1/messages|v1/messages/count_tokens|v1/usage|mcp)$' "$CLIENT_KEY" "$@"
 run_pass "admin and operations routes (admin key)" \
   '^/(admin/|metrics$|healthz$|readyz$|openapi\.json$|v1/models)' "$ADMIN_KEY" "$@"
 

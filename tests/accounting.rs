@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use poe_gateway::ledger::ReportQuery;
+use serde_json::json;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1968,7 +1969,8 @@ async fn messages_accounting_holds_for_cut_streams_and_anthropic_ids() {
     // Other methods and paths under the route answer in the same shape.
     for (method, path, status) in [
         ("GET", "/v1/messages", 405),
-        ("POST", "/v1/messages/count_tokens", 404),
+        ("GET", "/v1/messages/count_tokens", 405),
+        ("POST", "/v1/messages/batches", 404),
     ] {
         let resp = request(&gw, method, path, &[("x-api-key", key.as_str())], "{}").await;
         assert_eq!(resp.status(), status);
@@ -1979,6 +1981,138 @@ async fn messages_accounting_holds_for_cut_streams_and_anthropic_ids() {
     // The admin key works only as a bearer token.
     let resp = request(&gw, "GET", "/admin/keys", &[("x-api-key", ADMIN_KEY)], "").await;
     assert_eq!(resp.status(), 401);
+}
+
+/// What Claude Code and the Anthropic SDKs ask for besides messages, which Poe does not
+/// serve: token counts (estimated here, without calling Poe or recording a row; base64
+/// attachments are not read as text) and the model list in Anthropic's shape.
+#[tokio::test]
+async fn anthropic_clients_count_tokens_and_list_models() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    let policy = "[auth]\nmode = \"keys\"\n[aliases]\nsonnet = \"claude-sonnet-4.5\"\n\
+                  gpt = \"gpt-5\"\nmixed = [\"claude-sonnet-4.5\", \"gpt-5\"]\n";
+    let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+    let (_, key) = create_key(&gw, r#"{"name":"cc","models":["claude-sonnet-4.5"]}"#).await;
+    let anthropic = [
+        ("x-api-key", key.as_str()),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    let count = |body: String| {
+        let gw = &gw;
+        async move {
+            let resp = request(gw, "POST", "/v1/messages/count_tokens", &anthropic, &body).await;
+            let status = resp.status().as_u16();
+            let estimated = resp.headers().get("x-poe-gateway-tokens").cloned();
+            (status, estimated, body_json(resp).await)
+        }
+    };
+
+    // 400 bytes of text in strings (keys and values): 100 tokens and a few.
+    let text = "x".repeat(400);
+    let (status, estimated, v) = count(format!(
+        r#"{{"model":"sonnet","system":"{text}","messages":[{{"role":"user","content":"hi"}}]}}"#
+    ))
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(estimated.unwrap(), "estimated");
+    let plain = v["input_tokens"].as_u64().unwrap();
+    assert!((100..120).contains(&plain), "{v}");
+
+    // A 300 KB base64 image is an attachment, not 75,000 tokens of text.
+    let image = "iVBORw0KGgo".repeat(30_000);
+    let (status, _, v) = count(format!(
+        r#"{{"model":"claude-sonnet-4.5","system":"{text}","messages":[{{"role":"user","content":[{{"type":"image","source":{{"type":"base64","media_type":"image/png","data": "{image}"}}}},{{"type":"text","text":"hi"}}]}}]}}"#
+    ))
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let with_image = v["input_tokens"].as_u64().unwrap();
+    assert!(
+        with_image > plain + 1_000 && with_image < plain + 2_000,
+        "{plain} then {v}"
+    );
+
+    // Checked like a Messages request, answered in Anthropic's shape; the key's models hold.
+    for (body, status, kind) in [
+        (
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            400,
+            "invalid_request_error",
+        ),
+        (
+            r#"{"model":"sonnet","messages":[]}"#,
+            400,
+            "invalid_request_error",
+        ),
+        (
+            r#"{"model":"gpt","messages":[{"role":"user","content":"hi"}]}"#,
+            403,
+            "permission_error",
+        ),
+    ] {
+        let (got, _, v) = count(body.to_string()).await;
+        assert_eq!((got, v["type"].as_str()), (status, Some("error")), "{v}");
+        assert_eq!(v["error"]["type"], kind, "{v}");
+    }
+    let resp = request(&gw, "POST", "/v1/messages/count_tokens", &[], "{}").await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        body_json(resp).await["error"]["type"],
+        "authentication_error"
+    );
+    // Poe was never asked, and nothing was recorded.
+    assert!(up.chats().is_empty());
+    assert_eq!(report(&core, None).await.totals.requests, 0);
+
+    // The model list: an Anthropic client gets the Messages API's models in its shape and
+    // pages; an OpenAI client the whole catalogue as before.
+    let models = |path: &'static str| {
+        let gw = &gw;
+        async move { body_json(request(gw, "GET", path, &anthropic, "").await).await }
+    };
+    let v = models("/v1/models").await;
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["claude-sonnet-4.5", "sonnet"], "{v}");
+    assert_eq!(v["data"][0]["type"], "model");
+    assert_eq!(v["data"][0]["created_at"], "2023-11-14T22:13:20Z");
+    assert_eq!(v["data"][0]["display_name"], "claude-sonnet-4.5");
+    assert_eq!(
+        (&v["has_more"], &v["first_id"], &v["last_id"]),
+        (&json!(false), &json!("claude-sonnet-4.5"), &json!("sonnet"))
+    );
+    let v = models("/v1/models?limit=1").await;
+    assert_eq!(
+        (v["data"].as_array().unwrap().len(), &v["has_more"]),
+        (1, &json!(true))
+    );
+    let v = models("/v1/models?limit=1&after_id=claude-sonnet-4.5").await;
+    assert_eq!(
+        (&v["data"][0]["id"], &v["has_more"]),
+        (&json!("sonnet"), &json!(false))
+    );
+    let v = models("/v1/models?before_id=sonnet").await;
+    assert_eq!(
+        (&v["data"][0]["id"], &v["has_more"]),
+        (&json!("claude-sonnet-4.5"), &json!(false))
+    );
+    let v = models("/v1/models?limit=0").await;
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    let v = models("/v1/models/sonnet").await;
+    assert_eq!(
+        (&v["type"], &v["id"]),
+        (&json!("model"), &json!("sonnet")),
+        "{v}"
+    );
+    let v = models("/v1/models/gpt-5").await;
+    assert_eq!(v["error"]["type"], "not_found_error", "{v}");
+    let v = body_json(request(&gw, "GET", "/v1/models", &[], "").await).await;
+    assert_eq!(v["object"], "list");
+    assert!(v["data"].as_array().unwrap().len() > 6, "{v}");
 }
 
 /// Every event of an SSE body, parsed: what an SDK reads (an event's `data` lines, joined).

@@ -77,8 +77,8 @@ pub struct ChatRequest {
     has_seed: bool,
     cache: super::cache::CacheDirectives,
     max_tokens: Option<u64>,
-    /// Bytes inside the body's strings, `data:` URLs left out: the text a prompt estimate
-    /// starts from when Poe's usage is missing.
+    /// Bytes inside the body's strings, attachments left out ([`PromptText`]): the text a
+    /// prompt estimate starts from when Poe's usage is missing.
     text_bytes: u64,
     /// Client headers that go to Poe as they came: the Messages API's version and beta
     /// flags. Boxed and rare, so a chat request carries one pointer.
@@ -140,7 +140,7 @@ impl ChatRequest {
         let text = std::str::from_utf8(&body).map_err(|e| {
             GatewayError::bad_request(format!("request body is not valid UTF-8: {e}"))
         })?;
-        let text_bytes = check_depth(&body)?;
+        let text_bytes = check_depth(&body)?.bytes;
         let mut de = serde_json::Deserializer::from_str(text);
         let fields = TopLevel::deserialize(&mut de).map_err(|e| json_error(&e))?;
         de.end().map_err(|e| json_error(&e))?;
@@ -262,7 +262,7 @@ impl ChatRequest {
         })
     }
 
-    /// Bytes of text in the request (its strings, `data:` URLs left out).
+    /// Bytes of text in the request (its strings, attachments left out).
     pub fn text_bytes(&self) -> u64 {
         self.text_bytes
     }
@@ -383,12 +383,29 @@ impl ChatRequest {
 /// passed on; one pass over the bytes, skipping strings.
 const MAX_DEPTH: usize = 128;
 
-/// It also returns the bytes inside strings (keys and values, escapes as written) except
-/// those of `data:` URLs, which are attachments, not text: the prompt estimate's input, had
-/// for free on this pass.
-fn check_depth(body: &[u8]) -> Result<u64, GatewayError> {
+/// The text of a request body, as a prompt estimate reads it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PromptText {
+    /// Bytes inside strings (keys and values, escapes as written), attachments left out.
+    pub bytes: u64,
+    /// Attachments: `data:` URLs (OpenAI's images and files) and the string values of `data`
+    /// members (Anthropic's base64 images and documents, OpenAI's `input_audio`). Their bytes
+    /// are encoded media, not text a tokenizer reads as such.
+    pub attachments: u32,
+}
+
+/// The [`PromptText`] of a JSON body (checked for depth on the way).
+pub fn prompt_text(body: &[u8]) -> Result<PromptText, GatewayError> {
+    check_depth(body)
+}
+
+/// It also returns the body's [`PromptText`]: the prompt estimate's input, had for free on
+/// this pass.
+fn check_depth(body: &[u8]) -> Result<PromptText, GatewayError> {
     let mut depth = 0usize;
-    let mut text = 0u64;
+    let mut text = PromptText::default();
+    // The string just closed was a `"data":` key whose value is a string.
+    let mut data_value = false;
     let mut i = 0;
     while i < body.len() {
         match body[i] {
@@ -407,8 +424,13 @@ fn check_depth(body: &[u8]) -> Result<u64, GatewayError> {
                 if i >= body.len() || body[i] != b'"' {
                     break; // unterminated: the parser names the error
                 }
-                if !body[start..i].starts_with(b"data:") {
-                    text += (i - start) as u64;
+                let string = &body[start..i];
+                if std::mem::take(&mut data_value) || string.starts_with(b"data:") {
+                    text.attachments = text.attachments.saturating_add(1);
+                } else {
+                    text.bytes += string.len() as u64;
+                    // A key (or value) spelled `data`: its value, if a string, is media.
+                    data_value = string == b"data" && is_string_member(&body[i + 1..]);
                 }
             }
             b'[' | b'{' => {
@@ -425,6 +447,12 @@ fn check_depth(body: &[u8]) -> Result<u64, GatewayError> {
         i += 1;
     }
     Ok(text)
+}
+
+/// Whether `rest`, the bytes after a string, goes on with `:` and a string value.
+fn is_string_member(rest: &[u8]) -> bool {
+    let mut rest = rest.trim_ascii_start().iter();
+    rest.next() == Some(&b':') && rest.as_slice().trim_ascii_start().first() == Some(&b'"')
 }
 
 fn json_error(e: &serde_json::Error) -> GatewayError {
@@ -453,6 +481,50 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&up).unwrap(),
             body.replace("\"Claude\"", "\"claude-sonnet-4.5\"")
+        );
+    }
+
+    #[test]
+    fn attachments_are_not_prompt_text() {
+        let text = |s: &str| prompt_text(s.as_bytes()).unwrap();
+        // Keys and values count; a `data:` URL and a `data` member's string do not.
+        assert_eq!(
+            text(r#"{"ab":"cd"}"#),
+            PromptText {
+                bytes: 4,
+                attachments: 0
+            }
+        );
+        assert_eq!(
+            text(r#"{"url":"data:image/png;base64,AAAA","x":"y"}"#),
+            PromptText {
+                bytes: 5,
+                attachments: 1
+            }
+        );
+        assert_eq!(
+            text(
+                r#"{"source":{"type":"base64","data" : "QUJD"}, "input_audio":{"data":"AA","format":"wav"}}"#
+            ),
+            PromptText {
+                bytes: 44,
+                attachments: 2
+            }
+        );
+        // `data` as a value, or holding an object, is text like any other.
+        assert_eq!(
+            text(r#"["data","x"]"#),
+            PromptText {
+                bytes: 5,
+                attachments: 0
+            }
+        );
+        assert_eq!(
+            text(r#"{"data":{"k":"v"}}"#),
+            PromptText {
+                bytes: 6,
+                attachments: 0
+            }
         );
     }
 

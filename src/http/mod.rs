@@ -4,6 +4,7 @@
 //! work is done by the [`Gateway`] core.
 
 mod admin;
+mod anthropic;
 pub mod balance;
 mod browser;
 mod clients;

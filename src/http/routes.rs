@@ -115,6 +115,11 @@ async fn route(
         // The other routes' futures are boxed for the same reason as the chat call (see
         // `chat`): the request's future is boxed and copied whole on every request, sized
         // for the largest route, so one big route would cost every request.
+        (&Method::POST, "/v1/messages/count_tokens") => Ok(Box::pin(
+            super::anthropic::count_tokens(app, req, request_id),
+        )
+        .await
+        .unwrap_or_else(|e| error_response_for(Endpoint::Messages, &e))),
         (_, "/mcp") => {
             let caller = authenticate(app, req.headers(), request_id).await?;
             let resp = Box::pin(app.mcp.handle(caller, req)).await;
@@ -144,6 +149,32 @@ async fn route(
         }
         (&Method::GET, "/openapi.json") => {
             Ok(json(StatusCode::OK, Bytes::from_static(OPENAPI.as_bytes())))
+        }
+        // An Anthropic client gets the models of the Messages API, in its API's shape.
+        (&Method::GET, "/v1/models") if super::anthropic::wants_anthropic_shape(req.headers()) => {
+            let query = req.uri().query();
+            let listed = async {
+                let cat = Box::pin(app.gateway.models()).await?;
+                super::anthropic::model_list(&cat, query)
+            };
+            Ok(match listed.await {
+                Ok(body) => json(StatusCode::OK, body),
+                Err(e) => error_response_for(Endpoint::Messages, &e),
+            })
+        }
+        (&Method::GET, p)
+            if p.starts_with("/v1/models/")
+                && super::anthropic::wants_anthropic_shape(req.headers()) =>
+        {
+            let id = percent_decode(&p["/v1/models/".len()..]);
+            let found = async {
+                let cat = Box::pin(app.gateway.models()).await?;
+                super::anthropic::model(&cat, &id)
+            };
+            Ok(match found.await {
+                Ok(body) => json(StatusCode::OK, body),
+                Err(e) => error_response_for(Endpoint::Messages, &e),
+            })
         }
         (&Method::GET, "/v1/models") => {
             let cat = Box::pin(app.gateway.models()).await?;
@@ -180,8 +211,8 @@ async fn route(
             None => {
                 let e =
                     GatewayError::NotFound(format!("Unknown request URL: {} {p}", req.method()));
-                // Under the Messages API's path (Claude Code also asks for
-                // `/v1/messages/count_tokens`), in its error shape.
+                // Under the Messages API's path (its `batches`, which Poe does not
+                // serve), in its error shape.
                 if p.starts_with("/v1/messages/") {
                     Ok(error_response_for(Endpoint::Messages, &e))
                 } else {
@@ -198,7 +229,9 @@ pub(crate) const OPENAPI: &str = include_str!("openapi.json");
 /// The methods a known path answers (outside `/admin` and `/mcp`), for 405 and `Allow`.
 fn allowed_methods(path: &str) -> Option<&'static str> {
     match path {
-        "/v1/chat/completions" | "/v1/responses" | "/v1/messages" => Some("POST"),
+        "/v1/chat/completions" | "/v1/responses" | "/v1/messages" | "/v1/messages/count_tokens" => {
+            Some("POST")
+        }
         "/v1/models" | "/v1/usage" | "/healthz" | "/readyz" | "/metrics" | "/openapi.json" => {
             Some("GET, HEAD")
         }
@@ -209,7 +242,11 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
 
 /// 405 with the `Allow` header listing what the path does answer.
 pub(crate) fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> HttpResponse {
-    let api = Endpoint::of_path(path).unwrap_or_default();
+    let api = if path.starts_with("/v1/messages/") {
+        Endpoint::Messages
+    } else {
+        Endpoint::of_path(path).unwrap_or_default()
+    };
     let mut resp = error_response_for(
         api,
         &GatewayError::MethodNotAllowed(format!("{method} is not allowed on {path}; use {allow}")),

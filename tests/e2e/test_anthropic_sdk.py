@@ -92,6 +92,30 @@ def test_errors_raise_the_sdks_exceptions(gateway, upstream):
     assert "model" in e.value.body["error"]["message"]
 
 
+def test_token_counts_and_the_model_list(gateway, upstream):
+    """What Claude Code asks for besides messages, which Poe does not serve: a token count
+    (the gateway's estimate, a token per 4 bytes of text) and the model list, both read by
+    the SDK's own types."""
+    client = claude(gateway)
+    small = client.messages.count_tokens(model="claude", messages=MESSAGES)
+    big = client.messages.count_tokens(model="claude", system="x" * 4000, messages=MESSAGES)
+    assert 0 < small.input_tokens < 50
+    assert 1000 <= big.input_tokens - small.input_tokens <= 1010
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.count_tokens(model="claude", messages=[])
+    assert e.value.body["error"]["type"] == "invalid_request_error"
+    assert not [r for r in upstream.requests() if r.path.startswith("/v1/messages")]
+
+    # The Messages API's models (Claude bots and the aliases to them), in Anthropic's pages.
+    models = list(client.models.list())
+    assert [m.id for m in models] == ["claude-sonnet-4.5", "claude"]
+    assert models[0].created_at.year == 2023
+    assert [m.id for m in client.models.list(limit=1)] == ["claude-sonnet-4.5", "claude"]
+    assert client.models.retrieve("claude").display_name == "claude"
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("gpt-5")
+
+
 KEYS_POLICIES = """\
 [auth]
 mode = "keys"
