@@ -1228,10 +1228,12 @@ async fn the_usage_command_reads_a_ledger_and_creates_none() {
             .expect("the binary runs");
         let csv = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{db}: {csv}");
+        // The group is what is left of a line once the header's numeric columns are off it.
+        let numbers = csv.lines().next().unwrap().split(',').count() - 1;
         let cells: Vec<&str> = csv
             .lines()
             .skip(1)
-            .map(|l| l.rsplitn(11, ',').last().unwrap())
+            .map(|l| l.rsplitn(numbers + 1, ',').last().unwrap())
             .collect();
         assert!(
             cells.contains(&"\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\""),
@@ -2665,6 +2667,181 @@ async fn reports_group_by_the_api_each_request_came_in_on() {
     }
 }
 
+/// A report's groups as `(group, cache_read_tokens, cache_write_tokens)`.
+fn cache_counts(report: &serde_json::Value) -> Vec<(String, i64, i64)> {
+    report["groups"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no groups: {report}"))
+        .iter()
+        .map(|g| {
+            let n = |f: &str| g[f].as_i64().unwrap_or_else(|| panic!("{f}: {g}"));
+            (
+                g["group"].as_str().unwrap().to_string(),
+                n("cache_read_tokens"),
+                n("cache_write_tokens"),
+            )
+        })
+        .collect()
+}
+
+/// Prompt-cache tokens are read from every API's usage: chat completions'
+/// `prompt_tokens_details.cached_tokens` (streamed or not), the Responses API's
+/// `input_tokens_details.cached_tokens`, and the Messages API's cache reads and writes. They
+/// are stored in the ledger and reported per group (admin, the caller's own, the CLI). The
+/// OpenAI-shaped ones are part of the prompt count, not added to it, and are priced at a
+/// cache-read price only where one is known (here the policy's for `claude-sonnet-4.5`);
+/// `gpt-5`, with none, is charged its full prompt price for them.
+#[tokio::test]
+async fn prompt_cache_tokens_are_read_from_every_api_stored_and_reported() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        let policy = format!(
+            "{KEYS}[pricing.\"claude-sonnet-4.5\"]\ncache_read = 0.0000003\n\
+             [pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\n"
+        );
+        let (gw, core) = TestGateway::with_ledger(&up, &policy, &[], &db).await;
+        let (_, key) = create_key(&gw, r#"{"name":"cached"}"#).await;
+        let bearer = format!("Bearer {key}");
+        let send = |path: &'static str, body: String| {
+            let (gw, bearer, key) = (&gw, bearer.clone(), key.clone());
+            async move {
+                let mut headers = vec![("content-type", "application/json".to_string())];
+                if path == "/v1/messages" {
+                    headers.push(("x-api-key", key));
+                    headers.push(("anthropic-version", "2023-06-01".to_string()));
+                } else {
+                    headers.push(("authorization", bearer));
+                }
+                let headers: Vec<(&str, &str)> =
+                    headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let resp = request(gw, "POST", path, &headers, &body).await;
+                let status = resp.status().as_u16();
+                body_bytes(resp).await;
+                status
+            }
+        };
+
+        // Chat, not streamed, to a bot with a known cache-read price: 800 of 1000 cached.
+        let mut answer: serde_json::Value =
+            serde_json::from_str(&completion_json("claude-sonnet-4.5", "ok")).unwrap();
+        answer["usage"] = serde_json::json!({
+            "prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010,
+            "prompt_tokens_details": {"cached_tokens": 800, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0}
+        });
+        up.push(Reply::json(200, answer.to_string()));
+        assert_eq!(
+            send("/v1/chat/completions", chat_body("claude", false)).await,
+            200
+        );
+        // Chat, streamed (the usage chunk the gateway asked for), to a bot with no cache
+        // price: 600 of 1000 cached.
+        let usage = r#"{"prompt_tokens":1000,"completion_tokens":10,"total_tokens":1010,"prompt_tokens_details":{"cached_tokens":600}}"#;
+        up.push(
+            Reply::sse()
+                .send(chunk("gpt-5", "ok"))
+                .send(finish_chunk("gpt-5"))
+                .send(format!(
+                    "data: {{\"id\":\"chatcmpl-test\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{usage}}}\n\n"
+                ))
+                .send("data: [DONE]\n\n"),
+        );
+        assert_eq!(
+            send("/v1/chat/completions", chat_body("gpt", true)).await,
+            200
+        );
+        // The Responses API: 40 of 100 input tokens cached.
+        let usage = r#"{"input_tokens":100,"input_tokens_details":{"cached_tokens":40},"output_tokens":5,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":105}"#;
+        up.push(Reply::json(
+            200,
+            response_object("claude-sonnet-4.5", "Hi!", "completed", usage),
+        ));
+        assert_eq!(
+            send("/v1/responses", r#"{"model":"claude","input":"hi"}"#.into()).await,
+            200
+        );
+        // The Messages API: 11 new, 100 read from the cache and 20 written to it.
+        let usage = r#"{"input_tokens":11,"cache_creation_input_tokens":20,"cache_read_input_tokens":100,"output_tokens":7}"#;
+        up.push(Reply::json(200, message_object("Hi!", usage)));
+        let messages =
+            r#"{"model":"claude","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(send("/v1/messages", messages.into()).await, 200);
+
+        // Cached tokens are a part of the prompt count on chat and Responses, not added to it.
+        let by_api = vec![
+            ("chat".to_string(), 2, 2000, 20, 0),
+            ("messages".to_string(), 1, 131, 7, 0),
+            ("responses".to_string(), 1, 100, 5, 0),
+        ];
+        let cached = vec![
+            ("chat".to_string(), 800 + 600, 0),
+            ("messages".to_string(), 100, 20),
+            ("responses".to_string(), 40, 0),
+        ];
+        let admin = body_json(as_admin(&gw, "GET", "/admin/usage?group_by=api", "").await).await;
+        assert_eq!(group_counts(&admin), by_api, "{db}: {admin}");
+        assert_eq!(cache_counts(&admin), cached, "{db}: {admin}");
+        assert_eq!(admin["totals"]["cache_read_tokens"], 1540, "{db}: {admin}");
+        assert_eq!(admin["totals"]["cache_write_tokens"], 20, "{db}: {admin}");
+        let own = body_json(
+            request(
+                &gw,
+                "GET",
+                "/v1/usage?group_by=api",
+                &[("authorization", &bearer)],
+                "",
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(cache_counts(&own), cached, "{db}: {own}");
+        core.flush().await;
+        let cli = usage_command(&db, &["--by", "api"]);
+        assert_eq!(cache_counts(&cli), cached, "{db}: {cli}");
+
+        // Costs. claude-sonnet-4.5: Poe's $3/M prompt and $15/M completion, the policy's
+        // $0.3/M cache reads, and (for the Messages API) Anthropic's 1.25 share for writes.
+        let cost = |report: &serde_json::Value, group: &str| {
+            report["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|g| g["group"] == group)
+                .unwrap_or_else(|| panic!("{db}: no {group}: {report}"))["cost_usd"]
+                .as_f64()
+                .unwrap()
+        };
+        let near = |got: f64, want: f64, what: &str| {
+            assert!((got - want).abs() < 1e-12, "{db} {what}: {got}, not {want}");
+        };
+        let claude_chat = 200.0 * 3e-6 + 800.0 * 3e-7 + 10.0 * 15e-6;
+        // No cache price for gpt-5: all 1000 prompt tokens at its prompt price.
+        let gpt_chat = 1000.0 * 0.001 + 10.0 * 0.002;
+        near(cost(&admin, "chat"), claude_chat + gpt_chat, "chat");
+        near(
+            cost(&admin, "responses"),
+            60.0 * 3e-6 + 40.0 * 3e-7 + 5.0 * 15e-6,
+            "responses",
+        );
+        near(
+            cost(&admin, "messages"),
+            11.0 * 3e-6 + 100.0 * 3e-7 + 20.0 * 3e-6 * 1.25 + 7.0 * 15e-6,
+            "messages",
+        );
+        let by_model =
+            body_json(as_admin(&gw, "GET", "/admin/usage?group_by=model", "").await).await;
+        near(cost(&by_model, "gpt-5"), gpt_chat, "gpt-5");
+        assert_eq!(
+            cache_counts(&by_model),
+            vec![
+                ("claude-sonnet-4.5".to_string(), 800 + 40 + 100, 20),
+                ("gpt-5".to_string(), 600, 0),
+            ],
+            "{db}: {by_model}"
+        );
+    }
+}
+
 /// The ledger as the gateway's schema version 2 left it (before the `api` column): the
 /// tables of migrations 1 and 2, both recorded, and two chat rows of an hour ago.
 async fn make_version_2_ledger(db: &str) {
@@ -2766,6 +2943,7 @@ async fn a_ledger_from_before_the_api_column_reads_as_unknown_and_is_migrated() 
             vec![("unknown".to_string(), 2, 10, 8, 0)],
             "{db}: {old}"
         );
+        assert_eq!(cache_counts(&old), vec![("unknown".to_string(), 0, 0)]);
         assert_eq!(
             schema_versions(&db).await,
             [2, 1],
@@ -2774,7 +2952,7 @@ async fn a_ledger_from_before_the_api_column_reads_as_unknown_and_is_migrated() 
 
         let up = MockUpstream::start().await;
         let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
-        assert_eq!(schema_versions(&db).await, [2, 1, -3], "{db}");
+        assert_eq!(schema_versions(&db).await, [2, 1, -3, -4], "{db}");
         up.push(Reply::json(
             200,
             response_object("claude-sonnet-4.5", "Hi!", "completed", RESPONSES_USAGE),
@@ -2807,5 +2985,94 @@ async fn a_ledger_from_before_the_api_column_reads_as_unknown_and_is_migrated() 
             want,
             "{db}"
         );
+    }
+}
+
+/// Runs `sql` on the ledger at `db`.
+async fn execute(db: &str, sql: &str) {
+    match db.strip_prefix("sqlite://") {
+        Some(path) => rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap(),
+        None => {
+            let (c, conn) = tokio_postgres::connect(db, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            c.batch_execute(sql).await.unwrap();
+        }
+    }
+}
+
+/// A ledger as the gateway left it before the prompt-cache columns (the `api` column added,
+/// recorded as -3): `poe-gateway usage` reads it without migrating, its cache tokens 0; the
+/// gateway then adds the two nullable columns, recorded as -4 so that `MAX(version)`, what
+/// older gateways check, stays 2 and they still start on it. Old rows count 0 cache tokens,
+/// new rows their own.
+#[tokio::test]
+async fn a_ledger_from_before_the_cache_columns_reads_them_as_0_and_is_migrated() {
+    for db in databases().await {
+        make_version_2_ledger(&db).await;
+        execute(
+            &db,
+            "ALTER TABLE usage ADD COLUMN api TEXT;
+             UPDATE usage SET api = 'chat';
+             INSERT INTO poe_gateway_migrations (version, applied_ms) VALUES (-3, 0);",
+        )
+        .await;
+        let old = usage_command(&db, &["--by", "api"]);
+        assert_eq!(
+            group_counts(&old),
+            vec![("chat".to_string(), 2, 10, 8, 0)],
+            "{db}: {old}"
+        );
+        assert_eq!(cache_counts(&old), vec![("chat".to_string(), 0, 0)], "{db}");
+        assert_eq!(old["totals"]["cache_read_tokens"], 0, "{db}: {old}");
+        assert_eq!(
+            schema_versions(&db).await,
+            [2, 1, -3],
+            "{db}: the report migrated"
+        );
+
+        let up = MockUpstream::start().await;
+        let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
+        assert_eq!(schema_versions(&db).await, [2, 1, -3, -4], "{db}");
+        let mut answer: serde_json::Value =
+            serde_json::from_str(&completion_json("gpt-5", "ok")).unwrap();
+        answer["usage"] = serde_json::json!({
+            "prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
+            "prompt_tokens_details": {"cached_tokens": 4}
+        });
+        up.push(Reply::json(200, answer.to_string()));
+        let resp = post(&gw, &chat_body("gpt", false), &[]).await;
+        assert_eq!(resp.status(), 200);
+        body_bytes(resp).await;
+        let r = body_json(as_admin(&gw, "GET", "/admin/usage?group_by=api", "").await).await;
+        assert_eq!(
+            group_counts(&r),
+            vec![("chat".to_string(), 3, 17, 11, 0)],
+            "{db}: {r}"
+        );
+        assert_eq!(cache_counts(&r), vec![("chat".to_string(), 4, 0)], "{db}");
+        core.flush().await;
+        let cli = usage_command(&db, &["--by", "api"]);
+        assert_eq!(cache_counts(&cli), vec![("chat".to_string(), 4, 0)], "{db}");
+        // The old rows' columns are empty, not 0: nothing was rewritten.
+        let nulls = "SELECT COUNT(*) FROM usage WHERE cache_read_tokens IS NULL AND cache_write_tokens IS NULL";
+        let n: i64 = match db.strip_prefix("sqlite://") {
+            Some(path) => rusqlite::Connection::open(path)
+                .unwrap()
+                .query_row(nulls, [], |r| r.get(0))
+                .unwrap(),
+            None => {
+                let (c, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                c.query_one(nulls, &[]).await.unwrap().get(0)
+            }
+        };
+        assert_eq!(n, 2, "{db}");
     }
 }

@@ -419,6 +419,32 @@ async fn openapi_document_describes_every_route() {
                 .contains(&serde_json::json!(field))
         );
     }
+    // A usage report's totals are the fields `UsageTotals` lists and requires.
+    let report = body_json(
+        request(
+            &gw,
+            "GET",
+            "/admin/usage",
+            &[("authorization", &bearer(ADMIN_KEY))],
+            "",
+        )
+        .await,
+    )
+    .await;
+    let names = |v: &serde_json::Value| -> BTreeSet<String> {
+        match v {
+            serde_json::Value::Object(o) => o.keys().cloned().collect(),
+            v => v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap().to_string())
+                .collect(),
+        }
+    };
+    let totals = &doc["components"]["schemas"]["UsageTotals"];
+    assert_eq!(names(&report["totals"]), names(&totals["properties"]));
+    assert_eq!(names(&totals["required"]), names(&totals["properties"]));
     // Keys are bearer tokens, or Anthropic's `x-api-key` header.
     let security = doc["components"]["securitySchemes"].as_object().unwrap();
     assert!(

@@ -1292,7 +1292,7 @@ async fn get_usage_reports_the_callers_own_usage() {
         Reply::sse()
             .send(support::chunk("claude-sonnet-4.5", "ok"))
             .send(support::finish_chunk("claude-sonnet-4.5"))
-            .send("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1,\"total_tokens\":8}}\n\n")
+            .send("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1,\"total_tokens\":8,\"prompt_tokens_details\":{\"cached_tokens\":5}}}\n\n")
             .send("data: [DONE]\n\n")
     };
     // Over stdio the caller is the server key's user: all usage.
@@ -1305,6 +1305,8 @@ async fn get_usage_reports_the_callers_own_usage() {
     // The tool stops reading at `[DONE]`: the answer was whole, so it is no error.
     assert_eq!(usage["report"]["totals"]["errors"], 0, "{usage}");
     assert_eq!(usage["report"]["totals"]["prompt_tokens"], 7);
+    assert_eq!(usage["report"]["totals"]["cache_read_tokens"], 5, "{usage}");
+    assert_eq!(usage["report"]["groups"][0]["cache_write_tokens"], 0);
     assert_eq!(usage["report"]["groups"][0]["group"], "claude-sonnet-4.5");
     let e = err(&call(&client, "get_usage", json!({"since": "last tuesday"})).await);
     assert!(e.contains("since"), "{e}");

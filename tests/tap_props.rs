@@ -66,6 +66,7 @@ fn render(events: &[Event], done: bool, crlf: bool) -> (Vec<u8>, Vec<u8>, Option
                     prompt_tokens: *p,
                     completion_tokens: *c,
                     total_tokens: p + c,
+                    cache_read_tokens: 0,
                 });
                 (
                     format!(
@@ -80,6 +81,7 @@ fn render(events: &[Event], done: bool, crlf: bool) -> (Vec<u8>, Vec<u8>, Option
                     prompt_tokens: *p,
                     completion_tokens: *c,
                     total_tokens: p + c,
+                    cache_read_tokens: 0,
                 });
                 let choices = format!(
                     "[{{\"index\":0,\"delta\":{{\"content\":{}}}}}]",

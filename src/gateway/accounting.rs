@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::alias::Aliases;
 use super::keys::KeyRing;
 use super::models::{Models, Price, PriceOverride};
-use crate::ledger::{BatchHook, UsageRow};
+use crate::ledger::{Api, BatchHook, UsageRow};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -111,13 +111,21 @@ impl Accountant {
             row.cost_usd = Some(0.0);
             return;
         }
-        let priced = self.price(&row.bot).map(|p| {
-            p.cost_with_cache(
-                row.prompt_tokens.unwrap_or(0),
-                row.completion_tokens.unwrap_or(0),
+        let (prompt, completion) = (
+            row.prompt_tokens.unwrap_or(0),
+            row.completion_tokens.unwrap_or(0),
+        );
+        let priced = self.price(&row.bot).map(|p| match row.api {
+            // Claude's: Anthropic's cache shares stand in for prices nobody gave.
+            Api::Messages => p.cost_with_cache(
+                prompt,
+                completion,
                 row.cache_read_tokens,
                 row.cache_write_tokens,
-            )
+            ),
+            Api::Chat | Api::Responses => {
+                p.cost_with_known_cache(prompt, completion, row.cache_read_tokens)
+            }
         });
         if row.cache_hit {
             row.cost_usd = Some(0.0);

@@ -653,6 +653,9 @@ fn decode(mut raw: Bytes, scope: Option<Arc<str>>) -> Option<Entry> {
         prompt_tokens: u64_at(&mut raw)?,
         completion_tokens: u64_at(&mut raw)?,
         total_tokens: u64_at(&mut raw)?,
+        // Not in the format, which older replicas share: a non-stream hit from this tier
+        // counts no prompt-cache reads (a stream's are read again as it replays).
+        cache_read_tokens: 0,
     };
     let n = u32_at(&mut raw)?;
     let ct = take(&mut raw, n)?;
@@ -889,6 +892,7 @@ mod tests {
                 prompt_tokens: 7,
                 completion_tokens: 3,
                 total_tokens: 10,
+                cache_read_tokens: 0,
             }),
             bot: "gpt-5".into(),
             expires_at: Instant::now() + Duration::from_secs(60),

@@ -263,8 +263,16 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
         }
         None => (None, None, None, false),
     };
-    // The prompt cache's share of the prompt, when Poe reported usage (Messages API).
-    let cache = o.messages_usage.as_deref().filter(|_| o.usage.is_some());
+    // The prompt cache's share of the prompt, when Poe reported usage: reads on every API
+    // (capped at the prompt, of which they are a part), writes on the Messages API only.
+    let cache_read = o
+        .usage
+        .map_or(0, |u| u.cache_read_tokens.min(u.prompt_tokens) as i64);
+    let cache_write = o
+        .messages_usage
+        .as_deref()
+        .filter(|_| o.usage.is_some())
+        .map_or(0, |m| m.cache_creation.unwrap_or(0) as i64);
     UsageRow {
         ts_ms: now_ms(),
         request_id: i.request_id.to_string(),
@@ -288,8 +296,8 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
         ttfb_ms: o
             .first_byte
             .map(|t| t.duration_since(i.started).as_secs_f64() * 1000.0),
-        cache_read_tokens: cache.map_or(0, |m| m.cache_read.unwrap_or(0) as i64),
-        cache_write_tokens: cache.map_or(0, |m| m.cache_creation.unwrap_or(0) as i64),
+        cache_read_tokens: cache_read,
+        cache_write_tokens: cache_write,
         charged: false,
     }
 }

@@ -67,7 +67,8 @@ impl KeyFinder {
 ///
 /// Serde's derived reader cost more than the rest of the tap's work on a usage chunk. Poe's
 /// usage is three integer members, which are read here directly; any other shape (another
-/// member, an escape, a number that is not a plain integer) goes to serde.
+/// member such as `prompt_tokens_details`, an escape, a number that is not a plain integer)
+/// goes to serde.
 pub(crate) fn parse_usage(value: &[u8]) -> Option<Usage> {
     let mut u = flat_usage(value).or_else(|| serde_usage(value))?;
     if u.total_tokens == 0 {
@@ -120,6 +121,7 @@ impl MessagesUsage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: prompt.saturating_add(completion),
+            cache_read_tokens: self.cache_read.unwrap_or(0),
         }
     }
 }
@@ -162,7 +164,9 @@ fn count(n: serde_json::Number) -> Option<u64> {
 
 /// The one usage value `value` starts with, through serde: any layout and other members
 /// (`*_details`), the Responses API's names (`input_tokens`, `output_tokens`), and counts
-/// written as `3.0` or `null` (0; the other counts are kept).
+/// written as `3.0` or `null` (0; the other counts are kept). The cached tokens are read from
+/// `prompt_tokens_details` (`input_tokens_details` on the Responses API); a details member of
+/// another shape counts none, and does not cost the usage its other counts.
 fn serde_usage(value: &[u8]) -> Option<Usage> {
     #[derive(serde::Deserialize)]
     struct Lenient {
@@ -172,16 +176,34 @@ fn serde_usage(value: &[u8]) -> Option<Usage> {
         completion_tokens: Option<serde_json::Number>,
         #[serde(default)]
         total_tokens: Option<serde_json::Number>,
+        #[serde(default)]
+        prompt_tokens_details: Option<Details>,
+        #[serde(default)]
+        input_tokens_details: Option<Details>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Details {
+        Counts {
+            #[serde(default)]
+            cached_tokens: Option<serde_json::Number>,
+        },
+        Other(serde::de::IgnoredAny),
     }
     let raw = serde_json::Deserializer::from_slice(value)
         .into_iter::<Lenient>()
         .next()?
         .ok()?;
     let count = |n: Option<serde_json::Number>| n.and_then(count).unwrap_or(0);
+    let cached = |d: Option<Details>| match d {
+        Some(Details::Counts { cached_tokens }) => count(cached_tokens),
+        _ => 0,
+    };
     Some(Usage {
         prompt_tokens: count(raw.prompt_tokens),
         completion_tokens: count(raw.completion_tokens),
         total_tokens: count(raw.total_tokens),
+        cache_read_tokens: cached(raw.prompt_tokens_details).max(cached(raw.input_tokens_details)),
     })
 }
 
@@ -342,6 +364,57 @@ mod tests {
         );
         assert_eq!(u(r#"{"prompt_tokens":"3"}"#), None);
         assert_eq!(u("null"), None);
+    }
+
+    /// The prompt cache's share of the prompt, in chat completions' and the Responses API's
+    /// names; a details member of an odd shape reads as no cached tokens, the other counts kept.
+    #[test]
+    fn cached_tokens_are_read_from_either_apis_details() {
+        let u = |s: &str| parse_usage(s.as_bytes()).map(|u| (u.prompt_tokens, u.cache_read_tokens));
+        assert_eq!(
+            u(
+                r#"{"prompt_tokens":10,"completion_tokens":1,"total_tokens":11,"prompt_tokens_details":{"cached_tokens":8,"audio_tokens":0}}"#
+            ),
+            Some((10, 8))
+        );
+        assert_eq!(
+            u(
+                r#"{"input_tokens":10,"input_tokens_details":{"cached_tokens":4},"output_tokens":2,"output_tokens_details":{"reasoning_tokens":1}}"#
+            ),
+            Some((10, 4))
+        );
+        assert_eq!(
+            u(r#"{"prompt_tokens":10,"prompt_tokens_details":{}}"#),
+            Some((10, 0))
+        );
+        assert_eq!(
+            u(r#"{"prompt_tokens":10,"prompt_tokens_details":null}"#),
+            Some((10, 0))
+        );
+        assert_eq!(
+            u(r#"{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":3.0}}"#),
+            Some((10, 3))
+        );
+        assert_eq!(
+            u(r#"{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":"3"}}"#),
+            Some((10, 0))
+        );
+        assert_eq!(
+            u(r#"{"prompt_tokens":10,"prompt_tokens_details":"n/a"}"#),
+            Some((10, 0))
+        );
+        assert_eq!(
+            u(r#"{"prompt_tokens":10,"completion_tokens":2}"#),
+            Some((10, 0))
+        );
+        let m = parse_messages_usage(
+            br#"{"input_tokens":1,"cache_creation_input_tokens":2,"cache_read_input_tokens":3,"output_tokens":4}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (m.as_usage().prompt_tokens, m.as_usage().cache_read_tokens),
+            (6, 3)
+        );
     }
 
     #[test]

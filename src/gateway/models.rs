@@ -253,6 +253,20 @@ impl Price {
             + self.completion * completion_tokens.max(0) as f64
             + self.request
     }
+
+    /// The cost of a chat completions or Responses API request, whose prompt includes
+    /// `cached` tokens read from the bot's prompt cache. They are priced at a cache-read price
+    /// only where Poe's catalogue or the policy gives one, and otherwise at the prompt price:
+    /// vendors' discounts differ, and a guessed one could under-charge a budget.
+    pub fn cost_with_known_cache(
+        &self,
+        prompt_tokens: i64,
+        completion_tokens: i64,
+        cached: i64,
+    ) -> f64 {
+        let cached = if self.cache_read.is_some() { cached } else { 0 };
+        self.cost_with_cache(prompt_tokens, completion_tokens, cached, 0)
+    }
 }
 
 pub struct Models {
@@ -523,6 +537,40 @@ mod tests {
         assert_eq!(cat.entry("gpt-5").unwrap()["pricing"]["prompt"], "0.000001");
         assert_eq!(cat.entry("NO-PRICING").unwrap()["id"], "no-pricing");
         assert!(cat.entry("unknown").is_none());
+    }
+
+    /// Cached tokens are a part of the prompt: the rest of it is priced at the prompt price,
+    /// they at the cache's. Chat and Responses take no guessed cache price; the Messages API
+    /// falls back to Anthropic's.
+    #[test]
+    fn cached_prompt_tokens_are_priced_once() {
+        let known = Price {
+            prompt: 10.0,
+            completion: 100.0,
+            request: 1.0,
+            cache_read: Some(2.0),
+            cache_write: None,
+        };
+        assert_eq!(
+            known.cost_with_known_cache(50, 3, 40),
+            10.0 * 10.0 + 40.0 * 2.0 + 300.0 + 1.0
+        );
+        let unknown = Price {
+            cache_read: None,
+            ..known
+        };
+        assert_eq!(
+            unknown.cost_with_known_cache(50, 3, 40),
+            unknown.cost(50, 3)
+        );
+        assert_eq!(unknown.cost(50, 3), 50.0 * 10.0 + 300.0 + 1.0);
+        // More cached tokens than prompt tokens do not make the rest negative.
+        assert_eq!(known.cost_with_known_cache(5, 0, 40), 40.0 * 2.0 + 1.0);
+        // Anthropic's shares, where the Messages API has no cache prices.
+        assert_eq!(
+            unknown.cost_with_cache(130, 0, 100, 20),
+            10.0 * 10.0 + 100.0 * 1.0 + 20.0 * 12.5 + 1.0
+        );
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Of `prompt_tokens`, those read from the bot's prompt cache: OpenAI's
+    /// `prompt_tokens_details.cached_tokens` (`input_tokens_details` on the Responses API),
+    /// Anthropic's `cache_read_input_tokens`.
+    pub cache_read_tokens: u64,
 }
 
 /// How a response body ended.
@@ -1104,7 +1108,8 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 3,
                 completion_tokens: 5,
-                total_tokens: 8
+                total_tokens: 8,
+                cache_read_tokens: 0,
             })
         );
     }
@@ -1149,7 +1154,8 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 115,
                 completion_tokens: 7,
-                total_tokens: 122
+                total_tokens: 122,
+                cache_read_tokens: 100,
             })
         );
         assert_eq!(obs.finish_reasons, ["end_turn"]);
@@ -1207,7 +1213,7 @@ mod tests {
         assert!(!obs.saw_done && !obs.stream_error);
         on_event(
             &mut obs,
-            br#"{"type":"response.completed","response":{"usage":{"input_tokens":4,"output_tokens":2,"total_tokens":6}}}"#,
+            br#"{"type":"response.completed","response":{"usage":{"input_tokens":4,"input_tokens_details":{"cached_tokens":3},"output_tokens":2,"total_tokens":6}}}"#,
         );
         assert!(obs.saw_done && !obs.stream_error);
         assert_eq!(
@@ -1215,7 +1221,8 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 4,
                 completion_tokens: 2,
-                total_tokens: 6
+                total_tokens: 6,
+                cache_read_tokens: 3,
             })
         );
         on_event(&mut obs, br#"{"type":"response.failed","response":{}}"#);

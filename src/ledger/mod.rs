@@ -108,11 +108,10 @@ pub struct UsageRow {
     pub ttfb_ms: Option<f64>,
     /// The API the request came in on (`chat`, `responses` or `messages`).
     pub api: Api,
-    /// Of `prompt_tokens`, those read from and written to the bot's prompt cache (the
-    /// Messages API reports them), priced at the cache's prices. Not stored.
-    #[serde(skip)]
+    /// Of `prompt_tokens`, those read from and written to the bot's prompt cache, as Poe
+    /// reported them (0 where it did not): reads on every API, writes on the Messages API.
+    /// Stored in nullable columns, empty in rows from before them.
     pub cache_read_tokens: i64,
-    #[serde(skip)]
     pub cache_write_tokens: i64,
     /// Priced and charged to its key's budget as the request ended: the writer passes the
     /// charge on to the shared counter but does not add it again. Not stored.
@@ -653,8 +652,8 @@ mod tests {
                 latency_ms: 10.0,
                 ttfb_ms: Some(5.0),
                 api: [Api::Chat, Api::Responses, Api::Messages][(i % 3) as usize],
-                cache_read_tokens: 0,
-                cache_write_tokens: 0,
+                cache_read_tokens: i / 2,
+                cache_write_tokens: i % 5,
                 charged: false,
             })
             .collect();
@@ -677,12 +676,16 @@ mod tests {
         assert_eq!(all.cost_usd, sum as f64 * 0.5);
         assert_eq!(all.cache_hits, (0..n).filter(|i| i % 4 == 0).count() as i64);
         assert_eq!(all.errors, (0..n).filter(|i| i % 10 == 0).count() as i64);
+        assert_eq!(all.cache_read_tokens, (0..n).map(|i| i / 2).sum::<i64>());
+        assert_eq!(all.cache_write_tokens, (0..n).map(|i| i % 5).sum::<i64>());
 
         let by_key = store.report(&report(Some(GroupBy::Key))).await.unwrap();
         for g in &by_key.groups {
             let k: i64 = g.group.strip_prefix("key-").unwrap().parse().unwrap();
             let want: i64 = (0..n).filter(|i| i % 3 == k).sum();
             assert_eq!(g.totals.prompt_tokens, want, "{}", g.group);
+            let reads: i64 = (0..n).filter(|i| i % 3 == k).map(|i| i / 2).sum();
+            assert_eq!(g.totals.cache_read_tokens, reads, "{}", g.group);
             assert_eq!(
                 store.spent_since(&g.group, 0).await.unwrap(),
                 want as f64 * 0.5

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
-use super::report::{Group, ReportQuery, Totals};
+use super::report::{Columns, Group, ReportQuery, Totals};
 use super::store::{self, Dialect, KEY_COLUMNS, USAGE_COLUMNS, redact_url};
 use super::{KeyRecord, LedgerError, Period, UsageRow};
 
@@ -19,9 +19,9 @@ pub struct Postgres {
     url: Arc<str>,
     client: Arc<RwLock<Arc<Client>>>,
     reconnect: Arc<tokio::sync::Mutex<()>>,
-    /// The schema has the `api` column: always, but in a ledger of an older schema read
-    /// without migrating.
-    api_column: bool,
+    /// The additive migrations' columns the schema has: all, but in a ledger of an older
+    /// schema read without migrating.
+    columns: Columns,
 }
 
 impl Postgres {
@@ -32,7 +32,7 @@ impl Postgres {
             url: url.into(),
             client: Arc::new(RwLock::new(Arc::new(client))),
             reconnect: Arc::new(tokio::sync::Mutex::new(())),
-            api_column: true,
+            columns: Columns::ALL,
         })
     }
 
@@ -55,12 +55,18 @@ impl Postgres {
             None
         };
         store::check_readable(applied, Dialect::Postgres)?;
-        let api_column: bool = client.query_one(store::HAS_API_COLUMN, &[]).await?.get(0);
+        let columns = Columns {
+            api: client.query_one(store::HAS_API_COLUMN, &[]).await?.get(0),
+            cache_tokens: client
+                .query_one(store::HAS_CACHE_COLUMNS, &[])
+                .await?
+                .get(0),
+        };
         Ok(Postgres {
             url: url.into(),
             client: Arc::new(RwLock::new(Arc::new(client))),
             reconnect: Arc::new(tokio::sync::Mutex::new(())),
-            api_column,
+            columns,
         })
     }
 
@@ -114,6 +120,8 @@ impl Postgres {
                 &r.latency_ms,
                 &r.ttfb_ms,
                 &apis[i],
+                &r.cache_read_tokens,
+                &r.cache_write_tokens,
             ]);
         }
         let sql = format!(
@@ -126,7 +134,7 @@ impl Postgres {
 
     pub async fn report_rows(&self, q: &ReportQuery) -> Result<Vec<Group>, LedgerError> {
         let client = self.client().await?;
-        let sql = super::report::sql(Dialect::Postgres, q, self.api_column);
+        let sql = super::report::sql(Dialect::Postgres, q, self.columns);
         let rows = match &q.key_id {
             Some(k) => client.query(&sql, &[&q.since_ms, &q.until_ms, k]).await?,
             None => client.query(&sql, &[&q.since_ms, &q.until_ms]).await?,
@@ -146,6 +154,8 @@ impl Postgres {
                         errors: r.try_get(8)?,
                         unpriced: r.try_get(9)?,
                         estimated: r.try_get(10)?,
+                        cache_read_tokens: r.try_get(11)?,
+                        cache_write_tokens: r.try_get(12)?,
                     },
                 })
             })

@@ -50,6 +50,11 @@ pub struct Totals {
     /// Rows whose tokens are the gateway's estimate (Poe sent no usage: a cut stream, a
     /// client gone), not Poe's count.
     pub estimated: i64,
+    /// Of `prompt_tokens`, those the bots read from and wrote to their prompt caches, as Poe
+    /// reported them (writes: the Messages API only). Rows from before the ledger stored them
+    /// count 0.
+    pub cache_read_tokens: i64,
+    pub cache_write_tokens: i64,
 }
 
 impl Totals {
@@ -64,6 +69,8 @@ impl Totals {
         self.errors += o.errors;
         self.unpriced += o.unpriced;
         self.estimated += o.estimated;
+        self.cache_read_tokens += o.cache_read_tokens;
+        self.cache_write_tokens += o.cache_write_tokens;
     }
 }
 
@@ -123,15 +130,29 @@ fn day_name(days: &str) -> String {
         .unwrap_or_else(|_| days.to_string())
 }
 
-/// The report query: `[since, until)`, optional key filter, grouped. Columns, in order:
-/// group, requests, prompt, completion, total, cost, cache hits, saved, errors, unpriced,
-/// estimated. `api_column`: the ledger has the `api` column (a ledger read without migrating
-/// may be older).
 /// The `api` group of rows that name none: written before the column existed, or by an
 /// older replica beside a newer one.
 pub const UNKNOWN_API: &str = "unknown";
 
-pub(crate) fn sql(d: Dialect, q: &ReportQuery, api_column: bool) -> String {
+/// The columns added by additive migrations that a ledger has: all of them once a gateway
+/// has migrated it, maybe not in one read without migrating (`poe-gateway usage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Columns {
+    pub api: bool,
+    pub cache_tokens: bool,
+}
+
+impl Columns {
+    pub const ALL: Columns = Columns {
+        api: true,
+        cache_tokens: true,
+    };
+}
+
+/// The report query: `[since, until)`, optional key filter, grouped. Columns, in order:
+/// group, requests, prompt, completion, total, cost, cache hits, saved, errors, unpriced,
+/// estimated, cache reads, cache writes. A column the ledger lacks (`has`) is read as none.
+pub(crate) fn sql(d: Dialect, q: &ReportQuery, has: Columns) -> String {
     let int = |e: &str| match d {
         Dialect::Sqlite => format!("COALESCE({e}, 0)"),
         Dialect::Postgres => format!("COALESCE({e}, 0)::BIGINT"),
@@ -147,7 +168,7 @@ pub(crate) fn sql(d: Dialect, q: &ReportQuery, api_column: bool) -> String {
         (Some(GroupBy::Model), _) => "bot".to_string(),
         (Some(GroupBy::Key), _) => "COALESCE(key_id, '')".to_string(),
         (Some(GroupBy::Day), _) => "CAST(ts_ms / 86400000 AS TEXT)".to_string(),
-        (Some(GroupBy::Api), _) if api_column => format!("COALESCE(api, '{UNKNOWN_API}')"),
+        (Some(GroupBy::Api), _) if has.api => format!("COALESCE(api, '{UNKNOWN_API}')"),
         (Some(GroupBy::Api), _) => format!("'{UNKNOWN_API}'"),
     };
     let key_filter = if q.key_id.is_some() {
@@ -155,8 +176,16 @@ pub(crate) fn sql(d: Dialect, q: &ReportQuery, api_column: bool) -> String {
     } else {
         String::new()
     };
+    let (cache_read, cache_write) = if has.cache_tokens {
+        (
+            int("SUM(cache_read_tokens)"),
+            int("SUM(cache_write_tokens)"),
+        )
+    } else {
+        (int("NULL"), int("NULL"))
+    };
     format!(
-        "SELECT {group} AS g, {requests}, {prompt}, {completion}, {total}, {cost}, {hits}, {saved}, {errors}, {unpriced}, {estimated} \
+        "SELECT {group} AS g, {requests}, {prompt}, {completion}, {total}, {cost}, {hits}, {saved}, {errors}, {unpriced}, {estimated}, {cache_read}, {cache_write} \
          FROM usage WHERE ts_ms >= {p1} AND ts_ms < {p2}{key_filter} GROUP BY 1",
         requests = int("COUNT(*)"),
         prompt = int("SUM(prompt_tokens)"),
@@ -179,12 +208,12 @@ pub fn render(report: &Report, format: &str) -> String {
         "json" => serde_json::to_string_pretty(report).unwrap_or_default(),
         "csv" => {
             let mut out = String::from(
-                "group,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd,cache_hits,saved_usd,errors,unpriced,estimated\n",
+                "group,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd,cache_hits,saved_usd,errors,unpriced,estimated,cache_read_tokens,cache_write_tokens\n",
             );
             for g in rows(report) {
                 let t = &g.totals;
                 out.push_str(&format!(
-                    "{},{},{},{},{},{:.6},{},{:.6},{},{},{}\n",
+                    "{},{},{},{},{},{:.6},{},{:.6},{},{},{},{},{}\n",
                     csv_field(&g.group),
                     t.requests,
                     t.prompt_tokens,
@@ -195,17 +224,21 @@ pub fn render(report: &Report, format: &str) -> String {
                     t.saved_usd,
                     t.errors,
                     t.unpriced,
-                    t.estimated
+                    t.estimated,
+                    t.cache_read_tokens,
+                    t.cache_write_tokens
                 ));
             }
             out
         }
         _ => {
             let mut out = format!(
-                "{:<28} {:>9} {:>12} {:>12} {:>12} {:>8} {:>11} {:>7} {:>9}\n",
+                "{:<28} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>11} {:>7} {:>9}\n",
                 "group",
                 "requests",
                 "prompt",
+                "cache_read",
+                "cache_write",
                 "completion",
                 "cost_usd",
                 "hits",
@@ -216,10 +249,12 @@ pub fn render(report: &Report, format: &str) -> String {
             for g in rows(report) {
                 let t = &g.totals;
                 out.push_str(&format!(
-                    "{:<28} {:>9} {:>12} {:>12} {:>12.6} {:>8} {:>11.6} {:>7} {:>9}\n",
+                    "{:<28} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12.6} {:>8} {:>11.6} {:>7} {:>9}\n",
                     truncate(&g.group, 28),
                     t.requests,
                     t.prompt_tokens,
+                    t.cache_read_tokens,
+                    t.cache_write_tokens,
                     t.completion_tokens,
                     t.cost_usd,
                     t.cache_hits,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use super::report::{Group, ReportQuery, Totals};
+use super::report::{Columns, Group, ReportQuery, Totals};
 use super::store::{self, Dialect, KEY_COLUMNS, USAGE_COLUMNS};
 use super::{KeyRecord, LedgerError, Period, UsageRow};
 
@@ -47,6 +47,8 @@ fn bind_usage(stmt: &mut rusqlite::Statement<'_>, r: &UsageRow) -> rusqlite::Res
     stmt.raw_bind_parameter(18, r.latency_ms)?;
     stmt.raw_bind_parameter(19, r.ttfb_ms)?;
     stmt.raw_bind_parameter(20, r.api.as_str())?;
+    stmt.raw_bind_parameter(21, r.cache_read_tokens)?;
+    stmt.raw_bind_parameter(22, r.cache_write_tokens)?;
     Ok(())
 }
 
@@ -61,8 +63,9 @@ pub struct Sqlite {
     /// The ledger file that `serve` writes, watched for being deleted or replaced under it.
     /// `None` for an in-memory ledger and a read-only one.
     file: Option<Arc<Watched>>,
-    /// The schema has the `api` column: always, but in a read-only ledger of an older schema.
-    api_column: bool,
+    /// The additive migrations' columns the schema has: all, but in a read-only ledger of an
+    /// older schema.
+    columns: Columns,
 }
 
 impl Sqlite {
@@ -74,7 +77,7 @@ impl Sqlite {
                 write: Arc::new(Mutex::new(Some(write))),
                 read: Arc::new(Mutex::new(Some(read))),
                 file: Some(Arc::new(Watched::new(path, ids))),
-                api_column: true,
+                columns: Columns::ALL,
             })
         })
         .await
@@ -106,13 +109,16 @@ impl Sqlite {
                 None
             };
             store::check_readable(applied, Dialect::Sqlite)?;
-            let api_column: bool = c.query_row(store::HAS_API_COLUMN, [], |r| r.get(0))?;
+            let columns = Columns {
+                api: c.query_row(store::HAS_API_COLUMN, [], |r| r.get(0))?,
+                cache_tokens: c.query_row(store::HAS_CACHE_COLUMNS, [], |r| r.get(0))?,
+            };
             let c = Arc::new(Mutex::new(Some(c)));
             Ok(Sqlite {
                 write: c.clone(),
                 read: c,
                 file: None,
-                api_column,
+                columns,
             })
         })
         .await
@@ -128,7 +134,7 @@ impl Sqlite {
             write: conn.clone(),
             read: conn,
             file: None,
-            api_column: true,
+            columns: Columns::ALL,
         })
     }
 
@@ -188,9 +194,9 @@ impl Sqlite {
 
     pub async fn report_rows(&self, q: &ReportQuery) -> Result<Vec<Group>, LedgerError> {
         let q = q.clone();
-        let api_column = self.api_column;
+        let columns = self.columns;
         self.with(false, move |c| {
-            let sql = super::report::sql(Dialect::Sqlite, &q, api_column);
+            let sql = super::report::sql(Dialect::Sqlite, &q, columns);
             let mut stmt = c.prepare_cached(&sql)?;
             let map = |r: &rusqlite::Row<'_>| {
                 Ok(Group {
@@ -206,6 +212,8 @@ impl Sqlite {
                         errors: r.get(8)?,
                         unpriced: r.get(9)?,
                         estimated: r.get(10)?,
+                        cache_read_tokens: r.get(11)?,
+                        cache_write_tokens: r.get(12)?,
                     },
                 })
             };
@@ -921,7 +929,7 @@ mod tests {
             key_id: Some("k".into()),
             group_by: None,
         };
-        let report = super::super::report::sql(Dialect::Sqlite, &q, true)
+        let report = super::super::report::sql(Dialect::Sqlite, &q, Columns::ALL)
             .replace("?1", "0")
             .replace("?2", "10")
             .replace("?3", "'k'");

@@ -131,6 +131,16 @@ pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
             // holds its lock for a moment.
             "ALTER TABLE usage ADD COLUMN api TEXT".to_string(),
         ),
+        (
+            CACHE_COLUMNS_MIGRATION,
+            // The prompt cache's share of each row's prompt ([`super::UsageRow`]'s
+            // `cache_read_tokens` and `cache_write_tokens`). Nullable, like `api`, for the same
+            // reasons: rows from before, and rows of older replicas, have none (reported as 0).
+            format!(
+                "ALTER TABLE usage ADD COLUMN cache_read_tokens {big};
+                 ALTER TABLE usage ADD COLUMN cache_write_tokens {big}"
+            ),
+        ),
     ]
 }
 
@@ -141,15 +151,22 @@ pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
 /// and a rollback. A migration older binaries could not live with takes the next positive
 /// number, and they refuse it as before.
 pub(crate) const API_COLUMN_MIGRATION: i64 = -3;
+/// The `cache_read_tokens` and `cache_write_tokens` columns: additive too, so recorded
+/// negated (see [`API_COLUMN_MIGRATION`]).
+pub(crate) const CACHE_COLUMNS_MIGRATION: i64 = -4;
 
 pub(crate) const USAGE_COLUMNS: &str = "ts_ms, request_id, key_id, alias, model, bot, stream, status, outcome, \
      prompt_tokens, completion_tokens, total_tokens, tokens_estimated, cost_usd, cache_hit, saved_usd, \
-     attempts, latency_ms, ttfb_ms, api";
-pub(crate) const USAGE_COLUMN_COUNT: usize = 20;
+     attempts, latency_ms, ttfb_ms, api, cache_read_tokens, cache_write_tokens";
+pub(crate) const USAGE_COLUMN_COUNT: usize = 22;
 /// Whether a ledger has the `api` column ([`API_COLUMN_MIGRATION`]): one read without
 /// migrating (`poe-gateway usage`) may not, and its rows then read as `unknown`.
 pub(crate) const HAS_API_COLUMN: &str =
     "SELECT EXISTS (SELECT 1 FROM poe_gateway_migrations WHERE version = -3)";
+/// Whether a ledger has the prompt-cache columns ([`CACHE_COLUMNS_MIGRATION`]); without
+/// them (a ledger read without migrating), reports count no cache tokens.
+pub(crate) const HAS_CACHE_COLUMNS: &str =
+    "SELECT EXISTS (SELECT 1 FROM poe_gateway_migrations WHERE version = -4)";
 pub(crate) const KEY_COLUMNS: &str =
     "id, name, hash, created_ms, revoked_ms, budget_usd, period, rpm, models";
 

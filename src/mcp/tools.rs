@@ -265,8 +265,9 @@ pub struct GetUsageArgs {
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct UsageResult {
-    /// Requests, tokens, cost in USD, cache hits and savings, errors, and rows without a
-    /// known price, for the period (and per group when asked).
+    /// Requests, tokens (with the prompt tokens read from and written to the bots' prompt
+    /// caches), cost in USD, cache hits and savings, errors, and rows without a known price,
+    /// for the period (and per group when asked).
     pub report: Value,
     /// Poe's compute-point balance of the key paying for your calls, when the gateway knows it.
     pub point_balance: Option<i64>,
