@@ -3076,3 +3076,71 @@ async fn a_ledger_from_before_the_cache_columns_reads_them_as_0_and_is_migrated(
         assert_eq!(n, 2, "{db}");
     }
 }
+
+/// A Postgres migration that finds the usage table in use (an analyst's open transaction)
+/// waits for it a moment at a time, and lets the replicas' inserts through between tries:
+/// a schema change queued for its lock would hold every insert behind it until the
+/// transaction ended. The insert here must get through while the table is still held; with
+/// the old unbounded wait it did not (it waited for the whole hold). Postgres only.
+#[tokio::test]
+async fn a_postgres_migration_waiting_for_its_lock_lets_inserts_through() {
+    let Some(db) = databases()
+        .await
+        .into_iter()
+        .find(|d| !d.starts_with("sqlite://"))
+    else {
+        return;
+    };
+    make_version_2_ledger(&db).await;
+    let connect = || async {
+        let (c, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    // The analyst: a transaction that has read the table holds it until it ends.
+    let analyst = connect().await;
+    analyst
+        .batch_execute("BEGIN; SELECT COUNT(*) FROM usage;")
+        .await
+        .unwrap();
+    let migration = tokio::spawn({
+        let db = db.clone();
+        async move { poe_gateway::ledger::Store::open(&db).await.map(|_| ()) }
+    });
+    // Until the migration's schema change waits for its lock.
+    let watcher = connect().await;
+    let waiting = "SELECT COUNT(*) FROM pg_locks l JOIN pg_class c ON l.relation = c.oid \
+                   WHERE c.relname = 'usage' AND l.mode = 'AccessExclusiveLock' AND NOT l.granted";
+    let mut seen = false;
+    for _ in 0..400 {
+        let n: i64 = watcher.query_one(waiting, &[]).await.unwrap().get(0);
+        if n > 0 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(seen, "the migration never waited for the table");
+    // A replica's insert, meanwhile. Bounded well past the migration's 2 s wait, and the
+    // analyst's hold lasts until it returns, so it can only get through between tries.
+    let replica = connect().await;
+    let insert = replica.batch_execute(
+        "INSERT INTO usage (ts_ms, request_id, model, bot, stream, status, outcome, \
+         tokens_estimated, cache_hit, attempts, latency_ms) \
+         VALUES (0, 'during', 'gpt-5', 'gpt-5', false, 200, 'completed', false, false, 1, 1.0)",
+    );
+    let inserted = tokio::time::timeout(Duration::from_secs(20), insert).await;
+    analyst.batch_execute("COMMIT").await.unwrap();
+    assert!(
+        matches!(inserted, Ok(Ok(()))),
+        "the insert waited behind the migration: {inserted:?}"
+    );
+    migration
+        .await
+        .unwrap()
+        .expect("the migration finished once the table was free");
+    let versions = schema_versions(&db).await;
+    assert!(versions.contains(&-3), "{versions:?}");
+}
