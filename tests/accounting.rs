@@ -2543,6 +2543,23 @@ fn group_counts(report: &serde_json::Value) -> Vec<(String, i64, i64, i64, i64)>
         .collect()
 }
 
+/// A request to `path` with gateway key `key`, sent as each API's clients send it (`x-api-key`
+/// and `anthropic-version` on the Messages API, a bearer token elsewhere); its status, the
+/// body read to its end.
+async fn send_as(gw: &TestGateway, key: &str, path: &str, body: String) -> u16 {
+    let bearer = format!("Bearer {key}");
+    let mut headers = vec![("content-type", "application/json")];
+    if path == "/v1/messages" {
+        headers.extend([("x-api-key", key), ("anthropic-version", "2023-06-01")]);
+    } else {
+        headers.push(("authorization", &bearer));
+    }
+    let resp = request(gw, "POST", path, &headers, &body).await;
+    let status = resp.status().as_u16();
+    body_bytes(resp).await;
+    status
+}
+
 /// Each row keeps the API its request came in on, and reports group by it: chat completions,
 /// the Responses API and the Messages API, each answered, streamed or refused, are told apart
 /// in `/admin/usage`, in the caller's `/v1/usage` and in `poe-gateway usage`. A body that
@@ -2554,24 +2571,7 @@ async fn reports_group_by_the_api_each_request_came_in_on() {
         let (gw, core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
         let (_, key) = create_key(&gw, r#"{"name":"mixed"}"#).await;
         let bearer = format!("Bearer {key}");
-        let send = |path: &'static str, body: String| {
-            let (gw, bearer, key) = (&gw, bearer.clone(), key.clone());
-            async move {
-                let mut headers = vec![("content-type", "application/json".to_string())];
-                if path == "/v1/messages" {
-                    headers.push(("x-api-key", key));
-                    headers.push(("anthropic-version", "2023-06-01".to_string()));
-                } else {
-                    headers.push(("authorization", bearer));
-                }
-                let headers: Vec<(&str, &str)> =
-                    headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                let resp = request(gw, "POST", path, &headers, &body).await;
-                let status = resp.status().as_u16();
-                body_bytes(resp).await;
-                status
-            }
-        };
+        let send = |path: &'static str, body: String| send_as(&gw, &key, path, body);
         let messages_body = |stream: bool| {
             format!(
                 r#"{{"model":"claude","max_tokens":64,"messages":[{{"role":"user","content":"hi"}}],"stream":{stream}}}"#
@@ -2702,24 +2702,7 @@ async fn prompt_cache_tokens_are_read_from_every_api_stored_and_reported() {
         let (gw, core) = TestGateway::with_ledger(&up, &policy, &[], &db).await;
         let (_, key) = create_key(&gw, r#"{"name":"cached"}"#).await;
         let bearer = format!("Bearer {key}");
-        let send = |path: &'static str, body: String| {
-            let (gw, bearer, key) = (&gw, bearer.clone(), key.clone());
-            async move {
-                let mut headers = vec![("content-type", "application/json".to_string())];
-                if path == "/v1/messages" {
-                    headers.push(("x-api-key", key));
-                    headers.push(("anthropic-version", "2023-06-01".to_string()));
-                } else {
-                    headers.push(("authorization", bearer));
-                }
-                let headers: Vec<(&str, &str)> =
-                    headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                let resp = request(gw, "POST", path, &headers, &body).await;
-                let status = resp.status().as_u16();
-                body_bytes(resp).await;
-                status
-            }
-        };
+        let send = |path: &'static str, body: String| send_as(&gw, &key, path, body);
 
         // Chat, not streamed, to a bot with a known cache-read price: 800 of 1000 cached.
         let mut answer: serde_json::Value =
