@@ -2073,12 +2073,7 @@ async fn anthropic_clients_count_tokens_and_list_models() {
         async move { body_json(request(gw, "GET", path, &anthropic, "").await).await }
     };
     let v = models("/v1/models").await;
-    let ids: Vec<&str> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let ids = support::ids(&v["data"]);
     assert_eq!(ids, ["claude-sonnet-4.5", "sonnet"], "{v}");
     assert_eq!(v["data"][0]["type"], "model");
     assert_eq!(v["data"][0]["created_at"], "2023-11-14T22:13:20Z");
@@ -2524,22 +2519,26 @@ fn usage_command(db: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("a JSON report")
 }
 
-/// A report's groups as `(group, requests, prompt, completion, errors)`.
-fn group_counts(report: &serde_json::Value) -> Vec<(String, i64, i64, i64, i64)> {
+/// A report's groups, each with the named counts.
+fn group_fields(report: &serde_json::Value, fields: &[&str]) -> Vec<(String, Vec<i64>)> {
     report["groups"]
         .as_array()
         .unwrap_or_else(|| panic!("no groups: {report}"))
         .iter()
         .map(|g| {
-            let n = |f: &str| g[f].as_i64().unwrap_or_else(|| panic!("{f}: {g}"));
-            (
-                g["group"].as_str().unwrap().to_string(),
-                n("requests"),
-                n("prompt_tokens"),
-                n("completion_tokens"),
-                n("errors"),
-            )
+            let n = |f: &&str| g[*f].as_i64().unwrap_or_else(|| panic!("{f}: {g}"));
+            let group = g["group"].as_str().unwrap().to_string();
+            (group, fields.iter().map(n).collect())
         })
+        .collect()
+}
+
+/// A report's groups as `(group, requests, prompt, completion, errors)`.
+fn group_counts(report: &serde_json::Value) -> Vec<(String, i64, i64, i64, i64)> {
+    let fields = ["requests", "prompt_tokens", "completion_tokens", "errors"];
+    group_fields(report, &fields)
+        .into_iter()
+        .map(|(g, n)| (g, n[0], n[1], n[2], n[3]))
         .collect()
 }
 
@@ -2558,6 +2557,30 @@ async fn send_as(gw: &TestGateway, key: &str, path: &str, body: String) -> u16 {
     let status = resp.status().as_u16();
     body_bytes(resp).await;
     status
+}
+
+/// The same report grouped by API three ways: the admin's, the key holder's own (`bearer`),
+/// and `poe-gateway usage` on the ledger.
+async fn reports_by_api(
+    gw: &TestGateway,
+    core: &poe_gateway::Gateway,
+    db: &str,
+    bearer: &str,
+) -> [serde_json::Value; 3] {
+    let admin = body_json(as_admin(gw, "GET", "/admin/usage?group_by=api", "").await).await;
+    let own = body_json(
+        request(
+            gw,
+            "GET",
+            "/v1/usage?group_by=api&since=1d",
+            &[("authorization", bearer)],
+            "",
+        )
+        .await,
+    )
+    .await;
+    core.flush().await;
+    [admin, own, usage_command(db, &["--by", "api"])]
 }
 
 /// Each row keeps the API its request came in on, and reports group by it: chat completions,
@@ -2635,27 +2658,14 @@ async fn reports_group_by_the_api_each_request_came_in_on() {
             ("messages".to_string(), 3, 111 + 31, 7 + 9, 1),
             ("responses".to_string(), 2, 11, 7, 1),
         ];
-        let admin = body_json(as_admin(&gw, "GET", "/admin/usage?group_by=api", "").await).await;
+        let [admin, own, cli] = reports_by_api(&gw, &core, &db, &bearer).await;
         assert_eq!(group_counts(&admin), want, "{db}: {admin}");
         assert_eq!(admin["group_by"], "api", "{db}: {admin}");
         assert_eq!(admin["totals"]["requests"], 7, "{db}: {admin}");
-        let own = body_json(
-            request(
-                &gw,
-                "GET",
-                "/v1/usage?group_by=api&since=1d",
-                &[("authorization", &bearer)],
-                "",
-            )
-            .await,
-        )
-        .await;
         assert_eq!(group_counts(&own), want, "{db}: {own}");
-        core.flush().await;
-        for flag in ["--by", "--group-by"] {
-            let cli = usage_command(&db, &[flag, "api"]);
-            assert_eq!(group_counts(&cli), want, "{db} {flag}: {cli}");
-        }
+        assert_eq!(group_counts(&cli), want, "{db}: {cli}");
+        let cli = usage_command(&db, &["--group-by", "api"]);
+        assert_eq!(group_counts(&cli), want, "{db}: {cli}");
         // Grouped by model, the three APIs' requests to one bot are still one group.
         let by_model =
             body_json(as_admin(&gw, "GET", "/admin/usage?group_by=model", "").await).await;
@@ -2669,18 +2679,9 @@ async fn reports_group_by_the_api_each_request_came_in_on() {
 
 /// A report's groups as `(group, cache_read_tokens, cache_write_tokens)`.
 fn cache_counts(report: &serde_json::Value) -> Vec<(String, i64, i64)> {
-    report["groups"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no groups: {report}"))
-        .iter()
-        .map(|g| {
-            let n = |f: &str| g[f].as_i64().unwrap_or_else(|| panic!("{f}: {g}"));
-            (
-                g["group"].as_str().unwrap().to_string(),
-                n("cache_read_tokens"),
-                n("cache_write_tokens"),
-            )
-        })
+    group_fields(report, &["cache_read_tokens", "cache_write_tokens"])
+        .into_iter()
+        .map(|(g, n)| (g, n[0], n[1]))
         .collect()
 }
 
@@ -2761,25 +2762,12 @@ async fn prompt_cache_tokens_are_read_from_every_api_stored_and_reported() {
             ("messages".to_string(), 100, 20),
             ("responses".to_string(), 40, 0),
         ];
-        let admin = body_json(as_admin(&gw, "GET", "/admin/usage?group_by=api", "").await).await;
+        let [admin, own, cli] = reports_by_api(&gw, &core, &db, &bearer).await;
         assert_eq!(group_counts(&admin), by_api, "{db}: {admin}");
         assert_eq!(cache_counts(&admin), cached, "{db}: {admin}");
         assert_eq!(admin["totals"]["cache_read_tokens"], 1540, "{db}: {admin}");
         assert_eq!(admin["totals"]["cache_write_tokens"], 20, "{db}: {admin}");
-        let own = body_json(
-            request(
-                &gw,
-                "GET",
-                "/v1/usage?group_by=api",
-                &[("authorization", &bearer)],
-                "",
-            )
-            .await,
-        )
-        .await;
         assert_eq!(cache_counts(&own), cached, "{db}: {own}");
-        core.flush().await;
-        let cli = usage_command(&db, &["--by", "api"]);
         assert_eq!(cache_counts(&cli), cached, "{db}: {cli}");
 
         // Costs. claude-sonnet-4.5: Poe's $3/M prompt and $15/M completion, the policy's

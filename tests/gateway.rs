@@ -175,12 +175,7 @@ async fn models_lists_catalogue_and_aliases() {
     let resp = get(&gw, "/v1/models").await;
     assert_eq!(resp.status(), 200);
     let v = body_json(resp).await;
-    let ids: Vec<&str> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let ids = support::ids(&v["data"]);
     for id in [
         "claude-sonnet-4.5",
         "gpt-5",

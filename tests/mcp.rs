@@ -790,12 +790,7 @@ async fn list_models_filters_the_catalogue() {
     assert!(all["count"].as_u64().unwrap() >= 6);
 
     let claude = ok(&call(&client, "list_models", json!({"filter": "CLAUDE"})).await);
-    let ids: Vec<&str> = claude["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let ids = support::ids(&claude["models"]);
     assert!(
         ids.contains(&"claude-sonnet-4.5") && ids.contains(&"claude"),
         "{ids:?}"
@@ -816,12 +811,7 @@ async fn list_models_filters_the_catalogue() {
         json!({"capability": "vision"}),
     )
     .await);
-    let ids: Vec<&str> = vision["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let ids = support::ids(&vision["models"]);
     assert!(
         ids.contains(&"claude-sonnet-4.5") && !ids.contains(&"gpt-5"),
         "{ids:?}"

@@ -850,3 +850,13 @@ pub fn everything() -> poe_gateway::ledger::ReportQuery {
         group_by: None,
     }
 }
+
+/// The `id` of each entry of a list of models (`data` of a model list, `models` of the MCP
+/// tool's answer).
+pub fn ids(list: &serde_json::Value) -> Vec<&str> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect()
+}
