@@ -1986,53 +1986,94 @@ async fn messages_accounting_holds_for_cut_streams_and_anthropic_ids() {
 }
 
 /// What Claude Code and the Anthropic SDKs ask for besides messages, which Poe does not
-/// serve: token counts (estimated here, without calling Poe or recording a row; base64
-/// attachments are not read as text) and the model list in Anthropic's shape.
+/// serve: token counts, estimated here without calling Poe or recording a row (text by its
+/// bytes, images by their size as Anthropic prices them, PDFs by their pages, signatures and
+/// redacted thinking not at all), and the model list in Anthropic's shape and pages.
 #[tokio::test]
-async fn anthropic_clients_count_tokens_and_list_models() {
+async fn anthropic_clients_count_tokens() {
     let db = databases().await.remove(0);
     let up = MockUpstream::start().await;
     let policy = "[auth]\nmode = \"keys\"\n[aliases]\nsonnet = \"claude-sonnet-4.5\"\n\
-                  gpt = \"gpt-5\"\nmixed = [\"claude-sonnet-4.5\", \"gpt-5\"]\n";
+                  gpt = \"gpt-5\"\n";
     let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
     let (_, key) = create_key(&gw, r#"{"name":"cc","models":["claude-sonnet-4.5"]}"#).await;
     let anthropic = [
         ("x-api-key", key.as_str()),
         ("anthropic-version", "2023-06-01"),
     ];
-    let count = |body: String| {
+    let count = |content: serde_json::Value| {
         let gw = &gw;
         async move {
-            let resp = request(gw, "POST", "/v1/messages/count_tokens", &anthropic, &body).await;
-            let status = resp.status().as_u16();
-            let estimated = resp.headers().get("x-poe-gateway-tokens").cloned();
-            (status, estimated, body_json(resp).await)
+            let body =
+                json!({"model": "sonnet", "messages": [{"role": "user", "content": content}]});
+            let resp = request(
+                gw,
+                "POST",
+                "/v1/messages/count_tokens",
+                &anthropic,
+                &body.to_string(),
+            )
+            .await;
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.headers()["x-poe-gateway-tokens"], "estimated");
+            body_json(resp).await["input_tokens"].as_u64().unwrap()
         }
     };
-
-    // 400 bytes of text in strings (keys and values): 100 tokens and a few.
-    let text = "x".repeat(400);
-    let (status, estimated, v) = count(format!(
-        r#"{{"model":"sonnet","system":"{text}","messages":[{{"role":"user","content":"hi"}}]}}"#
-    ))
+    let base = count(json!("")).await;
+    assert!(base < 20, "{base}");
+    let b64 = |bytes: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    };
+    let media = |kind: &str, media_type: &str, data: String| json!([{"type": kind, "source": {"type": "base64", "media_type": media_type, "data": data}}]);
+    // A PNG of 800 x 600 and one of 4000 x 3000: 640 tokens, and the most an image costs.
+    let png = |w: u32, h: u32| {
+        let mut b = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+        b.extend(w.to_be_bytes());
+        b.extend(h.to_be_bytes());
+        b.extend([8, 6, 0, 0, 0]);
+        b64(&b)
+    };
+    // A media block counts its media alone.
+    let media_part = |t: u64| t - base;
+    let small = count(media("image", "image/png", png(800, 600))).await;
+    assert_eq!(media_part(small), 640, "{small}");
+    let large = count(media("image", "image/png", png(4000, 3000))).await;
+    assert_eq!(media_part(large), 1_600, "{large}");
+    // A PDF of three pages: 2,000 tokens a page, not its bytes as text.
+    let pdf = format!(
+        "%PDF-1.4\n1 0 obj << /Type /Pages /Count 3 >> endobj\n{}{}",
+        "2 0 obj << /Type /Page /Parent 1 0 R >> endobj\n".repeat(2),
+        "3 0 obj << /Type/Page >> endobj\n",
+    ) + &"x".repeat(100_000);
+    let pdf = count(media("document", "application/pdf", b64(pdf.as_bytes()))).await;
+    assert_eq!(media_part(pdf), 6_000, "{pdf}");
+    // An image by URL: its size is unknown, so a large image's.
+    let url =
+        count(json!([{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]))
+            .await;
+    assert_eq!(media_part(url), 1_600, "{url}");
+    // Text in a plain-text document, or as a tool's `data` argument, is text.
+    let words = "a few words ".repeat(400);
+    let as_text = count(json!([{"type": "text", "text": words}])).await;
+    let document = count(json!([{"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": words}}])).await;
+    let tool =
+        count(json!([{"type": "tool_use", "id": "t", "name": "save", "input": {"data": words}}]))
+            .await;
+    for t in [as_text, document, tool] {
+        assert!(
+            t > base + 1_150 && t < base + 1_250,
+            "{as_text} {document} {tool}"
+        );
+    }
+    // A thinking block's signature and redacted thinking are not text.
+    let signature = "c2lnbmF0dXJl".repeat(200);
+    let thinking = count(json!([
+        {"type": "thinking", "thinking": "hmm", "signature": signature},
+        {"type": "redacted_thinking", "data": signature},
+    ]))
     .await;
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(estimated.unwrap(), "estimated");
-    let plain = v["input_tokens"].as_u64().unwrap();
-    assert!((100..120).contains(&plain), "{v}");
-
-    // A 300 KB base64 image is an attachment, not 75,000 tokens of text.
-    let image = "iVBORw0KGgo".repeat(30_000);
-    let (status, _, v) = count(format!(
-        r#"{{"model":"claude-sonnet-4.5","system":"{text}","messages":[{{"role":"user","content":[{{"type":"image","source":{{"type":"base64","media_type":"image/png","data": "{image}"}}}},{{"type":"text","text":"hi"}}]}}]}}"#
-    ))
-    .await;
-    assert_eq!(status, 200, "{v}");
-    let with_image = v["input_tokens"].as_u64().unwrap();
-    assert!(
-        with_image > plain + 1_000 && with_image < plain + 2_000,
-        "{plain} then {v}"
-    );
+    assert!(thinking < base + 20, "{thinking}");
 
     // Checked like a Messages request, answered in Anthropic's shape; the key's models hold.
     for (body, status, kind) in [
@@ -2052,9 +2093,14 @@ async fn anthropic_clients_count_tokens_and_list_models() {
             "permission_error",
         ),
     ] {
-        let (got, _, v) = count(body.to_string()).await;
-        assert_eq!((got, v["type"].as_str()), (status, Some("error")), "{v}");
-        assert_eq!(v["error"]["type"], kind, "{v}");
+        let resp = request(&gw, "POST", "/v1/messages/count_tokens", &anthropic, body).await;
+        assert_eq!(resp.status(), status);
+        let v = body_json(resp).await;
+        assert_eq!(
+            (v["type"].as_str(), &v["error"]["type"]),
+            (Some("error"), &json!(kind)),
+            "{v}"
+        );
     }
     let resp = request(&gw, "POST", "/v1/messages/count_tokens", &[], "{}").await;
     assert_eq!(resp.status(), 401);
@@ -2065,51 +2111,113 @@ async fn anthropic_clients_count_tokens_and_list_models() {
     // Poe was never asked, and nothing was recorded.
     assert!(up.chats().is_empty());
     assert_eq!(report(&core, None).await.totals.requests, 0);
+}
 
-    // The model list: an Anthropic client gets the Messages API's models in its shape and
-    // pages; an OpenAI client the whole catalogue as before.
-    let models = |path: &'static str| {
+/// The model list for an Anthropic client (one that sends `anthropic-version`): the models
+/// Poe's Messages API serves, in Anthropic's shape and pages, each name once (an alias named
+/// like a bot in the bot's place, as requests of that name reach it), Anthropic's model ids
+/// found as on the Messages API. An OpenAI client gets the whole catalogue as before.
+#[tokio::test]
+async fn anthropic_clients_list_models() {
+    let up = MockUpstream::start().await;
+    up.set_models(
+        &json!({"object": "list", "data": [
+            {"id": "claude-sonnet-4.5", "object": "model", "created": 1_700_000_000_000u64,
+             "owned_by": "Anthropic", "metadata": {"display_name": "Claude-Sonnet-4.5"},
+             "context_window": {"context_length": 200000, "max_output_tokens": 64000}},
+            {"id": "claude-opus-4.1", "object": "model", "created": 1_700_000_000, "owned_by": "Anthropic"},
+            {"id": "gpt-5", "object": "model", "created": 1_700_000_000_000u64, "owned_by": "OpenAI",
+             "supported_endpoints": ["/v1/chat/completions"]},
+            {"id": "kimi-k2", "object": "model", "created": 1_700_000_000_000u64, "owned_by": "Moonshot",
+             "supported_endpoints": ["/v1/chat/completions", "/v1/messages"]},
+        ]})
+        .to_string(),
+    );
+    let policy = "[aliases]\nsonnet = \"claude-sonnet-4.5\"\n\"claude-opus-4.1\" = \"claude-sonnet-4.5\"\n\
+                  haiku = \"claude-3-5-haiku-latest\"\nmixed = [\"claude-sonnet-4.5\", \"gpt-5\"]\n";
+    let gw = TestGateway::start(&up, policy, &[]).await;
+    let anthropic = [("anthropic-version", "2023-06-01")];
+    let models = |path: String| {
         let gw = &gw;
-        async move { body_json(request(gw, "GET", path, &anthropic, "").await).await }
+        async move { body_json(request(gw, "GET", &path, &anthropic, "").await).await }
     };
-    let v = models("/v1/models").await;
-    let ids = support::ids(&v["data"]);
-    assert_eq!(ids, ["claude-sonnet-4.5", "sonnet"], "{v}");
-    assert_eq!(v["data"][0]["type"], "model");
-    assert_eq!(v["data"][0]["created_at"], "2023-11-14T22:13:20Z");
-    assert_eq!(v["data"][0]["display_name"], "claude-sonnet-4.5");
+    // Poe's order, then the aliases'.
+    let all = [
+        "claude-sonnet-4.5",
+        "claude-opus-4.1",
+        "kimi-k2",
+        "haiku",
+        "sonnet",
+    ];
+    let v = models("/v1/models".into()).await;
+    assert_eq!(support::ids(&v["data"]), all, "{v}");
     assert_eq!(
         (&v["has_more"], &v["first_id"], &v["last_id"]),
-        (&json!(false), &json!("claude-sonnet-4.5"), &json!("sonnet"))
+        (&json!(false), &json!(all[0]), &json!(all[4]))
     );
-    let v = models("/v1/models?limit=1").await;
+    let sonnet = &v["data"][0];
+    assert_eq!(sonnet["type"], "model");
+    assert_eq!(sonnet["display_name"], "Claude-Sonnet-4.5");
+    assert_eq!(sonnet["created_at"], "2023-11-14T22:13:20Z");
     assert_eq!(
-        (v["data"].as_array().unwrap().len(), &v["has_more"]),
-        (1, &json!(true))
+        (&sonnet["max_input_tokens"], &sonnet["max_tokens"]),
+        (&json!(200000), &json!(64000))
     );
-    let v = models("/v1/models?limit=1&after_id=claude-sonnet-4.5").await;
+    // The alias in the bot's place, by its own name; `created` in seconds read as such.
+    let opus = &v["data"][1];
     assert_eq!(
-        (&v["data"][0]["id"], &v["has_more"]),
-        (&json!("sonnet"), &json!(false))
+        (&opus["display_name"], &opus["created_at"]),
+        (&json!("claude-opus-4.1"), &json!("2023-11-14T22:13:20Z"))
     );
-    let v = models("/v1/models?before_id=sonnet").await;
+
+    // Paged one at a time, forwards and back, every model once.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let query = after
+            .as_ref()
+            .map_or(String::new(), |a| format!("&after_id={a}"));
+        let v = models(format!("/v1/models?limit=2{query}")).await;
+        seen.extend(support::ids(&v["data"]).into_iter().map(String::from));
+        if v["has_more"] == false {
+            break;
+        }
+        after = v["last_id"].as_str().map(String::from);
+        assert!(seen.len() < 10, "{seen:?}");
+    }
+    assert_eq!(seen, all);
+    let v = models("/v1/models?before_id=sonnet&limit=2".into()).await;
     assert_eq!(
-        (&v["data"][0]["id"], &v["has_more"]),
-        (&json!("claude-sonnet-4.5"), &json!(false))
+        (support::ids(&v["data"]), &v["has_more"]),
+        (vec![all[2], all[3]], &json!(true))
     );
-    let v = models("/v1/models?limit=0").await;
-    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
-    let v = models("/v1/models/sonnet").await;
+    // An Anthropic model id finds its bot.
+    let v = models("/v1/models?after_id=claude-sonnet-4-5-20250929&limit=1".into()).await;
+    assert_eq!(support::ids(&v["data"]), [all[1]], "{v}");
+    let v = models("/v1/models/claude-sonnet-4-5-20250929".into()).await;
+    assert_eq!(v["id"], "claude-sonnet-4.5", "{v}");
+    let v = models("/v1/models/SONNET".into()).await;
     assert_eq!(
         (&v["type"], &v["id"]),
         (&json!("model"), &json!("sonnet")),
         "{v}"
     );
-    let v = models("/v1/models/gpt-5").await;
-    assert_eq!(v["error"]["type"], "not_found_error", "{v}");
+    for (path, kind) in [
+        ("/v1/models?limit=0", "invalid_request_error"),
+        ("/v1/models?after_id=gpt-5", "invalid_request_error"),
+        ("/v1/models/gpt-5", "not_found_error"),
+        ("/v1/models/mixed", "not_found_error"),
+    ] {
+        let v = models(path.into()).await;
+        assert_eq!(
+            (&v["type"], &v["error"]["type"]),
+            (&json!("error"), &json!(kind)),
+            "{path}: {v}"
+        );
+    }
     let v = body_json(request(&gw, "GET", "/v1/models", &[], "").await).await;
     assert_eq!(v["object"], "list");
-    assert!(v["data"].as_array().unwrap().len() > 6, "{v}");
+    assert_eq!(v["data"].as_array().unwrap().len(), 4 + 4, "{v}");
 }
 
 /// Every event of an SSE body, parsed: what an SDK reads (an event's `data` lines, joined).

@@ -77,8 +77,8 @@ pub struct ChatRequest {
     has_seed: bool,
     cache: super::cache::CacheDirectives,
     max_tokens: Option<u64>,
-    /// Bytes inside the body's strings, attachments left out ([`PromptText`]): the text a
-    /// prompt estimate starts from when Poe's usage is missing.
+    /// Bytes inside the body's strings, encoded media left out: the text a prompt estimate
+    /// starts from when Poe's usage is missing.
     text_bytes: u64,
     /// Client headers that go to Poe as they came: the Messages API's version and beta
     /// flags. Boxed and rare, so a chat request carries one pointer.
@@ -140,7 +140,7 @@ impl ChatRequest {
         let text = std::str::from_utf8(&body).map_err(|e| {
             GatewayError::bad_request(format!("request body is not valid UTF-8: {e}"))
         })?;
-        let text_bytes = check_depth(&body)?.bytes;
+        let text_bytes = check_depth(&body)?;
         let mut de = serde_json::Deserializer::from_str(text);
         let fields = TopLevel::deserialize(&mut de).map_err(|e| json_error(&e))?;
         de.end().map_err(|e| json_error(&e))?;
@@ -262,7 +262,7 @@ impl ChatRequest {
         })
     }
 
-    /// Bytes of text in the request (its strings, attachments left out).
+    /// Bytes of text in the request (its strings, encoded media left out).
     pub fn text_bytes(&self) -> u64 {
         self.text_bytes
     }
@@ -383,27 +383,12 @@ impl ChatRequest {
 /// passed on; one pass over the bytes, skipping strings.
 const MAX_DEPTH: usize = 128;
 
-/// The text of a request body, as a prompt estimate reads it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PromptText {
-    /// Bytes inside strings (keys and values, escapes as written), attachments left out.
-    pub bytes: u64,
-    /// Attachments: `data:` URLs (OpenAI's images and files) and the string values of `data`
-    /// members (Anthropic's base64 images and documents, OpenAI's `input_audio`). Their bytes
-    /// are encoded media, not text a tokenizer reads as such.
-    pub attachments: u32,
-}
-
-/// The [`PromptText`] of a JSON body (checked for depth on the way).
-pub fn prompt_text(body: &[u8]) -> Result<PromptText, GatewayError> {
-    check_depth(body)
-}
-
-/// It also returns the body's [`PromptText`]: the prompt estimate's input, had for free on
-/// this pass.
-fn check_depth(body: &[u8]) -> Result<PromptText, GatewayError> {
+/// It also returns the bytes inside strings (keys and values, escapes as written) except
+/// encoded media ([`is_encoded_media`]): the prompt estimate's input, had for free on this
+/// pass.
+fn check_depth(body: &[u8]) -> Result<u64, GatewayError> {
     let mut depth = 0usize;
-    let mut text = PromptText::default();
+    let mut text = 0u64;
     // The string just closed was a `"data":` key whose value is a string.
     let mut data_value = false;
     let mut i = 0;
@@ -425,11 +410,9 @@ fn check_depth(body: &[u8]) -> Result<PromptText, GatewayError> {
                     break; // unterminated: the parser names the error
                 }
                 let string = &body[start..i];
-                if std::mem::take(&mut data_value) || string.starts_with(b"data:") {
-                    text.attachments = text.attachments.saturating_add(1);
-                } else {
-                    text.bytes += string.len() as u64;
-                    // A key (or value) spelled `data`: its value, if a string, is media.
+                if !is_encoded_media(string, std::mem::take(&mut data_value)) {
+                    text += string.len() as u64;
+                    // A key (or value) spelled `data`: its value may be base64.
                     data_value = string == b"data" && is_string_member(&body[i + 1..]);
                 }
             }
@@ -447,6 +430,26 @@ fn check_depth(body: &[u8]) -> Result<PromptText, GatewayError> {
         i += 1;
     }
     Ok(text)
+}
+
+/// Whether a string is media encoded as text, which a tokenizer does not read as words: a
+/// `data:` URL (OpenAI's images and files), or base64 as the value of a `data` member
+/// (Anthropic's images and documents, OpenAI's `input_audio`). Told by their first bytes, so
+/// a pasted `data: ...` log line or a tool's `data` argument in words stays text.
+fn is_encoded_media(string: &[u8], data_member: bool) -> bool {
+    const LOOK: usize = 64;
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=');
+    if data_member {
+        return string.len() >= LOOK && string[..LOOK].iter().all(base64);
+    }
+    // `data:<type>/<subtype>[;...],`: no space before the comma.
+    string.starts_with(b"data:")
+        && string[5..].first().is_some_and(u8::is_ascii_alphabetic)
+        && string[5..string.len().min(256)]
+            .iter()
+            .take_while(|b| **b != b',')
+            .all(|b| !b.is_ascii_whitespace())
+        && string[5..string.len().min(256)].contains(&b',')
 }
 
 /// Whether `rest`, the bytes after a string, goes on with `:` and a string value.
@@ -485,47 +488,34 @@ mod tests {
     }
 
     #[test]
-    fn attachments_are_not_prompt_text() {
-        let text = |s: &str| prompt_text(s.as_bytes()).unwrap();
-        // Keys and values count; a `data:` URL and a `data` member's string do not.
+    fn encoded_media_is_not_prompt_text() {
+        let text = |s: &str| check_depth(s.as_bytes()).unwrap();
+        let b64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+        // Keys and values count; a `data:` URL and base64 in a `data` member do not.
+        assert_eq!(text(r#"{"ab":"cd"}"#), 4);
         assert_eq!(
-            text(r#"{"ab":"cd"}"#),
-            PromptText {
-                bytes: 4,
-                attachments: 0
-            }
+            text(&format!(
+                r#"{{"url":"data:image/png;base64,{b64}","x":"y"}}"#
+            )),
+            5
         );
         assert_eq!(
-            text(r#"{"url":"data:image/png;base64,AAAA","x":"y"}"#),
-            PromptText {
-                bytes: 5,
-                attachments: 1
-            }
+            text(&format!(
+                r#"{{"source":{{"type":"base64","data" : "{b64}"}}, "input_audio":{{"data":"{b64}","format":"wav"}}}}"#
+            )),
+            44
         );
+        // Words stay text: a `data` member in words, a short one, a log line, `data` as a
+        // value or holding an object.
+        let words = "some words that a tool was given as its data argument, long enough";
         assert_eq!(
-            text(
-                r#"{"source":{"type":"base64","data" : "QUJD"}, "input_audio":{"data":"AA","format":"wav"}}"#
-            ),
-            PromptText {
-                bytes: 44,
-                attachments: 2
-            }
+            text(&format!(r#"{{"data":"{words}"}}"#)),
+            4 + words.len() as u64
         );
-        // `data` as a value, or holding an object, is text like any other.
-        assert_eq!(
-            text(r#"["data","x"]"#),
-            PromptText {
-                bytes: 5,
-                attachments: 0
-            }
-        );
-        assert_eq!(
-            text(r#"{"data":{"k":"v"}}"#),
-            PromptText {
-                bytes: 6,
-                attachments: 0
-            }
-        );
+        assert_eq!(text(r#"{"data":"QUJD"}"#), 8);
+        assert_eq!(text(r#"{"text":"data: {\"a\":1}, more"}"#), 4 + 21);
+        assert_eq!(text(r#"["data","x"]"#), 5);
+        assert_eq!(text(r#"{"data":{"k":"v"}}"#), 6);
     }
 
     #[test]
