@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end tests: drive the real poe-gateway binary with the official
-# `openai` Python SDK against a fake Poe upstream (tests/e2e).
+# `openai` and `anthropic` Python SDKs, the MCP client and the Claude Code CLI against a fake
+# Poe upstream (tests/e2e).
 #
 #   POE_GATEWAY_BIN  gateway binary (default: target/debug/poe-gateway)
 #   extra arguments are passed on to pytest, e.g. scripts/e2e.sh -k stream -v
@@ -10,6 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 bash "$ROOT/scripts/setup-python.sh"
+bash "$ROOT/scripts/setup-node.sh"
 
 bin="${POE_GATEWAY_BIN:-target/debug/poe-gateway}"
 case "$bin" in

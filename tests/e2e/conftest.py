@@ -170,6 +170,35 @@ def _response_object(model: str, text: str, status: str, usage: dict | None) -> 
     }
 
 
+# A Messages request whose last user turn says `[call <tool>]` is answered with a call of that
+# tool (no arguments); the turn that brings its result back is answered with the result's
+# text. What an agent (Claude Code) and its tools do with a model that uses them.
+CALL_MARKER = re.compile(r"\[call ([A-Za-z0-9_-]+)\]")
+
+
+def _block_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(_block_text(b.get("text", b.get("content", ""))) for b in content if isinstance(b, dict))
+    return ""
+
+
+def _scripted_turn(body: dict) -> tuple[dict | None, str]:
+    """(a tool call to answer with, or else the text to answer with) for a Messages body."""
+    # The last user turn (Claude Code may put a system message after it).
+    users = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    content = users[-1].get("content") if users else None
+    blocks = content if isinstance(content, list) else []
+    results = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_result"]
+    if results:
+        return None, "tool said: " + _block_text(results[0].get("content"))
+    found = CALL_MARKER.search(_block_text(content))
+    if found:
+        return {"type": "tool_use", "id": "toolu_fake_0001", "name": found.group(1), "input": {}}, ""
+    return None, FULL_TEXT
+
+
 def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -296,13 +325,14 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
                 return error(401, "authentication_error", "invalid x-api-key")
             if model == "missing-bot":
                 return error(404, "not_found_error", f"model: {model}")
+            tool_call, text = _scripted_turn(body)
             message = {
                 "id": "msg_fake_0001",
                 "type": "message",
                 "role": "assistant",
                 "model": model,
-                "content": [{"type": "text", "text": FULL_TEXT}],
-                "stop_reason": "end_turn",
+                "content": [tool_call or {"type": "text", "text": text}],
+                "stop_reason": "tool_use" if tool_call else "end_turn",
                 "stop_sequence": None,
                 "usage": MESSAGES_USAGE,
             }
@@ -318,8 +348,17 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
 
             start = {**message, "content": [], "stop_reason": None, "usage": {**MESSAGES_USAGE, "output_tokens": 1}}
             self._write_chunk(event("message_start", message=start))
-            self._write_chunk(event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
-            for i, piece in enumerate(STREAM_PIECES):
+            if tool_call:
+                block = {**tool_call, "input": {}}
+                self._write_chunk(event("content_block_start", index=0, content_block=block))
+                partial = json.dumps(tool_call["input"])
+                self._write_chunk(
+                    event("content_block_delta", index=0, delta={"type": "input_json_delta", "partial_json": partial})
+                )
+            else:
+                self._write_chunk(event("content_block_start", index=0, content_block={"type": "text", "text": ""}))
+            pieces = [] if tool_call else STREAM_PIECES if text == FULL_TEXT else [text]
+            for i, piece in enumerate(pieces):
                 self._write_chunk(
                     event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
                 )
@@ -332,7 +371,7 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
             self._write_chunk(
                 event(
                     "message_delta",
-                    delta={"stop_reason": "end_turn", "stop_sequence": None},
+                    delta={"stop_reason": message["stop_reason"], "stop_sequence": None},
                     usage={"output_tokens": MESSAGES_USAGE["output_tokens"]},
                 )
             )

@@ -1,0 +1,158 @@
+"""Claude Code itself (the CLI, pinned in scripts/setup-node.sh) with the gateway on both of
+its sides: as its model API (ANTHROPIC_BASE_URL, a team member's gateway key as
+ANTHROPIC_API_KEY) and as an MCP server it runs tools from (`poe-gateway mcp` over stdio).
+The fake Poe answers `[call <tool>]` with a call of that tool, and the tool's result with
+its text, so a whole agent turn goes through: model call, tool call, model call."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import FULL_TEXT, REPO_ROOT, TEST_API_KEY, launch_gateway
+from test_keys import ADMIN_KEY, new_key
+
+CLAUDE = REPO_ROOT / ".node" / "node_modules" / ".bin" / "claude"
+
+POLICIES = """\
+[auth]
+mode = "keys"
+
+[aliases]
+claude = "claude-sonnet-4.5"
+"""
+
+
+@pytest.fixture(scope="module")
+def team_gateway(upstream, tmp_path_factory):
+    with launch_gateway(
+        upstream,
+        tmp_path_factory.mktemp("claude-code-gateway"),
+        POLICIES,
+        {"POE_GATEWAY_ADMIN_KEY": ADMIN_KEY},
+    ) as gw:
+        yield gw
+
+
+def claude(tmp: Path, base_url: str, key: str, *args: str, **env_extra: str) -> subprocess.CompletedProcess:
+    """`claude -p ...` in a home and a project folder of its own, reaching only the gateway."""
+    if not os.access(CLAUDE, os.X_OK):
+        pytest.fail(f"Claude Code is not installed at {CLAUDE}: run scripts/setup-node.sh")
+    (tmp / "home").mkdir(exist_ok=True)
+    (tmp / "project").mkdir(exist_ok=True)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp / "home"),
+        "ANTHROPIC_BASE_URL": base_url,
+        "ANTHROPIC_API_KEY": key,
+        # Nothing but the gateway: no telemetry, update checks or error reports.
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        # Read the gateway's model list, as a team's setup would.
+        "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
+        **env_extra,
+    }
+    return subprocess.run(
+        [str(CLAUDE), "-p", *args],
+        env=env,
+        cwd=tmp / "project",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def own_usage(gw, key: str) -> dict:
+    req = urllib.request.Request(f"{gw.base_url}/v1/usage?group_by=api", headers={"x-api-key": key})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_claude_code_answers_through_the_gateway(team_gateway, upstream, tmp_path):
+    key = new_key(team_gateway, name="claude-code-user")
+    run = claude(tmp_path, team_gateway.base_url, key, "Say hello", "--model", "claude")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == FULL_TEXT
+
+    calls = [r for r in upstream.requests() if r.path.split("?")[0] == "/v1/messages"]
+    assert calls, upstream.requests()
+    for call in calls:
+        # The server's Poe key, never the member's gateway key; the alias resolved; Claude
+        # Code's betas passed on.
+        assert call.headers["x-api-key"] == TEST_API_KEY
+        assert call.body["model"] == "claude-sonnet-4.5"
+        assert "claude-code-20250219" in call.headers["anthropic-beta"]
+        assert call.body["stream"] is True
+
+    report = own_usage(team_gateway, key)
+    assert report["totals"]["requests"] == len(calls)
+    assert [g["group"] for g in report["groups"]] == ["messages"]
+    assert report["totals"]["prompt_tokens"] > 0
+
+
+def test_claude_code_runs_the_gateways_mcp_tools(team_gateway, upstream, tmp_path):
+    """Claude Code asks the model, which calls `list_models` of the gateway's MCP server; the
+    tool's answer (Poe's catalogue, from the gateway core in the MCP process) goes back to
+    the model, whose reply quotes it."""
+    key = new_key(team_gateway, name="claude-code-agent")
+    bin_path = os.environ.get("POE_GATEWAY_BIN") or str(REPO_ROOT / "target" / "debug" / "poe-gateway")
+    config = tmp_path / "mcp.json"
+    config.write_text(
+        json.dumps(
+            {
+                "mcpServers": {
+                    "poe": {
+                        "command": bin_path,
+                        "args": ["mcp"],
+                        "env": {
+                            "POE_API_KEY": TEST_API_KEY,
+                            "POE_BASE_URL": upstream.base_url,
+                            "POE_GATEWAY_DATABASE_URL": f"sqlite://{tmp_path / 'mcp-ledger.db'}",
+                            "RUST_LOG": "warn",
+                        },
+                    }
+                }
+            }
+        )
+    )
+    run = claude(
+        tmp_path,
+        team_gateway.base_url,
+        key,
+        "[call mcp__poe__list_models]",
+        "--model",
+        "claude",
+        "--mcp-config",
+        str(config),
+        "--strict-mcp-config",
+        "--allowedTools",
+        "mcp__poe__list_models",
+        # MCP tools offered whole, not found through Claude Code's tool search first: the
+        # fake model calls the tool it is told to.
+        ENABLE_TOOL_SEARCH="false",
+    )
+    assert run.returncode == 0, run.stderr + run.stdout
+    assert run.stdout.startswith("tool said: "), run.stdout
+    for bot in ("claude-sonnet-4.5", "gpt-5", "gemini-2.5-pro"):
+        assert bot in run.stdout, run.stdout
+
+    calls = [r for r in upstream.requests() if r.path.split("?")[0] == "/v1/messages"]
+    assert len(calls) == 2, [c.path for c in calls]
+    # The tool was offered to the model under Claude Code's name for it, and its result
+    # came back in the second call.
+    assert "mcp__poe__list_models" in {t.get("name") for t in calls[0].body.get("tools", [])}
+    results = [
+        b
+        for m in calls[1].body["messages"]
+        if m["role"] == "user" and isinstance(m["content"], list)
+        for b in m["content"]
+        if isinstance(b, dict) and b.get("type") == "tool_result"
+    ]
+    assert results and results[0]["tool_use_id"] == "toolu_fake_0001"
+    assert own_usage(team_gateway, key)["totals"]["requests"] == 2
