@@ -96,31 +96,31 @@ def test_claude_code_answers_through_the_gateway(team_gateway, upstream, tmp_pat
     assert report["totals"]["prompt_tokens"] > 0
 
 
-def test_claude_code_runs_the_gateways_mcp_tools(team_gateway, upstream, tmp_path):
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_claude_code_runs_the_gateways_mcp_tools(team_gateway, upstream, tmp_path, transport):
     """Claude Code asks the model, which calls `list_models` of the gateway's MCP server; the
-    tool's answer (Poe's catalogue, from the gateway core in the MCP process) goes back to
-    the model, whose reply quotes it."""
-    key = new_key(team_gateway, name="claude-code-agent")
+    tool's answer (Poe's catalogue, from the gateway core) goes back to the model, whose reply
+    quotes it. The server is `poe-gateway mcp` over stdio, or the team's gateway's `/mcp`
+    with the member's key (`claude mcp add --transport http ... --header`)."""
+    key = new_key(team_gateway, name=f"claude-code-agent-{transport}")
     bin_path = os.environ.get("POE_GATEWAY_BIN") or str(REPO_ROOT / "target" / "debug" / "poe-gateway")
+    stdio = {
+        "command": bin_path,
+        "args": ["mcp"],
+        "env": {
+            "POE_API_KEY": TEST_API_KEY,
+            "POE_BASE_URL": upstream.base_url,
+            "POE_GATEWAY_DATABASE_URL": f"sqlite://{tmp_path / 'mcp-ledger.db'}",
+            "RUST_LOG": "warn",
+        },
+    }
+    http = {
+        "type": "http",
+        "url": f"{team_gateway.base_url}/mcp",
+        "headers": {"Authorization": f"Bearer {key}"},
+    }
     config = tmp_path / "mcp.json"
-    config.write_text(
-        json.dumps(
-            {
-                "mcpServers": {
-                    "poe": {
-                        "command": bin_path,
-                        "args": ["mcp"],
-                        "env": {
-                            "POE_API_KEY": TEST_API_KEY,
-                            "POE_BASE_URL": upstream.base_url,
-                            "POE_GATEWAY_DATABASE_URL": f"sqlite://{tmp_path / 'mcp-ledger.db'}",
-                            "RUST_LOG": "warn",
-                        },
-                    }
-                }
-            }
-        )
-    )
+    config.write_text(json.dumps({"mcpServers": {"poe": stdio if transport == "stdio" else http}}))
     run = claude(
         tmp_path,
         team_gateway.base_url,
