@@ -45,6 +45,7 @@ fn row(i: usize, now: i64) -> UsageRow {
         api: [Api::Chat, Api::Chat, Api::Responses, Api::Messages][i % 4],
         cache_read_tokens: 0,
         cache_write_tokens: 0,
+        cache_write_1h_tokens: 0,
         charged: false,
     }
 }

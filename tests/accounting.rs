@@ -1933,14 +1933,21 @@ async fn messages_accounting_holds_for_cut_streams_and_anthropic_ids() {
         200,
         message_object(
             "ok",
-            r#"{"input_tokens":1000,"cache_read_input_tokens":1000,"output_tokens":100}"#,
+            r#"{"input_tokens":1000,"cache_read_input_tokens":1000,"cache_creation_input_tokens":300,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},"output_tokens":100}"#,
         ),
     ));
     let resp = send(opus_key.clone(), ask("claude-opus-4-1-20250805", false)).await;
     assert_eq!(resp.status(), 200);
     let r = report(&core, Some(&opus_id)).await;
-    // The override's cache price for the 1,000 tokens read from the cache.
-    let want = 1000.0 * 0.001 + 1000.0 * 0.0001 + 100.0 * 0.002;
+    assert_eq!(r.totals.prompt_tokens, 2300);
+    // The override's cache price for the 1,000 tokens read from the cache; the writes at
+    // Anthropic's shares of the prompt price: a quarter more for five minutes' 100, twice
+    // for the hour's 200.
+    let want = 1000.0 * 0.001
+        + 1000.0 * 0.0001
+        + 100.0 * 0.001 * 1.25
+        + 200.0 * 0.001 * 2.0
+        + 100.0 * 0.002;
     assert!(
         (r.totals.cost_usd - want).abs() < 1e-9,
         "{}",

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::alias::Aliases;
 use super::keys::KeyRing;
-use super::models::{Models, Price, PriceOverride};
+use super::models::{CacheWrites, Models, Price, PriceOverride};
 use crate::ledger::{Api, BatchHook, UsageRow};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -121,7 +121,10 @@ impl Accountant {
                 prompt,
                 completion,
                 row.cache_read_tokens,
-                row.cache_write_tokens,
+                CacheWrites {
+                    total: row.cache_write_tokens,
+                    hour: row.cache_write_1h_tokens,
+                },
             ),
             Api::Chat | Api::Responses => {
                 p.cost_with_known_cache(prompt, completion, row.cache_read_tokens)

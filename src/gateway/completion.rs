@@ -268,11 +268,9 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
     let cache_read = o
         .usage
         .map_or(0, |u| u.cache_read_tokens.min(u.prompt_tokens) as i64);
-    let cache_write = o
-        .messages_usage
-        .as_deref()
-        .filter(|_| o.usage.is_some())
-        .map_or(0, |m| m.cache_creation.unwrap_or(0) as i64);
+    let writes = o.messages_usage.as_deref().filter(|_| o.usage.is_some());
+    let cache_write = writes.map_or(0, |m| m.cache_creation.unwrap_or(0) as i64);
+    let cache_write_1h = writes.map_or(0, |m| m.cache_creation_1h.unwrap_or(0) as i64);
     UsageRow {
         ts_ms: now_ms(),
         request_id: i.request_id.to_string(),
@@ -298,6 +296,7 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
             .map(|t| t.duration_since(i.started).as_secs_f64() * 1000.0),
         cache_read_tokens: cache_read,
         cache_write_tokens: cache_write,
+        cache_write_1h_tokens: cache_write_1h.min(cache_write),
         charged: false,
     }
 }

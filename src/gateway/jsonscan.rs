@@ -83,6 +83,9 @@ pub(crate) fn parse_usage(value: &[u8]) -> Option<Usage> {
 pub(crate) struct MessagesUsage {
     pub input: Option<u64>,
     pub cache_creation: Option<u64>,
+    /// Of `cache_creation`, the tokens written for an hour (`cache_creation`'s
+    /// `ephemeral_1h_input_tokens`), which cost more than five minutes' writes.
+    pub cache_creation_1h: Option<u64>,
     pub cache_read: Option<u64>,
     pub output: Option<u64>,
     /// A `message_delta` came: `output` is the answer's count, not `message_start`'s
@@ -96,6 +99,7 @@ impl MessagesUsage {
     pub(crate) fn update(&mut self, newer: MessagesUsage) {
         self.input = self.input.max(newer.input);
         self.cache_creation = self.cache_creation.max(newer.cache_creation);
+        self.cache_creation_1h = self.cache_creation_1h.max(newer.cache_creation_1h);
         self.cache_read = self.cache_read.max(newer.cache_read);
         self.output = self.output.max(newer.output);
     }
@@ -139,6 +143,18 @@ pub(crate) fn parse_messages_usage(value: &[u8]) -> Option<MessagesUsage> {
         cache_read_input_tokens: Option<serde_json::Number>,
         #[serde(default)]
         output_tokens: Option<serde_json::Number>,
+        #[serde(default)]
+        cache_creation: Option<CacheCreation>,
+    }
+    /// The split of the cache writes by how long they are kept; another shape counts none.
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum CacheCreation {
+        Split {
+            #[serde(default)]
+            ephemeral_1h_input_tokens: Option<serde_json::Number>,
+        },
+        Other(serde::de::IgnoredAny),
     }
     let raw = serde_json::Deserializer::from_slice(value)
         .into_iter::<Lenient>()
@@ -147,6 +163,12 @@ pub(crate) fn parse_messages_usage(value: &[u8]) -> Option<MessagesUsage> {
     Some(MessagesUsage {
         input: raw.input_tokens.and_then(count),
         cache_creation: raw.cache_creation_input_tokens.and_then(count),
+        cache_creation_1h: match raw.cache_creation {
+            Some(CacheCreation::Split {
+                ephemeral_1h_input_tokens,
+            }) => ephemeral_1h_input_tokens.and_then(count),
+            _ => None,
+        },
         cache_read: raw.cache_read_input_tokens.and_then(count),
         output: raw.output_tokens.and_then(count),
         final_output: false,

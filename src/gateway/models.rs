@@ -228,10 +228,20 @@ pub struct Price {
 /// Poe's catalogue nor the policy gives.
 const CACHE_READ_SHARE: f64 = 0.1;
 const CACHE_WRITE_SHARE: f64 = 1.25;
+/// A write kept for an hour costs twice the prompt price: 1.6 times a five-minute write,
+/// which is what a given `cache_write` price is taken to be.
+const CACHE_WRITE_1H_SHARE: f64 = 2.0;
+
+/// Tokens written to a prompt cache: all of them, and of those the ones kept for an hour.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheWrites {
+    pub total: i64,
+    pub hour: i64,
+}
 
 impl Price {
     pub fn cost(&self, prompt_tokens: i64, completion_tokens: i64) -> f64 {
-        self.cost_with_cache(prompt_tokens, completion_tokens, 0, 0)
+        self.cost_with_cache(prompt_tokens, completion_tokens, 0, CacheWrites::default())
     }
 
     /// The cost of a request whose prompt (`prompt_tokens`, all of it) includes tokens
@@ -241,15 +251,22 @@ impl Price {
         prompt_tokens: i64,
         completion_tokens: i64,
         cache_read: i64,
-        cache_write: i64,
+        writes: CacheWrites,
     ) -> f64 {
-        let (read, write) = (cache_read.max(0), cache_write.max(0));
+        let (read, write) = (cache_read.max(0), writes.total.max(0));
+        let hour = writes.hour.clamp(0, write);
         let uncached = (prompt_tokens.max(0) - read - write).max(0);
         let read_price = self.cache_read.unwrap_or(self.prompt * CACHE_READ_SHARE);
         let write_price = self.cache_write.unwrap_or(self.prompt * CACHE_WRITE_SHARE);
+        let hour_price = self
+            .cache_write
+            .map_or(self.prompt * CACHE_WRITE_1H_SHARE, |w| {
+                w * CACHE_WRITE_1H_SHARE / CACHE_WRITE_SHARE
+            });
         self.prompt * uncached as f64
             + read_price * read as f64
-            + write_price * write as f64
+            + write_price * (write - hour) as f64
+            + hour_price * hour as f64
             + self.completion * completion_tokens.max(0) as f64
             + self.request
     }
@@ -265,7 +282,12 @@ impl Price {
         cached: i64,
     ) -> f64 {
         let cached = if self.cache_read.is_some() { cached } else { 0 };
-        self.cost_with_cache(prompt_tokens, completion_tokens, cached, 0)
+        self.cost_with_cache(
+            prompt_tokens,
+            completion_tokens,
+            cached,
+            CacheWrites::default(),
+        )
     }
 }
 
@@ -567,9 +589,23 @@ mod tests {
         // More cached tokens than prompt tokens do not make the rest negative.
         assert_eq!(known.cost_with_known_cache(5, 0, 40), 40.0 * 2.0 + 1.0);
         // Anthropic's shares, where the Messages API has no cache prices.
+        let writes = |total, hour| CacheWrites { total, hour };
         assert_eq!(
-            unknown.cost_with_cache(130, 0, 100, 20),
+            unknown.cost_with_cache(130, 0, 100, writes(20, 0)),
             10.0 * 10.0 + 100.0 * 1.0 + 20.0 * 12.5 + 1.0
+        );
+        // An hour's writes at twice the prompt price, or 1.6 times a given write price.
+        assert_eq!(
+            unknown.cost_with_cache(130, 0, 100, writes(20, 5)),
+            10.0 * 10.0 + 100.0 * 1.0 + 15.0 * 12.5 + 5.0 * 20.0 + 1.0
+        );
+        let priced = Price {
+            cache_write: Some(5.0),
+            ..unknown
+        };
+        assert_eq!(
+            priced.cost_with_cache(130, 0, 100, writes(20, 5)),
+            10.0 * 10.0 + 100.0 * 1.0 + 15.0 * 5.0 + 5.0 * 8.0 + 1.0
         );
     }
 

@@ -113,6 +113,10 @@ pub struct UsageRow {
     /// Stored in nullable columns, empty in rows from before them.
     pub cache_read_tokens: i64,
     pub cache_write_tokens: i64,
+    /// Of `cache_write_tokens`, those written to be kept an hour, which cost more. Used for
+    /// the price only; not stored.
+    #[serde(skip)]
+    pub cache_write_1h_tokens: i64,
     /// Priced and charged to its key's budget as the request ended: the writer passes the
     /// charge on to the shared counter but does not add it again. Not stored.
     #[serde(skip)]
@@ -654,6 +658,7 @@ mod tests {
                 api: [Api::Chat, Api::Responses, Api::Messages][(i % 3) as usize],
                 cache_read_tokens: i / 2,
                 cache_write_tokens: i % 5,
+                cache_write_1h_tokens: 0,
                 charged: false,
             })
             .collect();
