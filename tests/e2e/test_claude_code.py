@@ -90,6 +90,11 @@ def test_claude_code_answers_through_the_gateway(team_gateway, upstream, tmp_pat
         assert "claude-code-20250219" in call.headers["anthropic-beta"]
         assert call.body["stream"] is True
 
+    # Claude Code read the gateway's model list (it keeps it in its cache): the Claude bots and
+    # the alias to them, in Anthropic's shape, not the whole catalogue.
+    discovered = json.loads((tmp_path / "home" / ".claude" / "cache" / "gateway-models.json").read_text())
+    assert [m["id"] for m in discovered["models"]] == ["claude-sonnet-4.5", "claude"]
+
     report = own_usage(team_gateway, key)
     assert report["totals"]["requests"] == len(calls)
     assert [g["group"] for g in report["groups"]] == ["messages"]
