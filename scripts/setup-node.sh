@@ -21,7 +21,8 @@ if ! command -v npm >/dev/null 2>&1; then
     || { apt-get update -qq >/dev/null && apt-get install -y -qq nodejs npm >/dev/null; }
 fi
 mkdir -p "$DIR"
-npm install --prefix "$DIR" --no-audit --no-fund --loglevel=error "@anthropic-ai/claude-code@$PIN" >/dev/null
+npm install --prefix "$DIR" --save-exact --no-audit --no-fund --loglevel=error "@anthropic-ai/claude-code@$PIN" >/dev/null \
+  || { echo "setup-node: npm could not install @anthropic-ai/claude-code@$PIN (no network or npm registry?)" >&2; exit 1; }
 # The package's postinstall puts the platform's binary in place; an npm that holds install
 # scripts back leaves that step to us.
 if ! have; then

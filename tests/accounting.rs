@@ -2141,6 +2141,7 @@ async fn anthropic_clients_list_models() {
         .to_string(),
     );
     let policy = "[aliases]\nsonnet = \"claude-sonnet-4.5\"\n\"claude-opus-4.1\" = \"claude-sonnet-4.5\"\n\
+                  \"claude-sonnet-4-5\" = \"claude-sonnet-4.5\"\n\
                   haiku = \"claude-3-5-haiku-latest\"\nmixed = [\"claude-sonnet-4.5\", \"gpt-5\"]\n";
     let gw = TestGateway::start(&up, policy, &[]).await;
     let anthropic = [("anthropic-version", "2023-06-01")];
@@ -2153,6 +2154,7 @@ async fn anthropic_clients_list_models() {
         "claude-sonnet-4.5",
         "claude-opus-4.1",
         "kimi-k2",
+        "claude-sonnet-4-5",
         "haiku",
         "sonnet",
     ];
@@ -2160,7 +2162,7 @@ async fn anthropic_clients_list_models() {
     assert_eq!(support::ids(&v["data"]), all, "{v}");
     assert_eq!(
         (&v["has_more"], &v["first_id"], &v["last_id"]),
-        (&json!(false), &json!(all[0]), &json!(all[4]))
+        (&json!(false), &json!(all[0]), &json!(all[5]))
     );
     let sonnet = &v["data"][0];
     assert_eq!(sonnet["type"], "model");
@@ -2184,7 +2186,7 @@ async fn anthropic_clients_list_models() {
         let query = after
             .as_ref()
             .map_or(String::new(), |a| format!("&after_id={a}"));
-        let v = models(format!("/v1/models?limit=2{query}")).await;
+        let v = models(format!("/v1/models?limit=1{query}")).await;
         seen.extend(support::ids(&v["data"]).into_iter().map(String::from));
         if v["has_more"] == false {
             break;
@@ -2196,8 +2198,13 @@ async fn anthropic_clients_list_models() {
     let v = models("/v1/models?before_id=sonnet&limit=2".into()).await;
     assert_eq!(
         (support::ids(&v["data"]), &v["has_more"]),
-        (vec![all[2], all[3]], &json!(true))
+        (vec![all[3], all[4]], &json!(true))
     );
+    // An alias named like an Anthropic id of a bot is found by its own name first.
+    let v = models("/v1/models?before_id=claude-sonnet-4-5&limit=1".into()).await;
+    assert_eq!(support::ids(&v["data"]), [all[2]], "{v}");
+    let v = models("/v1/models/claude-sonnet-4-5".into()).await;
+    assert_eq!(v["display_name"], "claude-sonnet-4-5", "{v}");
     // An Anthropic model id finds its bot.
     let v = models("/v1/models?after_id=claude-sonnet-4-5-20250929&limit=1".into()).await;
     assert_eq!(support::ids(&v["data"]), [all[1]], "{v}");
@@ -2224,7 +2231,7 @@ async fn anthropic_clients_list_models() {
     }
     let v = body_json(request(&gw, "GET", "/v1/models", &[], "").await).await;
     assert_eq!(v["object"], "list");
-    assert_eq!(v["data"].as_array().unwrap().len(), 4 + 4, "{v}");
+    assert_eq!(v["data"].as_array().unwrap().len(), 4 + 5, "{v}");
 }
 
 /// Every event of an SSE body, parsed: what an SDK reads (an event's `data` lines, joined).
@@ -2925,6 +2932,21 @@ async fn prompt_cache_tokens_are_read_from_every_api_stored_and_reported() {
             ],
             "{db}: {by_model}"
         );
+
+        // A hit of the gateway's own cache called no bot, so it read no bot's cache: the
+        // miss that stored the answer counts its 800, the hit none.
+        let cacheable =
+            r#"{"model":"claude","temperature":0,"messages":[{"role":"user","content":"again"}]}"#;
+        up.push(Reply::json(200, answer.to_string()));
+        for _ in 0..2 {
+            assert_eq!(
+                send("/v1/chat/completions", cacheable.to_string()).await,
+                200
+            );
+        }
+        let after = report(&core, None).await;
+        assert_eq!(after.totals.cache_hits, 1, "{db}");
+        assert_eq!(after.totals.cache_read_tokens, 1540 + 800, "{db}");
     }
 }
 

@@ -264,11 +264,17 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
         None => (None, None, None, false),
     };
     // The prompt cache's share of the prompt, when Poe reported usage: reads on every API
-    // (capped at the prompt, of which they are a part), writes on the Messages API only.
+    // (capped at the prompt, of which they are a part), writes on the Messages API only. A
+    // hit of the gateway's own cache called no bot, so no bot's cache was read: none, whichever
+    // tier answered (a stored answer may keep its usage's counts, the shared tier does not).
     let cache_read = o
         .usage
+        .filter(|_| !i.cache_hit)
         .map_or(0, |u| u.cache_read_tokens.min(u.prompt_tokens) as i64);
-    let writes = o.messages_usage.as_deref().filter(|_| o.usage.is_some());
+    let writes = o
+        .messages_usage
+        .as_deref()
+        .filter(|_| o.usage.is_some() && !i.cache_hit);
     let cache_write = writes.map_or(0, |m| m.cache_creation.unwrap_or(0) as i64);
     let cache_write_1h = writes.map_or(0, |m| m.cache_creation_1h.unwrap_or(0) as i64);
     UsageRow {

@@ -438,9 +438,8 @@ fn check_depth(body: &[u8]) -> Result<u64, GatewayError> {
 /// a pasted `data: ...` log line or a tool's `data` argument in words stays text.
 fn is_encoded_media(string: &[u8], data_member: bool) -> bool {
     const LOOK: usize = 64;
-    let base64 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=');
     if data_member {
-        return string.len() >= LOOK && string[..LOOK].iter().all(base64);
+        return string.len() >= LOOK && looks_like_base64(&string[..LOOK]);
     }
     // `data:<type>/<subtype>[;...],`: no space before the comma.
     string.starts_with(b"data:")
@@ -450,6 +449,25 @@ fn is_encoded_media(string: &[u8], data_member: bool) -> bool {
             .take_while(|b| **b != b',')
             .all(|b| !b.is_ascii_whitespace())
         && string[5..string.len().min(256)].contains(&b',')
+}
+
+/// Whether the start of a JSON string is base64, as written: its alphabet, with `/` or `+`
+/// perhaps escaped (`\/` by PHP's encoder, `\u002B` by .NET's).
+fn looks_like_base64(mut s: &[u8]) -> bool {
+    while let Some((&b, rest)) = s.split_first() {
+        s = match b {
+            b'\\' => match rest {
+                [b'/', rest @ ..] => rest,
+                [b'u', b'0', b'0', b'2', b'b' | b'B' | b'f' | b'F', rest @ ..] => rest,
+                // Cut off at the end of what is looked at.
+                [] | [b'u', ..] if rest.len() < 5 => &[],
+                _ => return false,
+            },
+            b if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=') => rest,
+            _ => return false,
+        };
+    }
+    true
 }
 
 /// Whether `rest`, the bytes after a string, goes on with `:` and a string value.
@@ -513,6 +531,11 @@ mod tests {
             4 + words.len() as u64
         );
         assert_eq!(text(r#"{"data":"QUJD"}"#), 8);
+        // Base64 with `/` or `+` escaped, as some encoders write it.
+        let escaped = format!("\\/9j\\/4AAQ{}\\u002B", &b64[..60]);
+        assert_eq!(text(&format!(r#"{{"data":"{escaped}"}}"#)), 4);
+        // An escape other than those: text.
+        assert_eq!(text(&format!(r#"{{"data":"a\\n{}"}}"#, &b64[..70])), 4 + 74);
         assert_eq!(text(r#"{"text":"data: {\"a\":1}, more"}"#), 4 + 21);
         assert_eq!(text(r#"["data","x"]"#), 5);
         assert_eq!(text(r#"{"data":{"k":"v"}}"#), 6);

@@ -10,6 +10,7 @@ mod browser;
 mod clients;
 pub(crate) use browser::with_port as browser_origin_with_port;
 mod routes;
+mod token_count;
 
 pub(crate) use routes::read_body_of;
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -58,14 +59,24 @@ def claude(tmp: Path, base_url: str, key: str, *args: str, **env_extra: str) -> 
         "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
         **env_extra,
     }
-    return subprocess.run(
+    # A session of its own, so a run that hangs is stopped with the MCP server it started.
+    proc = subprocess.Popen(
         [str(CLAUDE), "-p", *args],
         env=env,
         cwd=tmp / "project",
-        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"claude -p {args} did not finish in 120 s: {err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def own_usage(gw, key: str) -> dict:
@@ -90,8 +101,9 @@ def test_claude_code_answers_through_the_gateway(team_gateway, upstream, tmp_pat
         assert "claude-code-20250219" in call.headers["anthropic-beta"]
         assert call.body["stream"] is True
 
-    # Claude Code read the gateway's model list (it keeps it in its cache): the Claude bots and
-    # the alias to them, in Anthropic's shape, not the whole catalogue.
+    # Claude Code read the gateway's model list (it keeps it in its cache, a file of the pinned
+    # version's): the Claude bots and the alias to them, in Anthropic's shape, not the whole
+    # catalogue.
     discovered = json.loads((tmp_path / "home" / ".claude" / "cache" / "gateway-models.json").read_text())
     assert [m["id"] for m in discovered["models"]] == ["claude-sonnet-4.5", "claude"]
 
