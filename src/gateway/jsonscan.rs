@@ -143,18 +143,14 @@ pub(crate) fn parse_messages_usage(value: &[u8]) -> Option<MessagesUsage> {
         cache_read_input_tokens: Option<serde_json::Number>,
         #[serde(default)]
         output_tokens: Option<serde_json::Number>,
+        /// The split of the cache writes by how long they are kept.
         #[serde(default)]
-        cache_creation: Option<CacheCreation>,
+        cache_creation: Option<Inner<Split>>,
     }
-    /// The split of the cache writes by how long they are kept; another shape counts none.
     #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum CacheCreation {
-        Split {
-            #[serde(default)]
-            ephemeral_1h_input_tokens: Option<serde_json::Number>,
-        },
-        Other(serde::de::IgnoredAny),
+    struct Split {
+        #[serde(default)]
+        ephemeral_1h_input_tokens: Option<serde_json::Number>,
     }
     let raw = serde_json::Deserializer::from_slice(value)
         .into_iter::<Lenient>()
@@ -164,15 +160,23 @@ pub(crate) fn parse_messages_usage(value: &[u8]) -> Option<MessagesUsage> {
         input: raw.input_tokens.and_then(count),
         cache_creation: raw.cache_creation_input_tokens.and_then(count),
         cache_creation_1h: match raw.cache_creation {
-            Some(CacheCreation::Split {
-                ephemeral_1h_input_tokens,
-            }) => ephemeral_1h_input_tokens.and_then(count),
+            Some(Inner::Known(split)) => split.ephemeral_1h_input_tokens.and_then(count),
             _ => None,
         },
         cache_read: raw.cache_read_input_tokens.and_then(count),
         output: raw.output_tokens.and_then(count),
         final_output: false,
     })
+}
+
+/// An object member of a usage, read for counts inside it (`prompt_tokens_details`,
+/// `cache_creation`): another shape reads as none, and does not cost the usage its other
+/// counts.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Inner<T> {
+    Known(T),
+    Other(serde::de::IgnoredAny),
 }
 
 /// A token count: a whole number, written as an integer or as `3.0`.
@@ -199,26 +203,22 @@ fn serde_usage(value: &[u8]) -> Option<Usage> {
         #[serde(default)]
         total_tokens: Option<serde_json::Number>,
         #[serde(default)]
-        prompt_tokens_details: Option<Details>,
+        prompt_tokens_details: Option<Inner<Details>>,
         #[serde(default)]
-        input_tokens_details: Option<Details>,
+        input_tokens_details: Option<Inner<Details>>,
     }
     #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Details {
-        Counts {
-            #[serde(default)]
-            cached_tokens: Option<serde_json::Number>,
-        },
-        Other(serde::de::IgnoredAny),
+    struct Details {
+        #[serde(default)]
+        cached_tokens: Option<serde_json::Number>,
     }
     let raw = serde_json::Deserializer::from_slice(value)
         .into_iter::<Lenient>()
         .next()?
         .ok()?;
     let count = |n: Option<serde_json::Number>| n.and_then(count).unwrap_or(0);
-    let cached = |d: Option<Details>| match d {
-        Some(Details::Counts { cached_tokens }) => count(cached_tokens),
+    let cached = |d: Option<Inner<Details>>| match d {
+        Some(Inner::Known(d)) => count(d.cached_tokens),
         _ => 0,
     };
     Some(Usage {
