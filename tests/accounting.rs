@@ -1481,11 +1481,7 @@ async fn the_responses_api_is_proxied_and_accounted() {
         assert_eq!(body_bytes(resp).await, Bytes::from(answer.clone()));
     }
     // Poe's `/v1/models` and balance are fetched beside them.
-    let sent: Vec<_> = up
-        .received()
-        .into_iter()
-        .filter(|r| r.path == "/v1/responses")
-        .collect();
+    let sent = up.received_on("/v1/responses");
     assert_eq!(sent.len(), 2);
     assert_eq!(sent[0].json()["model"], "claude-sonnet-4.5");
     assert_eq!(sent[0].json()["input"], "Say hi");
@@ -1585,13 +1581,7 @@ async fn the_responses_api_is_proxied_and_accounted() {
     let resp = responses(r#"{"input":"hi"}"#.into()).await;
     let e = expect_error(resp, 400, "invalid_request_error").await;
     assert_eq!(e["param"], "model");
-    assert_eq!(
-        up.received()
-            .iter()
-            .filter(|r| r.path == "/v1/responses")
-            .count(),
-        7
-    );
+    assert_eq!(up.received_on("/v1/responses").len(), 7);
 }
 
 /// What Poe's Messages API sends for a Claude bot: Anthropic's `message` object.
@@ -1660,11 +1650,7 @@ async fn the_messages_api_is_proxied_and_accounted() {
         assert_eq!(resp.headers()["x-poe-gateway-bot"], "claude-sonnet-4.5");
         assert_eq!(body_bytes(resp).await, Bytes::from(answer.clone()));
     }
-    let sent: Vec<_> = up
-        .received()
-        .into_iter()
-        .filter(|r| r.path == "/v1/messages")
-        .collect();
+    let sent = up.received_on("/v1/messages");
     assert_eq!(sent.len(), 2);
     assert_eq!(sent[0].json()["model"], "claude-sonnet-4.5");
     assert_eq!(sent[0].json()["max_tokens"], 64);
@@ -1787,13 +1773,7 @@ async fn the_messages_api_is_proxied_and_accounted() {
     // Chat completions keep OpenAI's shape.
     let resp = request(&gw, "POST", "/v1/chat/completions", &[], "{}").await;
     expect_error(resp, 401, "authentication_error").await;
-    assert_eq!(
-        up.received()
-            .iter()
-            .filter(|r| r.path == "/v1/messages")
-            .count(),
-        7
-    );
+    assert_eq!(up.received_on("/v1/messages").len(), 7);
 
     // Claude Code names bots by Anthropic's ids, which Poe's Messages API takes too: a key
     // allowed `claude-sonnet-4.5` may use `claude-sonnet-4-5-20250929`, priced as that bot.

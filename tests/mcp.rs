@@ -119,12 +119,7 @@ fn err(r: &CallToolResult) -> String {
 }
 
 fn chat_requests(upstream: &MockUpstream) -> Vec<Value> {
-    upstream
-        .received()
-        .iter()
-        .filter(|r| r.path == "/v1/chat/completions")
-        .map(|r| r.json())
-        .collect()
+    upstream.chats().iter().map(|r| r.json()).collect()
 }
 
 fn poe_error(status: u16, kind: &str, message: &str) -> Reply {
@@ -842,10 +837,10 @@ async fn http_sessions_use_and_are_scoped_to_the_callers_key() {
     )
     .await);
     assert_eq!(second["session_id"], id.as_str());
-    let reqs = upstream.received();
     assert!(
-        reqs.iter()
-            .filter(|r| r.path == "/v1/chat/completions")
+        upstream
+            .chats()
+            .iter()
             .all(|r| r.headers["authorization"] == "Bearer poe-key-alice")
     );
     assert_eq!(

@@ -287,19 +287,21 @@ impl MockUpstream {
         self.state.received.lock().unwrap().clone()
     }
 
-    /// Only the chat completion requests, in order.
-    pub fn chats(&self) -> Vec<Received> {
+    /// The requests to `path`, in order.
+    pub fn received_on(&self, path: &str) -> Vec<Received> {
         self.received()
             .into_iter()
-            .filter(|r| r.path == "/v1/chat/completions")
+            .filter(|r| r.path == path)
             .collect()
     }
 
+    /// Only the chat completion requests, in order.
+    pub fn chats(&self) -> Vec<Received> {
+        self.received_on("/v1/chat/completions")
+    }
+
     pub fn chat_calls(&self) -> usize {
-        self.received()
-            .iter()
-            .filter(|r| r.path == "/v1/chat/completions")
-            .count()
+        self.chats().len()
     }
 
     /// TCP connections accepted so far.
