@@ -15,7 +15,6 @@ use serde_json::{Value, json};
 use super::App;
 use super::routes::{HttpResponse, authenticate, json as json_response, read_body};
 use crate::error::GatewayError;
-use crate::gateway::alias::Route;
 use crate::gateway::models::{Catalogue, poe_id_of_anthropic_model, same_bot};
 use crate::gateway::{ChatRequest, Endpoint};
 
@@ -43,16 +42,10 @@ pub(crate) async fn count_tokens(
     .await?;
     let parsed = ChatRequest::parse_for(Endpoint::Messages, body)?;
     if let Some(rec) = &caller.key {
+        // A name that is no alias is checked as itself: it has no bots of its own.
         let model = parsed.model();
-        let direct;
-        let bots: &[String] = match app.gateway.aliases().resolve(model) {
-            Route::Alias { bots, .. } => bots,
-            Route::Direct(m) => {
-                direct = [m.to_string()];
-                &direct
-            }
-        };
-        app.gateway.keys().check_model(rec, model, bots)?;
+        let route = app.gateway.aliases().resolve(model);
+        app.gateway.keys().check_model(rec, model, route.bots())?;
     }
     // Read in one pass, nothing kept but what a block's kind depends on.
     let tokens = super::token_count::estimate(parsed.body())
