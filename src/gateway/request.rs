@@ -441,14 +441,13 @@ fn is_encoded_media(string: &[u8], data_member: bool) -> bool {
     if data_member {
         return string.len() >= LOOK && looks_like_base64(&string[..LOOK]);
     }
-    // `data:<type>/<subtype>[;...],`: no space before the comma.
-    string.starts_with(b"data:")
-        && string[5..].first().is_some_and(u8::is_ascii_alphabetic)
-        && string[5..string.len().min(256)]
-            .iter()
-            .take_while(|b| **b != b',')
-            .all(|b| !b.is_ascii_whitespace())
-        && string[5..string.len().min(256)].contains(&b',')
+    // `data:<type>/<subtype>[;...],`: no space before the comma, within the first 256 bytes.
+    let Some(head) = string[..string.len().min(256)].strip_prefix(b"data:") else {
+        return false;
+    };
+    head.first().is_some_and(u8::is_ascii_alphabetic)
+        && memchr::memchr(b',', head)
+            .is_some_and(|comma| !head[..comma].iter().any(u8::is_ascii_whitespace))
 }
 
 /// Whether the start of a JSON string is base64, as written: its alphabet, with `/` or `+`
