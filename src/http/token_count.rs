@@ -170,23 +170,16 @@ impl<'de> Visitor<'de> for Walk {
                 }
                 _ => {}
             }
-            match &*key {
-                "source" => {
-                    source = Some((key_len, value));
-                    continue;
-                }
-                "data" if value.str().is_some() => {
-                    count.text += key_len;
-                    count.add(value.count());
-                    if let Seen::Str(s) = value {
-                        data = Some(s);
-                    }
-                    continue;
-                }
-                _ => {}
+            if key == "source" {
+                source = Some((key_len, value));
+                continue;
             }
             count.text += key_len;
             count.add(value.count());
+            // Kept for a base64 source's media; counted as text until then.
+            if let ("data", Seen::Str(s)) = (&*key, value) {
+                data = Some(s);
+            }
         }
         let kind = kind.as_deref();
         if kind == Some("redacted_thinking") {
