@@ -225,32 +225,24 @@ impl<'de> Visitor<'de> for Walk {
 }
 
 /// Base64 to bytes, line breaks and spaces (MIME's wrapping) left out.
-fn decode(data: &str) -> Option<Vec<u8>> {
+fn decode(data: &[u8]) -> Option<Vec<u8>> {
     use base64::Engine as _;
-    let compact: Cow<str> = if data.bytes().any(|b| b.is_ascii_whitespace()) {
-        Cow::Owned(data.split_ascii_whitespace().collect())
+    let compact: Cow<[u8]> = if data.iter().any(u8::is_ascii_whitespace) {
+        Cow::Owned(data.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect())
     } else {
         Cow::Borrowed(data)
     };
-    base64::engine::general_purpose::STANDARD
-        .decode(compact.as_bytes())
-        .ok()
+    base64::engine::general_purpose::STANDARD.decode(compact).ok()
 }
 
 /// An image's tokens by Anthropic's formula, from the dimensions in its header (PNG, JPEG,
-/// GIF, WebP); `None` when they cannot be read. Only the start of the base64 is decoded.
+/// GIF, WebP); `None` when they cannot be read. Only the start of the base64 is decoded: its
+/// first [`IMAGE_HEADER_BASE64`] bytes, cut to whole groups of 4, which decode on their own.
 fn image_tokens(data: &str) -> Option<u64> {
-    // A prefix whose length is a multiple of 4 decodes on its own.
-    let mut end = data.len().min(IMAGE_HEADER_BASE64);
-    while !data.is_char_boundary(end) {
-        end -= 1;
-    }
-    let prefix = &data[..end];
-    let bytes = decode(prefix).or_else(|| {
-        let compact: String = prefix.split_ascii_whitespace().collect();
-        let whole = compact.len() / 4 * 4;
-        decode(&compact[..whole])
-    })?;
+    let mut head = data.as_bytes()[..data.len().min(IMAGE_HEADER_BASE64)].to_vec();
+    head.retain(|b| !b.is_ascii_whitespace());
+    head.truncate(head.len() / 4 * 4);
+    let bytes = decode(&head)?;
     let (w, h) = image_size(&bytes)?;
     if w == 0 || h == 0 {
         return None;
@@ -322,7 +314,7 @@ fn image_size(b: &[u8]) -> Option<(u32, u32)> {
 /// allowed, not `/Pages` or `/PageLabel`), or for each [`PDF_PAGE_BYTES`] when its pages are
 /// inside compressed object streams; one page when it cannot be decoded.
 fn pdf_tokens(data: &str) -> u64 {
-    let Some(bytes) = decode(data) else {
+    let Some(bytes) = decode(data.as_bytes()) else {
         return PDF_PAGE_TOKENS;
     };
     let pdf_space = |b: &u8| matches!(b, b' ' | b'\n' | b'\r' | b'\t' | b'\x0c' | b'\0');
@@ -382,6 +374,8 @@ mod tests {
         let gif = [b"GIF89a".as_slice(), &[0x20, 3, 0x58, 2]].concat();
         assert_eq!(image_tokens(&b64(&gif)), Some(640));
         assert_eq!(image_tokens("not base64!"), None);
+        // Not ASCII: cut by bytes, never inside a character.
+        assert_eq!(image_tokens("€€€"), None);
         assert_eq!(image_tokens(&b64(b"\xff\xd8\xff")), None);
     }
 
