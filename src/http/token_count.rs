@@ -228,11 +228,18 @@ impl<'de> Visitor<'de> for Walk {
 fn decode(data: &[u8]) -> Option<Vec<u8>> {
     use base64::Engine as _;
     let compact: Cow<[u8]> = if data.iter().any(u8::is_ascii_whitespace) {
-        Cow::Owned(data.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect())
+        Cow::Owned(
+            data.iter()
+                .copied()
+                .filter(|b| !b.is_ascii_whitespace())
+                .collect(),
+        )
     } else {
         Cow::Borrowed(data)
     };
-    base64::engine::general_purpose::STANDARD.decode(compact).ok()
+    base64::engine::general_purpose::STANDARD
+        .decode(compact)
+        .ok()
 }
 
 /// An image's tokens by Anthropic's formula, from the dimensions in its header (PNG, JPEG,
