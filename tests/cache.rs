@@ -181,6 +181,30 @@ async fn concurrent_identical_requests_make_one_call() {
     assert_eq!(metric(&gw, "poe_gateway_cache_hits_total").await, Some(9.0));
 }
 
+/// Identical requests that waited on one call share its error too, and with it the leader's
+/// word that the gateway already retried (`x-should-retry: false`): without it each waiting
+/// client's SDK retried by itself, and Poe got the retries of every one of them.
+#[tokio::test(start_paused = true)]
+async fn a_shared_error_tells_every_client_it_was_retried() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(
+        Reply::json(500, poe_error(500, "provider_error")).head_delay(Duration::from_secs(5)),
+    );
+    let gw = TestGateway::default(&up).await;
+    let body = det_body("gpt", false);
+    let answers = futures_join_all((0..3).map(|_| post(&gw, &body, &[]))).await;
+    for resp in &answers {
+        assert_eq!(resp.status(), 500);
+        assert_eq!(resp.headers()["x-should-retry"], "false");
+        assert_eq!(resp.headers()["x-poe-gateway-attempts"], "3");
+    }
+    assert_eq!(
+        up.chat_calls(),
+        3,
+        "one request's attempts, shared by all three"
+    );
+}
+
 /// When the request making a coalesced call is cancelled (its client hangs up), the requests
 /// waiting on it do not all go to Poe at once: one of them takes the call over for the rest.
 #[tokio::test(start_paused = true)]

@@ -330,6 +330,48 @@ async fn drop_mid_stream_ends_with_an_error_event_not_done() {
     );
 }
 
+/// A stream that reached `[DONE]` is whole, however its connection ends after that: a break
+/// or a silence adds no error event after `[DONE]`, the silence is not waited out for
+/// `timeouts.idle`, and the answer counts as completed and is stored.
+#[tokio::test(start_paused = true)]
+async fn a_connection_lost_after_done_ends_the_stream_cleanly() {
+    let done = format!("{}data: [DONE]\n\n", chunk("gpt-5", "whole"));
+    let up = MockUpstream::start().await;
+    up.push(Reply::sse().send(done.clone()).drop_connection());
+    up.push(
+        Reply::sse()
+            .send(done.clone())
+            .sleep(Duration::from_secs(3600)),
+    );
+    let gw = TestGateway::start(&up, "[cache]\nmode = \"all\"\n", &[]).await;
+    for (i, how) in ["a dropped connection", "a held one"]
+        .into_iter()
+        .enumerate()
+    {
+        // Different questions, so the second is not the first's cache hit.
+        let body = chat_body("gpt", true).replace("\"hi\"", &format!("\"question {i}\""));
+        let started = Instant::now();
+        let resp = post(&gw, &body, &[]).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-cache"], "MISS", "{how}");
+        let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+        assert_eq!(text, done, "{how}: nothing follows [DONE]");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{how}: the stream ended in {:?}, not at timeouts.idle",
+            started.elapsed()
+        );
+        let again = post(&gw, &body, &[]).await;
+        assert_eq!(
+            again.headers()["x-cache"],
+            "HIT",
+            "{how}: a whole answer is stored"
+        );
+        assert_eq!(body_bytes(again).await, Bytes::from(done.clone()), "{how}");
+    }
+    assert_eq!(up.chat_calls(), 2);
+}
+
 /// A stream Poe ends with its own error event (then a clean end, or a dropped connection)
 /// already tells the client why: the gateway adds no second, generic error event after it.
 #[tokio::test(start_paused = true)]

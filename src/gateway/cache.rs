@@ -185,6 +185,9 @@ pub struct Shared {
     pub body: Bytes,
     pub bot: String,
     pub usage: Option<Usage>,
+    /// The leader's upstream attempts. An error it already retried is not for the
+    /// followers' SDKs to retry again (`x-should-retry`).
+    pub attempts: u32,
 }
 
 /// What a coalesced call's followers see of it: nothing yet, its answer, or that it failed.

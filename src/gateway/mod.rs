@@ -744,6 +744,7 @@ impl Gateway {
                 body: bytes.clone(),
                 bot: bot.clone(),
                 usage: tap::json_usage(&bytes),
+                attempts,
             }));
             return Ok(Reply {
                 status,
@@ -1268,7 +1269,10 @@ impl Gateway {
                 data: Some(shared.body.clone()),
             },
             bot: shared.bot.clone(),
-            attempts: 0,
+            // A shared answer cost this request no call (its row says 0). A shared error
+            // carries the leader's count, so the client is told, as the leader's was, not
+            // to retry what the gateway already retried.
+            attempts: if ok { 0 } else { shared.attempts },
             cache: if ok {
                 CacheStatus::Hit
             } else {

@@ -382,12 +382,24 @@ where
                 }
                 Poll::Ready(Some(Err(e))) => format!("upstream connection broke mid-response: {e}"),
                 Poll::Pending => {
+                    // After the last event nothing more is due but the body's end: a Poe
+                    // that holds the connection open is not waited on for `timeouts.idle`.
+                    let wait = if this.observed.saw_done {
+                        AFTER_LAST_EVENT.min(*this.idle)
+                    } else {
+                        *this.idle
+                    };
+                    if this.observed.saw_done
+                        && this.idle_timer.deadline() > *this.last_frame + wait
+                    {
+                        this.idle_timer.as_mut().reset(*this.last_frame + wait);
+                    }
                     loop {
                         if this.idle_timer.as_mut().poll(cx).is_pending() {
                             return Poll::Pending;
                         }
                         // Armed before the latest frame: wait the rest of the idle time.
-                        let due = *this.last_frame + *this.idle;
+                        let due = *this.last_frame + wait;
                         if Instant::now() >= due {
                             break;
                         }
@@ -399,6 +411,14 @@ where
                     )
                 }
             };
+            // The answer was whole (`[DONE]`, or the API's last event, came): a connection
+            // that breaks or goes quiet after it ends the stream as a close would. Nothing
+            // may follow the last event, an error event least of all.
+            if this.observed.saw_done || done_at_eof(this.mode, &mut this.observed.clone()) {
+                let last = self::end(this.mode, this.observed, this.completion, this.recorder);
+                *this.state = State::Done;
+                return Poll::Ready(last.map(|l| Ok(Frame::data(l))));
+            }
             // After Poe's own error event, the client knows the stream failed, and why.
             let last = end_frame(
                 this.mode,
@@ -435,6 +455,9 @@ where
         }
     }
 }
+
+/// How long a stream that sent its last event may take to close before the gateway ends it.
+const AFTER_LAST_EVENT: Duration = Duration::from_secs(1);
 
 fn finish(completion: &mut Option<Completion>, observed: &Observed, outcome: Outcome) {
     if let Some(c) = completion.take() {
