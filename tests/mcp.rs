@@ -698,6 +698,17 @@ async fn ask_poe_with_tools_returns_the_calls() {
     .await);
     assert_eq!(r2["text"], "It is sunny in Paris.");
     assert_eq!(r2["tool_calls"], json!([]));
+
+    // A blank tool_choice is not given (Poe, like OpenAI, refuses "").
+    upstream.push(Reply::completion("gpt-5", "Sunny."));
+    ok(&call(
+        &client,
+        "ask_poe_with_tools",
+        json!({"bot": "gpt", "prompt": "And tomorrow?", "tools": tools, "tool_choice": ""}),
+    )
+    .await);
+    let req = chat_requests(&upstream).pop().unwrap();
+    assert!(req.get("tool_choice").is_none(), "{req}");
     let msgs = &chat_requests(&upstream)[1]["messages"];
     assert_eq!(msgs[1]["role"], "assistant");
     assert!(
@@ -772,6 +783,38 @@ async fn generate_image_and_video_return_media_urls() {
     assert!(
         e.contains("without a media URL") && e.contains("can't draw"),
         "{e}"
+    );
+
+    // Optional arguments an agent fills with "" count as not given.
+    upstream.push(Reply::completion(
+        "veo-3",
+        &format!("![video.mp4]({video})\n{video}"),
+    ));
+    ok(&call(
+        &client,
+        "generate_video",
+        json!({"prompt": "waves", "duration": "", "aspect_ratio": ""}),
+    )
+    .await);
+    let req = chat_requests(&upstream).pop().unwrap();
+    assert!(
+        req.get("duration").is_none() && req.get("aspect_ratio").is_none(),
+        "{req}"
+    );
+
+    // The image URL generate_image returned has no extension in its name; attached, it
+    // still goes to the bot as an image, not as a file.
+    upstream.push(Reply::stream("claude-sonnet-4.5", &["A red fox."]));
+    ok(&call(
+        &client,
+        "ask_with_attachment",
+        json!({"bot": "claude", "prompt": "Describe", "attachment_url": IMAGE_URL}),
+    )
+    .await);
+    let req = chat_requests(&upstream).pop().unwrap();
+    assert_eq!(
+        req["messages"][0]["content"][1],
+        json!({"type": "image_url", "image_url": {"url": IMAGE_URL}})
     );
 }
 

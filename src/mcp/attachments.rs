@@ -164,7 +164,9 @@ fn from_url(
         .map(str::to_string)
         .or_else(|| url_file_name(url))
         .unwrap_or_else(|| "attachment".into());
-    let mime = declared.or_else(|| mime_from_name(&name).map(str::to_string));
+    let mime = declared
+        .or_else(|| mime_from_name(&name).map(str::to_string))
+        .or_else(|| poe_image_url(url).then(|| "image/*".to_string()));
     Ok(Attachment {
         name,
         mime,
@@ -489,6 +491,19 @@ fn ext_from_mime(mime: &str) -> Option<&'static str> {
         .iter()
         .find(|(_, m)| *m == mime)
         .map(|(e, _)| *e)
+}
+
+/// Whether `url` is one of Poe's own image URLs (`https://pfst.cf2.poecdn.net/base/image/<hash>`,
+/// what `generate_image` returns), whose names carry no extension. For a URL only the part's
+/// kind is sent, so `image/*` stands for the type Poe knows.
+fn poe_image_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let poe = uri.host().is_some_and(|h| {
+        h.eq_ignore_ascii_case("poecdn.net") || h.to_ascii_lowercase().ends_with(".poecdn.net")
+    });
+    poe && uri.path().split('/').any(|s| s == "image")
 }
 
 /// The last path segment of a URL, without its query.

@@ -63,6 +63,13 @@ fn blank_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String
     Ok(Option::<String>::deserialize(d)?.filter(|s| !s.trim().is_empty()))
 }
 
+/// The same for an argument that may be text or something else (`tool_choice`, `duration`):
+/// a blank string is not given, and neither is `null`.
+fn blank_value_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Ok(Option::<Value>::deserialize(d)?
+        .filter(|v| !v.is_null() && v.as_str().is_none_or(|s| !s.trim().is_empty())))
+}
+
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AskPoeArgs {
@@ -108,7 +115,9 @@ pub struct AskWithAttachmentArgs {
     #[serde(default, deserialize_with = "blank_is_none")]
     #[schemars(with = "Option<String>")]
     pub attachment_path: Option<String>,
-    /// An http(s) URL Poe fetches itself (the gateway never downloads it).
+    /// An http(s) URL Poe fetches itself (the gateway never downloads it). Its type comes
+    /// from its file name; give `mime_type` when the name has no extension (Poe's own image
+    /// URLs, from `generate_image`, are known as images).
     #[serde(default, deserialize_with = "blank_is_none")]
     #[schemars(with = "Option<String>")]
     pub attachment_url: Option<String>,
@@ -163,6 +172,7 @@ pub struct AskWithToolsArgs {
     /// "parameters": <JSON schema>}}`, or just `{"name", "description", "parameters"}`.
     pub tools: Vec<Value>,
     /// `"auto"`, `"none"`, `"required"`, or `{"type": "function", "function": {"name": ...}}`.
+    #[serde(default, deserialize_with = "blank_value_is_none")]
     pub tool_choice: Option<Value>,
     /// Whether the bot may request several calls at once.
     pub parallel_tool_calls: Option<bool>,
@@ -211,6 +221,7 @@ pub struct GenerateVideoArgs {
     #[schemars(with = "Option<String>")]
     pub aspect_ratio: Option<String>,
     /// Length, as the bot expects it: seconds (e.g. `8`) or a string (e.g. `"8s"`).
+    #[serde(default, deserialize_with = "blank_value_is_none")]
     pub duration: Option<Value>,
     /// Other bot parameters, sent as top-level request fields (e.g. `resolution`, `negative_prompt`).
     pub params: Option<Map<String, Value>>,
