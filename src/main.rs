@@ -317,9 +317,28 @@ async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) ->
         );
         return ExitCode::FAILURE;
     }
-    let store = match open_store(&database_url).await {
-        Ok(s) => s,
-        Err(code) => return code,
+    // Listing or revoking needs a ledger there already, and so does a key made in an
+    // existing SQLite file: opened to write, any other database (another program's, or an
+    // empty file) became a ledger, and answered as an empty one. `list` reads it as it is.
+    let creating = matches!(cmd, KeysCommand::Create { .. });
+    let existing = !creating || (missing.is_none() && database_url.starts_with("sqlite://"));
+    let read_only = if existing {
+        match Store::open_existing(&database_url).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("poe-gateway: ledger: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let store = match read_only {
+        Some(s) if matches!(cmd, KeysCommand::List { .. }) => s,
+        _ => match open_store(&database_url).await {
+            Ok(s) => s,
+            Err(code) => return code,
+        },
     };
     if let Some(path) = &missing {
         // A first key before the gateway ever ran is fine; a new ledger by mistake is not,

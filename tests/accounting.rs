@@ -1290,6 +1290,38 @@ async fn the_keys_command_says_when_there_is_no_ledger() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"alice\""));
     let out = keys(&db, &["list", "--format", "yaml"]);
     assert_eq!(out.status.code(), Some(2), "clap's usage error");
+
+    // A file that is there but is no ledger (empty, or another program's database) is
+    // refused by every subcommand, and left as it was: it used to become a ledger, and
+    // `list` and `revoke` answered as from an empty one.
+    let (_, other) = sqlite_database().await;
+    let (_, empty) = sqlite_database().await;
+    for path in [&other, &empty] {
+        std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+    }
+    {
+        let c = rusqlite::Connection::open(&other).unwrap();
+        c.execute("CREATE TABLE theirs (x INTEGER)", []).unwrap();
+    }
+    std::fs::write(&empty, b"").unwrap();
+    for path in [&other, &empty] {
+        let before = std::fs::read(path).unwrap();
+        for args in [
+            &["list"][..],
+            &["revoke", "alice"][..],
+            &["create", "--name", "bob"][..],
+        ] {
+            let out = keys(&format!("sqlite://{path}"), args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{path} {args:?}: {stderr}");
+            assert!(
+                stderr.contains("no poe-gateway ledger"),
+                "{args:?}: {stderr}"
+            );
+            assert!(out.stdout.is_empty(), "{args:?}");
+        }
+        assert_eq!(std::fs::read(path).unwrap(), before, "{path} was changed");
+    }
 }
 
 /// A new key's model list is checked against Poe's catalogue and the aliases: a name that is

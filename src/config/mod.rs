@@ -550,6 +550,12 @@ where
     let mut seen: BTreeMap<String, (String, String)> = BTreeMap::new();
     for (name, value) in env {
         let Some((section, key)) = env_key(&name) else {
+            if let Some((key, meant)) = one_underscore_setting(&name) {
+                let reason = format!(
+                    "{name} is not read: a setting's variable has two underscores after its section ({meant})"
+                );
+                return Err(err(&key, reason, Some(name)));
+            }
             continue;
         };
         let dotted = format!("{section}.{key}");
@@ -666,6 +672,32 @@ fn env_key(name: &str) -> Option<(String, String)> {
         return None;
     }
     Some((section.to_ascii_lowercase(), key.to_ascii_lowercase()))
+}
+
+/// The policy's sections, for telling a mistyped variable from one of another program's.
+const SECTIONS: &[&str] = &[
+    "server", "upstream", "auth", "timeouts", "retry", "limits", "aliases", "mcp", "cache", "log",
+    "redis", "pricing",
+];
+
+/// A variable that looks like a setting with one underscore where two belong
+/// (`POE_GATEWAY_AUTH_MODE` for `POE_GATEWAY_AUTH__MODE`): the policy key it meant and the
+/// variable that sets it. Left unread, such a typo ran a team's gateway in open mode without
+/// a word. The gateway's own one-underscore names (`POE_GATEWAY_LOG_FORMAT`, ...) and other
+/// programs' (Kubernetes' `POE_GATEWAY_SERVICE_HOST`) are not sections' and pass.
+fn one_underscore_setting(name: &str) -> Option<(String, String)> {
+    const OWN: &[&str] = &["LOG_FORMAT", "DATABASE_URL", "ADMIN_KEY", "POLICIES"];
+    let rest = name.strip_prefix(ENV_PREFIX)?;
+    if rest.contains("__") || OWN.contains(&rest) {
+        return None;
+    }
+    let (section, key) = rest.split_once('_')?;
+    let section = section.to_ascii_lowercase();
+    if key.is_empty() || !SECTIONS.contains(&section.as_str()) {
+        return None;
+    }
+    let meant = format!("{ENV_PREFIX}{}__{key}", section.to_ascii_uppercase());
+    Some((format!("{section}.{}", key.to_ascii_lowercase()), meant))
 }
 
 /// An env value is read as a TOML value when it is one (`true`, `3`, `["a","b"]`), else as a string.
@@ -1095,6 +1127,28 @@ mod tests {
             let e = parse("p.toml", text, env(&[])).unwrap_err();
             assert_eq!(e.key, key, "{e}");
             assert!(e.reason.contains("at most 10 years"), "{e}");
+        }
+        // One underscore where two belong is refused, naming the variable meant; the
+        // gateway's own short names and other programs' variables pass.
+        let e = parse("p.toml", "", env(&[("POE_GATEWAY_AUTH_MODE", "keys")])).unwrap_err();
+        assert_eq!(e.key, "auth.mode");
+        assert_eq!(e.env.as_deref(), Some("POE_GATEWAY_AUTH_MODE"));
+        assert!(e.reason.contains("POE_GATEWAY_AUTH__MODE"), "{e}");
+        for fine in [
+            "POE_GATEWAY_LOG_FORMAT",
+            "POE_GATEWAY_SERVICE_HOST",
+            "POE_GATEWAY_PORT_8080_TCP",
+            "POE_GATEWAY_BIN",
+            "POE_GATEWAY_DATABASE_URL",
+        ] {
+            parse("p.toml", "", env(&[(fine, "x")])).unwrap();
+        }
+        let shipped: toml::Table = toml::from_str(DEFAULT_POLICY).unwrap();
+        for section in shipped.keys() {
+            assert!(
+                SECTIONS.contains(&section.as_str()),
+                "{section} is not in SECTIONS"
+            );
         }
         let e = parse("p.toml", "", env(&[("POE_GATEWAY_CACHE__TTL", "11y")])).unwrap_err();
         assert_eq!(e.key, "cache.ttl", "{e}");
