@@ -1324,6 +1324,56 @@ async fn the_keys_command_says_when_there_is_no_ledger() {
     }
 }
 
+/// Processes making keys of one name at once on one ledger (two gateways, a gateway and the
+/// CLI): one key is made, the others are refused. The name was checked under a lock of each
+/// process's own, so two gateways raced 13 of 31 names into two active keys each.
+#[tokio::test]
+async fn one_name_is_one_active_key_across_processes() {
+    let run = |db: &str, name: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+            .args(["keys", "create", "--name", name])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("POE_GATEWAY_DATABASE_URL", db)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the binary runs")
+    };
+    for db in databases().await {
+        // The ledger is made first, so the race is the name's, not the schema's.
+        assert!(
+            run(&db, "first")
+                .wait_with_output()
+                .unwrap()
+                .status
+                .success()
+        );
+        let racers: Vec<_> = (0..6).map(|_| run(&db, "dup")).collect();
+        let outs: Vec<_> = racers
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let made = outs.iter().filter(|o| o.status.success()).count();
+        for o in outs.iter().filter(|o| !o.status.success()) {
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert!(stderr.contains("already named"), "{db}: {stderr}");
+        }
+        assert_eq!(made, 1, "{db}");
+        let store = poe_gateway::ledger::Store::open_existing(&db)
+            .await
+            .unwrap();
+        let active = store
+            .list_keys()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|k| k.name == "dup" && k.revoked_ms.is_none())
+            .count();
+        assert_eq!(active, 1, "{db}");
+    }
+}
+
 /// A new key's model list is checked against Poe's catalogue and the aliases: a name that is
 /// neither (a typo) is named in a warning, with the closest known name, and the key is made
 /// all the same (Poe answers bots its catalogue does not list). Known names, in any case,

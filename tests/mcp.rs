@@ -1508,8 +1508,13 @@ async fn an_oversized_stdio_message_is_answered_and_the_session_goes_on() {
             .expect("a line");
         serde_json::from_str(&line).unwrap()
     };
+    // A JSON string is sent as its text, raw: a line that is no JSON.
     let mut send = async |v: Value| {
-        stdin.write_all(format!("{v}\n").as_bytes()).await.unwrap();
+        let line = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
         stdin.flush().await.unwrap();
     };
     send(
@@ -1539,6 +1544,29 @@ async fn an_oversized_stdio_message_is_answered_and_the_session_goes_on() {
             .as_array()
             .is_some_and(|t| !t.is_empty())
     );
+
+    // A tools/call with params of the wrong shape is -32602 saying what is wrong (it was
+    // -32601, "method not found"); an unknown method is not found, by name.
+    send(json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "ask_poe", "arguments": "x"}}))
+    .await;
+    let answer = next().await;
+    assert_eq!(answer["id"], 9, "{answer}");
+    assert_eq!(answer["error"]["code"], -32602, "{answer}");
+    let msg = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("tools/call") && msg.contains("invalid type"),
+        "{msg}"
+    );
+    send(json!({"jsonrpc": "2.0", "id": 10, "method": "no/such"})).await;
+    let answer = next().await;
+    assert_eq!(answer["error"]["code"], -32601, "{answer}");
+    assert_eq!(answer["error"]["message"], "method not found: no/such");
+    // A line that is not JSON is a parse error, answered with `"id": null`.
+    send(json!("{nope")).await;
+    let answer = next().await;
+    assert_eq!(answer["error"]["code"], -32700, "{answer}");
+    assert!(answer.get("id").is_some_and(Value::is_null), "{answer}");
     assert_eq!(up.chat_calls(), 0);
     drop(stdin);
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())

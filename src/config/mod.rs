@@ -733,6 +733,16 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
     {
         return bad("upstream.base_url", "is not a valid URL with a host");
     }
+    // `http::Uri` takes any digits for a port: 99999 passed, and every call failed.
+    let authority = base.split_once("://").map_or("", |(_, r)| r);
+    let authority = authority.split(['/', '?', '#']).next().unwrap_or("");
+    let after_host = authority.rsplit_once(']').map_or(authority, |(_, r)| r);
+    if let Some((_, port)) = after_host.rsplit_once(':')
+        && !port.is_empty()
+        && port.parse::<u16>().is_err()
+    {
+        return bad("upstream.base_url", "has a port outside 0..65535");
+    }
     if p.upstream.http2_max_streams == 0 {
         return bad("upstream.http2_max_streams", "must be at least 1");
     }
@@ -813,6 +823,13 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
             "redis.url",
             "must start with redis://, rediss:// or unix://",
         );
+    }
+    // What `serve` parses it with, so `check` passes only what starts. The crate's reasons
+    // are fixed texts: the URL (and its password) is never quoted.
+    if let Some(url) = &p.redis.url
+        && let Err(e) = redis::Client::open(url.as_str())
+    {
+        return bad("redis.url", &format!("is not a usable Redis URL: {e}"));
     }
     if p.redis.timeout.is_zero() {
         return bad("redis.timeout", "must be greater than zero");
@@ -1143,6 +1160,35 @@ mod tests {
         ] {
             parse("p.toml", "", env(&[(fine, "x")])).unwrap();
         }
+        // What `serve` cannot use, `check` refuses: a port out of range, a Redis URL its
+        // client does not parse (the password unquoted).
+        let e = parse(
+            "p.toml",
+            "",
+            env(&[("POE_BASE_URL", "http://127.0.0.1:99999")]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "upstream.base_url");
+        parse(
+            "p.toml",
+            "",
+            env(&[("POE_BASE_URL", "http://[::1]:8080/v1")]),
+        )
+        .unwrap();
+        for url in [
+            "redis://:hunter2pw@127.0.0.1:notaport/0",
+            "redis://:hunter2pw@h/abc",
+        ] {
+            let e = parse("p.toml", "", env(&[("POE_GATEWAY_REDIS_URL", url)])).unwrap_err();
+            assert_eq!(e.key, "redis.url");
+            assert!(!e.to_string().contains("hunter2pw"), "{e}");
+        }
+        parse(
+            "p.toml",
+            "",
+            env(&[("POE_GATEWAY_REDIS_URL", "redis://:pw@h:6379/2")]),
+        )
+        .unwrap();
         let shipped: toml::Table = toml::from_str(DEFAULT_POLICY).unwrap();
         for section in shipped.keys() {
             assert!(

@@ -237,25 +237,6 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
             ),
         ));
     }
-    // Two active keys of one name could not be told apart in reports or revoked one at a
-    // time. (A revoked key's name may be reused.) The check and the insert are one step for
-    // this process: concurrent requests for one name made several keys of it.
-    static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let _one_at_a_time = CREATING.lock().await;
-    let taken = store
-        .list_keys()
-        .await
-        .map_err(|e| GatewayError::internal("checking the key name", &e))?
-        .iter()
-        .any(|k| k.revoked_ms.is_none() && k.name == name);
-    if taken {
-        return Err(GatewayError::bad_param(
-            "name",
-            format!(
-                "an active key is already named {name:?}; revoke it first or choose another name"
-            ),
-        ));
-    }
     if new.budget_usd.is_some_and(|b| !b.is_finite() || b < 0.0) {
         return Err(GatewayError::bad_param(
             "budget_usd",
@@ -299,10 +280,22 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
         rpm: new.rpm,
         models,
     };
-    store
+    // Two active keys of one name could not be told apart in reports or revoked one at a
+    // time. (A revoked key's name may be reused.) The store checks and inserts in one step:
+    // requests for one name at once, through one gateway or several, made several keys.
+    let made = store
         .create_key(&rec)
         .await
         .map_err(|e| GatewayError::internal("storing the key", &e))?;
+    if !made {
+        return Err(GatewayError::bad_param(
+            "name",
+            format!(
+                "an active key is already named {:?}; revoke it first or choose another name",
+                rec.name
+            ),
+        ));
+    }
     Ok((rec, key))
 }
 

@@ -173,12 +173,23 @@ impl Postgres {
         Ok(row.try_get(0)?)
     }
 
-    pub async fn create_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
-        let client = self.client().await?;
+    pub async fn create_key(&self, rec: &KeyRecord) -> Result<bool, LedgerError> {
+        // A connection of its own, for a transaction (the shared client serves every task):
+        // keys are made rarely. Replicas making keys take one lock in turn, and each checks
+        // the name after the one before it committed (read committed: a snapshot per
+        // statement), so two active keys never share a name.
+        let mut client = connect(&self.url).await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_NAME_LOCK])
+            .await?;
         let rpm = rec.rpm.map(|r| r as i32);
-        client
+        let made = tx
             .execute(
-                &format!("INSERT INTO gateway_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+                &format!(
+                    "INSERT INTO gateway_keys ({KEY_COLUMNS}) \
+                     SELECT $1::TEXT, $2::TEXT, $3::TEXT, $4::BIGINT, $5::BIGINT, $6::DOUBLE PRECISION, $7::TEXT, $8::INTEGER, $9::TEXT \
+                     WHERE NOT EXISTS (SELECT 1 FROM gateway_keys WHERE name = $2 AND revoked_ms IS NULL)"
+                ),
                 &[
                     &rec.id,
                     &rec.name,
@@ -192,7 +203,8 @@ impl Postgres {
                 ],
             )
             .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(made == 1)
     }
 
     pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
@@ -256,6 +268,9 @@ fn key_row(r: &Row) -> Result<KeyRecord, LedgerError> {
 /// notice a dead server within about a minute, and a statement timeout. Without them a
 /// black-holed host held the writer (and every key look-up waiting on the reconnect) for the
 /// operating system's TCP timeout, minutes, while the queue filled and dropped rows.
+/// The advisory lock key creations take in turn (any fixed number; "poe_keys" in ASCII).
+const KEY_NAME_LOCK: i64 = 0x706f_655f_6b65_7973;
+
 async fn connect(url: &str) -> Result<Client, LedgerError> {
     let cannot = |e: &dyn std::fmt::Display| {
         LedgerError::Other(format!("cannot connect to {}: {e}", redact_url(url)))

@@ -238,11 +238,17 @@ impl Sqlite {
         .await
     }
 
-    pub async fn create_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
+    pub async fn create_key(&self, rec: &KeyRecord) -> Result<bool, LedgerError> {
         let rec = rec.clone();
         self.with(true, move |c| {
-            c.execute(
-                &format!("INSERT INTO gateway_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+            // The write lock is taken first (`IMMEDIATE`), so two processes on one file check
+            // the name one after the other; a deferred transaction would fail the second.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let made = tx.execute(
+                &format!(
+                    "INSERT INTO gateway_keys ({KEY_COLUMNS}) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 \
+                     WHERE NOT EXISTS (SELECT 1 FROM gateway_keys WHERE name = ?2 AND revoked_ms IS NULL)"
+                ),
                 params![
                     rec.id,
                     rec.name,
@@ -255,7 +261,8 @@ impl Sqlite {
                     store::models_to_text(&rec.models),
                 ],
             )?;
-            Ok(())
+            tx.commit()?;
+            Ok(made == 1)
         })
         .await
     }

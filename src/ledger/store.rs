@@ -195,7 +195,12 @@ impl Store {
                 "database URL sqlite:// names no file: use sqlite://PATH".into(),
             )),
             Some(_) => Ok(()),
-            None if postgres || url == "sqlite::memory:" => Ok(()),
+            // Parsed as `serve` will, so `check` passes only a URL that can connect.
+            None if postgres => url
+                .parse::<tokio_postgres::Config>()
+                .map(drop)
+                .map_err(|e| LedgerError::Other(format!("database URL {}: {e}", redact_url(url)))),
+            None if url == "sqlite::memory:" => Ok(()),
             None => Err(LedgerError::BadUrl(redact_url(url))),
         }
     }
@@ -318,7 +323,9 @@ impl Store {
         dispatch!(self, s => s.spent_since(key_id, since_ms).await)
     }
 
-    pub async fn create_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
+    /// Stores a new key, unless an active key already has its name (`Ok(false)`): checked
+    /// and inserted as one step, across processes on one ledger too.
+    pub async fn create_key(&self, rec: &KeyRecord) -> Result<bool, LedgerError> {
         dispatch!(self, s => s.create_key(rec).await)
     }
 
@@ -352,7 +359,12 @@ pub fn redact_url(url: &str) -> String {
             },
             None => url.to_string(),
         },
-        None => url.to_string(),
+        // Not a URL at all (`postgres:/u:pw@host`, `u:pw@host`): whatever lies between the
+        // first `:` and the last `@` may be a password.
+        None => match (url.find(':'), url.rfind('@')) {
+            (Some(c), Some(a)) if c < a => format!("{}***{}", &url[..=c], &url[a..]),
+            _ => url.to_string(),
+        },
     };
     redact_password_params(&url)
 }
@@ -425,5 +437,22 @@ mod tests {
             "host=db password = *** sslpassword=*** user=u"
         );
         assert_eq!(redact_url("mysql://x?pass=1"), "mysql://x?pass=1");
+        // Mistyped separators: the password is still cut.
+        for (typo, shown) in [
+            ("postgres:/u:hunter2pw@db/poe", "postgres:***@db/poe"),
+            ("postgres//u:hunter2pw@db/poe", "postgres//u:***@db/poe"),
+            ("u:hunter2pw@db/poe", "u:***@db/poe"),
+        ] {
+            assert_eq!(redact_url(typo), shown);
+            let e = Store::check_url(typo).unwrap_err().to_string();
+            assert!(!e.contains("hunter2pw"), "{e}");
+        }
+        // A postgres:// URL that does not parse is refused by `check` as by `serve`, its
+        // password not shown.
+        let e = Store::check_url("postgres://u:hunter2pw@db/poe?sslmode=bogus")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslmode") && !e.contains("hunter2pw"), "{e}");
+        Store::check_url("postgres://u:pw@db:5432/poe?sslmode=require").unwrap();
     }
 }

@@ -134,22 +134,23 @@ where
                 self.line.clear();
                 continue;
             }
-            let parsed = serde_json::from_slice::<RxJsonRpcMessage<RoleServer>>(text);
-            let id = match &parsed {
-                Ok(_) => None,
-                Err(_) => request_id(text),
+            let message = match serde_json::from_slice::<RxJsonRpcMessage<RoleServer>>(text) {
+                Ok(message) => Some(message),
+                Err(e) => {
+                    // JSON-RPC tells text that is no JSON (a parse error) from JSON that is
+                    // no request.
+                    let (code, what) = match serde_json::from_slice::<serde::de::IgnoredAny>(text) {
+                        Err(_) => (ErrorCode::PARSE_ERROR, "not JSON"),
+                        Ok(_) => (ErrorCode::INVALID_REQUEST, "not a JSON-RPC message"),
+                    };
+                    let error = ErrorData::new(code, format!("{what}: {e}"), None);
+                    self.answer(error, request_id(text));
+                    None
+                }
             };
             self.line.clear();
-            match parsed {
-                Ok(message) => return Some(message),
-                Err(e) => {
-                    let error = ErrorData::new(
-                        ErrorCode::INVALID_REQUEST,
-                        format!("not a JSON-RPC message: {e}"),
-                        None,
-                    );
-                    self.answer(error, id);
-                }
+            if message.is_some() {
+                return message;
             }
         }
     }
@@ -161,11 +162,20 @@ where
 
 impl<R, W: AsyncWrite + Unpin + Send + 'static> LineTransport<R, W> {
     /// Sends an error response on a task of its own, so `receive` stays cancel-safe.
+    /// An error response needs an `id`, `null` when the request's could not be read (JSON-RPC
+    /// 2.0, section 5); rmcp's message type leaves the member out then, so it is written here.
     fn answer(&self, error: ErrorData, id: Option<RequestId>) {
-        let message = TxJsonRpcMessage::<RoleServer>::error(error, id);
+        let message = serde_json::json!({"jsonrpc": "2.0", "id": id, "error": error});
         let write = self.write.clone();
         tokio::spawn(async move {
-            let _ = write_message(write, message).await;
+            let Ok(mut line) = serde_json::to_vec(&message) else {
+                return;
+            };
+            line.push(b'\n');
+            let mut w = write.lock().await;
+            if w.write_all(&line).await.is_ok() {
+                let _ = w.flush().await;
+            }
         });
     }
 }

@@ -572,6 +572,54 @@ impl ServerHandler for PoeTools {
         result
     }
 
+    /// A request rmcp could not read as the method it names comes here as a custom request,
+    /// where rmcp's default answer is -32601 with the bare method as its message: an agent
+    /// whose `tools/call` had bad params was told the method did not exist. The protocol's
+    /// own methods get -32602 with what is wrong; other methods are not found, by name.
+    async fn on_custom_request(
+        &self,
+        request: rmcp::model::CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CustomResult, rmcp::ErrorData> {
+        const SPEC_METHODS: &[&str] = &[
+            "initialize",
+            "ping",
+            "tools/list",
+            "tools/call",
+            "resources/list",
+            "resources/read",
+            "resources/templates/list",
+            "resources/subscribe",
+            "resources/unsubscribe",
+            "prompts/list",
+            "prompts/get",
+            "completion/complete",
+            "logging/setLevel",
+        ];
+        let method = request.method;
+        if !SPEC_METHODS.contains(&method.as_str()) {
+            return Err(rmcp::ErrorData::new(
+                rmcp::model::ErrorCode::METHOD_NOT_FOUND,
+                format!("method not found: {method}"),
+                None,
+            ));
+        }
+        let why = match (method.as_str(), request.params) {
+            (_, None) => "params are missing".to_string(),
+            ("tools/call", Some(p)) => {
+                match serde_json::from_value::<rmcp::model::CallToolRequestParams>(p) {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "expected {\"name\": <tool>, \"arguments\": {...}}".into(),
+                }
+            }
+            (_, Some(_)) => "they do not have the shape the method takes".into(),
+        };
+        Err(rmcp::ErrorData::invalid_params(
+            format!("invalid params for {method}: {why}"),
+            None,
+        ))
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new(
