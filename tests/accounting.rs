@@ -535,6 +535,48 @@ async fn key_rpm_model_list_and_budget() {
     }
 }
 
+/// Two gateways on one ledger without Redis (replicas on one Postgres, two processes on one
+/// SQLite file) spend one budget: each reads the key's spend from the ledger again every few
+/// seconds while it is in use, so one stops once the other has spent the rest. It read the
+/// ledger once per period, and each let the key spend the whole budget.
+#[tokio::test]
+async fn gateways_on_one_ledger_see_each_others_spend() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::completion("claude-sonnet-4.5", "ok"));
+        let (a, core_a) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+        let (b, core_b) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+        // 6.6e-5 a call (7 * 3e-6 + 3 * 15e-6): 0.0003 is four calls and a half.
+        let (_, key) = create_key(
+            &a,
+            r#"{"name":"shared","budget_usd":0.0003,"period":"day"}"#,
+        )
+        .await;
+        let auth = format!("Bearer {key}");
+        let call = async |gw: &TestGateway| {
+            let r = post(gw, &chat_body("claude", false), &[("authorization", &auth)]).await;
+            let status = r.status().as_u16();
+            let _ = body_bytes(r).await;
+            status
+        };
+        for _ in 0..2 {
+            assert_eq!(call(&a).await, 200, "{db}");
+        }
+        core_a.flush().await;
+        // B reads A's two calls when it first checks the key, then spends the rest.
+        for _ in 0..3 {
+            assert_eq!(call(&b).await, 200, "{db}");
+        }
+        assert_eq!(call(&b).await, 429, "{db}: B counts A's calls");
+        core_b.flush().await;
+        // A knew only its own two calls. Once its figure is older than the re-read interval
+        // it reads the ledger again, and refuses.
+        tokio::time::sleep(Duration::from_millis(5_100)).await;
+        assert_eq!(call(&a).await, 429, "{db}: A counts B's calls");
+        assert_eq!(up.chat_calls(), 5, "{db}");
+    }
+}
+
 #[tokio::test]
 async fn admin_api_needs_the_admin_key() {
     let up = MockUpstream::start().await;

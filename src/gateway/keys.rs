@@ -103,11 +103,20 @@ struct Spend {
     period: Period,
     period_start: i64,
     usd: f64,
-    /// Charged as requests ended ([`KeyRing::charge_now`]) and not yet added to the shared
-    /// counter, which the ledger writer does with its next batch: a budget check adds it to
-    /// Redis's figure, so this replica's own last requests are never missing from it.
+    /// Charged as requests ended ([`KeyRing::charge_now`]) and not yet passed on by the
+    /// ledger writer, which adds them to the shared counter with its next batch: a budget
+    /// check adds this to Redis's figure (or, without Redis, to the ledger's), so this
+    /// replica's own last requests are never missing from it.
     unshared: f64,
+    /// When `usd` was last read from the ledger (without Redis; see [`SPEND_RESYNC`]).
+    synced: tokio::time::Instant,
 }
+
+/// How often, without Redis, a key's spend is read from the ledger again while it is in use.
+/// Other processes on one ledger spend the same budget (replicas on one Postgres database,
+/// two gateways on one SQLite file, MCP over stdio beside a gateway): read once per period,
+/// each one allowed the whole budget.
+const SPEND_RESYNC: Duration = Duration::from_secs(5);
 
 /// What `keys create` asks for.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
@@ -575,6 +584,7 @@ impl KeyRing {
                     period_start: start,
                     usd,
                     unshared: 0.0,
+                    synced: tokio::time::Instant::now(),
                 });
                 if s.period_start != start {
                     s.period = rec.period;
@@ -596,33 +606,57 @@ impl KeyRing {
         }
     }
 
-    /// This replica's own view of the spend: the ledger's history, plus what it has charged.
+    /// This replica's own view of the spend: the ledger's history, plus what it has charged,
+    /// read from the ledger again every [`SPEND_RESYNC`] while in use.
     async fn local_spend(&self, rec: &KeyRecord, start: i64) -> Result<f64, GatewayError> {
         let known = {
-            let map = self.spend.lock().expect("spend lock");
-            map.get(&rec.id)
+            let mut map = self.spend.lock().expect("spend lock");
+            map.get_mut(&rec.id)
                 .filter(|s| s.period_start == start)
-                .map(|s| s.usd)
+                .map(|s| {
+                    let stale = s.synced.elapsed() >= SPEND_RESYNC;
+                    if stale {
+                        // Claimed: the requests that come meanwhile do not all read it too.
+                        s.synced = tokio::time::Instant::now();
+                    }
+                    (s.usd, stale)
+                })
         };
-        if let Some(usd) = known {
-            return Ok(usd);
+        match known {
+            Some((usd, false)) => return Ok(usd),
+            Some((usd, true)) => {
+                // A failed re-read keeps what this replica knows; it is no reason to refuse.
+                let Ok(from_db) = self.ledger_spend(rec, start).await else {
+                    return Ok(usd);
+                };
+                let mut map = self.spend.lock().expect("spend lock");
+                return Ok(
+                    match map.get_mut(&rec.id).filter(|s| s.period_start == start) {
+                        Some(s) => {
+                            // The ledger lacks this replica's last charges (`unshared`), and a
+                            // batch on its way to it: never below what was known.
+                            s.usd = s.usd.max(from_db + s.unshared);
+                            s.usd
+                        }
+                        None => usd.max(from_db),
+                    },
+                );
+            }
+            None => {}
         }
         // First use in this period (or since start): the ledger has the history.
         let from_db = self.ledger_spend(rec, start).await?;
         let mut map = self.spend.lock().expect("spend lock");
-        let entry = map.entry(rec.id.clone()).or_insert(Spend {
+        let fresh = Spend {
             period: rec.period,
             period_start: start,
             usd: from_db,
             unshared: 0.0,
-        });
+            synced: tokio::time::Instant::now(),
+        };
+        let entry = map.entry(rec.id.clone()).or_insert(fresh);
         if entry.period_start != start {
-            *entry = Spend {
-                period: rec.period,
-                period_start: start,
-                usd: from_db,
-                unshared: 0.0,
-            };
+            *entry = fresh;
         }
         Ok(entry.usd)
     }
@@ -669,9 +703,7 @@ impl KeyRing {
             // for the new period from a ledger that did not have the row yet.
             Some(s) if s.period.start_ms(ts_ms) == s.period_start => {
                 s.usd += usd;
-                if self.shared.is_some() {
-                    s.unshared += usd;
-                }
+                s.unshared += usd;
                 true
             }
             _ => false,
