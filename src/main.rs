@@ -84,6 +84,9 @@ enum KeysCommand {
     },
     /// Revoke a key by id or name.
     Revoke { key: String },
+    /// Give a key (by id or name) a new secret, printed once on the last line of stdout. The
+    /// key keeps its id, budget, limits, spend and reports; the old secret stops working.
+    Rotate { key: String },
 }
 
 #[derive(clap::Args)]
@@ -433,6 +436,24 @@ async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) ->
                             .unwrap_or_else(|| "all".into()),
                     );
                 }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("poe-gateway: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        KeysCommand::Rotate { key } => match keys::rotate_key(&store, &key).await {
+            Ok(None) => {
+                eprintln!("poe-gateway: no active key with id or name `{key}`");
+                ExitCode::FAILURE
+            }
+            Ok(Some((_, rec, secret))) => {
+                println!(
+                    "rotated {} ({}): the old key no longer works",
+                    rec.id, rec.name
+                );
+                println!("{secret}");
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -535,6 +535,89 @@ async fn key_rpm_model_list_and_budget() {
     }
 }
 
+/// A key given a new secret (`POST /admin/keys/{id}/rotate`, `keys rotate`) stays the same
+/// key: its id, budget and spend carry on, and its reports are one. The old secret is
+/// refused at once; the new one works.
+#[tokio::test]
+async fn a_rotated_key_keeps_its_id_budget_and_history() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::completion("claude-sonnet-4.5", "ok"));
+        let (gw, core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+        // 6.6e-5 a call: 0.00019 is two calls and most of a third.
+        let (id, old) = create_key(
+            &gw,
+            r#"{"name":"leaky","budget_usd":0.00019,"period":"day"}"#,
+        )
+        .await;
+        let call = async |key: &str| {
+            let auth = format!("Bearer {key}");
+            let r = post(
+                &gw,
+                &chat_body("claude", false),
+                &[("authorization", &auth)],
+            )
+            .await;
+            let status = r.status().as_u16();
+            let _ = body_bytes(r).await;
+            status
+        };
+        assert_eq!(call(&old).await, 200);
+        assert_eq!(call(&old).await, 200);
+
+        let r = as_admin(&gw, "POST", "/admin/keys/leaky/rotate", "").await;
+        assert_eq!(r.status(), 200, "{db}");
+        let v = body_json(r).await;
+        assert_eq!(v["id"], id.as_str(), "{db}: the same key");
+        assert_eq!(v["budget_usd"], 0.00019);
+        let new = v["key"].as_str().unwrap().to_string();
+        assert_ne!(new, old);
+
+        assert_eq!(
+            call(&old).await,
+            401,
+            "{db}: the old secret is refused at once"
+        );
+        assert_eq!(call(&new).await, 200, "{db}");
+        // The budget's spend carried over: the fourth call is over it.
+        assert_eq!(call(&new).await, 429, "{db}");
+        core.flush().await;
+        let report = report(&core, Some(&id)).await;
+        assert_eq!(report.totals.requests, 4, "{db}: one key's history");
+
+        let r = as_admin(&gw, "POST", "/admin/keys/nobody/rotate", "").await;
+        expect_error(r, 404, "invalid_request_error").await;
+        let r = as_admin(&gw, "GET", "/admin/keys/leaky/rotate", "").await;
+        assert_eq!(r.status(), 405);
+        assert_eq!(r.headers()["allow"], "POST");
+
+        // The CLI does the same; it prints the new key on its last line.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+            .args(["keys", "rotate", &id])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("POE_GATEWAY_DATABASE_URL", &db)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let newest = stdout.lines().last().unwrap();
+        assert!(newest.starts_with("pgw_") && newest != new, "{stdout}");
+        let rec = core
+            .ledger()
+            .store()
+            .key_by_hash(&poe_gateway::gateway::keys::hash_key(newest))
+            .await
+            .unwrap()
+            .expect("the new key is stored");
+        assert_eq!(rec.id, id);
+    }
+}
+
 /// Two gateways on one ledger without Redis (replicas on one Postgres, two processes on one
 /// SQLite file) spend one budget: each reads the key's spend from the ledger again every few
 /// seconds while it is in use, so one stops once the other has spent the rest. It read the

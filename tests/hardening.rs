@@ -253,6 +253,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/admin/keys"),
     ("post", "/admin/keys"),
     ("delete", "/admin/keys/{id}"),
+    ("post", "/admin/keys/{id}/rotate"),
     ("get", "/admin/usage"),
     ("delete", "/admin/cache"),
     ("get", "/mcp"),

@@ -308,6 +308,31 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
     Ok((rec, key))
 }
 
+/// Gives the active key named `which` (id or name) a new secret; returns the key's record
+/// (with the new hash) and the new key, shown once. The id, budget, limits, spend and
+/// reports stay the key's: a leaked key is replaced without starting the member over.
+/// `Ok(None)`: no active key is named so. The old secret stops working at once on the
+/// gateway that rotates it (after [`KeyRing::invalidate`] of the old hash), and within the
+/// key cache's lifetime on others.
+pub async fn rotate_key(
+    store: &Store,
+    which: &str,
+) -> Result<Option<(KeyRecord, KeyRecord, String)>, GatewayError> {
+    let key = generate_key();
+    let hash = hash_key(&key);
+    let old = store
+        .rotate_key(which.trim(), &hash)
+        .await
+        .map_err(|e| GatewayError::internal("rotating the key", &e))?;
+    Ok(old.map(|old| {
+        let new = KeyRecord {
+            hash,
+            ..old.clone()
+        };
+        (old, new, key)
+    }))
+}
+
 impl KeyRing {
     pub fn new(store: Store, clock: TokioClock) -> KeyRing {
         KeyRing::with_shared(

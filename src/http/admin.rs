@@ -85,7 +85,25 @@ pub(crate) async fn handle(
             }
             Ok(json_value(StatusCode::CREATED, &v))
         }
-        (Method::DELETE, p) if p.starts_with("/admin/keys/") => {
+        (Method::POST, p) if rotate_path(p).is_some() => {
+            let which = rotate_path(p).unwrap_or_default();
+            let which = percent_encoding::percent_decode_str(which)
+                .decode_utf8_lossy()
+                .into_owned();
+            let Some((old, rec, key)) =
+                keys::rotate_key(app.gateway.ledger().store(), &which).await?
+            else {
+                return Err(GatewayError::NotFound(format!(
+                    "no active key with id or name `{which}`"
+                )));
+            };
+            app.gateway.keys().invalidate(&old.hash).await;
+            let mut v = serde_json::to_value(&rec).unwrap_or_default();
+            // The only time the new key is ever shown.
+            v["key"] = serde_json::Value::String(key);
+            Ok(json_value(StatusCode::OK, &v))
+        }
+        (Method::DELETE, p) if p.starts_with("/admin/keys/") && rotate_path(p).is_none() => {
             let which = percent_encoding::percent_decode_str(&p["/admin/keys/".len()..])
                 .decode_utf8_lossy()
                 .into_owned();
@@ -156,9 +174,18 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
         "/admin/keys" => Some("GET, POST"),
         "/admin/usage" => Some("GET"),
         "/admin/cache" => Some("DELETE"),
+        p if rotate_path(p).is_some() => Some("POST"),
         p if p.starts_with("/admin/keys/") => Some("DELETE"),
         _ => None,
     }
+}
+
+/// The key (id or name, percent-encoded) of `/admin/keys/{key}/rotate`. A name with a `/` in
+/// it comes encoded (`%2F`), so the path's last segment tells the route.
+fn rotate_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/admin/keys/")?
+        .strip_suffix("/rotate")
+        .filter(|which| !which.is_empty() && !which.contains('/'))
 }
 
 /// The id of the key `which` names, by id or by name (as `keys revoke` takes them): a filter

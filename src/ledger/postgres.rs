@@ -229,6 +229,32 @@ impl Postgres {
         row.as_ref().map(key_row).transpose()
     }
 
+    pub async fn rotate_key(
+        &self,
+        which: &str,
+        new_hash: &str,
+    ) -> Result<Option<KeyRecord>, LedgerError> {
+        let client = self.client().await?;
+        // One statement: the old row (its hash) is read from the `FROM` copy, which sees the
+        // table as the statement began, while `SET` writes the new hash.
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE gateway_keys AS k SET hash = $2 FROM gateway_keys AS old \
+                     WHERE old.id = k.id AND (k.id = $1 OR k.name = $1) AND k.revoked_ms IS NULL \
+                     RETURNING {}",
+                    KEY_COLUMNS
+                        .split(", ")
+                        .map(|c| format!("old.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                &[&which, &new_hash],
+            )
+            .await?;
+        row.as_ref().map(key_row).transpose()
+    }
+
     pub async fn revoke_key(
         &self,
         which: &str,

@@ -292,6 +292,35 @@ impl Sqlite {
         .await
     }
 
+    pub async fn rotate_key(
+        &self,
+        which: &str,
+        new_hash: &str,
+    ) -> Result<Option<KeyRecord>, LedgerError> {
+        let (which, new_hash) = (which.to_string(), new_hash.to_string());
+        self.with(true, move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let found = tx
+                .query_row(
+                    &format!(
+                        "SELECT {KEY_COLUMNS} FROM gateway_keys WHERE (id = ?1 OR name = ?1) AND revoked_ms IS NULL"
+                    ),
+                    params![which],
+                    key_row,
+                )
+                .optional()?;
+            if let Some(k) = &found {
+                tx.execute(
+                    "UPDATE gateway_keys SET hash = ?2 WHERE id = ?1",
+                    params![k.id, new_hash],
+                )?;
+            }
+            tx.commit()?;
+            Ok(found)
+        })
+        .await
+    }
+
     pub async fn revoke_key(
         &self,
         which: &str,

@@ -337,6 +337,17 @@ impl Store {
         dispatch!(self, s => s.key_by_hash(hash).await)
     }
 
+    /// Gives the active key whose id or name is `which` a new secret (its hash): the same key,
+    /// budget and history, the old secret refused from now on. Returns the key as it was
+    /// (with the old hash, for caches to drop), or `None` when no active key is named so.
+    pub async fn rotate_key(
+        &self,
+        which: &str,
+        new_hash: &str,
+    ) -> Result<Option<KeyRecord>, LedgerError> {
+        dispatch!(self, s => s.rotate_key(which, new_hash).await)
+    }
+
     /// Revokes the active keys whose id or name is `which`; returns them.
     pub async fn revoke_key(
         &self,
