@@ -535,6 +535,15 @@ async fn key_rpm_model_list_and_budget() {
     }
 }
 
+/// One non-stream `claude` call with a gateway key, read to its end; its status.
+async fn claude_as(gw: &TestGateway, key: &str) -> u16 {
+    let auth = format!("Bearer {key}");
+    let r = post(gw, &chat_body("claude", false), &[("authorization", &auth)]).await;
+    let status = r.status().as_u16();
+    let _ = body_bytes(r).await;
+    status
+}
+
 /// A key given a new secret (`POST /admin/keys/{id}/rotate`, `keys rotate`) stays the same
 /// key: its id, budget and spend carry on, and its reports are one. The old secret is
 /// refused at once; the new one works.
@@ -550,20 +559,8 @@ async fn a_rotated_key_keeps_its_id_budget_and_history() {
             r#"{"name":"leaky","budget_usd":0.00019,"period":"day"}"#,
         )
         .await;
-        let call = async |key: &str| {
-            let auth = format!("Bearer {key}");
-            let r = post(
-                &gw,
-                &chat_body("claude", false),
-                &[("authorization", &auth)],
-            )
-            .await;
-            let status = r.status().as_u16();
-            let _ = body_bytes(r).await;
-            status
-        };
-        assert_eq!(call(&old).await, 200);
-        assert_eq!(call(&old).await, 200);
+        assert_eq!(claude_as(&gw, &old).await, 200);
+        assert_eq!(claude_as(&gw, &old).await, 200);
 
         let r = as_admin(&gw, "POST", "/admin/keys/leaky/rotate", "").await;
         assert_eq!(r.status(), 200, "{db}");
@@ -574,13 +571,13 @@ async fn a_rotated_key_keeps_its_id_budget_and_history() {
         assert_ne!(new, old);
 
         assert_eq!(
-            call(&old).await,
+            claude_as(&gw, &old).await,
             401,
             "{db}: the old secret is refused at once"
         );
-        assert_eq!(call(&new).await, 200, "{db}");
+        assert_eq!(claude_as(&gw, &new).await, 200, "{db}");
         // The budget's spend carried over: the fourth call is over it.
-        assert_eq!(call(&new).await, 429, "{db}");
+        assert_eq!(claude_as(&gw, &new).await, 429, "{db}");
         core.flush().await;
         let report = report(&core, Some(&id)).await;
         assert_eq!(report.totals.requests, 4, "{db}: one key's history");
@@ -635,27 +632,20 @@ async fn gateways_on_one_ledger_see_each_others_spend() {
             r#"{"name":"shared","budget_usd":0.0003,"period":"day"}"#,
         )
         .await;
-        let auth = format!("Bearer {key}");
-        let call = async |gw: &TestGateway| {
-            let r = post(gw, &chat_body("claude", false), &[("authorization", &auth)]).await;
-            let status = r.status().as_u16();
-            let _ = body_bytes(r).await;
-            status
-        };
         for _ in 0..2 {
-            assert_eq!(call(&a).await, 200, "{db}");
+            assert_eq!(claude_as(&a, &key).await, 200, "{db}");
         }
         core_a.flush().await;
         // B reads A's two calls when it first checks the key, then spends the rest.
         for _ in 0..3 {
-            assert_eq!(call(&b).await, 200, "{db}");
+            assert_eq!(claude_as(&b, &key).await, 200, "{db}");
         }
-        assert_eq!(call(&b).await, 429, "{db}: B counts A's calls");
+        assert_eq!(claude_as(&b, &key).await, 429, "{db}: B counts A's calls");
         core_b.flush().await;
         // A knew only its own two calls. Once its figure is older than the re-read interval
         // it reads the ledger again, and refuses.
         tokio::time::sleep(Duration::from_millis(5_100)).await;
-        assert_eq!(call(&a).await, 429, "{db}: A counts B's calls");
+        assert_eq!(claude_as(&a, &key).await, 429, "{db}: A counts B's calls");
         assert_eq!(up.chat_calls(), 5, "{db}");
     }
 }
