@@ -1629,9 +1629,11 @@ async fn the_keys_command_warns_of_unknown_models_and_exits_2_on_bad_arguments()
 }
 
 /// What Poe's Responses API sends: a `response` object, its usage in the API's own names.
+/// A Responses object as OpenAI lays it out: the client's `metadata` echoed after the usage.
+/// A `usage` in it is the client's, and must never be read for Poe's counts.
 fn response_object(model: &str, text: &str, status: &str, usage: &str) -> String {
     format!(
-        r#"{{"id":"resp_1","object":"response","created_at":1,"status":"{status}","model":"{model}","output":[{{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{{"type":"output_text","text":"{text}","annotations":[]}}]}}],"usage":{usage}}}"#
+        r#"{{"id":"resp_1","object":"response","created_at":1,"status":"{status}","model":"{model}","output":[{{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{{"type":"output_text","text":"{text}","annotations":[]}}]}}],"usage":{usage},"user":null,"metadata":{{"usage":"n/a"}}}}"#
     )
 }
 

@@ -864,28 +864,14 @@ fn event_type(data: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
 }
 
 /// Reads the usage and the finish reasons of one JSON document (a chat.completion body, or
-/// one chunk's data) without parsing all of it: the last `"usage":` key that is not inside
-/// a string, parsed from there as one value, and every `"finish_reason":"..."`. Returns
-/// whether the document mentions `"usage"` at all (a `null` one included).
+/// one chunk's data) without parsing all of it: the document's own `usage` (see
+/// [`own_usage`]), parsed from there as one value, and every `"finish_reason":"..."`.
+/// Returns whether the document mentions `"usage"` at all (a `null` one included).
 ///
 /// A full parse of each chunk into a struct cost more than the rest of the tap's work on it.
 fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
-    let mut seen = false;
-    let mut last_key = None;
-    for at in USAGE_KEY.find_iter(doc) {
-        seen = true;
-        if at > 0 && doc[at - 1] == b'\\' {
-            continue; // inside a string
-        }
-        // `"usage"` as a string value, not a key, is skipped.
-        if let Some(value) = doc[at + USAGE_KEY.needle_len()..]
-            .trim_ascii_start()
-            .strip_prefix(b":")
-        {
-            last_key = Some(value);
-        }
-    }
-    if let Some(value) = last_key {
+    let seen = USAGE_KEY.find(doc).is_some();
+    if seen && let Some(value) = own_usage(doc) {
         // `null` is not a usage, and leaves one already read in place.
         if observed.api == Endpoint::Messages {
             if let Some(u) = parse_messages_usage(value) {
@@ -920,6 +906,79 @@ fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
         }
     }
     seen
+}
+
+/// Where the value of a document's own `usage` starts: the last `usage` member of the
+/// top-level object, or of its `response` member (a Responses event) or `message` member
+/// (Anthropic's `message_start`). A `usage` key deeper down is not the answer's: a Responses
+/// object echoes the client's `metadata` after its usage, and tools' schemas before it, so
+/// taking the last `"usage":` anywhere let a client replace Poe's counts with its own (and
+/// spend past its budget).
+///
+/// Read backwards from the end, where the usage is: the first one found is the last, and a
+/// body kept only from its tail (`JSON_KEEP_LIMIT`) reads the same. Outside strings JSON has
+/// no backslashes, so a quote is a string's end when an even number of them precede it.
+fn own_usage(doc: &[u8]) -> Option<&[u8]> {
+    let escaped = |at: usize| doc[..at].iter().rev().take_while(|b| **b == b'\\').count() % 2 == 1;
+    // The key of the member whose value starts at `at` (after `{`), if it is a member.
+    let key_before = |at: usize| -> Option<&[u8]> {
+        let head = doc[..at]
+            .trim_ascii_end()
+            .strip_suffix(b":")?
+            .trim_ascii_end();
+        let inner = head.strip_suffix(b"\"")?;
+        let mut from = inner.len();
+        loop {
+            let q = memchr::memrchr(b'"', &inner[..from])?;
+            if !escaped(q) {
+                return Some(&inner[q + 1..]);
+            }
+            from = q;
+        }
+    };
+    // Objects open around the cursor: 1 is the top level's members.
+    let mut depth = 0usize;
+    // A `usage` one level down, until the key of the object it is in is known.
+    let mut nested: Option<usize> = None;
+    let mut end = doc.len();
+    while let Some(at) = memchr::memrchr3(b'"', b'{', b'}', &doc[..end]) {
+        end = at;
+        match doc[at] {
+            b'}' => depth += 1,
+            b'{' => {
+                if depth == 2
+                    && let Some(value) = nested.take()
+                    && matches!(key_before(at), Some(b"response" | b"message"))
+                {
+                    return Some(&doc[value..]);
+                }
+                depth = depth.saturating_sub(1);
+            }
+            _ => {
+                // A string's closing quote: find its opening one.
+                let mut open = at;
+                loop {
+                    open = memchr::memrchr(b'"', &doc[..open])?;
+                    if !escaped(open) {
+                        break;
+                    }
+                }
+                end = open;
+                let after = doc[at + 1..].trim_ascii_start();
+                if &doc[open + 1..at] == b"usage"
+                    && let Some(value) = after.strip_prefix(b":")
+                {
+                    let value = doc.len() - value.trim_ascii_start().len();
+                    match depth {
+                        1 => return Some(&doc[value..]),
+                        2 if nested.is_none() => nested = Some(value),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Whether an event's object opens with an `"error"` member, as Poe's and OpenAI's error
@@ -1145,6 +1204,42 @@ mod tests {
         let mut obs = Observed::default();
         assert!(read_usage_and_finish(doc, &mut obs));
         assert_eq!(obs.usage.map(|u| u.total_tokens), Some(5));
+    }
+
+    /// Only the answer's own usage counts: a `usage` key in what the client gets echoed
+    /// (a Responses object's `metadata`, after the usage; a tool's schema, before it) or in a
+    /// string is not it, and a body read only from its tail reads the same.
+    #[test]
+    fn only_the_answers_own_usage_counts() {
+        let usage = |doc: &[u8], api: Endpoint| {
+            let mut obs = Observed {
+                api,
+                ..Observed::default()
+            };
+            read_usage_and_finish(doc, &mut obs);
+            obs.usage.map(|u| (u.prompt_tokens, u.completion_tokens))
+        };
+        let body = br#"{"id":"resp_1","object":"response","tools":[{"type":"function","name":"f","parameters":{"type":"object","properties":{"usage":{"type":"string"}}}}],"output":[{"type":"message","content":[{"type":"output_text","text":"say "usage": {}"}]}],"usage":{"input_tokens":100000,"output_tokens":20,"total_tokens":100020},"user":null,"metadata":{"usage":{"input_tokens":0,"output_tokens":0}}}"#;
+        assert_eq!(usage(body, Endpoint::Responses), Some((100000, 20)));
+        assert_eq!(
+            usage(&body[40..], Endpoint::Responses),
+            Some((100000, 20)),
+            "a tail"
+        );
+        let spoof = br#"{"id":"resp_1","usage":{"input_tokens":100000,"output_tokens":20},"metadata":{"usage":"n/a"}}"#;
+        assert_eq!(usage(spoof, Endpoint::Responses), Some((100000, 20)));
+        let event = br#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":7,"output_tokens":3},"metadata":{"usage":{"input_tokens":0,"output_tokens":0}}},"sequence_number":9}"#;
+        assert_eq!(usage(event, Endpoint::Responses), Some((7, 3)));
+        // Only a client's: no usage.
+        let none = br#"{"type":"response.completed","response":{"id":"r","metadata":{"usage":{"input_tokens":0,"output_tokens":0}}}}"#;
+        assert_eq!(usage(none, Endpoint::Responses), None);
+        let start = br#"{"type":"message_start","message":{"id":"m","content":[{"type":"tool_use","input":{"usage":{"input_tokens":1}}}],"usage":{"input_tokens":10,"output_tokens":1}}}"#;
+        assert_eq!(usage(start, Endpoint::Messages), Some((10, 1)));
+        let chunk = br#"{"id":"c","choices":[{"delta":{"content":""usage":{"prompt_tokens":1}"}}],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#;
+        assert_eq!(usage(chunk, Endpoint::ChatCompletions), Some((5, 2)));
+        // Escaped backslashes before a closing quote are told from an escaped quote.
+        let slashes = br#"{"choices":[{"message":{"content":"ends in a slash \"}}],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#;
+        assert_eq!(usage(slashes, Endpoint::ChatCompletions), Some((4, 1)));
     }
 
     /// A Messages stream's usage comes in two events: the input counts (cache reads and
