@@ -142,7 +142,7 @@ impl Metrics {
             ttfb,
             in_flight: reg!(IntGauge::with_opts(opts(
                 "requests_in_flight",
-                "Chat requests whose response is still open."
+                "Chat requests being answered: waiting on Poe, or their response still open."
             ))),
             streams_in_flight: reg!(IntGauge::with_opts(opts(
                 "streams_in_flight",

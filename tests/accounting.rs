@@ -2023,6 +2023,41 @@ async fn the_messages_api_is_proxied_and_accounted() {
     assert_eq!(v["error"]["type"], "permission_error", "{v}");
 }
 
+/// Poe failing a Messages stream with an OpenAI-shaped error event (no `event: error` line):
+/// the Anthropic SDKs skip an unnamed event and ended the stream as if whole, with no
+/// `stop_reason`. The gateway adds its own `event: error`, which they raise.
+#[tokio::test]
+async fn a_messages_stream_failed_in_openais_shape_ends_with_an_anthropic_error() {
+    let up = MockUpstream::start().await;
+    let poes =
+        "data: {\"error\":{\"code\":500,\"type\":\"provider_error\",\"message\":\"boom\"}}\n\n";
+    up.push(
+        Reply::sse()
+            .send(messages_event(
+                r#"{"type":"message_start","message":{"id":"m","type":"message","role":"assistant","content":[],"usage":{"input_tokens":5,"output_tokens":1}}}"#,
+            ))
+            .send(poes),
+    );
+    let gw = TestGateway::default(&up).await;
+    let body = r#"{"model":"claude-sonnet-4.5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let resp = request(
+        &gw,
+        "POST",
+        "/v1/messages",
+        &[("anthropic-version", "2023-06-01")],
+        body,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let got = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+    assert!(got.contains(poes), "Poe's event is passed on: {got}");
+    let last = got.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(
+        last.starts_with("event: error\ndata: {\"type\":\"error\""),
+        "{got}"
+    );
+}
+
 /// Accounting of the Messages API where Claude Code leans on it: a stream cut (or left by the
 /// client) before `message_delta` reported only `message_start`'s output count of 1, so its
 /// output is estimated from the text, thinking and tool input streamed; input counts repeated

@@ -270,3 +270,39 @@ async fn a_ledger_path_that_cannot_be_reopened_keeps_serving_and_logs_once() {
     assert!(lines <= 3, "{lines} lines logged:\n{logged}");
     let _ = std::fs::remove_file(&log_path);
 }
+
+/// A non-stream request still waiting on Poe when the drain's grace runs out gets a whole
+/// 503 (`shutting_down`), and Poe is not asked again. The gateway closed its upstream
+/// connections, took the request's broken one for a failed attempt, sent it to Poe once
+/// more, then cut the client off with no response at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_on_poe_at_the_end_of_the_grace_gets_a_503_and_no_retry() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "late").head_delay(Duration::from_secs(30)));
+    let mut cmd = binary_command(&up.url(), &db);
+    cmd.env("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "1s");
+    let (mut child, gw) = spawn_binary(&mut cmd);
+    let waiting = {
+        let addr = gw.addr;
+        tokio::spawn(async move {
+            let gw = TestGateway { addr, handle: None };
+            let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+            let status = resp.status().as_u16();
+            (status, body_json(resp).await)
+        })
+    };
+    while up.chat_calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&child, "TERM");
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("an answer before Poe's")
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "shutting_down", "{body}");
+    assert!(exited(&mut child, 60).await.success());
+    assert_eq!(up.chat_calls(), 1, "the request was sent to Poe again");
+    assert_eq!(ledger_rows(&db).await, 1, "{db}");
+}

@@ -451,6 +451,34 @@ async fn health_and_readiness() {
     assert_eq!(get(&gw, "/readyz").await.status(), 200);
 }
 
+/// `requests_in_flight` counts a request from its start: one waiting on Poe's first byte is
+/// in flight (it was counted only once Poe's head came, so it read 0 through a drain or a
+/// slow bot's wait), and it is 0 again once the answer is read.
+#[tokio::test]
+async fn a_request_waiting_on_poe_is_in_flight() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("gpt-5", "slow").head_delay(Duration::from_secs(2)));
+    let gw = Arc::new(TestGateway::default(&up).await);
+    let waiting = {
+        let gw = gw.clone();
+        tokio::spawn(
+            async move { body_bytes(post(&gw, &chat_body("gpt", false), &[]).await).await },
+        )
+    };
+    while up.chat_calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        metric(&gw, "poe_gateway_requests_in_flight").await,
+        Some(1.0)
+    );
+    waiting.await.unwrap();
+    assert_eq!(
+        metric(&gw, "poe_gateway_requests_in_flight").await,
+        Some(0.0)
+    );
+}
+
 #[tokio::test]
 async fn graceful_shutdown_lets_streams_finish() {
     let up = MockUpstream::start().await;

@@ -1476,6 +1476,18 @@ async fn open_mode_refuses_web_pages_and_rebound_names() {
     }
     let resp = request(&gw, "GET", "/v1/models", &[("host", "rebound.example")], "").await;
     assert_eq!(resp.status(), 403);
+    // On the Messages API's paths, the refusal is in Anthropic's shape, as its other errors.
+    for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+        let headers = [
+            ("origin", "https://evil.example"),
+            ("anthropic-version", "2023-06-01"),
+        ];
+        let resp = request(&gw, "POST", path, &headers, "{}").await;
+        assert_eq!(resp.status(), 403, "{path}");
+        let e = body_json(resp).await;
+        assert_eq!(e["type"], "error", "{path}: {e}");
+        assert_eq!(e["error"]["type"], "permission_error", "{path}: {e}");
+    }
     assert_eq!(up.chat_calls(), 0, "a refused page reached Poe");
 
     // curl, the SDKs: no Origin, the loopback Host the client derives from the URL.

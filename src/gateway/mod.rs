@@ -189,6 +189,7 @@ impl Failure {
     fn retryable(&self) -> bool {
         match self {
             Failure::Status { head, .. } => retry::retryable_status(head.status.as_u16()),
+            Failure::Transport(UpstreamError::Closed) => false,
             Failure::Transport(_) => true,
         }
     }
@@ -1052,6 +1053,7 @@ impl Gateway {
             Failure::Transport(e) => {
                 let err = match e {
                     UpstreamError::Timeout(_) => GatewayError::UpstreamTimeout(e.to_string()),
+                    UpstreamError::Closed => GatewayError::ShuttingDown(e.to_string()),
                     _ => GatewayError::UpstreamUnreachable(e.to_string()),
                 };
                 let mut h = HeaderMap::new();
@@ -1328,6 +1330,10 @@ impl<'a> Unanswered<'a> {
         bots: &'a [String],
         started: Instant,
     ) -> Self {
+        // Counted from here, not only once Poe's head is back: a request waiting on Poe (its
+        // first byte, a retry's backoff, the limiter) is in flight too, and during a drain or
+        // a slow media bot that is most of them. The reply's completion counts it after.
+        gateway.inner.acct.metrics.in_flight.inc();
         Unanswered {
             gateway,
             caller,
@@ -1344,6 +1350,7 @@ impl<'a> Unanswered<'a> {
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
+        self.gateway.inner.acct.metrics.in_flight.dec();
         if !self.armed {
             return;
         }

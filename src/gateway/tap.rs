@@ -91,6 +91,10 @@ pub struct Observed {
     /// stream that started well. Such a stream is not a completed answer, even when `[DONE]`
     /// follows, and is never stored.
     pub stream_error: bool,
+    /// The error event was not in the client's API's shape, so its SDK does not see it: an
+    /// OpenAI-shaped `{"error": ...}` (no `event: error`) in a Messages stream, which the
+    /// Anthropic SDKs skip. The gateway then ends the stream with its own error event.
+    pub error_unseen: bool,
     /// The finish reasons go only to the request's span: with no span (traces off), the
     /// search for them in every event is skipped.
     pub skip_finish_reasons: bool,
@@ -423,7 +427,8 @@ where
             let last = end_frame(
                 this.mode,
                 this.observed.api,
-                (!this.observed.stream_error).then_some(broke.as_str()),
+                (!this.observed.stream_error || this.observed.error_unseen)
+                    .then_some(broke.as_str()),
             );
             finish(
                 this.completion,
@@ -478,7 +483,12 @@ fn end(
     let (outcome, broke) = match mode {
         // The client has the whole stream, an error event in it included: nothing to add.
         Mode::Sse { .. } if observed.saw_done => (settled(observed), None),
-        // Poe's own error event said why it ended: the gateway adds none of its own.
+        // Poe's own error event said why it ended: the gateway adds none of its own, unless
+        // the client's SDK could not read Poe's.
+        Mode::Sse { .. } if observed.stream_error && observed.error_unseen => {
+            let why = "upstream sent an error event in the stream";
+            (settled(observed), Some(why))
+        }
         Mode::Sse { .. } if observed.stream_error => (settled(observed), None),
         Mode::Sse { .. } => {
             let why = match observed.api {
@@ -776,6 +786,7 @@ fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
     }
     if opens_with_error(data) {
         observed.stream_error = true;
+        observed.error_unseen |= observed.api == Endpoint::Messages;
     }
     match observed.api {
         Endpoint::ChatCompletions => {

@@ -36,12 +36,24 @@ const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpResponse {
     let request_id = request_id(req.headers());
     let cors = app.cors.allowed(req.headers());
+    // A refusal before the route's own handling (a foreign Origin or Host, a preflight) is
+    // in the shape of the API the path belongs to, as the route's own errors are.
+    let path = req.uri().path();
+    let api = if path == "/v1/messages"
+        || path.starts_with("/v1/messages/")
+        || (path.starts_with("/v1/models")
+            && super::anthropic::wants_anthropic_shape(req.headers()))
+    {
+        Endpoint::Messages
+    } else {
+        Endpoint::of_path(path).unwrap_or_default()
+    };
     let answer = if Cors::is_preflight(req.method(), req.headers()) {
         preflight(&app, &req, cors.is_some())
     } else {
         route(&app, req, &request_id).await
     };
-    let mut resp = answer.unwrap_or_else(|e| error_response(&e));
+    let mut resp = answer.unwrap_or_else(|e| error_response_for(api, &e));
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
@@ -577,11 +589,7 @@ pub(crate) fn json(status: StatusCode, body: Bytes) -> HttpResponse {
     resp
 }
 
-pub(crate) fn error_response(e: &GatewayError) -> HttpResponse {
-    error_response_for(Endpoint::ChatCompletions, e)
-}
-
-/// [`error_response`] for a client of `api`, in that API's error shape.
+/// An error answer for a client of `api`, in that API's error shape.
 pub(crate) fn error_response_for(api: Endpoint, e: &GatewayError) -> HttpResponse {
     let mut resp = json(e.status(), e.to_json_for(api));
     if e.status() == StatusCode::UNAUTHORIZED {

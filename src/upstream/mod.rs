@@ -105,6 +105,9 @@ pub enum UpstreamError {
     Timeout(Duration),
     /// The connection failed after the request was sent.
     Broken(String),
+    /// The gateway is shutting down and has closed its upstream connections: a request
+    /// still waiting on one is not sent again.
+    Closed,
 }
 
 impl UpstreamError {
@@ -114,6 +117,7 @@ impl UpstreamError {
             UpstreamError::Connect(_) => "connect",
             UpstreamError::Timeout(_) => "timeout",
             UpstreamError::Broken(_) => "broken",
+            UpstreamError::Closed => "closed",
         }
     }
 }
@@ -128,6 +132,10 @@ impl fmt::Display for UpstreamError {
                 d.as_secs_f64()
             ),
             UpstreamError::Broken(e) => write!(f, "upstream connection failed: {e}"),
+            UpstreamError::Closed => write!(
+                f,
+                "the gateway is shutting down: its shutdown grace ran out before Poe answered"
+            ),
         }
     }
 }

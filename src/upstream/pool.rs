@@ -105,6 +105,9 @@ pub(super) struct Pool {
     /// The tasks driving this pool's connections, so a shutdown can end them
     /// ([`Pool::close_all`]). Finished ones are dropped as new ones come.
     drives: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Set by [`Pool::close_all`]: no request goes out any more, and one whose connection
+    /// was closed under it fails as `Closed`, not to be retried.
+    closed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -170,6 +173,7 @@ impl Pool {
             },
             idle: Mutex::new(Idle::default()),
             reaping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             drives: Mutex::new(Vec::new()),
         })
     }
@@ -189,6 +193,7 @@ impl Pool {
     /// still streaming on them end, and each tap ends its client's stream with an error
     /// event (instead of the client's connection being cut mid-body).
     pub(super) fn close_all(&self) {
+        self.closed.store(true, Ordering::Release);
         let drives = std::mem::take(&mut *self.drives.lock().unwrap_or_else(|p| p.into_inner()));
         for d in drives {
             d.abort();
@@ -203,6 +208,9 @@ impl Pool {
         mut req: Request<ReqBody>,
     ) -> Result<Response<Body>, UpstreamError> {
         loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(UpstreamError::Closed);
+            }
             let (sender, reused) = self.checkout().await?;
             let result = match sender {
                 Sender::H2(mut tx, slot) => tx.try_send_request(req).await.map(|resp| {
@@ -237,6 +245,9 @@ impl Pool {
             };
             match result {
                 Ok(resp) => return Ok(resp),
+                Err(_) if self.closed.load(Ordering::Acquire) => {
+                    return Err(UpstreamError::Closed);
+                }
                 Err(mut e) => match e.take_message() {
                     // An idle connection that closed before it took any of the request (the
                     // server's keep-alive ran out): the request goes once more, on another
