@@ -193,11 +193,13 @@ impl Metrics {
             ))),
             // NaN until read: a balance of 0 before the first read (or with no server key)
             // set off low-balance alerts. NaN compares false with any threshold.
-            point_balance: reg!(Gauge::with_opts(opts(
-                "point_balance",
-                "Poe compute-point balance of the server key (last read; NaN until read)."
-            ))
-            .inspect(|g| g.set(f64::NAN))),
+            point_balance: reg!(
+                Gauge::with_opts(opts(
+                    "point_balance",
+                    "Poe compute-point balance of the server key (last read; NaN until read)."
+                ))
+                .inspect(|g| g.set(f64::NAN))
+            ),
             cache_hits: reg!(IntCounter::with_opts(opts(
                 "cache_hits_total",
                 "Response cache hits."

@@ -48,7 +48,8 @@ impl Telemetry {
         if let Some(p) = self.provider
             && let Err(e) = p.shutdown()
         {
-            eprintln!("poe-gateway: flushing traces failed: {e}");
+            // Through the log, so a JSON log stays JSON lines; flushed just below.
+            tracing::error!(error = %e, "flushing traces failed");
         }
         crate::log_buffer::flush();
     }
@@ -77,8 +78,11 @@ pub fn check_env() -> Result<(), String> {
 /// Installs the global subscriber: logs, and traces when an OTLP endpoint is configured.
 /// Must run inside a tokio runtime (the batch exporter is a task). Safe to call once only.
 pub fn init() -> Telemetry {
+    // Said once the log is set up, in its format: a plain line in the middle of JSON lines
+    // breaks a log pipeline's parser.
+    let mut problems = Vec::new();
     if let Err(e) = check_env() {
-        eprintln!("poe-gateway: {e}; logging with the defaults");
+        problems.push(format!("{e}; logging with the defaults"));
     }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match std::env::var("POE_GATEWAY_LOG_FORMAT").as_deref() {
@@ -108,13 +112,13 @@ pub fn init() -> Telemetry {
                     )
                 }
                 Err(e) => {
-                    eprintln!("poe-gateway: traces disabled: {e}");
+                    problems.push(format!("traces disabled: {e}"));
                     (None, None)
                 }
             },
             Ok(None) => (None, None),
             Err(e) => {
-                eprintln!("poe-gateway: traces disabled: {e}");
+                problems.push(format!("traces disabled: {e}"));
                 (None, None)
             }
         };
@@ -124,6 +128,9 @@ pub fn init() -> Telemetry {
         .with(fmt.with_filter(filter))
         .with(otel)
         .try_init();
+    for p in problems {
+        tracing::warn!("{p}");
+    }
     Telemetry { provider }
 }
 

@@ -366,7 +366,11 @@ async fn the_binary_writes_one_json_access_line_per_request() {
     let db = databases().await.remove(0);
     // The default level and format: stderr is a pipe, so JSON.
     let mut cmd = binary_command(&up.url(), &db);
+    // A trace exporter it cannot use: said at start as a log line like the others (it was
+    // a plain line in the middle of the JSON).
     cmd.env_remove("RUST_LOG")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
         .stderr(std::process::Stdio::piped());
     let (mut child, gw) = spawn_binary(&mut cmd);
     let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -425,6 +429,13 @@ async fn the_binary_writes_one_json_access_line_per_request() {
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("traces disabled"))),
+        "{stderr}"
+    );
     let access: Vec<_> = lines
         .iter()
         .filter(|l| l["target"] == "poe_gateway::access")
