@@ -615,6 +615,36 @@ async fn a_rotated_key_keeps_its_id_budget_and_history() {
     }
 }
 
+/// A key rotated by another process (the CLI, a replica) stays out during a ledger outage:
+/// once a look-up has found its secret gone, the copy kept for outages is dropped too. It
+/// was kept, and the old secret worked again while the ledger was down.
+#[tokio::test]
+async fn a_key_rotated_elsewhere_stays_out_when_the_ledger_fails() {
+    let (db, path) = sqlite_database().await;
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("claude-sonnet-4.5", "ok"));
+    let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+    let (id, old) = create_key(&gw, r#"{"name":"dave"}"#).await;
+    assert_eq!(claude_as(&gw, &old).await, 200);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+        .args(["keys", "rotate", &id])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("POE_GATEWAY_DATABASE_URL", &db)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // Past the key cache's 5 s: the old secret is looked up, and not found.
+    tokio::time::sleep(Duration::from_millis(5_100)).await;
+    assert_eq!(claude_as(&gw, &old).await, 401);
+    // Past it again, with the ledger failing: the old secret is not let in from memory.
+    tokio::time::sleep(Duration::from_millis(5_100)).await;
+    let side = rusqlite::Connection::open(&path).unwrap();
+    side.execute_batch("ALTER TABLE gateway_keys RENAME TO keys_away")
+        .unwrap();
+    assert_ne!(claude_as(&gw, &old).await, 200);
+}
+
 /// Two gateways on one ledger without Redis (replicas on one Postgres, two processes on one
 /// SQLite file) spend one budget: each reads the key's spend from the ledger again every few
 /// seconds while it is in use, so one stops once the other has spent the rest. It read the

@@ -399,8 +399,13 @@ impl KeyRing {
                         let rec = rec
                             .filter(|r| bool::from(r.hash.as_bytes().ct_eq(hash.as_bytes())))
                             .map(Arc::new);
-                        if let Some(r) = &rec {
-                            last_known.insert(digest, (r.clone(), tokio::time::Instant::now()));
+                        match &rec {
+                            Some(r) => {
+                                last_known.insert(digest, (r.clone(), tokio::time::Instant::now()))
+                            }
+                            // Gone from the store (rotated to a new secret, by the CLI or
+                            // another replica): not to be let in from memory in an outage.
+                            None => last_known.invalidate(&digest),
                         }
                         Ok::<_, String>(rec)
                     })
