@@ -372,6 +372,38 @@ async fn a_connection_lost_after_done_ends_the_stream_cleanly() {
     assert_eq!(up.chat_calls(), 2);
 }
 
+/// A stream cut off inside its last event is not whole, whatever the event's `type` says at
+/// its start: the client gets the gateway's error event (its SDK raises an API error, not a
+/// JSON error on the cut event), on a broken connection and on a clean end alike.
+#[tokio::test(start_paused = true)]
+async fn a_stream_cut_inside_its_last_event_ends_with_an_error() {
+    let cut = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"output\":[{\"text\":\"hello wor";
+    let delta = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hello\"}\n\n";
+    let up = MockUpstream::start().await;
+    up.push(Reply::sse().send(delta).send(cut).drop_connection());
+    up.push(Reply::sse().send(delta).send(cut));
+    let gw = TestGateway::default(&up).await;
+    for how in ["a broken connection", "a clean end"] {
+        let body = r#"{"model":"gpt-5","input":"hi","stream":true}"#;
+        let resp = request(
+            &gw,
+            "POST",
+            "/v1/responses",
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+        let last = text.trim_end().rsplit("\n\n").next().unwrap();
+        assert!(last.contains("\"error\""), "{how}: {text}");
+        assert!(
+            !text.contains("hello wor"),
+            "{how}: the cut event is dropped: {text}"
+        );
+    }
+}
+
 /// A stream Poe ends with its own error event (then a clean end, or a dropped connection)
 /// already tells the client why: the gateway adds no second, generic error event after it.
 #[tokio::test(start_paused = true)]

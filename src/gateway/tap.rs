@@ -1111,6 +1111,11 @@ fn done_at_eof(mode: &Mode, observed: &mut Observed) -> bool {
     let Some(event) = last else {
         return false;
     };
+    // An event cut off inside its JSON is no last event, whatever its `type` says at its
+    // start (read there without parsing the rest): the client could not parse it either.
+    if event != b"[DONE]" && serde_json::from_slice::<serde::de::IgnoredAny>(&event).is_err() {
+        return false;
+    }
     let mut read = observed.clone();
     on_event(&mut read, &event);
     if read.saw_done {
