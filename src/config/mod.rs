@@ -550,7 +550,7 @@ where
     let mut seen: BTreeMap<String, (String, String)> = BTreeMap::new();
     for (name, value) in env {
         let Some((section, key)) = env_key(&name) else {
-            if let Some((key, meant)) = one_underscore_setting(&name) {
+            if let Some((key, meant)) = one_underscore_setting(&name, &value) {
                 let reason = format!(
                     "{name} is not read: a setting's variable has two underscores after its section ({meant})"
                 );
@@ -680,24 +680,44 @@ const SECTIONS: &[&str] = &[
     "redis", "pricing",
 ];
 
-/// A variable that looks like a setting with one underscore where two belong
+/// A variable that is a setting with one underscore where two belong
 /// (`POE_GATEWAY_AUTH_MODE` for `POE_GATEWAY_AUTH__MODE`): the policy key it meant and the
 /// variable that sets it. Left unread, such a typo ran a team's gateway in open mode without
-/// a word. The gateway's own one-underscore names (`POE_GATEWAY_LOG_FORMAT`, ...) and other
-/// programs' (Kubernetes' `POE_GATEWAY_SERVICE_HOST`) are not sections' and pass.
-fn one_underscore_setting(name: &str) -> Option<(String, String)> {
+/// a word. Only a real setting of a section counts: the gateway's own one-underscore names
+/// (`POE_GATEWAY_LOG_FORMAT`, ...) and other programs' pass, Kubernetes' service variables
+/// among them (`POE_GATEWAY_REDIS_SERVICE_HOST`, for a Service named `poe-gateway-redis`).
+/// The maps (`aliases`, `pricing`) take any key, so nothing there is taken for a typo.
+fn one_underscore_setting(name: &str, value: &str) -> Option<(String, String)> {
     const OWN: &[&str] = &["LOG_FORMAT", "DATABASE_URL", "ADMIN_KEY", "POLICIES"];
     let rest = name.strip_prefix(ENV_PREFIX)?;
     if rest.contains("__") || OWN.contains(&rest) {
         return None;
     }
     let (section, key) = rest.split_once('_')?;
-    let section = section.to_ascii_lowercase();
-    if key.is_empty() || !SECTIONS.contains(&section.as_str()) {
+    let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+    if key.is_empty()
+        || !SECTIONS.contains(&section.as_str())
+        || ["aliases", "pricing"].contains(&section.as_str())
+    {
         return None;
     }
-    let meant = format!("{ENV_PREFIX}{}__{key}", section.to_ascii_uppercase());
-    Some((format!("{section}.{}", key.to_ascii_lowercase()), meant))
+    // A setting is a key the section's type knows: read alone, it is not an unknown field
+    // (its value may still be wrong, which the variable meant would say).
+    let mut inner = toml::Table::new();
+    inner.insert(key.clone(), env_value(value));
+    let mut outer = toml::Table::new();
+    outer.insert(section.clone(), toml::Value::Table(inner));
+    if let Err(e) = Policy::deserialize(toml::Value::Table(outer))
+        && e.message().contains("unknown field")
+    {
+        return None;
+    }
+    let meant = format!(
+        "{ENV_PREFIX}{}__{}",
+        section.to_ascii_uppercase(),
+        key.to_ascii_uppercase()
+    );
+    Some((format!("{section}.{key}"), meant))
 }
 
 /// An env value is read as a TOML value when it is one (`true`, `3`, `["a","b"]`), else as a string.
@@ -1147,6 +1167,14 @@ mod tests {
         }
         // One underscore where two belong is refused, naming the variable meant; the
         // gateway's own short names and other programs' variables pass.
+        // A wrong value too: the variable meant is named, not the value's fault.
+        let e = parse(
+            "p.toml",
+            "",
+            env(&[("POE_GATEWAY_RETRY_MAX_ATTEMPTS", "x")]),
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("POE_GATEWAY_RETRY__MAX_ATTEMPTS"), "{e}");
         let e = parse("p.toml", "", env(&[("POE_GATEWAY_AUTH_MODE", "keys")])).unwrap_err();
         assert_eq!(e.key, "auth.mode");
         assert_eq!(e.env.as_deref(), Some("POE_GATEWAY_AUTH_MODE"));
@@ -1157,6 +1185,12 @@ mod tests {
             "POE_GATEWAY_PORT_8080_TCP",
             "POE_GATEWAY_BIN",
             "POE_GATEWAY_DATABASE_URL",
+            // Kubernetes' service links for Services named poe-gateway-redis, -mcp, -cache.
+            "POE_GATEWAY_REDIS_SERVICE_HOST",
+            "POE_GATEWAY_REDIS_PORT",
+            "POE_GATEWAY_MCP_SERVICE_PORT",
+            "POE_GATEWAY_CACHE_PORT_6379_TCP_ADDR",
+            "POE_GATEWAY_ALIASES_FAST",
         ] {
             parse("p.toml", "", env(&[(fine, "x")])).unwrap();
         }
