@@ -756,6 +756,9 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
     // `http::Uri` takes any digits for a port: 99999 passed, and every call failed.
     let authority = base.split_once("://").map_or("", |(_, r)| r);
     let authority = authority.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     let after_host = authority.rsplit_once(']').map_or(authority, |(_, r)| r);
     if let Some((_, port)) = after_host.rsplit_once(':')
         && !port.is_empty()
@@ -1207,6 +1210,12 @@ mod tests {
             "p.toml",
             "",
             env(&[("POE_BASE_URL", "http://[::1]:8080/v1")]),
+        )
+        .unwrap();
+        parse(
+            "p.toml",
+            "",
+            env(&[("POE_BASE_URL", "http://u:p@127.0.0.1/v1")]),
         )
         .unwrap();
         for url in [
