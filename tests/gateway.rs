@@ -479,6 +479,60 @@ async fn a_request_waiting_on_poe_is_in_flight() {
     );
 }
 
+/// Identical requests that waited on a call that failed on the gateway's side (no slot in
+/// time) make calls of their own; each is counted in flight once. A waiter was counted
+/// again by its own call while still counted as a waiter: 7 for 4 open requests.
+#[tokio::test]
+async fn waiters_that_make_their_own_call_are_in_flight_once() {
+    let up = MockUpstream::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    // The one slot is held by a stream until the end of the test.
+    up.push(Reply::sse().send(chunk("gpt-5", "held")).gate(&gate));
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let gw = Arc::new(
+        TestGateway::start(
+            &up,
+            "[limits]\nmax_concurrent_upstream = 1\nqueue_timeout = \"4s\"\n",
+            &[],
+        )
+        .await,
+    );
+    let held = post(&gw, &chat_body("gpt", true), &[]).await;
+    let mut held = held.into_body();
+    next_data(&mut held, 10).await.unwrap();
+    let body = serde_json::json!({"model": "gpt", "temperature": 0,
+        "messages": [{"role": "user", "content": "the same"}]})
+    .to_string();
+    let asks: Vec<_> = (0..4)
+        .map(|_| {
+            let (gw, body) = (gw.clone(), body.clone());
+            tokio::spawn(async move { post(&gw, &body, &[]).await.status() })
+        })
+        .collect();
+    // The leader gives up at 4 s; the three others then wait for the slot themselves,
+    // until 8 s. Halfway through that: the stream and the three.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        metric(&gw, "poe_gateway_requests_in_flight").await,
+        Some(4.0)
+    );
+    for a in asks {
+        assert_eq!(a.await.unwrap(), 503, "no slot in time");
+    }
+    gate.add_permits(1);
+    drop(held);
+    // The held stream's end reaches the gateway a moment after the client drops it.
+    let mut left = None;
+    for _ in 0..100 {
+        left = metric(&gw, "poe_gateway_requests_in_flight").await;
+        if left == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, Some(0.0));
+}
+
 #[tokio::test]
 async fn graceful_shutdown_lets_streams_finish() {
     let up = MockUpstream::start().await;

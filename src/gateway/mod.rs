@@ -683,6 +683,8 @@ impl Gateway {
                     let mut watch = Unanswered::new(self, caller, &req, route, bots, started);
                     let waited = cache::wait_for_leader(waiting).await;
                     watch.armed = false;
+                    // Out of flight as a waiter before any call of its own counts it again.
+                    drop(watch);
                     match waited {
                         Waited::Answered(shared) => {
                             if shared.status.is_success() {
