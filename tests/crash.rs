@@ -306,3 +306,43 @@ async fn a_request_waiting_on_poe_at_the_end_of_the_grace_gets_a_503_and_no_retr
     assert_eq!(up.chat_calls(), 1, "the request was sent to Poe again");
     assert_eq!(ledger_rows(&db).await, 1, "{db}");
 }
+
+/// A request waiting out a retry's backoff when the grace runs out gets the same 503 and no
+/// further attempt (it slept on, and was cut off with no response when the server stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_a_retry_backoff_at_the_end_of_the_grace_gets_a_503() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    up.set_fallback(
+        Reply::json(
+            503,
+            "{\"error\":{\"code\":503,\"type\":\"overloaded\",\"message\":\"busy\"}}",
+        )
+        .header("retry-after", "8"),
+    );
+    let mut cmd = binary_command(&up.url(), &db);
+    cmd.env("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "1s")
+        .env("POE_GATEWAY_RETRY__MAX_RETRY_AFTER", "30s");
+    let (mut child, gw) = spawn_binary(&mut cmd);
+    let waiting = {
+        let addr = gw.addr;
+        tokio::spawn(async move {
+            let gw = TestGateway { addr, handle: None };
+            let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+            let status = resp.status().as_u16();
+            (status, body_json(resp).await)
+        })
+    };
+    while up.chat_calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&child, "TERM");
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("an answer before the backoff's end")
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "shutting_down", "{body}");
+    assert!(exited(&mut child, 60).await.success());
+    assert_eq!(up.chat_calls(), 1, "no attempt after the grace");
+}

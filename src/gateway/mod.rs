@@ -941,7 +941,9 @@ impl Gateway {
                     tracing::debug!(request_id = %caller.request_id, bot, "retry budget spent; not retrying");
                     continue 'bots;
                 }
-                tokio::time::sleep(wait).await;
+                // Boxed: rare, and a sleep beside a shutdown's notice would grow every
+                // request's future.
+                Box::pin(inner.upstream.backoff(wait)).await;
             }
         }
         let (failure, bot) = last.expect("at least one attempt was made");

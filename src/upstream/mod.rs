@@ -308,6 +308,15 @@ impl Upstream {
         self.pools[POOL.with(|p| p.get()) % self.pools.len()].close_all();
     }
 
+    /// Waits out a retry's backoff, or less: when a shutdown's grace ends and this thread's
+    /// upstream connections are closed, at once (the next attempt then fails as `Closed`,
+    /// and its client gets a 503 rather than a connection cut when the server stops).
+    pub async fn backoff(&self, wait: Duration) {
+        self.pools[POOL.with(|p| p.get()) % self.pools.len()]
+            .backoff(wait)
+            .await
+    }
+
     /// Where requests to `endpoint` go.
     pub fn uri(&self, endpoint: Endpoint) -> &Uri {
         match endpoint {

@@ -108,6 +108,8 @@ pub(super) struct Pool {
     /// Set by [`Pool::close_all`]: no request goes out any more, and one whose connection
     /// was closed under it fails as `Closed`, not to be retried.
     closed: AtomicBool,
+    /// Wakes the retries waiting out a backoff when [`Pool::close_all`] runs.
+    closing: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -174,6 +176,7 @@ impl Pool {
             idle: Mutex::new(Idle::default()),
             reaping: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            closing: tokio::sync::Notify::new(),
             drives: Mutex::new(Vec::new()),
         })
     }
@@ -194,11 +197,26 @@ impl Pool {
     /// event (instead of the client's connection being cut mid-body).
     pub(super) fn close_all(&self) {
         self.closed.store(true, Ordering::Release);
+        self.closing.notify_waiters();
         let drives = std::mem::take(&mut *self.drives.lock().unwrap_or_else(|p| p.into_inner()));
         for d in drives {
             d.abort();
         }
         *self.lock_idle() = Idle::default();
+    }
+
+    /// Sleeps `wait`, or until [`Pool::close_all`].
+    pub(super) async fn backoff(&self, wait: Duration) {
+        // Made before the flag is read: a `Notified` hears every `notify_waiters` after it
+        // was made, polled or not.
+        let closing = self.closing.notified();
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = closing => {}
+        }
     }
 
     /// Sends `req` (absolute URI) on an idle connection, or on a new one, and returns the
