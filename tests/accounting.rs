@@ -535,6 +535,18 @@ async fn key_rpm_model_list_and_budget() {
     }
 }
 
+/// The binary run as a command (`keys ...`, `usage ...`) on the ledger at `db`, with no other
+/// environment.
+fn cli(db: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("POE_GATEWAY_DATABASE_URL", db)
+        .output()
+        .expect("the binary runs")
+}
+
 /// One non-stream `claude` call with a gateway key, read to its end; its status.
 async fn claude_as(gw: &TestGateway, key: &str) -> u16 {
     let auth = format!("Bearer {key}");
@@ -589,13 +601,7 @@ async fn a_rotated_key_keeps_its_id_budget_and_history() {
         assert_eq!(r.headers()["allow"], "POST");
 
         // The CLI does the same; it prints the new key on its last line.
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
-            .args(["keys", "rotate", &id])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("POE_GATEWAY_DATABASE_URL", &db)
-            .output()
-            .unwrap();
+        let out = cli(&db, &["keys", "rotate", &id]);
         assert!(
             out.status.success(),
             "{}",
@@ -626,13 +632,7 @@ async fn a_key_rotated_elsewhere_stays_out_when_the_ledger_fails() {
     let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
     let (id, old) = create_key(&gw, r#"{"name":"dave"}"#).await;
     assert_eq!(claude_as(&gw, &old).await, 200);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
-        .args(["keys", "rotate", &id])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("POE_GATEWAY_DATABASE_URL", &db)
-        .output()
-        .unwrap();
+    let out = cli(&db, &["keys", "rotate", &id]);
     assert!(out.status.success());
     // Past the key cache's 5 s: the old secret is looked up, and not found.
     tokio::time::sleep(Duration::from_millis(5_100)).await;
@@ -1318,13 +1318,7 @@ async fn a_key_with_a_budget_reaches_only_priced_bots() {
 #[tokio::test]
 async fn the_usage_command_reads_a_ledger_and_creates_none() {
     fn usage(db: &str) -> std::process::Output {
-        std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
-            .args(["usage", "--format", "json"])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("POE_GATEWAY_DATABASE_URL", db)
-            .output()
-            .expect("the binary runs")
+        cli(db, &["usage", "--format", "json"])
     }
     for db in databases().await {
         let out = usage(&db);
@@ -1398,14 +1392,7 @@ async fn the_usage_command_reads_a_ledger_and_creates_none() {
 #[tokio::test]
 async fn the_keys_command_says_when_there_is_no_ledger() {
     fn keys(db: &str, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
-            .arg("keys")
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("POE_GATEWAY_DATABASE_URL", db)
-            .output()
-            .expect("the binary runs")
+        cli(db, &[&["keys"], args].concat())
     }
     let (db, path) = sqlite_database().await;
     for args in [&["list"][..], &["revoke", "alice"][..]] {

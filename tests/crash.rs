@@ -271,27 +271,25 @@ async fn a_ledger_path_that_cannot_be_reopened_keeps_serving_and_logs_once() {
     let _ = std::fs::remove_file(&log_path);
 }
 
-/// A non-stream request still waiting on Poe when the drain's grace runs out gets a whole
-/// 503 (`shutting_down`), and Poe is not asked again. The gateway closed its upstream
-/// connections, took the request's broken one for a failed attempt, sent it to Poe once
-/// more, then cut the client off with no response at all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_waiting_on_poe_at_the_end_of_the_grace_gets_a_503_and_no_retry() {
+/// Starts the binary with a 1 s shutdown grace (and `env`) against `reply`, sends one
+/// non-stream request, and stops the binary with SIGTERM once Poe has the request. What the
+/// client got, and Poe's calls, once the binary has exited.
+async fn stopped_while_poe_has_a_request(
+    reply: Reply,
+    env: &[(&str, &str)],
+) -> (u16, serde_json::Value, usize, String) {
     let db = databases().await.remove(0);
     let up = MockUpstream::start().await;
-    up.set_fallback(Reply::completion("gpt-5", "late").head_delay(Duration::from_secs(30)));
+    up.set_fallback(reply);
     let mut cmd = binary_command(&up.url(), &db);
-    cmd.env("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "1s");
+    cmd.env("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "1s")
+        .envs(env.iter().copied());
     let (mut child, gw) = spawn_binary(&mut cmd);
-    let waiting = {
-        let addr = gw.addr;
-        tokio::spawn(async move {
-            let gw = TestGateway { addr, handle: None };
-            let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
-            let status = resp.status().as_u16();
-            (status, body_json(resp).await)
-        })
-    };
+    let waiting = tokio::spawn(async move {
+        let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+        let status = resp.status().as_u16();
+        (status, body_json(resp).await)
+    });
     while up.chat_calls() == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -300,10 +298,21 @@ async fn a_request_waiting_on_poe_at_the_end_of_the_grace_gets_a_503_and_no_retr
         .await
         .expect("an answer before Poe's")
         .unwrap();
+    assert!(exited(&mut child, 60).await.success());
+    (status, body, up.chat_calls(), db)
+}
+
+/// A non-stream request still waiting on Poe when the drain's grace runs out gets a whole
+/// 503 (`shutting_down`), and Poe is not asked again. The gateway closed its upstream
+/// connections, took the request's broken one for a failed attempt, sent it to Poe once
+/// more, then cut the client off with no response at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_on_poe_at_the_end_of_the_grace_gets_a_503_and_no_retry() {
+    let late = Reply::completion("gpt-5", "late").head_delay(Duration::from_secs(30));
+    let (status, body, calls, db) = stopped_while_poe_has_a_request(late, &[]).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "shutting_down", "{body}");
-    assert!(exited(&mut child, 60).await.success());
-    assert_eq!(up.chat_calls(), 1, "the request was sent to Poe again");
+    assert_eq!(calls, 1, "the request was sent to Poe again");
     assert_eq!(ledger_rows(&db).await, 1, "{db}");
 }
 
@@ -311,38 +320,14 @@ async fn a_request_waiting_on_poe_at_the_end_of_the_grace_gets_a_503_and_no_retr
 /// further attempt (it slept on, and was cut off with no response when the server stopped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_in_a_retry_backoff_at_the_end_of_the_grace_gets_a_503() {
-    let db = databases().await.remove(0);
-    let up = MockUpstream::start().await;
-    up.set_fallback(
-        Reply::json(
-            503,
-            "{\"error\":{\"code\":503,\"type\":\"overloaded\",\"message\":\"busy\"}}",
-        )
-        .header("retry-after", "8"),
-    );
-    let mut cmd = binary_command(&up.url(), &db);
-    cmd.env("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "1s")
-        .env("POE_GATEWAY_RETRY__MAX_RETRY_AFTER", "30s");
-    let (mut child, gw) = spawn_binary(&mut cmd);
-    let waiting = {
-        let addr = gw.addr;
-        tokio::spawn(async move {
-            let gw = TestGateway { addr, handle: None };
-            let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
-            let status = resp.status().as_u16();
-            (status, body_json(resp).await)
-        })
-    };
-    while up.chat_calls() == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    signal(&child, "TERM");
-    let (status, body) = tokio::time::timeout(Duration::from_secs(30), waiting)
-        .await
-        .expect("an answer before the backoff's end")
-        .unwrap();
+    let busy = Reply::json(
+        503,
+        "{\"error\":{\"code\":503,\"type\":\"overloaded\",\"message\":\"busy\"}}",
+    )
+    .header("retry-after", "8");
+    let env = [("POE_GATEWAY_RETRY__MAX_RETRY_AFTER", "30s")];
+    let (status, body, calls, _) = stopped_while_poe_has_a_request(busy, &env).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "shutting_down", "{body}");
-    assert!(exited(&mut child, 60).await.success());
-    assert_eq!(up.chat_calls(), 1, "no attempt after the grace");
+    assert_eq!(calls, 1, "no attempt after the grace");
 }
