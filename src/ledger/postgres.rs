@@ -290,13 +290,13 @@ fn key_row(r: &Row) -> Result<KeyRecord, LedgerError> {
     })
 }
 
+/// The advisory lock key creations take in turn (any fixed number; "poe_keys" in ASCII).
+const KEY_NAME_LOCK: i64 = 0x706f_655f_6b65_7973;
+
 /// Connects with bounds the URL does not set itself: a connect timeout, TCP keepalives that
 /// notice a dead server within about a minute, and a statement timeout. Without them a
 /// black-holed host held the writer (and every key look-up waiting on the reconnect) for the
 /// operating system's TCP timeout, minutes, while the queue filled and dropped rows.
-/// The advisory lock key creations take in turn (any fixed number; "poe_keys" in ASCII).
-const KEY_NAME_LOCK: i64 = 0x706f_655f_6b65_7973;
-
 async fn connect(url: &str) -> Result<Client, LedgerError> {
     let cannot = |e: &dyn std::fmt::Display| {
         LedgerError::Other(format!("cannot connect to {}: {e}", redact_url(url)))
