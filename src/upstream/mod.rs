@@ -302,19 +302,22 @@ impl Upstream {
         self.send(req)
     }
 
+    /// The calling serving thread's pool (see [`use_pool`]).
+    fn pool(&self) -> &Arc<Pool> {
+        &self.pools[POOL.with(|p| p.get()) % self.pools.len()]
+    }
+
     /// Closes the connections of the calling serving thread's pool (see [`use_pool`]): a
     /// shutdown whose grace is over ends what still streams on them.
     pub fn close_connections(&self) {
-        self.pools[POOL.with(|p| p.get()) % self.pools.len()].close_all();
+        self.pool().close_all();
     }
 
     /// Waits out a retry's backoff, or less: when a shutdown's grace ends and this thread's
     /// upstream connections are closed, at once (the next attempt then fails as `Closed`,
     /// and its client gets a 503 rather than a connection cut when the server stops).
     pub async fn backoff(&self, wait: Duration) {
-        self.pools[POOL.with(|p| p.get()) % self.pools.len()]
-            .backoff(wait)
-            .await
+        self.pool().backoff(wait).await
     }
 
     /// Where requests to `endpoint` go.
@@ -341,7 +344,7 @@ impl Upstream {
             .header(header::USER_AGENT, self.user_agent.clone())
             .body(Full::new(Bytes::new()))
             .map_err(|e| UpstreamError::Broken(e.to_string()))?;
-        let pool = &self.pools[POOL.with(|p| p.get()) % self.pools.len()];
+        let pool = self.pool();
         tokio::time::timeout(wait, async {
             let (head, body) = pool.send(req).await?.into_parts();
             let body = Limited::new(body, limit)
@@ -394,7 +397,7 @@ impl Upstream {
     }
 
     async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Body>, UpstreamError> {
-        let pool = &self.pools[POOL.with(|p| p.get()) % self.pools.len()];
+        let pool = self.pool();
         tokio::time::timeout(self.first_byte, pool.send(req))
             .await
             .unwrap_or(Err(UpstreamError::Timeout(self.first_byte)))
