@@ -39,14 +39,12 @@ pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpRespons
     // A refusal before the route's own handling (a foreign Origin or Host, a preflight) is
     // in the shape of the API the path belongs to, as the route's own errors are.
     let path = req.uri().path();
-    let api = if path == "/v1/messages"
-        || path.starts_with("/v1/messages/")
-        || (path.starts_with("/v1/models")
-            && super::anthropic::wants_anthropic_shape(req.headers()))
+    let api = if path.starts_with("/v1/models")
+        && super::anthropic::wants_anthropic_shape(req.headers())
     {
         Endpoint::Messages
     } else {
-        Endpoint::of_path(path).unwrap_or_default()
+        path_api(path)
     };
     let answer = if Cors::is_preflight(req.method(), req.headers()) {
         preflight(&app, &req, cors.is_some())
@@ -220,17 +218,12 @@ async fn route(
         }
         (_, p) => match allowed_methods(p) {
             Some(allow) => Ok(method_not_allowed(req.method(), p, allow)),
-            None => {
-                let e =
-                    GatewayError::NotFound(format!("Unknown request URL: {} {p}", req.method()));
-                // Under the Messages API's path (its `batches`, which Poe does not
-                // serve), in its error shape.
-                if p.starts_with("/v1/messages/") {
-                    Ok(error_response_for(Endpoint::Messages, &e))
-                } else {
-                    Err(e)
-                }
-            }
+            // Under the Messages API's path (its `batches`, which Poe does not serve), in
+            // its error shape, as `handle` answers every error by its path.
+            None => Err(GatewayError::NotFound(format!(
+                "Unknown request URL: {} {p}",
+                req.method()
+            ))),
         },
     }
 }
@@ -252,15 +245,20 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
     }
 }
 
-/// 405 with the `Allow` header listing what the path does answer.
-pub(crate) fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> HttpResponse {
-    let api = if path.starts_with("/v1/messages/") {
+/// The API whose error shape answers a request on `path`: the Messages API's for its route
+/// and everything under it (`count_tokens`, `batches`), else the route's own.
+fn path_api(path: &str) -> Endpoint {
+    if path.starts_with("/v1/messages/") {
         Endpoint::Messages
     } else {
         Endpoint::of_path(path).unwrap_or_default()
-    };
+    }
+}
+
+/// 405 with the `Allow` header listing what the path does answer.
+pub(crate) fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> HttpResponse {
     let mut resp = error_response_for(
-        api,
+        path_api(path),
         &GatewayError::MethodNotAllowed(format!("{method} is not allowed on {path}; use {allow}")),
     );
     resp.headers_mut()
