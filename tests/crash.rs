@@ -331,3 +331,39 @@ async fn a_request_in_a_retry_backoff_at_the_end_of_the_grace_gets_a_503() {
     assert_eq!(body["error"]["code"], "shutting_down", "{body}");
     assert_eq!(calls, 1, "no attempt after the grace");
 }
+
+/// A request queued for the upstream rate limit when the grace runs out gets the same 503,
+/// and Poe never sees it (it was cut off with its connection when the server stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_for_the_upstream_limit_at_the_end_of_the_grace_gets_a_503() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    up.set_fallback(Reply::completion("gpt-5", "ok"));
+    let mut cmd = binary_command(&up.url(), &db);
+    // One request a minute: the first goes at once, the next waits about 60 s for its slot.
+    cmd.env("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "1s")
+        .env("POE_GATEWAY_LIMITS__UPSTREAM_RPM", "1")
+        .env("POE_GATEWAY_LIMITS__QUEUE_TIMEOUT", "120s");
+    let (mut child, gw) = spawn_binary(&mut cmd);
+    assert_eq!(
+        post(&gw, &chat_body("gpt-5", false), &[]).await.status(),
+        200
+    );
+    let queued = tokio::spawn(async move {
+        let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+        let status = resp.status().as_u16();
+        (status, body_json(resp).await)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!queued.is_finished(), "the second request was not held");
+    signal(&child, "TERM");
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), queued)
+        .await
+        .expect("an answer before the limiter's slot")
+        .unwrap();
+    assert!(exited(&mut child, 60).await.success());
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "shutting_down", "{body}");
+    assert_eq!(up.chat_calls(), 1, "the queued request reached Poe");
+    assert_eq!(ledger_rows(&db).await, 2, "{db}");
+}

@@ -94,13 +94,44 @@ impl UpstreamLimits {
         }
     }
 
-    /// Waits for a slot to call upstream with `key`. The permit is held for as long as the
-    /// upstream response lives (a stream holds it to its end).
-    ///
+    /// A slot to call upstream with `key` if one is free now, without waiting: the common
+    /// case, kept out of [`admit`](Self::admit)'s future. `None` when the request would
+    /// wait for either slot, or when the rate limiter is the one replicas share (a round trip
+    /// to Redis); `admit` then decides.
+    pub fn admit_now(&self, key: &Secret) -> Option<OwnedSemaphorePermit> {
+        if self.shared.is_some() {
+            return None;
+        }
+        // Concurrency first, as in `admit`; a refused rate check spends no slot.
+        let permit = self.concurrency.clone().try_acquire_owned().ok()?;
+        self.limiter.check_key(&self.local_id(key)).ok()?;
+        self.admitted_locally();
+        Some(permit)
+    }
+
+    /// Waits for a slot to call upstream with `key`, up to `limits.queue_timeout`, or until
+    /// `closed` resolves (the end of a shutdown's grace: a 503 then, rather than a request
+    /// cut off with its connection). The permit is held for as long as the upstream
+    /// response lives (a stream holds it to its end).
+    pub async fn admit(
+        &self,
+        key: &Secret,
+        closed: impl Future<Output = ()>,
+    ) -> Result<OwnedSemaphorePermit, GatewayError> {
+        tokio::select! {
+            admitted = self.wait_for_slots(key) => admitted,
+            () = closed => Err(GatewayError::ShuttingDown(
+                "the gateway is shutting down: its shutdown grace ran out while the request \
+                 waited for the upstream rate limit (limits.upstream_rpm)"
+                    .into(),
+            )),
+        }
+    }
+
     /// The concurrency slot comes first, the rate slot last: a rate slot is spent when taken,
     /// and one taken by a request that then timed out waiting for concurrency (or whose client
     /// left meanwhile) would hold back requests that Poe never saw.
-    pub async fn admit(&self, key: &Secret) -> Result<OwnedSemaphorePermit, GatewayError> {
+    async fn wait_for_slots(&self, key: &Secret) -> Result<OwnedSemaphorePermit, GatewayError> {
         let deadline = Instant::now() + self.queue_timeout;
         let permit = match tokio::time::timeout_at(
             deadline,
@@ -154,8 +185,7 @@ impl UpstreamLimits {
     }
 
     async fn admit_local(&self, key: &Secret, deadline: Instant) -> Result<(), GatewayError> {
-        // The key itself is never stored: only a hash with a per-process random seed.
-        let id = self.hasher.hash_one(key.expose());
+        let id = self.local_id(key);
         loop {
             match self.limiter.check_key(&id) {
                 Ok(()) => break,
@@ -168,11 +198,21 @@ impl UpstreamLimits {
                 }
             }
         }
+        self.admitted_locally();
+        Ok(())
+    }
+
+    /// The key's name in the local limiter. The key itself is never stored: only a hash with
+    /// a per-process random seed.
+    fn local_id(&self, key: &Secret) -> u64 {
+        self.hasher.hash_one(key.expose())
+    }
+
+    fn admitted_locally(&self) {
         // Forget idle keys now and then, so passthrough keys do not accumulate.
         if self.admitted.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
             self.limiter.retain_recent();
         }
-        Ok(())
     }
 }
 
@@ -217,7 +257,11 @@ mod tests {
         let start = Instant::now();
         let mut n = 0;
         loop {
-            let _p = l.admit(&key).await.unwrap();
+            // As the gateway asks: without waiting first, then waiting.
+            let _p = match l.admit_now(&key) {
+                Some(p) => p,
+                None => l.admit(&key, std::future::pending()).await.unwrap(),
+            };
             if Instant::now() - start >= Duration::from_secs(60) {
                 break;
             }

@@ -806,8 +806,20 @@ impl Gateway {
                 } else {
                     tracing::Span::none()
                 };
-                let permit = match inner.limits.admit(&key).await {
+                let admitted = match inner.limits.admit_now(&key) {
+                    Some(p) => Ok(p),
+                    // Boxed: a wait (or the shared limiter's round trip) is the rare case,
+                    // and its state would grow every request's future.
+                    None => Box::pin(inner.limits.admit(&key, inner.upstream.closed())).await,
+                };
+                let permit = match admitted {
                     Ok(p) => p,
+                    // A retry queued here when a shutdown's grace ended: the 503 that a
+                    // request waiting on Poe then gets, not Poe's earlier answer.
+                    Err(GatewayError::ShuttingDown(_)) if last.is_some() => {
+                        last = Some((Failure::Transport(UpstreamError::Closed), bot));
+                        break 'bots;
+                    }
                     // A retry or fallback the gateway's own upstream limits refuse: Poe has
                     // already answered, and that answer is what the client gets and the
                     // ledger records, not a rejection with no attempts.

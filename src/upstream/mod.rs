@@ -317,7 +317,17 @@ impl Upstream {
     /// upstream connections are closed, at once (the next attempt then fails as `Closed`,
     /// and its client gets a 503 rather than a connection cut when the server stops).
     pub async fn backoff(&self, wait: Duration) {
-        self.pool().backoff(wait).await
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = self.closed() => {}
+        }
+    }
+
+    /// Resolves once this thread's upstream connections are closed at the end of a
+    /// shutdown's grace: a request waiting for anything else (a retry's backoff, a slot in
+    /// the upstream limiter) races it, so that it ends with a 503 rather than a cut.
+    pub async fn closed(&self) {
+        self.pool().closed().await
     }
 
     /// Where requests to `endpoint` go.

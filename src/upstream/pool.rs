@@ -205,18 +205,15 @@ impl Pool {
         *self.lock_idle() = Idle::default();
     }
 
-    /// Sleeps `wait`, or until [`Pool::close_all`].
-    pub(super) async fn backoff(&self, wait: Duration) {
+    /// Resolves once [`Pool::close_all`] has run (at once if it has).
+    pub(super) async fn closed(&self) {
         // Made before the flag is read: a `Notified` hears every `notify_waiters` after it
         // was made, polled or not.
         let closing = self.closing.notified();
         if self.closed.load(Ordering::Acquire) {
             return;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = closing => {}
-        }
+        closing.await
     }
 
     /// Sends `req` (absolute URI) on an idle connection, or on a new one, and returns the
