@@ -76,6 +76,12 @@ enum KeysCommand {
         /// Models (aliases or bots) the key may use, comma-separated. Default: all.
         #[arg(long, value_delimiter = ',')]
         models: Option<Vec<String>>,
+        /// When the key stops working: unix seconds, YYYY-MM-DD (UTC) or RFC 3339.
+        #[arg(long, conflicts_with = "expires_in")]
+        expires_at: Option<String>,
+        /// Or how long it works from now: 90d, 12h. Default: it never expires.
+        #[arg(long)]
+        expires_in: Option<String>,
     },
     /// List keys (never the keys themselves).
     List {
@@ -359,6 +365,8 @@ async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) ->
             period,
             rpm,
             models,
+            expires_at,
+            expires_in,
         } => {
             let new = NewKey {
                 name,
@@ -366,6 +374,8 @@ async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) ->
                 period: Some(period),
                 rpm,
                 models,
+                expires_at: expires_at.map(keys::When::Text),
+                expires_in,
             };
             match keys::create_key(&store, new).await {
                 Ok((rec, key)) => {
@@ -382,8 +392,12 @@ async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) ->
                         .as_ref()
                         .map(|m| m.join(","))
                         .unwrap_or_else(|| "all models".into());
+                    let expires = rec
+                        .expires_ms
+                        .map(|at| format!("expires {}", keys::rfc3339_ms(at)))
+                        .unwrap_or_else(|| "never expires".into());
                     println!(
-                        "created {} ({}): {budget}, {rpm}, {models}",
+                        "created {} ({}): {budget}, {rpm}, {models}, {expires}",
                         rec.id, rec.name
                     );
                     println!("{key}");
@@ -414,23 +428,29 @@ async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) ->
                 ExitCode::SUCCESS
             }
             Ok(keys) => {
+                let now = poe_gateway::ledger::now_ms();
                 println!(
-                    "{:<22} {:<20} {:<8} {:>12} {:<6} {:>6}  models",
-                    "id", "name", "status", "budget_usd", "period", "rpm"
+                    "{:<22} {:<20} {:<8} {:>12} {:<6} {:>6}  {:<20}  models",
+                    "id", "name", "status", "budget_usd", "period", "rpm", "expires"
                 );
                 for k in keys {
                     println!(
-                        "{:<22} {:<20} {:<8} {:>12} {:<6} {:>6}  {}",
+                        "{:<22} {:<20} {:<8} {:>12} {:<6} {:>6}  {:<20}  {}",
                         k.id,
                         k.name,
                         if k.revoked_ms.is_some() {
                             "revoked"
+                        } else if k.expires_ms.is_some_and(|at| now >= at) {
+                            "expired"
                         } else {
                             "active"
                         },
                         k.budget_usd.map(keys::usd).unwrap_or_else(|| "-".into()),
                         k.period.as_str(),
                         k.rpm.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                        k.expires_ms
+                            .map(keys::rfc3339_ms)
+                            .unwrap_or_else(|| "-".into()),
                         k.models
                             .map(|m| m.join(","))
                             .unwrap_or_else(|| "all".into()),

@@ -359,6 +359,11 @@ async fn as_admin(
 async fn create_key(gw: &TestGateway, body: &str) -> (String, String) {
     let resp = as_admin(gw, "POST", "/admin/keys", body).await;
     assert_eq!(resp.status(), 201);
+    assert_eq!(
+        resp.headers()["cache-control"],
+        "no-store",
+        "it holds a key"
+    );
     let v = body_json(resp).await;
     (
         v["id"].as_str().unwrap().to_string(),
@@ -576,6 +581,11 @@ async fn a_rotated_key_keeps_its_id_budget_and_history() {
 
         let r = as_admin(&gw, "POST", "/admin/keys/leaky/rotate", "").await;
         assert_eq!(r.status(), 200, "{db}");
+        assert_eq!(
+            r.headers()["cache-control"],
+            "no-store",
+            "{db}: it holds a key"
+        );
         let v = body_json(r).await;
         assert_eq!(v["id"], id.as_str(), "{db}: the same key");
         assert_eq!(v["budget_usd"], 0.00019);
@@ -3291,7 +3301,7 @@ async fn a_ledger_from_before_the_api_column_reads_as_unknown_and_is_migrated() 
 
         let up = MockUpstream::start().await;
         let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
-        assert_eq!(schema_versions(&db).await, [2, 1, -3, -4], "{db}");
+        assert_eq!(schema_versions(&db).await, [2, 1, -3, -4, -5], "{db}");
         up.push(Reply::json(
             200,
             response_object("claude-sonnet-4.5", "Hi!", "completed", RESPONSES_USAGE),
@@ -3376,7 +3386,7 @@ async fn a_ledger_from_before_the_cache_columns_reads_them_as_0_and_is_migrated(
 
         let up = MockUpstream::start().await;
         let (gw, core) = TestGateway::with_ledger(&up, ALIASES, &[], &db).await;
-        assert_eq!(schema_versions(&db).await, [2, 1, -3, -4], "{db}");
+        assert_eq!(schema_versions(&db).await, [2, 1, -3, -4, -5], "{db}");
         let mut answer: serde_json::Value =
             serde_json::from_str(&completion_json("gpt-5", "ok")).unwrap();
         answer["usage"] = serde_json::json!({
@@ -3482,4 +3492,130 @@ async fn a_postgres_migration_waiting_for_its_lock_lets_inserts_through() {
         .expect("the migration finished once the table was free");
     let versions = schema_versions(&db).await;
     assert!(versions.contains(&-3), "{versions:?}");
+}
+
+/// A key made with an expiry works until then and is refused after, saying when it expired;
+/// the CLI and the admin API take the same forms and refuse a time in the past, a duration
+/// given as a time, and both at once. A ledger from before the column lists its keys without
+/// migrating (none expires), and the gateway then adds the column as -5, so older gateways
+/// still start on it.
+#[tokio::test]
+async fn a_key_expires_and_older_ledgers_keep_their_keys() {
+    for db in databases().await {
+        make_version_2_ledger(&db).await;
+        execute(
+            &db,
+            "INSERT INTO gateway_keys (id, name, hash, created_ms, period)
+             VALUES ('key_0000000000000001', 'old', 'abc', 0, 'month')",
+        )
+        .await;
+        let out = cli(&db, &["keys", "list", "--format", "json"]);
+        assert!(
+            out.status.success(),
+            "{db}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(listed[0]["name"], "old", "{db}: {listed}");
+        assert!(listed[0]["expires_ms"].is_null(), "{db}: {listed}");
+        assert_eq!(schema_versions(&db).await, [2, 1], "{db}: listing migrated");
+
+        let up = MockUpstream::start().await;
+        up.set_fallback(Reply::completion("claude-sonnet-4.5", "ok"));
+        let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+        assert_eq!(schema_versions(&db).await, [2, 1, -3, -4, -5], "{db}");
+
+        for (body, param) in [
+            (r#"{"name":"a","expires_in":"soon"}"#, "expires_in"),
+            (r#"{"name":"a","expires_at":"30d"}"#, "expires_at"),
+            (r#"{"name":"a","expires_at":1}"#, "expires_at"),
+            (r#"{"name":"a","expires_at":"2001-01-01"}"#, "expires_at"),
+            (r#"{"name":"a","expires_at":"99999-01-01"}"#, "expires_at"),
+            (
+                r#"{"name":"a","expires_at":"2100-01-01","expires_in":"1d"}"#,
+                "expires_at",
+            ),
+        ] {
+            let e = expect_error(
+                as_admin(&gw, "POST", "/admin/keys", body).await,
+                400,
+                "invalid_request_error",
+            )
+            .await;
+            assert_eq!(e["param"], param, "{db}: {body}: {e}");
+        }
+
+        let (id, key) = create_key(&gw, r#"{"name":"brief","expires_in":"1500ms"}"#).await;
+        let listed = body_json(as_admin(&gw, "GET", "/admin/keys", "").await).await;
+        let rec = listed
+            .as_array()
+            .or(listed["data"].as_array())
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id.as_str())
+            .cloned()
+            .unwrap();
+        let at = rec["expires_ms"].as_i64().expect("an expiry is listed");
+        assert!(at > poe_gateway::ledger::now_ms(), "{db}: {rec}");
+        assert_eq!(claude_as(&gw, &key).await, 200, "{db}");
+        while poe_gateway::ledger::now_ms() < at {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let auth = format!("Bearer {key}");
+        let e = expect_error(
+            post(
+                &gw,
+                &chat_body("claude", false),
+                &[("authorization", &auth)],
+            )
+            .await,
+            401,
+            "authentication_error",
+        )
+        .await;
+        assert!(e["message"].as_str().unwrap().contains("expired at"), "{e}");
+
+        // The CLI: a time in the past is a usage error; a future one is kept and listed.
+        let out = cli(
+            &db,
+            &[
+                "keys",
+                "create",
+                "--name",
+                "late",
+                "--expires-at",
+                "2001-01-01",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(2), "{db}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("in the future"));
+        let out = cli(
+            &db,
+            &[
+                "keys",
+                "create",
+                "--name",
+                "later",
+                "--expires-at",
+                "2100-01-01T00:00:00Z",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{db}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("expires 2100-01-01T00:00:00Z"));
+        let table = String::from_utf8(cli(&db, &["keys", "list"]).stdout).unwrap();
+        let line = |name: &str| {
+            table
+                .lines()
+                .find(|l| l.split_whitespace().nth(1) == Some(name))
+                .unwrap_or_else(|| panic!("{name} not in {table}"))
+                .to_string()
+        };
+        assert!(line("brief").contains(" expired "), "{table}");
+        assert!(line("later").contains("2100-01-01T00:00:00Z"), "{table}");
+        assert!(line("old").contains(" active "), "{table}");
+    }
 }

@@ -131,6 +131,82 @@ pub struct NewKey {
     pub rpm: Option<u32>,
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    /// When the key stops working: unix seconds (a JSON number or string), `YYYY-MM-DD`
+    /// (UTC midnight) or RFC 3339.
+    #[serde(default)]
+    pub expires_at: Option<When>,
+    /// Or how long from now it works: `90d`, `12h`, `30m`.
+    #[serde(default)]
+    pub expires_in: Option<String>,
+}
+
+/// A time as JSON gives it: a number of unix seconds, or text.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum When {
+    Seconds(i64),
+    Text(String),
+}
+
+/// The latest expiry a key may have: the end of the year 9999, as RFC 3339 can write it.
+const LAST_EXPIRY_MS: i64 = 253_402_300_799_000;
+
+/// When a key made at `now_ms` expires, from `expires_at` or `expires_in` (not both).
+fn expiry(new: &NewKey, now_ms: i64) -> Result<Option<i64>, GatewayError> {
+    let at = match (&new.expires_at, &new.expires_in) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(GatewayError::bad_param(
+                "expires_at",
+                "give `expires_at` or `expires_in`, not both",
+            ));
+        }
+        (None, Some(span)) => {
+            let span = humantime::parse_duration(span.trim()).map_err(|e| {
+                GatewayError::bad_param(
+                    "expires_in",
+                    format!("`expires_in` must be a duration such as 90d or 12h: {e}"),
+                )
+            })?;
+            now_ms.saturating_add(i64::try_from(span.as_millis()).unwrap_or(i64::MAX))
+        }
+        (Some(When::Seconds(secs)), None) => secs.saturating_mul(1000),
+        (Some(When::Text(text)), None) => {
+            // An age reads as a time before now in reports; here it would be a mistake.
+            if humantime::parse_duration(text.trim()).is_ok() {
+                return Err(GatewayError::bad_param(
+                    "expires_at",
+                    format!(
+                        "`expires_at` is a time; for a duration such as {text:?} use `expires_in`"
+                    ),
+                ));
+            }
+            crate::ledger::report::parse_when(text, now_ms)
+                .map_err(|e| GatewayError::bad_param("expires_at", format!("`expires_at`: {e}")))?
+        }
+    };
+    if at <= now_ms || at > LAST_EXPIRY_MS {
+        return Err(GatewayError::bad_param(
+            if new.expires_in.is_some() {
+                "expires_in"
+            } else {
+                "expires_at"
+            },
+            "a key's expiry must be in the future, and no later than the year 9999",
+        ));
+    }
+    Ok(Some(at))
+}
+
+/// A unix-millisecond time as RFC 3339 (UTC, whole seconds), for messages and listings.
+pub fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// The id of the key `which` names, by id or by name, among `keys` (as `keys revoke` takes
@@ -259,6 +335,8 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
             format!("`rpm` must be between 1 and {MAX_RPM}"),
         ));
     }
+    let created_ms = now_ms();
+    let expires_ms = expiry(&new, created_ms)?;
     let models = match new.models {
         None => None,
         Some(m) => {
@@ -282,8 +360,9 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
         ),
         name,
         hash: hash_key(&key),
-        created_ms: now_ms(),
+        created_ms,
         revoked_ms: None,
+        expires_ms,
         budget_usd: new.budget_usd,
         period: new.period.unwrap_or(Period::Month),
         rpm: new.rpm,
@@ -427,6 +506,15 @@ impl KeyRing {
             return Err(GatewayError::Unauthorized(
                 "this gateway key has been revoked".into(),
             ));
+        }
+        // Checked on every request, the cached and outage copies of the record included.
+        if let Some(at) = rec.expires_ms
+            && now_ms() >= at
+        {
+            return Err(GatewayError::Unauthorized(format!(
+                "this gateway key expired at {}",
+                rfc3339_ms(at)
+            )));
         }
         Ok(rec)
     }
@@ -858,6 +946,7 @@ mod tests {
             hash: String::new(),
             created_ms: 0,
             revoked_ms: None,
+            expires_ms: None,
             budget_usd: Some(1.0),
             period: Period::Month,
             rpm: None,

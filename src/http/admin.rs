@@ -59,9 +59,17 @@ pub(crate) async fn handle(
             let new: NewKey = serde_path_to_error::deserialize(&mut de).map_err(|e| {
                 let message = format!("invalid key request: {}", e.inner());
                 let field = e.path().to_string();
-                match ["name", "budget_usd", "period", "rpm", "models"]
-                    .into_iter()
-                    .find(|f| field == *f || field.starts_with(&format!("{f}[")))
+                match [
+                    "name",
+                    "budget_usd",
+                    "period",
+                    "rpm",
+                    "models",
+                    "expires_at",
+                    "expires_in",
+                ]
+                .into_iter()
+                .find(|f| field == *f || field.starts_with(&format!("{f}[")))
                 {
                     Some(f) => GatewayError::bad_param(f, message),
                     None => GatewayError::bad_request(message),
@@ -83,7 +91,7 @@ pub(crate) async fn handle(
                 tracing::warn!(key_id = %rec.id, "new key: {w}");
                 v["warnings"] = serde_json::json!([w]);
             }
-            Ok(json_value(StatusCode::CREATED, &v))
+            Ok(with_secret(json_value(StatusCode::CREATED, &v)))
         }
         (Method::POST, p) if rotate_path(p).is_some() => {
             let which = rotate_path(p).unwrap_or_default();
@@ -101,7 +109,7 @@ pub(crate) async fn handle(
             let mut v = serde_json::to_value(&rec).unwrap_or_default();
             // The only time the new key is ever shown.
             v["key"] = serde_json::Value::String(key);
-            Ok(json_value(StatusCode::OK, &v))
+            Ok(with_secret(json_value(StatusCode::OK, &v)))
         }
         (Method::DELETE, p) if p.starts_with("/admin/keys/") && rotate_path(p).is_none() => {
             let which = percent_encoding::percent_decode_str(&p["/admin/keys/".len()..])
@@ -316,6 +324,16 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
                 .into_owned()
         })
     })
+}
+
+/// A response that carries a new key: no cache on the way (a proxy's, the client's) may keep
+/// it.
+fn with_secret(mut resp: HttpResponse) -> HttpResponse {
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    resp
 }
 
 fn json_value(status: StatusCode, v: &impl serde::Serialize) -> HttpResponse {

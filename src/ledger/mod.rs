@@ -159,6 +159,8 @@ pub struct KeyRecord {
     pub hash: String,
     pub created_ms: i64,
     pub revoked_ms: Option<i64>,
+    /// When the key stops working (unix milliseconds); `None`: never.
+    pub expires_ms: Option<i64>,
     pub budget_usd: Option<f64>,
     pub period: Period,
     pub rpm: Option<u32>,

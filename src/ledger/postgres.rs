@@ -61,6 +61,7 @@ impl Postgres {
                 .query_one(store::HAS_CACHE_COLUMNS, &[])
                 .await?
                 .get(0),
+            key_expiry: client.query_one(store::HAS_KEY_EXPIRY, &[]).await?.get(0),
         };
         Ok(Postgres {
             url: url.into(),
@@ -187,7 +188,7 @@ impl Postgres {
             .execute(
                 &format!(
                     "INSERT INTO gateway_keys ({KEY_COLUMNS}) \
-                     SELECT $1::TEXT, $2::TEXT, $3::TEXT, $4::BIGINT, $5::BIGINT, $6::DOUBLE PRECISION, $7::TEXT, $8::INTEGER, $9::TEXT \
+                     SELECT $1::TEXT, $2::TEXT, $3::TEXT, $4::BIGINT, $5::BIGINT, $6::DOUBLE PRECISION, $7::TEXT, $8::INTEGER, $9::TEXT, $10::BIGINT \
                      WHERE NOT EXISTS (SELECT 1 FROM gateway_keys WHERE name = $2 AND revoked_ms IS NULL)"
                 ),
                 &[
@@ -200,6 +201,7 @@ impl Postgres {
                     &rec.period.as_str(),
                     &rpm,
                     &store::models_to_text(&rec.models),
+                    &rec.expires_ms,
                 ],
             )
             .await?;
@@ -209,9 +211,10 @@ impl Postgres {
 
     pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
         let client = self.client().await?;
+        let cols = store::key_columns(Dialect::Postgres, self.columns);
         let rows = client
             .query(
-                &format!("SELECT {KEY_COLUMNS} FROM gateway_keys ORDER BY created_ms, id"),
+                &format!("SELECT {cols} FROM gateway_keys ORDER BY created_ms, id"),
                 &[],
             )
             .await?;
@@ -220,9 +223,10 @@ impl Postgres {
 
     pub async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, LedgerError> {
         let client = self.client().await?;
+        let cols = store::key_columns(Dialect::Postgres, self.columns);
         let row = client
             .query_opt(
-                &format!("SELECT {KEY_COLUMNS} FROM gateway_keys WHERE hash = $1"),
+                &format!("SELECT {cols} FROM gateway_keys WHERE hash = $1"),
                 &[&hash],
             )
             .await?;
@@ -283,6 +287,7 @@ fn key_row(r: &Row) -> Result<KeyRecord, LedgerError> {
         hash: r.try_get(2)?,
         created_ms: r.try_get(3)?,
         revoked_ms: r.try_get(4)?,
+        expires_ms: r.try_get(9)?,
         budget_usd: r.try_get(5)?,
         period: Period::parse(&period).unwrap_or(Period::Total),
         rpm: rpm.map(|r| r.max(0) as u32),

@@ -140,12 +140,15 @@ pub const UNKNOWN_API: &str = "unknown";
 pub(crate) struct Columns {
     pub api: bool,
     pub cache_tokens: bool,
+    /// Not a report's: the keys' `expires_ms`.
+    pub key_expiry: bool,
 }
 
 impl Columns {
     pub const ALL: Columns = Columns {
         api: true,
         cache_tokens: true,
+        key_expiry: true,
     };
 }
 

@@ -112,6 +112,7 @@ impl Sqlite {
             let columns = Columns {
                 api: c.query_row(store::HAS_API_COLUMN, [], |r| r.get(0))?,
                 cache_tokens: c.query_row(store::HAS_CACHE_COLUMNS, [], |r| r.get(0))?,
+                key_expiry: c.query_row(store::HAS_KEY_EXPIRY, [], |r| r.get(0))?,
             };
             let c = Arc::new(Mutex::new(Some(c)));
             Ok(Sqlite {
@@ -246,7 +247,7 @@ impl Sqlite {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let made = tx.execute(
                 &format!(
-                    "INSERT INTO gateway_keys ({KEY_COLUMNS}) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 \
+                    "INSERT INTO gateway_keys ({KEY_COLUMNS}) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 \
                      WHERE NOT EXISTS (SELECT 1 FROM gateway_keys WHERE name = ?2 AND revoked_ms IS NULL)"
                 ),
                 params![
@@ -259,6 +260,7 @@ impl Sqlite {
                     rec.period.as_str(),
                     rec.rpm,
                     store::models_to_text(&rec.models),
+                    rec.expires_ms,
                 ],
             )?;
             tx.commit()?;
@@ -268,9 +270,10 @@ impl Sqlite {
     }
 
     pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
-        self.with(false, |c| {
+        let cols = store::key_columns(Dialect::Sqlite, self.columns);
+        self.with(false, move |c| {
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT {KEY_COLUMNS} FROM gateway_keys ORDER BY created_ms, id"
+                "SELECT {cols} FROM gateway_keys ORDER BY created_ms, id"
             ))?;
             let rows = stmt.query_map([], key_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -280,10 +283,11 @@ impl Sqlite {
 
     pub async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, LedgerError> {
         let hash = hash.to_string();
+        let cols = store::key_columns(Dialect::Sqlite, self.columns);
         // The writer connection: a key created a moment ago must be found at once.
         self.with(true, move |c| {
             Ok(c.query_row(
-                &format!("SELECT {KEY_COLUMNS} FROM gateway_keys WHERE hash = ?1"),
+                &format!("SELECT {cols} FROM gateway_keys WHERE hash = ?1"),
                 params![hash],
                 key_row,
             )
@@ -812,6 +816,7 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
         hash: r.get(2)?,
         created_ms: r.get(3)?,
         revoked_ms: r.get(4)?,
+        expires_ms: r.get(9)?,
         budget_usd: r.get(5)?,
         period: Period::parse(&period).unwrap_or(Period::Total),
         rpm: r.get(7)?,

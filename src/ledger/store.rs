@@ -141,6 +141,14 @@ pub(crate) fn migrations(d: Dialect) -> Vec<(i64, String)> {
                  ALTER TABLE usage ADD COLUMN cache_write_tokens {big}"
             ),
         ),
+        (
+            KEY_EXPIRY_MIGRATION,
+            // When a key stops working ([`super::KeyRecord`]'s `expires_ms`); none for keys
+            // made before, and for keys made by older binaries, which never expire. Additive:
+            // an older replica on this ledger still starts, and lets an expired key in (the
+            // README says so).
+            format!("ALTER TABLE gateway_keys ADD COLUMN expires_ms {big}"),
+        ),
     ]
 }
 
@@ -154,6 +162,8 @@ pub(crate) const API_COLUMN_MIGRATION: i64 = -3;
 /// The `cache_read_tokens` and `cache_write_tokens` columns: additive too, so recorded
 /// negated (see [`API_COLUMN_MIGRATION`]).
 pub(crate) const CACHE_COLUMNS_MIGRATION: i64 = -4;
+/// The keys' `expires_ms` column: additive too (see [`API_COLUMN_MIGRATION`]).
+pub(crate) const KEY_EXPIRY_MIGRATION: i64 = -5;
 
 pub(crate) const USAGE_COLUMNS: &str = "ts_ms, request_id, key_id, alias, model, bot, stream, status, outcome, \
      prompt_tokens, completion_tokens, total_tokens, tokens_estimated, cost_usd, cache_hit, saved_usd, \
@@ -167,8 +177,27 @@ pub(crate) const HAS_API_COLUMN: &str =
 /// them (a ledger read without migrating), reports count no cache tokens.
 pub(crate) const HAS_CACHE_COLUMNS: &str =
     "SELECT EXISTS (SELECT 1 FROM poe_gateway_migrations WHERE version = -4)";
+/// Whether a ledger has the keys' `expires_ms` column ([`KEY_EXPIRY_MIGRATION`]); without it
+/// (a ledger read without migrating), no key expires.
+pub(crate) const HAS_KEY_EXPIRY: &str =
+    "SELECT EXISTS (SELECT 1 FROM poe_gateway_migrations WHERE version = -5)";
+/// A key's columns, in [`super::KeyRecord`]'s order, as written.
 pub(crate) const KEY_COLUMNS: &str =
-    "id, name, hash, created_ms, revoked_ms, budget_usd, period, rpm, models";
+    "id, name, hash, created_ms, revoked_ms, budget_usd, period, rpm, models, expires_ms";
+
+/// A key's columns to read: [`KEY_COLUMNS`], or with a typed `NULL` for `expires_ms` in a
+/// ledger read without migrating that lacks it.
+pub(crate) fn key_columns(d: Dialect, has: super::report::Columns) -> &'static str {
+    match (has.key_expiry, d) {
+        (true, _) => KEY_COLUMNS,
+        (false, Dialect::Sqlite) => {
+            "id, name, hash, created_ms, revoked_ms, budget_usd, period, rpm, models, NULL"
+        }
+        (false, Dialect::Postgres) => {
+            "id, name, hash, created_ms, revoked_ms, budget_usd, period, rpm, models, NULL::BIGINT"
+        }
+    }
+}
 
 /// The ledger's storage. Cheap to clone.
 #[derive(Clone)]
