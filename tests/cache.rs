@@ -545,3 +545,86 @@ async fn spellings_of_one_request_share_an_entry() {
     assert_eq!(b1, b2);
     assert_eq!(up.chat_calls(), 1);
 }
+
+/// An upstream on a raw socket that answers every request with a JSON head of no length
+/// (the body ends with the connection) and `body`, then closes. Returns its URL and a count
+/// of the chat requests it got.
+async fn close_delimited_upstream(
+    body: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let chats = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = chats.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                // The head, then the body its length names.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let (head_end, len) = loop {
+                    let n = sock.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&got[..i]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if head.contains("/chat/completions") {
+                            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        break (i + 4, len);
+                    }
+                };
+                while got.len() < head_end + len {
+                    let n = sock.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{body}"
+                );
+                let _ = sock.write_all(answer.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    (url, chats)
+}
+
+/// A JSON answer whose length its head does not give ends with the connection: one cut
+/// short by a dropped connection is no answer. It is not stored (it was, and replayed as a
+/// 200 HIT that no SDK could parse for the whole TTL), its client's body fails rather than
+/// ending as if whole, and its row is `incomplete`. A whole one is stored as before.
+#[tokio::test]
+async fn a_json_answer_cut_at_the_connections_close_is_not_stored() {
+    let whole = Box::leak(completion_json("gpt-5", "all of it").into_boxed_str());
+    let cut = &whole[..whole.len() / 2];
+    for (body, complete) in [(cut, false), (&*whole, true)] {
+        let up = MockUpstream::start().await;
+        let (url, chats) = close_delimited_upstream(body).await;
+        let gw = TestGateway::start(&up, config_default(), &[("POE_BASE_URL", &url)]).await;
+        for _ in 0..2 {
+            let resp = post(&gw, &det_body("gpt-5", false), &[]).await;
+            assert_eq!(resp.status(), 200);
+            let read = http_body_util::BodyExt::collect(resp.into_body()).await;
+            assert_eq!(read.is_ok(), complete, "{body}");
+        }
+        let calls = chats.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(calls, if complete { 1 } else { 2 }, "{body}");
+    }
+}
+
+fn config_default() -> &'static str {
+    poe_gateway::config::DEFAULT_POLICY
+}

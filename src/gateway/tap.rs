@@ -379,6 +379,9 @@ where
                     }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
+                Poll::Ready(None) if json_cut_short(this.mode, this.observed) => {
+                    "upstream closed the connection before the end of its JSON answer".to_string()
+                }
                 Poll::Ready(None) => {
                     let last = self::end(this.mode, this.observed, this.completion, this.recorder);
                     *this.state = State::Done;
@@ -521,6 +524,29 @@ fn end(
         conclude(c, recorder, observed, outcome);
     }
     last
+}
+
+/// Whether a JSON body that ended without `is_end_stream` (no length in its head, so ended by
+/// a chunked body's last chunk or by the connection's close) is cut short: it must parse
+/// whole. A close ends a body as cleanly as its last chunk does, so a connection that dropped
+/// mid-answer would otherwise pass for a complete answer, be stored and replayed. A body
+/// with a length (hyper checks it, and stops there) is never parsed here.
+fn json_cut_short(mode: &Mode, observed: &Observed) -> bool {
+    let Mode::Json { frames, kept } = mode else {
+        return false;
+    };
+    if observed.bytes == 0 {
+        return false;
+    }
+    let parses = |body: &[u8]| serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
+    match frames.as_slice() {
+        // Only the tail was kept: its last byte at least must close the JSON.
+        _ if *kept as u64 != observed.bytes => !frames
+            .last()
+            .is_some_and(|f| matches!(f.trim_ascii_end().last(), Some(b'}' | b']'))),
+        [one] => !parses(one),
+        many => !parses(&many.concat()),
+    }
 }
 
 /// Hands a finished request to its completion, storing the recording first when the
