@@ -628,3 +628,52 @@ async fn a_json_answer_cut_at_the_connections_close_is_not_stored() {
 fn config_default() -> &'static str {
     poe_gateway::config::DEFAULT_POLICY
 }
+
+/// When the coalesced call breaks off mid-answer, the requests waiting on it coalesce once
+/// more behind one of them: one more call to Poe, not one each (all 20 called at once).
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_answer_broke_hands_the_call_to_one_follower() {
+    let up = MockUpstream::start().await;
+    let half = completion_json("gpt-5", "broken");
+    up.push(
+        Reply::new(200)
+            .header("content-type", "application/json")
+            .head_delay(Duration::from_secs(5))
+            .send(half[..half.len() / 2].to_string())
+            .drop_connection(),
+    );
+    up.set_fallback(Reply::completion("gpt-5", "whole").head_delay(Duration::from_secs(5)));
+    let gw = TestGateway::default(&up).await;
+    let body = det_body("gpt", false);
+    let answers = futures_join_all((0..6).map(|_| post(&gw, &body, &[]))).await;
+    let mut whole = 0;
+    for resp in answers {
+        if resp.status() == 200 {
+            let x = resp.headers()["x-cache"].to_str().unwrap().to_string();
+            if let Ok(b) = http_body_util::BodyExt::collect(resp.into_body()).await
+                && serde_json::from_slice::<serde_json::Value>(&b.to_bytes()).is_ok()
+            {
+                whole += 1;
+                assert!(x == "HIT" || x == "MISS", "{x}");
+            }
+        }
+    }
+    assert_eq!(whole, 5, "every follower got the second leader's answer");
+    assert_eq!(up.chat_calls(), 2, "the broken call and one more, shared");
+}
+
+/// A 200 that is Poe's error object is shared with those waiting as it came, but it is no
+/// hit: they are told MISS, counted as misses, and their rows say `incomplete`.
+#[tokio::test(start_paused = true)]
+async fn a_shared_error_object_is_no_hit() {
+    let up = MockUpstream::start().await;
+    up.set_fallback(
+        Reply::json(200, poe_error(500, "provider_error")).head_delay(Duration::from_secs(5)),
+    );
+    let gw = TestGateway::default(&up).await;
+    let body = det_body("gpt", false);
+    let results = futures_join_all((0..3).map(|_| call(&gw, &body, &[]))).await;
+    assert!(results.iter().all(|(x, _)| x == "MISS"), "{results:?}");
+    assert_eq!(up.chat_calls(), 1);
+    assert_eq!(metric(&gw, "poe_gateway_cache_hits_total").await, Some(0.0));
+}

@@ -188,6 +188,9 @@ pub struct Shared {
     /// The leader's upstream attempts. An error it already retried is not for the
     /// followers' SDKs to retry again (`x-should-retry`).
     pub attempts: u32,
+    /// A 200 that is an answer: not an error object (Poe's way to fail with a 200), which is
+    /// shared as it came but is no hit.
+    pub answer: bool,
 }
 
 /// What a coalesced call's followers see of it: nothing yet, its answer, or that it failed.

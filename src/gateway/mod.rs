@@ -674,6 +674,7 @@ impl Gateway {
                 .fetch(caller, &req, route, bots, started, Some(&plan))
                 .await;
         }
+        let mut led_once = false;
         loop {
             let guard = match cache.coalesce(plan.key) {
                 Coalesced::Leader(guard) => guard,
@@ -687,7 +688,7 @@ impl Gateway {
                     drop(watch);
                     match waited {
                         Waited::Answered(shared) => {
-                            if shared.status.is_success() {
+                            if shared.answer {
                                 cache.count_shared_answer();
                                 span.record("poe_gateway.cache", "HIT");
                             } else {
@@ -695,7 +696,14 @@ impl Gateway {
                             }
                             return Ok(self.shared_reply(caller, &req, route, shared, started));
                         }
-                        // The leader's call failed on the gateway's side: make our own.
+                        // The leader's call failed on the gateway's side (its answer broke
+                        // off, or the gateway refused it): those waiting coalesce once more,
+                        // behind one of them, rather than all calling Poe at once.
+                        Waited::Failed if !led_once => {
+                            led_once = true;
+                            continue;
+                        }
+                        // A second leader failed too: make our own.
                         Waited::Failed => {
                             cache.count_miss();
                             return self
@@ -748,6 +756,7 @@ impl Gateway {
                 bot: bot.clone(),
                 usage: tap::json_usage(&bytes),
                 attempts,
+                answer: status.is_success() && !tap::is_error_object(req.endpoint(), &bytes),
             }));
             return Ok(Reply {
                 status,
@@ -1263,7 +1272,7 @@ impl Gateway {
         shared: Arc<Shared>,
         started: Instant,
     ) -> Reply {
-        let ok = shared.status.is_success();
+        let ok = shared.answer;
         let info = self.request_info(
             caller,
             req,
@@ -1279,7 +1288,12 @@ impl Gateway {
             usage: shared.usage,
             ..Observed::default()
         };
-        Completion::new(info, self.inner.acct.clone(), None).finish(&observed, Outcome::Completed);
+        let outcome = if shared.status.is_success() && !ok {
+            Outcome::Incomplete("upstream answered 200 with an error object".into())
+        } else {
+            Outcome::Completed
+        };
+        Completion::new(info, self.inner.acct.clone(), None).finish(&observed, outcome);
         Reply {
             status: shared.status,
             headers: shared.headers.clone(),

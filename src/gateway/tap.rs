@@ -856,7 +856,7 @@ fn is_failed_response(body: &[u8]) -> bool {
 
 /// Whether a whole body (or an event) is an error object: `{"error": ...}` as Poe and
 /// OpenAI write it, or Anthropic's `{"type": "error", ...}` on the Messages API.
-fn is_error_object(api: Endpoint, data: &[u8]) -> bool {
+pub(crate) fn is_error_object(api: Endpoint, data: &[u8]) -> bool {
     opens_with_error(data)
         || (api == Endpoint::Messages && event_type(data).as_deref() == Some(b"error"))
 }
