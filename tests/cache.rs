@@ -546,9 +546,9 @@ async fn spellings_of_one_request_share_an_entry() {
     assert_eq!(up.chat_calls(), 1);
 }
 
-/// An upstream on a raw socket that answers every request with a JSON head of no length
-/// (the body ends with the connection) and `body`, then closes. Returns its URL and a count
-/// of the chat requests it got.
+/// An upstream on a raw socket that answers every chat request with a JSON head of no length
+/// (the body ends with the connection) and `body`, then closes (the catalogue is whole).
+/// Returns its URL and a count of the chat requests it got.
 async fn close_delimited_upstream(
     body: &'static str,
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
@@ -565,7 +565,7 @@ async fn close_delimited_upstream(
                 // The head, then the body its length names.
                 let mut got = Vec::new();
                 let mut buf = [0u8; 4096];
-                let (head_end, len) = loop {
+                let (head_end, len, chat) = loop {
                     let n = sock.read(&mut buf).await.unwrap_or(0);
                     if n == 0 {
                         return;
@@ -578,10 +578,11 @@ async fn close_delimited_upstream(
                             .find_map(|l| l.strip_prefix("content-length:"))
                             .and_then(|v| v.trim().parse::<usize>().ok())
                             .unwrap_or(0);
-                        if head.contains("/chat/completions") {
+                        let chat = head.contains("/chat/completions");
+                        if chat {
                             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
-                        break (i + 4, len);
+                        break (i + 4, len, chat);
                     }
                 };
                 while got.len() < head_end + len {
@@ -591,9 +592,17 @@ async fn close_delimited_upstream(
                     }
                     got.extend_from_slice(&buf[..n]);
                 }
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{body}"
-                );
+                let answer = if chat {
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{body}"
+                    )
+                } else {
+                    let models = default_models();
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{models}",
+                        models.len()
+                    )
+                };
                 let _ = sock.write_all(answer.as_bytes()).await;
                 let _ = sock.shutdown().await;
             });
@@ -676,4 +685,38 @@ async fn a_shared_error_object_is_no_hit() {
     assert!(results.iter().all(|(x, _)| x == "MISS"), "{results:?}");
     assert_eq!(up.chat_calls(), 1);
     assert_eq!(metric(&gw, "poe_gateway_cache_hits_total").await, Some(0.0));
+}
+
+/// An image bot's answer is not stored even when it is the gateway's first request, before
+/// anything had read Poe's catalogue (which says which bots make media): it was stored, and
+/// served for the whole TTL after its links expired, unless they were Poe's CDN's. While the
+/// catalogue cannot be read, nothing is stored; once it can, text answers are again.
+#[tokio::test(start_paused = true)]
+async fn media_answers_are_not_stored_before_the_catalogue_is_read() {
+    let up = MockUpstream::start().await;
+    let mut models: serde_json::Value = serde_json::from_str(&default_models()).unwrap();
+    models["data"][4]["architecture"] = serde_json::json!({"output_modalities": ["image"]});
+    up.set_models(&models.to_string());
+    let picture = "![cat](https://images.example/cat.png)";
+    up.set_fallback(Reply::completion("gpt-image-1", picture));
+    let gw = TestGateway::default(&up).await;
+    for _ in 0..2 {
+        assert_eq!(
+            call(&gw, &det_body("gpt-image-1", false), &[]).await.0,
+            "MISS"
+        );
+    }
+    assert_eq!(up.chat_calls(), 2, "the image answer was stored");
+
+    // A second gateway whose catalogue read fails: nothing is stored, until a read works.
+    let up = MockUpstream::start().await;
+    up.push_models(Reply::json(503, poe_error(503, "overloaded")));
+    up.set_models(&models.to_string());
+    up.set_fallback(Reply::completion("gpt-5", "words"));
+    let gw = TestGateway::default(&up).await;
+    assert_eq!(call(&gw, &det_body("gpt-5", false), &[]).await.0, "MISS");
+    assert_eq!(call(&gw, &det_body("gpt-5", false), &[]).await.0, "MISS");
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(call(&gw, &det_body("gpt-5", false), &[]).await.0, "MISS");
+    assert_eq!(call(&gw, &det_body("gpt-5", false), &[]).await.0, "HIT");
 }

@@ -450,9 +450,12 @@ impl ResponseCache {
         if POE_CDN.find(body).is_some() {
             return true;
         }
+        // Before Poe's catalogue has been read (the ledger's writer reads it within moments
+        // of the first request) a bot's output is unknown: an image bot's answer, whose CDN
+        // links expire, must not be stored for want of it.
         self.models
             .snapshot()
-            .is_some_and(|cat| cat.makes_media(bot))
+            .is_none_or(|cat| cat.makes_media(bot))
     }
 
     /// Stores an entry (the caller has checked it is not a media answer).
@@ -782,7 +785,7 @@ mod tests {
         };
         let cache = Arc::new(ResponseCache::new(
             &policy,
-            Arc::new(Models::new(Duration::from_secs(60))),
+            Arc::new(Models::read_already(Vec::new())),
             Arc::new(Metrics::new()),
         ));
         let req = ChatRequest::parse(Bytes::from_static(
@@ -840,7 +843,7 @@ mod tests {
         for (stream, frames, size) in [(false, 1, 330), (true, 12, 190), (true, 200, 150)] {
             let cache = Arc::new(ResponseCache::new(
                 &policy,
-                Arc::new(Models::new(Duration::from_secs(60))),
+                Arc::new(Models::read_already(Vec::new())),
                 Arc::new(Metrics::new()),
             ));
             let frame = Bytes::from(vec![b'x'; size]);

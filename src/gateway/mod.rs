@@ -667,6 +667,12 @@ impl Gateway {
         if let Some(entry) = found {
             return Ok(self.hit_reply(caller, &req, route, entry, started));
         }
+        if !inner.models.loaded() {
+            // Whether a miss may be stored depends on its bot's output (a media bot's is
+            // not), which the catalogue says: the first cacheable miss waits for it (once,
+            // bounded); until it is read, nothing is stored. Boxed, as above.
+            Box::pin(inner.accountant.ensure_catalogue()).await;
+        }
         if req.stream() {
             // A stream miss is recorded by the tap as it goes to the client, never buffered.
             cache.count_miss();

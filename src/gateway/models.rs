@@ -313,6 +313,24 @@ impl Models {
         self.last_good.read().expect("models lock").clone()
     }
 
+    /// Models whose catalogue was read already, with these entries (for unit tests).
+    #[cfg(test)]
+    pub(crate) fn read_already(entries: Vec<Value>) -> Models {
+        let models = Models::new(Duration::from_secs(60));
+        let ids = entries
+            .iter()
+            .filter_map(|e| e["id"].as_str().map(String::from))
+            .collect();
+        *models.last_good.write().expect("models lock") =
+            Some(Arc::new(Catalogue::new(Bytes::new(), entries, ids)));
+        models
+    }
+
+    /// Whether a catalogue has been read, without cloning it.
+    pub fn loaded(&self) -> bool {
+        self.last_good.read().expect("models lock").is_some()
+    }
+
     /// The merged catalogue; concurrent callers on a miss share one upstream fetch.
     pub async fn get(
         &self,
