@@ -1069,3 +1069,58 @@ async fn clients_that_stop_reading_do_not_stall_their_http2_connection() {
     assert_eq!(up.connections(), before, "all on the one HTTP/2 connection");
     drop(stalled);
 }
+
+/// Answers the gateway cannot pass on as they came become its own OpenAI-shaped errors:
+/// - an error body in a coding (a proxy that compresses though the gateway asks for
+///   `identity`): it was passed on, and the key it quoted reached the client, since the
+///   redaction searched the compressed bytes;
+/// - a redirect: it was passed on with its `Location`, and the SDKs followed it, sending the
+///   prompt past the gateway to another host;
+/// - a compressed stream: the tap cannot read it, and it reached the client as a broken body.
+#[tokio::test(start_paused = true)]
+async fn redirects_and_compressed_errors_and_streams_are_not_passed_on() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&up, "", &[("POE_GATEWAY_RETRY__MAX_ATTEMPTS", "1")]).await;
+
+    up.push(
+        Reply::new(401)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .send(format!("{{\"error\":{{\"message\":\"Invalid key {UPSTREAM_KEY}\"}}}}")),
+    );
+    let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+    assert!(resp.headers().get("content-encoding").is_none());
+    let e = expect_error(resp, 401, "upstream_error").await;
+    assert!(!e.to_string().contains(UPSTREAM_KEY), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("compressed"), "{e}");
+
+    for status in [301, 307, 308] {
+        up.push(
+            Reply::new(status)
+                .header("location", "http://elsewhere.example/v1/chat/completions")
+                .send("moved"),
+        );
+        let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+        assert!(resp.headers().get("location").is_none(), "{status}");
+        let e = expect_error(resp, 502, "upstream_error").await;
+        assert!(e["message"].as_str().unwrap().contains("redirect"), "{e}");
+    }
+
+    up.push(
+        Reply::sse()
+            .header("content-encoding", "gzip")
+            .send(&b"\x1f\x8b\x08\x00 not readable"[..]),
+    );
+    let resp = post(&gw, &chat_body("gpt-5", true), &[]).await;
+    assert!(resp.headers().get("content-encoding").is_none());
+    let e = expect_error(resp, 502, "upstream_error").await;
+    assert!(e["message"].as_str().unwrap().contains("compressed"), "{e}");
+
+    // A compressed JSON answer still passes, as the client can decode it.
+    up.push(
+        Reply::json(200, completion_json("gpt-5", "ok")).header("content-encoding", "gzip"),
+    );
+    let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+}

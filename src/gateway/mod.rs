@@ -888,7 +888,7 @@ impl Gateway {
                 }
                 drop(attempt_span);
                 let failure = match sent {
-                    Ok(resp) if resp.status().is_success() => {
+                    Ok(resp) if resp.status().is_success() && unpassable(&resp, req).is_none() => {
                         let info = self.request_info(
                             caller,
                             req,
@@ -904,12 +904,20 @@ impl Gateway {
                         return Ok(self.stream_reply(resp, info, permit, attempts, req, plan, &key));
                     }
                     Ok(resp) => {
+                        let why_not = unpassable(&resp, req);
                         let (mut head, body) = resp.into_parts();
-                        let body = match read_error_body(body, inner.policy.timeouts.idle).await {
-                            Ok(body) => crate::error::redact_secrets(body, &[key.expose()]),
-                            // Poe's status still says what happened (a 400 is not retried,
-                            // a 429 is); only its explanation is lost.
-                            Err(why) => unread_error_body(&mut head, &why),
+                        let body = match why_not {
+                            // Not read: none of it is passed on.
+                            Some(why) => own_error_body(&mut head, why),
+                            None => match read_error_body(body, inner.policy.timeouts.idle).await {
+                                Ok(body) => crate::error::redact_secrets(body, &[key.expose()]),
+                                // Poe's status still says what happened (a 400 is not
+                                // retried, a 429 is); only its explanation is lost.
+                                Err(why) => own_error_body(
+                                    &mut head,
+                                    &format!("its error body could not be read ({why})"),
+                                ),
+                            },
                         };
                         Failure::Status { head, body }
                     }
@@ -999,16 +1007,7 @@ impl Gateway {
         key: &Secret,
     ) -> Reply {
         let (head, body) = resp.into_parts();
-        // Media types compare without regard to case; a stream asked for and answered with
-        // no type is read as the stream it is.
-        let sse = match head.headers.get(header::CONTENT_TYPE) {
-            Some(ct) => ct
-                .as_bytes()
-                .trim_ascii_start()
-                .get(..17)
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream")),
-            None => req.stream(),
-        };
+        let sse = is_event_stream(&head.headers, req);
         let bot = info.bot.clone();
         let cache_status = if plan.is_some() {
             CacheStatus::Miss
@@ -1017,10 +1016,7 @@ impl Gateway {
         };
         // A compressed answer (asked for `identity`, but sent anyway) is not stored: a replay
         // does not carry its coding.
-        let encoded = head
-            .headers
-            .get(header::CONTENT_ENCODING)
-            .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"));
+        let encoded = is_encoded(&head.headers);
         let recorder = plan
             .filter(|_| !encoded)
             .and_then(|p| self.inner.cache.recorder(p, sse, &bot))
@@ -1428,14 +1424,19 @@ impl Drop for Unanswered<'_> {
 
 /// The body sent in place of an upstream error body that could not be read (cut off, too
 /// large, too slow), in the OpenAI shape, with Poe's status kept.
-fn unread_error_body(head: &mut http::response::Parts, why: &str) -> Bytes {
+fn own_error_body(head: &mut http::response::Parts, why: &str) -> Bytes {
+    let message = format!("upstream answered {} and {why}", head.status);
+    // A redirect is not the client's to follow (its SDK would send the prompt past the
+    // gateway, to wherever `Location` points), nor an interim status its to read, nor a
+    // stream it could not read: the gateway's upstream failed.
+    if !head.status.is_client_error() && !head.status.is_server_error() {
+        head.status = StatusCode::BAD_GATEWAY;
+    }
+    head.headers.remove(header::LOCATION);
+    head.headers.remove(header::CONTENT_ENCODING);
     head.headers.insert(
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
-    );
-    let message = format!(
-        "upstream answered {} and its error body could not be read ({why})",
-        head.status
     );
     Bytes::from(
         serde_json::json!({"error": {
@@ -1446,6 +1447,49 @@ fn unread_error_body(head: &mut http::response::Parts, why: &str) -> Bytes {
         }})
         .to_string(),
     )
+}
+
+/// Why an upstream answer cannot go to the client as it came, if it cannot: a redirect or an
+/// interim status; an error body in a coding other than `identity` (the gateway asks for
+/// `identity`; a proxy may compress anyway), whose text cannot be searched for the key; a
+/// stream in such a coding, which the tap cannot read (it would end it with a plain-text
+/// event under the coding's header, unreadable to the client). A compressed JSON answer
+/// passes: the client decodes it, and only its token counts are estimated.
+fn unpassable(resp: &http::Response<upstream::Body>, req: &ChatRequest) -> Option<&'static str> {
+    let status = resp.status();
+    if status.is_redirection() || status.is_informational() {
+        return Some("the gateway follows no redirect and passes on no interim status");
+    }
+    if !is_encoded(resp.headers()) {
+        return None;
+    }
+    if !status.is_success() {
+        Some("its error body was compressed, so it could not be checked for the key")
+    } else if is_event_stream(resp.headers(), req) {
+        Some("its stream was compressed, which the gateway cannot read")
+    } else {
+        None
+    }
+}
+
+/// A body in a coding other than `identity`.
+fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"))
+}
+
+/// Whether an answer is an event stream. Media types compare without regard to case; a
+/// stream asked for and answered with no type is read as the stream it is.
+fn is_event_stream(headers: &HeaderMap, req: &ChatRequest) -> bool {
+    match headers.get(header::CONTENT_TYPE) {
+        Some(ct) => ct
+            .as_bytes()
+            .trim_ascii_start()
+            .get(..17)
+            .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream")),
+        None => req.stream(),
+    }
 }
 
 /// Upstream response headers minus hop-by-hop ones (RFC 9110 section 7.6.1) and those that
