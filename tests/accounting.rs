@@ -2680,6 +2680,47 @@ async fn odd_json_answers_are_accounted_and_not_stored() {
         "{:?}",
         asked[0].headers
     );
+
+    // An empty 200 is no answer: its client stayed, so it is `incomplete` (it was taken for
+    // a client gone, as hyper never read a body of length 0), and it is not stored.
+    let empty = r#"{"model":"gpt","messages":[{"role":"user","content":"z"}],"temperature":0}"#;
+    up.push(Reply::json(200, ""));
+    up.push(Reply::completion("gpt-5", "full"));
+    let resp = post(&gw, empty, &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert!(body_bytes(resp).await.is_empty());
+    let resp = post(&gw, empty, &[]).await;
+    assert_eq!(
+        resp.headers()["x-cache"],
+        "MISS",
+        "the empty answer was stored"
+    );
+    body_bytes(resp).await;
+    core.flush().await;
+    let sql = "SELECT COUNT(*) FROM usage WHERE outcome = 'incomplete' AND status = 200 \
+               AND request_id NOT IN (SELECT request_id FROM usage WHERE outcome = 'cancelled')";
+    assert_eq!(
+        count(&db, sql).await,
+        2,
+        "{db}: the error object's and the empty one's"
+    );
+}
+
+/// The one number `sql` selects from the ledger at `db`.
+async fn count(db: &str, sql: &str) -> i64 {
+    match db.strip_prefix("sqlite://") {
+        Some(path) => rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap(),
+        None => {
+            let (c, conn) = tokio_postgres::connect(db, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            c.query_one(sql, &[]).await.unwrap().get(0)
+        }
+    }
 }
 
 /// The ledger's database failing must not stop a team's gateway: keys in use go on being
@@ -3409,20 +3450,7 @@ async fn a_ledger_from_before_the_cache_columns_reads_them_as_0_and_is_migrated(
         assert_eq!(cache_counts(&cli), vec![("chat".to_string(), 4, 0)], "{db}");
         // The old rows' columns are empty, not 0: nothing was rewritten.
         let nulls = "SELECT COUNT(*) FROM usage WHERE cache_read_tokens IS NULL AND cache_write_tokens IS NULL";
-        let n: i64 = match db.strip_prefix("sqlite://") {
-            Some(path) => rusqlite::Connection::open(path)
-                .unwrap()
-                .query_row(nulls, [], |r| r.get(0))
-                .unwrap(),
-            None => {
-                let (c, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
-                c.query_one(nulls, &[]).await.unwrap().get(0)
-            }
-        };
-        assert_eq!(n, 2, "{db}");
+        assert_eq!(count(&db, nulls).await, 2, "{db}");
     }
 }
 

@@ -1086,7 +1086,9 @@ async fn redirects_and_compressed_errors_and_streams_are_not_passed_on() {
         Reply::new(401)
             .header("content-type", "application/json")
             .header("content-encoding", "gzip")
-            .send(format!("{{\"error\":{{\"message\":\"Invalid key {UPSTREAM_KEY}\"}}}}")),
+            .send(format!(
+                "{{\"error\":{{\"message\":\"Invalid key {UPSTREAM_KEY}\"}}}}"
+            )),
     );
     let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
     assert!(resp.headers().get("content-encoding").is_none());
@@ -1117,9 +1119,7 @@ async fn redirects_and_compressed_errors_and_streams_are_not_passed_on() {
     assert!(e["message"].as_str().unwrap().contains("compressed"), "{e}");
 
     // A compressed JSON answer still passes, as the client can decode it.
-    up.push(
-        Reply::json(200, completion_json("gpt-5", "ok")).header("content-encoding", "gzip"),
-    );
+    up.push(Reply::json(200, completion_json("gpt-5", "ok")).header("content-encoding", "gzip"));
     let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-encoding"], "gzip");

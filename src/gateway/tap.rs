@@ -458,7 +458,11 @@ where
         match (&self.state, &self.mode) {
             // Only a JSON body keeps its exact length: an SSE body may lose usage or gain an
             // error event.
-            (State::Streaming, Mode::Json { .. }) => self.inner.size_hint(),
+            // But not an empty one: hyper would not read a body of length 0 at all, and the
+            // tap, dropped unread, would take the answer for one its client left.
+            (State::Streaming, Mode::Json { .. }) if self.inner.size_hint().exact() != Some(0) => {
+                self.inner.size_hint()
+            }
             _ => SizeHint::default(),
         }
     }
@@ -504,7 +508,13 @@ fn end(
         Mode::Json { frames, kept } => {
             let whole = *kept as u64 == observed.bytes;
             read_json_usage(frames, observed, whole);
-            if observed.stream_error {
+            if observed.bytes == 0 {
+                // No answer: not stored, not completed.
+                (
+                    Outcome::Incomplete("upstream answered 200 with an empty body".into()),
+                    None,
+                )
+            } else if observed.stream_error {
                 let why = if observed.api == Endpoint::Responses {
                     "upstream answered 200 with an error object or a failed response"
                 } else {
