@@ -873,6 +873,41 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
         if target.bots().iter().any(|b| b.trim().is_empty()) {
             return Err((key, "bot names must not be empty".into()));
         }
+        if let Some(b) = target.bots().iter().find(|b| b.trim() != b.as_str()) {
+            return Err((
+                key,
+                format!("bot name {b:?} starts or ends with spaces, which no bot's name does"),
+            ));
+        }
+        // Names are matched without regard to case: one of the two would never be reached.
+        if let Some(other) = p
+            .aliases
+            .keys()
+            .find(|o| *o != alias && o.eq_ignore_ascii_case(alias))
+        {
+            return Err((
+                key,
+                format!("alias {other:?} has the same name but for case; requests reach only one"),
+            ));
+        }
+        // A chain lists bots: a name that is another alias goes to Poe as a bot name (and
+        // fails there), unless that alias also calls a bot of its own name.
+        for bot in target.bots() {
+            let nested = p.aliases.iter().find(|(name, t)| {
+                *name != alias
+                    && name.eq_ignore_ascii_case(bot)
+                    && !t.bots().iter().any(|b| b.eq_ignore_ascii_case(bot))
+            });
+            if let Some((name, t)) = nested {
+                return Err((
+                    key,
+                    format!(
+                        "{bot:?} is an alias, and a chain lists bots: write its bots out ({})",
+                        t.bots().join(", ")
+                    ),
+                ));
+            }
+        }
         // The names a request may use, by the same rule as a client's `model`.
         let max = crate::gateway::request::MAX_MODEL_LEN;
         if !std::iter::once(alias)
@@ -1140,6 +1175,41 @@ mod tests {
         assert!(e.reason.contains("POE_GATEWAY_SERVER__LISTEN"), "{e}");
         let p = both("127.0.0.1:3", "127.0.0.1:3").unwrap();
         assert_eq!(p.server.listen.port(), 3);
+    }
+
+    /// Alias tables a request could not reach as written are refused, naming the alias:
+    /// two names that differ by case (one was never reached), a chain entry that is another
+    /// alias (it went to Poe as a bot name), a bot name with spaces around it. An alias
+    /// named like a bot it calls, and a chain naming an alias that is also such a bot, pass.
+    #[test]
+    fn alias_tables_that_cannot_work_are_refused() {
+        for (text, key, why) in [
+            (
+                "[aliases]
+Dup = \"a\"\ndup = \"b\"\n",
+                "aliases.Dup",
+                "but for case",
+            ),
+            (
+                "[aliases]
+ok = \"bot-ok\"\nnest = [\"ok\", \"b\"]\n",
+                "aliases.nest",
+                "is an alias",
+            ),
+            (
+                "[aliases]
+x = \" bot-ok \"\n",
+                "aliases.x",
+                "spaces",
+            ),
+        ] {
+            let e = parse("p.toml", text, env(&[])).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.reason.contains(why), "{e}");
+        }
+        let fine = "[aliases]\ngpt-5 = [\"gpt-5\", \"gpt-4o\"]\nsafe = [\"GPT-5\", \"claude\"]\n";
+        parse("p.toml", fine, env(&[])).unwrap();
+        parse("p.toml", DEFAULT_POLICY, env(&[])).unwrap();
     }
 
     /// Durations past what the timers take are a config error naming the key, not a panic
