@@ -854,6 +854,9 @@ async fn list_models_filters_the_catalogue() {
         ids.contains(&"claude-sonnet-4.5") && !ids.contains(&"gpt-5"),
         "{ids:?}"
     );
+    // A blank capability is none given, as every blank text argument is.
+    let all = ok(&call(&client, "list_available_models", json!({"capability": " "})).await);
+    assert!(support::ids(&all["models"]).contains(&"gpt-5"), "{all}");
 }
 
 // ----- over HTTP -----
@@ -1105,8 +1108,25 @@ async fn an_mcp_session_answers_only_the_caller_who_opened_it() {
     let (status, _, text) = raw_mcp(&gw, "POST", &with(alice), Some(list.clone())).await;
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("ask_poe"), "{text}");
+    // A body that is no JSON-RPC message, sent as JSON: a 400 (rmcp said 415, Unsupported
+    // Media Type, which sends a client looking at its headers).
+    for bad in ["{oops", "[]"] {
+        let mut req = http::Request::post(gw.url("/mcp"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2025-06-18");
+        for (k, v) in with(alice) {
+            req = req.header(k, v);
+        }
+        let resp = support::client()
+            .request(req.body(Full::new(Bytes::from(bad))).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{bad}");
+    }
+    // Ended with a 200, which the MCP clients take for the end (Python's warned at 202).
     let (status, _, text) = raw_mcp(&gw, "DELETE", &with(alice), None).await;
-    assert!((200..300).contains(&status), "{status}: {text}");
+    assert_eq!(status, 200, "{text}");
     let (status, _, text) = raw_mcp(&gw, "POST", &with(alice), Some(list)).await;
     assert_eq!(status, 404, "{text}");
 }

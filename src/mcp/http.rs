@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -163,9 +163,14 @@ impl McpHttp {
             return error(&e);
         }
         let ending = parts.method == http::Method::DELETE;
+        let sent_json = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("application/json"));
         parts.extensions.insert(caller);
         let req = Request::from_parts(parts, Full::new(body));
-        let resp = match self.service.call(req).await {
+        let mut resp = match self.service.call(req).await {
             Ok(resp) => resp,
             Err(never) => match never {},
         };
@@ -175,8 +180,18 @@ impl McpHttp {
                     self.owners.insert(session_id(id), scope);
                 }
             }
-            Some(id) if ending && resp.status().is_success() => self.owners.invalidate(id),
+            Some(id) if ending && resp.status().is_success() => {
+                self.owners.invalidate(id);
+                // rmcp answers 202; the MCP clients (Python's) take 200 or 204 as the
+                // session's end and warn at anything else.
+                *resp.status_mut() = StatusCode::OK;
+            }
             Some(_) => {}
+        }
+        // rmcp says 415 for a body that is no JSON-RPC message, whatever its type: with the
+        // right type, the body is at fault.
+        if sent_json && resp.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
         }
         as_openai_error(resp).await
     }

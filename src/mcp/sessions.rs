@@ -393,8 +393,8 @@ fn strip_inline_attachments(message: &mut Value) {
     };
     for part in parts.iter_mut() {
         let (kind, url) = match part.get("type").and_then(Value::as_str) {
-            Some("image_url") => ("image", part.pointer("/image_url/url")),
-            Some("file") => ("file", part.pointer("/file/file_data")),
+            Some("image_url") => ("an image", part.pointer("/image_url/url")),
+            Some("file") => ("a file", part.pointer("/file/file_data")),
             _ => continue,
         };
         if !url
@@ -411,7 +411,7 @@ fn strip_inline_attachments(message: &mut Value) {
         *part = json!({
             "type": "text",
             "text": format!(
-                "[an {kind} attachment{name} was sent with this message; it is too large to keep in the session (mcp.max_session_bytes)]"
+                "[{kind} attachment{name} was sent with this message; it is too large to keep in the session (mcp.max_session_bytes)]"
             ),
         });
     }

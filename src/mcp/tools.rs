@@ -256,7 +256,20 @@ pub struct ListModelsArgs {
     #[schemars(with = "Option<String>")]
     pub filter: Option<String>,
     /// Keep models with this capability.
+    #[serde(default, deserialize_with = "blank_capability_is_none")]
     pub capability: Option<Capability>,
+}
+
+/// `capability` as [`blank_is_none`] reads text: a blank one is not given.
+fn blank_capability_is_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Capability>, D::Error> {
+    match blank_value_is_none(d)? {
+        None => Ok(None),
+        Some(v) => Capability::deserialize(v)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
