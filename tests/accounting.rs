@@ -741,6 +741,17 @@ async fn admin_api_needs_the_admin_key() {
         "invalid_request_error",
     )
     .await;
+    // A budget past any team's (1e300 was taken, and listed with 300 digits), or below 0.
+    for budget in ["1e300", "1000000001", "-1"] {
+        let body = format!(r#"{{"name":"rich","budget_usd":{budget}}}"#);
+        let e = expect_error(
+            as_admin(&gw, "POST", "/admin/keys", &body).await,
+            400,
+            "invalid_request_error",
+        )
+        .await;
+        assert_eq!(e["param"], "budget_usd", "{budget}: {e}");
+    }
     for (query, param) in [
         ("since=whenever", "since"),
         // An empty or backwards window is a mistake, not an empty report.

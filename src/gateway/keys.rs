@@ -148,6 +148,10 @@ pub enum When {
     Text(String),
 }
 
+/// The largest budget a key may have, in USD: far past any team's, and small enough to print
+/// (`1e300` was taken, and listed with 300 digits).
+const MAX_BUDGET_USD: f64 = 1e9;
+
 /// The latest expiry a key may have: the end of the year 9999, as RFC 3339 can write it.
 const LAST_EXPIRY_MS: i64 = 253_402_300_799_000;
 
@@ -322,10 +326,13 @@ pub async fn create_key(store: &Store, new: NewKey) -> Result<(KeyRecord, String
             ),
         ));
     }
-    if new.budget_usd.is_some_and(|b| !b.is_finite() || b < 0.0) {
+    if new
+        .budget_usd
+        .is_some_and(|b| !b.is_finite() || !(0.0..=MAX_BUDGET_USD).contains(&b))
+    {
         return Err(GatewayError::bad_param(
             "budget_usd",
-            "`budget_usd` must be a non-negative number",
+            format!("`budget_usd` must be a number from 0 to {MAX_BUDGET_USD}"),
         ));
     }
     // Stored as a 32-bit signed integer on Postgres: past that it would wrap.
@@ -669,10 +676,14 @@ impl KeyRing {
             Err(e) => return Err(e),
         };
         if spent >= budget {
+            let period = match rec.period {
+                Period::Day => "for today (UTC)",
+                Period::Month => "for this month (UTC)",
+                Period::Total => "in total",
+            };
             return Err(GatewayError::QuotaExceeded(format!(
-                "this key has used its budget of ${} for the current {} (spent ${spent:.4})",
+                "this key has used its budget of ${} {period} (spent ${spent:.4})",
                 usd(budget),
-                rec.period.as_str()
             )));
         }
         Ok(())
