@@ -136,6 +136,8 @@ static DELTA_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"delt
 static TEXT_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"text\":", (1, 4)));
 static THINKING_KEY: LazyLock<KeyFinder> =
     LazyLock::new(|| KeyFinder::new(b"\"thinking\":", (2, 5)));
+static ARGUMENTS_KEY: LazyLock<KeyFinder> =
+    LazyLock::new(|| KeyFinder::new(b"\"arguments\":", (3, 7)));
 static PARTIAL_JSON_KEY: LazyLock<KeyFinder> =
     LazyLock::new(|| KeyFinder::new(b"\"partial_json\":", (8, 9)));
 
@@ -826,7 +828,13 @@ fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
     }
     match observed.api {
         Endpoint::ChatCompletions => {
-            observed.text_bytes += string_len(&CONTENT_KEY, data) as u64;
+            // A tool call's arguments are output too. A chunk carries text or a call, so
+            // they are looked for only in chunks without text.
+            let text = string_len(&CONTENT_KEY, data);
+            observed.text_bytes += match text {
+                0 => string_len(&ARGUMENTS_KEY, data),
+                n => n,
+            } as u64;
         }
         Endpoint::Responses => on_responses_event(observed, data),
         Endpoint::Messages => on_messages_event(observed, data),
@@ -876,7 +884,13 @@ pub(crate) fn is_error_object(api: Endpoint, data: &[u8]) -> bool {
 /// ends a chat stream; `response.failed` and `error` fail it.
 fn on_responses_event(observed: &mut Observed, data: &[u8]) {
     match event_type(data).as_deref() {
-        Some(b"response.output_text.delta") => {
+        // Text, a function call's arguments and reasoning are all output.
+        Some(
+            b"response.output_text.delta"
+            | b"response.function_call_arguments.delta"
+            | b"response.reasoning_summary_text.delta"
+            | b"response.reasoning_text.delta",
+        ) => {
             observed.text_bytes += string_len(&DELTA_KEY, data) as u64;
         }
         Some(b"response.completed" | b"response.incomplete") => observed.saw_done = true,
@@ -1103,7 +1117,9 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed, whole: bool
         } else {
             &TEXT_KEY
         };
-        observed.text_bytes = string_len(key, &body) as u64;
+        // Tool calls' arguments (chat's `tool_calls[].function`, a Responses
+        // `function_call` item) are output too.
+        observed.text_bytes = (string_len(key, &body) + string_len(&ARGUMENTS_KEY, &body)) as u64;
     }
 }
 
@@ -1292,6 +1308,34 @@ mod tests {
         // Escaped backslashes before a closing quote are told from an escaped quote.
         let slashes = br#"{"choices":[{"message":{"content":"ends in a slash \"}}],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#;
         assert_eq!(usage(slashes, Endpoint::ChatCompletions), Some((4, 1)));
+    }
+
+    /// Without Poe's usage the output is estimated from what was streamed: tool calls'
+    /// arguments and reasoning count as well as text (they counted 0).
+    #[test]
+    fn tool_calls_and_reasoning_count_in_the_estimate() {
+        let mut chat = Observed::default();
+        on_event(
+            &mut chat,
+            br#"{"choices":[{"index":0,"delta":{"content":null,"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}}]}"#,
+        );
+        on_event(
+            &mut chat,
+            br#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#,
+        );
+        assert_eq!(chat.text_bytes, 10 + 2);
+        let mut responses = Observed {
+            api: Endpoint::Responses,
+            ..Observed::default()
+        };
+        for event in [
+            &br#"{"type":"response.function_call_arguments.delta","item_id":"fc","delta":"{\"a\":1}"}"#[..],
+            br#"{"type":"response.reasoning_summary_text.delta","delta":"think"}"#,
+            br#"{"type":"response.output_text.delta","delta":"ok"}"#,
+        ] {
+            on_event(&mut responses, event);
+        }
+        assert_eq!(responses.text_bytes, 9 + 5 + 2);
     }
 
     /// A Messages stream's usage comes in two events: the input counts (cache reads and
