@@ -1102,6 +1102,14 @@ async fn a_client_gone_before_poes_head_still_gets_its_row() {
             "{db}: {}",
             r.totals.cost_usd
         );
+        // The token counter counts what the ledger counts (it left such rows out).
+        let metrics = body_bytes(get(&gw, "/metrics").await).await;
+        let counted: f64 = String::from_utf8_lossy(&metrics)
+            .lines()
+            .filter(|l| l.starts_with("poe_gateway_prompt_tokens_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(counted, 11.0, "{db}");
     }
 }
 

@@ -488,14 +488,23 @@ impl Gateway {
     /// dropped before Poe's head): the rows of replies are written by their [`Completion`].
     fn record_unreplied(&self, row: UsageRow, reason: &str) {
         let acct = &self.inner.acct;
+        let bot = self.metric_bot(&row.bot);
         acct.metrics
             .requests
             .with_label_values(&[
-                &*self.metric_bot(&row.bot),
+                &*bot,
                 &row.status.to_string(),
                 crate::metrics::key_label(row.key_id.as_deref()),
             ])
             .inc();
+        // A request dropped before Poe's head has its prompt estimated and priced (Poe
+        // charges it): the token counters count it as the ledger does.
+        if let Some(t) = row.prompt_tokens.filter(|t| *t > 0) {
+            acct.metrics
+                .prompt_tokens
+                .with_label_values(&[&*bot])
+                .inc_by(t as u64);
+        }
         acct.close(row, reason, 0, None);
     }
 
