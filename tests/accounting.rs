@@ -3666,3 +3666,95 @@ async fn a_key_expires_and_older_ledgers_keep_their_keys() {
         assert!(line("old").contains(" active "), "{table}");
     }
 }
+
+/// Every gateway key shares the server's Poe account, which would continue any stored
+/// Responses conversation for whoever names its id: a key could read on from another key's
+/// (it was passed to Poe as it came). A key continues only the responses it made, streamed
+/// or not; another key's id, or one the gateway never saw, is refused as Poe refuses an
+/// unknown id, and Poe is not asked.
+#[tokio::test]
+async fn a_key_continues_only_its_own_stored_responses() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    let (gw, _core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+    let (_, alice) = create_key(&gw, r#"{"name":"alice"}"#).await;
+    let (_, bob) = create_key(&gw, r#"{"name":"bob"}"#).await;
+    let ask = |key: &str, extra: &str, stream: bool| {
+        let gw = &gw;
+        let auth = format!("Bearer {key}");
+        let body = format!(r#"{{"model":"claude","input":"go on","stream":{stream}{extra}}}"#);
+        async move {
+            let resp = request(
+                gw,
+                "POST",
+                "/v1/responses",
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &auth),
+                ],
+                &body,
+            )
+            .await;
+            let status = resp.status().as_u16();
+            (status, body_bytes(resp).await)
+        }
+    };
+    let answer = |id: &str| {
+        response_object("claude-sonnet-4.5", "Hi!", "completed", RESPONSES_USAGE)
+            .replace("resp_1", id)
+    };
+
+    up.push(Reply::json(200, answer("resp_json")));
+    assert_eq!(ask(&alice, "", false).await.0, 200);
+    let created = format!(
+        r#"{{"type":"response.created","sequence_number":0,"response":{}}}"#,
+        answer("resp_sse")
+    );
+    let completed = format!(
+        r#"{{"type":"response.completed","sequence_number":1,"response":{}}}"#,
+        answer("resp_sse")
+    );
+    up.push(
+        Reply::sse()
+            .send(responses_event("response.created", &created))
+            .send(responses_event("response.completed", &completed)),
+    );
+    assert_eq!(ask(&alice, "", true).await.0, 200);
+    let calls = up.received_on("/v1/responses").len();
+
+    for (key, id) in [
+        (&bob, "resp_json"),
+        (&bob, "resp_sse"),
+        (&alice, "resp_never_seen"),
+    ] {
+        let (status, body) = ask(key, &format!(r#","previous_response_id":"{id}""#), false).await;
+        assert_eq!(status, 400, "{id}");
+        let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(e["error"]["param"], "previous_response_id", "{e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not found"),
+            "{e}"
+        );
+    }
+    let (status, _) = ask(&alice, r#","previous_response_id":5"#, false).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        up.received_on("/v1/responses").len(),
+        calls,
+        "Poe was asked"
+    );
+
+    for id in ["resp_json", "resp_sse"] {
+        up.push(Reply::json(200, answer("resp_next")));
+        let (status, _) = ask(&alice, &format!(r#","previous_response_id":"{id}""#), false).await;
+        assert_eq!(status, 200, "{id}");
+    }
+    let sent = up.received_on("/v1/responses");
+    assert_eq!(
+        sent.last().unwrap().json()["previous_response_id"],
+        "resp_sse"
+    );
+}

@@ -898,7 +898,7 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
                     && name.eq_ignore_ascii_case(bot)
                     && !t.bots().iter().any(|b| b.eq_ignore_ascii_case(bot))
             });
-            if let Some((name, t)) = nested {
+            if let Some((_, t)) = nested {
                 return Err((
                     key,
                     format!(

@@ -94,6 +94,14 @@ impl Completion {
         }
         let unlisted = self.info.unlisted;
         let row = usage_row(&mut self.info, observed, &outcome);
+        if let (Some(id), Some(key_id), Some(charger)) = (
+            observed.response_id.as_deref(),
+            &self.info.key_id,
+            &self.acct.charger,
+        ) && let Some(keys) = &charger.keys
+        {
+            keys.made_response(id, key_id);
+        }
         let bot = if unlisted {
             std::borrow::Cow::Borrowed(UNLISTED)
         } else {

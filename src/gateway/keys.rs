@@ -93,7 +93,17 @@ pub struct KeyRing {
     shared: Option<Arc<SharedState>>,
     limits_on_error: FailurePolicy,
     budgets_on_error: FailurePolicy,
+    /// The Responses answers made with each gateway key (response id to key id): every key
+    /// shares the server's Poe account, which would continue any key's stored conversation
+    /// for whoever names its id. Kept in this process only (see [`RESPONSES_KEPT`]).
+    responses: moka::sync::Cache<Box<str>, Arc<str>>,
 }
+
+/// How many Responses answers' owners are kept, and for how long: about what Poe keeps
+/// them for. An answer made before a restart, or by another replica, cannot be continued
+/// with `previous_response_id` through this gateway (the request is refused as for an
+/// unknown id; the client sends the conversation instead).
+const RESPONSES_KEPT: (u64, Duration) = (200_000, Duration::from_secs(30 * 24 * 3600));
 
 /// How long a spend counter outlives the start of its period: longer than any period.
 const SPEND_TTL: Duration = Duration::from_secs(35 * 24 * 3600);
@@ -455,6 +465,42 @@ impl KeyRing {
             spend: Mutex::new(HashMap::new()),
             stale: Mutex::new(HashSet::new()),
             clock,
+            responses: moka::sync::Cache::builder()
+                .max_capacity(RESPONSES_KEPT.0)
+                .time_to_live(RESPONSES_KEPT.1)
+                .build(),
+        }
+    }
+
+    /// Notes that the gateway key `key_id` made the Responses answer `response_id`.
+    /// Passthrough callers' rows (their own Poe keys, which Poe tells apart) are not kept.
+    pub fn made_response(&self, response_id: &str, key_id: &Arc<str>) {
+        if key_id.starts_with(KEY_ID_PREFIX) {
+            self.responses.insert(response_id.into(), key_id.clone());
+        }
+    }
+
+    /// Refuses a `previous_response_id` that `rec` did not make through this gateway, as Poe
+    /// refuses an unknown one: a 400 naming the parameter.
+    pub fn check_previous_response(
+        &self,
+        rec: &KeyRecord,
+        response_id: &str,
+    ) -> Result<(), GatewayError> {
+        match self.responses.get(response_id) {
+            Some(owner) if *owner == *rec.id => Ok(()),
+            _ => Err(GatewayError::bad_param(
+                "previous_response_id",
+                format!(
+                    "Previous response with id '{}' not found: a gateway key continues only \
+                     the responses made with it through this gateway process",
+                    response_id
+                        .chars()
+                        .take(100)
+                        .map(|c| if c.is_control() { '?' } else { c })
+                        .collect::<String>()
+                ),
+            )),
         }
     }
 

@@ -644,6 +644,9 @@ impl Gateway {
             }
             let checked = async {
                 inner.keys.check_model(rec, req.model(), bots)?;
+                if let Some(previous) = req.previous_response_id()? {
+                    inner.keys.check_previous_response(rec, &previous)?;
+                }
                 self.check_priced(rec, bots)?;
                 inner.keys.check_rpm(rec).await?;
                 inner.keys.check_budget(rec).await

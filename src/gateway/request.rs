@@ -262,6 +262,31 @@ impl ChatRequest {
         })
     }
 
+    /// A Responses request's `previous_response_id`, when it names one. Read again from the
+    /// body (which parsed before) rather than kept: only keys mode asks, and every request's
+    /// future would carry it.
+    pub fn previous_response_id(&self) -> Result<Option<String>, GatewayError> {
+        if self.endpoint != Endpoint::Responses {
+            return Ok(None);
+        }
+        let text = std::str::from_utf8(&self.body).unwrap_or_default();
+        let Ok(fields) = TopLevel::parse(text) else {
+            return Ok(None);
+        };
+        match fields.get("previous_response_id") {
+            None => Ok(None),
+            Some(raw) if raw.get() == "null" => Ok(None),
+            Some(raw) => serde_json::from_str::<String>(raw.get())
+                .map(Some)
+                .map_err(|_| {
+                    GatewayError::bad_param(
+                        "previous_response_id",
+                        "`previous_response_id` must be a string",
+                    )
+                }),
+        }
+    }
+
     /// Bytes of text in the request (its strings, encoded media left out).
     pub fn text_bytes(&self) -> u64 {
         self.text_bytes

@@ -107,6 +107,9 @@ pub struct Observed {
     /// The Messages API's counts so far (see `api`); `usage` is made from them. Boxed: only
     /// that API has them, and every request's future holds an `Observed`.
     pub(crate) messages_usage: Option<Box<MessagesUsage>>,
+    /// A Responses answer's id (`resp_...`): what a later request names as its
+    /// `previous_response_id`, which in keys mode only the key that made it may.
+    pub response_id: Option<Box<str>>,
 }
 
 impl Observed {
@@ -861,17 +864,6 @@ fn on_messages_event(observed: &mut Observed, data: &[u8]) {
     }
 }
 
-/// Whether a Responses API body is a `response` whose `status` is `failed`: Poe's answer
-/// in a 200 for a request that failed after it was accepted. Its top level is read, its
-/// members skipped over unparsed.
-fn is_failed_response(body: &[u8]) -> bool {
-    std::str::from_utf8(body)
-        .ok()
-        .and_then(|text| TopLevel::parse(text).ok())
-        .and_then(|fields| fields.get("status"))
-        .is_some_and(|status| status.get() == "\"failed\"")
-}
-
 /// Whether a whole body (or an event) is an error object: `{"error": ...}` as Poe and
 /// OpenAI write it, or Anthropic's `{"type": "error", ...}` on the Messages API.
 pub(crate) fn is_error_object(api: Endpoint, data: &[u8]) -> bool {
@@ -892,6 +884,20 @@ fn on_responses_event(observed: &mut Observed, data: &[u8]) {
             | b"response.reasoning_text.delta",
         ) => {
             observed.text_bytes += string_len(&DELTA_KEY, data) as u64;
+        }
+        // The first event names the response.
+        Some(b"response.created") if observed.response_id.is_none() => {
+            #[derive(serde::Deserialize)]
+            struct Created {
+                response: Named,
+            }
+            #[derive(serde::Deserialize)]
+            struct Named {
+                id: String,
+            }
+            observed.response_id = serde_json::from_slice::<Created>(data)
+                .ok()
+                .map(|c| c.response.id.into_boxed_str());
         }
         Some(b"response.completed" | b"response.incomplete") => observed.saw_done = true,
         Some(b"response.failed" | b"error") => observed.stream_error = true,
@@ -1104,8 +1110,22 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed, whole: bool
     if let Some(m) = observed.messages_usage.as_mut() {
         m.final_output = true;
     }
-    if whole && observed.api == Endpoint::Responses && is_failed_response(&body) {
-        observed.stream_error = true;
+    // A Responses body names itself, and a `status` of `failed` is Poe's answer in a 200 for
+    // a request that failed after it was accepted. Its top level is read, its members
+    // skipped over unparsed.
+    if whole && observed.api == Endpoint::Responses {
+        let fields = std::str::from_utf8(&body)
+            .ok()
+            .and_then(|text| TopLevel::parse(text).ok());
+        if let Some(fields) = fields {
+            observed.stream_error |= fields
+                .get("status")
+                .is_some_and(|status| status.get() == "\"failed\"");
+            observed.response_id = fields
+                .get("id")
+                .and_then(|id| serde_json::from_str::<String>(id.get()).ok())
+                .map(String::into_boxed_str);
+        }
     }
     // A rough figure for the estimate, needed only when no usage was found (another pass
     // over the whole body otherwise).
