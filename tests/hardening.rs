@@ -1788,6 +1788,24 @@ async fn idle_connections_make_room_when_the_slots_run_out() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Connections that never send a request held their slots for the whole
+/// `server.header_read_timeout` (30 s), however crowded the server: reopened every 30 s, they
+/// kept every other client out. While few slots are free a first request must come within
+/// 5 s, so a new client gets in well before the header timeout.
+#[tokio::test(start_paused = true)]
+async fn silent_connections_make_room_when_the_slots_run_out() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&up, "[server]\nmax_connections = 8\n", &[]).await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::TcpStream::connect(gw.addr).await.unwrap());
+    }
+    let resp = tokio::time::timeout(Duration::from_secs(20), get(&gw, "/healthz"))
+        .await
+        .expect("no room before server.header_read_timeout: silent connections kept every slot");
+    assert_eq!(resp.status(), 200);
+}
+
 /// `server.max_connections_per_client`: one address holding its share has its next
 /// connections closed at once, and gets a place again once one of its own ends.
 #[tokio::test]

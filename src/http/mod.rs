@@ -36,6 +36,11 @@ use balance::{Accepted, Lane};
 /// (few connection slots free), instead of `server.idle_timeout`.
 const BUSY_IDLE: Duration = Duration::from_secs(10);
 
+/// How long a connection may take to send its first request while the server is crowded,
+/// instead of `server.header_read_timeout`: a client sends its request as it connects, and
+/// connections that send nothing would otherwise hold every slot for the whole timeout.
+const BUSY_HEAD: Duration = Duration::from_secs(5);
+
 /// State shared by every connection.
 pub(crate) struct App {
     pub gateway: Gateway,
@@ -420,7 +425,15 @@ async fn accept_loop(
             // connection with no new request for `server.idle_timeout` is closed gracefully:
             // hyper has no idle limit for HTTP/2, so an h2 client could otherwise keep its
             // slot for ever after one request.
-            let timer = tokio::time::sleep(head_timeout);
+            let accepted = tokio::time::Instant::now();
+            let head_limit = |crowded: &watch::Receiver<bool>| {
+                if *crowded.borrow() {
+                    head_timeout.min(BUSY_HEAD)
+                } else {
+                    head_timeout
+                }
+            };
+            let timer = tokio::time::sleep(head_limit(&crowded));
             tokio::pin!(timer);
             let mut served = false;
             let mut closing = false;
@@ -445,9 +458,13 @@ async fn accept_loop(
                     }
                     // Crowded or not any more: the idle limit changed; the timer branch below
                     // then closes the connection if it is past it.
-                    Ok(()) = crowded.changed(), if served && !closing => {
-                        let last = last_request_at();
-                        timer.as_mut().reset(last + idle_limit(&crowded));
+                    Ok(()) = crowded.changed(), if !closing => {
+                        if served {
+                            let last = last_request_at();
+                            timer.as_mut().reset(last + idle_limit(&crowded));
+                        } else {
+                            timer.as_mut().reset(accepted + head_limit(&crowded));
+                        }
                     }
                     _ = stopping.wait_for(|s| *s), if !closing => {
                         closing = true;
