@@ -1004,7 +1004,12 @@ async fn http_attachment_paths_need_configured_roots() {
     // A symlink inside the root that points out of it, to a file and to a directory.
     std::os::unix::fs::symlink(dir.join("private.png"), root.join("link.png")).unwrap();
     std::os::unix::fs::symlink(&dir, root.join("up")).unwrap();
+    // Links out to nothing: "no such file" would tell that nothing is there.
+    std::os::unix::fs::symlink(dir.join("missing.png"), root.join("dangling.png")).unwrap();
+    std::os::unix::fs::symlink(dir.join("missing"), root.join("gone")).unwrap();
     for outside in [
+        "dangling.png".to_string(),
+        "gone/nope.png".to_string(),
         dir.join("private.png").to_str().unwrap().to_string(),
         format!("{}/../private.png", root.display()),
         "../private.png".to_string(),

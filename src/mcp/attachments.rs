@@ -357,6 +357,14 @@ fn resolve_in_roots(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
             // Missing: say so only if where it would be is inside a root. Through a symlink
             // that leads out, "no such file" against "outside" would tell what exists there.
             Err(e) => {
+                // A link on the way whose target is missing leads who knows where: that it
+                // is missing would tell what does not exist there.
+                if lexical
+                    .ancestors()
+                    .any(|a| a.symlink_metadata().is_ok() && std::fs::canonicalize(a).is_err())
+                {
+                    return Err(outside_roots(raw));
+                }
                 let found = lexical
                     .ancestors()
                     .skip(1)
