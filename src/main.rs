@@ -470,7 +470,7 @@ async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) ->
             }
             Ok(Some((_, rec, secret))) => {
                 println!(
-                    "rotated {} ({}): the old key no longer works",
+                    "rotated {} ({}): the old key is refused from now on (within 5 s by running gateways)",
                     rec.id, rec.name
                 );
                 println!("{secret}");

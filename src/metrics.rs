@@ -10,6 +10,11 @@ use prometheus::{
 /// case, so every spelling of one bot is one series (a client varying the case of a name
 /// would otherwise add series without end). No allocation for a name already in lower case.
 pub fn bot_label(bot: &str) -> std::borrow::Cow<'_, str> {
+    // An Anthropic model id (what Claude Code sends) may carry any date, and Poe answers
+    // each: one series per bot, under Poe's own name, not one per spelling.
+    if let Some(poe) = crate::gateway::models::poe_id_of_anthropic_model(bot) {
+        return std::borrow::Cow::Owned(poe);
+    }
     if bot.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(bot.to_ascii_lowercase())
     } else {

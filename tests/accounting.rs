@@ -1248,7 +1248,15 @@ async fn made_up_model_names_do_not_grow_the_metrics() {
     for name in ["GPT-5", "gPt-5"] {
         let _ = body_bytes(post(&gw, &chat_body(name, false), &[]).await).await;
     }
+    // Nor Anthropic's ids of one Claude bot, which may carry any date and which Poe answers
+    // (each was a series of its own).
+    up.push(Reply::completion("claude-sonnet-4.5", "ok"));
+    up.push(Reply::completion("claude-sonnet-4.5", "ok"));
+    for name in ["claude-sonnet-4-5-20250929", "claude-sonnet-4-5-20991231"] {
+        let _ = body_bytes(post(&gw, &chat_body(name, false), &[]).await).await;
+    }
     let text = String::from_utf8(body_bytes(get(&gw, "/metrics").await).await.to_vec()).unwrap();
+    assert!(!text.contains("claude-sonnet-4-5-"), "{text}");
     assert!(!text.contains("made-up-"), "{text}");
     assert!(!text.contains("GPT-5") && !text.contains("gPt-5"), "{text}");
     let requests = |bot: &str| {
@@ -1262,6 +1270,7 @@ async fn made_up_model_names_do_not_grow_the_metrics() {
     };
     assert_eq!(requests("other"), 5.0, "{text}");
     assert_eq!(requests("gpt-5"), 3.0, "{text}");
+    assert_eq!(requests("claude-sonnet-4.5"), 2.0, "{text}");
 }
 
 /// In passthrough mode a caller's id is a hash of the token it sent, so a client could make
