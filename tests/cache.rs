@@ -490,6 +490,22 @@ async fn a_scoped_purge_drops_only_that_scope() {
     );
     assert_eq!(up.chat_calls(), 2);
     assert_eq!(evictions(&gw).await, 0);
+
+    // Shared answers belong to no key: a key's purge is refused (it said it purged, and
+    // the key's next request still hit).
+    let gw = TestGateway::with_ledger(&up, "[cache]\nshared = true\n", &[], &db)
+        .await
+        .0;
+    let resp = request(
+        &gw,
+        "DELETE",
+        "/admin/cache?key_id=open",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    let e = expect_error(resp, 400, "invalid_request_error").await;
+    assert_eq!(e["param"], "key_id", "{e}");
 }
 
 /// Poe fails a stream that started well with an error event. Even with `[DONE]` after it,

@@ -130,6 +130,15 @@ pub(crate) async fn handle(
             // All entries, or one key's (`?key_id=`, an id or a name).
             only_params(req.uri().query(), &["key_id"])?;
             let scope = match query_param(req.uri().query(), "key_id") {
+                // Shared answers are stored under no key: a key's purge would find none of
+                // them, and say it purged.
+                Some(_) if app.gateway.policy().cache.shared => {
+                    return Err(GatewayError::bad_param(
+                        "key_id",
+                        "with cache.shared = true every key shares the cached answers, which \
+                         belong to no key: purge them all (no key_id)",
+                    ));
+                }
                 Some(which) => Some(key_id(app, &which, true).await?),
                 None => None,
             };
