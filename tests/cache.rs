@@ -736,3 +736,19 @@ async fn media_answers_are_not_stored_before_the_catalogue_is_read() {
     assert_eq!(call(&gw, &det_body("gpt-5", false), &[]).await.0, "MISS");
     assert_eq!(call(&gw, &det_body("gpt-5", false), &[]).await.0, "HIT");
 }
+
+/// A replay paced at or over `timeouts.idle` plays to its end: its gaps are the gateway's
+/// own pacing. It stopped after one frame with "upstream sent nothing" (Poe was never
+/// called).
+#[tokio::test(start_paused = true)]
+async fn a_slow_paced_replay_is_not_taken_for_a_silent_upstream() {
+    let up = MockUpstream::start().await;
+    up.push(poe_stream("gpt-5"));
+    let policy = "[cache]\nreplay_frame_delay = \"2s\"\n[timeouts]\nidle = \"1s\"\n";
+    let gw = TestGateway::start(&up, policy, &[]).await;
+    let (x1, b1) = call(&gw, &det_body("gpt-5", true), &[]).await;
+    let (x2, b2) = call(&gw, &det_body("gpt-5", true), &[]).await;
+    assert_eq!((x1.as_str(), x2.as_str()), ("MISS", "HIT"));
+    assert_eq!(b1, b2, "{}", String::from_utf8_lossy(&b2));
+    assert_eq!(up.chat_calls(), 1);
+}

@@ -137,7 +137,13 @@ impl<'de> Visitor<'de> for Canon<'_, '_> {
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        if v.fract() == 0.0 && v.abs() < MAX_EXACT {
+        // A whole number past 64 bits reaches here rounded to a float: two different ones
+        // (`"seed": 18446744073709551616` and `...617`) would share a key. Not keyed (the
+        // request bypasses the cache).
+        if v.fract() == 0.0 && v.abs() >= MAX_EXACT {
+            return Err(E::custom("a whole number too large to key exactly"));
+        }
+        if v.fract() == 0.0 {
             // A whole number written as a float is that integer: `0.0` and `0` (Python's and
             // JavaScript's SDKs write a temperature of 0 each their own way) ask the same.
             write_scalar(self.out, &(v as i64));
@@ -311,6 +317,25 @@ mod tests {
     fn canon(body: &str, model: &str) -> Option<Vec<u8>> {
         let mut out = Vec::new();
         write_request(body.as_bytes(), model, &mut out).map(|()| out)
+    }
+
+    /// Whole numbers past 64 bits reach the key as rounded floats, so two of them shared an
+    /// entry: such a request is not keyed. Those within 64 bits, and real floats, are.
+    #[test]
+    fn whole_numbers_past_64_bits_are_not_keyed() {
+        for body in [
+            r#"{"model":"m","seed":18446744073709551616}"#,
+            r#"{"model":"m","seed":-9223372036854775809}"#,
+        ] {
+            assert!(canon(body, "m").is_none(), "{body}");
+        }
+        for body in [
+            r#"{"model":"m","seed":18446744073709551615}"#,
+            r#"{"model":"m","seed":-9223372036854775808}"#,
+            r#"{"model":"m","t":0.5,"f":1.0}"#,
+        ] {
+            assert!(canon(body, "m").is_some(), "{body}");
+        }
     }
 
     #[test]

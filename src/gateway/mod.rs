@@ -1244,15 +1244,15 @@ impl Gateway {
         }
         let completion = Completion::new(info, self.inner.acct.clone(), None);
         let body = if entry.stream {
-            let replay = ReplayBody::new(
-                entry.frames.clone(),
-                self.inner.policy.cache.replay_frame_delay,
-            );
+            let pace = self.inner.policy.cache.replay_frame_delay;
+            let replay = ReplayBody::new(entry.frames.clone(), pace);
+            // A replay's gaps are the gateway's own pacing, not Poe's silence: a pace at or
+            // over `timeouts.idle` ended every replay after its first frame, blaming Poe.
             let tap = Tap::new(
                 replay,
                 true,
                 req.injects_usage(),
-                self.inner.policy.timeouts.idle,
+                self.inner.policy.timeouts.idle.saturating_add(pace),
                 completion,
                 None,
             );
