@@ -899,8 +899,9 @@ impl Gateway {
                     }
                 }
                 drop(attempt_span);
+                let why_not = sent.as_ref().ok().and_then(|resp| unpassable(resp, req));
                 let failure = match sent {
-                    Ok(resp) if resp.status().is_success() && unpassable(&resp, req).is_none() => {
+                    Ok(resp) if resp.status().is_success() && why_not.is_none() => {
                         let info = self.request_info(
                             caller,
                             req,
@@ -916,7 +917,6 @@ impl Gateway {
                         return Ok(self.stream_reply(resp, info, permit, attempts, req, plan, &key));
                     }
                     Ok(resp) => {
-                        let why_not = unpassable(&resp, req);
                         let (mut head, body) = resp.into_parts();
                         let body = match why_not {
                             // Not read: none of it is passed on.
