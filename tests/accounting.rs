@@ -540,6 +540,116 @@ async fn key_rpm_model_list_and_budget() {
     }
 }
 
+/// Requests in flight hold their estimated cost against their key's budget: parallel
+/// requests are let through only while the spend plus what the others hold is under it.
+/// (Checked before the call and charged as it ended, 20 parallel streams on a $0.05 key all
+/// passed and spent $0.36.) Those refused for what is held get a 429 the SDKs retry; once the
+/// held requests are charged, the spent budget refuses as before.
+#[tokio::test]
+async fn parallel_requests_cannot_all_pass_one_budget() {
+    let up = MockUpstream::start().await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    // claude-sonnet-4.5 at 3e-6 per prompt token and 15e-6 per output token: 7 + 1000 tokens
+    // cost $0.015021.
+    up.set_fallback(
+        Reply::sse()
+            .send(chunk("claude-sonnet-4.5", "Hi"))
+            .gate(&gate)
+            .send(finish_chunk("claude-sonnet-4.5"))
+            .send(usage_chunk(7, 1000))
+            .send("data: [DONE]\n\n"),
+    );
+    let db = databases().await.remove(0);
+    let (gw, core) = TestGateway::with_ledger(&up, KEYS, &[], &db).await;
+    let (key_id, key) = create_key(&gw, r#"{"name":"par","budget_usd":0.05,"period":"day"}"#).await;
+    let auth = format!("Bearer {key}");
+    // Each is held at about $0.015 (its prompt and `max_tokens`): the fourth still finds
+    // $0.045 held, under $0.05; the fifth finds $0.06.
+    let body = r#"{"model":"claude","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":1000}"#;
+    let mut racing = tokio::task::JoinSet::new();
+    for _ in 0..12 {
+        let addr = gw.addr;
+        let auth = auth.clone();
+        racing.spawn(async move {
+            let gw = TestGateway { addr, handle: None };
+            post(&gw, body, &[("authorization", &auth)]).await
+        });
+    }
+    let (mut admitted, mut held_back) = (Vec::new(), 0);
+    while let Some(resp) = racing.join_next().await {
+        let resp = resp.unwrap();
+        match resp.status().as_u16() {
+            200 => admitted.push(resp),
+            429 => {
+                assert_eq!(resp.headers()["retry-after"], "1");
+                assert!(!resp.headers().contains_key("x-should-retry"));
+                let e = expect_error(resp, 429, "rate_limit_error").await;
+                assert_eq!(e["code"], "rate_limit_exceeded", "{e}");
+                let m = e["message"].as_str().unwrap();
+                assert!(m.contains("held by its 4 requests in flight"), "{m}");
+                held_back += 1;
+            }
+            s => panic!("status {s}"),
+        }
+    }
+    assert_eq!(admitted.len(), 4, "{held_back} held back");
+    assert_eq!(
+        up.chat_calls(),
+        4,
+        "the held-back requests never reached Poe"
+    );
+
+    // They end and are charged ($0.060): the budget is spent, and says so.
+    gate.add_permits(100);
+    for resp in admitted {
+        let text = String::from_utf8(body_bytes(resp).await.to_vec()).unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+    let r = post(&gw, body, &[("authorization", &auth)]).await;
+    let e = expect_error(r, 429, "insufficient_quota").await;
+    assert!(
+        e["message"].as_str().unwrap().contains("spent $0.06"),
+        "{e}"
+    );
+    let spent = report(&core, Some(&key_id)).await.totals.cost_usd;
+    assert!((spent - 4.0 * 0.015021).abs() < 1e-9, "{spent}");
+
+    // A request whose client hangs up lets go of its hold too.
+    let (_, key) = create_key(&gw, r#"{"name":"gone","budget_usd":0.015,"period":"day"}"#).await;
+    let auth = format!("Bearer {key}");
+    let stuck = Arc::new(tokio::sync::Semaphore::new(0));
+    for _ in 0..2 {
+        up.push(
+            Reply::sse()
+                .send(chunk("claude-sonnet-4.5", "Hi"))
+                .gate(&stuck),
+        );
+    }
+    let first = post(&gw, body, &[("authorization", &auth)]).await;
+    assert_eq!(first.status(), 200);
+    let r = post(&gw, body, &[("authorization", &auth)]).await;
+    let e = expect_error(r, 429, "rate_limit_error").await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("by its 1 request in flight"),
+        "{e}"
+    );
+    drop(first);
+    up.wait_disconnect().await;
+    let mut again = None;
+    for _ in 0..100 {
+        let r = post(&gw, body, &[("authorization", &auth)]).await;
+        if r.status() == 200 {
+            again = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(again.is_some(), "the hold outlived its request");
+}
+
 /// The binary run as a command (`keys ...`, `usage ...`) on the ledger at `db`, with no other
 /// environment.
 fn cli(db: &str, args: &[&str]) -> std::process::Output {

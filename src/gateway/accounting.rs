@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -29,7 +29,7 @@ pub struct Accountant {
     pub(crate) overrides: HashMap<String, PriceOverride>,
     pub(crate) keys: Option<Arc<KeyRing>>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) last_fetch: Mutex<Option<Instant>>,
+    pub(crate) last_fetch: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl Accountant {
@@ -51,18 +51,20 @@ impl Accountant {
     }
 
     /// Reads Poe's catalogue if none has been read yet (at most one try a minute, each
-    /// bounded to 10 s), so rows can be priced.
+    /// bounded to 10 s), so rows can be priced. Callers that come while a read is under way
+    /// wait for it, not only the first: requests let through before the prices are known
+    /// would each be held at nothing against their key's budget.
     pub(crate) async fn ensure_catalogue(&self) {
-        if self.models.snapshot().is_some() {
+        if self.models.loaded() {
             return;
         }
-        {
-            let mut last = self.last_fetch.lock().expect("fetch lock");
-            if last.is_some_and(|t| t.elapsed() < CATALOGUE_RETRY) {
-                return;
-            }
-            *last = Some(Instant::now());
+        // Held across the read, on purpose: only until a catalogue is first read (or while
+        // Poe cannot give one, at most 10 s a minute).
+        let mut last = self.last_fetch.lock().await;
+        if self.models.loaded() || last.is_some_and(|t| t.elapsed() < CATALOGUE_RETRY) {
+            return;
         }
+        *last = Some(Instant::now());
         let fetch = self.models.get(&self.upstream, &self.aliases);
         match tokio::time::timeout(Duration::from_secs(10), fetch).await {
             Ok(Ok(_)) => {}

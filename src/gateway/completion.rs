@@ -62,6 +62,9 @@ pub struct Completion {
     acct: Arc<Accounting>,
     /// The upstream concurrency slot, held until the body ends.
     _permit: Option<OwnedSemaphorePermit>,
+    /// The request's estimated cost, held against its key's budget until [`Completion::finish`]
+    /// has charged its row (fields drop after the body of `finish`).
+    _hold: Option<super::keys::BudgetHold>,
 }
 
 impl Completion {
@@ -78,7 +81,14 @@ impl Completion {
             info,
             acct,
             _permit: permit,
+            _hold: None,
         }
+    }
+
+    /// Holds `hold` until this request has been accounted.
+    pub fn holding(mut self, hold: Option<super::keys::BudgetHold>) -> Self {
+        self._hold = hold;
+        self
     }
 
     /// Whether the request has a span (traces are on) to record what the body showed.

@@ -97,6 +97,55 @@ pub struct KeyRing {
     /// shares the server's Poe account, which would continue any key's stored conversation
     /// for whoever names its id. Kept in this process only (see [`RESPONSES_KEPT`]).
     responses: moka::sync::Cache<Box<str>, Arc<str>>,
+    /// What the admitted requests of each key with a budget may cost, until each is charged
+    /// (see [`BudgetHold`]).
+    held: Mutex<HashMap<Arc<str>, Held>>,
+}
+
+/// The estimated cost of a key's requests in flight, and how many they are.
+#[derive(Debug, Default)]
+struct Held {
+    usd: f64,
+    requests: u32,
+}
+
+/// A request's estimated cost, held against its key's budget from its admission until its
+/// ledger row has been charged (the hold goes with the request's response and is dropped
+/// after it is accounted) or it ends some other way. A budget check counts the holds of the
+/// key's other requests: without them, any number of parallel requests passed a check that
+/// only the spend of finished ones could fail (20 streams on a $0.05 key spent $0.36).
+/// Boxed, so a request's future grows by a pointer.
+pub struct BudgetHold(Box<HoldInner>);
+
+struct HoldInner {
+    ring: Arc<KeyRing>,
+    key_id: Arc<str>,
+    usd: f64,
+}
+
+impl std::fmt::Debug for BudgetHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BudgetHold")
+            .field("key_id", &self.0.key_id)
+            .field("usd", &self.0.usd)
+            .finish()
+    }
+}
+
+impl Drop for BudgetHold {
+    fn drop(&mut self) {
+        let HoldInner { ring, key_id, usd } = &*self.0;
+        let mut held = ring.held.lock().expect("held lock");
+        if let Some(h) = held.get_mut(key_id) {
+            h.requests = h.requests.saturating_sub(1);
+            if h.requests == 0 {
+                // Emptied, not left at a float's remainder.
+                held.remove(key_id);
+            } else {
+                h.usd = (h.usd - usd).max(0.0);
+            }
+        }
+    }
 }
 
 /// How many Responses answers' owners are kept, and for how long: about what Poe keeps
@@ -104,6 +153,9 @@ pub struct KeyRing {
 /// with `previous_response_id` through this gateway (the request is refused as for an
 /// unknown id; the client sends the conversation instead).
 const RESPONSES_KEPT: (u64, Duration) = (200_000, Duration::from_secs(30 * 24 * 3600));
+
+/// The wait a request refused for its key's requests in flight is told to retry after.
+const BUDGET_HELD_RETRY: Duration = Duration::from_secs(1);
 
 /// How long a spend counter outlives the start of its period: longer than any period.
 const SPEND_TTL: Duration = Duration::from_secs(35 * 24 * 3600);
@@ -469,6 +521,7 @@ impl KeyRing {
                 .max_capacity(RESPONSES_KEPT.0)
                 .time_to_live(RESPONSES_KEPT.1)
                 .build(),
+            held: Mutex::default(),
         }
     }
 
@@ -708,12 +761,19 @@ impl KeyRing {
         }
     }
 
-    /// Refuses the call when the key's budget for the current period is spent. Checked before
-    /// the call and charged after it, so a key overshoots by at most the requests in flight.
-    /// With Redis the spend is one counter for all replicas.
-    pub async fn check_budget(&self, rec: &KeyRecord) -> Result<(), GatewayError> {
+    /// Refuses the call when the key's budget for the current period is spent, or when what
+    /// is left of it is held by the key's requests in flight; otherwise holds `estimate`
+    /// (USD) for this request until it is charged. Checked before the call and charged as it
+    /// ends, so a key overshoots by at most what its requests in flight cost beyond their
+    /// estimates, and one request beyond the budget. With Redis the spend is one counter for
+    /// all replicas; the holds are each replica's own.
+    pub async fn check_budget(
+        self: &Arc<Self>,
+        rec: &KeyRecord,
+        estimate: f64,
+    ) -> Result<Option<BudgetHold>, GatewayError> {
         let Some(budget) = rec.budget_usd else {
-            return Ok(());
+            return Ok(None);
         };
         let start = rec.period.start_ms(now_ms());
         let spent = match self.shared_spend(rec, start).await {
@@ -721,18 +781,48 @@ impl KeyRing {
             Ok(None) => self.local_spend(rec, start).await?,
             Err(e) => return Err(e),
         };
+        let period = match rec.period {
+            Period::Day => "for today (UTC)",
+            Period::Month => "for this month (UTC)",
+            Period::Total => "in total",
+        };
         if spent >= budget {
-            let period = match rec.period {
-                Period::Day => "for today (UTC)",
-                Period::Month => "for this month (UTC)",
-                Period::Total => "in total",
-            };
             return Err(GatewayError::QuotaExceeded(format!(
                 "this key has used its budget of ${} {period} (spent ${spent:.4})",
                 usd(budget),
             )));
         }
-        Ok(())
+        let key_id: Arc<str> = Arc::from(rec.id.as_str());
+        let mut held = self.held.lock().expect("held lock");
+        let h = held.entry(key_id.clone()).or_default();
+        if h.requests > 0 && spent + h.usd >= budget {
+            // Not spent yet: those requests may cost less than held. A 429 the SDKs retry.
+            let n = h.requests;
+            return Err(GatewayError::RateLimited {
+                message: format!(
+                    "this key's budget of ${} {period} is taken up: ${spent:.4} spent, and an \
+                     estimated ${:.4} held by its {n} request{} in flight; retry when {} finish{}",
+                    usd(budget),
+                    h.usd,
+                    if n == 1 { "" } else { "s" },
+                    if n == 1 { "it" } else { "they" },
+                    if n == 1 { "es" } else { "" },
+                ),
+                retry_after: Some(BUDGET_HELD_RETRY),
+            });
+        }
+        let estimate = if estimate.is_finite() {
+            estimate.max(0.0)
+        } else {
+            budget
+        };
+        h.usd += estimate;
+        h.requests += 1;
+        Ok(Some(BudgetHold(Box::new(HoldInner {
+            ring: Arc::clone(self),
+            key_id,
+            usd: estimate,
+        }))))
     }
 
     /// The spend from Redis (seeded from the ledger on first use). `Ok(None)`: no Redis, or
@@ -996,7 +1086,7 @@ mod tests {
     #[tokio::test]
     async fn a_charge_counts_only_in_the_period_its_request_ended_in() {
         let store = Store::open("sqlite::memory:").await.unwrap();
-        let ring = KeyRing::new(store, TokioClock::new());
+        let ring = Arc::new(KeyRing::new(store, TokioClock::new()));
         let rec = KeyRecord {
             id: "k1".into(),
             name: "team".into(),
@@ -1013,16 +1103,20 @@ mod tests {
             !ring.charge_now("k1", 0.4, now_ms()),
             "not tracked before a check"
         );
-        ring.check_budget(&rec).await.unwrap();
+        drop(ring.check_budget(&rec, 0.0).await.unwrap());
         let now = now_ms();
         let start = Period::Month.start_ms(now);
         assert!(ring.charge_now("k1", 0.4, now));
         // Ended in the next month, or in the last one (a request begun before the boundary).
         assert!(!ring.charge_now("k1", 0.4, start + 32 * 86_400_000));
         assert!(!ring.charge_now("k1", 0.4, start - 1));
-        ring.check_budget(&rec).await.expect("0.4 of 1.0 spent");
+        drop(
+            ring.check_budget(&rec, 0.0)
+                .await
+                .expect("0.4 of 1.0 spent"),
+        );
         assert!(ring.charge_now("k1", 0.7, now));
-        let e = ring.check_budget(&rec).await.unwrap_err();
+        let e = ring.check_budget(&rec, 0.0).await.unwrap_err();
         assert!(e.to_string().contains("spent $1.1000"), "{e}");
     }
 }

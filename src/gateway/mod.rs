@@ -41,7 +41,7 @@ use accounting::Accountant;
 use alias::{Aliases, Route};
 use cache::{CacheStatus, Coalesced, ResponseCache, Shared, Waited};
 use completion::{Accounting, Completion, RequestInfo};
-use keys::KeyRing;
+use keys::{BudgetHold, KeyRing};
 use limits::{TokioClock, UpstreamLimits};
 use models::{Catalogue, Models};
 pub use request::{ChatRequest, Endpoint};
@@ -57,6 +57,12 @@ pub const ATTEMPTS_HEADER: http::HeaderName =
     http::HeaderName::from_static("x-poe-gateway-attempts");
 /// Largest upstream error body read (to classify it and pass it on).
 const ERROR_BODY_LIMIT: usize = 1024 * 1024;
+/// The output tokens a request that sets no `max_tokens` is taken to cost while it runs
+/// ([`Gateway::cost_estimate`]): about a long answer's, so a key's budget is not held by
+/// far more than its requests spend, nor by nearly nothing.
+const OUTPUT_ESTIMATE: i64 = 1_000;
+/// The most output tokens a request's `max_tokens` is taken at: past any bot's window.
+const MAX_OUTPUT_ESTIMATE: u64 = 10_000_000;
 
 /// Who is calling, as the front ends established it.
 #[derive(Debug, Clone)]
@@ -273,7 +279,7 @@ impl Gateway {
                 .collect(),
             keys: Some(keys.clone()),
             metrics: metrics.clone(),
-            last_fetch: std::sync::Mutex::new(None),
+            last_fetch: tokio::sync::Mutex::new(None),
         };
         let accountant = Arc::new(accountant);
         let ledger = Ledger::start(store, Some(accountant.clone()));
@@ -517,7 +523,7 @@ impl Gateway {
         rec: &crate::ledger::KeyRecord,
         bots: &[String],
     ) -> Result<(), GatewayError> {
-        if rec.budget_usd.is_none() || self.inner.models.snapshot().is_none() {
+        if rec.budget_usd.is_none() || !self.inner.models.loaded() {
             return Ok(());
         }
         match bots
@@ -530,6 +536,21 @@ impl Gateway {
                  an admin can price it with a [pricing.\"{bot}\"] table"
             ))),
         }
+    }
+
+    /// What a request of a key with a budget may cost, held against the budget while it
+    /// runs ([`keys::BudgetHold`]): its prompt's estimated tokens and its `max_tokens` of
+    /// output ([`OUTPUT_ESTIMATE`] when it sets none), at the dearest price of its chain
+    /// (a fallback may answer). Nothing for bots without a known price.
+    fn cost_estimate(&self, req: &ChatRequest, bots: &[String]) -> f64 {
+        let prompt = completion::estimated_tokens(req.text_bytes());
+        let output = req
+            .max_tokens()
+            .map_or(OUTPUT_ESTIMATE, |m| m.min(MAX_OUTPUT_ESTIMATE) as i64);
+        bots.iter()
+            .filter_map(|b| self.inner.accountant.price(b))
+            .map(|p| p.cost(prompt, output))
+            .fold(0.0, f64::max)
     }
 
     /// Whether `bot` is a name the gateway knows of: an alias, a bot an alias names, or a
@@ -635,8 +656,10 @@ impl Gateway {
                 &direct
             }
         };
+        // This request's estimated cost, held against its key's budget until it is charged.
+        let mut hold = None;
         if let Some(rec) = &caller.key {
-            if rec.budget_usd.is_some() && inner.models.snapshot().is_none() {
+            if rec.budget_usd.is_some() && !inner.models.loaded() {
                 // A budget needs prices, for the checks below and to charge the request as it
                 // ends: the first budgeted request waits for the catalogue (once, bounded).
                 // Boxed: the fetch's state would otherwise grow every request's future.
@@ -649,12 +672,19 @@ impl Gateway {
                 }
                 self.check_priced(rec, bots)?;
                 inner.keys.check_rpm(rec).await?;
-                inner.keys.check_budget(rec).await
+                let estimate = match rec.budget_usd {
+                    Some(_) => self.cost_estimate(&req, bots),
+                    None => 0.0,
+                };
+                inner.keys.check_budget(rec, estimate).await
             }
             .await;
-            if let Err(e) = checked {
-                self.record_refusal(caller, &req, route, bots, &e, started);
-                return Err(e);
+            match checked {
+                Ok(h) => hold = h,
+                Err(e) => {
+                    self.record_refusal(caller, &req, route, bots, &e, started);
+                    return Err(e);
+                }
             }
         }
         let span = tracing::Span::current();
@@ -664,7 +694,9 @@ impl Gateway {
         let cache = &inner.cache;
         let Some(plan) = cache.plan(caller, &req, bots) else {
             span.record("poe_gateway.cache", "BYPASS");
-            return self.fetch(caller, &req, route, bots, started, None).await;
+            return self
+                .fetch(caller, &req, route, bots, started, None, hold)
+                .await;
         };
         let lookup = if crate::telemetry::traces_enabled() {
             tracing::info_span!("cache lookup", poe_gateway.cache = tracing::field::Empty)
@@ -689,7 +721,7 @@ impl Gateway {
             // A stream miss is recorded by the tap as it goes to the client, never buffered.
             cache.count_miss();
             return self
-                .fetch(caller, &req, route, bots, started, Some(&plan))
+                .fetch(caller, &req, route, bots, started, Some(&plan), hold)
                 .await;
         }
         let mut led_once = false;
@@ -725,7 +757,7 @@ impl Gateway {
                         Waited::Failed => {
                             cache.count_miss();
                             return self
-                                .fetch(caller, &req, route, bots, started, Some(&plan))
+                                .fetch(caller, &req, route, bots, started, Some(&plan), hold)
                                 .await;
                         }
                         // Its client went away: one of those still waiting takes over.
@@ -735,7 +767,7 @@ impl Gateway {
             };
             cache.count_miss();
             let reply = match self
-                .fetch(caller, &req, route, bots, started, Some(&plan))
+                .fetch(caller, &req, route, bots, started, Some(&plan), hold.take())
                 .await
             {
                 Ok(reply) => reply,
@@ -797,6 +829,7 @@ impl Gateway {
         bots: &[String],
         started: Instant,
         plan: Option<&cache::Plan>,
+        hold: Option<BudgetHold>,
     ) -> Result<Reply, GatewayError> {
         let inner = &*self.inner;
         let key = match &caller.credential {
@@ -914,7 +947,9 @@ impl Gateway {
                         );
                         inner.acct.metrics.upstream_ok.inc();
                         watch.armed = false;
-                        return Ok(self.stream_reply(resp, info, permit, attempts, req, plan, &key));
+                        return Ok(
+                            self.stream_reply(resp, info, permit, hold, attempts, req, plan, &key)
+                        );
                     }
                     Ok(resp) => {
                         let (mut head, body) = resp.into_parts();
@@ -1013,6 +1048,7 @@ impl Gateway {
         resp: http::Response<upstream::Body>,
         info: RequestInfo,
         permit: tokio::sync::OwnedSemaphorePermit,
+        hold: Option<BudgetHold>,
         attempts: u32,
         req: &ChatRequest,
         plan: Option<&cache::Plan>,
@@ -1036,7 +1072,7 @@ impl Gateway {
                 r.set_content_type(head.headers.get(header::CONTENT_TYPE).cloned());
                 r
             });
-        let completion = Completion::new(info, self.inner.acct.clone(), Some(permit));
+        let completion = Completion::new(info, self.inner.acct.clone(), Some(permit)).holding(hold);
         let mut tap = Tap::new(
             body,
             sse,
