@@ -821,6 +821,7 @@ impl Gateway {
 
     /// The upstream call with retries and fallbacks. `plan` is the cache's, when the answer
     /// may be stored. A request dropped before it has a reply still gets its ledger row.
+    #[allow(clippy::too_many_arguments)]
     async fn fetch(
         &self,
         caller: &Caller,
