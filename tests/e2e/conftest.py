@@ -112,6 +112,8 @@ class FakePoe:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _requests: list[RecordedRequest] = field(default_factory=list)
     _counters: dict[str, int] = field(default_factory=dict)
+    # Requests for `gated-bot` are answered only once this is set (or after 30 s).
+    gate: threading.Event = field(default_factory=threading.Event)
 
     @property
     def base_url(self) -> str:
@@ -137,6 +139,7 @@ class FakePoe:
         with self._lock:
             self._requests.clear()
             self._counters.clear()
+            self.gate.clear()
 
 
 def _poe_error(code: int, type_: str, message: str) -> dict:
@@ -283,6 +286,9 @@ def _make_handler(fake: FakePoe) -> type[BaseHTTPRequestHandler]:
                     _poe_error(429, "rate_limit_error", "Rate limit exceeded, retry later"),
                     {"Retry-After": "1"},
                 )
+            elif model == "gated-bot":
+                fake.gate.wait(30)
+                self._complete(model)
             elif model == "always-503":
                 self._send_json(503, _poe_error(503, "overloaded_error", "Poe is overloaded"))
             elif route == "/v1/responses" and body.get("stream"):

@@ -4,7 +4,9 @@ the admin API's own auth. A second gateway runs in `auth.mode = "keys"` with an 
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 
@@ -24,6 +26,10 @@ mode = "keys"
 claude = "claude-sonnet-4.5"
 
 [pricing."gpt-5"]
+prompt = 0.001
+completion = 0.001
+
+[pricing."gated-bot"]
 prompt = 0.001
 completion = 0.001
 """
@@ -97,6 +103,52 @@ def test_budget_is_enforced_as_rate_limit_error(keys_gateway):
     with pytest.raises(openai.RateLimitError):
         ask(retrying)
     assert len(sent) == 1, sent
+
+
+def test_parallel_requests_cannot_all_pass_one_budget(keys_gateway, upstream):
+    """Requests in flight hold their estimated cost against the key's budget: here $0.025 each
+    (25 tokens: 13 estimated from the request's text, 12 of `max_tokens`). Of five sent at
+    once on a $0.03 key, two pass (nothing held, then $0.025 held); the other three get a
+    rate-limit error to retry and never reach Poe. Once the two are charged ($0.012 each),
+    one more fits, and then the budget is spent."""
+    client = sdk(keys_gateway, new_key(keys_gateway, name="parallel", budget_usd=0.03, period="day"))
+    results: queue.Queue = queue.Queue()
+    start = threading.Barrier(5)
+
+    def ask_gated() -> None:
+        client.chat.completions.create(
+            model="gated-bot", max_tokens=12, messages=[{"role": "user", "content": "hi"}]
+        )
+
+    def one() -> None:
+        start.wait(10)
+        try:
+            ask_gated()
+            results.put("ok")
+        except openai.RateLimitError as e:
+            results.put((e.code, e.response.headers.get("retry-after"), e.message))
+
+    threads = [threading.Thread(target=one) for _ in range(5)]
+    for t in threads:
+        t.start()
+    try:
+        # The two admitted wait at Poe (the gate) while the other three are answered.
+        refused = [results.get(timeout=20) for _ in range(3)]
+        for code, retry_after, message in refused:
+            assert code == "rate_limit_exceeded", message
+            assert retry_after == "1"
+            assert "held by its 2 requests in flight" in message, message
+        assert len([r for r in upstream.requests() if r.body.get("model") == "gated-bot"]) == 2
+    finally:
+        upstream.gate.set()
+        for t in threads:
+            t.join(20)
+    assert [results.get_nowait() for _ in range(2)] == ["ok", "ok"]
+
+    ask_gated()
+    with pytest.raises(openai.RateLimitError) as e:
+        ask_gated()
+    assert e.value.code == "insufficient_quota"
 
 
 def test_rpm_limit_is_a_rate_limit_error_with_retry_after(keys_gateway):
