@@ -133,6 +133,20 @@ async fn ttl_expires_on_paused_time() {
     assert_eq!(call(&gw, &body, &[]).await.0, "HIT");
     tokio::time::advance(Duration::from_secs(2)).await;
     assert_eq!(call(&gw, &body, &[]).await.0, "MISS");
+
+    // A duration with its unit works too; a value that is no lifetime is a 400 naming the
+    // header (ignored, it stored the answer for the whole hour), and nothing reaches Poe.
+    tokio::time::advance(Duration::from_secs(3601)).await;
+    let calls = up.chat_calls();
+    assert_eq!(call(&gw, &body, &[("x-poe-gateway-cache-ttl", "1m")]).await.0, "MISS");
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(call(&gw, &body, &[]).await.0, "MISS", "stored for a minute");
+    for bad in ["soon", "-5", "1.5"] {
+        let resp = post(&gw, &body, &[("x-poe-gateway-cache-ttl", bad)]).await;
+        let e = expect_error(resp, 400, "invalid_request_error").await;
+        assert_eq!(e["param"], "x-poe-gateway-cache-ttl", "{bad}: {e}");
+    }
+    assert_eq!(up.chat_calls(), calls + 2);
 }
 
 #[tokio::test]

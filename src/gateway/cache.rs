@@ -34,6 +34,7 @@ use super::models::Models;
 use super::tap::Usage;
 use super::{Caller, ChatRequest};
 use crate::config::{CacheMode, CachePolicy};
+use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::shared_state::SharedState;
 
@@ -112,6 +113,9 @@ impl CacheStatus {
     }
 }
 
+/// The header a request's answer is stored for a shorter time with.
+const TTL_HEADER: &str = "x-poe-gateway-cache-ttl";
+
 /// A client's per-request cache wishes (`Cache-Control`, `x-poe-gateway-cache-ttl`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheDirectives {
@@ -124,7 +128,10 @@ pub struct CacheDirectives {
 }
 
 impl CacheDirectives {
-    pub fn from_headers(h: &HeaderMap) -> CacheDirectives {
+    /// The directives of a request's headers; a 400 for an `x-poe-gateway-cache-ttl` that
+    /// is not a lifetime (ignored, it stored the answer for the whole `cache.ttl`, the
+    /// opposite of what its client meant).
+    pub fn from_headers(h: &HeaderMap) -> Result<CacheDirectives, GatewayError> {
         let mut d = CacheDirectives::default();
         for v in h.get_all(http::header::CACHE_CONTROL) {
             for part in v.to_str().unwrap_or("").split(',') {
@@ -135,12 +142,24 @@ impl CacheDirectives {
                 }
             }
         }
-        d.ttl = h
-            .get("x-poe-gateway-cache-ttl")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        d
+        if let Some(v) = h.get(TTL_HEADER) {
+            let text = v.to_str().unwrap_or("").trim();
+            let ttl = match text.parse::<u64>() {
+                Ok(secs) => Some(Duration::from_secs(secs)),
+                Err(_) => humantime::parse_duration(text).ok(),
+            };
+            d.ttl = Some(ttl.ok_or_else(|| {
+                GatewayError::bad_param(
+                    TTL_HEADER,
+                    format!(
+                        "the {TTL_HEADER} header must be a number of seconds (or a duration \
+                         such as 10m); got {:?}",
+                        String::from_utf8_lossy(&v.as_bytes()[..v.len().min(64)])
+                    ),
+                )
+            })?);
+        }
+        Ok(d)
     }
 }
 
@@ -880,7 +899,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("cache-control", "No-Cache, max-age=0".parse().unwrap());
         h.insert("x-poe-gateway-cache-ttl", "600".parse().unwrap());
-        let d = CacheDirectives::from_headers(&h);
+        let d = CacheDirectives::from_headers(&h).unwrap();
         assert!(d.no_cache && !d.no_store);
         assert_eq!(d.ttl, Some(Duration::from_secs(600)));
     }

@@ -274,7 +274,7 @@ async fn chat(
 ) -> Result<HttpResponse, GatewayError> {
     let caller = authenticate(app, req.headers(), request_id).await?;
     let started = tokio::time::Instant::now();
-    let directives = CacheDirectives::from_headers(req.headers());
+    let directives = CacheDirectives::from_headers(req.headers())?;
     let forwarded = crate::gateway::request::forwarded_headers(endpoint, req.headers());
     let policy = app.gateway.policy();
     // The body's share of `server.max_bodies_bytes` is held until the request is done with it.
