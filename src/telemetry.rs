@@ -75,6 +75,16 @@ pub fn check_env() -> Result<(), String> {
     Ok(())
 }
 
+/// rmcp logs every MCP request's arguments and every result at debug level: prompts,
+/// answers, whole base64 attachments. Prompts and answers are never logged (the README's
+/// promise), so rmcp is held at info unless `RUST_LOG` names it itself.
+fn quiet_rmcp(filter: EnvFilter, rust_log: Option<&str>) -> EnvFilter {
+    if rust_log.is_some_and(|v| v.contains("rmcp")) {
+        return filter;
+    }
+    filter.add_directive("rmcp=info".parse().expect("a valid directive"))
+}
+
 /// Installs the global subscriber: logs, and traces when an OTLP endpoint is configured.
 /// Must run inside a tokio runtime (the batch exporter is a task). Safe to call once only.
 pub fn init() -> Telemetry {
@@ -84,7 +94,10 @@ pub fn init() -> Telemetry {
     if let Err(e) = check_env() {
         problems.push(format!("{e}; logging with the defaults"));
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = quiet_rmcp(
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        std::env::var("RUST_LOG").ok().as_deref(),
+    );
     let json = match std::env::var("POE_GATEWAY_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("pretty") => false,

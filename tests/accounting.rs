@@ -614,8 +614,14 @@ async fn parallel_requests_cannot_all_pass_one_budget() {
     let spent = report(&core, Some(&key_id)).await.totals.cost_usd;
     assert!((spent - 4.0 * 0.015021).abs() < 1e-9, "{spent}");
 
-    // A request whose client hangs up lets go of its hold too.
-    let (_, key) = create_key(&gw, r#"{"name":"gone","budget_usd":0.015,"period":"day"}"#).await;
+    // A request whose client hangs up lets go of its hold too. And a request refused for
+    // what is held spends none of the key's requests per minute (two here: the first, and
+    // the one after the hang-up).
+    let (_, key) = create_key(
+        &gw,
+        r#"{"name":"gone","budget_usd":0.015,"period":"day","rpm":2}"#,
+    )
+    .await;
     let auth = format!("Bearer {key}");
     let stuck = Arc::new(tokio::sync::Semaphore::new(0));
     for _ in 0..2 {
@@ -647,7 +653,10 @@ async fn parallel_requests_cannot_all_pass_one_budget() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(again.is_some(), "the hold outlived its request");
+    assert!(
+        again.is_some(),
+        "the hold outlived its request, or the refusals spent the key's rpm"
+    );
 }
 
 /// The binary run as a command (`keys ...`, `usage ...`) on the ledger at `db`, with no other

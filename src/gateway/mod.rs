@@ -671,12 +671,16 @@ impl Gateway {
                     inner.keys.check_previous_response(rec, &previous)?;
                 }
                 self.check_priced(rec, bots)?;
-                inner.keys.check_rpm(rec).await?;
                 let estimate = match rec.budget_usd {
                     Some(_) => self.cost_estimate(&req, bots),
                     None => 0.0,
                 };
-                inner.keys.check_budget(rec, estimate).await
+                // The budget before the rate: a request the budget refuses never reaches
+                // Poe, and must not spend one of the key's requests per minute (the SDKs
+                // retry a held budget's 429). One the rate refuses drops its hold.
+                let hold = inner.keys.check_budget(rec, estimate).await?;
+                inner.keys.check_rpm(rec).await?;
+                Ok(hold)
             }
             .await;
             match checked {
