@@ -138,7 +138,12 @@ async fn ttl_expires_on_paused_time() {
     // header (ignored, it stored the answer for the whole hour), and nothing reaches Poe.
     tokio::time::advance(Duration::from_secs(3601)).await;
     let calls = up.chat_calls();
-    assert_eq!(call(&gw, &body, &[("x-poe-gateway-cache-ttl", "1m")]).await.0, "MISS");
+    assert_eq!(
+        call(&gw, &body, &[("x-poe-gateway-cache-ttl", "1m")])
+            .await
+            .0,
+        "MISS"
+    );
     tokio::time::advance(Duration::from_secs(61)).await;
     assert_eq!(call(&gw, &body, &[]).await.0, "MISS", "stored for a minute");
     for bad in ["soon", "-5", "1.5"] {

@@ -1502,12 +1502,16 @@ async fn mcp_clients_over_http_are_capped_per_key_and_in_all() {
 
 /// Over stdio (`poe-gateway mcp`), a message over `server.max_body_bytes` gets an error answer
 /// under its own id (it was dropped unanswered, and the client waited out its own timeout),
-/// and the session goes on.
+/// wherever the id sits in it, and the session goes on. At `RUST_LOG=debug` no prompt or
+/// answer is logged (rmcp's debug lines carried both).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_stdio_message_is_answered_and_the_session_goes_on() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let up = MockUpstream::start().await;
+    up.set_fallback(Reply::stream("gpt-5", &["ANSWER-MARK-2718"]));
     let db = support::databases().await.remove(0);
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("mcp-stdio-{}.log", uuid::Uuid::new_v4().simple()));
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
         .arg("mcp")
         .env_clear()
@@ -1516,10 +1520,10 @@ async fn an_oversized_stdio_message_is_answered_and_the_session_goes_on() {
         .env("POE_BASE_URL", up.url())
         .env("POE_GATEWAY_DATABASE_URL", &db)
         .env("POE_GATEWAY_SERVER__MAX_BODY_BYTES", "16KiB")
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", "debug")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -1560,6 +1564,14 @@ async fn an_oversized_stdio_message_is_answered_and_the_session_goes_on() {
     assert_eq!(answer["error"]["code"], -32600, "{answer}");
     let msg = answer["error"]["message"].as_str().unwrap();
     assert!(msg.contains("max_body_bytes"), "{msg}");
+    // As the TypeScript SDK writes a request: `id` last, and here an `id` inside `params`.
+    let ts_order = format!(
+        r#"{{"method":"tools/call","params":{{"name":"ask_poe","arguments":{{"prompt":"{big}","params":{{"id":0}}}}}},"jsonrpc":"2.0","id":71}}"#
+    );
+    send(json!(ts_order)).await;
+    let answer = next().await;
+    assert_eq!(answer["id"], 71, "{answer}");
+    assert_eq!(answer["error"]["code"], -32600, "{answer}");
 
     send(json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list"})).await;
     let answer = next().await;
@@ -1593,10 +1605,25 @@ async fn an_oversized_stdio_message_is_answered_and_the_session_goes_on() {
     assert_eq!(answer["error"]["code"], -32700, "{answer}");
     assert!(answer.get("id").is_some_and(Value::is_null), "{answer}");
     assert_eq!(up.chat_calls(), 0);
+
+    send(json!({"jsonrpc": "2.0", "id": 12, "method": "tools/call",
+        "params": {"name": "ask_poe", "arguments": {"bot": "gpt-5", "prompt": "PROMPT-MARK-3141"}}}))
+    .await;
+    let answer = next().await;
+    assert_eq!(answer["id"], 12, "{answer}");
+    assert!(answer.to_string().contains("ANSWER-MARK-2718"), "{answer}");
     drop(stdin);
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("DEBUG") || logged.contains("\"level\":\"DEBUG\""),
+        "{logged}"
+    );
+    for mark in ["PROMPT-MARK-3141", "ANSWER-MARK-2718"] {
+        assert!(!logged.contains(mark), "{mark} logged:\n{logged}");
+    }
 }

@@ -2,10 +2,11 @@
 //!
 //! rmcp's own line transport drops a line over its limit with a log line and no answer, so a
 //! client that sent a request too large (a big base64 attachment) waited for its own timeout,
-//! minutes in some clients. This one answers it: the request's id is read from the start of
-//! the line (clients write `jsonrpc`, `id` and `method` before `params`), and the error names
-//! the limit. Everything else is as rmcp's: lines are read without ever holding more than the
-//! limit, and a read cancelled halfway resumes where it stopped.
+//! minutes in some clients. This one answers it: the request's top-level `id` is found as the
+//! line streams past, wherever it sits (Python's SDK writes it first, the TypeScript SDK's
+//! clients, Claude's among them, last, after `params`), and the error names the limit.
+//! Everything else is as rmcp's: lines are read without ever holding more than the limit, and
+//! a read cancelled halfway resumes where it stopped.
 
 use std::sync::Arc;
 
@@ -16,16 +17,13 @@ use rmcp::transport::Transport;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::Mutex;
 
-/// How much of an oversized line is kept to find its id in.
-const ID_WINDOW: usize = 4096;
-
 pub struct LineTransport<R, W> {
     read: BufReader<R>,
     line: Vec<u8>,
     max_line: usize,
-    /// The current line went over `max_line`: its start (up to `ID_WINDOW` bytes) and its
-    /// length so far, until its end is read.
-    oversized: Option<(Vec<u8>, usize)>,
+    /// The current line went over `max_line`: the search for its id, and its length so far,
+    /// until its end is read.
+    oversized: Option<(IdScan, usize)>,
     write: Arc<Mutex<W>>,
 }
 
@@ -43,8 +41,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> LineTransport<R, W> {
 
 enum Read {
     Line,
-    /// A line over the limit ended: its start, and its length.
-    Oversized(Vec<u8>, usize),
+    /// A line over the limit ended: its id when it had one, and its length.
+    Oversized(Option<RequestId>, usize),
     Eof,
 }
 
@@ -61,16 +59,16 @@ impl<R: AsyncRead + Unpin, W> LineTransport<R, W> {
             let take = newline.map_or(available.len(), |i| i + 1);
             let chunk = &available[..take];
             if self.oversized.is_none() && self.line.len() + chunk.len() > self.max_line {
-                // Over the limit: from here on only its start is kept, to find its id in.
-                let len = self.line.len();
-                let mut start = std::mem::take(&mut self.line);
-                start.truncate(ID_WINDOW);
-                self.oversized = Some((start, len));
+                // Over the limit: from here on nothing is kept; its id is looked for as it
+                // goes by.
+                let mut scan = IdScan::default();
+                scan.feed(&self.line);
+                self.oversized = Some((scan, self.line.len()));
+                self.line = Vec::new();
             }
             match &mut self.oversized {
-                Some((start, len)) => {
-                    let room = ID_WINDOW.saturating_sub(start.len());
-                    start.extend_from_slice(&chunk[..room.min(chunk.len())]);
+                Some((scan, len)) => {
+                    scan.feed(chunk);
                     *len += chunk.len();
                 }
                 None => self.line.extend_from_slice(chunk),
@@ -78,7 +76,7 @@ impl<R: AsyncRead + Unpin, W> LineTransport<R, W> {
             self.read.consume(take);
             if newline.is_some() {
                 return Ok(match self.oversized.take() {
-                    Some((start, len)) => Read::Oversized(start, len),
+                    Some((scan, len)) => Read::Oversized(scan.id(), len),
                     None => Read::Line,
                 });
             }
@@ -104,7 +102,7 @@ where
         loop {
             match self.read_line().await {
                 Ok(Read::Line) => {}
-                Ok(Read::Oversized(start, len)) => {
+                Ok(Read::Oversized(id, len)) => {
                     tracing::warn!(
                         bytes = len,
                         limit = self.max_line,
@@ -120,7 +118,7 @@ where
                         ),
                         None,
                     );
-                    self.answer(error, request_id(&start));
+                    self.answer(error, id);
                     continue;
                 }
                 Ok(Read::Eof) => return None,
@@ -191,39 +189,135 @@ async fn write_message<W: AsyncWrite + Unpin>(
     w.flush().await
 }
 
-/// The `id` of a JSON-RPC request from the start of its text, when it is there: the first
-/// `"id"` member with a number or a plain string value.
-fn request_id(start: &[u8]) -> Option<RequestId> {
-    let mut at = 0;
-    while let Some(i) = memchr::memmem::find(&start[at..], b"\"id\"") {
-        let key = at + i;
-        at = key + 4;
-        if key > 0 && start[key - 1] == b'\\' {
-            continue;
-        }
-        let Some(rest) = start[at..].trim_ascii_start().strip_prefix(b":") else {
-            continue;
-        };
-        let rest = rest.trim_ascii_start();
-        if let Some(s) = rest.strip_prefix(b"\"") {
-            let end = memchr::memchr2(b'"', b'\\', s)?;
-            if s[end] != b'"' {
-                return None;
+/// The top-level `id` of a JSON-RPC request in its text.
+fn request_id(text: &[u8]) -> Option<RequestId> {
+    let mut scan = IdScan::default();
+    scan.feed(text);
+    scan.id()
+}
+
+/// Finds the top-level `"id"` member of a JSON object whose text comes in pieces, without
+/// keeping the text: nesting and strings are followed, so an `"id"` inside `params` (a bot
+/// parameter, a tool's schema) or inside a string is not taken for it. Its value counts when
+/// it is a number or a string without escapes.
+#[derive(Debug, Default)]
+struct IdScan {
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    /// At depth 1, a member's name comes next (after `{` or `,`).
+    expect_name: bool,
+    /// The member whose value comes next (after its `:`) is `id`.
+    id_value_next: bool,
+    /// The string being read at depth 1: a member's name, or `id`'s value.
+    text: Option<Vec<u8>>,
+    /// The string being read is `id`'s value.
+    text_is_id: bool,
+    /// `id`'s number, as its characters so far.
+    number: Option<Vec<u8>>,
+    /// What `id` turned out to be (`Some(None)`: not a number or plain string).
+    found: Option<Option<RequestId>>,
+}
+
+/// The longest name or id text kept while scanning.
+const ID_TEXT_MAX: usize = 256;
+
+impl IdScan {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.found.is_some() {
+                return;
             }
-            let id = std::str::from_utf8(&s[..end]).ok()?;
-            return Some(RequestId::String(id.into()));
+            self.byte(b);
         }
-        let digits = rest
-            .iter()
-            .take_while(|b| b.is_ascii_digit() || **b == b'-')
-            .count();
-        return std::str::from_utf8(&rest[..digits])
-            .ok()?
-            .parse::<i64>()
-            .ok()
-            .map(RequestId::Number);
     }
-    None
+
+    fn byte(&mut self, b: u8) {
+        if self.in_string {
+            if self.escaped {
+                self.escaped = false;
+                // An escaped name is not `id`; an escaped id is not read.
+                self.text = None;
+            } else if b == b'\\' {
+                self.escaped = true;
+            } else if b == b'"' {
+                self.in_string = false;
+                self.end_string();
+            } else if let Some(t) = &mut self.text {
+                if t.len() < ID_TEXT_MAX {
+                    t.push(b);
+                } else {
+                    self.text = None;
+                }
+            }
+            return;
+        }
+        if let Some(n) = &mut self.number {
+            if b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E') {
+                n.push(b);
+                return;
+            }
+            let id = std::str::from_utf8(n)
+                .ok()
+                .and_then(|t| t.parse::<i64>().ok())
+                .map(RequestId::Number);
+            self.found = Some(id);
+            return;
+        }
+        match b {
+            b'"' => {
+                self.in_string = true;
+                self.text_is_id = self.depth == 1 && self.id_value_next;
+                self.text =
+                    (self.depth == 1 && (self.expect_name || self.text_is_id)).then(Vec::new);
+            }
+            b'{' | b'[' => {
+                if self.depth == 1 && self.id_value_next {
+                    self.found = Some(None);
+                }
+                self.depth += 1;
+                self.expect_name = self.depth == 1 && b == b'{';
+            }
+            b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+            b':' if self.depth == 1 => self.expect_name = false,
+            b',' if self.depth == 1 => {
+                self.expect_name = true;
+                self.id_value_next = false;
+            }
+            b'-' | b'0'..=b'9' if self.depth == 1 && self.id_value_next => {
+                self.number = Some(vec![b]);
+            }
+            // `null`, `true`...: an id that is none.
+            b'a'..=b'z' if self.depth == 1 && self.id_value_next => self.found = Some(None),
+            _ => {}
+        }
+    }
+
+    fn end_string(&mut self) {
+        let Some(text) = self.text.take() else {
+            if self.text_is_id {
+                self.found = Some(None);
+            }
+            return;
+        };
+        if self.text_is_id {
+            let id = String::from_utf8(text)
+                .ok()
+                .map(|t| RequestId::String(t.into()));
+            self.found = Some(id);
+        } else if self.expect_name {
+            self.id_value_next = text == b"id";
+        }
+    }
+
+    /// The id found, if the text had one (a number still being read when the text ends
+    /// counts).
+    fn id(mut self) -> Option<RequestId> {
+        if self.found.is_none() && self.number.is_some() {
+            self.byte(b' ');
+        }
+        self.found.flatten()
+    }
 }
 
 #[cfg(test)]
@@ -248,5 +342,31 @@ mod tests {
             request_id(br#"{"x":"\"id\": 3","id":4}"#),
             Some(RequestId::Number(4))
         );
+    }
+
+    /// The TypeScript SDK writes `id` last, after `params`; an `id` inside `params` is not
+    /// the request's, nor is a name that only looks like it.
+    #[test]
+    fn the_top_level_id_is_found_wherever_it_sits() {
+        assert_eq!(
+            request_id(
+                br#"{"method":"tools/call","params":{"arguments":{"params":{"id":0},"x":[{"id":"no"}]}},"jsonrpc":"2.0","id":12}"#
+            ),
+            Some(RequestId::Number(12))
+        );
+        assert_eq!(
+            request_id(br#"{"params":{"id":1},"ids":2,"\u0069d":3, "id" : "req-9"}"#),
+            Some(RequestId::String("req-9".into()))
+        );
+        assert_eq!(request_id(br#"{"params":{"id":1},"id":null}"#), None);
+        assert_eq!(request_id(br#"{"params":{"id":1}}"#), None);
+        // Fed in pieces, split anywhere.
+        let text = br#"{"params":{"prompt":"a \"id\": 5 b","id":6},"id":-77}"#;
+        for cut in 0..text.len() {
+            let mut scan = IdScan::default();
+            scan.feed(&text[..cut]);
+            scan.feed(&text[cut..]);
+            assert_eq!(scan.id(), Some(RequestId::Number(-77)), "cut at {cut}");
+        }
     }
 }
