@@ -33,9 +33,11 @@ struct Cli {
     /// Policy file (TOML). Default: policies/default.toml if present, else the built-in default.
     #[arg(long, global = true, env = "POE_GATEWAY_POLICIES")]
     policies: Option<PathBuf>,
-    /// The usage ledger and key store: sqlite://PATH or postgres://...
-    #[arg(long, global = true, env = "POE_GATEWAY_DATABASE_URL", default_value = ledger::DEFAULT_DATABASE_URL)]
-    database_url: String,
+    /// The usage ledger and key store: sqlite://PATH or postgres://... Default:
+    /// sqlite://./data/poe-gateway.db; for `mcp`, the user's data directory
+    /// ($XDG_DATA_HOME or ~/.local/share, then poe-gateway/poe-gateway.db).
+    #[arg(long, global = true, env = "POE_GATEWAY_DATABASE_URL")]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -149,6 +151,11 @@ fn main() -> ExitCode {
     let server_key = secret("POE_API_KEY");
     let admin_key = secret("POE_GATEWAY_ADMIN_KEY");
 
+    let database_url = match (cli.database_url, &cli.command) {
+        (Some(url), _) => url,
+        (None, Command::Mcp) => mcp_database_url(),
+        (None, _) => ledger::DEFAULT_DATABASE_URL.to_string(),
+    };
     match cli.command {
         Command::Check => {
             let p = &loaded.policy;
@@ -160,8 +167,8 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            if let Err(e) = poe_gateway::ledger::Store::check_url(&cli.database_url)
-                .and_then(|()| poe_gateway::ledger::Store::check_writable(&cli.database_url))
+            if let Err(e) = poe_gateway::ledger::Store::check_url(&database_url)
+                .and_then(|()| poe_gateway::ledger::Store::check_writable(&database_url))
             {
                 eprintln!("poe-gateway: ledger: {e}");
                 return ExitCode::from(2);
@@ -182,19 +189,19 @@ fn main() -> ExitCode {
         }
         Command::Serve => run(async move {
             let telemetry = telemetry::init();
-            let code = serve(loaded, server_key, admin_key, cli.database_url).await;
+            let code = serve(loaded, server_key, admin_key, database_url).await;
             // Flushing blocks on the exporter task: keep it off the async workers.
             let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             code
         }),
         Command::Mcp => run(async move {
             let telemetry = telemetry::init();
-            let code = mcp_stdio(loaded, server_key, cli.database_url).await;
+            let code = mcp_stdio(loaded, server_key, database_url).await;
             let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             code
         }),
-        Command::Keys(cmd) => run(keys_command(cmd, cli.database_url, loaded.policy)),
-        Command::Usage(args) => run(usage_command(args, loaded, server_key, cli.database_url)),
+        Command::Keys(cmd) => run(keys_command(cmd, database_url, loaded.policy)),
+        Command::Usage(args) => run(usage_command(args, loaded, server_key, database_url)),
         Command::Healthcheck => run(healthcheck(loaded.policy.server.listen)),
     }
 }
@@ -296,6 +303,29 @@ async fn serve(
             eprintln!("poe-gateway: cannot start the serving threads: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The ledger of `poe-gateway mcp` when none is named: in the user's data directory, not the
+/// working directory, which an MCP client chooses (Claude Desktop starts servers in `/`,
+/// read-only on macOS, and Claude Code in the user's project, which a `data/` folder would
+/// litter). The working directory's `./data` only when there is no home to go by.
+fn mcp_database_url() -> String {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|home| home.join(".local/share"))
+        });
+    match base {
+        Some(base) => format!(
+            "sqlite://{}",
+            base.join("poe-gateway/poe-gateway.db").display()
+        ),
+        None => ledger::DEFAULT_DATABASE_URL.to_string(),
     }
 }
 

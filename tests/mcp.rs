@@ -1500,6 +1500,61 @@ async fn mcp_clients_over_http_are_capped_per_key_and_in_all() {
     }
 }
 
+/// `poe-gateway mcp` with no ledger named keeps it in the user's data directory, not the
+/// working directory an MCP client chose (Claude Desktop starts servers in `/`, where it
+/// could not start; Claude Code in the user's project, which it littered with `data/`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stdio_server_keeps_its_ledger_in_the_users_data_directory() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let up = MockUpstream::start().await;
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("mcp-home-{}", uuid::Uuid::new_v4().simple()));
+    let (home, project) = (root.join("home"), root.join("project"));
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::create_dir_all(&project).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+        .arg("mcp")
+        .current_dir(&project)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", &home)
+        .env("POE_API_KEY", "test-key-not-real")
+        .env("POE_BASE_URL", up.url())
+        .env("RUST_LOG", "error")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"}}});
+    stdin
+        .write_all(format!("{init}\n").as_bytes())
+        .await
+        .unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("an answer")
+        .unwrap()
+        .expect("initialized");
+    assert!(line.contains("\"id\":1"), "{line}");
+    drop(stdin);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        home.join(".local/share/poe-gateway/poe-gateway.db")
+            .is_file()
+    );
+    assert!(!project.join("data").exists(), "the project was written to");
+}
+
 /// Over stdio (`poe-gateway mcp`), a message over `server.max_body_bytes` gets an error answer
 /// under its own id (it was dropped unanswered, and the client waited out its own timeout),
 /// wherever the id sits in it, and the session goes on. At `RUST_LOG=debug` no prompt or
