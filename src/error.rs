@@ -285,6 +285,30 @@ pub fn retry_after_value(wait: Duration) -> http::HeaderValue {
 /// Secrets shorter than this are not searched for: they would match ordinary text.
 const MIN_SECRET_LEN: usize = 8;
 
+/// As [`redact_secrets`], for a body whose length has gone out in its head already: each
+/// occurrence becomes [`REDACTED`] padded with spaces to the secret's length (or `*`s, for a
+/// secret shorter than that), so the length stays.
+pub fn redact_secrets_keeping_length(body: Bytes, secret: &str) -> Bytes {
+    let s = secret.as_bytes();
+    if s.len() < MIN_SECRET_LEN || memchr::memmem::find(&body, s).is_none() {
+        return body;
+    }
+    let mask: Vec<u8> = if s.len() >= REDACTED.len() {
+        let mut m = REDACTED.as_bytes().to_vec();
+        m.resize(s.len(), b' ');
+        m
+    } else {
+        vec![b'*'; s.len()]
+    };
+    let mut out = body.to_vec();
+    let mut at = 0;
+    while let Some(i) = memchr::memmem::find(&out[at..], s) {
+        out[at + i..at + i + s.len()].copy_from_slice(&mask);
+        at += i + s.len();
+    }
+    Bytes::from(out)
+}
+
 /// `body` with every occurrence of each secret replaced by [`REDACTED`]. An upstream that
 /// echoes the key it was called with (Poe's own error messages can quote the `Authorization`
 /// value) must not have it handed on to the client, the logs or the cache. The same `Bytes`

@@ -240,6 +240,25 @@ async fn no_key_leaks_on_any_path() {
         .await;
     assert_eq!(s, 200);
     assert!(String::from_utf8_lossy(&body).contains("key revoked: Bearer [redacted]"));
+    // A 200 whose body is an error object quoting the key: its length went out in the
+    // head, so the key is masked in place, and the body still parses.
+    up.push(echoing_error(200, UPSTREAM_KEY));
+    let (s, body) = seen
+        .take(
+            "200 error object",
+            chat(chat_body("claude", false), alice.clone()).await,
+            false,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("still JSON");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Invalid API key provided: Bearer [redacted] "),
+        "{v}"
+    );
 
     // The cache: a miss, then a hit.
     up.push(Reply::completion("claude-sonnet-4.5", "cached"));
@@ -402,7 +421,7 @@ async fn no_key_leaks_on_any_path() {
     assert!(!spans.is_empty(), "spans exported");
     assert!(String::from_utf8_lossy(&metrics).contains("poe_gateway_requests_total"));
     assert!(!ledger.is_empty(), "ledger file read");
-    assert_eq!(up.chat_calls(), 16, "every scripted upstream call was made");
+    assert_eq!(up.chat_calls(), 17, "every scripted upstream call was made");
 
     let secrets: Vec<(&str, &str)> = vec![
         ("upstream key", UPSTREAM_KEY),

@@ -1078,7 +1078,7 @@ impl Gateway {
                 r
             });
         let completion = Completion::new(info, self.inner.acct.clone(), Some(permit)).holding(hold);
-        let mut tap = Tap::new(
+        let tap = Tap::new(
             body,
             sse,
             sse && req.injects_usage(),
@@ -1086,11 +1086,10 @@ impl Gateway {
             completion,
             recorder,
         )
-        .answering(req.endpoint());
-        // Only a stream: a JSON body's length is in its head, sent before the body is read.
-        if sse {
-            tap = tap.redacting(key.clone());
-        }
+        .answering(req.endpoint())
+        // Applied only once an error shows (an error event, a 200 that is an error object):
+        // an answer is not searched.
+        .redacting(key.clone());
         Reply {
             status: head.status,
             headers: passthrough_headers(head.headers),

@@ -262,7 +262,8 @@ impl<B> Tap<B> {
         }
     }
 
-    /// Cuts `key` out of what follows an error event in the stream (see `redact`).
+    /// Cuts `key` out of what follows an error event in the stream, or out of a 200 JSON
+    /// body that is an error object (see `redact`).
     pub fn redacting(mut self, key: Secret) -> Self {
         self.redact = Some(key);
         self
@@ -359,6 +360,10 @@ where
                         // came. A key cut by a frame boundary is not found (Poe's events
                         // arrive whole in practice).
                         Ok(out) if this.observed.stream_error => match this.redact.as_ref() {
+                            // A JSON body's length went out in its head.
+                            Some(k) if matches!(this.mode, Mode::Json { .. }) => {
+                                crate::error::redact_secrets_keeping_length(out, k.expose())
+                            }
                             Some(k) => crate::error::redact_secrets(out, &[k.expose()]),
                             None => out,
                         },
