@@ -313,7 +313,18 @@ async fn a_request_waiting_on_poe_at_the_end_of_the_grace_gets_a_503_and_no_retr
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "shutting_down", "{body}");
     assert_eq!(calls, 1, "the request was sent to Poe again");
-    assert_eq!(ledger_rows(&db).await, 1, "{db}");
+    // Poe had it, and charges it: its row is a cancelled one with the prompt estimated, as
+    // for a client gone before Poe's head (it was a 503 "completed" with no tokens).
+    let totals = Store::open(&db)
+        .await
+        .unwrap()
+        .report(&everything())
+        .await
+        .unwrap()
+        .totals;
+    assert_eq!(totals.requests, 1, "{db}");
+    assert_eq!(totals.estimated, 1, "{totals:?}");
+    assert!(totals.prompt_tokens > 0, "{totals:?}");
 }
 
 /// A request waiting out a retry's backoff when the grace runs out gets the same 503 and no

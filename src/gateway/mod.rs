@@ -195,7 +195,7 @@ impl Failure {
     fn retryable(&self) -> bool {
         match self {
             Failure::Status { head, .. } => retry::retryable_status(head.status.as_u16()),
-            Failure::Transport(UpstreamError::Closed) => false,
+            Failure::Transport(UpstreamError::Closed { .. }) => false,
             Failure::Transport(_) => true,
         }
     }
@@ -882,7 +882,7 @@ impl Gateway {
                     // A retry queued here when a shutdown's grace ended: the 503 that a
                     // request waiting on Poe then gets, not Poe's earlier answer.
                     Err(GatewayError::ShuttingDown(_)) if last.is_some() => {
-                        last = Some((Failure::Transport(UpstreamError::Closed), bot));
+                        last = Some((Failure::Transport(UpstreamError::Closed { sent: false }), bot));
                         break 'bots;
                     }
                     // A retry or fallback the gateway's own upstream limits refuse: Poe has
@@ -915,6 +915,12 @@ impl Gateway {
                     )
                     .instrument(attempt_span.clone())
                     .await;
+                if let Err(e @ UpstreamError::Closed { sent: true }) = &sent {
+                    // The shutdown's grace ran out while Poe had the call: Poe charges it,
+                    // as when a client leaves before Poe's head, and the row is that one
+                    // (cancelled, the prompt estimated and priced, by `watch`).
+                    return Err(GatewayError::ShuttingDown(e.to_string()));
+                }
                 // A failed call costs nothing: a client that leaves from here on (reading
                 // Poe's error body, a backoff) is not charged for it.
                 watch.in_flight = false;
@@ -1132,7 +1138,7 @@ impl Gateway {
             Failure::Transport(e) => {
                 let err = match e {
                     UpstreamError::Timeout(_) => GatewayError::UpstreamTimeout(e.to_string()),
-                    UpstreamError::Closed => GatewayError::ShuttingDown(e.to_string()),
+                    UpstreamError::Closed { .. } => GatewayError::ShuttingDown(e.to_string()),
                     _ => GatewayError::UpstreamUnreachable(e.to_string()),
                 };
                 let mut h = HeaderMap::new();

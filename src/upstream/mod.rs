@@ -106,8 +106,9 @@ pub enum UpstreamError {
     /// The connection failed after the request was sent.
     Broken(String),
     /// The gateway is shutting down and has closed its upstream connections: a request
-    /// still waiting on one is not sent again.
-    Closed,
+    /// still waiting on one is not sent again. `sent`: it was out, and Poe may have begun
+    /// on it (and charges it); otherwise it never left.
+    Closed { sent: bool },
 }
 
 impl UpstreamError {
@@ -117,7 +118,7 @@ impl UpstreamError {
             UpstreamError::Connect(_) => "connect",
             UpstreamError::Timeout(_) => "timeout",
             UpstreamError::Broken(_) => "broken",
-            UpstreamError::Closed => "closed",
+            UpstreamError::Closed { .. } => "closed",
         }
     }
 }
@@ -132,7 +133,7 @@ impl fmt::Display for UpstreamError {
                 d.as_secs_f64()
             ),
             UpstreamError::Broken(e) => write!(f, "upstream connection failed: {e}"),
-            UpstreamError::Closed => write!(
+            UpstreamError::Closed { .. } => write!(
                 f,
                 "the gateway is shutting down: its shutdown grace ran out before Poe answered"
             ),

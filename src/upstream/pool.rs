@@ -224,7 +224,7 @@ impl Pool {
     ) -> Result<Response<Body>, UpstreamError> {
         loop {
             if self.closed.load(Ordering::Acquire) {
-                return Err(UpstreamError::Closed);
+                return Err(UpstreamError::Closed { sent: false });
             }
             let (sender, reused) = self.checkout().await?;
             let result = match sender {
@@ -261,7 +261,7 @@ impl Pool {
             match result {
                 Ok(resp) => return Ok(resp),
                 Err(_) if self.closed.load(Ordering::Acquire) => {
-                    return Err(UpstreamError::Closed);
+                    return Err(UpstreamError::Closed { sent: true });
                 }
                 Err(mut e) => match e.take_message() {
                     // An idle connection that closed before it took any of the request (the
