@@ -171,6 +171,9 @@ async fn a_stop_signal_fails_readyz_first_and_a_second_one_ends_the_drain() {
         .expect("the stream ended cleanly, not cut mid-body");
     let text = String::from_utf8_lossy(&rest);
     assert!(text.contains("data: {\"error\""), "{text}");
+    // Blamed on the shutdown, not on Poe, which was still sending.
+    assert!(text.contains("\"code\":\"shutting_down\""), "{text}");
+    assert!(!text.contains("upstream_unreachable"), "{text}");
     // Every request has its row, the stream cut by the second signal included.
     assert_eq!(ledger_rows(&db).await, 2, "{db}");
 }

@@ -397,6 +397,9 @@ where
                     *this.state = State::Done;
                     return Poll::Ready(last.map(|l| Ok(Frame::data(l))));
                 }
+                Poll::Ready(Some(Err(_))) if crate::upstream::cut_by_shutdown() => {
+                    SHUTDOWN_CUT.to_string()
+                }
                 Poll::Ready(Some(Err(e))) => format!("upstream connection broke mid-response: {e}"),
                 Poll::Pending => {
                     // After the last event nothing more is due but the body's end: a Poe
@@ -1151,6 +1154,11 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed, whole: bool
 /// The last bytes of a body: a held partial event (sent as is when the stream ends normally,
 /// dropped before an error), then the error event, if `error` is set. `None` when there is
 /// nothing to send, and always for a JSON body.
+/// Why an answer broke when the gateway's shutdown cut it (its grace ran out): Poe was
+/// still sending.
+const SHUTDOWN_CUT: &str =
+    "the gateway is shutting down: its shutdown grace ran out before the answer ended";
+
 fn end_frame(mode: &mut Mode, api: Endpoint, error: Option<&str>) -> Option<Bytes> {
     let Mode::Sse { events, .. } = mode else {
         return None;
@@ -1161,9 +1169,12 @@ fn end_frame(mode: &mut Mode, api: Endpoint, error: Option<&str>) -> Option<Byte
     }
     events.held.clear();
     if let Some(reason) = error {
-        out.extend_from_slice(
-            &GatewayError::UpstreamUnreachable(reason.to_string()).to_sse_event_for(api),
-        );
+        let e = if reason == SHUTDOWN_CUT {
+            GatewayError::ShuttingDown(reason.to_string())
+        } else {
+            GatewayError::UpstreamUnreachable(reason.to_string())
+        };
+        out.extend_from_slice(&e.to_sse_event_for(api));
     }
     (!out.is_empty()).then(|| out.freeze())
 }

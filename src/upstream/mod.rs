@@ -145,6 +145,16 @@ thread_local! {
     /// Which of an [`Upstream`]'s pools this thread uses: 1 + the serving thread's index
     /// ([`use_pool`]); 0 for every other thread (background work, MCP over stdio).
     static POOL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// This thread's upstream connections were closed by a shutdown whose grace ran out
+    /// ([`Upstream::close_connections`]): an answer that breaks now was cut by the gateway,
+    /// not by Poe.
+    static CUT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread's upstream connections were closed by a shutdown (see `CUT`):
+/// what a broken answer is blamed on.
+pub fn cut_by_shutdown() -> bool {
+    CUT.with(|c| c.get())
 }
 
 /// Makes this serving thread use its own pool of every [`Upstream`] (see [`Upstream::new`]).
@@ -311,6 +321,7 @@ impl Upstream {
     /// Closes the connections of the calling serving thread's pool (see [`use_pool`]): a
     /// shutdown whose grace is over ends what still streams on them.
     pub fn close_connections(&self) {
+        CUT.with(|c| c.set(true));
         self.pool().close_all();
     }
 
