@@ -1333,6 +1333,132 @@ async fn mcp_shutdown_ends_open_sessions() {
     drop(client);
 }
 
+/// A client that ends its MCP session (`DELETE /mcp`) with a tool call still running has
+/// that call cancelled, its Poe call dropped: rmcp ran it to its end, calling Poe for an
+/// answer nobody could receive.
+#[tokio::test]
+async fn ending_a_session_cancels_its_calls_in_progress() {
+    let upstream = MockUpstream::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    upstream.push(
+        Reply::sse()
+            .send(support::chunk("gpt-5", "thinking..."))
+            .gate(&gate)
+            .send("data: [DONE]\n\n"),
+    );
+    let gw = TestGateway::start(&upstream, config::DEFAULT_POLICY, &[]).await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}});
+    let (status, headers, body) = raw_mcp(&gw, "POST", &[], Some(init)).await;
+    assert_eq!(status, 200, "{body}");
+    let sid = headers["mcp-session-id"].to_str().unwrap().to_string();
+    let session = [("mcp-session-id", sid.as_str())];
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(
+        raw_mcp(&gw, "POST", &session, Some(initialized)).await.0,
+        202
+    );
+
+    // The call's answer streams back on its POST; it is held open here.
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "ask_poe", "arguments": {"bot": "gpt-5", "prompt": "go"}}});
+    let req = http::Request::post(gw.url("/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-06-18")
+        .header("mcp-session-id", sid.as_str())
+        .body(Full::new(Bytes::from(call.to_string())))
+        .unwrap();
+    let answer = support::client().request(req).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    for _ in 0..500 {
+        if upstream.chat_calls() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(upstream.chat_calls(), 1);
+
+    let (status, _, text) = raw_mcp(&gw, "DELETE", &session, None).await;
+    assert_eq!(status, 200, "{text}");
+    tokio::time::timeout(Duration::from_secs(10), upstream.wait_disconnect())
+        .await
+        .expect("the call's Poe request was dropped with its session");
+    drop(answer);
+}
+
+/// A tool call running over HTTP when the server begins its graceful shutdown finishes
+/// within the grace, as a `/v1` request does: the MCP sessions are ended only once no call
+/// is left (they were ended at once, and the call cut with no answer).
+#[tokio::test]
+async fn a_shutdown_lets_tool_calls_in_progress_finish() {
+    let upstream = MockUpstream::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    upstream.push(
+        Reply::sse()
+            .send(support::chunk("gpt-5", "first half, "))
+            .gate(&gate)
+            .send(support::chunk("gpt-5", "second half"))
+            .send("data: [DONE]\n\n"),
+    );
+    let gw = gateway(&upstream, &[("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "60s")]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = poe_gateway::http::spawn(listener, gw.clone()).unwrap();
+    let addr = server.local_addr;
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(format!("http://{addr}/mcp")),
+    );
+    let (handler, _rx) = client_handler();
+    let client = Arc::new(
+        handler
+            .serve(transport)
+            .await
+            .expect("HTTP client connects"),
+    );
+    let calling = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            call(&client, "ask_poe", json!({"bot": "gpt-5", "prompt": "go"})).await
+        })
+    };
+    for _ in 0..500 {
+        if upstream.chat_calls() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(upstream.chat_calls(), 1);
+
+    let stopping = tokio::spawn(server.shutdown());
+    // The drain has begun (no new connection is served) before Poe's answer goes on.
+    let readyz: http::Uri = format!("http://{addr}/readyz").parse().unwrap();
+    let mut draining = false;
+    for _ in 0..500 {
+        match support::client().get(readyz.clone()).await {
+            Ok(r) if r.status() == 200 => {}
+            _ => {
+                draining = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(draining, "the server never began its drain");
+    gate.add_permits(1);
+    let answer = tokio::time::timeout(Duration::from_secs(20), calling)
+        .await
+        .expect("the call ended")
+        .unwrap();
+    assert!(
+        text_of(&answer).contains("first half, second half"),
+        "{answer:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("the shutdown ended once the call had")
+        .unwrap();
+}
+
 fn base64_encode(data: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(data)

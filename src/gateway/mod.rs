@@ -882,7 +882,10 @@ impl Gateway {
                     // A retry queued here when a shutdown's grace ended: the 503 that a
                     // request waiting on Poe then gets, not Poe's earlier answer.
                     Err(GatewayError::ShuttingDown(_)) if last.is_some() => {
-                        last = Some((Failure::Transport(UpstreamError::Closed { sent: false }), bot));
+                        last = Some((
+                            Failure::Transport(UpstreamError::Closed { sent: false }),
+                            bot,
+                        ));
                         break 'bots;
                     }
                     // A retry or fallback the gateway's own upstream limits refuse: Poe has

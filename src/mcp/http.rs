@@ -6,9 +6,11 @@
 //! before rmcp sees it. Host and Origin are checked by rmcp: loopback names, the listen
 //! address, and `mcp.allowed_hosts`; origins only from `mcp.allowed_origins`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -20,6 +22,7 @@ use hyper::service::Service as _;
 use hyper_util::service::TowerToHyperService;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
+use serde_json::Value;
 
 use super::sessions::Scope;
 use super::{McpCore, PoeTools};
@@ -47,6 +50,106 @@ pub struct McpHttp {
     /// session's answers to whoever presents it, so a request for a session another caller
     /// opened is answered as if the session did not exist.
     owners: moka::sync::Cache<Arc<str>, Scope>,
+    /// The requests (tool calls) whose answers are still streaming back.
+    calls: Arc<Calls>,
+}
+
+/// The JSON-RPC requests in progress over HTTP, each until its answer's stream ends or is
+/// dropped. rmcp runs a request to its end even when its session is ended (`DELETE /mcp`)
+/// or the server stops, so the gateway tells it to cancel them in the first case and waits
+/// for them in the second.
+#[derive(Default)]
+struct Calls {
+    open: std::sync::Mutex<HashMap<u64, (Arc<str>, Value)>>,
+    next: AtomicU64,
+    /// How many are open; a shutdown ends the sessions when it reaches 0.
+    count: tokio::sync::watch::Sender<usize>,
+    /// A shutdown began: new requests are refused.
+    stopping: AtomicBool,
+}
+
+impl Calls {
+    fn open(self: &Arc<Self>, session: &Arc<str>, ids: Vec<Value>) -> Vec<OpenCall> {
+        let mut open = self.open.lock().expect("calls lock");
+        let calls = ids
+            .into_iter()
+            .map(|id| {
+                let token = self.next.fetch_add(1, Ordering::Relaxed);
+                open.insert(token, (session.clone(), id));
+                OpenCall {
+                    calls: self.clone(),
+                    token,
+                }
+            })
+            .collect();
+        self.count.send_replace(open.len());
+        calls
+    }
+
+    /// The ids of `session`'s requests in progress.
+    fn of(&self, session: &str) -> Vec<Value> {
+        let open = self.open.lock().expect("calls lock");
+        open.values()
+            .filter(|(s, _)| &**s == session)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+}
+
+/// One request in progress; dropped with its answer's body.
+struct OpenCall {
+    calls: Arc<Calls>,
+    token: u64,
+}
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        let mut open = self.calls.open.lock().expect("calls lock");
+        open.remove(&self.token);
+        self.calls.count.send_replace(open.len());
+    }
+}
+
+/// An answer's body that keeps its requests open until it ends or is dropped.
+struct Tracked {
+    inner: McpBody,
+    _calls: Vec<OpenCall>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The ids of the JSON-RPC requests in a message (or a batch of them); notifications and
+/// answers have none.
+fn request_ids(body: &[u8]) -> Vec<Value> {
+    let id_of = |m: &Value| {
+        m.get("method")
+            .and(m.get("id"))
+            .filter(|id| !id.is_null())
+            .cloned()
+    };
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(batch)) => batch.iter().filter_map(id_of).collect(),
+        Ok(m) => id_of(&m).into_iter().collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// rmcp's session header.
@@ -83,13 +186,61 @@ impl McpHttp {
                 .max_capacity(MAX_SESSIONS)
                 .time_to_idle(SESSION_IDLE)
                 .build(),
+            calls: Arc::default(),
         }
     }
 
-    /// Ends every MCP session and refuses new ones, so long-lived SSE streams (a client's
-    /// `GET /mcp`) do not hold a graceful shutdown open until its grace period runs out.
+    /// Refuses new requests, lets those in progress finish (a tool call's answer ends
+    /// within the server's grace, or is cut with its connection when the grace does), then
+    /// ends every MCP session, so long-lived SSE streams (a client's `GET /mcp`) do not hold
+    /// the drain open until its grace runs out.
     pub fn shutdown(&self) {
-        self.config.cancellation_token.cancel();
+        self.calls.stopping.store(true, Ordering::Release);
+        let mut count = self.calls.count.subscribe();
+        let token = self.config.cancellation_token.clone();
+        tokio::spawn(async move {
+            let _ = count.wait_for(|n| *n == 0).await;
+            token.cancel();
+        });
+    }
+
+    /// Tells rmcp to cancel `session`'s requests in progress, as their client would with
+    /// `notifications/cancelled`: ended with its session, a tool call would otherwise run
+    /// on, and call Poe, for an answer nobody can receive.
+    async fn cancel_calls(
+        &self,
+        session: &Arc<str>,
+        ending: &http::request::Parts,
+        caller: &Caller,
+    ) {
+        for id in self.calls.of(session) {
+            let note = serde_json::json!({
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": id, "reason": "the client ended its MCP session"},
+            });
+            let mut req = Request::post(ending.uri.clone())
+                .body(Full::new(Bytes::from(note.to_string())))
+                .expect("a valid request");
+            // Host, Origin, the session and its protocol version, as the client sent them.
+            *req.headers_mut() = ending.headers.clone();
+            req.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            req.headers_mut().insert(
+                header::ACCEPT,
+                HeaderValue::from_static("application/json, text/event-stream"),
+            );
+            req.extensions_mut().insert(caller.clone());
+            let resp = match self.service.clone().call(req).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            };
+            if !resp.status().is_success() {
+                tracing::debug!(status = %resp.status(), "an ended session's request was not cancelled");
+            }
+        }
     }
 
     pub fn core(&self) -> &McpCore {
@@ -163,6 +314,20 @@ impl McpHttp {
             return error(&e);
         }
         let ending = parts.method == http::Method::DELETE;
+        if let Some(id) = &session
+            && ending
+        {
+            self.cancel_calls(id, &parts, &caller).await;
+        }
+        let ids = match (&session, parts.method == http::Method::POST) {
+            (Some(_), true) => request_ids(&body),
+            _ => Vec::new(),
+        };
+        if !ids.is_empty() && self.calls.stopping.load(Ordering::Acquire) {
+            return error(&GatewayError::ShuttingDown(
+                "the gateway is shutting down; retry on another replica".into(),
+            ));
+        }
         let sent_json = parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -193,7 +358,20 @@ impl McpHttp {
         if sent_json && resp.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
             *resp.status_mut() = StatusCode::BAD_REQUEST;
         }
-        as_openai_error(resp).await
+        let resp = as_openai_error(resp).await;
+        match &session {
+            Some(id) if !ids.is_empty() && resp.status().is_success() => {
+                let calls = self.calls.open(id, ids);
+                resp.map(|inner| {
+                    Tracked {
+                        inner,
+                        _calls: calls,
+                    }
+                    .boxed()
+                })
+            }
+            _ => resp,
+        }
     }
 }
 
