@@ -539,8 +539,16 @@ async fn a_stream_with_an_error_event_is_not_stored_even_when_done_follows() {
             .send("data: {\"error\":{\"code\":500,\"type\":\"provider_error\",\"message\":\"provider died\"}}\n\n")
             .send("data: [DONE]\n\n")
     };
+    // The error member not first, as OpenRouter fails a stream (the SDKs raise it too).
+    let failed_later = || {
+        Reply::sse()
+            .send(chunk("gpt-5", "half an answer"))
+            .send("data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"error\"}],\"error\":{\"message\":\"provider died\"}}\n\n")
+            .send("data: [DONE]\n\n")
+    };
     up.push(failed());
-    up.push(failed());
+    up.push(failed_later());
+    up.push(failed_later());
     let (gw, core) = TestGateway::with_ledger(
         &up,
         poe_gateway::config::DEFAULT_POLICY,
@@ -548,7 +556,7 @@ async fn a_stream_with_an_error_event_is_not_stored_even_when_done_follows() {
         "sqlite::memory:",
     )
     .await;
-    for _ in 0..2 {
+    for _ in 0..3 {
         let (x, body) = call(&gw, &det_body("gpt", true), &[]).await;
         assert_eq!(x, "MISS", "the failed stream was stored");
         let body = String::from_utf8_lossy(&body).into_owned();
@@ -556,12 +564,12 @@ async fn a_stream_with_an_error_event_is_not_stored_even_when_done_follows() {
         assert!(body.contains("provider died"), "{body}");
         assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     }
-    assert_eq!(up.chat_calls(), 2);
+    assert_eq!(up.chat_calls(), 3);
     core.flush().await;
     let all = core.ledger().store().report(&everything()).await.unwrap();
-    assert_eq!(all.totals.requests, 2);
+    assert_eq!(all.totals.requests, 3);
     assert_eq!(
-        all.totals.errors, 2,
+        all.totals.errors, 3,
         "a stream that failed counts as an error"
     );
 }

@@ -843,7 +843,16 @@ fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
             // they are looked for only in chunks without text.
             let text = string_len(&CONTENT_KEY, data);
             observed.text_bytes += match text {
-                0 => string_len(&ARGUMENTS_KEY, data),
+                0 => match string_len(&ARGUMENTS_KEY, data) {
+                    // A chunk with neither may be an error that does not open with it
+                    // (`{"id":..,"choices":[..],"error":{..}}`, as OpenRouter fails a stream),
+                    // which the SDKs raise as well.
+                    0 if has_error_member(data) => {
+                        observed.stream_error = true;
+                        0
+                    }
+                    n => n,
+                },
                 n => n,
             } as u64;
         }
@@ -1065,6 +1074,39 @@ fn opens_with_error(data: &[u8]) -> bool {
         .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"\"error\""))
 }
 
+/// Whether an event's object has an `"error"` member that is not `null`, wherever it sits
+/// among the members: the object is read through (strings and nesting followed), so only
+/// chunks that mention `"error"` at all, and carry no text, cost a read.
+fn has_error_member(data: &[u8]) -> bool {
+    if memchr::memmem::find(data, b"\"error\"").is_none() {
+        return false;
+    }
+    let (mut depth, mut i) = (0usize, 0usize);
+    while i < data.len() {
+        match data[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'"' => {
+                let start = i + 1;
+                let mut j = start;
+                while j < data.len() && data[j] != b'"' {
+                    j += if data[j] == b'\\' { 2 } else { 1 };
+                }
+                if depth == 1 && data.get(start..j) == Some(b"error") {
+                    let rest = data[(j + 1).min(data.len())..].trim_ascii_start();
+                    if let Some(value) = rest.strip_prefix(b":") {
+                        return !value.trim_ascii_start().starts_with(b"null");
+                    }
+                }
+                i = j;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
 /// Bytes of the string values of `key` (`"content":`) in a chunk, escapes counted as written.
 fn string_len(key: &KeyFinder, data: &[u8]) -> usize {
     let mut total = 0;
@@ -1279,6 +1321,19 @@ impl Body for ReplayBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_member_counts_wherever_it_sits() {
+        assert!(has_error_member(
+            br#"{"id":"x","choices":[{"index":0,"delta":{},"finish_reason":"error"}],"error":{"message":"provider crashed"}}"#
+        ));
+        assert!(has_error_member(br#"{"choices":[],"error":"down"}"#));
+        assert!(!has_error_member(br#"{"choices":[],"error":null}"#));
+        assert!(!has_error_member(
+            br#"{"choices":[{"delta":{"error":"a field of the delta"}}]}"#
+        ));
+        assert!(!has_error_member(br#"{"note":""error": quoted","x":1}"#));
+    }
 
     #[test]
     fn json_usage_found_without_full_parse() {
