@@ -947,6 +947,13 @@ impl Gateway {
                 }
                 drop(attempt_span);
                 let why_not = sent.as_ref().ok().and_then(|resp| unpassable(resp, req));
+                // A redirect, or a compressed stream, is how Poe (or a proxy before it)
+                // answers every attempt: made again, each would be an answer Poe produced
+                // and bills, for the same 502.
+                let hopeless = why_not.is_some()
+                    && sent.as_ref().is_ok_and(|r| {
+                        !r.status().is_client_error() && !r.status().is_server_error()
+                    });
                 let failure = match sent {
                     Ok(resp) if resp.status().is_success() && why_not.is_none() => {
                         let info = self.request_info(
@@ -1006,7 +1013,7 @@ impl Gateway {
                     last = Some((failure, bot));
                     continue 'bots;
                 }
-                if !failure.retryable() {
+                if hopeless || !failure.retryable() {
                     last = Some((failure, bot));
                     break 'bots;
                 }
