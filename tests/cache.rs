@@ -574,6 +574,44 @@ async fn a_stream_with_an_error_event_is_not_stored_even_when_done_follows() {
     );
 }
 
+/// A 200 that is no whole JSON answer (a proxy's HTML page; an answer cut short that came
+/// with a length of its own) reaches its client once, and is not stored: it was replayed as
+/// a HIT for the whole TTL, the SDKs returning the page as text or failing to parse.
+#[tokio::test]
+async fn a_200_that_is_no_whole_json_answer_is_not_stored() {
+    let up = MockUpstream::start().await;
+    // Each with its length in its head, as a proxy or a broken upstream sends it (one
+    // without is cut short by its close, which fails its client's body already).
+    let with_length = |ct: &str, body: &'static str| {
+        Reply::new(200)
+            .header("content-type", ct)
+            .header("content-length", &body.len().to_string())
+            .send(body)
+    };
+    let gw = TestGateway::default(&up).await;
+    for (what, ct, body) in [
+        ("page", "text/html", "<html><body>Sign in to the proxy</body></html>"),
+        (
+            "cut",
+            "application/json",
+            r#"{"id":"c","object":"chat.completion","choices":[{"#,
+        ),
+    ] {
+        up.push(with_length(ct, body));
+        up.push(with_length(ct, body));
+        let before = up.chat_calls();
+        for _ in 0..2 {
+            let (x, _) = call(&gw, &det_body("gpt", false), &[]).await;
+            assert_eq!(x, "MISS", "{what} was stored");
+        }
+        assert_eq!(up.chat_calls(), before + 2, "{what}");
+    }
+    // A whole answer still is.
+    up.push(Reply::completion("gpt-5", "whole"));
+    assert_eq!(call(&gw, &det_body("gpt", false), &[]).await.0, "MISS");
+    assert_eq!(call(&gw, &det_body("gpt", false), &[]).await.0, "HIT");
+}
+
 /// One request written two ways (Python's SDK writes `0.0` where JavaScript's writes `0`, and
 /// a stream flag may be left out or `false`) is one cache entry.
 #[tokio::test]

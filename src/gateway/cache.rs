@@ -113,6 +113,21 @@ impl CacheStatus {
     }
 }
 
+/// Whether a non-stream answer may be stored: JSON by its type, and one object from its
+/// first byte to its last. A proxy's HTML page, or an answer cut short that still came with
+/// a length of its own, is passed on once but not replayed for `cache.ttl` (the SDKs return
+/// the one as text and fail on the other). Not a parse: every stored miss pays for this.
+fn looks_whole_json(content_type: Option<&http::HeaderValue>, body: &[u8]) -> bool {
+    let json = content_type.is_some_and(|ct| {
+        let ct = ct.as_bytes();
+        let essence = ct.split(|b| *b == b';').next().unwrap_or(ct).trim_ascii();
+        essence.eq_ignore_ascii_case(b"application/json")
+            || essence.len() > 5 && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json")
+    });
+    let body = body.trim_ascii();
+    json && body.first() == Some(&b'{') && body.last() == Some(&b'}')
+}
+
 /// The header a request's answer is stored for a shorter time with.
 const TTL_HEADER: &str = "x-poe-gateway-cache-ttl";
 
@@ -591,6 +606,9 @@ impl Recorder {
         }
         let mut all = BytesMut::with_capacity(self.bytes);
         self.frames.iter().for_each(|f| all.extend_from_slice(f));
+        if !self.stream && !looks_whole_json(self.content_type.as_ref(), &all) {
+            return;
+        }
         if self.cache.is_media(&self.bot, &all) {
             return;
         }
