@@ -589,6 +589,26 @@ async fn h2c_clients_are_served() {
     assert_eq!(resp.status(), 200);
     let b = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&b).contains("over h2"));
+
+    // HEAD is the GET's head with no body over HTTP/2 too (its body went out as DATA
+    // frames, a protocol error: `curl -I` failed), its length included.
+    for path in ["/healthz", "/v1/models", "/openapi.json"] {
+        let get = client.get(gw.url(path).parse().unwrap()).await.unwrap();
+        let status = get.status();
+        let body = get.into_body().collect().await.unwrap().to_bytes();
+        let head = http::Request::head(gw.url(path))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.request(head).await.expect(path);
+        assert_eq!(resp.status(), status, "{path}");
+        assert_eq!(
+            resp.headers()["content-length"],
+            body.len().to_string().as_str(),
+            "{path}"
+        );
+        let b = resp.into_body().collect().await.expect(path).to_bytes();
+        assert!(b.is_empty(), "{path}: {b:?}");
+    }
 }
 
 #[tokio::test(start_paused = true)]

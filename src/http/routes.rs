@@ -46,12 +46,16 @@ pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpRespons
     } else {
         path_api(path)
     };
+    let head = req.method() == Method::HEAD;
     let answer = if Cors::is_preflight(req.method(), req.headers()) {
         preflight(&app, &req, cors.is_some())
     } else {
         route(&app, req, &request_id).await
     };
     let mut resp = answer.unwrap_or_else(|e| error_response_for(api, &e));
+    if head {
+        resp = without_body(resp);
+    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
@@ -59,6 +63,23 @@ pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpRespons
         Cors::expose(origin, resp.headers_mut());
     }
     resp
+}
+
+/// A HEAD answer: the GET's head, its length included, and no body. hyper leaves the body
+/// out over HTTP/1.1 itself, but sends it over HTTP/2, where a HEAD answer with content is a
+/// protocol error (`curl -I --http2-prior-knowledge` failed on every route).
+fn without_body(resp: HttpResponse) -> HttpResponse {
+    use http_body::Body as _;
+    let (mut parts, body) = resp.into_parts();
+    if !parts.headers.contains_key(header::CONTENT_LENGTH)
+        && let Some(n) = body.size_hint().exact()
+    {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    Response::from_parts(
+        parts,
+        http_body_util::Either::Left(ReplyBody::Full { data: None }),
+    )
 }
 
 /// A browser's preflight, on any path: 204 for a listed origin (the page's request then
