@@ -590,7 +590,11 @@ async fn a_200_that_is_no_whole_json_answer_is_not_stored() {
     };
     let gw = TestGateway::default(&up).await;
     for (what, ct, body) in [
-        ("page", "text/html", "<html><body>Sign in to the proxy</body></html>"),
+        (
+            "page",
+            "text/html",
+            "<html><body>Sign in to the proxy</body></html>",
+        ),
         (
             "cut",
             "application/json",

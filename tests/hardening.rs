@@ -1476,6 +1476,39 @@ async fn open_mode_refuses_web_pages_and_rebound_names() {
     }
     let resp = request(&gw, "GET", "/v1/models", &[("host", "rebound.example")], "").await;
     assert_eq!(resp.status(), 403);
+    // The name also comes as HTTP/2's `:authority`, or in an absolute-form target: it was
+    // served either way, the Host header alone being checked.
+    let port = gw.addr.port();
+    let to = |name: &str| format!("http://{name}:{port}/v1/models");
+    for (uri, status) in [(to("rebound.example"), 403), (to("127.0.0.1"), 200)] {
+        let req = http::Request::get(&uri)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        // Sent to the gateway's address, whatever the name.
+        let conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let (mut send, driver) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(conn),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(driver);
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), status, "h2 {uri}");
+    }
+    let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    sock.write_all(
+        format!(
+            "GET http://rebound.example:{port}/v1/models HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = sock.read(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 403"), "absolute form: {text}");
     // On the Messages API's paths, the refusal is in Anthropic's shape, as its other errors.
     for path in ["/v1/messages", "/v1/messages/count_tokens"] {
         let headers = [

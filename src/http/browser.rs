@@ -85,7 +85,7 @@ impl BrowserGuard {
     }
 
     /// Refuses a request from a browser page the policy does not trust.
-    pub(crate) fn check(&self, headers: &HeaderMap) -> Result<(), GatewayError> {
+    pub(crate) fn check(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<(), GatewayError> {
         if let Some(origin) = headers.get(header::ORIGIN) {
             let text = origin.to_str().unwrap_or("").trim();
             if !self.origins.trusts(text) {
@@ -96,8 +96,15 @@ impl BrowserGuard {
                 )));
             }
         }
-        if let (Some(hosts), Some(host)) = (&self.hosts, headers.get(header::HOST)) {
-            let text = host.to_str().unwrap_or("").trim();
+        let Some(hosts) = &self.hosts else {
+            return Ok(());
+        };
+        // The name asked for comes in the Host header, or in the target itself: HTTP/2's
+        // `:authority`, an absolute-form target (`POST http://name/...`). Each there counts.
+        let authority = uri.authority().map(|a| a.as_str());
+        let host = headers.get(header::HOST).map(|h| h.to_str().unwrap_or(""));
+        for text in [authority, host].into_iter().flatten() {
+            let text = text.trim();
             // Every request passes here in open mode: no allocation.
             let known = split_authority(text).is_some_and(|(name, port)| {
                 hosts

@@ -74,7 +74,9 @@ fn without_body(resp: HttpResponse) -> HttpResponse {
     if !parts.headers.contains_key(header::CONTENT_LENGTH)
         && let Some(n) = body.size_hint().exact()
     {
-        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Response::from_parts(
         parts,
@@ -91,7 +93,7 @@ fn preflight(
 ) -> Result<HttpResponse, GatewayError> {
     if let Some(guard) = &app.browser {
         // A listed origin through a rebound name is still refused.
-        guard.check(req.headers())?;
+        guard.check(req.uri(), req.headers())?;
     }
     if !listed {
         return Err(GatewayError::ForeignOrigin(format!(
@@ -120,7 +122,7 @@ async fn route(
     if let Some(guard) = &app.browser
         && path != "/mcp"
     {
-        guard.check(req.headers())?;
+        guard.check(req.uri(), req.headers())?;
     }
     // HEAD is GET without the body (hyper sends none for it): uptime monitors and `curl -I`
     // use it on the health and catalogue routes.
