@@ -214,6 +214,21 @@ async fn models_lists_catalogue_and_aliases() {
     .await;
 }
 
+/// An alias named like a bot (`gpt-5 = ["gpt-5", ...]`, the README's own fallback pattern)
+/// is listed once, in the bot's place, and `/v1/models/{id}` shows the alias: requests of
+/// that name reach it. It was listed twice, and the entry showed the bot.
+#[tokio::test]
+async fn an_alias_named_like_a_bot_is_listed_once_in_its_place() {
+    let up = MockUpstream::start().await;
+    let policy = "[aliases]\n\"gpt-5\" = [\"gpt-5\", \"claude-sonnet-4.5\"]\n";
+    let gw = TestGateway::start(&up, policy, &[]).await;
+    let v = body_json(get(&gw, "/v1/models").await).await;
+    let ids = support::ids(&v["data"]);
+    assert_eq!(ids.iter().filter(|i| **i == "gpt-5").count(), 1, "{ids:?}");
+    let one = body_json(get(&gw, "/v1/models/gpt-5").await).await;
+    assert_eq!(one["alias_of"], serde_json::json!(["gpt-5", "claude-sonnet-4.5"]), "{one}");
+}
+
 #[tokio::test]
 async fn unknown_model_404_gets_a_suggestion() {
     let up = MockUpstream::start().await;

@@ -388,7 +388,18 @@ async fn fetch(upstream: &Upstream, aliases: &Aliases) -> Result<Catalogue, Gate
         .filter_map(|e| e.get("id").and_then(Value::as_str).map(String::from))
         .collect();
     for (name, bots) in aliases.iter() {
-        entries.push(alias_entry(name, bots, &entries));
+        let entry = alias_entry(name, bots, &entries);
+        // An alias named like a bot stands in the bot's place, once (it was listed twice,
+        // and `/v1/models/{id}` showed the bot): requests of that name reach the alias.
+        let same = entries.iter().position(|e| {
+            e.get("id")
+                .and_then(Value::as_str)
+                .is_some_and(|id| id.eq_ignore_ascii_case(name))
+        });
+        match same {
+            Some(i) => entries[i] = entry,
+            None => entries.push(entry),
+        }
     }
     let body = serde_json::to_vec(&json!({"object": "list", "data": entries}))
         .map_err(|e| GatewayError::Internal(format!("model catalogue: {e}")))?;
