@@ -226,7 +226,11 @@ async fn an_alias_named_like_a_bot_is_listed_once_in_its_place() {
     let ids = support::ids(&v["data"]);
     assert_eq!(ids.iter().filter(|i| **i == "gpt-5").count(), 1, "{ids:?}");
     let one = body_json(get(&gw, "/v1/models/gpt-5").await).await;
-    assert_eq!(one["alias_of"], serde_json::json!(["gpt-5", "claude-sonnet-4.5"]), "{one}");
+    assert_eq!(
+        one["alias_of"],
+        serde_json::json!(["gpt-5", "claude-sonnet-4.5"]),
+        "{one}"
+    );
 }
 
 #[tokio::test]

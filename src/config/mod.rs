@@ -417,11 +417,53 @@ impl Default for RedisPolicy {
 }
 
 /// An alias points at one bot, or at a fallback chain tried in order.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AliasTarget {
     One(String),
     Chain(Vec<String>),
+}
+
+/// Read by hand for errors that say what an alias is (serde's own, for an untagged enum,
+/// said "data did not match any variant of untagged enum AliasTarget"), and what the likely
+/// slip is when a table comes: a bot name with a dot written unquoted.
+impl<'de> Deserialize<'de> for AliasTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, MapAccess, SeqAccess, Visitor};
+        struct Target;
+        const WHAT: &str = "a bot name (\"gpt-5\") or a list of bot names tried in order \
+                            ([\"gpt-5\", \"claude-sonnet-4.5\"])";
+        impl<'de> Visitor<'de> for Target {
+            type Value = AliasTarget;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(WHAT)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AliasTarget, E> {
+                Ok(AliasTarget::One(v.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AliasTarget, A::Error> {
+                let mut bots = Vec::new();
+                loop {
+                    match seq.next_element::<toml::Value>()? {
+                        None => return Ok(AliasTarget::Chain(bots)),
+                        Some(toml::Value::String(b)) => bots.push(b),
+                        Some(other) => {
+                            return Err(de::Error::custom(format!(
+                                "each bot of a fallback chain is a name in quotes, not {} {other}",
+                                other.type_str()
+                            )));
+                        }
+                    }
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<AliasTarget, A::Error> {
+                Err(de::Error::custom(format!(
+                    "an alias is {WHAT}, not a table; a name with a dot in it must be quoted \
+                     (\"claude-sonnet-4.5\" = ...), or TOML reads the dot as a table"
+                )))
+            }
+        }
+        d.deserialize_any(Target)
+    }
 }
 
 impl AliasTarget {
@@ -1145,6 +1187,40 @@ mod tests {
         .unwrap_err();
         assert!(e.reason.contains("-1"), "{e}");
         assert!(!e.reason.contains("string"), "{e}");
+    }
+
+    /// An alias of the wrong type says what an alias is (it said "data did not match any
+    /// variant of untagged enum AliasTarget"), and a bot name with a dot written unquoted
+    /// (a TOML table) is told to be quoted.
+    #[test]
+    fn a_wrong_alias_says_what_an_alias_is() {
+        for (text, key, says) in [
+            ("[aliases]\nfast = 5\n", "aliases.fast", "a bot name"),
+            ("[aliases]\nfast = true\n", "aliases.fast", "a bot name"),
+            (
+                "[aliases]\nfast = [\"gpt-5\", 5]\n",
+                "aliases.fast",
+                "a name in quotes",
+            ),
+            (
+                "[aliases]\nclaude-sonnet-4.5 = [\"claude-sonnet-4.5\"]\n",
+                "aliases.claude-sonnet-4",
+                "must be quoted",
+            ),
+        ] {
+            let e = parse("p.toml", text, env(&[])).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+            assert!(e.reason.contains(says), "{text}: {e}");
+            assert!(!e.reason.contains("untagged"), "{text}: {e}");
+        }
+        // A duration of a fraction of seconds is one.
+        let p = parse("p.toml", "[timeouts]\nfirst_byte = 1.5\n", env(&[])).unwrap();
+        assert_eq!(
+            p.timeouts.first_byte,
+            std::time::Duration::from_millis(1500)
+        );
+        let e = parse("p.toml", "[timeouts]\nfirst_byte = -1.5\n", env(&[])).unwrap_err();
+        assert_eq!(e.key, "timeouts.first_byte", "{e}");
     }
 
     #[test]

@@ -2,8 +2,8 @@
 
 use serde::{Deserialize, Deserializer, de};
 
-/// Durations are humantime strings ("250ms", "30s", "10m"), or a whole number of seconds,
-/// at most [`MAX`](duration::MAX).
+/// Durations are humantime strings ("250ms", "30s", "10m"), or a number of seconds (`1.5`
+/// too), at most [`MAX`](duration::MAX).
 pub mod duration {
     use super::*;
     use std::time::Duration;
@@ -19,6 +19,7 @@ pub mod duration {
         #[serde(untagged)]
         enum Raw {
             Secs(u64),
+            Fraction(f64),
             Text(String),
         }
         let d = match Raw::deserialize(d).map_err(|_| {
@@ -27,6 +28,11 @@ pub mod duration {
             )
         })? {
             Raw::Secs(s) => Duration::from_secs(s),
+            Raw::Fraction(s) => Duration::try_from_secs_f64(s).map_err(|_| {
+                de::Error::custom(format!(
+                    "a duration of {s} seconds: it must be a number of seconds of 0 or more"
+                ))
+            })?,
             Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
                 de::Error::custom(format!(
                     "invalid duration {t:?} ({e}); use e.g. \"30s\" or \"250ms\""
