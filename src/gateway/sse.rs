@@ -6,8 +6,9 @@
 
 use memchr::{memchr, memchr2};
 
-/// Longest line accepted; a stream with a longer line is treated as broken rather than
-/// letting one upstream grow the gateway's memory without bound.
+/// Longest line accepted, and longest event (its `data` lines together); a stream with a
+/// longer one is treated as broken rather than letting one upstream grow the gateway's
+/// memory without bound (an event of many 1 MiB lines went past a cap on lines alone).
 pub const DEFAULT_MAX_LINE: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
@@ -188,6 +189,9 @@ impl SseScanner {
                 line.clear();
                 self.line = line;
             }
+            if self.data.len() > self.max_line {
+                break Err(LineTooLong);
+            }
             chunk = next;
         };
         // The frame is the caller's: an event still open keeps its own copy of its data.
@@ -261,6 +265,24 @@ impl SseScanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An event is capped as a line is: many short `data` lines add up.
+    #[test]
+    fn an_event_of_many_lines_is_capped_too() {
+        let mut s = SseScanner::new(64);
+        let line = b"data: 0123456789012345678901234567890123456789\n";
+        assert!(s.feed(line, &mut |_| {}).is_ok());
+        assert_eq!(s.feed(line, &mut |_| {}), Err(LineTooLong));
+        let mut s = SseScanner::new(64);
+        for _ in 0..10 {
+            let mut one = line.to_vec();
+            one.push(b'\n');
+            assert!(
+                s.feed(&one, &mut |_| {}).is_ok(),
+                "whole events do not add up"
+            );
+        }
+    }
 
     fn events(frames: &[&[u8]]) -> Vec<String> {
         let mut s = SseScanner::default();

@@ -599,7 +599,8 @@ fn settled(observed: &Observed) -> Outcome {
 
 /// Reads one frame on the side and returns the bytes to forward. An error ends the stream.
 fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, String> {
-    const TOO_LONG: &str = "upstream sent an SSE line longer than the gateway accepts";
+    const TOO_LONG: &str =
+        "upstream sent an SSE line or event longer than the gateway accepts (16 MiB)";
     match mode {
         Mode::Sse {
             scanner,
