@@ -90,6 +90,8 @@ async fn frames_are_not_buffered() {
     up.push(
         Reply::sse()
             .send(chunk("gpt-5", "first"))
+            .send(": ping\n")
+            .send(": ping\n")
             .gate(&gate)
             .send(chunk("gpt-5", "second"))
             .send("data: [DONE]\n\n"),
@@ -97,8 +99,18 @@ async fn frames_are_not_buffered() {
     let gw = TestGateway::default(&up).await;
     let resp = post(&gw, &chat_body("gpt", true), &[]).await;
     let mut body = resp.into_body();
-    let first = next_data(&mut body, 10).await.unwrap();
-    assert_eq!(first, Bytes::from(chunk("gpt-5", "first")));
+    // The first event, then keep-alive comments with no blank line after them: all reach
+    // the client before Poe sends more (the comments were held until the next event, and a
+    // client with a read timeout gave up meanwhile). Frames may come together.
+    let want = format!("{}: ping\n: ping\n", chunk("gpt-5", "first"));
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let d = next_data(&mut body, 10)
+            .await
+            .expect("sent before Poe went on");
+        got.extend_from_slice(&d);
+    }
+    assert_eq!(String::from_utf8_lossy(&got), want);
     gate.add_permits(1);
     let mut rest = Vec::new();
     while let Some(d) = next_data(&mut body, 10).await {

@@ -674,6 +674,13 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
                 }
             }
             held.extend_from_slice(&data[tail]);
+            if only_comment_lines(held) {
+                // Keep-alive comments between events (`: ping`, with no blank line after
+                // them) are whole lines the client ignores: they go on at once, or a client
+                // with a read timeout gives up on a stream Poe is keeping alive.
+                out.extend_from_slice(held);
+                held.clear();
+            }
             Ok(out.freeze())
         }
         Mode::Json { frames, kept } => {
@@ -690,6 +697,15 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
             Ok(data)
         }
     }
+}
+
+/// Whether held bytes are only whole `:` comment lines (no field of an event begun).
+fn only_comment_lines(held: &[u8]) -> bool {
+    held.first() == Some(&b':')
+        && held.last() == Some(&b'\n')
+        && held
+            .split_inclusive(|b| *b == b'\n')
+            .all(|line| line.first() == Some(&b':'))
 }
 
 /// One whole event of a frame.
