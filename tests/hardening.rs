@@ -1530,19 +1530,23 @@ async fn open_mode_refuses_web_pages_and_rebound_names() {
         let resp = send.send_request(req).await.unwrap();
         assert_eq!(resp.status(), status, "h2 {uri}");
     }
-    let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    sock.write_all(
-        format!(
-            "GET http://rebound.example:{port}/v1/models HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = sock.read(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf[..n]);
-    assert!(text.starts_with("HTTP/1.1 403"), "absolute form: {text}");
+    // `/mcp` as well, whose own check (rmcp's) reads the Host header only.
+    for (method, path) in [("GET", "/v1/models"), ("POST", "/mcp")] {
+        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "{method} http://rebound.example:{port}{path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n\
+             content-type: application/json\r\naccept: application/json, text/event-stream\r\n\
+             content-length: 2\r\n\r\n{{}}"
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = sock.read(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            text.starts_with("HTTP/1.1 403"),
+            "absolute form, {path}: {text}"
+        );
+    }
     // On the Messages API's paths, the refusal is in Anthropic's shape, as its other errors.
     for path in ["/v1/messages", "/v1/messages/count_tokens"] {
         let headers = [

@@ -118,10 +118,9 @@ async fn route(
     request_id: &Arc<str>,
 ) -> Result<HttpResponse, GatewayError> {
     let path = req.uri().path();
-    // `/mcp` has the same check from rmcp.
-    if let Some(guard) = &app.browser
-        && path != "/mcp"
-    {
+    // `/mcp` too, though rmcp checks its Host and Origin headers: not the target's own
+    // authority (an absolute-form target), which this does.
+    if let Some(guard) = &app.browser {
         guard.check(req.uri(), req.headers())?;
     }
     // HEAD is GET without the body (hyper sends none for it): uptime monitors and `curl -I`
