@@ -3885,4 +3885,39 @@ async fn a_key_continues_only_its_own_stored_responses() {
         sent.last().unwrap().json()["previous_response_id"],
         "resp_sse"
     );
+
+    // A stream is its key's from `response.completed` on, while its body may linger: a
+    // client that goes on at once was refused as if the id were unknown.
+    let linger = Arc::new(tokio::sync::Semaphore::new(0));
+    let created = created.replace("resp_sse", "resp_linger");
+    let completed = completed.replace("resp_sse", "resp_linger");
+    up.push(
+        Reply::sse()
+            .send(responses_event("response.created", &created))
+            .send(responses_event("response.completed", &completed))
+            .gate(&linger),
+    );
+    let resp = request(
+        &gw,
+        "POST",
+        "/v1/responses",
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {alice}")),
+        ],
+        r#"{"model":"claude","input":"go on","stream":true}"#,
+    )
+    .await;
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("response.completed") {
+        let d = next_data(&mut body, 10)
+            .await
+            .expect("response.completed came");
+        seen.extend_from_slice(&d);
+    }
+    up.push(Reply::json(200, answer("resp_after")));
+    let (status, _) = ask(&alice, r#","previous_response_id":"resp_linger""#, false).await;
+    assert_eq!(status, 200);
+    linger.add_permits(1);
 }

@@ -116,6 +116,25 @@ fn last_bound(stream: &[u8]) -> usize {
     last
 }
 
+/// The bytes of whole `:` comment lines at the start of `rest`: lines the tap passes on as
+/// they come, before any line of an event. A line ends at `\n`, `\r\n` or a lone `\r`; one
+/// ended by a lone `\r`, or by the stream's end, is not known to be whole and stops the run.
+fn comment_lines(rest: &[u8]) -> usize {
+    let mut at = 0;
+    while rest.get(at) == Some(&b':') {
+        let Some(end) = rest[at..].iter().position(|b| *b == b'\n' || *b == b'\r') else {
+            break;
+        };
+        let end = at + end;
+        match (rest[end], rest.get(end + 1)) {
+            (b'\n', _) => at = end + 1,
+            (b'\r', Some(b'\n')) => at = end + 2,
+            _ => break,
+        }
+    }
+    at
+}
+
 /// The events of a stream, as data payloads, and whether a line or event was left open.
 fn events(stream: &[u8]) -> (Vec<Vec<u8>>, bool) {
     let mut scanner = SseScanner::default();
@@ -209,12 +228,17 @@ fuzz_target!(|data: &[u8]| {
         in_events = completed;
         saw_done = true;
     }
-    // Poe's own error event (an object opening with `"error"`) says why a stream ended: the
-    // tap adds none of its own after it.
+    // Poe's own error event (an object opening with `"error"`, or a chunk with a top-level
+    // `error` member that is not null, spelled out) says why a stream ended: the tap adds
+    // none of its own after it.
     let own_error = in_events.iter().any(|e| {
         e.trim_ascii_start()
             .strip_prefix(b"{")
             .is_some_and(|r| r.trim_ascii_start().starts_with(b"\"error\""))
+            || (e.windows(7).any(|w| w == b"\"error\"")
+                && members(e.trim_ascii()).is_some_and(|m| {
+                    m.iter().any(|(k, v)| k == "error" && v.trim() != "null")
+                }))
     });
     let ended = saw_done || own_error;
     let error_event =
@@ -227,7 +251,10 @@ fuzz_target!(|data: &[u8]| {
     if eof_done {
         want.extend_from_slice(b"\n\n");
     } else if !ended {
-        want.truncate(last_bound(stream));
+        // Whole comment lines after the last event, before any line of an unfinished one,
+        // went on as they came.
+        let bound = last_bound(stream);
+        want.truncate(bound + comment_lines(&stream[bound..]));
         want.extend_from_slice(&error_event);
     }
     assert_eq!(passed, want, "pass-through changed the stream");

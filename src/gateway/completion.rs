@@ -65,6 +65,8 @@ pub struct Completion {
     /// The request's estimated cost, held against its key's budget until [`Completion::finish`]
     /// has charged its row (fields drop after the body of `finish`).
     _hold: Option<super::keys::BudgetHold>,
+    /// The key that made this Responses answer has been recorded as its owner.
+    owner_told: bool,
 }
 
 impl Completion {
@@ -82,6 +84,29 @@ impl Completion {
             acct,
             _permit: permit,
             _hold: None,
+            owner_told: false,
+        }
+    }
+
+    /// A Responses answer is whole (`response.completed` came): its key is recorded as its
+    /// owner now, not at the body's end, since the client may continue it at once (the
+    /// body may linger after its last event).
+    pub fn answer_whole(&mut self, observed: &Observed) {
+        if !self.owner_told {
+            self.owner_told = true;
+            self.tell_owner(observed);
+        }
+    }
+
+    /// Records that this request's gateway key made the Responses answer `observed` saw.
+    fn tell_owner(&self, observed: &Observed) {
+        if let (Some(id), Some(key_id), Some(charger)) = (
+            observed.response_id.as_deref(),
+            &self.info.key_id,
+            &self.acct.charger,
+        ) && let Some(keys) = &charger.keys
+        {
+            keys.made_response(id, key_id);
         }
     }
 
@@ -103,15 +128,10 @@ impl Completion {
             m.streams_in_flight.dec();
         }
         let unlisted = self.info.unlisted;
-        let row = usage_row(&mut self.info, observed, &outcome);
-        if let (Some(id), Some(key_id), Some(charger)) = (
-            observed.response_id.as_deref(),
-            &self.info.key_id,
-            &self.acct.charger,
-        ) && let Some(keys) = &charger.keys
-        {
-            keys.made_response(id, key_id);
+        if !self.owner_told {
+            self.tell_owner(observed);
         }
+        let row = usage_row(&mut self.info, observed, &outcome);
         let bot = if unlisted {
             std::borrow::Cow::Borrowed(UNLISTED)
         } else {

@@ -139,6 +139,8 @@ static DELTA_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"delt
 static TEXT_KEY: LazyLock<KeyFinder> = LazyLock::new(|| KeyFinder::new(b"\"text\":", (1, 4)));
 static THINKING_KEY: LazyLock<KeyFinder> =
     LazyLock::new(|| KeyFinder::new(b"\"thinking\":", (2, 5)));
+static ERROR_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
 static ARGUMENTS_KEY: LazyLock<KeyFinder> =
     LazyLock::new(|| KeyFinder::new(b"\"arguments\":", (3, 7)));
 static PARTIAL_JSON_KEY: LazyLock<KeyFinder> =
@@ -375,6 +377,12 @@ where
                             return Poll::Ready(last.map(|l| Ok(Frame::data(l))));
                         }
                     };
+                    if this.observed.saw_done
+                        && this.observed.api == Endpoint::Responses
+                        && let Some(c) = this.completion.as_mut()
+                    {
+                        c.answer_whole(this.observed);
+                    }
                     if this.inner.is_end_stream() {
                         // A body of known length is not polled again after its last byte (hyper
                         // stops at the length), so its end is recognised here, not at `None`.
@@ -674,12 +682,14 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
                 }
             }
             held.extend_from_slice(&data[tail]);
-            if only_comment_lines(held) {
-                // Keep-alive comments between events (`: ping`, with no blank line after
-                // them) are whole lines the client ignores: they go on at once, or a client
-                // with a read timeout gives up on a stream Poe is keeping alive.
-                out.extend_from_slice(held);
-                held.clear();
+            // Keep-alive comments between events (`: ping`, with no blank line after them)
+            // are whole lines the client ignores: they go on at once, or a client with a read
+            // timeout gives up on a stream Poe is keeping alive. Only those before any line
+            // of the next event, so what goes out does not depend on where frames were cut.
+            let comments = leading_comment_lines(held);
+            if comments > 0 {
+                out.extend_from_slice(&held[..comments]);
+                let _ = held.split_to(comments);
             }
             Ok(out.freeze())
         }
@@ -699,13 +709,20 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
     }
 }
 
-/// Whether held bytes are only whole `:` comment lines (no field of an event begun).
-fn only_comment_lines(held: &[u8]) -> bool {
-    held.first() == Some(&b':')
-        && held.last() == Some(&b'\n')
-        && held
-            .split_inclusive(|b| *b == b'\n')
-            .all(|line| line.first() == Some(&b':'))
+/// How many bytes at the start of `held` are whole `:` comment lines: each ended by `\n`
+/// (or `\r\n`), with no other `\r` in it, which would end a line there.
+pub fn leading_comment_lines(held: &[u8]) -> usize {
+    let mut n = 0;
+    for line in held.split_inclusive(|b| *b == b'\n') {
+        let body = line
+            .strip_suffix(b"\n")
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+        match body {
+            Some(b) if b.first() == Some(&b':') && !b.contains(&b'\r') => n += line.len(),
+            _ => break,
+        }
+    }
+    n
 }
 
 /// One whole event of a frame.
@@ -734,6 +751,10 @@ fn replace_data(before: &[u8], rest: &[u8], data: &[u8]) -> Vec<u8> {
         joined = [before, rest].concat();
         &joined[..]
     };
+    // Whole comment lines before the event go as they came, as they do when a frame ends
+    // after them (see `leading_comment_lines`): where frames were cut makes no difference.
+    let lead = leading_comment_lines(raw);
+    let (comments, raw) = raw.split_at(lead);
     // The event's first line ending is the one it is written with. Not the first CR: that
     // may be the blank line's, whose LF can be in the next frame.
     let nl: &[u8] = match memchr::memchr2(b'\n', b'\r', raw) {
@@ -742,7 +763,8 @@ fn replace_data(before: &[u8], rest: &[u8], data: &[u8]) -> Vec<u8> {
         Some(_) => b"\r",
         None => b"\n",
     };
-    let mut out = Vec::with_capacity(raw.len() + data.len());
+    let mut out = Vec::with_capacity(lead + raw.len() + data.len());
+    out.extend_from_slice(comments);
     let mut data_written = false;
     let mut left = raw;
     while !left.is_empty() {
@@ -860,18 +882,14 @@ fn on_event(observed: &mut Observed, data: &[u8]) -> bool {
             // they are looked for only in chunks without text.
             let text = string_len(&CONTENT_KEY, data);
             observed.text_bytes += match text {
-                0 => match string_len(&ARGUMENTS_KEY, data) {
-                    // A chunk with neither may be an error that does not open with it
-                    // (`{"id":..,"choices":[..],"error":{..}}`, as OpenRouter fails a stream),
-                    // which the SDKs raise as well.
-                    0 if has_error_member(data) => {
-                        observed.stream_error = true;
-                        0
-                    }
-                    n => n,
-                },
+                0 => string_len(&ARGUMENTS_KEY, data),
                 n => n,
             } as u64;
+            // An error member need not come first (`{"id":..,"choices":[..],"error":{..}}`,
+            // as OpenRouter fails a stream): the SDKs raise any chunk with one.
+            if has_error_member(data) {
+                observed.stream_error = true;
+            }
         }
         Endpoint::Responses => on_responses_event(observed, data),
         Endpoint::Messages => on_messages_event(observed, data),
@@ -1091,37 +1109,21 @@ fn opens_with_error(data: &[u8]) -> bool {
         .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"\"error\""))
 }
 
-/// Whether an event's object has an `"error"` member that is not `null`, wherever it sits
-/// among the members: the object is read through (strings and nesting followed), so only
-/// chunks that mention `"error"` at all, and carry no text, cost a read.
-fn has_error_member(data: &[u8]) -> bool {
-    if memchr::memmem::find(data, b"\"error\"").is_none() {
+/// Whether an event's object has a top-level `"error"` member that is not `null`, wherever
+/// it sits among the members. Only an event that spells `"error"` out is parsed (its top
+/// level, values left raw): the search is all that other events cost.
+pub fn has_error_member(data: &[u8]) -> bool {
+    if ERROR_KEY.find(data).is_none() {
         return false;
     }
-    let (mut depth, mut i) = (0usize, 0usize);
-    while i < data.len() {
-        match data[i] {
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            b'"' => {
-                let start = i + 1;
-                let mut j = start;
-                while j < data.len() && data[j] != b'"' {
-                    j += if data[j] == b'\\' { 2 } else { 1 };
-                }
-                if depth == 1 && data.get(start..j) == Some(b"error") {
-                    let rest = data[(j + 1).min(data.len())..].trim_ascii_start();
-                    if let Some(value) = rest.strip_prefix(b":") {
-                        return !value.trim_ascii_start().starts_with(b"null");
-                    }
-                }
-                i = j;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    false
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    super::json::TopLevel::parse(text.trim_ascii()).is_ok_and(|top| {
+        top.0
+            .iter()
+            .any(|(k, v)| k == "error" && v.get().trim_ascii() != "null")
+    })
 }
 
 /// Bytes of the string values of `key` (`"content":`) in a chunk, escapes counted as written.
@@ -1338,6 +1340,19 @@ impl Body for ReplayBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_whole_leading_comment_lines_go_on_early() {
+        assert_eq!(leading_comment_lines(b": ping\n: ping\r\n"), 15);
+        assert_eq!(leading_comment_lines(b": ping\ndata: x\n"), 7);
+        assert_eq!(leading_comment_lines(b": ping"), 0, "not yet whole");
+        assert_eq!(
+            leading_comment_lines(b": a\rdata: x\n"),
+            0,
+            "a lone CR ends the line"
+        );
+        assert_eq!(leading_comment_lines(b"data: x\n: ping\n"), 0);
+    }
 
     #[test]
     fn an_error_member_counts_wherever_it_sits() {
