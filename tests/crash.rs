@@ -381,3 +381,90 @@ async fn a_request_queued_for_the_upstream_limit_at_the_end_of_the_grace_gets_a_
     assert_eq!(up.chat_calls(), 1, "the queued request reached Poe");
     assert_eq!(ledger_rows(&db).await, 2, "{db}");
 }
+
+/// One raw `/mcp` POST on a connection of its own: the response, its body unread.
+async fn mcp_post(
+    gw: &TestGateway,
+    session: Option<&str>,
+    body: serde_json::Value,
+) -> http::Response<hyper::body::Incoming> {
+    let mut req = http::Request::post(gw.url("/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-06-18");
+    if let Some(id) = session {
+        req = req.header("mcp-session-id", id);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    client().request(req).await.unwrap()
+}
+
+/// A tool call running when `poe-gateway serve` (a runtime per serving thread) begins its
+/// graceful shutdown gets its answer. An MCP session's worker, and its calls, run on the
+/// thread that opened the session: when that thread's own connections had drained (at
+/// once, an idle one), its runtime was dropped with them, and a call answering on another
+/// thread's connection was cut at the drain's start. Several rounds on four threads, so
+/// the session and the call meet on different threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_call_in_progress_finishes_through_a_graceful_stop() {
+    for round in 0..4 {
+        let db = databases().await.remove(0);
+        let up = MockUpstream::start().await;
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        up.push(
+            Reply::sse()
+                .send(chunk("gpt-5", "the answer"))
+                .gate(&gate)
+                .send(finish_chunk("gpt-5"))
+                .send("data: [DONE]\n\n"),
+        );
+        let mut cmd = binary_command(&up.url(), &db);
+        cmd.env("POE_GATEWAY_SERVER__THREADS", "4")
+            .env("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "30s");
+        let (mut child, gw) = spawn_binary(&mut cmd);
+        let init = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"}}});
+        let resp = mcp_post(&gw, None, init).await;
+        let sid = resp.headers()["mcp-session-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        body_bytes(resp).await;
+        let note = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        body_bytes(mcp_post(&gw, Some(&sid), note).await).await;
+        let call = serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "ask_poe", "arguments": {"bot": "gpt-5", "prompt": "go"}}});
+        let answer = mcp_post(&gw, Some(&sid), call).await;
+        assert_eq!(answer.status(), 200);
+        while up.chat_calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        signal(&child, "TERM");
+        // The drain has begun once new connections are refused.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(gw.addr).await.is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the drain never began"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        gate.add_permits(1);
+        let text = String::from_utf8_lossy(
+            &tokio::time::timeout(Duration::from_secs(30), body_bytes(answer))
+                .await
+                .expect("the answer ended"),
+        )
+        .into_owned();
+        assert!(
+            text.contains("the answer") && text.contains("\"id\":2"),
+            "round {round}: {text}"
+        );
+        assert!(exited(&mut child, 60).await.success());
+    }
+}

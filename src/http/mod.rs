@@ -222,7 +222,13 @@ pub async fn serve_threads(
                     let hurry = async move {
                         let _ = hurried.wait_for(|s| *s == Stop::Hurry).await;
                     };
-                    accept_loop(listener, app, lane, stopping, hurry, true).await
+                    let mcp = app.mcp.clone();
+                    let cut = accept_loop(listener, app, lane, stopping, hurry, true).await;
+                    // MCP tool calls of sessions opened here may still be answering on other
+                    // threads' connections (see `McpHttp::calls_done`); those end within the
+                    // grace, or are cut with their connections when it runs out.
+                    mcp.calls_done().await;
+                    cut
                 });
                 // Tasks still alive on this runtime (a stream past the grace) end here.
                 drop(runtime);

@@ -204,6 +204,16 @@ impl McpHttp {
         });
     }
 
+    /// Resolves once no request is in progress. A serving thread runs its runtime until
+    /// then after its own connections have drained: an MCP session's worker, and its tool
+    /// calls, run on the runtime of the thread that opened the session, while a call's
+    /// answer may stream out on another thread's connection. Dropped with its runtime, the
+    /// call was cut at the drain's start.
+    pub async fn calls_done(&self) {
+        let mut count = self.calls.count.subscribe();
+        let _ = count.wait_for(|n| *n == 0).await;
+    }
+
     /// Tells rmcp to cancel `session`'s requests in progress, as their client would with
     /// `notifications/cancelled`: ended with its session, a tool call would otherwise run
     /// on, and call Poe, for an answer nobody can receive.
