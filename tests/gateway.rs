@@ -243,6 +243,24 @@ async fn an_alias_named_like_a_bot_is_listed_once_in_its_place() {
         serde_json::json!(["gpt-5", "claude-sonnet-4.5"]),
         "{one}"
     );
+
+    // Anthropic's view of a Claude bot with an alias of its name, and an alias to it: both
+    // listed (the list came back empty, the bot's entry being the alias's).
+    let policy = "[aliases]\n\"claude-sonnet-4.5\" = [\"claude-sonnet-4.5\"]\nclaude = \"claude-sonnet-4.5\"\n";
+    let gw = TestGateway::start(&up, policy, &[]).await;
+    let resp = request(
+        &gw,
+        "GET",
+        "/v1/models?limit=100",
+        &[("anthropic-version", "2023-06-01")],
+        "",
+    )
+    .await;
+    let v = body_json(resp).await;
+    let ids = support::ids(&v["data"]);
+    for id in ["claude-sonnet-4.5", "claude"] {
+        assert!(ids.contains(&id), "{id} missing from {v}");
+    }
 }
 
 #[tokio::test]

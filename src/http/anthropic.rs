@@ -237,6 +237,11 @@ fn serves_messages(cat: &Catalogue, e: &Value) -> bool {
                 .iter()
                 .all(|b| b.as_str().is_some_and(|b| bot_serves_messages(cat, b)));
     }
+    fields_serve_messages(e)
+}
+
+/// Whether an entry's own fields say it serves the Messages API.
+fn fields_serve_messages(e: &Value) -> bool {
     let listed = e
         .get("supported_endpoints")
         .and_then(Value::as_array)
@@ -257,7 +262,9 @@ fn serves_messages(cat: &Catalogue, e: &Value) -> bool {
 fn bot_serves_messages(cat: &Catalogue, bot: &str) -> bool {
     let poe = poe_id_of_anthropic_model(bot);
     match cat.entry(poe.as_deref().unwrap_or(bot)) {
-        Some(e) => e.get("alias_of").is_none() && serves_messages(cat, e),
+        // An alias named like the bot stands in the bot's entry, with the bot's fields
+        // (its chain is not followed again: it names the bot itself).
+        Some(e) => fields_serve_messages(e),
         None => is_claude(bot),
     }
 }
