@@ -332,7 +332,10 @@ impl Sqlite {
     ) -> Result<Vec<KeyRecord>, LedgerError> {
         let which = which.to_string();
         self.with(true, move |c| {
-            let tx = c.transaction()?;
+            // The write lock first, as for a create: a deferred transaction that read first
+            // failed at once ("database is locked") when another process on the file was
+            // writing, and the key stayed active.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let found = {
                 let mut stmt = tx.prepare(&format!(
                     "SELECT {KEY_COLUMNS} FROM gateway_keys WHERE (id = ?1 OR name = ?1) AND revoked_ms IS NULL"

@@ -404,6 +404,9 @@ impl Upstream {
         .map_err(|e| e.to_string())?
         .to_bytes();
         if !status.is_success() {
+            // Poe's error may quote the key it was called with (`poe-gateway usage balance`
+            // prints this).
+            let body = crate::error::redact_secrets(body, &[key.expose()]);
             return Err(format!(
                 "Poe answered {status}: {}",
                 String::from_utf8_lossy(&body)
