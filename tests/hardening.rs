@@ -1283,28 +1283,36 @@ async fn an_endless_sse_event_ends_the_stream_with_one_error_event() {
         r.send(line.clone())
     });
     up.push(reply);
+    // And one of other fields' lines (held as they are, until the event ends).
+    let line = Bytes::from([&b"id: "[..], &vec![b'x'; 1024 * 1024], b"\n"].concat());
+    let reply = (0..40).fold(Reply::sse().send(chunk("gpt-5", "hello")), |r, _| {
+        r.send(line.clone())
+    });
+    up.push(reply);
     let (gw, core) = ledger_gateway(&up, "").await;
-    let resp = post(&gw, &chat_body("gpt", true), &[]).await;
-    assert_eq!(resp.status(), 200);
-    let got = tokio::time::timeout(Duration::from_secs(120), body_bytes(resp))
-        .await
-        .expect("the stream ended");
-    let text = String::from_utf8_lossy(&got);
-    assert_eq!(
-        text.matches("data: {\"error\"").count(),
-        1,
-        "one error event"
-    );
-    assert!(
-        text.contains("line or event longer"),
-        "{}",
-        &text[text.len() - 300..]
-    );
-    assert!(got.len() < 1024 * 1024, "{} bytes", got.len());
+    for _ in 0..2 {
+        let resp = post(&gw, &chat_body("gpt", true), &[]).await;
+        assert_eq!(resp.status(), 200);
+        let got = tokio::time::timeout(Duration::from_secs(120), body_bytes(resp))
+            .await
+            .expect("the stream ended");
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(
+            text.matches("data: {\"error\"").count(),
+            1,
+            "one error event"
+        );
+        assert!(
+            text.contains("line or event longer"),
+            "{}",
+            &text[text.len() - 300..]
+        );
+        assert!(got.len() < 1024 * 1024, "{} bytes", got.len());
+    }
     tokio::time::timeout(Duration::from_secs(60), up.wait_disconnect())
         .await
         .expect("the upstream stream was closed");
-    assert_eq!(totals(&core).await.errors, 1);
+    assert_eq!(totals(&core).await.errors, 2);
 }
 
 #[tokio::test]

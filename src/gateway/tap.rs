@@ -691,6 +691,11 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
                 out.extend_from_slice(&held[..comments]);
                 let _ = held.split_to(comments);
             }
+            // An event's lines of any field (`event:`, `id:`, comments among them) are held
+            // until its end, and capped as its data is.
+            if held.len() > super::sse::DEFAULT_MAX_LINE {
+                return Err(TOO_LONG.to_string());
+            }
             Ok(out.freeze())
         }
         Mode::Json { frames, kept } => {
