@@ -1107,9 +1107,25 @@ async fn redirects_and_compressed_errors_and_streams_are_not_passed_on() {
         );
         let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
         assert!(resp.headers().get("location").is_none(), "{status}");
+        // The SDKs would get the same: told not to ask again.
+        assert_eq!(resp.headers()["x-should-retry"], "false", "{status}");
         let e = expect_error(resp, 502, "upstream_error").await;
         assert!(e["message"].as_str().unwrap().contains("redirect"), "{e}");
     }
+    // On the Messages API, in Anthropic's shape, as the gateway's other errors there.
+    up.push(Reply::new(302).header("location", "http://elsewhere.example/"));
+    let resp = request(
+        &gw,
+        "POST",
+        "/v1/messages",
+        &[("content-type", "application/json")],
+        r#"{"model":"claude-sonnet-4.5","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 502);
+    let v = body_json(resp).await;
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "api_error", "{v}");
 
     up.push(
         Reply::sse()
@@ -1127,4 +1143,5 @@ async fn redirects_and_compressed_errors_and_streams_are_not_passed_on() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-encoding"], "gzip");
     assert_eq!(up.chat_calls(), 6, "one call each");
+    assert_eq!(up.received_on("/v1/messages").len(), 1, "one call");
 }

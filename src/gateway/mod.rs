@@ -976,7 +976,16 @@ impl Gateway {
                         let (mut head, body) = resp.into_parts();
                         let body = match why_not {
                             // Not read: none of it is passed on.
-                            Some(why) => own_error_body(&mut head, why),
+                            Some(why) => {
+                                if hopeless {
+                                    // Nor would the client's SDK get anything else.
+                                    head.headers.insert(
+                                        SHOULD_RETRY,
+                                        http::HeaderValue::from_static("false"),
+                                    );
+                                }
+                                own_error_body(&mut head, why, req.endpoint())
+                            }
                             None => match read_error_body(body, inner.policy.timeouts.idle).await {
                                 Ok(body) => crate::error::redact_secrets(body, &[key.expose()]),
                                 // Poe's status still says what happened (a 400 is not
@@ -984,6 +993,7 @@ impl Gateway {
                                 Err(why) => own_error_body(
                                     &mut head,
                                     &format!("its error body could not be read ({why})"),
+                                    req.endpoint(),
                                 ),
                             },
                         };
@@ -1492,7 +1502,7 @@ impl Drop for Unanswered<'_> {
 
 /// The body sent in place of an upstream error body that could not be read (cut off, too
 /// large, too slow), in the OpenAI shape, with Poe's status kept.
-fn own_error_body(head: &mut http::response::Parts, why: &str) -> Bytes {
+fn own_error_body(head: &mut http::response::Parts, why: &str, api: Endpoint) -> Bytes {
     let message = format!("upstream answered {} and {why}", head.status);
     // A redirect is not the client's to follow (its SDK would send the prompt past the
     // gateway, to wherever `Location` points), nor an interim status its to read, nor a
@@ -1506,16 +1516,13 @@ fn own_error_body(head: &mut http::response::Parts, why: &str) -> Bytes {
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
-    Bytes::from(
-        serde_json::json!({"error": {
-            "message": message,
-            "type": "upstream_error",
-            "param": null,
-            "code": null,
-        }})
-        .to_string(),
-    )
+    // In the shape of the API asked (Anthropic's on the Messages API), as the gateway's
+    // other errors are.
+    GatewayError::UpstreamUnreachable(message).to_json_for(api)
 }
+
+/// Tells the OpenAI SDKs not to try an error answer again by themselves.
+const SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
 
 /// Why an upstream answer cannot go to the client as it came, if it cannot: a redirect or an
 /// interim status; an error body in a coding other than `identity` (the gateway asks for
