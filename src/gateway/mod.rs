@@ -1543,7 +1543,10 @@ fn unpassable(resp: &http::Response<upstream::Body>, req: &ChatRequest) -> Optio
     } else if is_event_stream(resp.headers(), req) {
         Some("its stream was compressed, which the gateway cannot read")
     } else {
-        None
+        // The gateway asks for `identity`. A compressed answer could be neither accounted
+        // (its usage unread, its tokens guessed from compressed bytes), nor checked for the
+        // key when it is an error object, nor stored.
+        Some("its answer was compressed, which the gateway cannot read or account for")
     }
 }
 
