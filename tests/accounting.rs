@@ -1505,6 +1505,10 @@ async fn the_usage_command_reads_a_ledger_and_creates_none() {
             String::from_utf8_lossy(&out.stderr)
         );
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+        assert!(
+            out.stdout.ends_with(b"}\n"),
+            "ended with a newline, as a command's output"
+        );
         assert_eq!(r["totals"]["requests"], 3, "{db}: {r}");
         assert_eq!(r["totals"]["prompt_tokens"], 21, "{db}: {r}");
 
@@ -1762,6 +1766,18 @@ async fn a_new_keys_unknown_model_names_are_warned_about() {
     assert!(v.get("warnings").is_none(), "{v}");
     // No model list, nothing to check.
     let v = body_json(as_admin(&gw, "POST", "/admin/keys", r#"{"name":"all"}"#).await).await;
+    assert!(v.get("warnings").is_none(), "{v}");
+    // Names padded with spaces are judged as stored, trimmed.
+    let v = body_json(
+        as_admin(
+            &gw,
+            "POST",
+            "/admin/keys",
+            r#"{"name":"padded","models":[" gpt-5 "]}"#,
+        )
+        .await,
+    )
+    .await;
     assert!(v.get("warnings").is_none(), "{v}");
 
     // No catalogue to check against.

@@ -501,9 +501,11 @@ pub fn model_list_warning(
             ));
         }
     };
+    // As the key stores them: trimmed (" gpt " was warned about, and stored as "gpt").
     let unknown: Vec<String> = names
         .iter()
-        .filter(|n| aliases.resolve(n).alias().is_none() && !catalogue.lists(n))
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty() && aliases.resolve(n).alias().is_none() && !catalogue.lists(n))
         .map(|n| match catalogue.suggest(n, aliases) {
             Some(near) => format!("`{n}` (did you mean `{near}`?)"),
             None => format!("`{n}`"),

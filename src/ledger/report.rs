@@ -208,7 +208,8 @@ pub(crate) fn sql(d: Dialect, q: &ReportQuery, has: Columns) -> String {
 /// Renders a report as a table, JSON or CSV for the command line.
 pub fn render(report: &Report, format: &str) -> String {
     match format {
-        "json" => serde_json::to_string_pretty(report).unwrap_or_default(),
+        // Ended with a newline, as a command's output is.
+        "json" => serde_json::to_string_pretty(report).unwrap_or_default() + "\n",
         "csv" => {
             let mut out = String::from(
                 "group,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd,cache_hits,saved_usd,errors,unpriced,estimated,cache_read_tokens,cache_write_tokens\n",

@@ -236,14 +236,15 @@ impl IdScan {
         if self.in_string {
             if self.escaped {
                 self.escaped = false;
-                // An escaped name is not `id`; an escaped id is not read.
-                self.text = None;
             } else if b == b'\\' {
                 self.escaped = true;
             } else if b == b'"' {
                 self.in_string = false;
                 self.end_string();
-            } else if let Some(t) = &mut self.text {
+                return;
+            }
+            // Kept as written, escapes included: decoded at the string's end.
+            if let Some(t) = &mut self.text {
                 if t.len() < ID_TEXT_MAX {
                     t.push(b);
                 } else {
@@ -294,19 +295,15 @@ impl IdScan {
     }
 
     fn end_string(&mut self) {
-        let Some(text) = self.text.take() else {
-            if self.text_is_id {
-                self.found = Some(None);
-            }
-            return;
-        };
+        // The string as JSON reads it (`"a\"b"`, `"\u0069d"`).
+        let decoded = self.text.take().and_then(|raw| {
+            let quoted = [&b"\""[..], &raw, b"\""].concat();
+            serde_json::from_slice::<String>(&quoted).ok()
+        });
         if self.text_is_id {
-            let id = String::from_utf8(text)
-                .ok()
-                .map(|t| RequestId::String(t.into()));
-            self.found = Some(id);
+            self.found = Some(decoded.map(|t| RequestId::String(t.into())));
         } else if self.expect_name {
-            self.id_value_next = text == b"id";
+            self.id_value_next = decoded.as_deref() == Some("id");
         }
     }
 
@@ -355,8 +352,13 @@ mod tests {
             Some(RequestId::Number(12))
         );
         assert_eq!(
-            request_id(br#"{"params":{"id":1},"ids":2,"\u0069d":3, "id" : "req-9"}"#),
+            request_id(br#"{"params":{"id":1},"ids":2, "id" : "req-9"}"#),
             Some(RequestId::String("req-9".into()))
+        );
+        // Escapes read as JSON reads them, in the name and in the id.
+        assert_eq!(
+            request_id(br#"{"params":{"id":1},"\u0069d":"a\"b\u00e9"}"#),
+            Some(RequestId::String("a\"b\u{e9}".into()))
         );
         assert_eq!(request_id(br#"{"params":{"id":1},"id":null}"#), None);
         assert_eq!(request_id(br#"{"params":{"id":1}}"#), None);
