@@ -350,13 +350,7 @@ async fn cancelling_a_call_stops_the_upstream_call() {
         )
         .await
         .unwrap();
-    for _ in 0..200 {
-        if upstream.chat_calls() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(upstream.chat_calls(), 1);
+    poe_has_the_call(&upstream).await;
     handle.cancel(Some("user gave up".into())).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), upstream.wait_disconnect())
         .await
@@ -1042,6 +1036,17 @@ async fn http_attachment_paths_need_configured_roots() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Waits (a bounded while) until Poe has the one chat call a test made.
+async fn poe_has_the_call(upstream: &MockUpstream) {
+    for _ in 0..500 {
+        if upstream.chat_calls() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(upstream.chat_calls(), 1);
+}
+
 /// One raw `/mcp` request: its status, headers and body.
 async fn raw_mcp(
     gw: &TestGateway,
@@ -1371,13 +1376,7 @@ async fn ending_a_session_cancels_its_calls_in_progress() {
         .unwrap();
     let answer = support::client().request(req).await.unwrap();
     assert_eq!(answer.status(), 200);
-    for _ in 0..500 {
-        if upstream.chat_calls() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(upstream.chat_calls(), 1);
+    poe_has_the_call(&upstream).await;
 
     let (status, _, text) = raw_mcp(&gw, "DELETE", &session, None).await;
     assert_eq!(status, 200, "{text}");
@@ -1421,13 +1420,7 @@ async fn a_shutdown_lets_tool_calls_in_progress_finish() {
             call(&client, "ask_poe", json!({"bot": "gpt-5", "prompt": "go"})).await
         })
     };
-    for _ in 0..500 {
-        if upstream.chat_calls() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(upstream.chat_calls(), 1);
+    poe_has_the_call(&upstream).await;
 
     let stopping = tokio::spawn(server.shutdown());
     // The drain has begun (no new connection is served) before Poe's answer goes on.
