@@ -1320,15 +1320,11 @@ async fn mcp_shutdown_ends_open_sessions() {
     let gw = gateway(&upstream, &[("POE_GATEWAY_SERVER__SHUTDOWN_GRACE", "60s")]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = poe_gateway::http::spawn(listener, gw.clone()).unwrap();
-    let url = format!("http://{}/mcp", server.local_addr);
-    let transport = StreamableHttpClientTransport::from_config(
-        StreamableHttpClientTransportConfig::with_uri(url),
-    );
-    let (handler, _rx) = client_handler();
-    let client = handler
-        .serve(transport)
-        .await
-        .expect("HTTP client connects");
+    let served = TestGateway {
+        addr: server.local_addr,
+        handle: None,
+    };
+    let client = remote(&served, None).await;
     ok(&call(&client, "list_models", json!({})).await);
 
     // The server ends the MCP sessions itself when it starts draining.
@@ -1404,16 +1400,7 @@ async fn a_shutdown_lets_tool_calls_in_progress_finish() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = poe_gateway::http::spawn(listener, gw.clone()).unwrap();
     let addr = server.local_addr;
-    let transport = StreamableHttpClientTransport::from_config(
-        StreamableHttpClientTransportConfig::with_uri(format!("http://{addr}/mcp")),
-    );
-    let (handler, _rx) = client_handler();
-    let client = Arc::new(
-        handler
-            .serve(transport)
-            .await
-            .expect("HTTP client connects"),
-    );
+    let client = Arc::new(remote(&TestGateway { addr, handle: None }, None).await);
     let calling = {
         let client = client.clone();
         tokio::spawn(async move {
