@@ -55,6 +55,11 @@ pub const BOT_HEADER: http::HeaderName = http::HeaderName::from_static("x-poe-ga
 /// Header counting upstream calls made for the request, retries and fallbacks included.
 pub const ATTEMPTS_HEADER: http::HeaderName =
     http::HeaderName::from_static("x-poe-gateway-attempts");
+/// The OpenAI SDKs retry 408, 409, 429 and 5xx answers twice by default unless this says
+/// `false`. It does where a retry cannot help (a spent budget, an answer every attempt gets
+/// alike) and where the gateway has already retried: the SDK's retries would multiply its
+/// attempts at Poe.
+pub const SHOULD_RETRY_HEADER: http::HeaderName = http::HeaderName::from_static("x-should-retry");
 /// Largest upstream error body read (to classify it and pass it on).
 const ERROR_BODY_LIMIT: usize = 1024 * 1024;
 /// The output tokens a request that sets no `max_tokens` is taken to cost while it runs
@@ -980,7 +985,7 @@ impl Gateway {
                                 if hopeless {
                                     // Nor would the client's SDK get anything else.
                                     head.headers.insert(
-                                        SHOULD_RETRY,
+                                        SHOULD_RETRY_HEADER,
                                         http::HeaderValue::from_static("false"),
                                     );
                                 }
@@ -1093,11 +1098,8 @@ impl Gateway {
         } else {
             CacheStatus::Bypass
         };
-        // A compressed answer (asked for `identity`, but sent anyway) is not stored: a replay
-        // does not carry its coding.
-        let encoded = is_encoded(&head.headers);
+        // (A compressed answer never comes here: `unpassable` refuses it.)
         let recorder = plan
-            .filter(|_| !encoded)
             .and_then(|p| self.inner.cache.recorder(p, sse, &bot))
             .map(|mut r| {
                 r.set_content_type(head.headers.get(header::CONTENT_TYPE).cloned());
@@ -1501,7 +1503,8 @@ impl Drop for Unanswered<'_> {
 }
 
 /// The body sent in place of an upstream error body that could not be read (cut off, too
-/// large, too slow), in the OpenAI shape, with Poe's status kept.
+/// large, too slow) or an answer that cannot be passed on, in the shape of the API asked,
+/// with Poe's status kept (a 502 for a status that is no error).
 fn own_error_body(head: &mut http::response::Parts, why: &str, api: Endpoint) -> Bytes {
     let message = format!("upstream answered {} and {why}", head.status);
     // A redirect is not the client's to follow (its SDK would send the prompt past the
@@ -1520,9 +1523,6 @@ fn own_error_body(head: &mut http::response::Parts, why: &str, api: Endpoint) ->
     // other errors are.
     GatewayError::UpstreamUnreachable(message).to_json_for(api)
 }
-
-/// Tells the OpenAI SDKs not to try an error answer again by themselves.
-const SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
 
 /// Why an upstream answer cannot go to the client as it came, if it cannot: a redirect or an
 /// interim status; an error body in a coding other than `identity` (the gateway asks for

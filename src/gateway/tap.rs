@@ -716,7 +716,7 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
 
 /// How many bytes at the start of `held` are whole `:` comment lines: each ended by `\n`
 /// (or `\r\n`), with no other `\r` in it, which would end a line there.
-pub fn leading_comment_lines(held: &[u8]) -> usize {
+fn leading_comment_lines(held: &[u8]) -> usize {
     let mut n = 0;
     for line in held.split_inclusive(|b| *b == b'\n') {
         let body = line
@@ -1117,7 +1117,7 @@ fn opens_with_error(data: &[u8]) -> bool {
 /// Whether an event's object has a top-level `"error"` member that is not `null`, wherever
 /// it sits among the members. Only an event that spells `"error"` out is parsed (its top
 /// level, values left raw): the search is all that other events cost.
-pub fn has_error_member(data: &[u8]) -> bool {
+fn has_error_member(data: &[u8]) -> bool {
     if ERROR_KEY.find(data).is_none() {
         return false;
     }

@@ -17,7 +17,7 @@ use crate::error::GatewayError;
 use crate::gateway::cache::CacheDirectives;
 use crate::gateway::{
     ATTEMPTS_HEADER, BOT_HEADER, Caller, ChatRequest, Credential, Endpoint, REQUEST_ID_HEADER,
-    ReplyBody,
+    ReplyBody, SHOULD_RETRY_HEADER,
 };
 use crate::upstream::Secret;
 
@@ -28,10 +28,6 @@ pub type HttpResponse = Response<HttpBody>;
 // A `HeaderName` constant: inserting a custom name given as `&str` copies it into a new
 // allocation on every response.
 const CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache");
-/// The OpenAI SDKs retry 408, 409, 429 and 5xx answers twice by default unless this says
-/// `false`. It does where a retry cannot help (a spent budget) and where the gateway has
-/// already retried: the SDK's retries would multiply its attempts at Poe.
-const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> HttpResponse {
     let request_id = request_id(req.headers());
@@ -353,7 +349,7 @@ async fn chat(
             app.gateway.policy().retry.max_retry_after,
         )
     {
-        h.insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+        h.insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
     }
     Ok(resp)
 }
@@ -619,7 +615,7 @@ pub(crate) fn error_response_for(api: Endpoint, e: &GatewayError) -> HttpRespons
     }
     if matches!(e, GatewayError::QuotaExceeded(_)) {
         resp.headers_mut()
-            .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+            .insert(SHOULD_RETRY_HEADER, HeaderValue::from_static("false"));
     }
     if let Some(after) = e.retry_after() {
         resp.headers_mut()

@@ -86,6 +86,12 @@ impl Calls {
         calls
     }
 
+    /// Resolves once no request is in progress.
+    async fn idle(&self) {
+        let mut count = self.count.subscribe();
+        let _ = count.wait_for(|n| *n == 0).await;
+    }
+
     /// The ids of `session`'s requests in progress.
     fn of(&self, session: &str) -> Vec<Value> {
         let open = self.open.lock().expect("calls lock");
@@ -196,10 +202,10 @@ impl McpHttp {
     /// the drain open until its grace runs out.
     pub fn shutdown(&self) {
         self.calls.stopping.store(true, Ordering::Release);
-        let mut count = self.calls.count.subscribe();
+        let calls = self.calls.clone();
         let token = self.config.cancellation_token.clone();
         tokio::spawn(async move {
-            let _ = count.wait_for(|n| *n == 0).await;
+            calls.idle().await;
             token.cancel();
         });
     }
@@ -210,8 +216,7 @@ impl McpHttp {
     /// answer may stream out on another thread's connection. Dropped with its runtime, the
     /// call was cut at the drain's start.
     pub async fn calls_done(&self) {
-        let mut count = self.calls.count.subscribe();
-        let _ = count.wait_for(|n| *n == 0).await;
+        self.calls.idle().await;
     }
 
     /// Tells rmcp to cancel `session`'s requests in progress, as their client would with
