@@ -57,6 +57,12 @@ return redis.call('GET', KEYS[1])
 #[error("redis unavailable: {0}")]
 pub struct Unavailable(String);
 
+impl Unavailable {
+    pub(crate) fn new(why: &str) -> Unavailable {
+        Unavailable(why.to_string())
+    }
+}
+
 pub struct SharedState {
     conn: ConnectionManager,
     prefix: String,
@@ -70,6 +76,8 @@ pub struct SharedState {
     epoch: tokio::time::Instant,
     metrics: Arc<Metrics>,
     pub(crate) cache_tier: bool,
+    /// The runtime every Redis call runs on (see [`SharedState::call`]).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// How long calls skip Redis after a failure; then one call tries it again.
@@ -126,6 +134,7 @@ impl SharedState {
             epoch: tokio::time::Instant::now(),
             metrics,
             cache_tier: policy.cache,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }))
     }
 
@@ -153,7 +162,7 @@ impl SharedState {
     /// The second try may repeat a command that did run (its answer was what got lost). That
     /// is harmless for reads, seeds (`SET NX`) and deletes, and costs a rate limiter at most one
     /// extra slot; a charge is never repeated (see `charge`).
-    async fn run<T: redis::FromRedisValue>(
+    async fn run<T: redis::FromRedisValue + Send + 'static>(
         &self,
         op: &'static str,
         cmd: redis::Cmd,
@@ -161,13 +170,19 @@ impl SharedState {
         self.call(op, cmd, true).await
     }
 
-    async fn call<T: redis::FromRedisValue>(
+    /// Runs a call on the runtime the gateway was built on (the process's main one), not the
+    /// caller's. The connection manager connects, and reconnects, on whichever runtime makes
+    /// the call that needs it, and the connection's driver task lives there. A serving
+    /// thread's runtime is dropped at shutdown before the ledger's last batch is charged, so
+    /// a connection made there died with it and that batch never reached the counters.
+    async fn call<T: redis::FromRedisValue + Send + 'static>(
         &self,
         op: &'static str,
         cmd: redis::Cmd,
         retry: bool,
     ) -> Result<T, Unavailable> {
-        let rest = &self.rest_until_ms[usize::from(op.starts_with("cache"))];
+        let tier = usize::from(op.starts_with("cache"));
+        let rest = &self.rest_until_ms[tier];
         if !may_call(rest, self.now_ms()) {
             return Err(Unavailable(format!(
                 "{op}: redis failed within the last {}s",
@@ -175,7 +190,7 @@ impl SharedState {
             )));
         }
         let mut conn = self.conn.clone();
-        let attempt = async {
+        let attempt = async move {
             match cmd.query_async(&mut conn).await {
                 Err(e)
                     if retry
@@ -188,16 +203,34 @@ impl SharedState {
                 r => r,
             }
         };
-        // Only a Redis that cannot be reached rests: an error it answers with (out of memory,
-        // a wrong type) fails that one call.
-        let (result, unreachable) = match tokio::time::timeout(self.timeout, attempt).await {
+        let attempt = async {
+            match &self.runtime {
+                Some(rt) => {
+                    let mut task = AbortOnDrop(rt.spawn(attempt));
+                    match (&mut task.0).await {
+                        Ok(r) => r,
+                        // Only when that runtime is shutting down.
+                        Err(_) => Err(redis::RedisError::from(std::io::Error::other(
+                            "the gateway is stopping",
+                        ))),
+                    }
+                }
+                None => attempt.await,
+            }
+        };
+        // A Redis that cannot be reached, or answers the budgets and limits with errors
+        // (READONLY after a failover, NOAUTH, OOM), is down: calls rest, the metric says so
+        // and it is logged. A read-only replica still answers reads, so taking only the lost
+        // connection as down left budgets read from a counter no charge could reach. The
+        // cache tier's error replies (a value over a memory limit) fail that one call.
+        let (result, down) = match tokio::time::timeout(self.timeout, attempt).await {
             Ok(Ok(v)) => (Ok(v), false),
             Ok(Err(e)) => {
-                let unreachable = e.is_io_error()
+                let lost = e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
                     || e.is_timeout();
-                (Err(Unavailable(format!("{op}: {e}"))), unreachable)
+                (Err(Unavailable(format!("{op}: {e}"))), lost || tier == 0)
             }
             Err(_) => (
                 Err(Unavailable(format!(
@@ -207,8 +240,7 @@ impl SharedState {
                 true,
             ),
         };
-        // Rest only while it cannot be reached; any answer (an error reply too) ends the rest.
-        let until = if unreachable {
+        let until = if down {
             self.now_ms() + REST.as_millis() as u64
         } else {
             0
@@ -218,16 +250,16 @@ impl SharedState {
             Ok(_) => {
                 if !self.up.swap(true, Ordering::Relaxed) {
                     self.metrics.redis_up.set(1);
-                    tracing::warn!("redis is reachable again; shared limits and budgets resume");
+                    tracing::warn!("redis is answering again; shared limits and budgets resume");
                 }
             }
             Err(e) => {
                 self.metrics.redis_errors.with_label_values(&[op]).inc();
-                if !unreachable {
+                if !down {
                     tracing::debug!(error = %e, "a redis call failed");
                 } else if self.up.swap(false, Ordering::Relaxed) {
                     self.metrics.redis_up.set(0);
-                    tracing::error!(error = %e, "redis is unreachable; limits and budgets follow redis.*_on_error");
+                    tracing::error!(error = %e, "redis is unreachable or failing; limits and budgets follow redis.*_on_error");
                 }
             }
         }
@@ -286,20 +318,22 @@ impl SharedState {
         self.run("spend", cmd).await
     }
 
-    /// Adds to a key's spend in the period (if a replica has seeded it). Tried once: a failed
-    /// charge may or may not have been applied, so the caller does not repeat it but drops
-    /// the counter (`forget_spend`) for a fresh seed from the ledger, which has the rows.
+    /// Adds to a key's spend in the period if a replica has seeded it; `Ok(false)` when none
+    /// has. Tried once: a failed charge may or may not have been applied, so the caller does
+    /// not repeat it but drops the counter (`forget_spend`) for a fresh seed from the ledger,
+    /// once the ledger has the rows. A charge that found no counter is dropped the same way:
+    /// a replica may be seeding it from a ledger read made before those rows were written.
     pub async fn charge(
         &self,
         key_id: &str,
         period_start_ms: i64,
         usd: f64,
-    ) -> Result<(), Unavailable> {
+    ) -> Result<bool, Unavailable> {
         let key = self.spend_key(key_id, period_start_ms);
-        let _: Option<f64> = self
+        let added: Option<f64> = self
             .call("charge", eval(CHARGE, &key).arg(usd).to_owned(), false)
             .await?;
-        Ok(())
+        Ok(added.is_some())
     }
 
     /// Drops a key's spend counter, so the next budget check seeds it from the ledger again.
@@ -378,6 +412,16 @@ impl SharedState {
             }
             cursor = next;
         }
+    }
+}
+
+/// A task aborted when its awaiting call is dropped (a request that ends, a timeout): a call
+/// nobody waits for has no reason to hold a slot on the connection.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -663,3 +663,148 @@ async fn charges_lost_in_a_partition_are_recounted_from_the_ledger() {
     // The other replica reads the same counter.
     assert_eq!(chat(&b.gw, &key).await.0, 429);
 }
+
+/// A key's shared spend counter for the current period, as Redis holds it.
+async fn spend_counter(redis_url: &str, key_id: &str) -> Option<f64> {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("pgw:spend:{key_id}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.len() <= 1, "{keys:?}");
+    let key = keys.first()?;
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// A chat whose estimate is small enough for several to be held on a tiny budget at once.
+async fn short_chat(gw: &TestGateway, key: &str) -> u16 {
+    let body = r#"{"model":"gpt-5","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#;
+    let auth = format!("Bearer {key}");
+    let resp = post(gw, body, &[("authorization", &auth)]).await;
+    let status = resp.status().as_u16();
+    // Read whole: a client that hangs up on the body is charged for a cancelled call.
+    body_json(resp).await;
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_with_sigterm_charges_its_last_batch() {
+    let Some(mut c) = cluster("", &[]).await else {
+        return;
+    };
+    // Each call costs 1e-4.
+    let (id, key) = create_key(
+        &c.a.gw,
+        r#"{"name":"team","budget_usd":0.00045,"period":"day"}"#,
+    )
+    .await;
+    assert_eq!(short_chat(&c.a.gw, &key).await, 200);
+    settle(&c.b.gw, &id, 1).await;
+    let counter = spend_counter(&c.redis.url(), &id).await;
+    assert!(
+        counter.is_some_and(|usd| (usd - 1e-4).abs() < 1e-9),
+        "{counter:?}"
+    );
+
+    // Three calls Poe holds while the replica is told to stop: they finish within the grace
+    // and their rows are the writer's last batch, charged after the serving threads are gone.
+    for _ in 0..3 {
+        c.up.push(Reply::completion("gpt-5", "ok").head_delay(Duration::from_millis(700)));
+    }
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let gw = TestGateway {
+                addr: c.a.gw.addr,
+                handle: None,
+            };
+            let key = key.clone();
+            tokio::spawn(async move { short_chat(&gw, &key).await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.up.chat_calls() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Poe never had the calls"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sent = Command::new("kill")
+        .args(["-TERM", &c.a.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+    assert!(c.a.child.wait().unwrap().success());
+
+    // The counter has all four (it was left at one: the connection died with the runtime of
+    // the serving thread that made it).
+    let counter = spend_counter(&c.redis.url(), &id).await;
+    assert!(
+        counter.is_some_and(|usd| (usd - 4e-4).abs() < 1e-9),
+        "{counter:?}"
+    );
+    // So the other replica lets one more through, not four.
+    assert_eq!(short_chat(&c.b.gw, &key).await, 200);
+    settle(&c.b.gw, &id, 5).await;
+    assert_eq!(short_chat(&c.b.gw, &key).await, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_redis_is_down_for_budgets() {
+    // After a failover the old primary may answer as a replica: reads work, every write is
+    // refused with READONLY. Budgets read from its counter would never see a charge.
+    let Some(c) = cluster(
+        "[redis]\ntimeout = \"200ms\"\nbudgets_on_error = \"fail_open\"\n",
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let (id, key) = create_key(
+        &c.a.gw,
+        r#"{"name":"team","budget_usd":0.00045,"period":"day"}"#,
+    )
+    .await;
+    assert_eq!(short_chat(&c.a.gw, &key).await, 200);
+    settle(&c.a.gw, &id, 1).await;
+
+    // A replica of a primary that is not there.
+    let nobody = StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = redis::Client::open(c.redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(nobody)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // Budgets fail open to the replica's own count, which holds: five calls in all.
+    let mut admitted = 1;
+    for _ in 0..8 {
+        let status = short_chat(&c.a.gw, &key).await;
+        if status != 200 {
+            assert_eq!(status, 429);
+            break;
+        }
+        admitted += 1;
+        settle(&c.a.gw, &id, admitted).await;
+    }
+    assert_eq!(admitted, 5, "calls admitted against a 4.5e-4 budget");
+    assert_eq!(metric(&c.a.gw, "poe_gateway_redis_up").await, Some(0.0));
+    let _ = &c.db;
+}

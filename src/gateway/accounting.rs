@@ -166,4 +166,12 @@ impl BatchHook for Accountant {
             }
         })
     }
+
+    fn after_write(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if let Some(keys) = &self.keys {
+                keys.forget_stale().await;
+            }
+        })
+    }
 }

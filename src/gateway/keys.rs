@@ -13,7 +13,7 @@
 //! a revocation made elsewhere within that window waits for the store to come back. Other
 //! keys get a 503.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +29,7 @@ use super::limits::TokioClock;
 use crate::config::FailurePolicy;
 use crate::error::GatewayError;
 use crate::ledger::{KeyRecord, Period, Store, now_ms};
-use crate::shared_state::SharedState;
+use crate::shared_state::{SharedState, Unavailable};
 
 const CACHE_TTL: Duration = Duration::from_secs(5);
 /// How recently before an outage the store must have confirmed a key for it to be answered
@@ -84,10 +84,13 @@ pub struct KeyRing {
     limiters: Mutex<HashMap<String, (u32, Arc<KeyLimiter>)>>,
     /// Spend in the current budget period, per key id.
     spend: Mutex<HashMap<String, Spend>>,
-    /// Shared spend counters (key id, period start) that missed a charge while Redis was
-    /// unreachable: each is dropped and seeded from the ledger again once Redis answers, or
-    /// they would stay short of the ledger for the rest of the period.
-    stale: Mutex<HashSet<(String, i64)>>,
+    /// Shared spend counters (key id, period start) that missed a charge (Redis failed, or
+    /// the counter was gone): each is dropped and seeded from the ledger again, or it would
+    /// stay short of the ledger for the rest of the period. The flag says whether the ledger
+    /// has the rows that missed it yet; a counter is dropped only after that, or a replica
+    /// could seed it again from a read made before them. Until it is dropped, budget checks
+    /// do not trust it.
+    stale: Mutex<HashMap<(String, i64), bool>>,
     clock: TokioClock,
     /// Replicas share RPM and spend through Redis when it is configured.
     shared: Option<Arc<SharedState>>,
@@ -515,7 +518,7 @@ impl KeyRing {
             store_down: Mutex::new(None),
             limiters: Mutex::new(HashMap::new()),
             spend: Mutex::new(HashMap::new()),
-            stale: Mutex::new(HashSet::new()),
+            stale: Mutex::new(HashMap::new()),
             clock,
             responses: moka::sync::Cache::builder()
                 .max_capacity(RESPONSES_KEPT.0)
@@ -831,13 +834,16 @@ impl KeyRing {
         let Some(shared) = &self.shared else {
             return Ok(None);
         };
-        let usd = match shared.spend(&rec.id, start).await {
-            Ok(Some(usd)) => Ok(usd),
-            Ok(None) => {
-                let from_db = self.ledger_spend(rec, start).await?;
-                shared.seed_spend(&rec.id, start, from_db, SPEND_TTL).await
-            }
+        let usd = match self.forget_if_stale(shared, &rec.id, start).await {
             Err(e) => Err(e),
+            Ok(()) => match shared.spend(&rec.id, start).await {
+                Ok(Some(usd)) => Ok(usd),
+                Ok(None) => {
+                    let from_db = self.ledger_spend(rec, start).await?;
+                    shared.seed_spend(&rec.id, start, from_db, SPEND_TTL).await
+                }
+                Err(e) => Err(e),
+            },
         };
         match usd {
             Ok(usd) => {
@@ -868,6 +874,54 @@ impl KeyRing {
                 ))
             }
             Err(_) => Ok(None),
+        }
+    }
+
+    /// Drops a key's shared counter if it missed a charge and the ledger has the rows it
+    /// missed; an error while it cannot be dropped (Redis refuses, or the rows are still
+    /// being written), which the budget check treats as Redis being down.
+    async fn forget_if_stale(
+        &self,
+        shared: &SharedState,
+        key_id: &str,
+        start: i64,
+    ) -> Result<(), Unavailable> {
+        let entry = (key_id.to_string(), start);
+        let written = self.stale.lock().expect("stale lock").get(&entry).copied();
+        match written {
+            None => Ok(()),
+            Some(false) => Err(Unavailable::new(
+                "spend: the counter missed a charge the ledger is still writing",
+            )),
+            Some(true) => {
+                shared.forget_spend(key_id, start).await?;
+                let mut stale = self.stale.lock().expect("stale lock");
+                if stale.get(&entry) == Some(&true) {
+                    stale.remove(&entry);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Called once the ledger has written the rows of the batches charged so far: the
+    /// counters that missed one of those charges are dropped, to be seeded again from it.
+    pub async fn forget_stale(&self) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let ready: Vec<(String, i64)> = {
+            let mut stale = self.stale.lock().expect("stale lock");
+            stale.values_mut().for_each(|written| *written = true);
+            stale.keys().cloned().collect()
+        };
+        for entry in ready {
+            if shared.forget_spend(&entry.0, entry.1).await.is_ok() {
+                let mut stale = self.stale.lock().expect("stale lock");
+                if stale.get(&entry) == Some(&true) {
+                    stale.remove(&entry);
+                }
+            }
         }
     }
 
@@ -999,26 +1053,14 @@ impl KeyRing {
             }
         }
         if let Some(shared) = &self.shared {
-            // Counters that missed a charge are dropped first, here rather than at the next
-            // budget check: the rows of the batch whose charge failed were written after it,
-            // so a seed from now on includes them.
-            let stale = std::mem::take(&mut *self.stale.lock().expect("stale lock"));
-            for (key_id, period_start) in stale {
-                if shared.forget_spend(&key_id, period_start).await.is_err() {
-                    self.stale
-                        .lock()
-                        .expect("stale lock")
-                        .insert((key_id, period_start));
-                }
-            }
             for ((key_id, period_start), usd) in shared_sums {
                 // A failure is counted and logged there. The ledger rows have the cost, and
-                // the counter is seeded from them again once Redis answers.
-                if shared.charge(key_id, period_start, usd).await.is_err() {
+                // the counter is seeded from them again once they are written.
+                if !matches!(shared.charge(key_id, period_start, usd).await, Ok(true)) {
                     self.stale
                         .lock()
                         .expect("stale lock")
-                        .insert((key_id.to_string(), period_start));
+                        .insert((key_id.to_string(), period_start), false);
                 }
             }
         }

@@ -215,6 +215,11 @@ pub trait BatchHook: Send + Sync + 'static {
         &'a self,
         rows: &'a mut [UsageRow],
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+    /// Called once every row taken so far is written (none is held for a retry).
+    fn after_write(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
 }
 
 /// Counters about the ledger itself.
@@ -465,6 +470,11 @@ async fn writer(
         pending.extend(fresh);
         for batch in pending {
             held.extend(write_batch(&store, batch, &stats).await);
+        }
+        if held.is_empty()
+            && let Some(h) = &hook
+        {
+            h.after_write().await;
         }
         if held.len() > QUEUE_CAPACITY {
             let lost = held.len() - QUEUE_CAPACITY;
