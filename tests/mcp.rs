@@ -1663,7 +1663,7 @@ async fn the_stdio_server_keeps_its_ledger_in_the_users_data_directory() {
 
 /// Over stdio (`poe-gateway mcp`), a message over `server.max_body_bytes` gets an error answer
 /// under its own id (it was dropped unanswered, and the client waited out its own timeout),
-/// wherever the id sits in it, and the session goes on. At `RUST_LOG=debug` no prompt or
+/// wherever the id sits in it, and the session goes on; a notification gets none. At `RUST_LOG=debug` no prompt or
 /// answer is logged (rmcp's debug lines carried both).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_stdio_message_is_answered_and_the_session_goes_on() {
@@ -1733,6 +1733,11 @@ async fn an_oversized_stdio_message_is_answered_and_the_session_goes_on() {
     let answer = next().await;
     assert_eq!(answer["id"], 71, "{answer}");
     assert_eq!(answer["error"]["code"], -32600, "{answer}");
+    // An oversized notification has no id to answer under: it gets no answer (it got one
+    // under `id: null`), and the next line read is tools/list's.
+    send(json!({"jsonrpc": "2.0", "method": "notifications/message",
+        "params": {"level": "info", "data": big}}))
+    .await;
 
     send(json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list"})).await;
     let answer = next().await;

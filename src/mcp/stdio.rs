@@ -41,8 +41,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> LineTransport<R, W> {
 
 enum Read {
     Line,
-    /// A line over the limit ended: its id when it had one, and its length.
-    Oversized(Option<RequestId>, usize),
+    /// A line over the limit ended: whether it had an `id` member and its value when that
+    /// is readable (`None`: a notification), and its length.
+    Oversized(Option<Option<RequestId>>, usize),
     Eof,
 }
 
@@ -76,7 +77,7 @@ impl<R: AsyncRead + Unpin, W> LineTransport<R, W> {
             self.read.consume(take);
             if newline.is_some() {
                 return Ok(match self.oversized.take() {
-                    Some((scan, len)) => Read::Oversized(scan.id(), len),
+                    Some((scan, len)) => Read::Oversized(scan.member(), len),
                     None => Read::Line,
                 });
             }
@@ -108,6 +109,11 @@ where
                         limit = self.max_line,
                         "MCP message over server.max_body_bytes refused"
                     );
+                    // A notification (no `id`) is never answered: no client waits for it,
+                    // and an error under `id: null` is one it cannot match to anything.
+                    let Some(id) = id else {
+                        continue;
+                    };
                     let error = ErrorData::new(
                         ErrorCode::INVALID_REQUEST,
                         format!(
@@ -309,11 +315,16 @@ impl IdScan {
 
     /// The id found, if the text had one (a number still being read when the text ends
     /// counts).
-    fn id(mut self) -> Option<RequestId> {
+    fn id(self) -> Option<RequestId> {
+        self.member().flatten()
+    }
+
+    /// Whether the text had a top-level `id` member, and its value when readable.
+    fn member(mut self) -> Option<Option<RequestId>> {
         if self.found.is_none() && self.number.is_some() {
             self.byte(b' ');
         }
-        self.found.flatten()
+        self.found
     }
 }
 
