@@ -378,6 +378,18 @@ async fn no_key_leaks_on_any_path() {
         .await;
         seen.take(what, resp, false).await;
     }
+    // A key pasted into `model` is refused before anything records it (it was logged, traced
+    // and stored as the model name): a gateway key, the server's Poe key, the caller's own.
+    let pasted = [
+        (&gw, keys[0].1.as_str(), alice.clone()),
+        (&gw, UPSTREAM_KEY, alice.clone()),
+        (&pt, CALLER_POE_KEY, format!("Bearer {CALLER_POE_KEY}")),
+    ];
+    for (gw, model, auth) in pasted {
+        let resp = post(gw, &chat_body(model, false), &[("authorization", &auth)]).await;
+        let (status, body) = seen.take("a key as model", resp, false).await;
+        assert_eq!(status, 400, "{body:?}");
+    }
 
     // Everything written and exported.
     core.flush().await;

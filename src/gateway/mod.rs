@@ -595,8 +595,29 @@ impl Gateway {
     /// Retries and fallbacks happen only here, before a `Reply` exists, so nothing has reached
     /// the client yet; once the reply is returned its bytes are never sent twice.
     pub async fn chat(&self, caller: &Caller, req: ChatRequest) -> Result<Reply, GatewayError> {
+        // A key pasted into `model` would be logged, traced and stored with the row as a
+        // model name: it is refused before anything records it.
+        if self.is_a_key(caller, req.model()) {
+            return Err(GatewayError::bad_param(
+                "model",
+                "`model` holds an API key: send keys in the Authorization header, and a bot \
+                 name in `model`",
+            ));
+        }
         let span = self.chat_span(caller, &req);
         self.chat_in_span(caller, req).instrument(span).await
+    }
+
+    /// Whether `model` is a key: a gateway key's shape, the server's Poe key, or the caller's.
+    fn is_a_key(&self, caller: &Caller, model: &str) -> bool {
+        let model = model.trim();
+        let gateway_key = model.strip_prefix(keys::KEY_PREFIX).is_some_and(|rest| {
+            rest.len() >= 32 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+        let poe_key = |k: &Secret| !k.expose().is_empty() && k.expose() == model;
+        gateway_key
+            || self.inner.server_key.as_ref().is_some_and(poe_key)
+            || matches!(&caller.credential, Credential::Poe(k) if poe_key(k))
     }
 
     /// The request's span, with the GenAI attributes known up front; the rest are recorded
