@@ -637,7 +637,11 @@ where
                 let key = e.path().to_string();
                 // A string setting whose env text also reads as TOML (`KEY_PREFIX=2024`):
                 // take the text as it was written, and try again.
+                // Not one written as a list or table (`[1, 2]`): that was meant as TOML.
                 if let Some((_, raw @ Some(_))) = from_env.get_mut(&key)
+                    && !raw
+                        .as_deref()
+                        .is_some_and(|t| t.trim_start().starts_with(['[', '{']))
                     && let Some((section, field)) = key.split_once('.')
                     && let Some(t) = table.get_mut(section).and_then(|t| t.as_table_mut())
                 {
@@ -919,6 +923,20 @@ fn validate(p: &Policy) -> Result<(), (String, String)> {
             return Err((
                 key,
                 format!("bot name {b:?} starts or ends with spaces, which no bot's name does"),
+            ));
+        }
+        // TOML hands an unquoted date over as its text.
+        if let Some(b) = target
+            .bots()
+            .iter()
+            .find(|b| b.parse::<toml::value::Datetime>().is_ok())
+        {
+            return Err((
+                key,
+                format!(
+                    "{b} reads as a date, not a bot name; an alias is a bot name in quotes \
+                     (\"gpt-5\") or a list of them"
+                ),
             ));
         }
         // Names are matched without regard to case: one of the two would never be reached.
@@ -1213,6 +1231,30 @@ mod tests {
             assert!(e.reason.contains(says), "{text}: {e}");
             assert!(!e.reason.contains("untagged"), "{text}: {e}");
         }
+        // A TOML date is no bot name (it was taken as one, as its text).
+        let e = parse("p.toml", "[aliases]\nfast = 2024-01-01\n", env(&[])).unwrap_err();
+        assert_eq!(e.key, "aliases.fast", "{e}");
+        assert!(e.reason.contains("a bot name"), "{e}");
+        // An env override written as a list is read as one, and not retried as a bot named
+        // by its text.
+        let e = parse(
+            "p.toml",
+            "",
+            env(&[("POE_GATEWAY_ALIASES__FAST", "[\"gpt-5\", 2]")]),
+        )
+        .unwrap_err();
+        assert_eq!(e.env.as_deref(), Some("POE_GATEWAY_ALIASES__FAST"), "{e}");
+        assert!(e.reason.contains("a name in quotes"), "{e}");
+        let p = parse(
+            "p.toml",
+            "",
+            env(&[("POE_GATEWAY_ALIASES__FAST", "[\"gpt-5\", \"o3\"]")]),
+        )
+        .unwrap();
+        assert_eq!(
+            p.aliases["fast"],
+            AliasTarget::Chain(vec!["gpt-5".into(), "o3".into()])
+        );
         // A duration of a fraction of seconds is one.
         let p = parse("p.toml", "[timeouts]\nfirst_byte = 1.5\n", env(&[])).unwrap();
         assert_eq!(
