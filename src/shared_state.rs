@@ -1,5 +1,5 @@
-//! State that several replicas share through Redis: rate limiters, budget spend and a second
-//! cache tier. Without `POE_GATEWAY_REDIS_URL` none of this exists and every replica keeps its
+//! State that several replicas share through Redis: rate limiters, budget spend and the
+//! holds of requests in flight, and a second cache tier. Without `POE_GATEWAY_REDIS_URL` none of this exists and every replica keeps its
 //! own state in-process, which is right for a single gateway.
 //!
 //! Every operation is one round trip and atomic on the server (a Lua script or a single
@@ -52,6 +52,91 @@ redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 return redis.call('GET', KEYS[1])
 ";
 
+/// A budget check and hold in one step, so replicas see each other's requests in flight.
+/// KEYS[1]: the spend counter; KEYS[2]: the holds (hash, hold id to USD); KEYS[3]: their
+/// expiry (sorted set, hold id to ms on the server's clock). ARGV: budget, this request's
+/// estimate, what the calling replica has charged that the counter has not yet, hold id,
+/// hold lifetime (ms). Holds past their expiry (a replica that died with requests in
+/// flight) are dropped first. Returns `{'unseeded'}` when the counter is missing, else
+/// `{verdict, counter, held, requests held}` with the verdict `spent`, `held` or `ok` (the
+/// hold is then added). Figures go back as text: Redis truncates Lua numbers to integers.
+const HOLD: &str = r"
+local counter = redis.call('GET', KEYS[1])
+if not counter then return {'unseeded'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)
+if #gone > 0 then
+  redis.call('HDEL', KEYS[2], unpack(gone))
+  redis.call('ZREM', KEYS[3], unpack(gone))
+end
+local budget = tonumber(ARGV[1])
+local spent = tonumber(counter) + tonumber(ARGV[3])
+local held, n = 0, 0
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do
+  held = held + tonumber(v)
+  n = n + 1
+end
+local verdict = 'ok'
+if spent >= budget then
+  verdict = 'spent'
+elseif n > 0 and spent + held >= budget then
+  verdict = 'held'
+else
+  local ttl = tonumber(ARGV[5])
+  redis.call('HSET', KEYS[2], ARGV[4], ARGV[2])
+  redis.call('ZADD', KEYS[3], now + ttl, ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+end
+return {verdict, counter, tostring(held), n}
+";
+
+/// Keeps a replica's holds alive: KEYS[1] the holds, KEYS[2] their expiry; ARGV[1] the
+/// lifetime (ms), the rest hold ids. Ids already gone (released, or expired) stay gone.
+const REFRESH: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[2], 'XX', now + ttl, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 0
+";
+
+/// How long a hold lives in Redis unless its replica renews it: what a replica that died
+/// with requests in flight keeps held against their keys' budgets.
+pub const HOLD_TTL: Duration = Duration::from_secs(60);
+/// How often a replica renews the holds of its requests in flight.
+const HOLD_RENEW: Duration = Duration::from_secs(20);
+
+/// What [`SharedState::hold`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HoldVerdict {
+    /// No replica has seeded the counter.
+    Unseeded,
+    /// The budget is spent: `counter` plus the caller's own uncounted charges reach it.
+    Spent { counter: f64 },
+    /// What is left is taken by `requests` holds worth `held`.
+    Held {
+        counter: f64,
+        held: f64,
+        requests: u32,
+    },
+    /// Held: the request may go on.
+    Admitted { counter: f64, hold: SharedHold },
+}
+
+/// A hold in Redis, released by [`SharedState::release`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedHold {
+    id: String,
+    holds: String,
+    expiry: String,
+}
+
 /// Why a shared-state call failed; the caller's policy decides what the request gets.
 #[derive(Debug, thiserror::Error)]
 #[error("redis unavailable: {0}")]
@@ -78,6 +163,11 @@ pub struct SharedState {
     pub(crate) cache_tier: bool,
     /// The runtime every Redis call runs on (see [`SharedState::call`]).
     runtime: Option<tokio::runtime::Handle>,
+    /// Names this replica's holds apart from every other's.
+    replica: String,
+    next_hold: AtomicU64,
+    /// This replica's holds in Redis, renewed every [`HOLD_RENEW`] while their requests run.
+    live_holds: std::sync::Mutex<std::collections::HashMap<String, SharedHold>>,
 }
 
 /// How long calls skip Redis after a failure; then one call tries it again.
@@ -135,6 +225,9 @@ impl SharedState {
             metrics,
             cache_tier: policy.cache,
             runtime: tokio::runtime::Handle::try_current().ok(),
+            replica: uuid::Uuid::new_v4().simple().to_string(),
+            next_hold: AtomicU64::new(0),
+            live_holds: std::sync::Mutex::default(),
         }))
     }
 
@@ -289,18 +382,6 @@ impl SharedState {
         Ok((wait >= 0).then(|| Duration::from_micros(wait as u64)))
     }
 
-    /// The spend of a key in the budget period starting at `period_start_ms`, if a replica
-    /// has seeded the counter.
-    pub async fn spend(
-        &self,
-        key_id: &str,
-        period_start_ms: i64,
-    ) -> Result<Option<f64>, Unavailable> {
-        let key = self.spend_key(key_id, period_start_ms);
-        self.run("spend", redis::cmd("GET").arg(&key).to_owned())
-            .await
-    }
-
     /// Seeds a key's spend counter with what the ledger holds, unless another replica got
     /// there first; returns the counter.
     pub async fn seed_spend(
@@ -316,6 +397,139 @@ impl SharedState {
             .arg(ttl.as_millis().max(1) as u64)
             .to_owned();
         self.run("spend", cmd).await
+    }
+
+    /// Checks a key's budget against its counter and every replica's holds, and holds
+    /// `estimate` for this request when there is room (see [`HOLD`]). `uncounted`: what
+    /// this replica has charged that has not reached the counter yet.
+    pub async fn hold(
+        &self,
+        key_id: &str,
+        period_start_ms: i64,
+        budget: f64,
+        estimate: f64,
+        uncounted: f64,
+    ) -> Result<HoldVerdict, Unavailable> {
+        let n = self.next_hold.fetch_add(1, Ordering::Relaxed);
+        let hold = SharedHold {
+            id: format!("{}:{n}", self.replica),
+            holds: self.key(&["held", key_id, &period_start_ms.to_string()]),
+            expiry: self.key(&["held-until", key_id, &period_start_ms.to_string()]),
+        };
+        let cmd = redis::cmd("EVAL")
+            .arg(HOLD)
+            .arg(3)
+            .arg(self.spend_key(key_id, period_start_ms))
+            .arg(&hold.holds)
+            .arg(&hold.expiry)
+            .arg(budget)
+            .arg(estimate)
+            .arg(uncounted)
+            .arg(&hold.id)
+            .arg(HOLD_TTL.as_millis() as u64)
+            .to_owned();
+        // Repeated once after a lost connection, like a read: should the first try have
+        // been made, its hold is one no request releases or renews, and it lapses after
+        // `HOLD_TTL`.
+        let answer: Vec<String> = self.run("hold", cmd).await?;
+        let num = |i: usize| -> Result<f64, Unavailable> {
+            answer
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .ok_or_else(|| Unavailable::new("hold: an answer not understood"))
+        };
+        Ok(match answer.first().map(String::as_str) {
+            Some("unseeded") => HoldVerdict::Unseeded,
+            Some("spent") => HoldVerdict::Spent { counter: num(1)? },
+            Some("held") => HoldVerdict::Held {
+                counter: num(1)?,
+                held: num(2)?,
+                requests: num(3)? as u32,
+            },
+            Some("ok") => {
+                self.live_holds
+                    .lock()
+                    .expect("live holds lock")
+                    .insert(hold.id.clone(), hold.clone());
+                HoldVerdict::Admitted {
+                    counter: num(1)?,
+                    hold,
+                }
+            }
+            _ => return Err(Unavailable::new("hold: an answer not understood")),
+        })
+    }
+
+    /// Ends a hold (its request was charged, or ended otherwise). A hold this fails to end
+    /// lapses after [`HOLD_TTL`].
+    pub async fn release(&self, hold: SharedHold) {
+        self.live_holds
+            .lock()
+            .expect("live holds lock")
+            .remove(&hold.id);
+        let cmd = redis::cmd("EVAL")
+            .arg("redis.call('HDEL', KEYS[1], ARGV[1]) redis.call('ZREM', KEYS[2], ARGV[1]) return 0")
+            .arg(2)
+            .arg(&hold.holds)
+            .arg(&hold.expiry)
+            .arg(&hold.id)
+            .to_owned();
+        let _: Result<i64, _> = self.run("release", cmd).await;
+    }
+
+    /// Releases a hold from a synchronous drop: on the runtime the calls run on.
+    pub fn release_later(self: &Arc<Self>, hold: SharedHold) {
+        let me = Arc::clone(self);
+        let release = async move { me.release(hold).await };
+        match (&self.runtime, tokio::runtime::Handle::try_current()) {
+            (Some(rt), _) => drop(rt.spawn(release)),
+            (None, Ok(rt)) => drop(rt.spawn(release)),
+            // No runtime left (the process is ending): the hold lapses.
+            (None, Err(_)) => {}
+        }
+    }
+
+    /// Renews this replica's holds every [`HOLD_RENEW`], so a long stream's hold outlives
+    /// [`HOLD_TTL`] while one of a replica that died does not. Ends with the state.
+    pub fn start_renewing(self: &Arc<Self>) {
+        let Some(rt) = self.runtime.clone() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(HOLD_RENEW);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(me) = weak.upgrade() else {
+                    return;
+                };
+                me.renew().await;
+            }
+        });
+    }
+
+    async fn renew(&self) {
+        let mut by_key: std::collections::HashMap<(String, String), Vec<String>> =
+            std::collections::HashMap::new();
+        for h in self.live_holds.lock().expect("live holds lock").values() {
+            by_key
+                .entry((h.holds.clone(), h.expiry.clone()))
+                .or_default()
+                .push(h.id.clone());
+        }
+        for ((holds, expiry), ids) in by_key {
+            let cmd = redis::cmd("EVAL")
+                .arg(REFRESH)
+                .arg(2)
+                .arg(holds)
+                .arg(expiry)
+                .arg(HOLD_TTL.as_millis() as u64)
+                .arg(ids)
+                .to_owned();
+            let _: Result<i64, _> = self.run("renew", cmd).await;
+        }
     }
 
     /// Adds to a key's spend in the period if a replica has seeded it; `Ok(false)` when none

@@ -684,7 +684,15 @@ async fn spend_counter(redis_url: &str, key_id: &str) -> Option<f64> {
 
 /// A chat whose estimate is small enough for several to be held on a tiny budget at once.
 async fn short_chat(gw: &TestGateway, key: &str) -> u16 {
-    let body = r#"{"model":"gpt-5","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#;
+    chat_of(gw, key, 3).await
+}
+
+/// A chat estimated at a token for its prompt and `max_tokens` for its answer.
+async fn chat_of(gw: &TestGateway, key: &str, max_tokens: u32) -> u16 {
+    let body = format!(
+        r#"{{"model":"gpt-5","messages":[{{"role":"user","content":"hi"}}],"max_tokens":{max_tokens}}}"#
+    );
+    let body = body.as_str();
     let auth = format!("Bearer {key}");
     let resp = post(gw, body, &[("authorization", &auth)]).await;
     let status = resp.status().as_u16();
@@ -807,4 +815,47 @@ async fn a_read_only_redis_is_down_for_budgets() {
     assert_eq!(admitted, 5, "calls admitted against a 4.5e-4 budget");
     assert_eq!(metric(&c.a.gw, "poe_gateway_redis_up").await, Some(0.0));
     let _ = &c.db;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_on_every_replica_hold_one_budget() {
+    let Some(c) = cluster("", &[]).await else {
+        return;
+    };
+    // Each call is estimated at about 1.05e-3 while it runs (a few tokens of prompt and 99
+    // of answer at 1e-5): a budget of 4.5e-3 has room for five at once, whichever replica
+    // takes them. With holds kept per replica, each let five through.
+    let (id, key) = create_key(
+        &c.a.gw,
+        r#"{"name":"team","budget_usd":0.0045,"period":"day"}"#,
+    )
+    .await;
+    c.up.set_fallback(Reply::completion("gpt-5", "ok").head_delay(Duration::from_millis(1500)));
+    let calls: Vec<_> = (0..12)
+        .map(|i| {
+            let gw = TestGateway {
+                addr: if i % 2 == 0 { c.a.gw.addr } else { c.b.gw.addr },
+                handle: None,
+            };
+            let key = key.clone();
+            tokio::spawn(async move { chat_of(&gw, &key, 99).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for call in calls {
+        statuses.push(call.await.unwrap());
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(admitted, 5, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| [200, 429].contains(s)),
+        "{statuses:?}"
+    );
+    assert_eq!(c.up.chat_calls(), 5);
+    // Their holds went with them (they cost 5e-4 in all): the next five pass again.
+    settle(&c.b.gw, &id, 12).await;
+    c.up.set_fallback(Reply::completion("gpt-5", "ok"));
+    for gw in [&c.a.gw, &c.b.gw] {
+        assert_eq!(chat_of(gw, &key, 99).await, 200);
+    }
 }

@@ -29,7 +29,7 @@ use super::limits::TokioClock;
 use crate::config::FailurePolicy;
 use crate::error::GatewayError;
 use crate::ledger::{KeyRecord, Period, Store, now_ms};
-use crate::shared_state::{SharedState, Unavailable};
+use crate::shared_state::{HoldVerdict, SharedHold, SharedState, Unavailable};
 
 const CACHE_TTL: Duration = Duration::from_secs(5);
 /// How recently before an outage the store must have confirmed a key for it to be answered
@@ -124,6 +124,64 @@ struct HoldInner {
     ring: Arc<KeyRing>,
     key_id: Arc<str>,
     usd: f64,
+    /// The same hold in Redis, where every replica's checks count it; released on drop.
+    _shared: Option<SharedHoldGuard>,
+}
+
+/// A hold in Redis, released when dropped.
+struct SharedHoldGuard {
+    state: Arc<SharedState>,
+    hold: Option<SharedHold>,
+}
+
+impl Drop for SharedHoldGuard {
+    fn drop(&mut self) {
+        if let Some(hold) = self.hold.take() {
+            self.state.release_later(hold);
+        }
+    }
+}
+
+/// What the shared budget check found.
+enum SharedCheck {
+    /// No Redis, or Redis is down and budgets fail open: this replica checks on its own.
+    Unshared,
+    Admitted(SharedHoldGuard),
+    Refused(GatewayError),
+}
+
+/// The refusal of a key whose budget is spent.
+fn spent_error(period: Period, budget: f64, spent: f64) -> GatewayError {
+    GatewayError::QuotaExceeded(format!(
+        "this key has used its budget of ${} {} (spent ${spent:.4})",
+        usd(budget),
+        period_words(period),
+    ))
+}
+
+/// The refusal of a key whose budget's rest is held by its requests in flight: not spent
+/// yet, as those requests may cost less than held, so a 429 the SDKs retry.
+fn held_error(period: Period, budget: f64, spent: f64, held: f64, n: u32) -> GatewayError {
+    GatewayError::RateLimited {
+        message: format!(
+            "this key's budget of ${} {} is taken up: ${spent:.4} spent, and an estimated \
+             ${held:.4} held by its {n} request{} in flight; retry when {} finish{}",
+            usd(budget),
+            period_words(period),
+            if n == 1 { "" } else { "s" },
+            if n == 1 { "it" } else { "they" },
+            if n == 1 { "es" } else { "" },
+        ),
+        retry_after: Some(BUDGET_HELD_RETRY),
+    }
+}
+
+fn period_words(period: Period) -> &'static str {
+    match period {
+        Period::Day => "for today (UTC)",
+        Period::Month => "for this month (UTC)",
+        Period::Total => "in total",
+    }
 }
 
 impl std::fmt::Debug for BudgetHold {
@@ -137,7 +195,9 @@ impl std::fmt::Debug for BudgetHold {
 
 impl Drop for BudgetHold {
     fn drop(&mut self) {
-        let HoldInner { ring, key_id, usd } = &*self.0;
+        let HoldInner {
+            ring, key_id, usd, ..
+        } = &*self.0;
         let mut held = ring.held.lock().expect("held lock");
         if let Some(h) = held.get_mut(key_id) {
             h.requests = h.requests.saturating_sub(1);
@@ -768,8 +828,9 @@ impl KeyRing {
     /// is left of it is held by the key's requests in flight; otherwise holds `estimate`
     /// (USD) for this request until it is charged. Checked before the call and charged as it
     /// ends, so a key overshoots by at most what its requests in flight cost beyond their
-    /// estimates, and one request beyond the budget. With Redis the spend is one counter for
-    /// all replicas; the holds are each replica's own.
+    /// estimates, and one request beyond the budget. With Redis the spend is one counter and
+    /// the holds one set for all replicas; while Redis is down (and `budgets_on_error` is
+    /// `fail_open`) each replica checks its own.
     pub async fn check_budget(
         self: &Arc<Self>,
         rec: &KeyRecord,
@@ -779,91 +840,122 @@ impl KeyRing {
             return Ok(None);
         };
         let start = rec.period.start_ms(now_ms());
-        let spent = match self.shared_spend(rec, start).await {
-            Ok(Some(usd)) => usd,
-            Ok(None) => self.local_spend(rec, start).await?,
-            Err(e) => return Err(e),
-        };
-        let period = match rec.period {
-            Period::Day => "for today (UTC)",
-            Period::Month => "for this month (UTC)",
-            Period::Total => "in total",
-        };
-        if spent >= budget {
-            return Err(GatewayError::QuotaExceeded(format!(
-                "this key has used its budget of ${} {period} (spent ${spent:.4})",
-                usd(budget),
-            )));
-        }
-        let key_id: Arc<str> = Arc::from(rec.id.as_str());
-        let mut held = self.held.lock().expect("held lock");
-        let h = held.entry(key_id.clone()).or_default();
-        if h.requests > 0 && spent + h.usd >= budget {
-            // Not spent yet: those requests may cost less than held. A 429 the SDKs retry.
-            let n = h.requests;
-            return Err(GatewayError::RateLimited {
-                message: format!(
-                    "this key's budget of ${} {period} is taken up: ${spent:.4} spent, and an \
-                     estimated ${:.4} held by its {n} request{} in flight; retry when {} finish{}",
-                    usd(budget),
-                    h.usd,
-                    if n == 1 { "" } else { "s" },
-                    if n == 1 { "it" } else { "they" },
-                    if n == 1 { "es" } else { "" },
-                ),
-                retry_after: Some(BUDGET_HELD_RETRY),
-            });
-        }
         let estimate = if estimate.is_finite() {
             estimate.max(0.0)
         } else {
             budget
         };
+        let shared = match self.shared_hold(rec, start, budget, estimate).await? {
+            SharedCheck::Admitted(hold) => Some(hold),
+            SharedCheck::Refused(e) => return Err(e),
+            SharedCheck::Unshared => None,
+        };
+        let key_id: Arc<str> = Arc::from(rec.id.as_str());
+        if shared.is_none() {
+            let spent = self.local_spend(rec, start).await?;
+            if spent >= budget {
+                return Err(spent_error(rec.period, budget, spent));
+            }
+            let held = self.held.lock().expect("held lock");
+            if let Some(h) = held.get(&key_id)
+                && h.requests > 0
+                && spent + h.usd >= budget
+            {
+                return Err(held_error(rec.period, budget, spent, h.usd, h.requests));
+            }
+        }
+        // Kept here too when Redis holds it: should Redis fail while the request runs, the
+        // checks that fall back to this replica's view still count it.
+        let mut held = self.held.lock().expect("held lock");
+        let h = held.entry(key_id.clone()).or_default();
         h.usd += estimate;
         h.requests += 1;
         Ok(Some(BudgetHold(Box::new(HoldInner {
             ring: Arc::clone(self),
             key_id,
             usd: estimate,
+            _shared: shared,
         }))))
     }
 
-    /// The spend from Redis (seeded from the ledger on first use). `Ok(None)`: no Redis, or
-    /// Redis is down and the policy is `fail_open`.
-    async fn shared_spend(&self, rec: &KeyRecord, start: i64) -> Result<Option<f64>, GatewayError> {
+    /// The budget check and hold in Redis, with the counter seeded from the ledger on first
+    /// use. `Unshared`: no Redis, or Redis is down and the policy is `fail_open`.
+    async fn shared_hold(
+        &self,
+        rec: &KeyRecord,
+        start: i64,
+        budget: f64,
+        estimate: f64,
+    ) -> Result<SharedCheck, GatewayError> {
         let Some(shared) = &self.shared else {
-            return Ok(None);
+            return Ok(SharedCheck::Unshared);
         };
-        let usd = match self.forget_if_stale(shared, &rec.id, start).await {
+        let uncounted = || {
+            self.spend
+                .lock()
+                .expect("spend lock")
+                .get(&rec.id)
+                .filter(|s| s.period_start == start)
+                .map_or(0.0, |s| s.unshared)
+        };
+        let hold = || shared.hold(&rec.id, start, budget, estimate, uncounted());
+        let verdict = match self.forget_if_stale(shared, &rec.id, start).await {
             Err(e) => Err(e),
-            Ok(()) => match shared.spend(&rec.id, start).await {
-                Ok(Some(usd)) => Ok(usd),
-                Ok(None) => {
+            Ok(()) => match hold().await {
+                Ok(HoldVerdict::Unseeded) => {
                     let from_db = self.ledger_spend(rec, start).await?;
-                    shared.seed_spend(&rec.id, start, from_db, SPEND_TTL).await
+                    match shared.seed_spend(&rec.id, start, from_db, SPEND_TTL).await {
+                        Ok(_) => hold().await,
+                        Err(e) => Err(e),
+                    }
                 }
-                Err(e) => Err(e),
+                other => other,
             },
         };
-        match usd {
-            Ok(usd) => {
+        let verdict = match verdict {
+            Ok(HoldVerdict::Unseeded) => Err(Unavailable::new(
+                "hold: the spend counter went away while it was seeded",
+            )),
+            other => other,
+        };
+        match verdict {
+            Ok(verdict) => {
+                let counter = match &verdict {
+                    HoldVerdict::Spent { counter }
+                    | HoldVerdict::Held { counter, .. }
+                    | HoldVerdict::Admitted { counter, .. } => *counter,
+                    HoldVerdict::Unseeded => unreachable!("mapped to an error above"),
+                };
                 // Remember the period, so charges know where to go; and the figure, for a
                 // fail_open fallback.
-                let mut map = self.spend.lock().expect("spend lock");
-                let s = map.entry(rec.id.clone()).or_insert(Spend {
-                    period: rec.period,
-                    period_start: start,
-                    usd,
-                    unshared: 0.0,
-                    synced: tokio::time::Instant::now(),
-                });
-                if s.period_start != start {
-                    s.period = rec.period;
-                    s.period_start = start;
-                    s.unshared = 0.0;
-                }
-                s.usd = usd;
-                Ok(Some(usd + s.unshared))
+                let unshared = {
+                    let mut map = self.spend.lock().expect("spend lock");
+                    let s = map.entry(rec.id.clone()).or_insert(Spend {
+                        period: rec.period,
+                        period_start: start,
+                        usd: counter,
+                        unshared: 0.0,
+                        synced: tokio::time::Instant::now(),
+                    });
+                    if s.period_start != start {
+                        s.period = rec.period;
+                        s.period_start = start;
+                        s.unshared = 0.0;
+                    }
+                    s.usd = counter;
+                    s.unshared
+                };
+                let spent = counter + unshared;
+                Ok(match verdict {
+                    HoldVerdict::Admitted { hold, .. } => SharedCheck::Admitted(SharedHoldGuard {
+                        state: Arc::clone(shared),
+                        hold: Some(hold),
+                    }),
+                    HoldVerdict::Held { held, requests, .. } => {
+                        SharedCheck::Refused(held_error(rec.period, budget, spent, held, requests))
+                    }
+                    _ => SharedCheck::Refused(spent_error(rec.period, budget, spent)),
+                })
             }
             Err(e) if self.budgets_on_error == FailurePolicy::FailClosed => {
                 tracing::debug!(error = %e, "budgets are unavailable");
@@ -873,7 +965,7 @@ impl KeyRing {
                         .into(),
                 ))
             }
-            Err(_) => Ok(None),
+            Err(_) => Ok(SharedCheck::Unshared),
         }
     }
 

@@ -266,6 +266,9 @@ impl Gateway {
         let models = Arc::new(Models::new(policy.upstream.models_ttl));
         let metrics = Arc::new(Metrics::new());
         let shared = SharedState::new(&policy.redis, metrics.clone())?.map(Arc::new);
+        if let Some(s) = &shared {
+            s.start_renewing();
+        }
         let keys = Arc::new(KeyRing::with_shared(
             store.clone(),
             clock,
