@@ -92,6 +92,17 @@ fn echoing_error(status: u16, key: &str) -> Reply {
     .header("x-echo-authorization", &format!("Bearer {key}"))
 }
 
+/// The body a one-frame reply sends.
+fn body_bytes_of(reply: &Reply) -> Bytes {
+    let mut out = Vec::new();
+    for step in &reply.steps {
+        if let Step::Send(b) = step {
+            out.extend_from_slice(b);
+        }
+    }
+    Bytes::from(out)
+}
+
 /// A stream Poe fails part way with an error event quoting the key, then ends with `[DONE]`.
 fn echoing_stream_error(key: &str) -> Reply {
     Reply::sse()
@@ -259,6 +270,43 @@ async fn no_key_leaks_on_any_path() {
             .starts_with("Invalid API key provided: Bearer [redacted] "),
         "{v}"
     );
+    // The same body in two frames cut inside the key (it went out whole: each frame was
+    // searched on its own), with a length and chunked.
+    let whole = body_bytes_of(&echoing_error(200, UPSTREAM_KEY));
+    let cut = whole
+        .windows(UPSTREAM_KEY.len())
+        .position(|w| w == UPSTREAM_KEY.as_bytes())
+        .unwrap()
+        + 5;
+    for with_length in [true, false] {
+        let mut reply = Reply::new(200).header("content-type", "application/json");
+        if with_length {
+            reply = reply.header("content-length", &whole.len().to_string());
+        }
+        up.push(
+            reply
+                .send(whole.slice(..cut))
+                .sleep(Duration::from_millis(20))
+                .send(whole.slice(cut..)),
+        );
+        let (s, body) = seen
+            .take(
+                "200 error object in two frames",
+                chat(chat_body("claude", false), alice.clone()).await,
+                false,
+            )
+            .await;
+        assert_eq!(s, 200);
+        assert_eq!(body.len(), whole.len());
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("still JSON");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("Invalid API key provided: Bearer [redacted] "),
+            "{v}"
+        );
+    }
 
     // The cache: a miss, then a hit.
     up.push(Reply::completion("claude-sonnet-4.5", "cached"));
@@ -433,7 +481,7 @@ async fn no_key_leaks_on_any_path() {
     assert!(!spans.is_empty(), "spans exported");
     assert!(String::from_utf8_lossy(&metrics).contains("poe_gateway_requests_total"));
     assert!(!ledger.is_empty(), "ledger file read");
-    assert_eq!(up.chat_calls(), 17, "every scripted upstream call was made");
+    assert_eq!(up.chat_calls(), 19, "every scripted upstream call was made");
 
     let secrets: Vec<(&str, &str)> = vec![
         ("upstream key", UPSTREAM_KEY),

@@ -362,10 +362,10 @@ where
                         // came. A key cut by a frame boundary is not found (Poe's events
                         // arrive whole in practice).
                         Ok(out) if this.observed.stream_error => match this.redact.as_ref() {
-                            // A JSON body's length went out in its head.
-                            Some(k) if matches!(this.mode, Mode::Json { .. }) => {
-                                crate::error::redact_secrets_keeping_length(out, k.expose())
-                            }
+                            // A 200 JSON error object is held whole (its frames are kept
+                            // anyway) and masked at its end, so a key cut by a frame boundary
+                            // is found too.
+                            Some(_) if matches!(this.mode, Mode::Json { .. }) => Bytes::new(),
                             Some(k) => crate::error::redact_secrets(out, &[k.expose()]),
                             None => out,
                         },
@@ -386,10 +386,11 @@ where
                     if this.inner.is_end_stream() {
                         // A body of known length is not polled again after its last byte (hyper
                         // stops at the length), so its end is recognised here, not at `None`.
+                        let held = held_error_object(this.mode, this.observed, this.redact);
                         let last =
                             self::end(this.mode, this.observed, this.completion, this.recorder);
                         *this.state = State::Done;
-                        let out = join(out, last);
+                        let out = join(join(out, held).unwrap_or_default(), last);
                         return Poll::Ready(out.map(|o| Ok(Frame::data(o))));
                     }
                     if out.is_empty() {
@@ -401,9 +402,11 @@ where
                     "upstream closed the connection before the end of its JSON answer".to_string()
                 }
                 Poll::Ready(None) => {
+                    let held = held_error_object(this.mode, this.observed, this.redact);
                     let last = self::end(this.mode, this.observed, this.completion, this.recorder);
                     *this.state = State::Done;
-                    return Poll::Ready(last.map(|l| Ok(Frame::data(l))));
+                    let out = join(held.unwrap_or_default(), last);
+                    return Poll::Ready(out.map(|l| Ok(Frame::data(l))));
                 }
                 Poll::Ready(Some(Err(_))) if crate::upstream::cut_by_shutdown() => {
                     SHUTDOWN_CUT.to_string()
@@ -557,6 +560,22 @@ fn end(
     last
 }
 
+/// A 200 JSON error object held back while a key is to be masked in it (see `poll_frame`):
+/// the whole body, masked with its length kept (it went out in the head).
+fn held_error_object(mode: &Mode, observed: &Observed, redact: &Option<Secret>) -> Option<Bytes> {
+    let (Mode::Json { frames, .. }, true, Some(k)) = (mode, observed.stream_error, redact) else {
+        return None;
+    };
+    let body = match frames.as_slice() {
+        [one] => one.clone(),
+        many => Bytes::from(many.concat()),
+    };
+    Some(crate::error::redact_secrets_keeping_length(
+        body,
+        k.expose(),
+    ))
+}
+
 /// Whether a JSON body that ended without `is_end_stream` (no length in its head, so ended by
 /// a chunked body's last chunk or by the connection's close) is cut short: it must parse
 /// whole. A close ends a body as cleanly as its last chunk does, so a connection that dropped
@@ -703,9 +722,16 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
             if observed.bytes == data.len() as u64 && is_error_object(observed.api, &data) {
                 observed.stream_error = true;
             }
-            // The last `JSON_KEEP_LIMIT` bytes: the usage is at the body's end.
+            // The last `JSON_KEEP_LIMIT` bytes: the usage is at the body's end. An error
+            // object is kept whole (it may be held back to be masked), up to that limit.
             *kept += data.len();
             frames.push(data.clone());
+            if observed.stream_error && *kept > JSON_KEEP_LIMIT {
+                return Err(format!(
+                    "upstream answered 200 with an error object over {} MiB",
+                    JSON_KEEP_LIMIT >> 20
+                ));
+            }
             while *kept > JSON_KEEP_LIMIT && frames.len() > 1 {
                 *kept -= frames.remove(0).len();
             }
