@@ -707,7 +707,12 @@ impl Gateway {
                 // The budget before the rate: a request the budget refuses never reaches
                 // Poe, and must not spend one of the key's requests per minute (the SDKs
                 // retry a held budget's 429). One the rate refuses drops its hold.
-                let hold = inner.keys.check_budget(rec, estimate).await?;
+                // Boxed, only for a key with a budget: the check's reads of Redis or the
+                // ledger would grow every request's future.
+                let hold = match rec.budget_usd {
+                    Some(_) => Box::pin(inner.keys.check_budget(rec, estimate)).await?,
+                    None => None,
+                };
                 inner.keys.check_rpm(rec).await?;
                 Ok(hold)
             }
