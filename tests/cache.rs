@@ -572,6 +572,29 @@ async fn a_stream_with_an_error_event_is_not_stored_even_when_done_follows() {
         all.totals.errors, 3,
         "a stream that failed counts as an error"
     );
+
+    // The same as a JSON answer: an `error` member after the others (it was stored and
+    // replayed for the TTL, and counted completed).
+    let failed_json = || {
+        Reply::json(
+            200,
+            r#"{"id":"c","object":"chat.completion","choices":[],"error":{"message":"provider died","code":502}}"#,
+        )
+    };
+    up.push(failed_json());
+    up.push(failed_json());
+    for _ in 0..2 {
+        let (x, body) = call(&gw, &det_body("gpt", false), &[]).await;
+        assert_eq!(x, "MISS", "the failed answer was stored");
+        assert!(String::from_utf8_lossy(&body).contains("provider died"));
+    }
+    assert_eq!(up.chat_calls(), 5);
+    core.flush().await;
+    let all = core.ledger().store().report(&everything()).await.unwrap();
+    assert_eq!(
+        all.totals.errors, 5,
+        "a failed JSON answer counts as an error"
+    );
 }
 
 /// A 200 that is no whole JSON answer (a proxy's HTML page; an answer cut short that came

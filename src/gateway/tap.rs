@@ -1206,6 +1206,12 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed, whole: bool
         }
     };
     read_usage_and_finish(&body, observed);
+    // An error object whose `error` member is not its first (OpenRouter's shape, and the
+    // chat chunks' rule): no answer, so not stored, not completed. Parsed only when
+    // `"error"` is in it.
+    if whole && !observed.stream_error && has_error_member(&body) {
+        observed.stream_error = true;
+    }
     // A whole message's usage is its final count.
     if let Some(m) = observed.messages_usage.as_mut() {
         m.final_output = true;
