@@ -415,7 +415,8 @@ impl ResponseCache {
             stream,
             bot: bot.to_string(),
             content_type: None,
-            frames: Vec::new(),
+            data: BytesMut::new(),
+            frame_lens: Vec::new(),
             bytes: 0,
             too_big: false,
         })
@@ -570,7 +571,10 @@ pub struct Recorder {
     stream: bool,
     bot: String,
     content_type: Option<http::HeaderValue>,
-    frames: Vec<Bytes>,
+    /// The answer so far, copied: see [`Recorder::push`].
+    data: BytesMut,
+    /// Where upstream's frames ended, for a stream's paced replay.
+    frame_lens: Vec<u32>,
     bytes: usize,
     too_big: bool,
 }
@@ -580,7 +584,11 @@ impl Recorder {
         self.content_type = ct;
     }
 
-    /// Keeps a handle to the frame (a refcount, not a copy).
+    /// Copies the frame. Frames are slices of hyper's connection buffers: a handle kept to
+    /// each, as a stream arriving a token a frame is, pinned a 2–16 KiB buffer per frame
+    /// while the answer was recorded (16 such streams of 6.5 MB in all held 142 MB). The
+    /// stored entry needs its own copy anyway (see [`Recorder::commit`]), so this is the one
+    /// copy it makes.
     pub fn push(&mut self, frame: &Bytes) {
         if self.too_big {
             return;
@@ -588,34 +596,44 @@ impl Recorder {
         self.bytes += frame.len();
         if self.bytes > self.cache.policy.max_entry_bytes.0 as usize {
             self.too_big = true;
-            self.frames = Vec::new();
+            self.data = BytesMut::new();
+            self.frame_lens = Vec::new();
             return;
         }
-        self.frames.push(frame.clone());
+        self.data.extend_from_slice(frame);
+        self.frame_lens.push(frame.len() as u32);
     }
 
     /// The answer completed: store it (unless it was too big or is a media answer).
     ///
-    /// The recorded frames are slices of hyper's connection buffers (and so is the
-    /// Content-Type header): kept as they are, each entry would pin whole 8–16 KiB buffers
+    /// Entries own their bytes (copied as recorded, one allocation sliced back into the
+    /// frames), never slices of hyper's buffers, which would each pin a whole 8–16 KiB buffer
     /// while weighing only its own bytes, and the cache would outgrow `max_bytes` many times
-    /// over. So the entry gets its own copy: one allocation, sliced back into the frames.
+    /// over.
     pub fn commit(self, usage: Option<Usage>) {
         if self.too_big {
             return;
         }
-        let mut all = BytesMut::with_capacity(self.bytes);
-        self.frames.iter().for_each(|f| all.extend_from_slice(f));
+        let all = self.data;
         if !self.stream && !looks_whole_json(self.content_type.as_ref(), &all) {
             return;
         }
         if self.cache.is_media(&self.bot, &all) {
             return;
         }
-        let mut all = all.freeze();
+        // Grown by doubling as a stream came in: an entry keeps no more than an eighth
+        // unused, or the cache's real size would stray from the `max_bytes` it counts.
+        let mut all = if all.capacity() - all.len() > all.len() / 8 {
+            Bytes::copy_from_slice(&all)
+        } else {
+            all.freeze()
+        };
         let frames: Arc<[Bytes]> = if self.stream {
             // Frame boundaries are kept, so a paced replay sends what upstream sent.
-            self.frames.iter().map(|f| all.split_to(f.len())).collect()
+            self.frame_lens
+                .iter()
+                .map(|len| all.split_to(*len as usize))
+                .collect()
         } else {
             // One frame for a JSON body, so a hit is a single write.
             Arc::from(vec![all])
@@ -837,6 +855,12 @@ mod tests {
         r.set_content_type(Some(http::HeaderValue::from_static("text/event-stream")));
         r.push(&buffer.slice(0..10));
         r.push(&buffer.slice(100..120));
+        // Nor does the recording, while the answer comes in (a stream's frames each
+        // pinned a buffer until its end).
+        assert!(
+            buffer.is_unique(),
+            "the recording pins the connection buffer"
+        );
         r.commit(None);
         let e = cache.get(&plan).await.expect("stored");
         let inside = |p: *const u8| {
