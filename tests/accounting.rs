@@ -1232,6 +1232,49 @@ async fn a_client_gone_before_poes_head_still_gets_its_row() {
     }
 }
 
+/// Attempts the gateway gives up on before Poe's head (`timeouts.first_byte`) reached Poe,
+/// which charges their prompts as it does a client's that leaves then: the row adds them,
+/// estimated, on success and on failure. They cost nothing, and a key's budget never saw
+/// its slowest requests.
+#[tokio::test(start_paused = true)]
+async fn attempts_given_up_before_poes_head_are_charged_their_prompts() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        up.push(Reply::hang());
+        up.push(Reply::hang());
+        up.push(Reply::completion("gpt-5", "at last"));
+        for _ in 0..3 {
+            up.push(Reply::hang());
+        }
+        let policy = "[aliases]\n[pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\n\
+                      [timeouts]\nfirst_byte = \"1s\"\n";
+        let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+        let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+        assert_eq!(resp.status(), 200, "{db}");
+        body_bytes(resp).await;
+        // Poe's 7 prompt tokens and two abandoned prompts of ceil(41/4) = 11, estimated.
+        let r = report_once(&core, 1, "no row for the request").await;
+        assert_eq!(r.totals.prompt_tokens, 7 + 2 * 11, "{db}");
+        assert!(
+            (r.totals.cost_usd - (0.029 + 0.006)).abs() < 1e-9,
+            "{db}: {}",
+            r.totals.cost_usd
+        );
+        // Every attempt given up on: a 504 priced at its three prompts.
+        let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+        assert_eq!(resp.status(), 504, "{db}");
+        body_bytes(resp).await;
+        let r = report_once(&core, 2, "no row for the 504").await;
+        assert_eq!(r.totals.prompt_tokens, 29 + 33, "{db}");
+        assert!(
+            (r.totals.cost_usd - (0.035 + 0.033)).abs() < 1e-9,
+            "{db}: {}",
+            r.totals.cost_usd
+        );
+        assert_eq!(up.chat_calls(), 6, "{db}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_gone_while_queued_for_the_limiter_is_not_charged() {
     // The request waits for the upstream rate limiter and its client hangs up first: Poe was

@@ -104,9 +104,11 @@ impl Accountant {
         }
         // Failed calls cost nothing; a cache hit costs nothing but saves its price. A request
         // cancelled before Poe's head (499) is priced: Poe was called. One cancelled before
-        // any attempt (queued for the limiter) is not: Poe never was.
+        // any attempt (queued for the limiter) is not: Poe never was. A failed request whose
+        // row has tokens carries the prompts of attempts given up on before their head
+        // (`RequestInfo::abandoned`), which Poe charges.
         let never_sent = row.attempts == 0 && !row.cache_hit;
-        if (row.status >= 400 && row.outcome != "cancelled")
+        if (row.status >= 400 && row.outcome != "cancelled" && row.prompt_tokens.is_none())
             || row.outcome == "rejected"
             || never_sent
         {

@@ -46,6 +46,10 @@ pub struct RequestInfo {
     /// Bytes of the request's text ([`super::ChatRequest::text_bytes`]): the prompt estimate
     /// when Poe's usage is missing.
     pub request_text_bytes: u64,
+    /// Attempts Poe had that the gateway gave up on before their head came (first-byte
+    /// timeouts). Poe charges each one's prompt, as it does a client's that leaves then: the
+    /// row adds their prompts, estimated, and is priced even when the request failed.
+    pub abandoned: u32,
 }
 
 /// Tokens in `bytes` of text, estimated (a token per 4 bytes, rounded up) where Poe gave no
@@ -300,6 +304,18 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
             )
         }
         None => (None, None, None, false),
+    };
+    let (prompt, completion, total, estimated) = match i.abandoned {
+        0 => (prompt, completion, total, estimated),
+        n => {
+            let extra = i64::from(n) * estimated_tokens(i.request_text_bytes);
+            (
+                Some(prompt.unwrap_or(0) + extra),
+                Some(completion.unwrap_or(0)),
+                Some(total.unwrap_or(0) + extra),
+                true,
+            )
+        }
     };
     // The prompt cache's share of the prompt, when Poe reported usage: reads on every API
     // (capped at the prompt, of which they are a part), writes on the Messages API only. A

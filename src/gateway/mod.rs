@@ -959,8 +959,12 @@ impl Gateway {
                     return Err(GatewayError::ShuttingDown(e.to_string()));
                 }
                 // A failed call costs nothing: a client that leaves from here on (reading
-                // Poe's error body, a backoff) is not charged for it.
+                // Poe's error body, a backoff) is not charged for it. But one given up on
+                // before its head: Poe had it, and charges its prompt.
                 watch.in_flight = false;
+                if let Err(UpstreamError::Timeout(_)) = &sent {
+                    watch.abandoned += 1;
+                }
                 // Poe may echo the key it was called with (an error message quoting the
                 // Authorization value, a debug header). It must reach neither the client, nor
                 // the logs and spans, nor an MCP answer.
@@ -990,7 +994,7 @@ impl Gateway {
                     });
                 let failure = match sent {
                     Ok(resp) if resp.status().is_success() && why_not.is_none() => {
-                        let info = self.request_info(
+                        let mut info = self.request_info(
                             caller,
                             req,
                             route,
@@ -1000,6 +1004,7 @@ impl Gateway {
                             started,
                             false,
                         );
+                        info.abandoned = watch.abandoned;
                         inner.acct.metrics.upstream_ok.inc();
                         watch.armed = false;
                         return Ok(
@@ -1098,7 +1103,7 @@ impl Gateway {
         // would otherwise more than double the size of every request's future (which is
         // allocated and moved whole on each request).
         let mut reply =
-            Box::pin(self.error_reply(caller, req, route, failure, bot, attempts, started)).await;
+            Box::pin(self.error_reply(caller, req, route, failure, bot, &watch, started)).await;
         watch.armed = false;
         // A cacheable request that failed was still a miss (errors are never stored).
         if plan.is_some() {
@@ -1165,9 +1170,10 @@ impl Gateway {
         route: Route<'_>,
         failure: Failure,
         bot: &str,
-        attempts: u32,
+        watch: &Unanswered<'_>,
         started: Instant,
     ) -> Reply {
+        let attempts = watch.attempts;
         let (status, headers, body) = match failure {
             Failure::Status { head, body } => {
                 let body = if head.status == StatusCode::NOT_FOUND {
@@ -1211,6 +1217,7 @@ impl Gateway {
             false,
         );
         info.unlisted = !self.known_bot(bot);
+        info.abandoned = watch.abandoned;
         let observed = Observed {
             bytes: body.len() as u64,
             ..Observed::default()
@@ -1320,6 +1327,7 @@ impl Gateway {
             span: tracing::Span::current(),
             request_body: self.logged_body(req),
             request_text_bytes: req.text_bytes(),
+            abandoned: 0,
             unlisted: false,
         }
     }
@@ -1458,6 +1466,8 @@ struct Unanswered<'a> {
     /// Between attempts (a retry's backoff) every call so far failed, and failed calls cost
     /// nothing.
     in_flight: bool,
+    /// Attempts given up on before their head (see `RequestInfo::abandoned`).
+    abandoned: u32,
     armed: bool,
 }
 
@@ -1484,6 +1494,7 @@ impl<'a> Unanswered<'a> {
             bot: bots.first().map_or(req.model(), String::as_str),
             attempts: 0,
             in_flight: false,
+            abandoned: 0,
             armed: true,
         }
     }
@@ -1497,9 +1508,9 @@ impl Drop for Unanswered<'_> {
         }
         // Left while Poe had the call: the prompt is estimated as in any row without Poe's
         // usage, and priced.
-        let prompt = self
-            .in_flight
-            .then(|| completion::estimated_tokens(self.req.text_bytes()));
+        let prompts = u32::from(self.in_flight) + self.abandoned;
+        let prompt = (prompts > 0)
+            .then(|| i64::from(prompts) * completion::estimated_tokens(self.req.text_bytes()));
         let row = UsageRow {
             ts_ms: now_ms(),
             request_id: self.caller.request_id.to_string(),
@@ -1515,8 +1526,9 @@ impl Drop for Unanswered<'_> {
             completion_tokens: prompt.map(|_| 0),
             total_tokens: prompt,
             tokens_estimated: prompt.is_some(),
-            // Left during a backoff or before any call: nothing Poe would charge.
-            cost_usd: (!self.in_flight).then_some(0.0),
+            // Left during a backoff or before any call: nothing Poe would charge (but the
+            // attempts it gave up on before).
+            cost_usd: (prompts == 0).then_some(0.0),
             attempts: self.attempts as i32,
             latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             api: self.req.endpoint().api(),

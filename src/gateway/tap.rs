@@ -302,6 +302,7 @@ impl Tap<ReplayBody> {
             span: tracing::Span::none(),
             request_body: None,
             request_text_bytes: 0,
+            abandoned: 0,
             unlisted: false,
         };
         let mut tap = Tap::new(
