@@ -834,7 +834,26 @@ impl Gateway {
                 Ok(b) => b.to_bytes(),
                 Err(e) => {
                     guard.fail();
-                    return Err(GatewayError::UpstreamUnreachable(e.to_string()));
+                    // Its head not sent yet, the client gets a 502 rather than the cut
+                    // body, with the headers any reply of a call has: a MISS, the attempts.
+                    // (Its row, written by the tap as the body broke, keeps Poe's status
+                    // and says `incomplete`.)
+                    let err = GatewayError::UpstreamUnreachable(e.to_string());
+                    let mut headers = HeaderMap::new();
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    return Ok(Reply {
+                        status: err.status(),
+                        headers,
+                        body: ReplyBody::Full {
+                            data: Some(err.to_json_for(req.endpoint())),
+                        },
+                        bot,
+                        attempts,
+                        cache: CacheStatus::Miss,
+                    });
                 }
             };
             guard.publish(Arc::new(Shared {
