@@ -787,6 +787,25 @@ async fn a_leader_whose_answer_broke_hands_the_call_to_one_follower() {
     assert_eq!(up.chat_calls(), 2, "the broken call and one more, shared");
 }
 
+/// A request that asks for a fresh answer (`Cache-Control: no-cache`) makes its own call
+/// even while an identical one is in flight: it joined that one and was told HIT.
+#[tokio::test(start_paused = true)]
+async fn no_cache_does_not_join_a_call_in_flight() {
+    let up = MockUpstream::start().await;
+    up.push(Reply::completion("gpt-5", "first").head_delay(Duration::from_secs(5)));
+    up.push(Reply::completion("gpt-5", "fresh").head_delay(Duration::from_secs(5)));
+    let gw = TestGateway::default(&up).await;
+    let body = det_body("gpt", false);
+    let (plain, fresh) = tokio::join!(call(&gw, &body, &[]), async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        call(&gw, &body, &[("cache-control", "no-cache")]).await
+    });
+    assert_eq!(plain.0, "MISS");
+    assert_eq!(fresh.0, "MISS");
+    assert!(String::from_utf8_lossy(&fresh.1).contains("fresh"));
+    assert_eq!(up.chat_calls(), 2);
+}
+
 /// A 200 that is Poe's error object is shared with those waiting as it came, but it is no
 /// hit: they are told MISS, counted as misses, and their rows say `incomplete`.
 #[tokio::test(start_paused = true)]

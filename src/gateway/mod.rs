@@ -755,8 +755,10 @@ impl Gateway {
             // bounded); until it is read, nothing is stored. Boxed, as above.
             Box::pin(inner.accountant.ensure_catalogue()).await;
         }
-        if req.stream() {
-            // A stream miss is recorded by the tap as it goes to the client, never buffered.
+        // A stream miss is recorded by the tap as it goes to the client, never buffered. A
+        // request that asked for a fresh answer (`Cache-Control: no-cache`) makes its own
+        // call rather than take one in flight (which it was told was a HIT).
+        if req.stream() || !plan.read {
             cache.count_miss();
             return self
                 .fetch(caller, &req, route, bots, started, Some(&plan), hold)
