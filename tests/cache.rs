@@ -419,6 +419,44 @@ async fn broken_streams_errors_and_media_are_never_stored() {
     );
 }
 
+/// Hits of an answer that came without usage save what its miss was charged (an estimate),
+/// as JSON and as a stream: they recorded no tokens, and saved $0.
+#[tokio::test]
+async fn hits_of_an_answer_without_usage_save_its_estimate() {
+    let up = MockUpstream::start().await;
+    let words = "an answer of some words";
+    let json = serde_json::json!({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "claude-sonnet-4.5",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": words}}]
+    });
+    up.push(Reply::json(200, json.to_string()));
+    up.push(
+        Reply::sse()
+            .send(chunk("claude-sonnet-4.5", words))
+            .send(finish_chunk("claude-sonnet-4.5"))
+            .send("data: [DONE]\n\n"),
+    );
+    let db = databases().await.remove(0);
+    let policy = "[aliases]\nclaude = \"claude-sonnet-4.5\"\n";
+    let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+    let _ = body_bytes(get(&gw, "/v1/models").await).await;
+    for stream in [false, true] {
+        assert_eq!(call(&gw, &det_body("claude", stream), &[]).await.0, "MISS");
+        assert_eq!(call(&gw, &det_body("claude", stream), &[]).await.0, "HIT");
+    }
+    core.flush().await;
+    let r = core.ledger().store().report(&everything()).await.unwrap();
+    assert_eq!((r.totals.requests, r.totals.cache_hits), (4, 2));
+    assert!(r.totals.cost_usd > 0.0);
+    assert!(
+        (r.totals.saved_usd - r.totals.cost_usd).abs() < 1e-12,
+        "hits saved {} of misses that cost {}",
+        r.totals.saved_usd,
+        r.totals.cost_usd
+    );
+}
+
 #[tokio::test]
 async fn hits_are_accounted_as_savings_and_purge_works() {
     let up = MockUpstream::start().await;

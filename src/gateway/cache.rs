@@ -604,6 +604,10 @@ impl Recorder {
         self.frame_lens.push(frame.len() as u32);
     }
 
+    pub fn is_stream(&self) -> bool {
+        self.stream
+    }
+
     /// The answer completed: store it (unless it was too big or is a media answer).
     ///
     /// Entries own their bytes (copied as recorded, one allocation sliced back into the

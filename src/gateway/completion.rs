@@ -74,6 +74,19 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// Poe's usage for the answer as estimated when it gave none: what the row charges, and
+    /// what a stored JSON answer's hits then save.
+    pub(crate) fn estimated_usage(&self, o: &Observed) -> super::tap::Usage {
+        let prompt = estimated_tokens(self.info.request_text_bytes) as u64;
+        let completion = estimated_tokens(o.text_bytes) as u64;
+        super::tap::Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            cache_read_tokens: 0,
+        }
+    }
+
     pub fn new(
         info: RequestInfo,
         acct: Arc<Accounting>,
@@ -293,7 +306,9 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
             Some(u.total_tokens as i64),
             false,
         ),
-        None if !i.cache_hit && (200..300).contains(&i.status) => {
+        // A hit of an answer that came without usage saves what its miss was charged: an
+        // estimate (it recorded no tokens, and so saved $0).
+        None if (200..300).contains(&i.status) => {
             let prompt = estimated_tokens(i.request_text_bytes);
             let completion = estimated_tokens(o.text_bytes);
             (

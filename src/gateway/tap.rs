@@ -609,7 +609,11 @@ fn conclude(
     outcome: Outcome,
 ) {
     if let (Outcome::Completed, Some(r)) = (&outcome, recorder.take()) {
-        r.commit(observed.usage);
+        let usage = observed.usage.or_else(|| {
+            // A JSON hit reports the entry's usage; a replayed stream is read again.
+            (!r.is_stream()).then(|| completion.estimated_usage(observed))
+        });
+        r.commit(usage);
     }
     completion.finish(observed, outcome);
 }
