@@ -1232,6 +1232,37 @@ async fn a_client_gone_before_poes_head_still_gets_its_row() {
     }
 }
 
+/// An upstream's absurd token counts are capped, not wrapped: 2^64 - 1 was stored as -1 (the
+/// answer then free), and two such rows made every usage report fail with an overflow.
+#[tokio::test]
+async fn absurd_token_counts_are_capped() {
+    for db in databases().await {
+        let up = MockUpstream::start().await;
+        let mut body: serde_json::Value =
+            serde_json::from_str(&completion_json("gpt-5", "ok")).unwrap();
+        body["usage"] = serde_json::json!({
+            "prompt_tokens": 7u64,
+            "completion_tokens": u64::MAX,
+            "total_tokens": u64::MAX,
+        });
+        up.set_fallback(Reply::json(200, body.to_string()));
+        let policy = "[aliases]\n[pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\n";
+        let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+        for _ in 0..3 {
+            let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+            assert_eq!(resp.status(), 200, "{db}");
+            body_bytes(resp).await;
+        }
+        let r = report_once(&core, 3, "no rows").await;
+        assert_eq!(r.totals.completion_tokens, 3_000_000_000, "{db}");
+        assert!(
+            r.totals.cost_usd > 5_000_000.0,
+            "{db}: {}",
+            r.totals.cost_usd
+        );
+    }
+}
+
 /// Attempts the gateway gives up on before Poe's head (`timeouts.first_byte`) reached Poe,
 /// which charges their prompts as it does a client's that leaves then: the row adds them,
 /// estimated, on success and on failure. They cost nothing, and a key's budget never saw

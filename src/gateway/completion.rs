@@ -55,7 +55,17 @@ pub struct RequestInfo {
 /// Tokens in `bytes` of text, estimated (a token per 4 bytes, rounded up) where Poe gave no
 /// usage.
 pub fn estimated_tokens(bytes: u64) -> i64 {
-    bytes.div_ceil(4) as i64
+    tokens(bytes.div_ceil(4))
+}
+
+/// The most tokens a row records for one count: far over any real answer, and low enough
+/// that no number of rows overflows the ledger's sums. An upstream's count of 2^64 - 1 was
+/// stored as -1 (the completion then free), and two such rows failed every report.
+const MAX_TOKENS: u64 = 1_000_000_000;
+
+/// A count from upstream as the row stores it.
+fn tokens(n: u64) -> i64 {
+    n.min(MAX_TOKENS) as i64
 }
 
 /// The metric label for bots the gateway does not know of ([`RequestInfo::unlisted`]).
@@ -291,8 +301,8 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
     let (prompt, completion, total, estimated) = match o.usage {
         // Poe's prompt count, and the streamed text for the output it did not report.
         Some(u) if o.output_unreported() => {
-            let completion = (u.completion_tokens as i64).max(estimated_tokens(o.text_bytes));
-            let prompt = u.prompt_tokens as i64;
+            let completion = tokens(u.completion_tokens).max(estimated_tokens(o.text_bytes));
+            let prompt = tokens(u.prompt_tokens);
             (
                 Some(prompt),
                 Some(completion),
@@ -301,9 +311,9 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
             )
         }
         Some(u) => (
-            Some(u.prompt_tokens as i64),
-            Some(u.completion_tokens as i64),
-            Some(u.total_tokens as i64),
+            Some(tokens(u.prompt_tokens)),
+            Some(tokens(u.completion_tokens)),
+            Some(tokens(u.total_tokens)),
             false,
         ),
         // A hit of an answer that came without usage saves what its miss was charged: an
@@ -339,13 +349,13 @@ fn usage_row(i: &mut RequestInfo, o: &Observed, outcome: &Outcome) -> UsageRow {
     let cache_read = o
         .usage
         .filter(|_| !i.cache_hit)
-        .map_or(0, |u| u.cache_read_tokens.min(u.prompt_tokens) as i64);
+        .map_or(0, |u| tokens(u.cache_read_tokens.min(u.prompt_tokens)));
     let writes = o
         .messages_usage
         .as_deref()
         .filter(|_| o.usage.is_some() && !i.cache_hit);
-    let cache_write = writes.map_or(0, |m| m.cache_creation.unwrap_or(0) as i64);
-    let cache_write_1h = writes.map_or(0, |m| m.cache_creation_1h.unwrap_or(0) as i64);
+    let cache_write = writes.map_or(0, |m| tokens(m.cache_creation.unwrap_or(0)));
+    let cache_write_1h = writes.map_or(0, |m| tokens(m.cache_creation_1h.unwrap_or(0)));
     UsageRow {
         ts_ms: now_ms(),
         request_id: i.request_id.to_string(),
