@@ -324,7 +324,7 @@ pub fn parse_when(s: &str, now_ms: i64) -> Result<i64, String> {
     if let Ok(n) = s.parse::<i64>() {
         // Reports print their window in milliseconds, and one pasted back must mean the same
         // time: a number past 10^11 (the year 5138 in seconds) is milliseconds.
-        return Ok(if n.abs() >= 100_000_000_000 {
+        return Ok(if n.unsigned_abs() >= 100_000_000_000 {
             n
         } else {
             n.saturating_mul(1000)
@@ -383,6 +383,8 @@ mod tests {
         assert_eq!(parse_when("2026-11-22T17:50:00 01:00", now).unwrap(), now);
         assert_eq!(parse_when("1795366200", now).unwrap(), now);
         assert!(parse_when("yesterday-ish", now).is_err());
+        // The smallest number is a time too (its absolute value overflowed: a panic).
+        assert_eq!(parse_when("-9223372036854775808", now).unwrap(), i64::MIN);
         // An age past i64 milliseconds saturates rather than overflowing (it panicked).
         assert_eq!(
             parse_when("9223372036854775s 809ms", now).unwrap(),
