@@ -170,6 +170,10 @@ pub struct SharedState {
     live_holds: std::sync::Mutex<std::collections::HashMap<String, SharedHold>>,
 }
 
+/// The calls that write (through a script or `SET`), refused by a read-only replica and by a
+/// Redis out of memory: those whose success says Redis is back.
+const WRITES: [&str; 4] = ["rate", "hold", "charge", "spend"];
+
 /// How long calls skip Redis after a failure; then one call tries it again.
 const REST: Duration = Duration::from_secs(2);
 
@@ -340,6 +344,11 @@ impl SharedState {
         };
         rest.store(until, Ordering::Relaxed);
         match &result {
+            // Only a call that writes proves Redis usable again: a read-only replica still
+            // answers reads, and one out of memory still deletes, and each such answer made
+            // Redis "up" until the next write failed (an error line and a recovery line a
+            // second, and budgets checked against a counter no charge reached).
+            Ok(_) if !WRITES.contains(&op) => {}
             Ok(_) => {
                 if !self.up.swap(true, Ordering::Relaxed) {
                     self.metrics.redis_up.set(1);
@@ -558,7 +567,7 @@ impl SharedState {
     ) -> Result<(), Unavailable> {
         let key = self.spend_key(key_id, period_start_ms);
         let _: i64 = self
-            .run("spend", redis::cmd("DEL").arg(&key).to_owned())
+            .run("forget", redis::cmd("DEL").arg(&key).to_owned())
             .await?;
         Ok(())
     }

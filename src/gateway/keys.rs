@@ -220,8 +220,11 @@ const RESPONSES_KEPT: (u64, Duration) = (200_000, Duration::from_secs(30 * 24 * 
 /// The wait a request refused for its key's requests in flight is told to retry after.
 const BUDGET_HELD_RETRY: Duration = Duration::from_secs(1);
 
-/// How long a spend counter outlives the start of its period: longer than any period.
-const SPEND_TTL: Duration = Duration::from_secs(35 * 24 * 3600);
+/// How long a spend counter lives before the next check seeds it from the ledger again. A
+/// counter can miss charges in ways no replica can repair: the one that knew died first (its
+/// charge refused during a failover, then SIGTERM), or a seed read the ledger just before a
+/// batch landed. Seeded afresh each minute, it is right again within one.
+const SPEND_TTL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy)]
 struct Spend {
