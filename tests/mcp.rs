@@ -1579,6 +1579,30 @@ async fn mcp_clients_over_http_are_capped_per_key_and_in_all() {
     let (status, _, body) = open("poe-key-c").await;
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("mcp.max_clients"), "{body}");
+    // A stateless request (2026-07-28) opens no session, so no cap refuses it: not a's, who
+    // holds its two, nor c's, with the gateway's three taken (both were 429).
+    for key in ["poe-key-a", "poe-key-c"] {
+        let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": "list_models", "arguments": {},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"},
+                "io.modelcontextprotocol/clientCapabilities": {}}}});
+        let req = http::Request::post(gw.url("/mcp"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "list_models")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::from(call.to_string())))
+            .unwrap();
+        let resp = support::client().request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 200, "{key}: {body}");
+        assert!(body.contains("\"id\":7"), "{key}: {body}");
+    }
     // Ending one of a's sessions makes room again.
     let id = h1["mcp-session-id"].to_str().unwrap().to_string();
     let (status, _, _) = raw_mcp(

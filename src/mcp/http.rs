@@ -142,21 +142,29 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// The ids of the JSON-RPC requests in a message (or a batch of them); notifications and
-/// answers have none.
-fn request_ids(body: &[u8]) -> Vec<Value> {
+/// The ids of the JSON-RPC requests in a message (or a batch of them; notifications and
+/// answers have none), and whether one is `initialize`, which opens a session.
+fn request_ids(body: &[u8]) -> (Vec<Value>, bool) {
     let id_of = |m: &Value| {
         m.get("method")
             .and(m.get("id"))
             .filter(|id| !id.is_null())
             .cloned()
     };
+    let opens = |m: &Value| m.get("method").and_then(Value::as_str) == Some("initialize");
     match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Array(batch)) => batch.iter().filter_map(id_of).collect(),
-        Ok(m) => id_of(&m).into_iter().collect(),
-        Err(_) => Vec::new(),
+        Ok(Value::Array(batch)) => (
+            batch.iter().filter_map(id_of).collect(),
+            batch.iter().any(opens),
+        ),
+        Ok(m) => (id_of(&m).into_iter().collect(), opens(&m)),
+        Err(_) => (Vec::new(), false),
     }
 }
+
+/// What the calls of requests with no session (the stateless protocol's) are filed under:
+/// no `DELETE /mcp` names it, and a shutdown waits for them as for any other.
+const NO_SESSION: &str = "";
 
 /// rmcp's session header.
 const SESSION_ID: &str = "mcp-session-id";
@@ -322,8 +330,14 @@ impl McpHttp {
                 "no such MCP session (Mcp-Session-Id); start one with initialize".into(),
             ));
         }
+        let (ids, opens) = match parts.method == http::Method::POST {
+            true => request_ids(&body),
+            false => (Vec::new(), false),
+        };
+        // Only a request that opens a session counts against the client caps: a stateless
+        // one (no `initialize`, no `Mcp-Session-Id`) adds no client.
         if session.is_none()
-            && parts.method == http::Method::POST
+            && opens
             && let Err(e) = self.room_for_a_client(scope).await
         {
             return error(&e);
@@ -334,10 +348,6 @@ impl McpHttp {
         {
             self.cancel_calls(id, &parts, &caller).await;
         }
-        let ids = match (&session, parts.method == http::Method::POST) {
-            (Some(_), true) => request_ids(&body),
-            _ => Vec::new(),
-        };
         if !ids.is_empty() && self.calls.stopping.load(Ordering::Acquire) {
             return error(&GatewayError::ShuttingDown(
                 "the gateway is shutting down; retry on another replica".into(),
@@ -348,6 +358,17 @@ impl McpHttp {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim_start().starts_with("application/json"));
+        // Open before rmcp has the request: a stateless request's answer (JSON, its head
+        // included) comes only once its call has ended, and a shutdown must wait for it.
+        // The session an `initialize` opens has none yet: its own request is filed with the
+        // stateless ones.
+        let calls = match ids.is_empty() {
+            true => Vec::new(),
+            false => {
+                let filed = session.clone().unwrap_or_else(|| Arc::from(NO_SESSION));
+                self.calls.open(&filed, ids)
+            }
+        };
         parts.extensions.insert(caller);
         let req = Request::from_parts(parts, Full::new(body));
         let mut resp = match self.service.call(req).await {
@@ -374,19 +395,16 @@ impl McpHttp {
             *resp.status_mut() = StatusCode::BAD_REQUEST;
         }
         let resp = as_openai_error(resp).await;
-        match &session {
-            Some(id) if !ids.is_empty() && resp.status().is_success() => {
-                let calls = self.calls.open(id, ids);
-                resp.map(|inner| {
-                    Tracked {
-                        inner,
-                        _calls: calls,
-                    }
-                    .boxed()
-                })
-            }
-            _ => resp,
+        if calls.is_empty() || !resp.status().is_success() {
+            return resp;
         }
+        resp.map(|inner| {
+            Tracked {
+                inner,
+                _calls: calls,
+            }
+            .boxed()
+        })
     }
 }
 
