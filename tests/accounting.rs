@@ -1232,6 +1232,41 @@ async fn a_client_gone_before_poes_head_still_gets_its_row() {
     }
 }
 
+/// An answer longer than the tail the tap keeps (8 MiB) is charged by its usage wherever it
+/// sits: written first, it was lost, and a 9 MB answer was charged as 15 estimated tokens.
+#[tokio::test]
+async fn a_long_answer_with_its_usage_first_is_charged_by_it() {
+    let db = databases().await.remove(0);
+    let up = MockUpstream::start().await;
+    let text = "x".repeat(9_000_000);
+    // Written by hand: `json!` sorts its keys, and would put the usage last.
+    let body = format!(
+        r#"{{"usage":{{"prompt_tokens":5000,"completion_tokens":300,"total_tokens":5300}},"id":"c","object":"chat.completion","created":1,"model":"gpt-5","choices":[{{"index":0,"finish_reason":"stop","message":{{"role":"assistant","content":"{text}"}}}}]}}"#
+    );
+    // In frames of 64 KiB, as a connection hands a long body over.
+    let body = bytes::Bytes::from(body);
+    let mut reply = Reply::new(200).header("content-type", "application/json");
+    for at in (0..body.len()).step_by(65_536) {
+        reply = reply.send(body.slice(at..(at + 65_536).min(body.len())));
+    }
+    up.push(reply);
+    let policy = "[aliases]\n[pricing.gpt-5]\nprompt = 0.001\ncompletion = 0.002\n";
+    let (gw, core) = TestGateway::with_ledger(&up, policy, &[], &db).await;
+    let resp = post(&gw, &chat_body("gpt-5", false), &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body_bytes(resp).await.len(), body.len());
+    let r = report_once(&core, 1, "no row").await;
+    assert_eq!(
+        (r.totals.prompt_tokens, r.totals.completion_tokens),
+        (5000, 300)
+    );
+    assert!(
+        (r.totals.cost_usd - 5.6).abs() < 1e-9,
+        "{}",
+        r.totals.cost_usd
+    );
+}
+
 /// An upstream's absurd token counts are capped, not wrapped: 2^64 - 1 was stored as -1 (the
 /// answer then free), and two such rows made every usage report fail with an overflow.
 #[tokio::test]

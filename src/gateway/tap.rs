@@ -150,6 +150,9 @@ static PARTIAL_JSON_KEY: LazyLock<KeyFinder> =
 /// (its last member) when the body ends.
 const JSON_KEEP_LIMIT: usize = 8 * 1024 * 1024;
 
+/// How much of the start of a body longer than `JSON_KEEP_LIMIT` the tap copies.
+const JSON_HEAD_KEEP: usize = 64 * 1024;
+
 enum Mode {
     Sse {
         scanner: SseScanner,
@@ -157,8 +160,14 @@ enum Mode {
         /// Set when the client did not ask for usage: the usage is cut out.
         strip_usage: bool,
     },
-    /// Frames of a JSON body (refcounted handles, not copies), read once at the end.
-    Json { frames: Vec<Bytes>, kept: usize },
+    /// Frames of a JSON body (refcounted handles, not copies), read once at the end: its
+    /// last `JSON_KEEP_LIMIT` bytes, and of a longer one, a copy of its first
+    /// `JSON_HEAD_KEEP` (where a usage written before the answer is, and a Responses id).
+    Json {
+        frames: Vec<Bytes>,
+        kept: usize,
+        head: BytesMut,
+    },
 }
 
 /// The cut of a stream into whole events, between frames.
@@ -251,6 +260,7 @@ impl<B> Tap<B> {
                 Mode::Json {
                     frames: Vec::new(),
                     kept: 0,
+                    head: BytesMut::new(),
                 }
             },
             state: State::Streaming,
@@ -530,9 +540,12 @@ fn end(
             };
             (Outcome::Incomplete(why.into()), Some(why))
         }
-        Mode::Json { frames, kept } => {
+        Mode::Json { frames, kept, head } => {
             let whole = *kept as u64 == observed.bytes;
             read_json_usage(frames, observed, whole);
+            if !whole {
+                read_json_head(head, observed);
+            }
             if observed.bytes == 0 {
                 // No answer: not stored, not completed.
                 (
@@ -583,7 +596,7 @@ fn held_error_object(mode: &Mode, observed: &Observed, redact: &Option<Secret>) 
 /// mid-answer would otherwise pass for a complete answer, be stored and replayed. A body
 /// with a length (hyper checks it, and stops there) is never parsed here.
 fn json_cut_short(mode: &Mode, observed: &Observed) -> bool {
-    let Mode::Json { frames, kept } = mode else {
+    let Mode::Json { frames, kept, .. } = mode else {
         return false;
     };
     if observed.bytes == 0 {
@@ -722,7 +735,7 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
             }
             Ok(out.freeze())
         }
-        Mode::Json { frames, kept } => {
+        Mode::Json { frames, kept, head } => {
             // A 200 whose body is an error object is no answer: not stored, not completed.
             if observed.bytes == data.len() as u64 && is_error_object(observed.api, &data) {
                 observed.stream_error = true;
@@ -738,7 +751,10 @@ fn scan(mode: &mut Mode, observed: &mut Observed, data: Bytes) -> Result<Bytes, 
                 ));
             }
             while *kept > JSON_KEEP_LIMIT && frames.len() > 1 {
-                *kept -= frames.remove(0).len();
+                let gone = frames.remove(0);
+                *kept -= gone.len();
+                let room = JSON_HEAD_KEEP.saturating_sub(head.len());
+                head.extend_from_slice(&gone[..room.min(gone.len())]);
             }
             Ok(data)
         }
@@ -1254,6 +1270,74 @@ fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed, whole: bool
     }
 }
 
+/// What a body longer than the tail kept (`JSON_KEEP_LIMIT`) says at its start: a usage
+/// written before the answer (the tail's was read first), a Responses answer's id. It was
+/// charged from its tail alone: a 9 MB answer with its usage first as 15 estimated tokens.
+/// With no usage anywhere, the whole body counts as output for the estimate.
+fn read_json_head(head: &[u8], observed: &mut Observed) {
+    if observed.usage.is_none()
+        && let Some(value) = top_level_member(head, b"usage")
+    {
+        if observed.api == Endpoint::Messages {
+            if let Some(u) = parse_messages_usage(value) {
+                let counts = observed.messages_usage.get_or_insert_default();
+                counts.update(u);
+                counts.final_output = true;
+                observed.usage = Some(counts.as_usage());
+            }
+        } else {
+            observed.usage = parse_usage(value);
+        }
+    }
+    if observed.api == Endpoint::Responses
+        && observed.response_id.is_none()
+        && let Some(value) = top_level_member(head, b"id")
+    {
+        observed.response_id = serde_json::Deserializer::from_slice(value)
+            .into_iter::<String>()
+            .next()
+            .and_then(Result::ok)
+            .map(String::into_boxed_str);
+    }
+    if observed.usage.is_none() {
+        observed.text_bytes = observed.text_bytes.max(observed.bytes);
+    }
+}
+
+/// Where the value of the top-level member `name` starts in the start of a JSON object,
+/// read forwards (strings and nesting followed), if it is there.
+fn top_level_member<'a>(doc: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < doc.len() {
+        match doc[i] {
+            b'"' => {
+                let start = i + 1;
+                let mut j = start;
+                while j < doc.len() && doc[j] != b'"' {
+                    j += if doc[j] == b'\\' { 2 } else { 1 };
+                }
+                if j >= doc.len() {
+                    return None;
+                }
+                if depth == 1 && &doc[start..j] == name {
+                    let rest = doc[j + 1..].trim_ascii_start();
+                    if let Some(value) = rest.strip_prefix(b":") {
+                        return Some(value.trim_ascii_start());
+                    }
+                }
+                i = j + 1;
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 /// The last bytes of a body: a held partial event (sent as is when the stream ends normally,
 /// dropped before an error), then the error event, if `error` is set. `None` when there is
 /// nothing to send, and always for a JSON body.
@@ -1431,6 +1515,17 @@ mod tests {
 
     /// The key is found wherever it sits: lookalikes after it (an escaped one in a string, the
     /// word as a string value) are not taken for it.
+    #[test]
+    fn top_level_members_are_found_from_the_start() {
+        let doc = br#"{"a":{"usage":1},"s":"\"usage\": 2","usage" : {"x":3},"id":"r"#;
+        assert_eq!(
+            top_level_member(doc, b"usage"),
+            Some(&br#"{"x":3},"id":"r"#[..])
+        );
+        assert_eq!(top_level_member(doc, b"id"), Some(&br#""r"#[..]));
+        assert_eq!(top_level_member(doc, b"x"), None);
+    }
+
     #[test]
     fn the_usage_key_is_told_from_lookalikes_after_it() {
         let doc = br#"{"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5},"note":"usage","x":"the \"usage\": 9"}"#;
