@@ -1567,6 +1567,13 @@ async fn mcp_clients_over_http_are_capped_per_key_and_in_all() {
             raw_mcp(gw, "POST", &[("authorization", &auth)], Some(init)).await
         }
     };
+    // In passthrough mode a session opens only with a key Poe takes: made-up bearers
+    // opened sessions until the caps locked everyone out.
+    for _ in 0..4 {
+        let (status, _, body) = open("poe-bad-made-up").await;
+        assert_eq!(status, 401, "{body}");
+        assert!(!body.contains("poe-bad"), "{body}");
+    }
     let (s1, h1, _) = open("poe-key-a").await;
     let (s2, _, _) = open("poe-key-a").await;
     assert_eq!((s1, s2), (200, 200));

@@ -52,6 +52,8 @@ pub struct McpHttp {
     owners: moka::sync::Cache<Arc<str>, Scope>,
     /// The requests (tool calls) whose answers are still streaming back.
     calls: Arc<Calls>,
+    /// Poe keys (digests) Poe took when a passthrough caller opened a session with one.
+    poe_keys: moka::future::Cache<[u8; 32], ()>,
 }
 
 /// The JSON-RPC requests in progress over HTTP, each until its answer's stream ends or is
@@ -201,6 +203,40 @@ impl McpHttp {
                 .time_to_idle(SESSION_IDLE)
                 .build(),
             calls: Arc::default(),
+            poe_keys: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(std::time::Duration::from_secs(600))
+                .build(),
+        }
+    }
+
+    /// In passthrough mode nothing checks a caller's key before a tool calls Poe, and the
+    /// client caps count each bearer as a key: made-up bearers opened sessions until the
+    /// caps locked everyone out. So a session is opened only with a key Poe takes (asked
+    /// once in 10 minutes per key, with a call that spends nothing). Should Poe not answer,
+    /// the session opens: its tools' calls will tell.
+    async fn poe_takes(&self, key: &crate::upstream::Secret) -> Result<(), GatewayError> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(key.expose().as_bytes()).into();
+        if self.poe_keys.contains_key(&digest) {
+            return Ok(());
+        }
+        let upstream = self.core.gateway().upstream();
+        let asked = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            upstream.accepts_key(key),
+        )
+        .await;
+        match asked {
+            Ok(Ok(false)) => Err(GatewayError::Unauthorized(
+                "Poe does not take this key (passthrough mode sends the caller's key to Poe)"
+                    .into(),
+            )),
+            Ok(Ok(true)) => {
+                self.poe_keys.insert(digest, ()).await;
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -336,11 +372,15 @@ impl McpHttp {
         };
         // Only a request that opens a session counts against the client caps: a stateless
         // one (no `initialize`, no `Mcp-Session-Id`) adds no client.
-        if session.is_none()
-            && opens
-            && let Err(e) = self.room_for_a_client(scope).await
-        {
-            return error(&e);
+        if session.is_none() && opens {
+            if let crate::gateway::Credential::Poe(key) = &caller.credential
+                && let Err(e) = self.poe_takes(key).await
+            {
+                return error(&e);
+            }
+            if let Err(e) = self.room_for_a_client(scope).await {
+                return error(&e);
+            }
         }
         let ending = parts.method == http::Method::DELETE;
         if let Some(id) = &session

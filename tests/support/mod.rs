@@ -359,6 +359,20 @@ async fn handle(
             .insert("content-type", "application/json".parse().unwrap());
         return Ok(resp);
     }
+    // A key Poe refuses: any that starts `poe-bad`.
+    let refused = parts
+        .headers
+        .get("authorization")
+        .is_some_and(|v| v.as_bytes().starts_with(b"Bearer poe-bad"));
+    if parts.uri.path() == "/usage/current_balance" && refused {
+        let mut resp = Response::new(MockBody::Left(Full::new(Bytes::from_static(
+            b"{\"error\":{\"code\":401,\"type\":\"authentication_error\",\"message\":\"Invalid API key\"}}",
+        ))));
+        *resp.status_mut() = hyper::StatusCode::UNAUTHORIZED;
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        return Ok(resp);
+    }
     if parts.uri.path() == "/usage/current_balance" {
         let mut resp = Response::new(MockBody::Left(Full::new(Bytes::from_static(
             b"{\"current_point_balance\":123456}",
