@@ -718,6 +718,44 @@ async fn oversized_bodies_get_413_declared_or_chunked() {
     assert_nothing_charged(&core, 3).await;
 }
 
+/// A client still sending a body over the limit when the 413 comes can read it: the rest
+/// of the body is read (and dropped) first. The connection was closed under the client as
+/// it wrote, and it got a reset instead of the answer (Python's async client raised
+/// `ReadError`, and took the MCP SDK's session down with it).
+#[tokio::test]
+async fn a_client_still_sending_an_oversized_body_reads_its_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::start(&up, "[server]\nmax_body_bytes = 65536\n", &[]).await;
+    for path in ["/v1/chat/completions", "/mcp"] {
+        let total = 32 * 1024 * 1024;
+        let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+             accept: application/json, text/event-stream\r\ncontent-length: {total}\r\n\r\n"
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b' '; 64 * 1024];
+        for _ in 0..total / chunk.len() {
+            sock.write_all(&chunk)
+                .await
+                .unwrap_or_else(|e| panic!("{path}: the body could not be sent whole: {e}"));
+        }
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = sock.read(&mut buf).await.unwrap();
+            assert!(n > 0, "{path}: closed before an answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            answer.starts_with(b"HTTP/1.1 413"),
+            "{path}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
+
 #[tokio::test]
 async fn invalid_utf8_is_a_400() {
     let up = MockUpstream::start().await;

@@ -490,7 +490,10 @@ pub(crate) async fn read_body_of(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
+    if let Some(n) = declared.filter(|n| *n > limit) {
+        if n - limit <= DRAIN_MAX {
+            let _ = tokio::time::timeout(DRAIN_TIME, drain(&mut body, n)).await;
+        }
         return Err(GatewayError::PayloadTooLarge { limit });
     }
     // A compressed body would otherwise fail as "invalid JSON", which sends the client
@@ -521,6 +524,7 @@ pub(crate) async fn read_body_of(
             }
             total += data.len() as u64;
             if total > limit {
+                let _ = tokio::time::timeout(DRAIN_TIME, drain(&mut body, limit + DRAIN_MAX)).await;
                 return Err(GatewayError::PayloadTooLarge { limit });
             }
             held = take_budget(budget, Some(held), total)?;
@@ -542,6 +546,26 @@ pub(crate) async fn read_body_of(
             timeout.as_secs()
         ))),
         Ok(read) => read,
+    }
+}
+
+/// How much of a body over the limit is read (and dropped) before the 413, and for how
+/// long. A client still sending when the answer comes and the connection closes gets a
+/// reset, and many never read the 413 (Python's async HTTP client raised `ReadError`, and the
+/// MCP SDK's whole session died with it). A body far over the limit is not waited for.
+const DRAIN_MAX: u64 = 64 * 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops the rest of a body, until `up_to` bytes in all have come.
+async fn drain(body: &mut Incoming, up_to: u64) {
+    let mut seen = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            seen += data.len() as u64;
+            if seen >= up_to {
+                return;
+            }
+        }
     }
 }
 
