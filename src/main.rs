@@ -127,6 +127,14 @@ enum UsageCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Keys(_) | Command::Usage(_)) {
+        // A report piped into `head` ends when `head` does, as other tools' do: Rust ignores
+        // SIGPIPE, and the next line printed panicked (exit 101, a panic message).
+        // SAFETY: set before any thread is started; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let env = match config::env_text() {
         Ok(env) => env,
         Err(e) => {
@@ -182,7 +190,8 @@ fn main() -> ExitCode {
                 loaded.source.name(),
                 p.server.listen,
                 p.auth_mode(),
-                p.upstream.base_url,
+                // A password in the URL stays out of the unit's journal.
+                poe_gateway::ledger::redact_url(&p.upstream.base_url),
                 p.aliases.len()
             );
             ExitCode::SUCCESS
@@ -204,6 +213,14 @@ fn main() -> ExitCode {
         Command::Usage(args) => run(usage_command(args, loaded, server_key, database_url)),
         Command::Healthcheck => run(healthcheck(loaded.policy.server.listen)),
     }
+}
+
+/// Writes to stdout and flushes, for a secret shown once: whether it got out is known.
+fn show(text: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(text)?;
+    out.flush()
 }
 
 fn run(fut: impl Future<Output = ExitCode>) -> ExitCode {
@@ -426,11 +443,24 @@ async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) ->
                         .expires_ms
                         .map(|at| format!("expires {}", keys::rfc3339_ms(at)))
                         .unwrap_or_else(|| "never expires".into());
-                    println!(
-                        "created {} ({}): {budget}, {rpm}, {models}, {expires}",
+                    let shown = show(format_args!(
+                        "created {} ({}): {budget}, {rpm}, {models}, {expires}\n{key}\n",
                         rec.id, rec.name
-                    );
-                    println!("{key}");
+                    ));
+                    if let Err(e) = shown {
+                        // Shown once or never: an active key nobody has is taken back.
+                        let undone = store
+                            .revoke_key(&rec.id, poe_gateway::ledger::now_ms())
+                            .await;
+                        eprintln!(
+                            "poe-gateway: the new key could not be shown ({e}); {}",
+                            match undone {
+                                Ok(_) => format!("{} was revoked again", rec.id),
+                                Err(_) => format!("revoke {} and create another", rec.id),
+                            }
+                        );
+                        return ExitCode::FAILURE;
+                    }
                     if let Some(names) = &rec.models
                         && let Some(w) = model_list_warning(&policy, names).await
                     {
@@ -499,11 +529,18 @@ async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) ->
                 ExitCode::FAILURE
             }
             Ok(Some((_, rec, secret))) => {
-                println!(
-                    "rotated {} ({}): the old key is refused from now on (within 5 s by running gateways)",
+                let shown = show(format_args!(
+                    "rotated {} ({}): the old key is refused from now on (within 5 s by running gateways)\n{secret}\n",
                     rec.id, rec.name
-                );
-                println!("{secret}");
+                ));
+                if let Err(e) = shown {
+                    eprintln!(
+                        "poe-gateway: the new key of {} could not be shown ({e}), and the old one \
+                         is revoked: rotate it again",
+                        rec.id
+                    );
+                    return ExitCode::FAILURE;
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

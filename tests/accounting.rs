@@ -671,6 +671,36 @@ fn cli(db: &str, args: &[&str]) -> std::process::Output {
         .expect("the binary runs")
 }
 
+/// `keys create` whose output cannot be written (a full disk, a closed pipe) takes the key
+/// back: it stayed active, its secret shown to nobody. `keys list` into a full disk does
+/// not panic.
+#[tokio::test]
+async fn a_new_key_that_could_not_be_shown_is_revoked() {
+    let (db, _) = sqlite_database().await;
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+        .args(["keys", "create", "--name", "lost"])
+        .env_clear()
+        .env("POE_GATEWAY_DATABASE_URL", &db)
+        .stdout(full)
+        .output()
+        .expect("the binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("could not be shown") && err.contains("revoked"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let list = cli(&db, &["keys", "list", "--format", "json"]);
+    let keys: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(keys[0]["name"], "lost", "{keys}");
+    assert!(keys[0]["revoked_ms"].is_number(), "{keys}");
+}
+
 /// One non-stream `claude` call with a gateway key, read to its end; its status.
 async fn claude_as(gw: &TestGateway, key: &str) -> u16 {
     let auth = format!("Bearer {key}");

@@ -1496,6 +1496,84 @@ fn check_refuses_a_ledger_path_it_cannot_write() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A `policies/default.toml` in the working directory that is there but cannot be read is
+/// an error naming it: it was skipped for the built-in policy, and a file that says
+/// `mode = "keys"` served in open mode, on the server's key.
+#[test]
+fn an_unreadable_default_policy_file_is_an_error() {
+    let dir = std::env::temp_dir().join(format!("pgw-policy-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::write(
+        dir.join("policies/default.toml"),
+        b"# caf\xe9\n[auth]\nmode = \"keys\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+        .arg("check")
+        .current_dir(&dir)
+        .env_clear()
+        .env("POE_API_KEY", "test-key-not-real")
+        .env("POE_GATEWAY_DATABASE_URL", "sqlite::memory:")
+        .output()
+        .expect("the binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("policies/default.toml") && err.contains("cannot read"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A Postgres that refuses the connection is quoted: the error said only `db error`.
+#[test]
+fn a_refused_postgres_connection_says_why() {
+    let Ok(base) = std::env::var("POE_GATEWAY_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let Some((server, _)) = base.rsplit_once('/') else {
+        return;
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+        .args(["keys", "list"])
+        .env_clear()
+        .env(
+            "POE_GATEWAY_DATABASE_URL",
+            format!("{server}/no_such_database_here"),
+        )
+        .output()
+        .expect("the binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("no_such_database_here\" does not exist"),
+        "{err}"
+    );
+}
+
+/// `check` shows the upstream URL without a password in it (a unit's journal keeps it).
+#[test]
+fn check_masks_a_password_in_the_upstream_url() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poe-gateway"))
+        .arg("check")
+        .env_clear()
+        .env("POE_API_KEY", "test-key-not-real")
+        .env("POE_GATEWAY_DATABASE_URL", "sqlite::memory:")
+        .env("POE_BASE_URL", "https://user:hunter2secret@proxy.example")
+        .output()
+        .expect("the binary runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("proxy.example") && !text.contains("hunter2secret"),
+        "{text}"
+    );
+}
+
 #[test]
 fn an_environment_variable_that_is_not_utf8_is_no_panic() {
     use std::ffi::OsStr;

@@ -540,7 +540,17 @@ pub fn locate(explicit: Option<&Path>) -> Result<(PolicySource, String), ConfigE
     let default = Path::new(DEFAULT_POLICY_PATH);
     match std::fs::read_to_string(default) {
         Ok(text) => Ok((PolicySource::File(default.to_path_buf()), text)),
-        Err(_) => Ok((PolicySource::Builtin, DEFAULT_POLICY.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok((PolicySource::Builtin, DEFAULT_POLICY.to_string()))
+        }
+        // There but unreadable (no permission, not UTF-8): it was skipped for the built-in
+        // policy, and a file saying `mode = "keys"` served in open mode on the server's key.
+        Err(e) => Err(ConfigError {
+            file: default.display().to_string(),
+            key: String::new(),
+            reason: format!("cannot read policy file: {e}"),
+            env: None,
+        }),
     }
 }
 

@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 
 pub use report::{GroupBy, Report, ReportQuery, Totals};
-pub use store::Store;
+pub use store::{Store, redact_url};
 
 /// Default database: SQLite next to the working directory, created on first use.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://./data/poe-gateway.db";

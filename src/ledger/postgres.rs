@@ -313,7 +313,10 @@ async fn connect(url: &str) -> Result<Client, LedgerError> {
     config
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30));
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| cannot(&e))?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| cannot(&with_reason(&e)))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "postgres connection closed");
@@ -327,9 +330,18 @@ async fn connect(url: &str) -> Result<Client, LedgerError> {
                 STATEMENT_TIMEOUT.as_millis()
             ))
             .await
-            .map_err(|e| cannot(&e))?;
+            .map_err(|e| cannot(&with_reason(&e)))?;
     }
     Ok(client)
+}
+
+/// A Postgres error with the server's reason: its `Display` says only "db error" for one the
+/// server sent (`database "x" does not exist`, `password authentication failed`).
+fn with_reason(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{e}: {}", db.message()),
+        None => e.to_string(),
+    }
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
