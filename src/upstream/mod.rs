@@ -383,22 +383,15 @@ impl Upstream {
     /// Whether Poe takes `key`: `Ok(false)` when its balance call (which spends nothing) is
     /// refused with 401 or 403.
     pub async fn accepts_key(&self, key: &Secret) -> Result<bool, String> {
-        let mut req = Request::builder()
-            .method(Method::GET)
-            .uri(self.balance_uri.clone())
-            .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, self.user_agent.clone())
-            .body(Full::new(Bytes::new()))
+        let resp = self
+            .send(self.balance_request(key)?)
+            .await
             .map_err(|e| e.to_string())?;
-        if let Some(auth) = key.bearer() {
-            req.headers_mut().insert(header::AUTHORIZATION, auth);
-        }
-        let resp = self.send(req).await.map_err(|e| e.to_string())?;
         Ok(!matches!(resp.status().as_u16(), 401 | 403))
     }
 
-    /// Poe's compute-point balance for `key` (`GET /usage/current_balance`).
-    pub async fn balance(&self, key: &Secret) -> Result<i64, String> {
+    /// `GET /usage/current_balance` with `key`.
+    fn balance_request(&self, key: &Secret) -> Result<Request<Full<Bytes>>, String> {
         let mut req = Request::builder()
             .method(Method::GET)
             .uri(self.balance_uri.clone())
@@ -410,7 +403,15 @@ impl Upstream {
         if let Some(auth) = key.bearer() {
             req.headers_mut().insert(header::AUTHORIZATION, auth);
         }
-        let resp = self.send(req).await.map_err(|e| e.to_string())?;
+        Ok(req)
+    }
+
+    /// Poe's compute-point balance for `key` (`GET /usage/current_balance`).
+    pub async fn balance(&self, key: &Secret) -> Result<i64, String> {
+        let resp = self
+            .send(self.balance_request(key)?)
+            .await
+            .map_err(|e| e.to_string())?;
         let status = resp.status();
         let body = tokio::time::timeout(
             self.first_byte,
