@@ -362,6 +362,16 @@ fn missing_sqlite_file(database_url: &str) -> Option<std::path::PathBuf> {
 }
 
 async fn keys_command(cmd: KeysCommand, database_url: String, policy: Policy) -> ExitCode {
+    // A ledger in this process's memory ends with it: a key made there is stored nowhere
+    // (`keys create` printed one that no gateway would ever take).
+    if database_url.starts_with("sqlite::memory:") {
+        eprintln!(
+            "poe-gateway: ledger: `keys` needs the gateway's ledger, and sqlite::memory: is a \
+             new one that ends with this command; point POE_GATEWAY_DATABASE_URL (or \
+             --database-url) at the gateway's ledger"
+        );
+        return ExitCode::FAILURE;
+    }
     let missing = missing_sqlite_file(&database_url);
     if let Some(path) = &missing
         && !matches!(cmd, KeysCommand::Create { .. })

@@ -699,6 +699,20 @@ async fn a_new_key_that_could_not_be_shown_is_revoked() {
     let keys: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(keys[0]["name"], "lost", "{keys}");
     assert!(keys[0]["revoked_ms"].is_number(), "{keys}");
+    // A ledger in the command's own memory is refused alike by every `keys` command (create
+    // printed a key stored nowhere; list refused it).
+    for args in [
+        &["keys", "create", "--name", "x"][..],
+        &["keys", "list"][..],
+    ] {
+        let out = cli("sqlite::memory:", args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("sqlite::memory:") && out.stdout.is_empty(),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 /// One non-stream `claude` call with a gateway key, read to its end; its status.

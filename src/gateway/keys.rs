@@ -380,6 +380,8 @@ pub fn key_id_of(keys: &[KeyRecord], which: &str, open_scope: bool) -> Result<St
 /// A dollar amount as people write it: cents, or as many places as a smaller amount needs
 /// (a budget of $0.001 is not "$0.00").
 pub fn usd(v: f64) -> String {
+    // -0 reads as 0 (`$-0.00` otherwise).
+    let v = if v == 0.0 { 0.0 } else { v };
     // Cents when that is the figure exactly ($20.00, $0.50); else the figure as given
     // ($0.025 was shown as $0.03).
     if v == 0.0 || (v.abs() >= 0.01 && ((v * 100.0).round() / 100.0 - v).abs() < 1e-9) {
@@ -1221,6 +1223,7 @@ mod tests {
         assert_eq!(usd(0.025), "0.025");
         assert_eq!(usd(0.5), "0.50");
         assert_eq!(usd(12.345), "12.345");
+        assert_eq!(usd(-0.0), "0.00");
     }
 
     /// A cost is counted at once only in the period its request ended in. One that ended past
