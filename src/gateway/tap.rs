@@ -580,12 +580,8 @@ fn held_error_object(mode: &Mode, observed: &Observed, redact: &Option<Secret>) 
     let (Mode::Json { frames, .. }, true, Some(k)) = (mode, observed.stream_error, redact) else {
         return None;
     };
-    let body = match frames.as_slice() {
-        [one] => one.clone(),
-        many => Bytes::from(many.concat()),
-    };
     Some(crate::error::redact_secrets_keeping_length(
-        body,
+        joined(frames),
         k.expose(),
     ))
 }
@@ -608,8 +604,7 @@ fn json_cut_short(mode: &Mode, observed: &Observed) -> bool {
         _ if *kept as u64 != observed.bytes => !frames
             .last()
             .is_some_and(|f| matches!(f.trim_ascii_end().last(), Some(b'}' | b']'))),
-        [one] => !parses(one),
-        many => !parses(&many.concat()),
+        _ => !parses(&joined(frames)),
     }
 }
 
@@ -1043,16 +1038,7 @@ fn event_type(data: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
 fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
     let seen = USAGE_KEY.find(doc).is_some();
     if seen && let Some(value) = own_usage(doc) {
-        // `null` is not a usage, and leaves one already read in place.
-        if observed.api == Endpoint::Messages {
-            if let Some(u) = parse_messages_usage(value) {
-                let counts = observed.messages_usage.get_or_insert_default();
-                counts.update(u);
-                observed.usage = Some(counts.as_usage());
-            }
-        } else if let Some(u) = parse_usage(value) {
-            observed.usage = Some(u);
-        }
+        take_usage(value, observed);
     }
     if observed.skip_finish_reasons {
         return seen;
@@ -1077,6 +1063,20 @@ fn read_usage_and_finish(doc: &[u8], observed: &mut Observed) -> bool {
         }
     }
     seen
+}
+
+/// Reads the usage value `value` starts with, as the API writes it. `null` is not a usage,
+/// and leaves one already read in place.
+fn take_usage(value: &[u8], observed: &mut Observed) {
+    if observed.api == Endpoint::Messages {
+        if let Some(u) = parse_messages_usage(value) {
+            let counts = observed.messages_usage.get_or_insert_default();
+            counts.update(u);
+            observed.usage = Some(counts.as_usage());
+        }
+    } else if let Some(u) = parse_usage(value) {
+        observed.usage = Some(u);
+    }
 }
 
 /// Where the value of a document's own `usage` starts: the last `usage` member of the
@@ -1215,17 +1215,25 @@ pub fn json_usage(body: &Bytes) -> Option<Usage> {
     obs.usage
 }
 
-/// `whole`: the frames are the whole body (not only its last `JSON_KEEP_LIMIT` bytes).
-fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed, whole: bool) {
-    let body: Bytes = match frames.len() {
-        0 => return,
-        1 => frames.pop().expect("one frame"),
-        _ => {
-            let mut all = BytesMut::with_capacity(frames.iter().map(|f| f.len()).sum());
-            frames.drain(..).for_each(|f| all.extend_from_slice(&f));
+/// A JSON body's kept frames as one piece (the frame itself when there is one).
+fn joined(frames: &[Bytes]) -> Bytes {
+    match frames {
+        [one] => one.clone(),
+        many => {
+            let mut all = BytesMut::with_capacity(many.iter().map(Bytes::len).sum());
+            many.iter().for_each(|f| all.extend_from_slice(f));
             all.freeze()
         }
-    };
+    }
+}
+
+/// `whole`: the frames are the whole body (not only its last `JSON_KEEP_LIMIT` bytes).
+fn read_json_usage(frames: &mut Vec<Bytes>, observed: &mut Observed, whole: bool) {
+    if frames.is_empty() {
+        return;
+    }
+    let body = joined(frames);
+    frames.clear();
     read_usage_and_finish(&body, observed);
     // An error object whose `error` member is not its first (OpenRouter's shape, and the
     // chat chunks' rule): no answer, so not stored, not completed. Parsed only when
@@ -1278,15 +1286,10 @@ fn read_json_head(head: &[u8], observed: &mut Observed) {
     if observed.usage.is_none()
         && let Some(value) = top_level_member(head, b"usage")
     {
-        if observed.api == Endpoint::Messages {
-            if let Some(u) = parse_messages_usage(value) {
-                let counts = observed.messages_usage.get_or_insert_default();
-                counts.update(u);
-                counts.final_output = true;
-                observed.usage = Some(counts.as_usage());
-            }
-        } else {
-            observed.usage = parse_usage(value);
+        take_usage(value, observed);
+        // A whole message's usage is its final count.
+        if let Some(m) = observed.messages_usage.as_mut() {
+            m.final_output = true;
         }
     }
     if observed.api == Endpoint::Responses
@@ -1513,8 +1516,7 @@ mod tests {
         );
     }
 
-    /// The key is found wherever it sits: lookalikes after it (an escaped one in a string, the
-    /// word as a string value) are not taken for it.
+    /// A member is found from the start of a cut document, in strings and nesting neither.
     #[test]
     fn top_level_members_are_found_from_the_start() {
         let doc = br#"{"a":{"usage":1},"s":"\"usage\": 2","usage" : {"x":3},"id":"r"#;
@@ -1526,6 +1528,8 @@ mod tests {
         assert_eq!(top_level_member(doc, b"x"), None);
     }
 
+    /// The key is found wherever it sits: lookalikes after it (an escaped one in a string, the
+    /// word as a string value) are not taken for it.
     #[test]
     fn the_usage_key_is_told_from_lookalikes_after_it() {
         let doc = br#"{"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5},"note":"usage","x":"the \"usage\": 9"}"#;
