@@ -417,7 +417,6 @@ impl ResponseCache {
             content_type: None,
             data: BytesMut::new(),
             frame_lens: Vec::new(),
-            bytes: 0,
             too_big: false,
         })
     }
@@ -575,7 +574,6 @@ pub struct Recorder {
     data: BytesMut,
     /// Where upstream's frames ended, for a stream's paced replay.
     frame_lens: Vec<u32>,
-    bytes: usize,
     too_big: bool,
 }
 
@@ -593,8 +591,7 @@ impl Recorder {
         if self.too_big {
             return;
         }
-        self.bytes += frame.len();
-        if self.bytes > self.cache.policy.max_entry_bytes.0 as usize {
+        if self.data.len() + frame.len() > self.cache.policy.max_entry_bytes.0 as usize {
             self.too_big = true;
             self.data = BytesMut::new();
             self.frame_lens = Vec::new();
@@ -619,6 +616,7 @@ impl Recorder {
             return;
         }
         let all = self.data;
+        let bytes = all.len();
         if !self.stream && !looks_whole_json(self.content_type.as_ref(), &all) {
             return;
         }
@@ -648,7 +646,7 @@ impl Recorder {
             stream: self.stream,
             content_type,
             frames,
-            bytes: self.bytes,
+            bytes,
             usage,
             bot: self.bot,
             expires_at: Instant::now() + self.plan.ttl,
