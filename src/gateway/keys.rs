@@ -425,9 +425,9 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(key_digest(key))
 }
 
-type KeyDigest = [u8; 32];
+pub(crate) type KeyDigest = [u8; 32];
 
-fn key_digest(key: &str) -> KeyDigest {
+pub(crate) fn key_digest(key: &str) -> KeyDigest {
     Sha256::digest(key.as_bytes()).into()
 }
 
@@ -994,10 +994,7 @@ impl KeyRing {
             )),
             Some(true) => {
                 shared.forget_spend(key_id, start).await?;
-                let mut stale = self.stale.lock().expect("stale lock");
-                if stale.get(&entry) == Some(&true) {
-                    stale.remove(&entry);
-                }
+                self.forgotten(&entry);
                 Ok(())
             }
         }
@@ -1016,11 +1013,17 @@ impl KeyRing {
         };
         for entry in ready {
             if shared.forget_spend(&entry.0, entry.1).await.is_ok() {
-                let mut stale = self.stale.lock().expect("stale lock");
-                if stale.get(&entry) == Some(&true) {
-                    stale.remove(&entry);
-                }
+                self.forgotten(&entry);
             }
+        }
+    }
+
+    /// A stale counter was dropped: it is no longer, unless a charge missed it again
+    /// meanwhile (then its rows are not written yet, and it waits for them).
+    fn forgotten(&self, entry: &(String, i64)) {
+        let mut stale = self.stale.lock().expect("stale lock");
+        if stale.get(entry) == Some(&true) {
+            stale.remove(entry);
         }
     }
 

@@ -53,7 +53,7 @@ pub struct McpHttp {
     /// The requests (tool calls) whose answers are still streaming back.
     calls: Arc<Calls>,
     /// Poe keys (digests) Poe took when a passthrough caller opened a session with one.
-    poe_keys: moka::future::Cache<[u8; 32], ()>,
+    poe_keys: moka::future::Cache<crate::gateway::keys::KeyDigest, ()>,
 }
 
 /// The JSON-RPC requests in progress over HTTP, each until its answer's stream ends or is
@@ -216,8 +216,7 @@ impl McpHttp {
     /// once in 10 minutes per key, with a call that spends nothing). Should Poe not answer,
     /// the session opens: its tools' calls will tell.
     async fn poe_takes(&self, key: &crate::upstream::Secret) -> Result<(), GatewayError> {
-        use sha2::Digest;
-        let digest: [u8; 32] = sha2::Sha256::digest(key.expose().as_bytes()).into();
+        let digest = crate::gateway::keys::key_digest(key.expose());
         if self.poe_keys.contains_key(&digest) {
             return Ok(());
         }
