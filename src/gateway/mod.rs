@@ -840,18 +840,14 @@ impl Gateway {
                     // body, with the headers any reply of a call has: a MISS, the attempts.
                     // (Its row, written by the tap as the body broke, keeps Poe's status
                     // and says `incomplete`.)
-                    let err = GatewayError::UpstreamUnreachable(e.to_string());
-                    let mut headers = HeaderMap::new();
-                    headers.insert(
-                        header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("application/json"),
+                    let (status, headers, body) = own_error(
+                        &GatewayError::UpstreamUnreachable(e.to_string()),
+                        req.endpoint(),
                     );
                     return Ok(Reply {
-                        status: err.status(),
+                        status,
                         headers,
-                        body: ReplyBody::Full {
-                            data: Some(err.to_json_for(req.endpoint())),
-                        },
+                        body: ReplyBody::Full { data: Some(body) },
                         bot,
                         attempts,
                         cache: CacheStatus::Miss,
@@ -1219,12 +1215,7 @@ impl Gateway {
                     UpstreamError::Closed { .. } => GatewayError::ShuttingDown(e.to_string()),
                     _ => GatewayError::UpstreamUnreachable(e.to_string()),
                 };
-                let mut h = HeaderMap::new();
-                h.insert(
-                    header::CONTENT_TYPE,
-                    "application/json".parse().expect("static"),
-                );
-                (err.status(), h, err.to_json_for(req.endpoint()))
+                own_error(&err, req.endpoint())
             }
         };
         let mut info = self.request_info(
@@ -1452,6 +1443,17 @@ impl Gateway {
             },
         }
     }
+}
+
+/// The gateway's own error as a reply's parts: its status, a JSON content type, and the
+/// body in `api`'s shape.
+fn own_error(err: &GatewayError, api: Endpoint) -> (StatusCode, HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    (err.status(), headers, err.to_json_for(api))
 }
 
 fn failure_status(f: &Failure) -> u16 {
